@@ -1,0 +1,48 @@
+//! The gRPC front end (tonic): the seed's `example.UserService` plus server reflection.
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status, transport::Server};
+
+use proto::{
+    GetUserRequest, GetUserResponse,
+    user_service_server::{UserService, UserServiceServer},
+};
+
+use crate::users;
+
+/// The seed's settings: `grpc.MaxConcurrentStreams(1000)`, `grpc.InitialWindowSize(65536)`.
+const MAX_CONCURRENT_STREAMS: u32 = 1000;
+const INITIAL_STREAM_WINDOW: u32 = 64 * 1024;
+
+#[derive(Debug, Default)]
+pub(crate) struct Users;
+
+#[tonic::async_trait]
+impl UserService for Users {
+    async fn get_user(&self, request: Request<GetUserRequest>) -> Result<Response<GetUserResponse>, Status> {
+        let id = users::positive(request.get_ref().user_id).map_err(|err| Status::invalid_argument(err.to_string()))?;
+        let user = users::lookup(id);
+        Ok(Response::new(GetUserResponse { user_id: user.user_id, username: user.username, email: user.email }))
+    }
+}
+
+/// Serves until `shutdown` fires, then lets in-flight calls finish.
+pub(crate) async fn serve(listener: TcpListener, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let reflection_v1 = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    // grpcurl and older tools still ask the v1alpha service.
+    let reflection_v1alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()?;
+    Server::builder()
+        .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
+        .initial_stream_window_size(INITIAL_STREAM_WINDOW)
+        .add_service(UserServiceServer::new(Users))
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .serve_with_incoming_shutdown(tonic::transport::server::TcpIncoming::from(listener), shutdown.cancelled_owned())
+        .await?;
+    Ok(())
+}

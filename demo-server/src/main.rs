@@ -1,0 +1,126 @@
+//! `demo-server`: Rampart's gateway demo — an axum HTTP server and a tonic gRPC server in one
+//! process, with every Rampart layer stacked on them as the components land.
+//!
+//! Run it with `cargo run --release -p demo-server` (no Redis needed); see `--help` and the
+//! README for the routes and flags. Once both listeners are bound it prints one line to stdout,
+//! `demo-server listening http=<addr> grpc=<addr>`, which scripts and tests read (port 0 works).
+
+mod config;
+mod grpc;
+mod http_api;
+mod users;
+
+use std::{process::ExitCode, time::Duration};
+
+use anyhow::Context as _;
+use clap::Parser;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing_subscriber::EnvFilter;
+
+use crate::config::{Cli, Config};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
+        .with_writer(std::io::stderr)
+        .init();
+    let result = Config::load(&cli).and_then(|config| {
+        if cli.print_config {
+            print!("{}", config.to_toml()?);
+            return Ok(());
+        }
+        tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .context("cannot start the tokio runtime")?
+            .block_on(run(config))
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            // One line, so a wrapper script or a test can show it as is.
+            eprintln!("demo-server: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(config: Config) -> anyhow::Result<()> {
+    // Bind both before serving anything, so a taken port fails the start, not half of it.
+    let http_listener = TcpListener::bind(config.http_addr)
+        .await
+        .with_context(|| format!("cannot bind HTTP address {}", config.http_addr))?;
+    let grpc_listener = TcpListener::bind(config.grpc_addr)
+        .await
+        .with_context(|| format!("cannot bind gRPC address {}", config.grpc_addr))?;
+    let http_addr = http_listener.local_addr()?;
+    let grpc_addr = grpc_listener.local_addr()?;
+
+    match &config.redis_url {
+        Some(_) => tracing::info!("REDIS_URL set: Redis-backed features enabled"),
+        None => tracing::info!("no REDIS_URL: running on in-process backends only"),
+    }
+
+    let shutdown = CancellationToken::new();
+    let mut http = tokio::spawn(http_api::serve(http_listener, shutdown.clone()));
+    let mut grpc = tokio::spawn(grpc::serve(grpc_listener, shutdown.clone()));
+
+    tracing::info!(%http_addr, %grpc_addr, "listening");
+    println!("demo-server listening http={http_addr} grpc={grpc_addr}");
+
+    tokio::select! {
+        () = shutdown_signal() => tracing::info!("shutdown signal received; draining in-flight requests"),
+        // A server only stops after the token fires: stopping on its own is an error.
+        res = &mut http => return Err(stopped_early("HTTP", res)),
+        res = &mut grpc => return Err(stopped_early("gRPC", res)),
+    }
+    shutdown.cancel();
+    let grace = Duration::from_secs(config.shutdown_grace_secs);
+    let drained = tokio::time::timeout(grace, async {
+        let (h, g) = tokio::join!(http, grpc);
+        h.context("HTTP server task failed")??;
+        g.context("gRPC server task failed")??;
+        anyhow::Ok(())
+    })
+    .await;
+    match drained {
+        Ok(res) => res.map(|()| tracing::info!("stopped cleanly")),
+        Err(_) => {
+            tracing::warn!(?grace, "in-flight requests did not finish within the shutdown grace period");
+            Ok(())
+        }
+    }
+}
+
+fn stopped_early(which: &str, res: Result<anyhow::Result<()>, tokio::task::JoinError>) -> anyhow::Error {
+    match res {
+        Ok(Ok(())) => anyhow::anyhow!("{which} server stopped unexpectedly"),
+        Ok(Err(err)) => err.context(format!("{which} server failed")),
+        Err(join) => anyhow::anyhow!("{which} server task panicked: {join}"),
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut sig) => {
+                sig.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = terminate => {}
+    }
+}
