@@ -3,7 +3,17 @@
 //! Rampart layers answer rejections with responses, not opaque errors. An HTTP client gets an
 //! RFC 9457 problem body ([`Problem`]) whose `error` member is a stable machine code
 //! (`rate_limited`, `circuit_open`, `lock_busy`, `invalid_argument`, ...), so clients branch on
-//! the code, never on the prose.
+//! the code, never on the prose. A gRPC client (`content-type: application/grpc*`, see
+//! [`is_grpc`]) gets a trailers-only answer instead ([`grpc_response`]). Layers that may answer
+//! by themselves return `Response<`[`ResponseBody`]`<B>>`, so axum and tonic take them as they are.
+//!
+//! | rejection | HTTP | gRPC |
+//! |---|---|---|
+//! | rate limited | 429 + `Retry-After` + RateLimit headers, `rate_limited` | `RESOURCE_EXHAUSTED` + `RetryInfo` |
+//! | circuit open | 503 + `Retry-After`, `circuit_open` | `UNAVAILABLE` |
+//! | lock busy | 409 (or 423) + `Retry-After`, `lock_busy` | `ABORTED` |
+//! | lock lost during the call | 503, `lock_lost` | `UNAVAILABLE` |
+//! | dependency down, fail-closed | 503, `unavailable` | `UNAVAILABLE` |
 //!
 //! ```
 //! use http::StatusCode;
@@ -16,6 +26,14 @@
 //! assert_eq!(response.headers()["content-type"], "application/problem+json");
 //! ```
 
+mod body;
+mod grpc;
 mod problem;
+mod retry;
 
+pub use body::ResponseBody;
+pub use grpc::{grpc_response, is_grpc};
 pub use problem::{PROBLEM_JSON, Problem};
+pub use retry::{retry_after_header, retry_after_secs};
+/// gRPC status codes (tonic's), for [`grpc_response`].
+pub use tonic::Code as GrpcCode;

@@ -1,5 +1,122 @@
-//! Keyed rate limiting for tower: GCRA token bucket and sliding window, with in-process, Redis and
-//! leased stores, IETF `RateLimit` headers, and HTTP 429 / gRPC `RESOURCE_EXHAUSTED` rejections.
+//! Keyed rate limiting for tower: GCRA token bucket, sliding window and sliding log, in this
+//! process or shared through Redis, with IETF `RateLimit` headers and proper HTTP 429 / gRPC
+//! `RESOURCE_EXHAUSTED` answers.
 //!
-//! Work in progress: the algorithms, stores and layer land with the tower-ratelimit issue; this
-//! crate deliberately exports nothing until they do.
+//! # How it fits together
+//!
+//! * A [`Quota`] is one limit: [`Quota::token_bucket`] (GCRA: rate, period, burst),
+//!   [`Quota::sliding_window`] (a rolling counter that never over-admits; see
+//!   [`SlidingWindow`] for its bound) or [`Quota::sliding_log`] (exact, for small limits).
+//! * A [`Policy`] names one or several quotas checked atomically: a request consumes from all
+//!   of them or from none (e.g. 10 per second *and* 1000 per day). A request may cost several
+//!   units ([`RateLimitLayer::cost`]).
+//! * A [`Store`] keeps the policy's state per [`Key`]: [`MemoryStore`] (this process, bounded
+//!   memory without a cleanup task), [`RedisStore`] (all instances, one Lua script per decision
+//!   on Redis' clock, Cluster-ready) or [`LeasedStore`] (all instances, units leased from Redis
+//!   in adaptive batches: far fewer round trips for a documented over-admission bound). Redis
+//!   failures follow a [`FailurePolicy`]: fail open, fail closed or decide locally.
+//! * [`RateLimitLayer`] puts a store in front of a service. Its key extractor ([`GlobalKey`],
+//!   [`PeerIp`], [`ClientIp`] behind trusted proxies, [`HeaderKey`], [`MatchedRoute`],
+//!   [`GrpcMethod`], tuples, closures) decides whom a request counts for. Layers stack: a global
+//!   limit outside, per-route and per-client ones inside.
+//!
+//! The algorithms are pure functions of `now` (see [`algorithm`]); stores read a [`Clock`]
+//! ([`TokioClock`] by default, so `tokio::time::pause` drives them in tests).
+//!
+//! # Answers
+//!
+//! | | HTTP | gRPC (`content-type: application/grpc*`) |
+//! |---|---|---|
+//! | allowed | the response, plus `RateLimit-Policy: "name";q=100;w=1` and `RateLimit: "name";r=42;t=1` (one item per quota and stacked layer) | same headers as metadata |
+//! | limited | 429, `Retry-After` in whole seconds rounded **up** (never 0), the headers, a problem body with `"error":"rate_limited"` | trailers-only `RESOURCE_EXHAUSTED` with `google.rpc.RetryInfo` |
+//! | store down, fail-closed | 503 `"error":"unavailable"` | `UNAVAILABLE` |
+//!
+//! Non-HTTP services use [`RateLimitLayer::errors`]: rejections are [`RateLimited`] errors.
+//!
+//! # Example: axum
+//!
+//! ```
+//! use std::net::SocketAddr;
+//! use axum::{Router, routing::get};
+//! use tower_ratelimit::{MemoryStore, PeerIp, Policy, Quota, RateLimitLayer};
+//!
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! let per_client = Policy::new("per-client", Quota::per_second(10)?)?;
+//! let app: Router = Router::new()
+//!     .route("/", get(|| async { "hello" }))
+//!     .layer(RateLimitLayer::new(MemoryStore::new(per_client)).key(PeerIp::new()));
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+//! // PeerIp reads ConnectInfo: serve with connect info.
+//! let server = axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>());
+//! # drop(server);
+//! # Ok(()) }
+//! ```
+//!
+//! # Example: tonic
+//!
+//! ```
+//! use tower_ratelimit::{GrpcMethod, MemoryStore, Policy, Quota, RateLimitLayer};
+//!
+//! # fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! let per_method = Policy::new("per-method", Quota::per_second(100)?)?;
+//! let server = tonic::transport::Server::builder()
+//!     .layer(RateLimitLayer::new(MemoryStore::new(per_method)).key(GrpcMethod));
+//! # drop(server);
+//! # Ok(()) }
+//! ```
+//!
+//! # Example: shared through Redis, with a generic service
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! use tower::{Service, ServiceBuilder, ServiceExt};
+//! use tower_ratelimit::{BoxError, FailurePolicy, Policy, Quota, RateLimitLayer, RateLimited, RedisStore};
+//!
+//! # async fn demo() -> Result<(), BoxError> {
+//! let con = RedisStore::connect("redis://127.0.0.1:6379").await?;
+//! let policy = Policy::new("jobs", Quota::sliding_window(100, Duration::from_secs(60))?)?;
+//! let store = RedisStore::builder(policy, con).on_failure(FailurePolicy::Closed).build();
+//! let mut svc = ServiceBuilder::new()
+//!     .layer(RateLimitLayer::new(store).errors())
+//!     .service_fn(|job: u32| async move { Ok::<_, std::convert::Infallible>(job * 2) });
+//! match svc.ready().await?.call(21).await {
+//!     Ok(v) => assert_eq!(v, 42),
+//!     Err(e) if e.is::<RateLimited>() => println!("later: {e}"),
+//!     Err(e) => return Err(e),
+//! }
+//! # Ok(()) }
+//! ```
+
+pub mod algorithm;
+mod clock;
+mod error;
+mod extract;
+mod future;
+mod key;
+mod layer;
+mod policy;
+mod response;
+mod service;
+mod store;
+
+pub use algorithm::{Decision, Quota, QuotaConfig, SlidingLog, SlidingWindow, TokenBucket, Verdict};
+pub use clock::{Clock, ManualClock, TokioClock};
+pub use error::{CheckError, ConfigError, MissingRateLimitKey, RateLimited, StoreUnavailable};
+#[cfg(feature = "axum")]
+pub use extract::MatchedRoute;
+pub use extract::{
+    ClientIp, Cost, ForwardedHeader, GlobalKey, GrpcMethod, HeaderKey, KeyExtractor, PeerIp, UnitCost, peer_addr,
+};
+pub use future::{ErrorFuture, ResponseFuture};
+pub use key::{Key, MAX_KEY_LEN};
+pub use layer::{Errors, Http, MissingKey, RateLimitLayer};
+pub use policy::{Policy, PolicyBuilder, PolicyConfig, PolicyState};
+pub use response::{RATELIMIT, RATELIMIT_POLICY};
+pub use service::RateLimit;
+pub use store::{
+    DEFAULT_MAX_KEYS, FailurePolicy, LeaseConfig, LeasedStore, MemoryStore, MemoryStoreBuilder, RedisConnection,
+    RedisStore, RedisStoreBuilder, Store, TimeSource,
+};
+
+/// Boxed error of generic-mode services (as `tower::BoxError`).
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;

@@ -1,0 +1,140 @@
+//! Exact sliding log: one timestamp per admission.
+//!
+//! An admission at `t` counts during `[t, t + window)`. A request is admitted when the units
+//! admitted within the last `window` plus its cost stay within the limit — exact in every
+//! window, at the price of memory proportional to the admissions in a window (hence a cap on
+//! the limit; use [`SlidingWindow`](super::SlidingWindow) for large limits).
+
+use std::{collections::VecDeque, time::Duration};
+
+use super::{Decision, Nanos, duration, gcra::MAX_SPAN, nanos};
+use crate::error::ConfigError;
+
+/// A validated exact sliding log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SlidingLog {
+    limit: u64,
+    window: Duration,
+    window_ns: u64,
+}
+
+/// Admissions of one key within the window, oldest first: `(time, units)`.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct LogState {
+    entries: VecDeque<(Nanos, u64)>,
+    total: u64,
+}
+
+impl SlidingLog {
+    /// Largest limit a sliding log accepts (memory is one entry per admission).
+    pub const MAX_LIMIT: u64 = 100_000;
+
+    pub(crate) fn new(limit: u64, window: Duration) -> Result<Self, ConfigError> {
+        if limit == 0 {
+            return Err(ConfigError::new("sliding log limit must be at least 1"));
+        }
+        if limit > Self::MAX_LIMIT {
+            return Err(ConfigError::new(format!(
+                "sliding log limit {limit} is over {}: use a sliding window for large limits",
+                Self::MAX_LIMIT
+            )));
+        }
+        if window.is_zero() || nanos(window) > u128::from(MAX_SPAN) {
+            return Err(ConfigError::new("sliding log window must be longer than zero and shorter than 100 years"));
+        }
+        let window_ns = u64::try_from(nanos(window)).unwrap_or(MAX_SPAN);
+        Ok(Self { limit, window, window_ns })
+    }
+
+    /// Units per window.
+    pub fn limit(&self) -> u64 {
+        self.limit
+    }
+
+    /// The window.
+    pub fn window(&self) -> Duration {
+        self.window
+    }
+
+    fn expire(&self, state: &mut LogState, now: Nanos) {
+        while let Some(&(t, units)) = state.entries.front() {
+            if t.saturating_add(self.window_ns) > now {
+                break;
+            }
+            state.total -= units;
+            state.entries.pop_front();
+        }
+    }
+
+    pub(crate) fn evaluate(&self, state: &mut LogState, now: Nanos, cost: u64) -> Decision {
+        self.expire(state, now);
+        let allowed = state.total.saturating_add(cost) <= self.limit;
+        let newest = if allowed && cost > 0 { Some(now) } else { state.entries.back().map(|&(t, _)| t) };
+        let reset_after = newest.map_or(0, |t| (t + self.window_ns).saturating_sub(now));
+        if allowed {
+            return Decision {
+                allowed,
+                limit: self.limit,
+                remaining: self.limit - state.total - cost,
+                reset_after: duration(reset_after),
+                retry_after: Duration::ZERO,
+            };
+        }
+        let need = state.total + cost - self.limit;
+        let mut freed = 0;
+        let mut retry_at = now;
+        for &(t, units) in &state.entries {
+            freed += units;
+            if freed >= need {
+                retry_at = t + self.window_ns;
+                break;
+            }
+        }
+        Decision {
+            allowed,
+            limit: self.limit,
+            remaining: self.limit.saturating_sub(state.total),
+            reset_after: duration(reset_after),
+            retry_after: duration(retry_at.saturating_sub(now)),
+        }
+    }
+
+    pub(crate) fn consume(&self, state: &mut LogState, now: Nanos, cost: u64) {
+        self.expire(state, now);
+        if cost == 0 {
+            return;
+        }
+        state.total += cost;
+        match state.entries.back_mut() {
+            // A clock that goes back appends to the newest entry, keeping the log sorted.
+            Some((t, units)) if *t >= now => *units += cost,
+            _ => state.entries.push_back((now, cost)),
+        }
+    }
+
+    pub(crate) fn idle_at(&self, state: &LogState) -> Nanos {
+        state.entries.back().map_or(0, |&(t, _)| t.saturating_add(self.window_ns))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MS: u64 = 1_000_000;
+
+    #[test]
+    fn exact_window() {
+        let q = SlidingLog::new(2, Duration::from_millis(100)).unwrap();
+        let mut s = LogState::default();
+        q.consume(&mut s, 10 * MS, 1);
+        q.consume(&mut s, 60 * MS, 1);
+        let d = q.evaluate(&mut s, 100 * MS, 1);
+        assert!(!d.allowed);
+        assert_eq!(d.retry_after, Duration::from_millis(10));
+        assert!(!q.evaluate(&mut s, 109 * MS, 1).allowed);
+        assert!(q.evaluate(&mut s, 110 * MS, 1).allowed);
+        // Cost 2 needs both entries gone: at 160 ms.
+        assert_eq!(q.evaluate(&mut s, 110 * MS, 2).retry_after, Duration::from_millis(50));
+    }
+}

@@ -1,0 +1,313 @@
+//! The pure cores: quotas, their state and the decision they take.
+//!
+//! Nothing here knows about tower, HTTP or Redis, and nothing reads a clock: every operation
+//! takes `now` as nanoseconds since an arbitrary epoch (the store's). The Redis script
+//! (`store/ratelimit.lua`) is a line-by-line port of these functions, in microseconds.
+
+mod gcra;
+mod log;
+mod window;
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use smallvec::SmallVec;
+
+pub use gcra::TokenBucket;
+pub use log::SlidingLog;
+pub use window::SlidingWindow;
+
+use crate::error::ConfigError;
+
+/// Nanoseconds since a store's epoch.
+pub type Nanos = u64;
+
+/// What a quota says about one request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Decision {
+    /// Whether the quota admits the request.
+    pub allowed: bool,
+    /// The quota's capacity (the burst of a token bucket, the limit of a window).
+    pub limit: u64,
+    /// Units still available after this decision.
+    pub remaining: u64,
+    /// Time until the quota is entirely available again.
+    pub reset_after: Duration,
+    /// When denied: the earliest time after which the same request could be admitted if nothing
+    /// else consumed the quota meanwhile. Zero when allowed.
+    pub retry_after: Duration,
+}
+
+/// One quota of a [`Policy`](crate::Policy): a token bucket, a sliding window or a sliding log.
+///
+/// Constructors validate their numbers and return [`ConfigError`] instead of panicking.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Quota {
+    name: Option<String>,
+    kind: QuotaKind,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum QuotaKind {
+    Gcra(TokenBucket),
+    Window(SlidingWindow),
+    Log(SlidingLog),
+}
+
+impl Quota {
+    /// A GCRA token bucket: `rate` tokens per `period`, holding at most `burst` tokens.
+    ///
+    /// A fresh bucket admits `burst` requests at once, then one every `period / rate`.
+    pub fn token_bucket(rate: u64, period: Duration, burst: u64) -> Result<Self, ConfigError> {
+        Ok(Self::from_kind(QuotaKind::Gcra(TokenBucket::new(rate, period, burst)?)))
+    }
+
+    /// `rate` requests per second with a burst of the same size (the seed's token bucket).
+    pub fn per_second(rate: u64) -> Result<Self, ConfigError> {
+        Self::token_bucket(rate, Duration::from_secs(1), rate)
+    }
+
+    /// A rolling-counter sliding window: at most `limit` units in any `window`, counted over 10
+    /// sub-windows. See [`SlidingWindow`] for the exact bound.
+    pub fn sliding_window(limit: u64, window: Duration) -> Result<Self, ConfigError> {
+        Self::sliding_window_with_precision(limit, window, SlidingWindow::DEFAULT_PRECISION)
+    }
+
+    /// A rolling-counter sliding window with `precision` sub-windows (more = closer to exact,
+    /// more memory: one counter per sub-window and key).
+    pub fn sliding_window_with_precision(limit: u64, window: Duration, precision: u32) -> Result<Self, ConfigError> {
+        Ok(Self::from_kind(QuotaKind::Window(SlidingWindow::new(limit, window, precision)?)))
+    }
+
+    /// An exact sliding log: at most `limit` units in any `window`, keeping one timestamp per
+    /// admitted request (so for small limits only: at most [`SlidingLog::MAX_LIMIT`]).
+    pub fn sliding_log(limit: u64, window: Duration) -> Result<Self, ConfigError> {
+        Ok(Self::from_kind(QuotaKind::Log(SlidingLog::new(limit, window)?)))
+    }
+
+    /// Names the quota (shown in the `RateLimit` headers; defaults to the policy name, with the
+    /// quota's position appended when a policy has several).
+    pub fn named(mut self, name: impl Into<String>) -> Self {
+        self.name = Some(name.into());
+        self
+    }
+
+    fn from_kind(kind: QuotaKind) -> Self {
+        Self { name: None, kind }
+    }
+
+    pub(crate) fn kind(&self) -> &QuotaKind {
+        &self.kind
+    }
+
+    pub(crate) fn name(&self) -> Option<&str> {
+        self.name.as_deref()
+    }
+
+    /// The quota's capacity: no single request may cost more.
+    pub fn capacity(&self) -> u64 {
+        match &self.kind {
+            QuotaKind::Gcra(q) => q.burst(),
+            QuotaKind::Window(q) => q.limit(),
+            QuotaKind::Log(q) => q.limit(),
+        }
+    }
+
+    /// The window advertised in `RateLimit-Policy` (`w`): the time a token bucket takes to refill
+    /// entirely, or the window.
+    pub fn window(&self) -> Duration {
+        match &self.kind {
+            QuotaKind::Gcra(q) => q.refill_time(),
+            QuotaKind::Window(q) => q.window(),
+            QuotaKind::Log(q) => q.window(),
+        }
+    }
+
+    /// A fresh state: the quota entirely available.
+    pub fn new_state(&self) -> QuotaState {
+        match &self.kind {
+            QuotaKind::Gcra(_) => QuotaState::Gcra(0),
+            QuotaKind::Window(q) => QuotaState::Window(q.new_state()),
+            QuotaKind::Log(_) => QuotaState::Log(log::LogState::default()),
+        }
+    }
+
+    /// What the quota would decide for `cost` units at `now`, without consuming anything.
+    /// (It may forget data that has expired, which changes no decision.)
+    pub fn evaluate(&self, state: &mut QuotaState, now: Nanos, cost: u64) -> Decision {
+        match (&self.kind, state) {
+            (QuotaKind::Gcra(q), QuotaState::Gcra(tat)) => q.evaluate(*tat, now, cost).0,
+            (QuotaKind::Window(q), QuotaState::Window(s)) => q.evaluate(s, now, cost),
+            (QuotaKind::Log(q), QuotaState::Log(s)) => q.evaluate(s, now, cost),
+            (_, state) => {
+                *state = self.new_state();
+                self.evaluate(state, now, cost)
+            }
+        }
+    }
+
+    /// Consumes `cost` units at `now` (after [`evaluate`](Self::evaluate) allowed it).
+    pub fn consume(&self, state: &mut QuotaState, now: Nanos, cost: u64) {
+        match (&self.kind, state) {
+            (QuotaKind::Gcra(q), QuotaState::Gcra(tat)) => *tat = q.consume(*tat, now, cost),
+            (QuotaKind::Window(q), QuotaState::Window(s)) => q.consume(s, now, cost),
+            (QuotaKind::Log(q), QuotaState::Log(s)) => q.consume(s, now, cost),
+            _ => {}
+        }
+    }
+
+    /// Units that could be consumed at `now` in one go.
+    pub fn available(&self, state: &mut QuotaState, now: Nanos) -> u64 {
+        self.evaluate(state, now, 0).remaining
+    }
+
+    /// The time from which `state` is equivalent to a fresh state: forgetting the key then
+    /// changes no decision (what the memory store's eviction relies on).
+    pub fn idle_at(&self, state: &QuotaState) -> Nanos {
+        match (&self.kind, state) {
+            (QuotaKind::Gcra(_), QuotaState::Gcra(tat)) => *tat,
+            (QuotaKind::Window(q), QuotaState::Window(s)) => q.idle_at(s),
+            (QuotaKind::Log(q), QuotaState::Log(s)) => q.idle_at(s),
+            _ => 0,
+        }
+    }
+}
+
+/// The state of one quota for one key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum QuotaState {
+    /// Theoretical arrival time of a token bucket.
+    Gcra(Nanos),
+    /// Sub-window counters of a sliding window.
+    Window(window::WindowState),
+    /// Timestamps of a sliding log.
+    Log(log::LogState),
+}
+
+/// The decisions of every quota of a policy on one request: allowed only if all allow.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Verdict {
+    decisions: SmallVec<[Decision; 2]>,
+}
+
+impl Verdict {
+    /// A verdict from per-quota decisions, in the policy's order.
+    pub fn new(decisions: impl IntoIterator<Item = Decision>) -> Self {
+        Self { decisions: decisions.into_iter().collect() }
+    }
+
+    /// An admission without decisions (a fail-open store answering while its backend is down).
+    pub fn unlimited() -> Self {
+        Self::default()
+    }
+
+    /// Whether every quota admitted the request.
+    pub fn allowed(&self) -> bool {
+        self.decisions.iter().all(|d| d.allowed)
+    }
+
+    /// Per-quota decisions, in the policy's order (empty for [`unlimited`](Self::unlimited)).
+    pub fn decisions(&self) -> &[Decision] {
+        &self.decisions
+    }
+
+    /// When denied, how long until the request could pass every denying quota.
+    pub fn retry_after(&self) -> Duration {
+        self.decisions.iter().filter(|d| !d.allowed).map(|d| d.retry_after).max().unwrap_or_default()
+    }
+
+    /// The most restrictive decision: the longest-waiting denial, or the allowance with the
+    /// fewest units left.
+    pub fn binding(&self) -> Option<&Decision> {
+        if self.allowed() {
+            self.decisions.iter().min_by_key(|d| d.remaining)
+        } else {
+            self.decisions.iter().filter(|d| !d.allowed).max_by_key(|d| d.retry_after)
+        }
+    }
+}
+
+/// The serde form of a quota, e.g. in TOML:
+///
+/// ```toml
+/// algorithm = "token_bucket"
+/// rate = 1000
+/// period = "1s"
+/// burst = 1000
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "algorithm", rename_all = "snake_case", deny_unknown_fields)]
+pub enum QuotaConfig {
+    /// See [`Quota::token_bucket`]; `burst` defaults to `rate`.
+    TokenBucket {
+        /// Tokens per period.
+        rate: u64,
+        /// The period (`"1s"`, `"1m"`...).
+        #[serde(with = "humantime_serde")]
+        period: Duration,
+        /// Bucket size.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        burst: Option<u64>,
+        /// Name shown in headers.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        name: Option<String>,
+    },
+    /// See [`Quota::sliding_window_with_precision`]; `precision` defaults to 10.
+    SlidingWindow {
+        /// Units per window.
+        limit: u64,
+        /// The window.
+        #[serde(with = "humantime_serde")]
+        window: Duration,
+        /// Number of sub-windows.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        precision: Option<u32>,
+        /// Name shown in headers.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        name: Option<String>,
+    },
+    /// See [`Quota::sliding_log`].
+    SlidingLog {
+        /// Units per window.
+        limit: u64,
+        /// The window.
+        #[serde(with = "humantime_serde")]
+        window: Duration,
+        /// Name shown in headers.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        name: Option<String>,
+    },
+}
+
+impl TryFrom<&QuotaConfig> for Quota {
+    type Error = ConfigError;
+
+    fn try_from(config: &QuotaConfig) -> Result<Self, ConfigError> {
+        let (quota, name) = match config {
+            QuotaConfig::TokenBucket { rate, period, burst, name } => {
+                (Quota::token_bucket(*rate, *period, burst.unwrap_or(*rate))?, name)
+            }
+            QuotaConfig::SlidingWindow { limit, window, precision, name } => (
+                Quota::sliding_window_with_precision(
+                    *limit,
+                    *window,
+                    precision.unwrap_or(SlidingWindow::DEFAULT_PRECISION),
+                )?,
+                name,
+            ),
+            QuotaConfig::SlidingLog { limit, window, name } => (Quota::sliding_log(*limit, *window)?, name),
+        };
+        Ok(match name {
+            Some(name) => quota.named(name.clone()),
+            None => quota,
+        })
+    }
+}
+
+pub(crate) fn nanos(d: Duration) -> u128 {
+    d.as_nanos()
+}
+
+pub(crate) fn duration(ns: u64) -> Duration {
+    Duration::from_nanos(ns)
+}

@@ -1,0 +1,384 @@
+//! Key extractors: which quota a request is counted against, and what it costs.
+//!
+//! Anything implementing [`KeyExtractor`] works, including closures
+//! `Fn(&Req) -> Option<Key>`. For `http::Request` there are ready ones: [`GlobalKey`],
+//! [`PeerIp`], [`ClientIp`] (behind trusted proxies), [`HeaderKey`] (API keys),
+//! [`MatchedRoute`] and [`GrpcMethod`]; a tuple `(A, B)` keys by both (per route *and* client).
+
+use std::{
+    net::{IpAddr, Ipv6Addr, SocketAddr},
+    str::FromStr,
+};
+
+use http::{HeaderName, Request, header::FORWARDED};
+use ipnet::IpNet;
+
+use crate::{Key, error::ConfigError};
+
+/// Derives the rate-limit key of a request. `None` means "no key": the layer then applies its
+/// [`MissingKey`](crate::MissingKey) policy.
+pub trait KeyExtractor<Req>: Send + Sync + 'static {
+    /// The key of `req`.
+    fn extract(&self, req: &Req) -> Option<Key>;
+}
+
+impl<F, Req> KeyExtractor<Req> for F
+where
+    F: Fn(&Req) -> Option<Key> + Send + Sync + 'static,
+{
+    fn extract(&self, req: &Req) -> Option<Key> {
+        self(req)
+    }
+}
+
+/// Both keys at once: `(MatchedRoute, PeerIp)` limits each client on each route.
+impl<Req, A: KeyExtractor<Req>, B: KeyExtractor<Req>> KeyExtractor<Req> for (A, B) {
+    fn extract(&self, req: &Req) -> Option<Key> {
+        let (a, b) = (self.0.extract(req)?, self.1.extract(req)?);
+        let mut bytes = Vec::with_capacity(48);
+        a.encode_into(&mut bytes);
+        bytes.push(b'|');
+        b.encode_into(&mut bytes);
+        Some(Key::from_bytes(bytes))
+    }
+}
+
+/// The cost of a request in quota units (the seed's `AllowN`). Closures `Fn(&Req) -> u64` work.
+pub trait Cost<Req>: Send + Sync + 'static {
+    /// Units `req` consumes.
+    fn cost(&self, req: &Req) -> u64;
+}
+
+/// Every request costs one unit (the default).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct UnitCost;
+
+impl<Req> Cost<Req> for UnitCost {
+    fn cost(&self, _: &Req) -> u64 {
+        1
+    }
+}
+
+impl<F, Req> Cost<Req> for F
+where
+    F: Fn(&Req) -> u64 + Send + Sync + 'static,
+{
+    fn cost(&self, req: &Req) -> u64 {
+        self(req)
+    }
+}
+
+/// One quota for every request (the default).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct GlobalKey;
+
+impl<Req> KeyExtractor<Req> for GlobalKey {
+    fn extract(&self, _: &Req) -> Option<Key> {
+        Some(Key::Global)
+    }
+}
+
+/// The TCP peer's address, from `axum::extract::ConnectInfo<SocketAddr>` (serve with
+/// `into_make_service_with_connect_info::<SocketAddr>()`), tonic's `TcpConnectInfo`, or a plain
+/// `SocketAddr` extension.
+///
+/// Behind a reverse proxy every request has the proxy's address: use [`ClientIp`] there.
+/// IPv6 peers are keyed by their /64 by default (one host usually owns a whole /64, so keying
+/// single addresses lets it rotate past the limit); [`PeerIp::exact`] keys full addresses.
+#[derive(Debug, Clone, Copy)]
+pub struct PeerIp {
+    ipv6_prefix64: bool,
+}
+
+impl Default for PeerIp {
+    fn default() -> Self {
+        Self { ipv6_prefix64: true }
+    }
+}
+
+impl PeerIp {
+    /// Peer IP, IPv6 keyed by /64.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Peer IP, IPv6 keyed by the full address.
+    pub fn exact() -> Self {
+        Self { ipv6_prefix64: false }
+    }
+}
+
+/// The peer address a server recorded in the request's extensions.
+pub fn peer_addr<B>(req: &Request<B>) -> Option<SocketAddr> {
+    let ext = req.extensions();
+    #[cfg(feature = "axum")]
+    if let Some(axum::extract::ConnectInfo(addr)) = ext.get::<axum::extract::ConnectInfo<SocketAddr>>() {
+        return Some(*addr);
+    }
+    #[cfg(feature = "tonic")]
+    if let Some(info) = ext.get::<tonic::transport::server::TcpConnectInfo>() {
+        return info.remote_addr();
+    }
+    ext.get::<SocketAddr>().copied()
+}
+
+fn key_ip(ip: IpAddr, prefix64: bool) -> Key {
+    let ip = match ip {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None if prefix64 => {
+                let bits = u128::from(v6) & !((1u128 << 64) - 1);
+                IpAddr::V6(Ipv6Addr::from(bits))
+            }
+            None => IpAddr::V6(v6),
+        },
+        v4 => v4,
+    };
+    Key::Ip(ip)
+}
+
+impl<B> KeyExtractor<Request<B>> for PeerIp {
+    fn extract(&self, req: &Request<B>) -> Option<Key> {
+        peer_addr(req).map(|addr| key_ip(addr.ip(), self.ipv6_prefix64))
+    }
+}
+
+/// Which forwarding header [`ClientIp`] reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ForwardedHeader {
+    /// `X-Forwarded-For: client, proxy1, proxy2` (default).
+    #[default]
+    XForwardedFor,
+    /// RFC 7239 `Forwarded: for=client, for="[2001:db8::1]:4711"`.
+    Forwarded,
+}
+
+/// The client's IP behind trusted reverse proxies.
+///
+/// If the TCP peer is not a trusted proxy, its own address is the key and forwarding headers are
+/// **ignored**: anyone can write `X-Forwarded-For`. If it is, the header's hops are read from the
+/// right (the hop our proxy appended) and the first address that is not a trusted proxy is the
+/// client. Malformed hops stop the walk at the last trusted hop. Unlike taking the leftmost
+/// entry, a client cannot choose its own key.
+///
+/// ```
+/// use tower_ratelimit::ClientIp;
+/// let client_ip = ClientIp::trusting(["10.0.0.0/8", "fd00::/8"])?;
+/// # Ok::<(), tower_ratelimit::ConfigError>(())
+/// ```
+#[derive(Debug, Clone)]
+pub struct ClientIp {
+    trusted: Vec<IpNet>,
+    header: ForwardedHeader,
+    ipv6_prefix64: bool,
+}
+
+impl ClientIp {
+    /// Trusts proxies in these CIDR ranges (a bare address is a /32 or /128).
+    pub fn trusting<I, S>(cidrs: I) -> Result<Self, ConfigError>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<str>,
+    {
+        let trusted = cidrs
+            .into_iter()
+            .map(|cidr| {
+                let cidr = cidr.as_ref().trim();
+                IpNet::from_str(cidr)
+                    .or_else(|_| IpAddr::from_str(cidr).map(IpNet::from))
+                    .map_err(|_| ConfigError::new(format!("`{cidr}` is not an IP address or CIDR range")))
+            })
+            .collect::<Result<_, _>>()?;
+        Ok(Self { trusted, header: ForwardedHeader::XForwardedFor, ipv6_prefix64: true })
+    }
+
+    /// Reads this header instead of `X-Forwarded-For`.
+    pub fn header(mut self, header: ForwardedHeader) -> Self {
+        self.header = header;
+        self
+    }
+
+    /// Keys IPv6 clients by their full address instead of their /64.
+    pub fn exact(mut self) -> Self {
+        self.ipv6_prefix64 = false;
+        self
+    }
+
+    fn is_trusted(&self, ip: IpAddr) -> bool {
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
+            v4 => v4,
+        };
+        self.trusted.iter().any(|net| net.contains(&ip))
+    }
+
+    /// The client address for a peer and the request's headers.
+    pub fn client_ip(&self, peer: IpAddr, headers: &http::HeaderMap) -> IpAddr {
+        if !self.is_trusted(peer) {
+            return peer;
+        }
+        let mut last_trusted = peer;
+        let name = match self.header {
+            ForwardedHeader::XForwardedFor => HeaderName::from_static("x-forwarded-for"),
+            ForwardedHeader::Forwarded => FORWARDED,
+        };
+        // Several header lines form one list, in order; walk it from the right.
+        let hops: Vec<&str> =
+            headers.get_all(&name).iter().filter_map(|v| v.to_str().ok()).flat_map(|v| v.split(',')).collect();
+        for hop in hops.iter().rev() {
+            let parsed = match self.header {
+                ForwardedHeader::XForwardedFor => parse_hop(hop),
+                ForwardedHeader::Forwarded => parse_forwarded_for(hop),
+            };
+            let Some(ip) = parsed else { return last_trusted };
+            if !self.is_trusted(ip) {
+                return ip;
+            }
+            last_trusted = ip;
+        }
+        last_trusted
+    }
+}
+
+/// `1.2.3.4`, `1.2.3.4:80`, `2001:db8::1`, `[2001:db8::1]:80`.
+fn parse_hop(hop: &str) -> Option<IpAddr> {
+    let hop = hop.trim().trim_matches('"');
+    if let Ok(ip) = IpAddr::from_str(hop) {
+        return Some(ip);
+    }
+    if let Ok(addr) = SocketAddr::from_str(hop) {
+        return Some(addr.ip());
+    }
+    let inner = hop.strip_prefix('[')?.split(']').next()?;
+    IpAddr::from_str(inner).ok()
+}
+
+/// The `for=` parameter of one `Forwarded` element.
+fn parse_forwarded_for(element: &str) -> Option<IpAddr> {
+    element.split(';').find_map(|pair| {
+        let (name, value) = pair.split_once('=')?;
+        name.trim().eq_ignore_ascii_case("for").then(|| parse_hop(value)).flatten()
+    })
+}
+
+impl<B> KeyExtractor<Request<B>> for ClientIp {
+    fn extract(&self, req: &Request<B>) -> Option<Key> {
+        let peer = peer_addr(req)?.ip();
+        Some(key_ip(self.client_ip(peer, req.headers()), self.ipv6_prefix64))
+    }
+}
+
+/// The value of a header, e.g. an API key (`x-api-key`). Any bytes; long values are hashed.
+#[derive(Debug, Clone)]
+pub struct HeaderKey {
+    name: HeaderName,
+}
+
+impl HeaderKey {
+    /// Keys by header `name`.
+    pub fn new(name: HeaderName) -> Self {
+        Self { name }
+    }
+}
+
+impl<B> KeyExtractor<Request<B>> for HeaderKey {
+    fn extract(&self, req: &Request<B>) -> Option<Key> {
+        req.headers().get(&self.name).map(|v| Key::from_bytes(v.as_bytes()))
+    }
+}
+
+/// The matched route template (`/users/{id}`) from axum's `MatchedPath`, so every user id shares
+/// the route's quota. Only set once axum routed the request: add the layer with
+/// `Router::layer`/`route_layer`, not around the whole router.
+#[cfg(feature = "axum")]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct MatchedRoute;
+
+#[cfg(feature = "axum")]
+impl<B> KeyExtractor<Request<B>> for MatchedRoute {
+    fn extract(&self, req: &Request<B>) -> Option<Key> {
+        req.extensions().get::<axum::extract::MatchedPath>().map(|p| Key::from_bytes(p.as_str()))
+    }
+}
+
+/// The gRPC method, `/package.Service/Method` (the request path).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct GrpcMethod;
+
+impl<B> KeyExtractor<Request<B>> for GrpcMethod {
+    fn extract(&self, req: &Request<B>) -> Option<Key> {
+        Some(Key::from_bytes(req.uri().path()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(peer: &str, xff: &[&str]) -> Request<()> {
+        let mut builder = Request::builder();
+        for v in xff {
+            builder = builder.header("x-forwarded-for", *v);
+        }
+        let mut req = builder.body(()).unwrap();
+        req.extensions_mut().insert(SocketAddr::from_str(peer).unwrap());
+        req
+    }
+
+    fn ip(s: &str) -> Option<Key> {
+        Some(Key::Ip(IpAddr::from_str(s).unwrap()))
+    }
+
+    #[test]
+    fn spoofed_forwarded_for_from_an_untrusted_peer_is_ignored() {
+        let x = ClientIp::trusting(["10.0.0.0/8"]).unwrap();
+        assert_eq!(x.extract(&req("203.0.113.9:5000", &["1.1.1.1"])), ip("203.0.113.9"));
+    }
+
+    #[test]
+    fn rightmost_untrusted_hop_is_the_client() {
+        let x = ClientIp::trusting(["10.0.0.0/8"]).unwrap();
+        // The client prepended a fake hop; our proxies appended the real one.
+        assert_eq!(x.extract(&req("10.0.0.2:1", &["6.6.6.6, 198.51.100.7, 10.0.0.5"])), ip("198.51.100.7"));
+        // Several header lines are one list.
+        assert_eq!(x.extract(&req("10.0.0.2:1", &["6.6.6.6", "198.51.100.7"])), ip("198.51.100.7"));
+        // Only proxies: the leftmost hop.
+        assert_eq!(x.extract(&req("10.0.0.2:1", &["10.1.1.1"])), ip("10.1.1.1"));
+        // No header: the proxy itself.
+        assert_eq!(x.extract(&req("10.0.0.2:1", &[])), ip("10.0.0.2"));
+        // Garbage stops the walk at the last trusted hop.
+        assert_eq!(x.extract(&req("10.0.0.2:1", &["1.2.3.4, garbage"])), ip("10.0.0.2"));
+        // Ports and brackets.
+        assert_eq!(x.extract(&req("10.0.0.2:1", &["[2001:db8::1]:80"])), ip("2001:db8::"));
+    }
+
+    #[test]
+    fn forwarded_header() {
+        let x = ClientIp::trusting(["10.0.0.0/8"]).unwrap().header(ForwardedHeader::Forwarded).exact();
+        let mut r = Request::builder()
+            .header("forwarded", r#"for=6.6.6.6, for="[2001:db8::7]:4711";proto=https, for=10.0.0.9"#)
+            .body(())
+            .unwrap();
+        r.extensions_mut().insert(SocketAddr::from_str("10.0.0.1:1").unwrap());
+        assert_eq!(x.extract(&r), ip("2001:db8::7"));
+    }
+
+    #[test]
+    fn ipv6_keyed_by_prefix_and_mapped_v4_unwrapped() {
+        let p = PeerIp::new();
+        assert_eq!(p.extract(&req("[2001:db8:1:2:3:4:5:6]:1", &[])), ip("2001:db8:1:2::"));
+        assert_eq!(PeerIp::exact().extract(&req("[2001:db8::6]:1", &[])), ip("2001:db8::6"));
+        assert_eq!(p.extract(&req("[::ffff:192.0.2.1]:1", &[])), ip("192.0.2.1"));
+        assert_eq!(p.extract(&Request::new(())), None);
+    }
+
+    #[test]
+    fn bad_cidr_is_an_error_and_header_keys_take_any_bytes() {
+        assert!(ClientIp::trusting(["10.0.0.0/33"]).is_err());
+        assert!(ClientIp::trusting(["nope"]).is_err());
+        let mut r = Request::new(());
+        r.headers_mut().insert("x-api-key", http::HeaderValue::from_bytes(&[0xff, 0xfe, b'k']).unwrap());
+        let k = HeaderKey::new(HeaderName::from_static("x-api-key")).extract(&r);
+        assert_eq!(k, Some(Key::from_bytes([0xff, 0xfe, b'k'])));
+    }
+}

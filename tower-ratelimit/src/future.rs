@@ -1,0 +1,196 @@
+//! Named response futures (no boxing on the hot path).
+
+use std::{
+    future::Future,
+    pin::Pin,
+    sync::Arc,
+    task::{Context, Poll, ready},
+};
+
+use http::{Request, Response};
+use pin_project_lite::pin_project;
+use rampart_http::ResponseBody;
+use tower_service::Service;
+
+use crate::{BoxError, Verdict, layer::Shared, service::into_error, store::Store};
+
+pin_project! {
+    #[project = StateProj]
+    enum State<Chk, S, Req, F, Out> {
+        // The store answers asynchronously; the ready service and the request wait here.
+        Checking { #[pin] check: Chk, service: Option<S>, request: Option<Req> },
+        Calling { #[pin] future: F },
+        Done { output: Option<Out> },
+    }
+}
+
+type HttpOut<ResB, E> = Result<Response<ResponseBody<ResB>>, E>;
+
+pin_project! {
+    /// Response future of [`RateLimit`](crate::RateLimit) in [`Http`](crate::Http) mode.
+    pub struct ResponseFuture<S, ReqB, ResB, St, K, C>
+    where
+        S: Service<Request<ReqB>>,
+        St: Store,
+    {
+        #[pin]
+        state: State<St::Future, S, Request<ReqB>, S::Future, HttpOut<ResB, S::Error>>,
+        verdict: Option<Verdict>,
+        grpc: bool,
+        // Present while headers may still have to be added or a check decided.
+        shared: Option<Arc<Shared<St, K, C>>>,
+    }
+}
+
+impl<S, ReqB, ResB, St, K, C> ResponseFuture<S, ReqB, ResB, St, K, C>
+where
+    S: Service<Request<ReqB>, Response = Response<ResB>>,
+    St: Store,
+{
+    pub(crate) fn calling(future: S::Future, verdict: Option<Verdict>, shared: &Arc<Shared<St, K, C>>) -> Self {
+        let shared = verdict.is_some().then(|| shared.clone());
+        Self { state: State::Calling { future }, verdict, grpc: false, shared }
+    }
+
+    pub(crate) fn rejected(response: Response<ResponseBody<ResB>>) -> Self {
+        Self { state: State::Done { output: Some(Ok(response)) }, verdict: None, grpc: false, shared: None }
+    }
+
+    pub(crate) fn checking(
+        check: St::Future,
+        service: S,
+        request: Request<ReqB>,
+        grpc: bool,
+        shared: &Arc<Shared<St, K, C>>,
+    ) -> Self {
+        Self {
+            state: State::Checking { check, service: Some(service), request: Some(request) },
+            verdict: None,
+            grpc,
+            shared: Some(shared.clone()),
+        }
+    }
+}
+
+impl<S, ReqB, ResB, St, K, C> Future for ResponseFuture<S, ReqB, ResB, St, K, C>
+where
+    S: Service<Request<ReqB>, Response = Response<ResB>>,
+    St: Store,
+{
+    type Output = HttpOut<ResB, S::Error>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        loop {
+            match this.state.as_mut().project() {
+                StateProj::Checking { check, service, request } => {
+                    let result = ready!(check.poll(cx));
+                    let (Some(shared), Some(mut service), Some(request)) =
+                        (this.shared.as_ref(), service.take(), request.take())
+                    else {
+                        panic!("ResponseFuture polled after completion");
+                    };
+                    match shared.decide(result) {
+                        Ok(verdict) => {
+                            *this.verdict = verdict;
+                            let future = service.call(request);
+                            this.state.set(State::Calling { future });
+                        }
+                        Err(rejection) => {
+                            let response = rejection.into_response(&shared.name, &shared.headers, *this.grpc);
+                            this.state.set(State::Done { output: Some(Ok(response)) });
+                        }
+                    }
+                }
+                StateProj::Calling { future } => {
+                    let response = ready!(future.poll(cx))?;
+                    let mut response = response.map(ResponseBody::inner);
+                    if let (Some(verdict), Some(shared)) = (this.verdict.take(), this.shared.as_ref()) {
+                        shared.headers.apply(response.headers_mut(), &verdict);
+                    }
+                    return Poll::Ready(Ok(response));
+                }
+                StateProj::Done { output } => {
+                    return Poll::Ready(
+                        output.take().unwrap_or_else(|| panic!("ResponseFuture polled after completion")),
+                    );
+                }
+            }
+        }
+    }
+}
+
+pin_project! {
+    /// Response future of [`RateLimit`](crate::RateLimit) in [`Errors`](crate::Errors) mode.
+    pub struct ErrorFuture<S, Req, St, K, C>
+    where
+        S: Service<Req>,
+        St: Store,
+    {
+        #[pin]
+        state: State<St::Future, S, Req, S::Future, BoxError>,
+        shared: Option<Arc<Shared<St, K, C>>>,
+    }
+}
+
+impl<S, Req, St, K, C> ErrorFuture<S, Req, St, K, C>
+where
+    S: Service<Req>,
+    St: Store,
+{
+    pub(crate) fn calling(future: S::Future) -> Self {
+        Self { state: State::Calling { future }, shared: None }
+    }
+
+    pub(crate) fn failed(error: BoxError) -> Self {
+        Self { state: State::Done { output: Some(error) }, shared: None }
+    }
+
+    pub(crate) fn checking(check: St::Future, service: S, request: Req, shared: &Arc<Shared<St, K, C>>) -> Self {
+        Self {
+            state: State::Checking { check, service: Some(service), request: Some(request) },
+            shared: Some(shared.clone()),
+        }
+    }
+}
+
+impl<S, Req, St, K, C> Future for ErrorFuture<S, Req, St, K, C>
+where
+    S: Service<Req>,
+    S::Error: Into<BoxError>,
+    St: Store,
+{
+    type Output = Result<S::Response, BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        loop {
+            match this.state.as_mut().project() {
+                StateProj::Checking { check, service, request } => {
+                    let result = ready!(check.poll(cx));
+                    let (Some(shared), Some(mut service), Some(request)) =
+                        (this.shared.as_ref(), service.take(), request.take())
+                    else {
+                        panic!("ErrorFuture polled after completion");
+                    };
+                    match shared.decide(result) {
+                        Ok(_) => {
+                            let future = service.call(request);
+                            this.state.set(State::Calling { future });
+                        }
+                        Err(rejection) => {
+                            let error = into_error(rejection, &shared.name);
+                            this.state.set(State::Done { output: Some(error) });
+                        }
+                    }
+                }
+                StateProj::Calling { future } => return future.poll(cx).map_err(Into::into),
+                StateProj::Done { output } => {
+                    return Poll::Ready(Err(output
+                        .take()
+                        .unwrap_or_else(|| panic!("ErrorFuture polled after completion"))));
+                }
+            }
+        }
+    }
+}

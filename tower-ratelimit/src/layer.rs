@@ -1,0 +1,210 @@
+//! [`RateLimitLayer`]: built once, shared by every service it makes.
+
+use std::{fmt, marker::PhantomData, sync::Arc};
+
+use serde::{Deserialize, Serialize};
+use tower_layer::Layer;
+
+use crate::{
+    Key, Verdict,
+    error::CheckError,
+    extract::{GlobalKey, UnitCost},
+    response::{Headers, Rejection},
+    service::RateLimit,
+    store::Store,
+};
+
+/// Rejections become HTTP 429 / gRPC `RESOURCE_EXHAUSTED` responses (the default mode, for
+/// `http::Request` services such as axum routers and tonic servers).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Http;
+
+/// Rejections become errors ([`RateLimited`](crate::RateLimited), ...) boxed into
+/// `tower::BoxError`, for any request type.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Errors;
+
+/// What to do with a request the key extractor finds no key for.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MissingKey {
+    /// Count all such requests against one shared key (default): never unlimited, never
+    /// refused for lack of a key.
+    #[default]
+    Shared,
+    /// Let them through unlimited.
+    Skip,
+    /// Refuse them: HTTP 400 `invalid_argument` / gRPC `INVALID_ARGUMENT`, or an error.
+    Reject,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Options {
+    pub(crate) missing: MissingKey,
+    pub(crate) shadow: bool,
+    pub(crate) headers: bool,
+}
+
+/// Applies a rate limit [`Store`] to a service. See the [crate docs](crate) for a tour.
+///
+/// `K` picks the key ([`KeyExtractor`](crate::KeyExtractor)), `C` the cost
+/// ([`Cost`](crate::Cost)), `M` the mode ([`Http`] responses or [`Errors`]). Every service the
+/// layer makes (axum calls `layer` once per route) shares the store's state, so cloning never
+/// escapes the limit — unlike `tower::limit::RateLimit`, whose state is per clone.
+pub struct RateLimitLayer<St, K = GlobalKey, C = UnitCost, M = Http> {
+    store: St,
+    key: K,
+    cost: C,
+    options: Options,
+    _mode: PhantomData<fn() -> M>,
+}
+
+impl<St: Store + Clone> RateLimitLayer<St> {
+    /// Limits every request against one global key of `store`'s policy, answering with HTTP
+    /// responses.
+    pub fn new(store: St) -> Self {
+        Self {
+            store,
+            key: GlobalKey,
+            cost: UnitCost,
+            options: Options { missing: MissingKey::Shared, shadow: false, headers: true },
+            _mode: PhantomData,
+        }
+    }
+}
+
+impl<St, K, C, M> RateLimitLayer<St, K, C, M> {
+    /// Keys requests with `key` (an extractor or a closure `Fn(&Req) -> Option<Key>`).
+    pub fn key<K2>(self, key: K2) -> RateLimitLayer<St, K2, C, M> {
+        RateLimitLayer { store: self.store, key, cost: self.cost, options: self.options, _mode: PhantomData }
+    }
+
+    /// Weighs requests with `cost` (a closure `Fn(&Req) -> u64`); default 1.
+    pub fn cost<C2>(self, cost: C2) -> RateLimitLayer<St, K, C2, M> {
+        RateLimitLayer { store: self.store, key: self.key, cost, options: self.options, _mode: PhantomData }
+    }
+
+    /// What to do when the extractor finds no key (default [`MissingKey::Shared`]).
+    pub fn on_missing_key(mut self, missing: MissingKey) -> Self {
+        self.options.missing = missing;
+        self
+    }
+
+    /// Shadow mode: count and set headers but never refuse (for dark launches). Would-be
+    /// rejections are counted as `outcome="shadow_rejected"`.
+    pub fn shadow(mut self, shadow: bool) -> Self {
+        self.options.shadow = shadow;
+        self
+    }
+
+    /// Whether allowed responses carry `RateLimit-Policy` / `RateLimit` (default true;
+    /// rejections always do).
+    pub fn headers(mut self, headers: bool) -> Self {
+        self.options.headers = headers;
+        self
+    }
+
+    /// Rejections as errors instead of responses, for services that are not HTTP.
+    pub fn errors(self) -> RateLimitLayer<St, K, C, Errors> {
+        RateLimitLayer { store: self.store, key: self.key, cost: self.cost, options: self.options, _mode: PhantomData }
+    }
+}
+
+impl<St: Clone, K: Clone, C: Clone, M> Clone for RateLimitLayer<St, K, C, M> {
+    fn clone(&self) -> Self {
+        Self {
+            store: self.store.clone(),
+            key: self.key.clone(),
+            cost: self.cost.clone(),
+            options: self.options,
+            _mode: PhantomData,
+        }
+    }
+}
+
+impl<St: Store, K, C, M> fmt::Debug for RateLimitLayer<St, K, C, M> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RateLimitLayer")
+            .field("policy", &self.store.policy().name())
+            .field("key", &std::any::type_name::<K>())
+            .field("options", &self.options)
+            .finish()
+    }
+}
+
+impl<S, St: Store + Clone, K: Clone, C: Clone, M> Layer<S> for RateLimitLayer<St, K, C, M> {
+    type Service = RateLimit<S, St, K, C, M>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        RateLimit::new(
+            inner,
+            Arc::new(Shared::new(self.store.clone(), self.key.clone(), self.cost.clone(), self.options)),
+        )
+    }
+}
+
+/// What every clone of a service shares.
+pub(crate) struct Shared<St, K, C> {
+    pub(crate) store: St,
+    pub(crate) key: K,
+    pub(crate) cost: C,
+    pub(crate) options: Options,
+    pub(crate) name: Arc<str>,
+    pub(crate) headers: Headers,
+    allowed: metrics::Counter,
+    rejected: metrics::Counter,
+    shadowed: metrics::Counter,
+}
+
+impl<St: Store, K, C> Shared<St, K, C> {
+    fn new(store: St, key: K, cost: C, options: Options) -> Self {
+        let policy = store.policy();
+        let name = policy.name_arc();
+        let counter = |outcome: &'static str| metrics::counter!("rampart_ratelimit_requests_total", "limiter" => name.to_string(), "outcome" => outcome);
+        Self {
+            headers: Headers::new(policy),
+            allowed: counter("allowed"),
+            rejected: counter("rejected"),
+            shadowed: counter("shadow_rejected"),
+            name: name.clone(),
+            store,
+            key,
+            cost,
+            options,
+        }
+    }
+
+    /// The key for a request, or what the missing-key policy says.
+    pub(crate) fn key_or_policy(&self, key: Option<Key>) -> Result<Option<Key>, Rejection> {
+        match (key, self.options.missing) {
+            (Some(key), _) => Ok(Some(key)),
+            (None, MissingKey::Shared) => Ok(Some(Key::from_static("~no-key"))),
+            (None, MissingKey::Skip) => Ok(None),
+            (None, MissingKey::Reject) => Err(Rejection::MissingKey),
+        }
+    }
+
+    /// Turns a store answer into "call the service (with these headers)" or a rejection.
+    pub(crate) fn decide(&self, result: Result<Verdict, CheckError>) -> Result<Option<Verdict>, Rejection> {
+        let rejection = match result {
+            Ok(verdict) if verdict.allowed() => {
+                self.allowed.increment(1);
+                return Ok(self.options.headers.then_some(verdict));
+            }
+            Ok(verdict) => Rejection::Limited(verdict),
+            Err(CheckError::CostExceedsCapacity { cost, capacity }) => Rejection::TooCostly { cost, capacity },
+            Err(CheckError::Unavailable(reason)) => Rejection::Unavailable(reason),
+        };
+        if self.options.shadow {
+            self.shadowed.increment(1);
+            tracing::debug!(limiter = %self.name, ?rejection, "shadow mode: would have rejected");
+            return Ok(match rejection {
+                Rejection::Limited(verdict) if self.options.headers => Some(verdict),
+                _ => None,
+            });
+        }
+        self.rejected.increment(1);
+        tracing::debug!(limiter = %self.name, ?rejection, "rejected");
+        Err(rejection)
+    }
+}

@@ -1,0 +1,251 @@
+//! In-process store: sharded, lock-free for token buckets, bounded without a cleanup task.
+
+use std::{
+    future::{Ready, ready},
+    sync::{
+        Arc, Mutex, PoisonError,
+        atomic::{AtomicU64, Ordering},
+    },
+};
+
+use crate::{
+    Key, Policy, Verdict,
+    algorithm::Nanos,
+    clock::{Clock, TokioClock},
+    error::CheckError,
+    policy::PolicyState,
+    store::{
+        Store,
+        shards::{Idle, ShardedMap},
+    },
+};
+
+/// Default [`MemoryStoreBuilder::max_keys`].
+pub const DEFAULT_MAX_KEYS: usize = 100_000;
+
+/// Keyed quota state in this process.
+///
+/// * **No global lock on the hot path**: keys are spread over shards, each a `RwLock`ed map
+///   taken for reading on a known key; a single token bucket is one atomic compare-and-swap,
+///   other policies lock only their key's entry. The `Global` key bypasses the map.
+/// * **Bounded memory, no cleanup task**: an entry whose state has become equivalent to a fresh
+///   one ("idle": a full bucket, an empty window) is dropped by an amortized sweep of its shard
+///   when keys are inserted, which changes no decision. At most [`max_keys`] keys are resident:
+///   when a shard is full even after the sweep, the eighth of its keys closest to idle is
+///   forgotten. A forgotten key starts again with a full quota, so at the cap the store can
+///   over-admit (never under-admit); the `rampart_ratelimit_evictions_total` counter shows it.
+///
+/// Cloning shares the state.
+///
+/// [`max_keys`]: MemoryStoreBuilder::max_keys
+#[derive(Debug)]
+pub struct MemoryStore<C = TokioClock> {
+    inner: Arc<Inner<C>>,
+}
+
+impl<C> Clone for MemoryStore<C> {
+    fn clone(&self) -> Self {
+        Self { inner: self.inner.clone() }
+    }
+}
+
+#[derive(Debug)]
+struct Inner<C> {
+    policy: Policy,
+    clock: C,
+    global: Cell,
+    keys: ShardedMap<Cell>,
+}
+
+#[derive(Debug)]
+enum Cell {
+    /// A single token bucket: its TAT, updated by CAS.
+    Tat(AtomicU64),
+    /// Any other policy: the states under a per-key lock.
+    States { states: Mutex<PolicyState>, idle_at: AtomicU64 },
+}
+
+impl Idle for Cell {
+    fn idle_at(&self) -> Nanos {
+        match self {
+            Self::Tat(tat) => tat.load(Ordering::Relaxed),
+            Self::States { idle_at, .. } => idle_at.load(Ordering::Relaxed),
+        }
+    }
+}
+
+impl Cell {
+    fn new(policy: &Policy) -> Self {
+        if policy.single_gcra().is_some() {
+            Self::Tat(AtomicU64::new(0))
+        } else {
+            Self::States { states: Mutex::new(policy.new_state()), idle_at: AtomicU64::new(0) }
+        }
+    }
+
+    fn check(&self, policy: &Policy, now: Nanos, cost: u64) -> Result<Verdict, CheckError> {
+        match self {
+            Self::Tat(atomic) => {
+                let Some(bucket) = policy.single_gcra() else {
+                    return Err(CheckError::Unavailable("memory store cell does not match its policy".into()));
+                };
+                if cost > bucket.burst() {
+                    return Err(CheckError::CostExceedsCapacity { cost, capacity: bucket.burst() });
+                }
+                let mut tat = atomic.load(Ordering::Acquire);
+                loop {
+                    let (decision, new_tat) = bucket.evaluate(tat, now, cost);
+                    if !decision.allowed || new_tat == tat {
+                        return Ok(Verdict::new([decision]));
+                    }
+                    match atomic.compare_exchange_weak(tat, new_tat, Ordering::AcqRel, Ordering::Acquire) {
+                        Ok(_) => return Ok(Verdict::new([decision])),
+                        Err(current) => tat = current,
+                    }
+                }
+            }
+            Self::States { states, idle_at } => {
+                let mut states = states.lock().unwrap_or_else(PoisonError::into_inner);
+                let verdict = policy.check(&mut states, now, cost)?;
+                idle_at.store(policy.idle_at(&states), Ordering::Relaxed);
+                Ok(verdict)
+            }
+        }
+    }
+}
+
+impl MemoryStore<TokioClock> {
+    /// A store for `policy` with the defaults (tokio clock, [`DEFAULT_MAX_KEYS`]).
+    pub fn new(policy: Policy) -> Self {
+        Self::builder(policy).build()
+    }
+
+    /// Configures a store for `policy`.
+    pub fn builder(policy: Policy) -> MemoryStoreBuilder<TokioClock> {
+        MemoryStoreBuilder { policy, clock: TokioClock::new(), max_keys: DEFAULT_MAX_KEYS }
+    }
+}
+
+impl<C: Clock> MemoryStore<C> {
+    /// Resident keys (not counting [`Key::Global`]).
+    pub fn len(&self) -> usize {
+        self.inner.keys.len()
+    }
+
+    /// Whether no key is resident.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Keys forgotten before they were idle because the store was full.
+    pub fn evictions(&self) -> usize {
+        self.inner.keys.evictions()
+    }
+
+    /// The most keys that can be resident.
+    pub fn max_keys(&self) -> usize {
+        self.inner.keys.capacity()
+    }
+
+    /// The synchronous check (also what [`Store::check`] resolves to at once).
+    pub fn check_sync(&self, key: &Key, cost: u64) -> Result<Verdict, CheckError> {
+        let inner = &*self.inner;
+        let now = inner.clock.now();
+        if matches!(key, Key::Global) {
+            return inner.global.check(&inner.policy, now, cost);
+        }
+        inner.keys.with(key, now, || Cell::new(&inner.policy), |cell| cell.check(&inner.policy, now, cost))
+    }
+}
+
+impl<C: Clock> Store for MemoryStore<C> {
+    type Future = Ready<Result<Verdict, CheckError>>;
+
+    fn policy(&self) -> &Policy {
+        &self.inner.policy
+    }
+
+    fn check(&self, key: &Key, cost: u64) -> Self::Future {
+        ready(self.check_sync(key, cost))
+    }
+
+    fn check_now(&self, key: &Key, cost: u64) -> Option<Result<Verdict, CheckError>> {
+        Some(self.check_sync(key, cost))
+    }
+}
+
+/// Builder of a [`MemoryStore`].
+#[derive(Debug)]
+pub struct MemoryStoreBuilder<C> {
+    policy: Policy,
+    clock: C,
+    max_keys: usize,
+}
+
+impl<C: Clock> MemoryStoreBuilder<C> {
+    /// Most keys resident at once (default [`DEFAULT_MAX_KEYS`]; at least 1).
+    pub fn max_keys(mut self, max_keys: usize) -> Self {
+        self.max_keys = max_keys.max(1);
+        self
+    }
+
+    /// Another clock, e.g. [`ManualClock`](crate::ManualClock) in tests.
+    pub fn clock<C2: Clock>(self, clock: C2) -> MemoryStoreBuilder<C2> {
+        MemoryStoreBuilder { policy: self.policy, clock, max_keys: self.max_keys }
+    }
+
+    /// Builds the store.
+    pub fn build(self) -> MemoryStore<C> {
+        let evictions =
+            metrics::counter!("rampart_ratelimit_evictions_total", "limiter" => self.policy.name().to_owned());
+        MemoryStore {
+            inner: Arc::new(Inner {
+                global: Cell::new(&self.policy),
+                keys: ShardedMap::new(self.max_keys, evictions),
+                policy: self.policy,
+                clock: self.clock,
+            }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::{ManualClock, Quota};
+
+    #[test]
+    fn keys_are_independent_and_global_bypasses_the_map() {
+        let clock = ManualClock::new();
+        let store =
+            MemoryStore::builder(Policy::new("p", Quota::per_second(2).unwrap()).unwrap()).clock(clock.clone()).build();
+        let a = Key::from("a");
+        assert!(store.check_sync(&a, 1).unwrap().allowed());
+        assert!(store.check_sync(&a, 1).unwrap().allowed());
+        assert!(!store.check_sync(&a, 1).unwrap().allowed());
+        assert!(store.check_sync(&Key::from("b"), 2).unwrap().allowed());
+        assert!(store.check_sync(&Key::Global, 2).unwrap().allowed());
+        assert_eq!(store.len(), 2);
+        clock.advance(Duration::from_millis(500));
+        assert!(store.check_sync(&a, 1).unwrap().allowed());
+    }
+
+    #[test]
+    fn idle_keys_are_swept_without_changing_decisions() {
+        let clock = ManualClock::new();
+        let policy = Policy::new("p", Quota::sliding_window(1, Duration::from_secs(1)).unwrap()).unwrap();
+        let store = MemoryStore::builder(policy).clock(clock.clone()).max_keys(1 << 20).build();
+        for i in 0..1000 {
+            assert!(store.check_sync(&Key::from(format!("k{i}")), 1).unwrap().allowed());
+        }
+        clock.advance(Duration::from_secs(2));
+        for i in 1000..3000 {
+            store.check_sync(&Key::from(format!("k{i}")), 1).unwrap();
+        }
+        // The first thousand went idle and were swept; nothing was evicted early.
+        assert!(store.len() < 2500, "{}", store.len());
+        assert_eq!(store.evictions(), 0);
+    }
+}

@@ -1,0 +1,197 @@
+-- Rampart rate limit: one atomic decision over every quota of a policy.
+-- A port of tower-ratelimit's algorithm module, in microseconds (Redis TIME, or ARGV[1]).
+--
+-- ARGV: now_us|'' , min, max, n, then per quota: kind, a, b, c
+--   kind 'g' (GCRA token bucket): a = interval_us, b = tau_us, c = burst
+--   kind 'w' (rolling window):    a = width_us,    b = slots (S+1), c = limit
+--   kind 'l' (sliding log):       a = window_us,   b = limit,       c = unused
+-- KEYS: one per quota, two for a sliding log (its zset, then its meta hash).
+-- min == max: a check of `min` units, all quotas or none.
+-- min <  max: a lease, taking as many units as available up to max, if at least min.
+-- Returns {taken, then per quota: allowed, limit, remaining, reset_after_us, retry_after_us}.
+
+local EPS = 1e-9
+local function fmt(x) return string.format('%.17g', x) end
+local function ceil_ms(us) return math.max(1, math.ceil(us / 1000)) end
+
+local now
+if ARGV[1] ~= '' then
+  now = tonumber(ARGV[1])
+else
+  local t = redis.call('TIME')
+  now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+end
+local min_units = tonumber(ARGV[2])
+local max_units = tonumber(ARGV[3])
+local n = tonumber(ARGV[4])
+
+local quotas = {}
+local k = 1
+for i = 1, n do
+  local base = 4 + (i - 1) * 4
+  local q = { kind = ARGV[base + 1], a = tonumber(ARGV[base + 2]), b = tonumber(ARGV[base + 3]),
+              c = tonumber(ARGV[base + 4]), key = KEYS[k] }
+  k = k + 1
+  if q.kind == 'g' then
+    q.tat = math.max(tonumber(redis.call('GET', q.key) or '0') or 0, now)
+  elseif q.kind == 'w' then
+    local slots = q.b
+    local fields = { 'h' }
+    for s = 0, slots - 1 do fields[#fields + 1] = tostring(s) end
+    local vals = redis.call('HMGET', q.key, unpack(fields))
+    local head = tonumber(vals[1] or '0') or 0
+    local counts = {}
+    for s = 0, slots - 1 do counts[s] = tonumber(vals[s + 2] or '0') or 0 end
+    local cur = math.max(math.floor(now / q.a), head)
+    local gap = cur - head
+    if gap >= slots then
+      for s = 0, slots - 1 do counts[s] = 0 end
+    else
+      for j = 1, gap do counts[(head + j) % slots] = 0 end
+    end
+    q.cur, q.counts = cur, counts
+    local total = 0
+    for s = 0, slots - 1 do total = total + counts[s] end
+    q.count = total
+  else
+    q.meta = KEYS[k]
+    k = k + 1
+    local cutoff = now - q.a
+    local expired = redis.call('ZRANGEBYSCORE', q.key, '-inf', fmt(cutoff))
+    local freed = 0
+    for _, m in ipairs(expired) do freed = freed + tonumber(string.match(m, ':(%d+)$')) end
+    if #expired > 0 then
+      redis.call('ZREMRANGEBYSCORE', q.key, '-inf', fmt(cutoff))
+      redis.call('HINCRBY', q.meta, 'total', -freed)
+    end
+    q.total = tonumber(redis.call('HGET', q.meta, 'total') or '0') or 0
+  end
+  quotas[i] = q
+end
+
+local function available(q)
+  if q.kind == 'g' then return math.floor((now + q.b - q.tat) / q.a + EPS)
+  elseif q.kind == 'w' then return q.c - q.count
+  else return q.b - q.total end
+end
+
+local function newest_window(q)
+  local slots = q.b
+  for j = 0, slots - 1 do
+    if j > q.cur then return nil end
+    if q.counts[(q.cur - j) % slots] > 0 then return q.cur - j end
+  end
+  return nil
+end
+
+local function evaluate(q, cost)
+  if q.kind == 'g' then
+    local new_tat = q.tat + cost * q.a
+    local bound = now + q.b
+    if new_tat <= bound + EPS then
+      return { 1, q.c, math.floor((bound - new_tat) / q.a + EPS), new_tat - now, 0 }
+    end
+    return { 0, q.c, math.max(0, math.floor((bound - q.tat) / q.a + EPS)), q.tat - now, new_tat - bound }
+  elseif q.kind == 'w' then
+    local slots, limit = q.b, q.c
+    local function end_of(index) return (index + slots) * q.a end
+    if q.count + cost <= limit then
+      local reset_at = 0
+      if cost > 0 then reset_at = end_of(q.cur) else
+        local newest = newest_window(q)
+        if newest then reset_at = end_of(newest) end
+      end
+      return { 1, limit, limit - q.count - cost, math.max(0, reset_at - now), 0 }
+    end
+    local need = q.count + cost - limit
+    local freed = 0
+    local retry_at = end_of(q.cur)
+    for j = 0, slots - 1 do
+      freed = freed + q.counts[(q.cur + j + 1) % slots]
+      if freed >= need then retry_at = (q.cur + j + 1) * q.a break end
+    end
+    local reset_at = 0
+    local newest = newest_window(q)
+    if newest then reset_at = end_of(newest) end
+    return { 0, limit, math.max(0, limit - q.count), math.max(0, reset_at - now), math.max(0, retry_at - now) }
+  else
+    local limit = q.b
+    if q.total + cost <= limit then
+      local reset = 0
+      if cost > 0 then reset = q.a else
+        local newest = redis.call('ZRANGE', q.key, -1, -1, 'WITHSCORES')
+        if newest[2] then reset = math.max(0, tonumber(newest[2]) + q.a - now) end
+      end
+      return { 1, limit, limit - q.total - cost, reset, 0 }
+    end
+    local need = q.total + cost - limit
+    local entries = redis.call('ZRANGE', q.key, 0, -1, 'WITHSCORES')
+    local freed, retry_at, newest = 0, now, now
+    for e = 1, #entries, 2 do
+      newest = tonumber(entries[e + 1])
+      if freed < need then
+        freed = freed + tonumber(string.match(entries[e], ':(%d+)$'))
+        if freed >= need then retry_at = newest + q.a end
+      end
+    end
+    return { 0, limit, math.max(0, limit - q.total), math.max(0, newest + q.a - now), math.max(0, retry_at - now) }
+  end
+end
+
+local function consume(q, cost)
+  if cost <= 0 then return end
+  if q.kind == 'g' then
+    local new_tat = q.tat + cost * q.a
+    redis.call('SET', q.key, fmt(new_tat), 'PX', ceil_ms(new_tat - now))
+  elseif q.kind == 'w' then
+    local slots = q.b
+    q.counts[q.cur % slots] = q.counts[q.cur % slots] + cost
+    local args = { 'h', fmt(q.cur) }
+    for s = 0, slots - 1 do
+      args[#args + 1] = tostring(s)
+      args[#args + 1] = fmt(q.counts[s])
+    end
+    redis.call('HSET', q.key, unpack(args))
+    redis.call('PEXPIRE', q.key, ceil_ms((q.cur + slots) * q.a - now))
+  else
+    local seq = redis.call('HINCRBY', q.meta, 'seq', 1)
+    redis.call('ZADD', q.key, fmt(now), seq .. ':' .. cost)
+    redis.call('HINCRBY', q.meta, 'total', cost)
+    redis.call('PEXPIRE', q.key, ceil_ms(q.a))
+    redis.call('PEXPIRE', q.meta, ceil_ms(q.a))
+  end
+end
+
+local take = min_units
+if max_units > min_units then
+  local avail = nil
+  for i = 1, n do
+    local a = available(quotas[i])
+    if avail == nil or a < avail then avail = a end
+  end
+  take = math.min(avail or 0, max_units)
+  if take < min_units or take <= 0 then take = math.max(min_units, 1) end
+end
+
+local decisions = {}
+local all = true
+for i = 1, n do
+  decisions[i] = evaluate(quotas[i], take)
+  if decisions[i][1] == 0 then all = false end
+end
+local taken = 0
+if all then
+  for i = 1, n do consume(quotas[i], take) end
+  taken = take
+end
+
+local out = { taken }
+for i = 1, n do
+  local d = decisions[i]
+  out[#out + 1] = d[1]
+  out[#out + 1] = d[2]
+  out[#out + 1] = d[3]
+  out[#out + 1] = math.ceil(d[4])
+  out[#out + 1] = math.ceil(d[5])
+end
+return out

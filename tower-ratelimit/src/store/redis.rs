@@ -1,0 +1,402 @@
+//! Redis store: one Lua script call per decision, on the Redis server's clock.
+
+use std::{
+    fmt,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use futures_util::future::BoxFuture;
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    Key, Policy, Verdict,
+    algorithm::{Decision, QuotaKind},
+    clock::{Clock, TokioClock},
+    error::CheckError,
+    store::{MemoryStore, Store},
+};
+
+static SCRIPT: std::sync::LazyLock<redis::Script> =
+    std::sync::LazyLock::new(|| redis::Script::new(include_str!("ratelimit.lua")));
+
+/// A Redis connection the stores can use: a [`redis::aio::ConnectionManager`] (auto-reconnect)
+/// for one server, or a [`redis::cluster_async::ClusterConnection`] for a Redis Cluster.
+pub trait RedisConnection: redis::aio::ConnectionLike + Clone + Send + Sync + 'static {}
+
+impl<T: redis::aio::ConnectionLike + Clone + Send + Sync + 'static> RedisConnection for T {}
+
+/// What a Redis-backed store answers while Redis fails or times out.
+///
+/// In every case the store keeps trying Redis in the background of the traffic (after a short,
+/// growing pause of at most 500 ms), so it recovers by itself once Redis answers again, and every
+/// failure increments `rampart_ratelimit_store_errors_total`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FailurePolicy {
+    /// Admit every request (availability first).
+    Open,
+    /// Refuse every request with 503 `unavailable` / gRPC `UNAVAILABLE` (protection first).
+    Closed,
+    /// Decide with an in-process limiter of the same policy (default): each instance enforces the
+    /// whole quota by itself, so N instances admit up to N times the quota while Redis is down.
+    #[default]
+    Local,
+}
+
+/// Where "now" comes from for shared state.
+#[derive(Debug, Clone, Default)]
+pub enum TimeSource {
+    /// Redis `TIME` (default): one clock for every instance, whatever theirs say.
+    #[default]
+    Server,
+    /// The caller's clock, in nanoseconds (sent as microseconds). Only for tests that need the
+    /// same sequence of instants on the memory and Redis stores, or hosts with disciplined clocks.
+    Client(Arc<dyn Clock>),
+}
+
+/// Quota state in Redis, shared by every instance; one atomic script call (EVALSHA) per decision.
+///
+/// * Keys are `<prefix>{<policy>:<key>}:<quota>`: the hash tag keeps all quotas of a key in one
+///   slot, so multi-quota policies work on Redis Cluster. They expire by TTL when idle.
+/// * Time is Redis' `TIME` ([`TimeSource`]), so instance clocks do not matter.
+/// * Every call has a timeout (default 50 ms); failures follow the [`FailurePolicy`].
+///
+/// Cloning shares the connection and the health state.
+pub struct RedisStore<C> {
+    inner: Arc<Inner<C>>,
+}
+
+impl<C> Clone for RedisStore<C> {
+    fn clone(&self) -> Self {
+        Self { inner: self.inner.clone() }
+    }
+}
+
+struct Inner<C> {
+    policy: Policy,
+    con: C,
+    prefix: String,
+    timeout: Duration,
+    time: TimeSource,
+    on_failure: FailurePolicy,
+    fallback: MemoryStore,
+    quota_args: Vec<QuotaArgs>,
+    health: Health,
+    errors: metrics::Counter,
+    latency: metrics::Histogram,
+}
+
+impl<C> fmt::Debug for RedisStore<C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisStore")
+            .field("policy", &self.inner.policy.name())
+            .field("prefix", &self.inner.prefix)
+            .field("timeout", &self.inner.timeout)
+            .field("on_failure", &self.inner.on_failure)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The script's per-quota arguments, computed once.
+#[derive(Debug, Clone)]
+struct QuotaArgs {
+    kind: &'static str,
+    a: String,
+    b: String,
+    c: String,
+    log: bool,
+}
+
+fn micros(ns: u64) -> String {
+    // Exact decimal of ns / 1000: Lua parses it into the same double the division would give.
+    format!("{}.{:03}", ns / 1000, ns % 1000)
+}
+
+impl QuotaArgs {
+    fn new(kind: &QuotaKind) -> Self {
+        match kind {
+            QuotaKind::Gcra(tb) => Self {
+                kind: "g",
+                a: micros(tb.interval_nanos()),
+                b: micros(tb.tau_nanos()),
+                c: tb.burst().to_string(),
+                log: false,
+            },
+            QuotaKind::Window(w) => Self {
+                kind: "w",
+                a: micros(w.width_nanos()),
+                b: (u64::from(w.precision()) + 1).to_string(),
+                c: w.limit().to_string(),
+                log: false,
+            },
+            QuotaKind::Log(l) => Self {
+                kind: "l",
+                a: micros(u64::try_from(l.window().as_nanos()).unwrap_or(u64::MAX)),
+                b: l.limit().to_string(),
+                c: "0".to_owned(),
+                log: true,
+            },
+        }
+    }
+}
+
+/// Skips Redis for a short, growing pause after a failure, so a dead Redis costs each request
+/// nothing instead of a timeout; the first request after the pause probes it again.
+#[derive(Debug)]
+pub(crate) struct Health {
+    clock: TokioClock,
+    down_until: AtomicU64,
+    backoff: AtomicU64,
+}
+
+const BACKOFF_MIN: u64 = 20_000_000;
+const BACKOFF_MAX: u64 = 500_000_000;
+
+impl Health {
+    pub(crate) fn new() -> Self {
+        Self { clock: TokioClock::new(), down_until: AtomicU64::new(0), backoff: AtomicU64::new(BACKOFF_MIN) }
+    }
+
+    pub(crate) fn is_down(&self) -> bool {
+        self.clock.now() < self.down_until.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn failed(&self) {
+        let backoff = self.backoff.load(Ordering::Relaxed);
+        self.down_until.store(self.clock.now().saturating_add(backoff), Ordering::Relaxed);
+        self.backoff.store((backoff * 2).min(BACKOFF_MAX), Ordering::Relaxed);
+    }
+
+    pub(crate) fn succeeded(&self) {
+        if self.backoff.load(Ordering::Relaxed) != BACKOFF_MIN {
+            self.backoff.store(BACKOFF_MIN, Ordering::Relaxed);
+        }
+    }
+}
+
+impl RedisStore<redis::aio::ConnectionManager> {
+    /// A `ConnectionManager` tuned for rate limiting: 250 ms connect timeout and fast reconnects
+    /// (20 ms to 250 ms apart), so the store notices a returning Redis within a second.
+    pub async fn connect(url: &str) -> Result<redis::aio::ConnectionManager, redis::RedisError> {
+        let client = redis::Client::open(url)?;
+        let config = redis::aio::ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(Duration::from_millis(250)))
+            .set_min_delay(Duration::from_millis(20))
+            .set_max_delay(Duration::from_millis(250))
+            .set_number_of_retries(2);
+        redis::aio::ConnectionManager::new_with_config(client, config).await
+    }
+}
+
+impl<C: RedisConnection> RedisStore<C> {
+    /// A store for `policy` on `con` with the defaults.
+    pub fn new(policy: Policy, con: C) -> Self {
+        Self::builder(policy, con).build()
+    }
+
+    /// Configures a store.
+    pub fn builder(policy: Policy, con: C) -> RedisStoreBuilder<C> {
+        RedisStoreBuilder {
+            policy,
+            con,
+            prefix: "rl:".to_owned(),
+            timeout: Duration::from_millis(50),
+            time: TimeSource::Server,
+            on_failure: FailurePolicy::Local,
+        }
+    }
+
+    /// Whether the last calls failed and Redis is being skipped for a moment.
+    pub fn is_degraded(&self) -> bool {
+        self.inner.health.is_down()
+    }
+
+    /// The Redis keys of `key`, one per quota (two for a sliding log).
+    pub fn redis_keys(&self, key: &Key) -> Vec<Vec<u8>> {
+        let mut base = Vec::with_capacity(self.inner.prefix.len() + 40);
+        base.extend_from_slice(self.inner.prefix.as_bytes());
+        base.push(b'{');
+        base.extend_from_slice(self.inner.policy.name().as_bytes());
+        base.push(b':');
+        key.encode_into(&mut base);
+        base.push(b'}');
+        let mut keys = Vec::new();
+        for (i, q) in self.inner.quota_args.iter().enumerate() {
+            let mut k = base.clone();
+            k.extend_from_slice(format!(":{i}").as_bytes());
+            if q.log {
+                let mut meta = k.clone();
+                meta.extend_from_slice(b"m");
+                keys.push(k);
+                keys.push(meta);
+            } else {
+                keys.push(k);
+            }
+        }
+        keys
+    }
+
+    /// One script call: takes `min` units (or, when `max > min`, as many as available up to
+    /// `max`) and returns the units taken and the decisions. No failure policy applied.
+    pub(crate) async fn call(&self, key: &Key, min: u64, max: u64) -> Result<(u64, Verdict), CheckError> {
+        let inner = &*self.inner;
+        if min > inner.policy.capacity() {
+            return Err(CheckError::CostExceedsCapacity { cost: min, capacity: inner.policy.capacity() });
+        }
+        let mut invocation = SCRIPT.prepare_invoke();
+        for k in self.redis_keys(key) {
+            invocation.key(k);
+        }
+        let now = match &inner.time {
+            TimeSource::Server => String::new(),
+            TimeSource::Client(clock) => micros(clock.now()),
+        };
+        invocation.arg(now).arg(min).arg(max).arg(inner.quota_args.len());
+        for q in &inner.quota_args {
+            invocation.arg(q.kind).arg(&q.a).arg(&q.b).arg(&q.c);
+        }
+        let mut con = inner.con.clone();
+        let started = std::time::Instant::now();
+        let reply = tokio::time::timeout(inner.timeout, invocation.invoke_async::<Vec<i64>>(&mut con)).await;
+        inner.latency.record(started.elapsed().as_secs_f64());
+        let values = match reply {
+            Ok(Ok(values)) => values,
+            Ok(Err(err)) => return Err(CheckError::Unavailable(err.to_string())),
+            Err(_) => return Err(CheckError::Unavailable(format!("no answer within {:?}", inner.timeout))),
+        };
+        parse_reply(&values, inner.quota_args.len())
+            .ok_or_else(|| CheckError::Unavailable(format!("unexpected script reply {values:?}")))
+    }
+
+    /// A check with the failure policy applied.
+    async fn check_with_policy(self, key: Key, cost: u64) -> Result<Verdict, CheckError> {
+        let inner = &*self.inner;
+        if !inner.health.is_down() {
+            match self.call(&key, cost, cost).await {
+                Ok((_, verdict)) => {
+                    inner.health.succeeded();
+                    return Ok(verdict);
+                }
+                Err(err @ CheckError::CostExceedsCapacity { .. }) => return Err(err),
+                Err(CheckError::Unavailable(reason)) => {
+                    inner.health.failed();
+                    inner.errors.increment(1);
+                    tracing::warn!(limiter = inner.policy.name(), %reason, policy = ?inner.on_failure, "rate limit store failed");
+                }
+            }
+        }
+        self.fallback(&key, cost)
+    }
+
+    pub(crate) fn fallback(&self, key: &Key, cost: u64) -> Result<Verdict, CheckError> {
+        match self.inner.on_failure {
+            FailurePolicy::Open => Ok(Verdict::unlimited()),
+            FailurePolicy::Closed => Err(CheckError::Unavailable("redis unavailable (fail-closed)".into())),
+            FailurePolicy::Local => self.inner.fallback.check_sync(key, cost),
+        }
+    }
+
+    pub(crate) fn health(&self) -> &Health {
+        &self.inner.health
+    }
+
+    pub(crate) fn record_error(&self, reason: &str) {
+        self.inner.errors.increment(1);
+        tracing::warn!(limiter = self.inner.policy.name(), %reason, policy = ?self.inner.on_failure, "rate limit store failed");
+    }
+}
+
+fn parse_reply(values: &[i64], quotas: usize) -> Option<(u64, Verdict)> {
+    if values.len() != 1 + 5 * quotas {
+        return None;
+    }
+    let taken = u64::try_from(values[0]).ok()?;
+    let micros = |v: i64| Duration::from_micros(u64::try_from(v).unwrap_or(0));
+    let decisions = values[1..].chunks_exact(5).map(|d| Decision {
+        allowed: d[0] == 1,
+        limit: u64::try_from(d[1]).unwrap_or(0),
+        remaining: u64::try_from(d[2]).unwrap_or(0),
+        reset_after: micros(d[3]),
+        retry_after: micros(d[4]),
+    });
+    Some((taken, Verdict::new(decisions)))
+}
+
+impl<C: RedisConnection> Store for RedisStore<C> {
+    type Future = BoxFuture<'static, Result<Verdict, CheckError>>;
+
+    fn policy(&self) -> &Policy {
+        &self.inner.policy
+    }
+
+    fn check(&self, key: &Key, cost: u64) -> Self::Future {
+        Box::pin(self.clone().check_with_policy(key.clone(), cost))
+    }
+
+    fn check_now(&self, key: &Key, cost: u64) -> Option<Result<Verdict, CheckError>> {
+        // While Redis is being skipped, the failure policy answers without I/O.
+        self.inner.health.is_down().then(|| self.fallback(key, cost))
+    }
+}
+
+/// Builder of a [`RedisStore`].
+#[derive(Debug)]
+pub struct RedisStoreBuilder<C> {
+    policy: Policy,
+    con: C,
+    prefix: String,
+    timeout: Duration,
+    time: TimeSource,
+    on_failure: FailurePolicy,
+}
+
+impl<C: RedisConnection> RedisStoreBuilder<C> {
+    /// Prefix of every key (default `rl:`).
+    pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.prefix = prefix.into();
+        self
+    }
+
+    /// Timeout of each script call (default 50 ms).
+    pub fn timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// Where "now" comes from (default: Redis `TIME`).
+    pub fn time_source(mut self, time: TimeSource) -> Self {
+        self.time = time;
+        self
+    }
+
+    /// What to answer while Redis fails (default [`FailurePolicy::Local`]).
+    pub fn on_failure(mut self, policy: FailurePolicy) -> Self {
+        self.on_failure = policy;
+        self
+    }
+
+    /// Builds the store.
+    pub fn build(self) -> RedisStore<C> {
+        let name = self.policy.name().to_owned();
+        let quota_args = self.policy.quotas().iter().map(|q| QuotaArgs::new(q.kind())).collect();
+        RedisStore {
+            inner: Arc::new(Inner {
+                fallback: MemoryStore::new(self.policy.clone()),
+                policy: self.policy,
+                con: self.con,
+                prefix: self.prefix,
+                timeout: self.timeout,
+                time: self.time,
+                on_failure: self.on_failure,
+                quota_args,
+                health: Health::new(),
+                errors: metrics::counter!("rampart_ratelimit_store_errors_total", "limiter" => name.clone()),
+                latency: metrics::histogram!("rampart_ratelimit_store_seconds", "limiter" => name),
+            }),
+        }
+    }
+}

@@ -1,0 +1,110 @@
+//! A keyed, sharded, size-bounded map whose entries know when they become forgettable.
+
+use std::{
+    collections::HashMap,
+    hash::BuildHasher,
+    sync::{
+        PoisonError, RwLock,
+        atomic::{AtomicUsize, Ordering},
+    },
+};
+
+use crate::{Key, algorithm::Nanos};
+
+/// An entry that can say from when dropping it changes nothing (see [`ShardedMap`]).
+pub(crate) trait Idle {
+    fn idle_at(&self) -> Nanos;
+}
+
+/// Keys spread over `RwLock`ed shards: a known key costs a shared lock on one shard.
+///
+/// Bounded without a cleanup task: inserting sweeps the shard of entries idle at `now` once the
+/// shard is full or after as many inserts as half its size (amortized O(1) per insert); if the
+/// shard is still full, the eighth of its entries closest to idle is evicted.
+#[derive(Debug)]
+pub(crate) struct ShardedMap<V> {
+    shards: Box<[RwLock<Shard<V>>]>,
+    shard_cap: usize,
+    hasher: foldhash::fast::RandomState,
+    evictions: AtomicUsize,
+    evictions_metric: metrics::Counter,
+}
+
+#[derive(Debug)]
+struct Shard<V> {
+    map: HashMap<Key, V, foldhash::fast::RandomState>,
+    inserts_since_sweep: usize,
+}
+
+impl<V: Idle> ShardedMap<V> {
+    pub(crate) fn new(max_keys: usize, evictions_metric: metrics::Counter) -> Self {
+        let max_keys = max_keys.max(1);
+        let parallelism = std::thread::available_parallelism().map_or(4, usize::from);
+        let shards = (parallelism * 4).next_power_of_two().clamp(1, 64).min(max_keys);
+        let hasher = foldhash::fast::RandomState::default();
+        Self {
+            shards: (0..shards)
+                .map(|_| RwLock::new(Shard { map: HashMap::with_hasher(hasher.clone()), inserts_since_sweep: 0 }))
+                .collect(),
+            shard_cap: max_keys / shards,
+            hasher,
+            evictions: AtomicUsize::new(0),
+            evictions_metric,
+        }
+    }
+
+    /// Runs `f` on the entry of `key`, creating it with `create` if absent.
+    pub(crate) fn with<R>(&self, key: &Key, now: Nanos, create: impl FnOnce() -> V, f: impl FnOnce(&V) -> R) -> R {
+        let hash = self.hasher.hash_one(key);
+        let shard = &self.shards[(hash >> 32) as usize % self.shards.len()];
+        {
+            let read = shard.read().unwrap_or_else(PoisonError::into_inner);
+            if let Some(entry) = read.map.get(key) {
+                return f(entry);
+            }
+        }
+        let mut write = shard.write().unwrap_or_else(PoisonError::into_inner);
+        if !write.map.contains_key(key) {
+            self.make_room(&mut write, now);
+        }
+        f(write.map.entry(key.clone()).or_insert_with(create))
+    }
+
+    fn make_room(&self, shard: &mut Shard<V>, now: Nanos) {
+        shard.inserts_since_sweep += 1;
+        let len = shard.map.len();
+        if len >= self.shard_cap || shard.inserts_since_sweep >= (len / 2).max(64) {
+            shard.map.retain(|_, entry| entry.idle_at() > now);
+            shard.inserts_since_sweep = 0;
+        }
+        if shard.map.len() < self.shard_cap {
+            return;
+        }
+        let batch = (self.shard_cap / 8).max(1);
+        let mut idle: Vec<Nanos> = shard.map.values().map(Idle::idle_at).collect();
+        let threshold = *idle.select_nth_unstable(batch - 1).1;
+        let mut evicted = 0;
+        shard.map.retain(|_, entry| {
+            if evicted < batch && entry.idle_at() <= threshold {
+                evicted += 1;
+                false
+            } else {
+                true
+            }
+        });
+        self.evictions.fetch_add(evicted, Ordering::Relaxed);
+        self.evictions_metric.increment(evicted as u64);
+    }
+
+    pub(crate) fn len(&self) -> usize {
+        self.shards.iter().map(|s| s.read().unwrap_or_else(PoisonError::into_inner).map.len()).sum()
+    }
+
+    pub(crate) fn capacity(&self) -> usize {
+        self.shard_cap * self.shards.len()
+    }
+
+    pub(crate) fn evictions(&self) -> usize {
+        self.evictions.load(Ordering::Relaxed)
+    }
+}
