@@ -1,5 +1,7 @@
 //! The foundation contract, checked against the real binary over real sockets.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failure report
+
 mod common;
 
 use std::process::Command;

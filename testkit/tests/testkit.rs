@@ -1,5 +1,7 @@
 //! Proves that each testkit fault really happens on a real redis-server.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failure report
+
 use std::time::Duration;
 
 use testkit::{RedisCluster, RedisConfig, RedisNodes, RedisServer};

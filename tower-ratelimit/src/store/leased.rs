@@ -54,8 +54,12 @@ impl Default for LeaseConfig {
 /// up to `k` units from Redis (the same atomic script as [`RedisStore`], consuming them from the
 /// shared quota right away); the following requests spend them without I/O. `k` adapts to the
 /// key's local traffic so a lease lasts about [`LeaseConfig::target_interval`], within
-/// `1..=max_lease`. A refusal from Redis is remembered until its `retry_after`, so a flood is
-/// rejected locally too.
+/// `1..=max_lease`. After a refusal from Redis, or a lease that emptied the shared quota, the
+/// instance refuses locally until the refusal's `retry_after` and at least the shorter of
+/// `target_interval` and half the quota's shortest refill time or window: units accumulate in
+/// Redis meanwhile and the next lease collects them at once, so a saturated quota costs each
+/// instance about one call per `target_interval` instead of one per freed unit, and a flood is
+/// rejected without I/O.
 ///
 /// **Bound on over-admission.** Units are taken from the shared quota before they are spent, so
 /// the instances never spend more units than the quota granted; but a unit may be spent up to
@@ -92,6 +96,7 @@ struct Inner<C> {
     config: LeaseConfig,
     ttl: Nanos,
     target: Nanos,
+    deny_floor: Nanos,
     max_lease: u64,
     clock: TokioClock,
     leases: ShardedMap<Arc<Lease>>,
@@ -119,6 +124,8 @@ struct Local {
     /// When the current lease was taken, and its size.
     fetched_at: Nanos,
     fetched: u64,
+    /// Whether that lease emptied the shared quota.
+    drained: bool,
 }
 
 impl Idle for Arc<Lease> {
@@ -129,20 +136,27 @@ impl Idle for Arc<Lease> {
 }
 
 impl Local {
-    /// Answers from the lease if it can.
-    fn try_spend(&mut self, now: Nanos, cost: u64) -> Option<Verdict> {
-        if now < self.denied_until {
-            let wait = Duration::from_nanos(self.denied_until - now);
-            return Some(Verdict::new(
-                self.last.decisions().iter().map(|d| if d.allowed { *d } else { Decision { retry_after: wait, ..*d } }),
-            ));
-        }
+    /// Answers from the lease, or repeats a recent refusal, if it can.
+    fn try_spend(&mut self, now: Nanos, cost: u64, deny_floor: Nanos) -> Option<Verdict> {
         if now < self.expires_at && self.units >= cost {
             self.units -= cost;
             let units = self.units;
             return Some(Verdict::new(
                 self.last.decisions().iter().map(|d| Decision { remaining: d.remaining + units, ..*d }),
             ));
+        }
+        // After a refusal, or a lease that emptied the shared quota, let units accumulate in
+        // Redis before asking again.
+        let quiet_until = if self.drained { self.fetched_at.saturating_add(deny_floor) } else { 0 };
+        let until = self.denied_until.max(quiet_until);
+        if now < until {
+            let wait = Duration::from_nanos(until - now);
+            return Some(Verdict::new(self.last.decisions().iter().map(|d| Decision {
+                allowed: false,
+                remaining: if d.allowed { 0 } else { d.remaining },
+                retry_after: wait.max(d.retry_after),
+                ..*d
+            })));
         }
         None
     }
@@ -155,10 +169,13 @@ impl<C: RedisConnection> LeasedStore<C> {
         let max_lease = config.max_lease.unwrap_or(policy.capacity() / 10).clamp(1, policy.capacity().max(1));
         let nanos = |d: Duration| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX).max(1);
         let name = policy.name().to_owned();
+        let shortest_window = policy.quotas().iter().map(|q| q.window()).min().unwrap_or_default();
+        let deny_floor = nanos(config.target_interval.min(shortest_window / 2));
         Self {
             inner: Arc::new(Inner {
                 ttl: nanos(config.ttl),
                 target: nanos(config.target_interval),
+                deny_floor,
                 max_lease,
                 clock: TokioClock::new(),
                 leases: ShardedMap::new(
@@ -196,6 +213,7 @@ impl<C: RedisConnection> LeasedStore<C> {
                         size: 1,
                         fetched_at: 0,
                         fetched: 0,
+                        drained: false,
                     }),
                     fetch: tokio::sync::Mutex::new(()),
                 })
@@ -215,7 +233,7 @@ impl<C: RedisConnection> LeasedStore<C> {
         let size = {
             let mut local = lease.local.lock().unwrap_or_else(PoisonError::into_inner);
             let now = inner.clock.now();
-            if let Some(verdict) = local.try_spend(now, cost) {
+            if let Some(verdict) = local.try_spend(now, cost, inner.deny_floor) {
                 return Ok(verdict);
             }
             self.next_size(&mut local, now).max(cost)
@@ -237,12 +255,13 @@ impl<C: RedisConnection> LeasedStore<C> {
         let mut local = lease.local.lock().unwrap_or_else(PoisonError::into_inner);
         local.fetched_at = now;
         local.fetched = taken;
+        local.drained = verdict.decisions().iter().any(|d| d.remaining == 0);
         if taken >= cost && taken > 0 {
             local.units = taken - cost;
             local.expires_at = now.saturating_add(inner.ttl);
             local.denied_until = 0;
             let units = local.units;
-            local.last = Verdict::new(verdict.decisions().iter().map(|d| Decision { remaining: d.remaining, ..*d }));
+            local.last = verdict.clone();
             Ok(Verdict::new(verdict.decisions().iter().map(|d| Decision { remaining: d.remaining + units, ..*d })))
         } else {
             local.units = 0;
@@ -293,6 +312,6 @@ impl<C: RedisConnection> Store for LeasedStore<C> {
         let now = inner.clock.now();
         let lease = self.lease(key, now);
         let mut local = lease.local.lock().unwrap_or_else(PoisonError::into_inner);
-        local.try_spend(now, cost).map(Ok)
+        local.try_spend(now, cost, inner.deny_floor).map(Ok)
     }
 }
