@@ -1,3 +1,59 @@
 //! Rampart's benchmarks: criterion micro-benchmarks under `benches/` and load scenarios, each
-//! measured side by side with the peer crate or tool in the same run. Results and the commands
-//! that produced them are in `RESULTS.md`.
+//! measured side by side with the peer crate or tool in the same run. `scripts/bench` runs them
+//! all and the `report` binary turns the results into `benches/RESULTS.md`.
+//!
+//! Load scenarios (harness-less bench targets) record their figures with [`record`], one JSON
+//! file per scenario under `target/rampart-bench/`.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+/// One measured figure.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Row {
+    /// What was measured (e.g. `rampart RedisStore, 50 concurrent`).
+    pub name: String,
+    /// The median (or the single run's) value.
+    pub value: f64,
+    /// Unit, e.g. `decisions/s`.
+    pub unit: String,
+}
+
+/// The figures of one load scenario.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Scenario {
+    /// Section title in the report.
+    pub title: String,
+    /// The command that produced it.
+    pub command: String,
+    /// Figures; ratios in the report are against the first row.
+    pub rows: Vec<Row>,
+    /// Free-form lines (goals, caveats, what was not measured).
+    pub notes: Vec<String>,
+}
+
+/// Where scenarios are written: `$RAMPART_BENCH_OUT` or `<workspace>/target/rampart-bench`.
+pub fn out_dir() -> PathBuf {
+    std::env::var_os("RAMPART_BENCH_OUT")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/rampart-bench"))
+}
+
+/// Writes a scenario's JSON file (named after `file`) for the report.
+pub fn record(file: &str, scenario: &Scenario) -> std::io::Result<()> {
+    let dir = out_dir();
+    std::fs::create_dir_all(&dir)?;
+    let json = serde_json::to_vec_pretty(scenario).map_err(std::io::Error::other)?;
+    std::fs::write(dir.join(format!("{file}.json")), json)
+}
+
+/// The median of a sample (0 when empty).
+pub fn median(values: &mut [f64]) -> f64 {
+    if values.is_empty() {
+        return 0.0;
+    }
+    values.sort_by(f64::total_cmp);
+    let mid = values.len() / 2;
+    if values.len().is_multiple_of(2) { (values[mid - 1] + values[mid]) / 2.0 } else { values[mid] }
+}

@@ -74,7 +74,7 @@ pub struct GlobalKey;
 
 impl<Req> KeyExtractor<Req> for GlobalKey {
     fn extract(&self, _: &Req) -> Option<Key> {
-        Some(Key::Global)
+        Some(Key::GLOBAL)
     }
 }
 
@@ -134,7 +134,7 @@ fn key_ip(ip: IpAddr, prefix64: bool) -> Key {
         },
         v4 => v4,
     };
-    Key::Ip(ip)
+    Key::ip(ip)
 }
 
 impl<B> KeyExtractor<Request<B>> for PeerIp {
@@ -326,7 +326,7 @@ mod tests {
     }
 
     fn ip(s: &str) -> Option<Key> {
-        Some(Key::Ip(IpAddr::from_str(s).unwrap()))
+        Some(Key::ip(IpAddr::from_str(s).unwrap()))
     }
 
     #[test]

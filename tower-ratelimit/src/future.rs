@@ -17,8 +17,9 @@ use crate::{BoxError, Verdict, layer::Shared, service::into_error, store::Store}
 pin_project! {
     #[project = StateProj]
     enum State<Chk, S, Req, F, Out> {
-        // The store answers asynchronously; the ready service and the request wait here.
-        Checking { #[pin] check: Chk, service: Option<S>, request: Option<Req> },
+        // The store answers asynchronously; the ready service and the request wait here, boxed so
+        // the synchronous path's future stays small.
+        Checking { check: Pin<Box<Chk>>, pending: Option<Box<(S, Req)>> },
         Calling { #[pin] future: F },
         Done { output: Option<Out> },
     }
@@ -64,7 +65,7 @@ where
         shared: &Arc<Shared<St, K, C>>,
     ) -> Self {
         Self {
-            state: State::Checking { check, service: Some(service), request: Some(request) },
+            state: State::Checking { check: Box::pin(check), pending: Some(Box::new((service, request))) },
             verdict: None,
             grpc,
             shared: Some(shared.clone()),
@@ -83,13 +84,12 @@ where
         let mut this = self.project();
         loop {
             match this.state.as_mut().project() {
-                StateProj::Checking { check, service, request } => {
-                    let result = ready!(check.poll(cx));
-                    let (Some(shared), Some(mut service), Some(request)) =
-                        (this.shared.as_ref(), service.take(), request.take())
-                    else {
+                StateProj::Checking { check, pending } => {
+                    let result = ready!(check.as_mut().poll(cx));
+                    let (Some(shared), Some(pending)) = (this.shared.as_ref(), pending.take()) else {
                         panic!("ResponseFuture polled after completion");
                     };
+                    let (mut service, request) = *pending;
                     match shared.decide(result) {
                         Ok(verdict) => {
                             *this.verdict = verdict;
@@ -148,7 +148,7 @@ where
 
     pub(crate) fn checking(check: St::Future, service: S, request: Req, shared: &Arc<Shared<St, K, C>>) -> Self {
         Self {
-            state: State::Checking { check, service: Some(service), request: Some(request) },
+            state: State::Checking { check: Box::pin(check), pending: Some(Box::new((service, request))) },
             shared: Some(shared.clone()),
         }
     }
@@ -166,13 +166,12 @@ where
         let mut this = self.project();
         loop {
             match this.state.as_mut().project() {
-                StateProj::Checking { check, service, request } => {
-                    let result = ready!(check.poll(cx));
-                    let (Some(shared), Some(mut service), Some(request)) =
-                        (this.shared.as_ref(), service.take(), request.take())
-                    else {
+                StateProj::Checking { check, pending } => {
+                    let result = ready!(check.as_mut().poll(cx));
+                    let (Some(shared), Some(pending)) = (this.shared.as_ref(), pending.take()) else {
                         panic!("ErrorFuture polled after completion");
                     };
+                    let (mut service, request) = *pending;
                     match shared.decide(result) {
                         Ok(_) => {
                             let future = service.call(request);

@@ -1,58 +1,112 @@
 //! Rate-limit keys: who (or what) a quota is counted for.
 
-use std::{fmt, net::IpAddr};
-
-use bytes::Bytes;
+use std::{
+    fmt,
+    hash::{Hash, Hasher},
+    net::IpAddr,
+};
 
 /// Keys longer than this are replaced by their SHA-1, so a huge header cannot blow up memory or
 /// Redis key sizes.
 pub const MAX_KEY_LEN: usize = 128;
 
-/// The identity a quota is counted for: everyone, one IP address, or any bytes (an API key, a
-/// route, a gRPC method...).
+/// Keys up to this many bytes are stored inline: no allocation, no pointer to chase on lookup.
+const INLINE: usize = 22;
+
+/// The identity a quota is counted for: everyone ([`Key::GLOBAL`]), one IP address
+/// ([`Key::ip`]), or any bytes ([`Key::from_bytes`]: an API key, a route, a gRPC method...).
 ///
-/// Bytes need not be UTF-8; longer than [`MAX_KEY_LEN`] they are hashed (SHA-1).
+/// Bytes need not be UTF-8; longer than [`MAX_KEY_LEN`] they are hashed (SHA-1). Short keys are
+/// stored inline, so building and comparing them touches no heap memory.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Key(Repr);
+
 #[derive(Clone, PartialEq, Eq, Hash)]
-pub enum Key {
-    /// One quota shared by every request.
+enum Repr {
     Global,
-    /// A client address (IPv6 possibly truncated to its /64 by the extractor).
     Ip(IpAddr),
-    /// Any other identity.
-    Bytes(Bytes),
+    Inline { len: u8, buf: [u8; INLINE] },
+    Heap(std::sync::Arc<[u8]>),
+}
+
+impl Hash for Key {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        match &self.0 {
+            Repr::Inline { len, buf } => {
+                state.write_u8(2);
+                state.write(&buf[..usize::from(*len)]);
+            }
+            Repr::Heap(bytes) => {
+                state.write_u8(2);
+                state.write(bytes);
+            }
+            other => other.hash(state),
+        }
+    }
 }
 
 impl Key {
+    /// One quota shared by every request.
+    pub const GLOBAL: Key = Key(Repr::Global);
+
+    /// A client address (extractors may have truncated an IPv6 one to its /64).
+    pub fn ip(ip: IpAddr) -> Self {
+        Self(Repr::Ip(ip))
+    }
+
     /// A key from bytes, hashed when longer than [`MAX_KEY_LEN`].
     pub fn from_bytes(bytes: impl AsRef<[u8]>) -> Self {
         let bytes = bytes.as_ref();
+        if bytes.len() <= INLINE {
+            let mut buf = [0u8; INLINE];
+            buf[..bytes.len()].copy_from_slice(bytes);
+            // Lossless: at most INLINE (22) bytes.
+            return Self(Repr::Inline { len: bytes.len() as u8, buf });
+        }
         if bytes.len() <= MAX_KEY_LEN {
-            return Self::Bytes(Bytes::copy_from_slice(bytes));
+            return Self(Repr::Heap(bytes.into()));
         }
         let digest = sha1_smol::Sha1::from(bytes).digest().bytes();
         let mut hashed = Vec::with_capacity(5 + digest.len());
         hashed.extend_from_slice(b"sha1:");
         hashed.extend_from_slice(&digest);
-        Self::Bytes(Bytes::from(hashed))
+        Self::from_bytes(hashed)
     }
 
-    /// A key from a static string, without copying.
-    pub fn from_static(s: &'static str) -> Self {
-        if s.len() <= MAX_KEY_LEN { Self::Bytes(Bytes::from_static(s.as_bytes())) } else { Self::from_bytes(s) }
+    /// Whether this is [`Key::GLOBAL`].
+    pub fn is_global(&self) -> bool {
+        matches!(self.0, Repr::Global)
+    }
+
+    /// The address of an IP key.
+    pub fn as_ip(&self) -> Option<IpAddr> {
+        match self.0 {
+            Repr::Ip(ip) => Some(ip),
+            _ => None,
+        }
+    }
+
+    /// The bytes of a byte key.
+    pub fn as_bytes(&self) -> Option<&[u8]> {
+        match &self.0 {
+            Repr::Inline { len, buf } => Some(&buf[..usize::from(*len)]),
+            Repr::Heap(bytes) => Some(bytes),
+            _ => None,
+        }
     }
 
     /// Appends the key's stable encoding (the same in every process): `*` for global,
     /// `ip:<addr>`, or `b:<bytes>`.
     pub fn encode_into(&self, out: &mut Vec<u8>) {
-        match self {
-            Self::Global => out.push(b'*'),
-            Self::Ip(ip) => {
+        match &self.0 {
+            Repr::Global => out.push(b'*'),
+            Repr::Ip(ip) => {
                 out.extend_from_slice(b"ip:");
                 out.extend_from_slice(ip.to_string().as_bytes());
             }
-            Self::Bytes(b) => {
+            Repr::Inline { .. } | Repr::Heap(_) => {
                 out.extend_from_slice(b"b:");
-                out.extend_from_slice(b);
+                out.extend_from_slice(self.as_bytes().unwrap_or_default());
             }
         }
     }
@@ -60,7 +114,7 @@ impl Key {
 
 impl From<IpAddr> for Key {
     fn from(ip: IpAddr) -> Self {
-        Self::Ip(ip)
+        Self::ip(ip)
     }
 }
 
@@ -78,27 +132,45 @@ impl From<String> for Key {
 
 impl fmt::Debug for Key {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Self::Global => f.write_str("Global"),
-            Self::Ip(ip) => write!(f, "Ip({ip})"),
-            Self::Bytes(b) => write!(f, "Bytes({:?})", String::from_utf8_lossy(b)),
+        match &self.0 {
+            Repr::Global => f.write_str("Key::GLOBAL"),
+            Repr::Ip(ip) => write!(f, "Key::ip({ip})"),
+            _ => write!(f, "Key({:?})", String::from_utf8_lossy(self.as_bytes().unwrap_or_default())),
         }
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::collections::hash_map::DefaultHasher;
+
     use super::*;
+
+    fn hash(k: &Key) -> u64 {
+        let mut h = DefaultHasher::new();
+        k.hash(&mut h);
+        h.finish()
+    }
 
     #[test]
     fn long_keys_are_hashed_and_stable() {
         let long = vec![0xffu8; 10_000];
         let a = Key::from_bytes(&long);
-        let b = Key::from_bytes(&long);
-        assert_eq!(a, b);
-        let Key::Bytes(bytes) = &a else { panic!() };
-        assert_eq!(bytes.len(), 25);
+        assert_eq!(a, Key::from_bytes(&long));
+        assert_eq!(a.as_bytes().map(<[u8]>::len), Some(25));
         assert_ne!(a, Key::from_bytes(vec![0xfeu8; 10_000]));
-        assert_eq!(Key::from_bytes(b"short"), Key::from_static("short"));
+    }
+
+    #[test]
+    fn inline_and_heap_keys() {
+        let short = Key::from("short");
+        assert_eq!(short.as_bytes(), Some(&b"short"[..]));
+        let medium = Key::from("m".repeat(100));
+        assert_eq!(medium.as_bytes().map(<[u8]>::len), Some(100));
+        assert_ne!(short, medium);
+        assert_eq!(hash(&Key::from("abc")), hash(&Key::from(String::from("abc"))));
+        let mut out = Vec::new();
+        short.encode_into(&mut out);
+        assert_eq!(out, b"b:short");
     }
 }

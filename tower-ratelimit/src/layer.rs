@@ -178,7 +178,7 @@ impl<St: Store, K, C> Shared<St, K, C> {
     pub(crate) fn key_or_policy(&self, key: Option<Key>) -> Result<Option<Key>, Rejection> {
         match (key, self.options.missing) {
             (Some(key), _) => Ok(Some(key)),
-            (None, MissingKey::Shared) => Ok(Some(Key::from_static("~no-key"))),
+            (None, MissingKey::Shared) => Ok(Some(Key::from_bytes("~no-key"))),
             (None, MissingKey::Skip) => Ok(None),
             (None, MissingKey::Reject) => Err(Rejection::MissingKey),
         }

@@ -100,6 +100,8 @@ mod service;
 mod store;
 
 pub use algorithm::{Decision, Quota, QuotaConfig, SlidingLog, SlidingWindow, TokenBucket, Verdict};
+#[cfg(feature = "quanta")]
+pub use clock::QuantaClock;
 pub use clock::{Clock, ManualClock, TokioClock};
 pub use error::{CheckError, ConfigError, MissingRateLimitKey, RateLimited, StoreUnavailable};
 #[cfg(feature = "axum")]

@@ -30,7 +30,8 @@ pub(crate) enum Rejection {
 #[derive(Debug)]
 pub(crate) struct Headers {
     policy: HeaderValue,
-    names: Box<[String]>,
+    /// `"name";r=` per quota.
+    prefixes: Box<[Box<[u8]>]>,
 }
 
 fn secs_ceil(d: Duration) -> u64 {
@@ -48,20 +49,27 @@ impl Headers {
         // Names are validated to plain characters, so the value is always a valid header.
         let policy_value =
             HeaderValue::from_str(&items.join(", ")).unwrap_or_else(|_| HeaderValue::from_static("\"invalid\";q=0"));
-        let names = (0..policy.quotas().len()).map(|i| policy.quota_name(i).to_owned()).collect();
-        Self { policy: policy_value, names }
+        let prefixes = (0..policy.quotas().len())
+            .map(|i| format!("\"{}\";r=", policy.quota_name(i)).into_bytes().into())
+            .collect();
+        // Clone once now, so the per-response clones are reference-count increments.
+        let policy = policy_value.clone();
+        Self { policy, prefixes }
     }
 
     fn ratelimit(&self, verdict: &Verdict) -> Option<HeaderValue> {
-        let mut value = BytesMut::with_capacity(32 * verdict.decisions().len());
-        for (i, d) in verdict.decisions().iter().enumerate() {
-            if i > 0 {
-                value.put_slice(b", ");
+        let mut value = Vec::with_capacity(32 * verdict.decisions().len());
+        let mut digits = itoa::Buffer::new();
+        for (d, prefix) in verdict.decisions().iter().zip(self.prefixes.iter()) {
+            if !value.is_empty() {
+                value.extend_from_slice(b", ");
             }
-            let name = self.names.get(i).map_or("", String::as_str);
-            value.put_slice(format!("\"{name}\";r={};t={}", d.remaining, secs_ceil(d.reset_after)).as_bytes());
+            value.extend_from_slice(prefix);
+            value.extend_from_slice(digits.format(d.remaining).as_bytes());
+            value.extend_from_slice(b";t=");
+            value.extend_from_slice(digits.format(secs_ceil(d.reset_after)).as_bytes());
         }
-        if value.is_empty() { None } else { HeaderValue::from_maybe_shared(value.freeze()).ok() }
+        if value.is_empty() { None } else { HeaderValue::from_maybe_shared(bytes::Bytes::from(value)).ok() }
     }
 
     /// Adds this policy's items, after those of limiters nested inside (one list, RFC 9651 §3.1).

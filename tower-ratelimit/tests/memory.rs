@@ -51,7 +51,7 @@ async fn token_bucket_burst_refill_and_exact_retry_after() {
 async fn weighted_costs() {
     let store =
         MemoryStore::new(Policy::new("w", Quota::token_bucket(10, Duration::from_secs(1), 10).unwrap()).unwrap());
-    let key = Key::Global;
+    let key = Key::GLOBAL;
     assert!(store.check_sync(&key, 7).unwrap().allowed());
     let v = store.check_sync(&key, 4).unwrap();
     assert!(!v.allowed());

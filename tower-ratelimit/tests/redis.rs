@@ -283,10 +283,10 @@ async fn a_paused_redis_times_out_into_the_policy() {
         .timeout(Duration::from_millis(50))
         .on_failure(FailurePolicy::Closed)
         .build();
-    assert!(store.check(&Key::Global, 1).await.unwrap().allowed());
+    assert!(store.check(&Key::GLOBAL, 1).await.unwrap().allowed());
     server.pause().unwrap();
     let started = Instant::now();
-    let result = store.check(&Key::Global, 1).await;
+    let result = store.check(&Key::GLOBAL, 1).await;
     assert!(matches!(result, Err(CheckError::Unavailable(_))), "{result:?}");
     assert!(started.elapsed() < Duration::from_secs(2), "the call timeout did not bound the wait");
     server.resume().unwrap();

@@ -78,31 +78,31 @@ impl TokenBucket {
     }
 
     /// The decision for `cost` tokens at `now`, and the TAT to store if it is allowed.
+    ///
+    /// In `u64` nanoseconds: `tau` is capped at 100 years at construction and `now` counts from
+    /// the store's start, so sums only overflow for absurd costs, which saturate (and refuse).
     pub(crate) fn evaluate(&self, tat: Nanos, now: Nanos, cost: u64) -> (Decision, Nanos) {
-        let tat = u128::from(tat.max(now));
-        let now_w = u128::from(now);
-        let interval = u128::from(self.interval);
-        let new_tat = tat + u128::from(cost) * interval;
-        let bound = now_w + u128::from(self.tau);
-        let clamp = |v: u128| u64::try_from(v).unwrap_or(u64::MAX);
-        if new_tat <= bound {
+        let tat = tat.max(now);
+        let new_tat = tat.saturating_add(cost.saturating_mul(self.interval));
+        let bound = now.saturating_add(self.tau);
+        if new_tat <= bound && new_tat != u64::MAX {
             let decision = Decision {
                 allowed: true,
                 limit: self.burst,
-                remaining: clamp((bound - new_tat) / interval),
-                reset_after: duration(clamp(new_tat - now_w)),
+                remaining: (bound - new_tat) / self.interval,
+                reset_after: duration(new_tat - now),
                 retry_after: Duration::ZERO,
             };
-            (decision, clamp(new_tat))
+            (decision, new_tat)
         } else {
             let decision = Decision {
                 allowed: false,
                 limit: self.burst,
-                remaining: clamp(bound.saturating_sub(tat) / interval),
-                reset_after: duration(clamp(tat - now_w)),
-                retry_after: duration(clamp(new_tat - bound)),
+                remaining: bound.saturating_sub(tat) / self.interval,
+                reset_after: duration(tat - now),
+                retry_after: duration(new_tat.saturating_sub(bound)),
             };
-            (decision, clamp(tat))
+            (decision, tat)
         }
     }
 

@@ -196,6 +196,13 @@ impl Verdict {
         Self { decisions: decisions.into_iter().collect() }
     }
 
+    /// The verdict of a single-quota policy.
+    pub fn single(decision: Decision) -> Self {
+        let mut decisions = SmallVec::new();
+        decisions.push(decision);
+        Self { decisions }
+    }
+
     /// An admission without decisions (a fail-open store answering while its backend is down).
     pub fn unlimited() -> Self {
         Self::default()

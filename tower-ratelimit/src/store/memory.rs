@@ -16,7 +16,7 @@ use crate::{
     policy::PolicyState,
     store::{
         Store,
-        shards::{Idle, ShardedMap},
+        shards::{CachePadded, Idle, ShardedMap},
     },
 };
 
@@ -53,7 +53,8 @@ impl<C> Clone for MemoryStore<C> {
 struct Inner<C> {
     policy: Policy,
     clock: C,
-    global: Cell,
+    // Padded: its CAS must not invalidate the line holding `policy` and `clock` for readers.
+    global: CachePadded<Cell>,
     keys: ShardedMap<Cell>,
 }
 
@@ -61,15 +62,21 @@ struct Inner<C> {
 enum Cell {
     /// A single token bucket: its TAT, updated by CAS.
     Tat(AtomicU64),
-    /// Any other policy: the states under a per-key lock.
-    States { states: Mutex<PolicyState>, idle_at: AtomicU64 },
+    /// Any other policy: the states under a per-key lock (boxed: keeps table buckets small).
+    States(Box<StatesCell>),
+}
+
+#[derive(Debug)]
+struct StatesCell {
+    states: Mutex<PolicyState>,
+    idle_at: AtomicU64,
 }
 
 impl Idle for Cell {
     fn idle_at(&self) -> Nanos {
         match self {
             Self::Tat(tat) => tat.load(Ordering::Relaxed),
-            Self::States { idle_at, .. } => idle_at.load(Ordering::Relaxed),
+            Self::States(cell) => cell.idle_at.load(Ordering::Relaxed),
         }
     }
 }
@@ -79,7 +86,7 @@ impl Cell {
         if policy.single_gcra().is_some() {
             Self::Tat(AtomicU64::new(0))
         } else {
-            Self::States { states: Mutex::new(policy.new_state()), idle_at: AtomicU64::new(0) }
+            Self::States(Box::new(StatesCell { states: Mutex::new(policy.new_state()), idle_at: AtomicU64::new(0) }))
         }
     }
 
@@ -96,18 +103,18 @@ impl Cell {
                 loop {
                     let (decision, new_tat) = bucket.evaluate(tat, now, cost);
                     if !decision.allowed || new_tat == tat {
-                        return Ok(Verdict::new([decision]));
+                        return Ok(Verdict::single(decision));
                     }
                     match atomic.compare_exchange_weak(tat, new_tat, Ordering::AcqRel, Ordering::Acquire) {
-                        Ok(_) => return Ok(Verdict::new([decision])),
+                        Ok(_) => return Ok(Verdict::single(decision)),
                         Err(current) => tat = current,
                     }
                 }
             }
-            Self::States { states, idle_at } => {
-                let mut states = states.lock().unwrap_or_else(PoisonError::into_inner);
+            Self::States(cell) => {
+                let mut states = cell.states.lock().unwrap_or_else(PoisonError::into_inner);
                 let verdict = policy.check(&mut states, now, cost)?;
-                idle_at.store(policy.idle_at(&states), Ordering::Relaxed);
+                cell.idle_at.store(policy.idle_at(&states), Ordering::Relaxed);
                 Ok(verdict)
             }
         }
@@ -127,7 +134,7 @@ impl MemoryStore<TokioClock> {
 }
 
 impl<C: Clock> MemoryStore<C> {
-    /// Resident keys (not counting [`Key::Global`]).
+    /// Resident keys (not counting [`Key::GLOBAL`]).
     pub fn len(&self) -> usize {
         self.inner.keys.len()
     }
@@ -151,8 +158,8 @@ impl<C: Clock> MemoryStore<C> {
     pub fn check_sync(&self, key: &Key, cost: u64) -> Result<Verdict, CheckError> {
         let inner = &*self.inner;
         let now = inner.clock.now();
-        if matches!(key, Key::Global) {
-            return inner.global.check(&inner.policy, now, cost);
+        if key.is_global() {
+            return inner.global.0.check(&inner.policy, now, cost);
         }
         inner.keys.with(key, now, || Cell::new(&inner.policy), |cell| cell.check(&inner.policy, now, cost))
     }
@@ -200,7 +207,7 @@ impl<C: Clock> MemoryStoreBuilder<C> {
             metrics::counter!("rampart_ratelimit_evictions_total", "limiter" => self.policy.name().to_owned());
         MemoryStore {
             inner: Arc::new(Inner {
-                global: Cell::new(&self.policy),
+                global: CachePadded(Cell::new(&self.policy)),
                 keys: ShardedMap::new(self.max_keys, evictions),
                 policy: self.policy,
                 clock: self.clock,
@@ -226,7 +233,7 @@ mod tests {
         assert!(store.check_sync(&a, 1).unwrap().allowed());
         assert!(!store.check_sync(&a, 1).unwrap().allowed());
         assert!(store.check_sync(&Key::from("b"), 2).unwrap().allowed());
-        assert!(store.check_sync(&Key::Global, 2).unwrap().allowed());
+        assert!(store.check_sync(&Key::GLOBAL, 2).unwrap().allowed());
         assert_eq!(store.len(), 2);
         clock.advance(Duration::from_millis(500));
         assert!(store.check_sync(&a, 1).unwrap().allowed());

@@ -240,6 +240,22 @@ impl<C: RedisConnection> RedisStore<C> {
         keys
     }
 
+    /// The script call for `key`: its SHA-1, keys and arguments (for `EVALSHA`, e.g. to replay
+    /// the exact call with `redis-benchmark`).
+    #[doc(hidden)]
+    pub fn script_call(&self, key: &Key, min: u64, max: u64) -> (String, Vec<Vec<u8>>, Vec<String>) {
+        let inner = &*self.inner;
+        let now = match &inner.time {
+            TimeSource::Server => String::new(),
+            TimeSource::Client(clock) => micros(clock.now()),
+        };
+        let mut args = vec![now, min.to_string(), max.to_string(), inner.quota_args.len().to_string()];
+        for q in &inner.quota_args {
+            args.extend([q.kind.to_owned(), q.a.clone(), q.b.clone(), q.c.clone()]);
+        }
+        (SCRIPT.get_hash().to_owned(), self.redis_keys(key), args)
+    }
+
     /// One script call: takes `min` units (or, when `max > min`, as many as available up to
     /// `max`) and returns the units taken and the decisions. No failure policy applied.
     pub(crate) async fn call(&self, key: &Key, min: u64, max: u64) -> Result<(u64, Verdict), CheckError> {
@@ -247,17 +263,13 @@ impl<C: RedisConnection> RedisStore<C> {
         if min > inner.policy.capacity() {
             return Err(CheckError::CostExceedsCapacity { cost: min, capacity: inner.policy.capacity() });
         }
+        let (_, keys, args) = self.script_call(key, min, max);
         let mut invocation = SCRIPT.prepare_invoke();
-        for k in self.redis_keys(key) {
+        for k in keys {
             invocation.key(k);
         }
-        let now = match &inner.time {
-            TimeSource::Server => String::new(),
-            TimeSource::Client(clock) => micros(clock.now()),
-        };
-        invocation.arg(now).arg(min).arg(max).arg(inner.quota_args.len());
-        for q in &inner.quota_args {
-            invocation.arg(q.kind).arg(&q.a).arg(&q.b).arg(&q.c);
+        for a in args {
+            invocation.arg(a);
         }
         let mut con = inner.con.clone();
         let started = std::time::Instant::now();
@@ -284,8 +296,7 @@ impl<C: RedisConnection> RedisStore<C> {
                 Err(err @ CheckError::CostExceedsCapacity { .. }) => return Err(err),
                 Err(CheckError::Unavailable(reason)) => {
                     inner.health.failed();
-                    inner.errors.increment(1);
-                    tracing::warn!(limiter = inner.policy.name(), %reason, policy = ?inner.on_failure, "rate limit store failed");
+                    self.record_error(&reason);
                 }
             }
         }

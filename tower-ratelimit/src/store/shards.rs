@@ -1,13 +1,14 @@
 //! A keyed, sharded, size-bounded map whose entries know when they become forgettable.
 
 use std::{
-    collections::HashMap,
     hash::BuildHasher,
     sync::{
         PoisonError, RwLock,
         atomic::{AtomicUsize, Ordering},
     },
 };
+
+use hashbrown::HashTable;
 
 use crate::{Key, algorithm::Nanos};
 
@@ -16,14 +17,20 @@ pub(crate) trait Idle {
     fn idle_at(&self) -> Nanos;
 }
 
-/// Keys spread over `RwLock`ed shards: a known key costs a shared lock on one shard.
+/// Keeps a value on its own cache lines, so threads writing neighbouring values (shard locks,
+/// a hot atomic) do not invalidate each other's lines.
+#[derive(Debug, Default)]
+#[repr(align(128))]
+pub(crate) struct CachePadded<T>(pub(crate) T);
+
+/// Keys spread over `RwLock`ed shards: a known key costs one hash and a shared lock on one shard.
 ///
 /// Bounded without a cleanup task: inserting sweeps the shard of entries idle at `now` once the
 /// shard is full or after as many inserts as half its size (amortized O(1) per insert); if the
 /// shard is still full, the eighth of its entries closest to idle is evicted.
 #[derive(Debug)]
 pub(crate) struct ShardedMap<V> {
-    shards: Box<[RwLock<Shard<V>>]>,
+    shards: Box<[CachePadded<RwLock<Shard<V>>>]>,
     shard_cap: usize,
     hasher: foldhash::fast::RandomState,
     evictions: AtomicUsize,
@@ -32,7 +39,7 @@ pub(crate) struct ShardedMap<V> {
 
 #[derive(Debug)]
 struct Shard<V> {
-    map: HashMap<Key, V, foldhash::fast::RandomState>,
+    table: HashTable<(Key, V)>,
     inserts_since_sweep: usize,
 }
 
@@ -40,14 +47,13 @@ impl<V: Idle> ShardedMap<V> {
     pub(crate) fn new(max_keys: usize, evictions_metric: metrics::Counter) -> Self {
         let max_keys = max_keys.max(1);
         let parallelism = std::thread::available_parallelism().map_or(4, usize::from);
-        let shards = (parallelism * 4).next_power_of_two().clamp(1, 64).min(max_keys);
-        let hasher = foldhash::fast::RandomState::default();
+        let shards = (parallelism * 8).next_power_of_two().clamp(1, 128).min(max_keys);
         Self {
             shards: (0..shards)
-                .map(|_| RwLock::new(Shard { map: HashMap::with_hasher(hasher.clone()), inserts_since_sweep: 0 }))
+                .map(|_| CachePadded(RwLock::new(Shard { table: HashTable::new(), inserts_since_sweep: 0 })))
                 .collect(),
             shard_cap: max_keys / shards,
-            hasher,
+            hasher: foldhash::fast::RandomState::default(),
             evictions: AtomicUsize::new(0),
             evictions_metric,
         }
@@ -56,35 +62,38 @@ impl<V: Idle> ShardedMap<V> {
     /// Runs `f` on the entry of `key`, creating it with `create` if absent.
     pub(crate) fn with<R>(&self, key: &Key, now: Nanos, create: impl FnOnce() -> V, f: impl FnOnce(&V) -> R) -> R {
         let hash = self.hasher.hash_one(key);
-        let shard = &self.shards[(hash >> 32) as usize % self.shards.len()];
+        // High bits pick the shard; hashbrown uses the low ones (and the top 7) inside it.
+        let shard = &self.shards[(hash >> 40) as usize % self.shards.len()].0;
         {
             let read = shard.read().unwrap_or_else(PoisonError::into_inner);
-            if let Some(entry) = read.map.get(key) {
+            if let Some((_, entry)) = read.table.find(hash, |(k, _)| k == key) {
                 return f(entry);
             }
         }
         let mut write = shard.write().unwrap_or_else(PoisonError::into_inner);
-        if !write.map.contains_key(key) {
-            self.make_room(&mut write, now);
+        if let Some((_, entry)) = write.table.find(hash, |(k, _)| k == key) {
+            return f(entry);
         }
-        f(write.map.entry(key.clone()).or_insert_with(create))
+        self.make_room(&mut write, now);
+        let inserted = write.table.insert_unique(hash, (key.clone(), create()), |(k, _)| self.hasher.hash_one(k));
+        f(&inserted.get().1)
     }
 
     fn make_room(&self, shard: &mut Shard<V>, now: Nanos) {
         shard.inserts_since_sweep += 1;
-        let len = shard.map.len();
+        let len = shard.table.len();
         if len >= self.shard_cap || shard.inserts_since_sweep >= (len / 2).max(64) {
-            shard.map.retain(|_, entry| entry.idle_at() > now);
+            shard.table.retain(|(_, entry)| entry.idle_at() > now);
             shard.inserts_since_sweep = 0;
         }
-        if shard.map.len() < self.shard_cap {
+        if shard.table.len() < self.shard_cap {
             return;
         }
         let batch = (self.shard_cap / 8).max(1);
-        let mut idle: Vec<Nanos> = shard.map.values().map(Idle::idle_at).collect();
+        let mut idle: Vec<Nanos> = shard.table.iter().map(|(_, e)| e.idle_at()).collect();
         let threshold = *idle.select_nth_unstable(batch - 1).1;
         let mut evicted = 0;
-        shard.map.retain(|_, entry| {
+        shard.table.retain(|(_, entry)| {
             if evicted < batch && entry.idle_at() <= threshold {
                 evicted += 1;
                 false
@@ -97,7 +106,7 @@ impl<V: Idle> ShardedMap<V> {
     }
 
     pub(crate) fn len(&self) -> usize {
-        self.shards.iter().map(|s| s.read().unwrap_or_else(PoisonError::into_inner).map.len()).sum()
+        self.shards.iter().map(|s| s.0.read().unwrap_or_else(PoisonError::into_inner).table.len()).sum()
     }
 
     pub(crate) fn capacity(&self) -> usize {

@@ -1,0 +1,207 @@
+//! Writes `benches/RESULTS.md` from the results of the last `scripts/bench` run: criterion's
+//! estimates (`target/criterion`) and the load scenarios (`target/rampart-bench`).
+
+use std::{
+    collections::BTreeMap,
+    fmt::Write as _,
+    path::{Path, PathBuf},
+    process::Command,
+};
+
+use benches::{Scenario, out_dir};
+use serde::Deserialize;
+
+#[derive(Deserialize)]
+struct BenchmarkId {
+    group_id: String,
+    function_id: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct Estimates {
+    median: Estimate,
+}
+
+#[derive(Deserialize)]
+struct Estimate {
+    point_estimate: f64,
+    confidence_interval: Interval,
+}
+
+#[derive(Deserialize)]
+struct Interval {
+    lower_bound: f64,
+    upper_bound: f64,
+}
+
+/// One benchmark: function name, median ns, 95% interval.
+type Measured = (String, f64, f64, f64);
+
+/// Benchmarks criterion measured, per group, in run order.
+fn criterion_results(root: &Path) -> BTreeMap<String, Vec<Measured>> {
+    let mut groups: BTreeMap<String, Vec<(Measured, std::time::SystemTime)>> = BTreeMap::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else { continue };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.is_dir() {
+                stack.push(path);
+            } else if path.file_name().is_some_and(|n| n == "benchmark.json")
+                && path.parent().is_some_and(|p| p.ends_with("new"))
+            {
+                let read = |p: PathBuf| std::fs::read(p).ok();
+                let (Some(id), Some(est)) = (read(path.clone()), read(path.with_file_name("estimates.json"))) else {
+                    continue;
+                };
+                let (Ok(id), Ok(est)) =
+                    (serde_json::from_slice::<BenchmarkId>(&id), serde_json::from_slice::<Estimates>(&est))
+                else {
+                    continue;
+                };
+                let modified = std::fs::metadata(&path).and_then(|m| m.modified()).unwrap_or(std::time::UNIX_EPOCH);
+                let m = est.median;
+                let measured = (
+                    id.function_id.unwrap_or_default(),
+                    m.point_estimate,
+                    m.confidence_interval.lower_bound,
+                    m.confidence_interval.upper_bound,
+                );
+                groups.entry(id.group_id).or_default().push((measured, modified));
+            }
+        }
+    }
+    groups
+        .into_iter()
+        .map(|(g, mut rows)| {
+            rows.sort_by_key(|r| r.1);
+            (g, rows.into_iter().map(|(measured, _)| measured).collect())
+        })
+        .collect()
+}
+
+fn run(cmd: &str, args: &[&str]) -> String {
+    Command::new(cmd)
+        .args(args)
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_else(|| "?".into())
+}
+
+fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .map(|l| l.split(':').nth(1).unwrap_or("?").trim().to_owned())
+        })
+        .unwrap_or_else(|| "?".into())
+}
+
+fn ns(v: f64) -> String {
+    if v >= 1e6 {
+        format!("{:.2} ms", v / 1e6)
+    } else if v >= 1e3 {
+        format!("{:.2} µs", v / 1e3)
+    } else {
+        format!("{v:.1} ns")
+    }
+}
+
+fn number(v: f64) -> String {
+    let rounded = v.round() as u64;
+    let s = rounded.to_string();
+    let mut out = String::new();
+    for (i, c) in s.chars().enumerate() {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
+}
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
+    let criterion = criterion_results(&root.join("target/criterion"));
+    let mut scenarios: Vec<(String, Scenario)> = Vec::new();
+    if let Ok(entries) = std::fs::read_dir(out_dir()) {
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.extension().is_some_and(|e| e == "json")
+                && let Ok(s) = serde_json::from_slice::<Scenario>(&std::fs::read(&path)?)
+            {
+                scenarios.push((path.file_stem().unwrap_or_default().to_string_lossy().into_owned(), s));
+            }
+        }
+    }
+    scenarios.sort_by(|a, b| a.0.cmp(&b.0));
+
+    let mut md = String::new();
+    writeln!(md, "# Rampart benchmark results\n")?;
+    writeln!(md, "Written by `scripts/bench` (do not edit by hand; rerun it).\n")?;
+    writeln!(md, "- Date: {}", run("date", &["-u", "+%Y-%m-%d %H:%M UTC"]))?;
+    writeln!(
+        md,
+        "- Machine: {} cores, {}, kernel {}, {}",
+        std::thread::available_parallelism().map_or(0, usize::from),
+        cpu_model(),
+        run("uname", &["-r"]),
+        run("rustc", &["--version"])
+    )?;
+    writeln!(
+        md,
+        "- Commands: `scripts/bench` = `cargo bench -p benches --bench <name>` for each bench target, then `cargo run --release -p benches --bin report`"
+    )?;
+    writeln!(
+        md,
+        "- Micro-benchmarks: criterion medians with their 95% interval; ratio = row / first row of the table.\n"
+    )?;
+
+    writeln!(md, "## Micro-benchmarks (criterion)\n")?;
+    for (group, rows) in &criterion {
+        writeln!(md, "### {group}\n")?;
+        writeln!(md, "| benchmark | median | 95% interval | ratio |")?;
+        writeln!(md, "|---|---:|---:|---:|")?;
+        let first = rows.first().map_or(1.0, |r| r.1);
+        for (name, median, low, high) in rows {
+            writeln!(md, "| {name} | {} | {} – {} | {:.2}× |", ns(*median), ns(*low), ns(*high), median / first)?;
+        }
+        writeln!(md)?;
+    }
+
+    writeln!(md, "## Load scenarios\n")?;
+    for (_, s) in &scenarios {
+        writeln!(md, "### {}\n", s.title)?;
+        writeln!(md, "Command: `{}`\n", s.command)?;
+        writeln!(md, "| run | value | ratio |")?;
+        writeln!(md, "|---|---:|---:|")?;
+        let first = s.rows.first().map_or(1.0, |r| r.value);
+        for row in &s.rows {
+            writeln!(md, "| {} | {} {} | {:.2}× |", row.name, number(row.value), row.unit, row.value / first)?;
+        }
+        writeln!(md)?;
+        for note in &s.notes {
+            writeln!(md, "- {note}")?;
+        }
+        writeln!(md)?;
+    }
+
+    writeln!(md, "## Not measured (yet)\n")?;
+    for line in NOT_MEASURED {
+        writeln!(md, "- {line}")?;
+    }
+    std::fs::write(root.join("benches/RESULTS.md"), md)?;
+    println!("wrote benches/RESULTS.md");
+    Ok(())
+}
+
+/// What the report does not cover, said plainly.
+const NOT_MEASURED: &[&str] = &[
+    "Rate limiter: the rejection path of the memory store and layer (only the allow path is benchmarked), and RedisStore over Redis Cluster.",
+    "Circuit breaker, RedLock, streams worker, WebSocket hub, whole-gateway HTTP and gRPC load, adaptive limits: their benchmarks land with their issues.",
+    "Anything across real networks: every figure is loopback on one 2-core machine, client and server sharing the cores.",
+];

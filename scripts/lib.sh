@@ -1,0 +1,36 @@
+# Shared by scripts/test and scripts/bench: installs what tests and benches need when missing.
+# Works on Debian/Ubuntu (apt-get, with sudo when not root) and macOS (Homebrew).
+
+log() { printf '==> %s\n' "$*" >&2; }
+
+as_root() {
+  if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi
+}
+
+apt_install() {
+  log "installing $* with apt-get"
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null 2>&1 || {
+    as_root apt-get update -qq >/dev/null
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
+  }
+}
+
+ensure_redis() {
+  if command -v redis-server >/dev/null 2>&1 && command -v redis-cli >/dev/null 2>&1 \
+    && command -v redis-benchmark >/dev/null 2>&1; then
+    return
+  fi
+  case "$(uname -s)" in
+    Darwin) log "installing redis with Homebrew"; brew install redis ;;
+    Linux)
+      if command -v apt-get >/dev/null 2>&1; then
+        apt_install redis-server redis-tools
+      else
+        log "redis-server is missing and this is not a Debian/Ubuntu system: install Redis >= 7.0 and rerun"
+        exit 1
+      fi
+      ;;
+    *) log "unsupported system $(uname -s): install Redis >= 7.0 and rerun"; exit 1 ;;
+  esac
+  command -v redis-server >/dev/null 2>&1 || { log "redis-server still missing after install"; exit 1; }
+}
