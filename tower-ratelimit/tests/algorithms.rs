@@ -56,13 +56,14 @@ proptest! {
         prop_assert!(max_in_any_window(&log, window) <= limit);
         let width = window.div_ceil(u64::from(precision));
         let span = width * (u64::from(precision) + 1);
-        for (t, cost, d) in &log {
+        for (i, (t, cost, d)) in log.iter().enumerate() {
             if !d.allowed {
-                let recent = admitted_in(&log, t.saturating_sub(span - 1), t + 1);
+                let recent = admitted_in(&log[..i], t.saturating_sub(span - 1), t + 1);
                 prop_assert!(recent + cost > limit, "refused at {t} with only {recent} admitted in the last {span} ns");
-                // Waiting retry_after must be enough with no other traffic.
+                // Waiting retry_after must be enough with no other traffic (replaying only what
+                // was admitted before this request, not after it at the same instant).
                 let mut replay = quota.new_state();
-                for (t2, c2, d2) in log.iter().take_while(|(t2, _, _)| t2 <= t) {
+                for (t2, c2, d2) in &log[..i] {
                     if d2.allowed { quota.consume(&mut replay, *t2, *c2); }
                 }
                 let later = t + d.retry_after.as_nanos() as u64;
