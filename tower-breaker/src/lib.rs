@@ -1,6 +1,103 @@
-//! Circuit breaking for tower: closed / open / half-open with count or time sliding windows,
-//! slow-call detection, bounded half-open probes, HTTP and gRPC response classification, and a
-//! keyed registry (one breaker per route or upstream).
+//! Circuit breaking for tower, with resilience4j's semantics: closed → open → half-open over a
+//! count or time sliding window, failure-rate and slow-call-rate thresholds, a minimum number of
+//! calls, a (possibly growing) wait in open, exactly N probes in half-open, operator overrides,
+//! and classification of HTTP and gRPC responses — not only of `Err`.
 //!
-//! Work in progress: the state machine and layer land with the tower-breaker issue; this crate
-//! deliberately exports nothing until they do.
+//! # The pieces
+//!
+//! * [`BreakerConfig`] — validated (a bad value is a [`ConfigError`] naming the key), serde.
+//! * [`Breaker`] — the state machine, shared by every clone. [`Breaker::try_acquire`] gives a
+//!   [`Permit`] (or [`CircuitOpen`]); the permit records an [`Outcome`]: success, failure or
+//!   ignored. A permit dropped unrecorded — a call whose future the client dropped — is ignored
+//!   and frees its half-open slot. The closed state takes no lock: a state load to admit, a few
+//!   atomics to record. Transitions are published on [`Breaker::subscribe`] (a `broadcast`, in
+//!   order, numbered) and [`Breaker::watch`], logged with `tracing` and counted with `metrics`
+//!   (`rampart_breaker_calls_total{outcome}`, `_rejections_total`, `_transitions_total`,
+//!   `rampart_breaker_state`).
+//! * [`BreakerRegistry`] — one breaker per key (route, gRPC method, upstream), bounded.
+//! * [`CircuitBreakerLayer`] — the tower layer. An open breaker answers at once: HTTP 503 with
+//!   `Retry-After` (seconds until half-open) and a problem body `"error":"circuit_open"`, gRPC a
+//!   trailers-only `UNAVAILABLE`; [`CircuitBreakerLayer::errors`] gives generic services a
+//!   [`CircuitOpen`] error instead. With a single breaker, an open circuit does not even poll the
+//!   inner service.
+//!
+//! # Classification
+//!
+//! See [`classify`]: HTTP 5xx is a failure, 4xx a success; gRPC statuses are read from the headers
+//! or from the trailers at the end of the body (through tower-http's `GrpcErrorsAsFailures`).
+//! An `Err` from the inner service — e.g. `tower::timeout`'s `Elapsed` — is a failure.
+//!
+//! # Composing with tower
+//!
+//! Rampart does not re-implement what tower has: put `tower::timeout::TimeoutLayer` *inside* the
+//! breaker so timeouts count as failures, `ConcurrencyLimitLayer` (the seed's semaphore
+//! bulkhead) and `LoadShedLayer` around the upstream, and `tower::retry` *outside* so each retry
+//! asks the breaker again (and a retry policy can stop on [`CircuitOpen`]).
+//!
+//! # Example: axum
+//!
+//! ```
+//! use std::time::Duration;
+//! use axum::{Router, error_handling::HandleErrorLayer, http::StatusCode, routing::get};
+//! use tower::{BoxError, ServiceBuilder};
+//! use tower_breaker::{Breaker, BreakerConfig, CircuitBreakerLayer};
+//!
+//! # fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! let config = BreakerConfig::builder()
+//!     .count_window(50)
+//!     .minimum_calls(10)
+//!     .failure_rate_threshold(50.0)
+//!     .wait_in_open(Duration::from_secs(30))
+//!     .half_open_permits(3)
+//!     .build()?;
+//! let breaker = Breaker::new("upstream", config)?;
+//! let app: Router = Router::new().route("/upstream", get(|| async { "ok" })).layer(
+//!     ServiceBuilder::new()
+//!         // Timeouts become 504s for the client, after the breaker counted them as failures.
+//!         .layer(HandleErrorLayer::new(|_: BoxError| async { StatusCode::GATEWAY_TIMEOUT }))
+//!         .layer(CircuitBreakerLayer::new(breaker.clone()))
+//!         .timeout(Duration::from_secs(2)),
+//! );
+//! # let _ = app;
+//! # Ok(()) }
+//! ```
+//!
+//! # Example: tonic, one breaker per method
+//!
+//! ```
+//! use std::sync::Arc;
+//! use tower_breaker::{BreakerConfig, BreakerRegistry, CircuitBreakerLayer, keys::GrpcMethod};
+//!
+//! # fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! let registry = Arc::new(BreakerRegistry::new("grpc:", BreakerConfig::default())?);
+//! let server = tonic::transport::Server::builder()
+//!     .layer(CircuitBreakerLayer::keyed(registry, GrpcMethod));
+//! # drop(server);
+//! # Ok(()) }
+//! ```
+
+mod body;
+pub mod classify;
+mod config;
+mod error;
+mod future;
+mod layer;
+mod registry;
+mod response;
+mod service;
+mod state;
+mod window;
+
+pub use body::BreakerBody;
+pub use classify::{ClassifyError, ErrorsAreFailures, HttpClassifier};
+pub use config::{BreakerConfig, BreakerConfigBuilder, SlidingWindow, TripPolicy, WaitGrowth};
+pub use error::{CircuitOpen, ConfigError};
+pub use future::{ErrorFuture, ResponseFuture};
+pub use layer::{BreakerKey, CircuitBreakerLayer, Errors, Http, Keyed, Selector, keys};
+pub use registry::BreakerRegistry;
+pub use service::CircuitBreaker;
+pub use state::{Breaker, Outcome, Permit, Reason, Snapshot, State, Transition};
+pub use window::WindowTotals;
+
+/// Boxed error of generic-mode services (as `tower::BoxError`).
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;

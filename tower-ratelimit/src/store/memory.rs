@@ -1,5 +1,6 @@
 //! In-process store: sharded, lock-free for token buckets, bounded without a cleanup task.
 
+use crossbeam_utils::CachePadded;
 use std::{
     future::{Ready, ready},
     sync::{
@@ -16,7 +17,7 @@ use crate::{
     policy::PolicyState,
     store::{
         Store,
-        shards::{CachePadded, Idle, ShardedMap},
+        shards::{Idle, ShardedMap},
     },
 };
 
@@ -159,7 +160,7 @@ impl<C: Clock> MemoryStore<C> {
         let inner = &*self.inner;
         let now = inner.clock.now();
         if key.is_global() {
-            return inner.global.0.check(&inner.policy, now, cost);
+            return inner.global.check(&inner.policy, now, cost);
         }
         inner.keys.with(key, now, || Cell::new(&inner.policy), |cell| cell.check(&inner.policy, now, cost))
     }
@@ -207,7 +208,7 @@ impl<C: Clock> MemoryStoreBuilder<C> {
             metrics::counter!("rampart_ratelimit_evictions_total", "limiter" => self.policy.name().to_owned());
         MemoryStore {
             inner: Arc::new(Inner {
-                global: CachePadded(Cell::new(&self.policy)),
+                global: CachePadded::new(Cell::new(&self.policy)),
                 keys: ShardedMap::new(self.max_keys, evictions),
                 policy: self.policy,
                 clock: self.clock,

@@ -8,6 +8,7 @@ use std::{
     },
 };
 
+use crossbeam_utils::CachePadded;
 use hashbrown::HashTable;
 
 use crate::{Key, algorithm::Nanos};
@@ -16,12 +17,6 @@ use crate::{Key, algorithm::Nanos};
 pub(crate) trait Idle {
     fn idle_at(&self) -> Nanos;
 }
-
-/// Keeps a value on its own cache lines, so threads writing neighbouring values (shard locks,
-/// a hot atomic) do not invalidate each other's lines.
-#[derive(Debug, Default)]
-#[repr(align(128))]
-pub(crate) struct CachePadded<T>(pub(crate) T);
 
 /// Keys spread over `RwLock`ed shards: a known key costs one hash and a shared lock on one shard.
 ///
@@ -50,7 +45,7 @@ impl<V: Idle> ShardedMap<V> {
         let shards = (parallelism * 8).next_power_of_two().clamp(1, 128).min(max_keys);
         Self {
             shards: (0..shards)
-                .map(|_| CachePadded(RwLock::new(Shard { table: HashTable::new(), inserts_since_sweep: 0 })))
+                .map(|_| CachePadded::new(RwLock::new(Shard { table: HashTable::new(), inserts_since_sweep: 0 })))
                 .collect(),
             shard_cap: max_keys / shards,
             hasher: foldhash::fast::RandomState::default(),
@@ -63,7 +58,7 @@ impl<V: Idle> ShardedMap<V> {
     pub(crate) fn with<R>(&self, key: &Key, now: Nanos, create: impl FnOnce() -> V, f: impl FnOnce(&V) -> R) -> R {
         let hash = self.hasher.hash_one(key);
         // High bits pick the shard; hashbrown uses the low ones (and the top 7) inside it.
-        let shard = &self.shards[(hash >> 40) as usize % self.shards.len()].0;
+        let shard = &self.shards[(hash >> 40) as usize % self.shards.len()];
         {
             let read = shard.read().unwrap_or_else(PoisonError::into_inner);
             if let Some((_, entry)) = read.table.find(hash, |(k, _)| k == key) {
@@ -106,7 +101,7 @@ impl<V: Idle> ShardedMap<V> {
     }
 
     pub(crate) fn len(&self) -> usize {
-        self.shards.iter().map(|s| s.0.read().unwrap_or_else(PoisonError::into_inner).table.len()).sum()
+        self.shards.iter().map(|s| s.read().unwrap_or_else(PoisonError::into_inner).table.len()).sum()
     }
 
     pub(crate) fn capacity(&self) -> usize {

@@ -1,0 +1,187 @@
+//! [`CircuitBreakerLayer`] and how a request finds its breaker.
+
+use std::{fmt, sync::Arc};
+
+use http::Request;
+use tower_layer::Layer;
+
+use crate::{
+    classify::{ErrorsAreFailures, HttpClassifier},
+    registry::BreakerRegistry,
+    service::CircuitBreaker,
+    state::Breaker,
+};
+
+/// Picks the breaker of a request.
+pub trait Selector<Req>: Send + Sync + 'static {
+    /// The breaker guarding `req`.
+    fn select(&self, req: &Req) -> Breaker;
+
+    /// The one breaker, if every request uses the same (lets `poll_ready` skip the inner
+    /// service entirely while it is open).
+    fn single(&self) -> Option<&Breaker> {
+        None
+    }
+}
+
+impl<Req> Selector<Req> for Breaker {
+    fn select(&self, _: &Req) -> Breaker {
+        self.clone()
+    }
+
+    fn single(&self) -> Option<&Breaker> {
+        Some(self)
+    }
+}
+
+/// One breaker per key from a [`BreakerRegistry`]; requests without a key use the key `~none`.
+pub struct Keyed<K> {
+    registry: Arc<BreakerRegistry>,
+    key: K,
+}
+
+impl<K: Clone> Clone for Keyed<K> {
+    fn clone(&self) -> Self {
+        Self { registry: self.registry.clone(), key: self.key.clone() }
+    }
+}
+
+impl<K> fmt::Debug for Keyed<K> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Keyed").field("registry", &self.registry).finish_non_exhaustive()
+    }
+}
+
+/// Derives the breaker key of a request. Closures `Fn(&Req) -> Option<String>` implement it;
+/// [`keys`] has ready ones for `http::Request`.
+pub trait BreakerKey<Req>: Send + Sync + 'static {
+    /// The key of `req`, or `None` (the key `~none`).
+    fn key(&self, req: &Req) -> Option<String>;
+}
+
+impl<Req, F> BreakerKey<Req> for F
+where
+    F: Fn(&Req) -> Option<String> + Send + Sync + 'static,
+{
+    fn key(&self, req: &Req) -> Option<String> {
+        self(req)
+    }
+}
+
+impl<Req, K: BreakerKey<Req>> Selector<Req> for Keyed<K> {
+    fn select(&self, req: &Req) -> Breaker {
+        match self.key.key(req) {
+            Some(key) => self.registry.get(&key),
+            None => self.registry.get("~none"),
+        }
+    }
+}
+
+/// Ready keys for `http::Request`s.
+pub mod keys {
+    use super::{BreakerKey, Request};
+
+    /// The gRPC method (`/package.Service/Method`), or any request's path.
+    #[derive(Debug, Clone, Copy, Default)]
+    pub struct GrpcMethod;
+
+    impl<B> BreakerKey<Request<B>> for GrpcMethod {
+        fn key(&self, req: &Request<B>) -> Option<String> {
+            Some(req.uri().path().to_owned())
+        }
+    }
+
+    /// The upstream authority: the URI's, else the `Host` header.
+    #[derive(Debug, Clone, Copy, Default)]
+    pub struct Host;
+
+    impl<B> BreakerKey<Request<B>> for Host {
+        fn key(&self, req: &Request<B>) -> Option<String> {
+            req.uri()
+                .authority()
+                .map(|a| a.as_str().to_owned())
+                .or_else(|| req.headers().get(http::header::HOST)?.to_str().ok().map(str::to_owned))
+        }
+    }
+
+    /// axum's matched route template (`/users/{id}`), once axum has routed the request (use the
+    /// layer through `Router::layer` / `route_layer`).
+    #[cfg(feature = "axum")]
+    #[derive(Debug, Clone, Copy, Default)]
+    pub struct MatchedRoute;
+
+    #[cfg(feature = "axum")]
+    impl<B> BreakerKey<Request<B>> for MatchedRoute {
+        fn key(&self, req: &Request<B>) -> Option<String> {
+            req.extensions().get::<axum::extract::MatchedPath>().map(|p| p.as_str().to_owned())
+        }
+    }
+}
+
+/// Rejections as HTTP 503 / gRPC `UNAVAILABLE` responses, outcomes from the response (default).
+#[derive(Debug, Clone, Default)]
+pub struct Http {
+    pub(crate) classifier: Arc<HttpClassifier>,
+}
+
+/// Rejections as [`CircuitOpen`](crate::CircuitOpen) errors, outcomes from `Ok`/`Err` (any
+/// request type).
+#[derive(Debug, Clone, Default)]
+pub struct Errors<C = ErrorsAreFailures> {
+    pub(crate) classify: C,
+}
+
+/// Puts a circuit breaker (or one per key) in front of a service. See the [crate docs](crate).
+#[derive(Clone)]
+pub struct CircuitBreakerLayer<Sel, M = Http> {
+    selector: Arc<Sel>,
+    mode: M,
+}
+
+impl<Sel, M> fmt::Debug for CircuitBreakerLayer<Sel, M> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CircuitBreakerLayer").field("selector", &std::any::type_name::<Sel>()).finish()
+    }
+}
+
+impl CircuitBreakerLayer<Breaker> {
+    /// Every request goes through `breaker`.
+    pub fn new(breaker: Breaker) -> Self {
+        Self { selector: Arc::new(breaker), mode: Http::default() }
+    }
+}
+
+impl<K> CircuitBreakerLayer<Keyed<K>> {
+    /// One breaker per key, from `registry`; `key` is a closure or one of [`keys`].
+    pub fn keyed(registry: Arc<BreakerRegistry>, key: K) -> Self {
+        Self { selector: Arc::new(Keyed { registry, key }), mode: Http::default() }
+    }
+}
+
+impl<Sel> CircuitBreakerLayer<Sel, Http> {
+    /// Replaces the HTTP/gRPC classification.
+    pub fn classifier(mut self, classifier: HttpClassifier) -> Self {
+        self.mode.classifier = Arc::new(classifier);
+        self
+    }
+
+    /// Rejections as errors, for services that are not HTTP; every `Err` is a failure.
+    pub fn errors(self) -> CircuitBreakerLayer<Sel, Errors> {
+        CircuitBreakerLayer { selector: self.selector, mode: Errors::default() }
+    }
+}
+
+impl<Sel, C> CircuitBreakerLayer<Sel, Errors<C>> {
+    /// Decides which errors are failures, ignored, or even successes.
+    pub fn classify_errors<C2>(self, classify: C2) -> CircuitBreakerLayer<Sel, Errors<C2>> {
+        CircuitBreakerLayer { selector: self.selector, mode: Errors { classify } }
+    }
+}
+
+impl<S, Sel, M: Clone> Layer<S> for CircuitBreakerLayer<Sel, M> {
+    type Service = CircuitBreaker<S, Sel, M>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        CircuitBreaker::new(inner, self.selector.clone(), self.mode.clone())
+    }
+}
