@@ -1,0 +1,268 @@
+//! RedLock against real redis-server processes (testkit): mutual exclusion, faults, fencing,
+//! lost locks, and the layer behind axum.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failure report
+
+use std::{
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use testkit::{RedisNodes, RedisServer};
+use tokio::time::Instant;
+use tower_redlock::{FencingToken, LockConfig, LockError, RedLock, fenced_set};
+
+fn config() -> LockConfig {
+    LockConfig {
+        ttl: Duration::from_secs(2),
+        node_timeout: Duration::from_millis(50),
+        retry_delay: Duration::from_millis(3),
+        ..LockConfig::default()
+    }
+}
+
+async fn con(server: &RedisServer) -> redis::aio::MultiplexedConnection {
+    redis::Client::open(server.url()).unwrap().get_multiplexed_async_connection().await.unwrap()
+}
+
+/// One hold of the lock, for the exclusion checker.
+#[derive(Debug, Clone, Copy)]
+struct Hold {
+    token: u64,
+    start: Instant,
+    end: Instant,
+}
+
+/// `clients` RedLock clients × `tasks` tasks each do `rounds` non-atomic GET/SET increments of
+/// a counter under the lock; returns the holds.
+async fn contend(
+    urls: &[String],
+    resource: &RedisServer,
+    clients: usize,
+    tasks: usize,
+    rounds: usize,
+    mid_run: impl FnOnce() + Send + 'static,
+) -> (Vec<Hold>, u64) {
+    let holds = Arc::new(Mutex::new(Vec::new()));
+    let done = Arc::new(AtomicU64::new(0));
+    let total = (clients * tasks * rounds) as u64;
+    let mut handles = Vec::new();
+    for _ in 0..clients {
+        let lock = RedLock::connect(urls, config()).unwrap();
+        for _ in 0..tasks {
+            let (lock, holds, done) = (lock.clone(), holds.clone(), done.clone());
+            let mut con = con(resource).await;
+            handles.push(tokio::spawn(async move {
+                for _ in 0..rounds {
+                    let guard = lock.acquire_within("counter", Some(Duration::from_secs(60))).await.unwrap();
+                    let token = guard.fencing_token().await.unwrap();
+                    let start = Instant::now();
+                    let value: Option<u64> = redis::cmd("GET").arg("counter").query_async(&mut con).await.unwrap();
+                    tokio::task::yield_now().await;
+                    let _: () = redis::cmd("SET")
+                        .arg("counter")
+                        .arg(value.unwrap_or(0) + 1)
+                        .query_async(&mut con)
+                        .await
+                        .unwrap();
+                    let end = Instant::now();
+                    guard.release().await.unwrap();
+                    holds.lock().unwrap().push(Hold { token: token.0, start, end });
+                    done.fetch_add(1, Ordering::SeqCst);
+                }
+            }));
+        }
+    }
+    // Fire the fault once a third of the work is done.
+    let watcher = {
+        let done = done.clone();
+        tokio::spawn(async move {
+            while done.load(Ordering::SeqCst) < total / 3 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            mid_run();
+        })
+    };
+    for h in handles {
+        h.await.unwrap();
+    }
+    watcher.await.unwrap();
+    let value: u64 = redis::cmd("GET").arg("counter").query_async(&mut con(resource).await).await.unwrap();
+    let holds = holds.lock().unwrap().clone();
+    (holds, value)
+}
+
+fn assert_exclusive(mut holds: Vec<Hold>) {
+    holds.sort_by_key(|h| h.start);
+    for pair in holds.windows(2) {
+        assert!(pair[0].end <= pair[1].start, "two holds overlap: {:?} and {:?}", pair[0], pair[1]);
+        assert!(pair[0].token < pair[1].token, "tokens must strictly increase: {:?} then {:?}", pair[0], pair[1]);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mutual_exclusion_on_three_and_five_nodes() {
+    for n in [3, 5] {
+        let nodes = RedisNodes::start(n).unwrap();
+        let resource = RedisServer::start().unwrap();
+        let (holds, value) = contend(&nodes.urls(), &resource, 3, 4, 10, || {}).await;
+        assert_eq!(value, 120, "{n} nodes: lost updates mean two holders at once");
+        assert_eq!(holds.len(), 120);
+        assert_exclusive(holds);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn five_nodes_survive_two_dead_and_fail_cleanly_with_three() {
+    let nodes = Arc::new(Mutex::new(RedisNodes::start(5).unwrap()));
+    let urls = nodes.lock().unwrap().urls();
+    let resource = RedisServer::start().unwrap();
+    let killer = nodes.clone();
+    let (holds, value) = contend(&urls, &resource, 3, 3, 8, move || {
+        let mut nodes = killer.lock().unwrap();
+        nodes[0].kill().unwrap();
+        nodes[3].kill().unwrap();
+    })
+    .await;
+    assert_eq!(value, 72, "exclusive and still making progress with 2 of 5 nodes dead");
+    assert_exclusive(holds);
+
+    nodes.lock().unwrap()[4].kill().unwrap();
+    let lock = RedLock::connect(&urls, LockConfig { retries: 2, ..config() }).unwrap();
+    let started = Instant::now();
+    let err = lock.acquire("counter").await.unwrap_err();
+    assert!(
+        matches!(err, LockError::Unavailable { reachable: 2, nodes: 5, quorum: 3, .. }),
+        "a clear error, not a hang: {err}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(5), "gave up within the retries ({:?})", started.elapsed());
+
+    nodes.lock().unwrap()[4].restart().unwrap();
+    let guard = lock.acquire_within("counter", Some(Duration::from_secs(10))).await.expect("works again with 3 of 5");
+    guard.release().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_node_costs_one_timeout_and_a_missed_quorum_leaves_no_key() {
+    let mut nodes = RedisNodes::start(3).unwrap();
+    let lock = RedLock::connect(&nodes.urls(), LockConfig { retries: 0, ..config() }).unwrap();
+    // Warm the connections.
+    lock.acquire("warm").await.unwrap().release().await.unwrap();
+
+    nodes[2].pause().unwrap();
+    let started = Instant::now();
+    let guard = lock.acquire("job").await.unwrap();
+    let took = started.elapsed();
+    assert!(took < Duration::from_millis(500), "acquired on the two others in {took:?}");
+    assert!(guard.validity() > Duration::from_millis(1800), "validity {:?}", guard.validity());
+    guard.release().await.unwrap();
+
+    nodes[1].pause().unwrap();
+    let err = lock.acquire("job2").await.unwrap_err();
+    assert!(matches!(err, LockError::Unavailable { reachable: 1, .. }), "{err}");
+    nodes[1].resume().unwrap();
+    nodes[2].resume().unwrap();
+    // The paused nodes run the queued acquisition, then the queued release right behind it.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    for node in nodes.iter() {
+        let exists: i64 = node.cmd(&["EXISTS", "lock:{job2}"]).unwrap();
+        assert_eq!(exists, 0, "a partial lock stayed on {}", node.url());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pausing_a_majority_fires_lost_before_the_deadline() {
+    let mut nodes = RedisNodes::start(3).unwrap();
+    let config = LockConfig { ttl: Duration::from_millis(900), node_timeout: Duration::from_millis(40), ..config() };
+    let lock = RedLock::connect(&nodes.urls(), config).unwrap();
+    let guard = lock.acquire("held").await.unwrap();
+    let deadline = guard.deadline();
+    nodes[0].pause().unwrap();
+    nodes[1].pause().unwrap();
+    tokio::time::timeout(Duration::from_secs(5), guard.lost()).await.expect("lost() fired");
+    let fired = Instant::now();
+    assert!(fired < deadline, "lost at {fired:?}, deadline {deadline:?}");
+    assert!(guard.is_lost());
+    nodes[0].resume().unwrap();
+    nodes[1].resume().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_holder_write_is_refused_by_the_fence() {
+    let nodes = RedisNodes::start(3).unwrap();
+    let resource = RedisServer::start().unwrap();
+    let short = LockConfig {
+        ttl: Duration::from_millis(200),
+        node_timeout: Duration::from_millis(20),
+        auto_extend: false,
+        ..config()
+    };
+    let lock = RedLock::connect(&nodes.urls(), short).unwrap();
+    let a = lock.acquire("doc").await.unwrap();
+    let token_a = a.fencing_token().await.unwrap();
+    // A "pauses" past its TTL; B takes the lock.
+    tokio::time::timeout(Duration::from_secs(2), a.lost()).await.unwrap();
+    let b = lock.acquire("doc").await.unwrap();
+    let token_b = b.fencing_token().await.unwrap();
+    assert!(token_b > token_a, "{token_b} after {token_a}");
+    let mut con = con(&resource).await;
+    assert!(fenced_set(&mut con, "{doc}", "from B", token_b).await.unwrap());
+    assert!(!fenced_set(&mut con, "{doc}", "from A, late", token_a).await.unwrap(), "stale token refused");
+    let value: String = redis::cmd("GET").arg("{doc}").query_async(&mut con).await.unwrap();
+    assert_eq!(value, "from B");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_stay_monotonic_when_node_counters_diverge() {
+    let mut nodes = RedisNodes::start(3).unwrap();
+    // Node 0 has seen many more acquisitions than the others (e.g. they were restarted).
+    let _: () = nodes[0].cmd(&["SET", "lock:{k}:fence", "100"]).unwrap();
+    let lock = RedLock::connect(&nodes.urls(), config()).unwrap();
+    let first = lock.acquire("k").await.unwrap();
+    let t1 = first.fencing_token().await.unwrap();
+    assert_eq!(t1, FencingToken(101));
+    first.release().await.unwrap();
+    // Without node 0, the next majority still counts past 101: the write-back raised the others.
+    nodes[0].kill().unwrap();
+    let second = lock.acquire("k").await.unwrap();
+    assert!(second.fencing_token().await.unwrap() > t1);
+}
+
+#[tokio::test]
+async fn bad_configuration_is_an_error_not_a_panic() {
+    assert!(RedLock::connect::<&str>(&[], config()).is_err());
+    assert!(RedLock::connect(&["redis://127.0.0.1:1"], LockConfig { ttl: Duration::ZERO, ..config() }).is_err());
+    assert!(
+        RedLock::connect(&["redis://127.0.0.1:1"], LockConfig { node_timeout: Duration::from_secs(1), ..config() })
+            .is_err()
+    );
+    assert!(RedLock::connect(&["not a url"], config()).is_err());
+    // Four nodes is allowed: the quorum is 3.
+    let urls = ["redis://127.0.0.1:1", "redis://127.0.0.1:2", "redis://127.0.0.1:3", "redis://127.0.0.1:4"];
+    assert_eq!(RedLock::connect(&urls, config()).unwrap().quorum(), 3);
+    // And nothing listens there: a clear error.
+    let err = RedLock::connect(&urls, LockConfig { retries: 0, ..config() }).unwrap().acquire("x").await.unwrap_err();
+    assert!(matches!(err, LockError::Unavailable { reachable: 0, .. }), "{err}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn in_memory_backend_has_the_same_api() {
+    let lock = RedLock::in_memory(LockConfig { auto_extend: false, retries: 0, ..config() }).unwrap();
+    let guard = lock.acquire("k").await.unwrap();
+    let t1 = guard.fencing_token().await.unwrap();
+    assert!(matches!(lock.acquire("k").await.unwrap_err(), LockError::Busy { .. }));
+    // Without extensions the lock is lost at its deadline.
+    tokio::time::timeout(Duration::from_secs(3), guard.lost()).await.unwrap();
+    // lost() fires at the deadline, a drift allowance before the lock actually expires.
+    let next = lock.acquire_within("k", Some(Duration::from_secs(1))).await.unwrap();
+    assert!(next.fencing_token().await.unwrap() > t1);
+    drop(next);
+    tokio::task::yield_now().await;
+    let again = lock.acquire("k").await.expect("dropping the guard released the lock");
+    let extended = again.extend().await.unwrap();
+    assert!(extended > Duration::from_millis(1900));
+    again.release().await.unwrap();
+}
