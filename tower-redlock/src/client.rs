@@ -2,14 +2,13 @@
 
 use std::{fmt, sync::Arc, time::Duration};
 
-use futures_util::future::join_all;
-use tokio::time::{Instant, timeout};
+use tokio::time::Instant;
 
 use crate::{
     config::LockConfig,
     error::{ConfigError, LockError},
     guard::LockGuard,
-    node::{Grant, MemoryNode, Node},
+    node::{Grant, MemoryNode, Node, all_within},
 };
 
 /// A RedLock client over N independent Redis masters (or the in-memory backend).
@@ -185,13 +184,14 @@ impl RedLock {
         let (lock_key, fence_key) = self.keys(key);
         let token = format!("{:032x}", rand::random::<u128>());
         let started = Instant::now();
-        let replies = join_all(inner.nodes.iter().map(|node| async {
-            match timeout(config.node_timeout, node.acquire(&lock_key, &fence_key, &token, config.ttl)).await {
-                Ok(reply) => reply,
-                Err(_) => Err(format!("no answer within {:?}", config.node_timeout)),
-            }
-        }))
-        .await;
+        let replies: Vec<Result<Grant, String>> = all_within(
+            config.node_timeout,
+            inner.nodes.iter().map(|node| node.acquire(&lock_key, &fence_key, &token, config.ttl)),
+        )
+        .await
+        .into_iter()
+        .map(|reply| reply.unwrap_or_else(|| Err(format!("no answer within {:?}", config.node_timeout))))
+        .collect();
         let elapsed = started.elapsed();
         let validity = config.ttl.checked_sub(elapsed + config.drift());
 
@@ -214,7 +214,6 @@ impl RedLock {
                 self.clone(),
                 key,
                 lock_key,
-                fence_key,
                 token,
                 fence,
                 holders,
@@ -242,13 +241,10 @@ impl RedLock {
 
     /// Compare-and-delete on every node in parallel; returns how many deleted it.
     pub(crate) async fn release_everywhere(&self, lock_key: &str, token: &str) -> usize {
-        let timeout_each = self.inner.config.node_timeout;
-        join_all(self.inner.nodes.iter().map(|node| async move {
-            matches!(timeout(timeout_each, node.release(lock_key, token)).await, Ok(Ok(true)))
-        }))
-        .await
-        .into_iter()
-        .filter(|&deleted| deleted)
-        .count()
+        all_within(self.inner.config.node_timeout, self.inner.nodes.iter().map(|node| node.release(lock_key, token)))
+            .await
+            .into_iter()
+            .filter(|reply| matches!(reply, Some(Ok(true))))
+            .count()
     }
 }

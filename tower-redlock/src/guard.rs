@@ -9,15 +9,10 @@ use std::{
     time::Duration,
 };
 
-use futures_util::future::join_all;
-use tokio::{
-    sync::watch,
-    task::JoinHandle,
-    time::{Instant, timeout},
-};
+use tokio::{sync::OnceCell, task::JoinHandle, time::Instant};
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
-use crate::{client::RedLock, error::LockError};
+use crate::{client::RedLock, error::LockError, node::all_within};
 
 /// A fencing token: strictly increasing across successive holders of a key (see the crate docs
 /// for the exact guarantee). Pass it with every write to the protected resource and have the
@@ -45,8 +40,10 @@ struct Shared {
     lock_key: String,
     token: String,
     fence: u64,
-    /// `Some(true)` once the fencing counter is raised to `fence` on a majority.
-    fence_synced: watch::Receiver<Option<bool>>,
+    /// The nodes that granted the lock.
+    holders: Vec<usize>,
+    /// Whether the fencing counter was raised to `fence` on a majority (done once, on first use).
+    fence_synced: OnceCell<bool>,
     deadline: Mutex<Instant>,
     lost: CancellationToken,
     extensions: AtomicU32,
@@ -70,39 +67,18 @@ impl LockGuard {
         client: RedLock,
         key: &str,
         lock_key: String,
-        fence_key: String,
         token: String,
         fence: u64,
         holders: Vec<usize>,
         deadline: Instant,
     ) -> Self {
-        // Raise the fencing counter on the granting nodes to the token, so the next holder's
-        // majority, which shares a node with ours, counts past it. Started now, awaited only by
-        // whoever reads the token.
-        let (tx, fence_synced) = watch::channel(None);
-        {
-            let client = client.clone();
-            let fence_key = fence_key.clone();
-            tokio::spawn(async move {
-                let inner = &client.inner;
-                let each = inner.config.node_timeout;
-                let confirmed = join_all(holders.iter().filter_map(|&i| inner.nodes.get(i)).map(|node| {
-                    let fence_key = &fence_key;
-                    async move { matches!(timeout(each, node.sync_fence(fence_key, fence)).await, Ok(Ok(()))) }
-                }))
-                .await
-                .into_iter()
-                .filter(|&ok| ok)
-                .count();
-                let _ = tx.send(Some(confirmed >= inner.quorum));
-            });
-        }
         let shared = Arc::new(Shared {
             key: key.to_owned(),
             lock_key,
             token,
             fence,
-            fence_synced,
+            holders,
+            fence_synced: OnceCell::new(),
             deadline: Mutex::new(deadline),
             lost: CancellationToken::new(),
             extensions: AtomicU32::new(0),
@@ -144,14 +120,23 @@ impl LockGuard {
         self.shared.lost.clone()
     }
 
-    /// The fencing token, once it is confirmed on a majority (usually already done: the
-    /// confirmation starts at acquisition).
+    /// The fencing token. The first call raises the fencing counter of the granting nodes to
+    /// the token (one parallel round trip), so that the next holder's majority — which shares a
+    /// node with ours — counts past it; holders that never read their token skip that trip.
     pub async fn fencing_token(&self) -> Result<FencingToken, LockError> {
-        let mut synced = self.shared.fence_synced.clone();
-        match synced.wait_for(Option::is_some).await.map(|v| *v) {
-            Ok(Some(true)) => Ok(FencingToken(self.shared.fence)),
-            _ => Err(LockError::FenceUnconfirmed { key: self.shared.key.clone() }),
-        }
+        let s = &self.shared;
+        let confirmed = *s
+            .fence_synced
+            .get_or_init(|| async {
+                let inner = &s.client.inner;
+                let (_, fence_key) = s.client.keys(&s.key);
+                let nodes = s.holders.iter().filter_map(|&i| inner.nodes.get(i));
+                let synced =
+                    all_within(inner.config.node_timeout, nodes.map(|node| node.sync_fence(&fence_key, s.fence))).await;
+                synced.into_iter().filter(|reply| matches!(reply, Some(Ok(())))).count() >= inner.quorum
+            })
+            .await;
+        if confirmed { Ok(FencingToken(s.fence)) } else { Err(LockError::FenceUnconfirmed { key: s.key.clone() }) }
     }
 
     /// Extensions done so far (by the watchdog or by hand).
@@ -206,13 +191,12 @@ async fn extend(s: &Shared) -> Result<Duration, LockError> {
     let inner = &s.client.inner;
     let config = &inner.config;
     let started = Instant::now();
-    let extended = join_all(inner.nodes.iter().map(|node| async {
-        matches!(timeout(config.node_timeout, node.extend(&s.lock_key, &s.token, config.ttl)).await, Ok(Ok(true)))
-    }))
-    .await
-    .into_iter()
-    .filter(|&ok| ok)
-    .count();
+    let extended =
+        all_within(config.node_timeout, inner.nodes.iter().map(|node| node.extend(&s.lock_key, &s.token, config.ttl)))
+            .await
+            .into_iter()
+            .filter(|reply| matches!(reply, Some(Ok(true))))
+            .count();
     let validity = config.ttl.checked_sub(started.elapsed() + config.drift()).filter(|v| !v.is_zero());
     match validity {
         Some(validity) if extended >= inner.quorum && !s.lost.is_cancelled() => {

@@ -8,7 +8,6 @@ use std::{
 
 use tokio::time::Instant;
 
-static ACQUIRE: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(include_str!("scripts/acquire.lua")));
 static RELEASE: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(include_str!("scripts/release.lua")));
 static EXTEND: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(include_str!("scripts/extend.lua")));
 static SYNC_FENCE: LazyLock<redis::Script> =
@@ -58,18 +57,28 @@ impl Node {
     pub(crate) async fn acquire(&self, key: &str, fence: &str, token: &str, ttl: Duration) -> Result<Grant, String> {
         match self {
             Node::Redis { con, .. } => {
-                let (granted, value): (i64, i64) = ACQUIRE
-                    .key(key)
-                    .key(fence)
+                // One round trip, no Lua: SET NX PX, then INCR of the fencing counter and PTTL.
+                // The INCR runs on every node reached, granting or not: counters only ever grow,
+                // and the token's guarantee rests on the write-back before first use (see
+                // `LockGuard::fencing_token`), not on the INCR being atomic with the SET.
+                let (set, counter, pttl): (Option<String>, i64, i64) = redis::pipe()
+                    .cmd("SET")
+                    .arg(key)
                     .arg(token)
+                    .arg("NX")
+                    .arg("PX")
                     .arg(ms(ttl))
-                    .invoke_async(&mut con.clone())
+                    .cmd("INCR")
+                    .arg(fence)
+                    .cmd("PTTL")
+                    .arg(key)
+                    .query_async(&mut con.clone())
                     .await
                     .map_err(|e| e.to_string())?;
-                Ok(if granted == 1 {
-                    Grant::Granted(u64::try_from(value).unwrap_or(0))
+                Ok(if set.is_some() {
+                    Grant::Granted(u64::try_from(counter).unwrap_or(0))
                 } else {
-                    Grant::Held(u64::try_from(value).ok().map(Duration::from_millis))
+                    Grant::Held(u64::try_from(pttl).ok().map(Duration::from_millis))
                 })
             }
             Node::Memory(m) => Ok(m.acquire(key, fence, token, ttl)),
@@ -173,4 +182,30 @@ impl MemoryNode {
         let counter = fences.entry(fence.to_owned()).or_insert(0);
         *counter = (*counter).max(value);
     }
+}
+
+/// Runs one future per node concurrently and collects their results, in node order, until all
+/// are done or `limit` passes; a node that has not answered by then is `None`. One timer for the
+/// whole round instead of one per node.
+pub(crate) async fn all_within<T, F>(limit: Duration, futures: impl IntoIterator<Item = F>) -> Vec<Option<T>>
+where
+    F: std::future::Future<Output = T>,
+{
+    use futures_util::stream::{FuturesUnordered, StreamExt};
+
+    let mut pending: FuturesUnordered<_> =
+        futures.into_iter().enumerate().map(|(i, f)| async move { (i, f.await) }).collect();
+    let mut results: Vec<Option<T>> = (0..pending.len()).map(|_| None).collect();
+    let deadline = tokio::time::sleep(limit);
+    tokio::pin!(deadline);
+    loop {
+        tokio::select! {
+            next = pending.next() => match next {
+                Some((i, value)) => results[i] = Some(value),
+                None => break,
+            },
+            () = &mut deadline => break,
+        }
+    }
+    results
 }
