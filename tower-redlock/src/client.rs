@@ -13,7 +13,7 @@ use crate::{
 
 /// A RedLock client over N independent Redis masters (or the in-memory backend).
 ///
-/// * **Acquire** sends `SET key token NX PX ttl` (with the fencing `INCR`, in one script) to every
+/// * **Acquire** sends `SET key token NX PX ttl` (with the fencing `INCR`, pipelined) to every
 ///   node **in parallel**, each with [`LockConfig::node_timeout`], timed on a monotonic clock.
 ///   The lock is held iff a majority (N/2 + 1) granted it and the validity
 ///   `ttl − elapsed − (ttl × 1% + 2 ms)` is positive. Otherwise it is released on **all** nodes

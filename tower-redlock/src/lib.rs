@@ -22,10 +22,10 @@
 //!
 //! # Fencing tokens: what is guaranteed, and what is not
 //!
-//! Each acquisition runs `SET key token NX PX ttl` and `INCR <key>:fence` in one script on every
-//! node that grants it; the token is the largest counter among the replies, and before the
-//! token is handed out ([`LockGuard::fencing_token`]) the counters of the granting majority are
-//! raised to it. Any later majority shares a node with this one, so the next holder's token is
+//! Each acquisition sends `SET key token NX PX ttl` and `INCR <key>:fence` (pipelined, one round
+//! trip) to every node; the token is the largest counter among the granting nodes' replies, and
+//! before the token is first handed out ([`LockGuard::fencing_token`]) the counters of the
+//! granting majority are raised to it. Any later majority shares a node with this one, so the next holder's token is
 //! strictly larger — **as long as a majority of nodes keeps its data**. A node restarted without
 //! persistence (or with `appendfsync everysec` losing the last second) forgets both the lock and
 //! the counter; RedLock's answer is to keep a restarted node out for a TTL (delayed restart), and
