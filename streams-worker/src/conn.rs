@@ -11,6 +11,7 @@ use std::time::Duration;
 /// A Redis deployment to connect to. The worker opens two connections: one for its blocking
 /// reads, one for everything else (a blocked connection would stall acks behind it).
 #[derive(Debug, Clone)]
+#[allow(clippy::large_enum_variant)] // built once per worker or producer
 pub enum Redis {
     /// One server (`redis://host:port/db`).
     Single(redis::Client),

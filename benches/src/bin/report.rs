@@ -204,6 +204,7 @@ const NOT_MEASURED: &[&str] = &[
     "Rate limiter: the rejection path of the memory store and layer (only the allow path is benchmarked), and RedisStore over Redis Cluster.",
     "Circuit breaker: the open and half-open paths (only the closed state's overhead is benchmarked), and failsafe's futures API on 2 threads.",
     "RedLock: contended acquisition, and latency with a fencing token read (one more parallel round trip, on first read).",
-    "Streams worker, WebSocket hub, whole-gateway HTTP and gRPC load, adaptive limits: their benchmarks land with their issues.",
+    "Task queue: throughput with a real handler workload, with retries or dead letters, and on a Redis Cluster; apalis latency.",
+    "WebSocket hub, whole-gateway HTTP and gRPC load, adaptive limits: their benchmarks land with their issues.",
     "Anything across real networks: every figure is loopback on one 2-core machine, client and server sharing the cores.",
 ];
