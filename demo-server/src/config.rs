@@ -1,10 +1,11 @@
 //! Configuration: defaults < TOML file (`--config`) < environment < command line.
 
-use std::{net::SocketAddr, path::PathBuf};
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 use anyhow::Context as _;
 use clap::Parser;
 use serde::{Deserialize, Serialize};
+use tower_ratelimit::{FailurePolicy, PolicyConfig, QuotaConfig};
 
 /// Command line of `demo-server`. Every flag also reads its environment variable.
 #[derive(Debug, Parser)]
@@ -32,6 +33,19 @@ pub(crate) struct Cli {
     /// Print the effective configuration as TOML and exit
     #[arg(long)]
     pub(crate) print_config: bool,
+    /// Do not run task workers in this process (they run in `demo-server worker` processes)
+    #[arg(long)]
+    pub(crate) no_worker: bool,
+    /// What to run (default: the servers, with workers unless --no-worker)
+    #[command(subcommand)]
+    pub(crate) command: Option<Command>,
+}
+
+/// Subcommands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::Subcommand)]
+pub(crate) enum Command {
+    /// Run task workers only (needs REDIS_URL): no HTTP or gRPC server.
+    Worker,
 }
 
 /// The effective configuration.
@@ -49,6 +63,151 @@ pub(crate) struct Config {
     pub(crate) lock_nodes: Vec<String>,
     /// How long in-flight requests may take to finish after SIGINT/SIGTERM.
     pub(crate) shutdown_grace_secs: u64,
+    /// Bearer token of the admin routes (env `DEMO_ADMIN_TOKEN`; random and logged if unset).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) admin_token: Option<String>,
+    /// Rate limits.
+    pub(crate) limits: Limits,
+    /// Circuit breakers of the simulated upstreams and of gRPC methods.
+    pub(crate) breaker: tower_breaker::BreakerConfig,
+    /// Request timeouts.
+    pub(crate) timeouts: Timeouts,
+    /// The inventory lock.
+    pub(crate) lock: Lock,
+    /// The task queue.
+    pub(crate) tasks: Tasks,
+    /// The WebSocket hub.
+    pub(crate) hub: ws_hub::HubConfig,
+}
+
+/// Rate limit policies (see tower-ratelimit's `PolicyConfig`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(crate) struct Limits {
+    /// Every HTTP request (the seed's 1000/s, burst 1000).
+    pub(crate) global: PolicyConfig,
+    /// `/users/{id}`, per client IP.
+    pub(crate) users: PolicyConfig,
+    /// Every gRPC call.
+    pub(crate) grpc_global: PolicyConfig,
+    /// Each gRPC method.
+    pub(crate) grpc_method: PolicyConfig,
+    /// With Redis: `redis` (one script call per request, exact) or `leased` (batches).
+    pub(crate) shared_store: SharedStore,
+    /// With Redis: what to answer while Redis fails.
+    pub(crate) on_redis_failure: FailurePolicy,
+    /// Reverse proxies whose `X-Forwarded-For` is trusted (CIDRs); empty: key by peer address.
+    pub(crate) trusted_proxies: Vec<String>,
+}
+
+/// Which Redis-backed store shared limits use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub(crate) enum SharedStore {
+    /// One atomic script per decision.
+    Redis,
+    /// Leases of units spent locally.
+    Leased,
+}
+
+fn token_bucket(name: &str, rate: u64) -> PolicyConfig {
+    PolicyConfig {
+        name: name.to_owned(),
+        quotas: vec![QuotaConfig::TokenBucket { rate, period: Duration::from_secs(1), burst: Some(rate), name: None }],
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            global: token_bucket("global", 1000),
+            users: PolicyConfig {
+                name: "users".into(),
+                quotas: vec![QuotaConfig::SlidingWindow {
+                    limit: 100,
+                    window: Duration::from_secs(1),
+                    precision: None,
+                    name: None,
+                }],
+            },
+            grpc_global: token_bucket("grpc", 1000),
+            grpc_method: token_bucket("grpc-method", 500),
+            shared_store: SharedStore::Redis,
+            on_redis_failure: FailurePolicy::Local,
+            trusted_proxies: Vec::new(),
+        }
+    }
+}
+
+/// Timeouts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(crate) struct Timeouts {
+    /// Whole HTTP request (answered 504 past it).
+    #[serde(with = "humantime_serde")]
+    pub(crate) http: Duration,
+    /// A simulated upstream call (504, counted by its breaker as a failure).
+    #[serde(with = "humantime_serde")]
+    pub(crate) upstream: Duration,
+    /// Whole gRPC call.
+    #[serde(with = "humantime_serde")]
+    pub(crate) grpc: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Self { http: Duration::from_secs(10), upstream: Duration::from_secs(2), grpc: Duration::from_secs(10) }
+    }
+}
+
+/// Lock settings.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(crate) struct Lock {
+    /// Longest wait for a busy inventory lock before answering 409.
+    #[serde(with = "humantime_serde")]
+    pub(crate) wait: Duration,
+    /// The lock client.
+    pub(crate) client: tower_redlock::LockConfig,
+}
+
+impl Default for Lock {
+    fn default() -> Self {
+        Self {
+            wait: Duration::from_secs(5),
+            client: tower_redlock::LockConfig {
+                retry_delay: Duration::from_millis(5),
+                ..tower_redlock::LockConfig::default()
+            },
+        }
+    }
+}
+
+/// Task queue settings.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(crate) struct Tasks {
+    /// The stream.
+    pub(crate) stream: String,
+    /// The consumer group.
+    pub(crate) group: String,
+    /// Worker settings.
+    pub(crate) worker: streams_worker::WorkerConfig,
+}
+
+impl Default for Tasks {
+    fn default() -> Self {
+        Self {
+            stream: "demo:tasks".into(),
+            group: "demo".into(),
+            worker: streams_worker::WorkerConfig {
+                retry_base: Duration::from_millis(200),
+                retry_max: Duration::from_secs(5),
+                claim_idle: Duration::from_secs(5),
+                ..streams_worker::WorkerConfig::default()
+            },
+        }
+    }
 }
 
 impl Default for Config {
@@ -59,6 +218,18 @@ impl Default for Config {
             redis_url: None,
             lock_nodes: Vec::new(),
             shutdown_grace_secs: 30,
+            admin_token: None,
+            limits: Limits::default(),
+            breaker: tower_breaker::BreakerConfig {
+                window: tower_breaker::SlidingWindow::Count { size: 20 },
+                minimum_calls: 5,
+                wait_in_open: Duration::from_secs(5),
+                ..tower_breaker::BreakerConfig::default()
+            },
+            timeouts: Timeouts::default(),
+            lock: Lock::default(),
+            tasks: Tasks::default(),
+            hub: ws_hub::HubConfig::default(),
         }
     }
 }
@@ -89,7 +260,31 @@ impl Config {
         if let Some(nodes) = &cli.lock_nodes {
             config.lock_nodes = nodes.iter().filter(|n| !n.is_empty()).cloned().collect();
         }
+        if let Ok(token) = std::env::var("DEMO_ADMIN_TOKEN")
+            && !token.is_empty()
+        {
+            config.admin_token = Some(token);
+        }
+        config.validate()?;
         Ok(config)
+    }
+
+    /// Rejects settings the libraries would refuse, naming the key.
+    fn validate(&self) -> anyhow::Result<()> {
+        for (key, policy) in [
+            ("limits.global", &self.limits.global),
+            ("limits.users", &self.limits.users),
+            ("limits.grpc_global", &self.limits.grpc_global),
+            ("limits.grpc_method", &self.limits.grpc_method),
+        ] {
+            tower_ratelimit::Policy::from_config(policy).with_context(|| format!("invalid `{key}`"))?;
+        }
+        self.breaker.validate().context("invalid `breaker`")?;
+        self.lock.client.validate().context("invalid `lock.client`")?;
+        self.tasks.worker.validate().context("invalid `tasks.worker`")?;
+        tower_ratelimit::ClientIp::trusting(&self.limits.trusted_proxies)
+            .context("invalid `limits.trusted_proxies`")?;
+        Ok(())
     }
 
     /// The configuration as TOML, loadable again with `--config`.

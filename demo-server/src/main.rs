@@ -5,9 +5,13 @@
 //! README for the routes and flags. Once both listeners are bound it prints one line to stdout,
 //! `demo-server listening http=<addr> grpc=<addr>`, which scripts and tests read (port 0 works).
 
+mod app;
 mod config;
+mod dashboard;
 mod grpc;
 mod http_api;
+mod limits;
+mod tasks;
 mod users;
 
 use std::{process::ExitCode, time::Duration};
@@ -18,7 +22,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
-use crate::config::{Cli, Config};
+use crate::config::{Cli, Command, Config};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -31,11 +35,18 @@ fn main() -> ExitCode {
             print!("{}", config.to_toml()?);
             return Ok(());
         }
-        tokio::runtime::Builder::new_multi_thread()
+        // Installed before any layer is built, so their metric handles record.
+        let prometheus = metrics_exporter_prometheus::PrometheusBuilder::new()
+            .install_recorder()
+            .context("cannot install the Prometheus recorder")?;
+        let runtime = tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .build()
-            .context("cannot start the tokio runtime")?
-            .block_on(run(config))
+            .context("cannot start the tokio runtime")?;
+        match cli.command {
+            Some(Command::Worker) => runtime.block_on(run_worker(config, prometheus)),
+            None => runtime.block_on(run(config, prometheus, !cli.no_worker)),
+        }
     });
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -47,7 +58,29 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(config: Config) -> anyhow::Result<()> {
+/// `demo-server worker`: task workers only.
+async fn run_worker(config: Config, prometheus: metrics_exporter_prometheus::PrometheusHandle) -> anyhow::Result<()> {
+    if config.redis_url.is_none() {
+        anyhow::bail!("`demo-server worker` needs Redis: set REDIS_URL or --redis-url");
+    }
+    let app = app::App::build(config, prometheus).await?;
+    let shutdown = CancellationToken::new();
+    let Some(workers) = tasks::spawn_workers(&app, shutdown.clone()) else {
+        anyhow::bail!("the task worker could not start");
+    };
+    println!("demo-server worker started");
+    shutdown_signal().await;
+    tracing::info!("shutdown signal received; draining in-flight tasks");
+    shutdown.cancel();
+    workers.await.context("worker task failed")?;
+    Ok(())
+}
+
+async fn run(
+    config: Config,
+    prometheus: metrics_exporter_prometheus::PrometheusHandle,
+    with_worker: bool,
+) -> anyhow::Result<()> {
     // Bind both before serving anything, so a taken port fails the start, not half of it.
     let http_listener = TcpListener::bind(config.http_addr)
         .await
@@ -59,13 +92,19 @@ async fn run(config: Config) -> anyhow::Result<()> {
     let grpc_addr = grpc_listener.local_addr()?;
 
     match &config.redis_url {
-        Some(_) => tracing::info!("REDIS_URL set: Redis-backed features enabled"),
-        None => tracing::info!("no REDIS_URL: running on in-process backends only"),
+        Some(_) => tracing::info!("REDIS_URL set: shared limits, Redis lock nodes, task queue and hub bridge"),
+        None => tracing::info!(
+            "no REDIS_URL: in-process limits, lock and hub; the task queue needs Redis (POST /tasks answers 503)"
+        ),
     }
+    let grace_secs = config.shutdown_grace_secs;
+    let app = app::App::build(config, prometheus).await?;
 
     let shutdown = CancellationToken::new();
-    let mut http = tokio::spawn(http_api::serve(http_listener, shutdown.clone()));
-    let mut grpc = tokio::spawn(grpc::serve(grpc_listener, shutdown.clone()));
+    let workers = if with_worker { tasks::spawn_workers(&app, shutdown.clone()) } else { None };
+    dashboard::spawn_publisher(app.clone(), shutdown.clone());
+    let mut http = tokio::spawn(http_api::serve(http_listener, app.clone(), shutdown.clone()));
+    let mut grpc = tokio::spawn(grpc::serve(grpc_listener, app.clone(), shutdown.clone()));
 
     tracing::info!(%http_addr, %grpc_addr, "listening");
     println!("demo-server listening http={http_addr} grpc={grpc_addr}");
@@ -77,11 +116,14 @@ async fn run(config: Config) -> anyhow::Result<()> {
         res = &mut grpc => return Err(stopped_early("gRPC", res)),
     }
     shutdown.cancel();
-    let grace = Duration::from_secs(config.shutdown_grace_secs);
+    let grace = Duration::from_secs(grace_secs);
     let drained = tokio::time::timeout(grace, async {
         let (h, g) = tokio::join!(http, grpc);
         h.context("HTTP server task failed")??;
         g.context("gRPC server task failed")??;
+        if let Some(workers) = workers {
+            workers.await.context("worker task failed")?;
+        }
         anyhow::Ok(())
     })
     .await;

@@ -112,6 +112,9 @@ fn ns(v: f64) -> String {
 }
 
 fn number(v: f64) -> String {
+    if v.abs() < 100.0 {
+        return format!("{v:.2}");
+    }
     let rounded = v.round() as u64;
     let s = rounded.to_string();
     let mut out = String::new();

@@ -63,6 +63,12 @@ impl DemoServer {
         self.child.id() as i32
     }
 
+    /// SIGKILL: no graceful shutdown.
+    pub(crate) fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     /// Sends SIGTERM and waits for the exit status.
     pub(crate) fn terminate(mut self) -> ExitStatus {
         nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid()), nix::sys::signal::Signal::SIGTERM).unwrap();

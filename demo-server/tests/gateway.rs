@@ -1,0 +1,352 @@
+//! The full gateway against the real binary: alone without Redis, and as two instances sharing a
+//! real Redis (testkit) plus three lock nodes.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failure report
+
+mod common;
+
+use std::time::Duration;
+
+use common::DemoServer;
+use proto::{GetUserRequest, user_service_client::UserServiceClient};
+use serde_json::{Value, json};
+use testkit::{RedisConfig, RedisNodes, RedisServer};
+
+const TOKEN: &str = "test-admin-token";
+
+fn config_file(toml: &str) -> (tempfile::TempDir, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("demo.toml");
+    std::fs::write(&path, toml).unwrap();
+    let path = path.to_str().unwrap().to_owned();
+    (dir, path)
+}
+
+/// Small limits and a fast breaker, so tests trip them quickly.
+const SMALL: &str = r#"
+[limits.global]
+name = "global"
+[[limits.global.quotas]]
+algorithm = "token_bucket"
+rate = 20
+period = "1s"
+burst = 20
+
+[limits.grpc_global]
+name = "grpc"
+[[limits.grpc_global.quotas]]
+algorithm = "token_bucket"
+rate = 5
+period = "10s"
+burst = 5
+
+[breaker]
+window = { type = "count", size = 10 }
+minimum_calls = 4
+wait_in_open = "500ms"
+half_open_permits = 1
+"#;
+
+fn start(toml: &str, env: &[(&str, &str)]) -> (DemoServer, tempfile::TempDir) {
+    let (dir, path) = config_file(toml);
+    let mut env = env.to_vec();
+    env.push(("DEMO_ADMIN_TOKEN", TOKEN));
+    (DemoServer::start(&["--config", &path], &env), dir)
+}
+
+#[tokio::test]
+async fn single_instance_without_redis_every_route() {
+    let (server, _dir) = start("", &[]);
+    let http = reqwest::Client::new();
+    let url = |p: &str| server.url(p);
+
+    assert_eq!(http.get(url("/healthz")).send().await.unwrap().status(), 200);
+    let page = http.get(url("/")).send().await.unwrap().text().await.unwrap();
+    assert!(page.contains("Rampart demo gateway"));
+
+    // Inventory, in memory with the in-process lock.
+    let put = http.put(url("/inventory/sku-1")).body(r#"{"stock":3}"#).send().await.unwrap();
+    assert_eq!(put.json::<Value>().await.unwrap(), json!({"sku":"sku-1","stock":3}));
+    assert_eq!(http.get(url("/inventory/sku-1")).send().await.unwrap().json::<Value>().await.unwrap()["stock"], 3);
+    let reserved: Value =
+        http.post(url("/inventory/sku-1/reserve")).body(r#"{"qty":2}"#).send().await.unwrap().json().await.unwrap();
+    assert_eq!(reserved["remaining"], 1);
+    assert!(reserved["fencing_token"].as_u64().unwrap() >= 1);
+    let short = http.post(url("/inventory/sku-1/reserve")).body(r#"{"qty":2}"#).send().await.unwrap();
+    assert_eq!(short.status(), 409);
+    assert_eq!(short.json::<Value>().await.unwrap()["error"], "insufficient_stock");
+    let unknown = http.post(url("/inventory/nope/reserve")).send().await.unwrap();
+    assert_eq!(unknown.status(), 404);
+    assert_eq!(http.get(url("/inventory/nope")).send().await.unwrap().status(), 404);
+    let bad = http.put(url("/inventory/sku-1")).body(r#"{"stock":-1}"#).send().await.unwrap();
+    assert_eq!(bad.json::<Value>().await.unwrap()["error"], "invalid_argument");
+
+    // The task queue says it needs Redis.
+    let tasks = http.post(url("/tasks")).body(r#"{"type":"echo","payload":{}}"#).send().await.unwrap();
+    assert_eq!(tasks.status(), 503);
+    let problem: Value = tasks.json().await.unwrap();
+    assert_eq!(problem["error"], "unavailable");
+    assert!(problem["detail"].as_str().unwrap().contains("REDIS_URL"));
+    assert_eq!(http.get(url("/tasks/stats")).send().await.unwrap().status(), 503);
+
+    // Admin needs the token.
+    assert_eq!(http.get(url("/admin/state")).send().await.unwrap().status(), 401);
+    let state: Value = http.get(url("/admin/state")).bearer_auth(TOKEN).send().await.unwrap().json().await.unwrap();
+    assert_eq!(state["redis"], false);
+
+    // Metrics in Prometheus text.
+    let metrics = http.get(url("/metrics")).send().await.unwrap().text().await.unwrap();
+    assert!(metrics.contains("rampart_ratelimit_requests_total"), "{metrics}");
+}
+
+#[tokio::test]
+async fn bursts_get_429_over_http_and_resource_exhausted_over_grpc() {
+    let (server, _dir) = start(SMALL, &[]);
+    let http = reqwest::Client::new();
+    let mut statuses = Vec::new();
+    let mut limited = None;
+    for _ in 0..40 {
+        let res = http.get(server.url("/users/1")).send().await.unwrap();
+        if res.status() == 429 && limited.is_none() {
+            limited = Some(res);
+        } else {
+            statuses.push(res.status().as_u16());
+        }
+    }
+    let limited = limited.expect("the global limit of 20 refused some of 40");
+    let retry: u64 = limited.headers()["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!(retry >= 1);
+    assert!(limited.headers()["ratelimit"].to_str().unwrap().contains("\"global\";r=0"));
+    assert!(limited.headers()["ratelimit-policy"].to_str().unwrap().contains("\"global\";q=20;w=1"));
+    assert_eq!(limited.json::<Value>().await.unwrap()["error"], "rate_limited");
+    assert!(statuses.iter().filter(|&&s| s == 200).count() <= 21);
+
+    let channel = tonic::transport::Endpoint::from_shared(server.grpc_url()).unwrap().connect().await.unwrap();
+    let mut client = UserServiceClient::new(channel);
+    let mut exhausted = 0;
+    for id in 1..=10 {
+        match client.get_user(GetUserRequest { user_id: id }).await {
+            Ok(_) => {}
+            Err(status) => {
+                assert_eq!(status.code(), tonic::Code::ResourceExhausted);
+                exhausted += 1;
+            }
+        }
+    }
+    assert_eq!(exhausted, 5, "burst 5 over gRPC");
+}
+
+#[tokio::test]
+async fn an_upstream_made_to_fail_trips_its_breaker_then_recovers() {
+    let (server, _dir) = start(SMALL, &[]);
+    let http = reqwest::Client::new();
+    let admin = |fail_rate: f64| {
+        http.put(server.url("/admin/upstream/orders"))
+            .bearer_auth(TOKEN)
+            .json(&json!({"fail_rate": fail_rate, "latency_ms": 0}))
+            .send()
+    };
+    assert_eq!(http.get(server.url("/upstream/orders")).send().await.unwrap().status(), 200);
+    assert_eq!(admin(1.0).await.unwrap().status(), 200);
+    let mut statuses = Vec::new();
+    for _ in 0..8 {
+        statuses.push(http.get(server.url("/upstream/orders")).send().await.unwrap().status().as_u16());
+    }
+    assert!(statuses.contains(&502), "simulated failures: {statuses:?}");
+    assert_eq!(statuses.last(), Some(&503), "the breaker opened: {statuses:?}");
+    let open = http.get(server.url("/upstream/orders")).send().await.unwrap();
+    assert_eq!(open.json::<Value>().await.unwrap()["error"], "circuit_open");
+    // Another upstream has its own breaker.
+    assert_eq!(http.get(server.url("/upstream/billing")).send().await.unwrap().status(), 200);
+    let state: Value =
+        http.get(server.url("/admin/state")).bearer_auth(TOKEN).send().await.unwrap().json().await.unwrap();
+    let orders = state["breakers"].as_array().unwrap().iter().find(|b| b["upstream"] == "orders").unwrap().clone();
+    assert_eq!(orders["state"], "open");
+
+    assert_eq!(admin(0.0).await.unwrap().status(), 200);
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(http.get(server.url("/upstream/orders")).send().await.unwrap().status(), 200, "a probe passed");
+    assert_eq!(http.get(server.url("/upstream/orders")).send().await.unwrap().status(), 200, "closed again");
+}
+
+#[tokio::test]
+async fn the_hub_over_the_gateway() {
+    use futures_util::{SinkExt, StreamExt};
+    let (server, _dir) = start("", &[]);
+    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{}/ws?user_id=alice", server.http)).await.unwrap();
+    let text = |v: Value| tokio_tungstenite::tungstenite::Message::Text(v.to_string().into());
+    ws.send(text(json!({"type":"subscribe","channel":"test"}))).await.unwrap();
+    ws.send(text(json!({"type":"message","channel":"test","content":"hi"}))).await.unwrap();
+    let mut got_message = false;
+    while !got_message {
+        let Some(Ok(tokio_tungstenite::tungstenite::Message::Text(t))) =
+            tokio::time::timeout(Duration::from_secs(5), ws.next()).await.unwrap()
+        else {
+            continue;
+        };
+        let v: Value = serde_json::from_str(&t).unwrap();
+        got_message = v["type"] == "message" && v["content"] == "hi" && v["user_id"] == "alice";
+    }
+}
+
+/// Two instances on one Redis, three lock nodes.
+struct Cluster {
+    redis: RedisServer,
+    _locks: RedisNodes,
+    a: DemoServer,
+    b: DemoServer,
+    _dir: tempfile::TempDir,
+}
+
+fn two_instances(toml: &str) -> Cluster {
+    let redis = RedisServer::start_with(RedisConfig::new().aof(true)).unwrap();
+    let locks = RedisNodes::start(3).unwrap();
+    let lock_urls = locks.urls().join(",");
+    let (dir, path) = config_file(toml);
+    let env = [("REDIS_URL", redis.url()), ("LOCK_NODES", lock_urls), ("DEMO_ADMIN_TOKEN", TOKEN.to_owned())];
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let a = DemoServer::start(&["--config", &path], &env);
+    let b = DemoServer::start(&["--config", &path], &env);
+    Cluster { redis, _locks: locks, a, b, _dir: dir }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_share_the_hub_and_the_lock() {
+    use futures_util::{SinkExt, StreamExt};
+    let cluster = two_instances("");
+    let http = reqwest::Client::new();
+
+    // A WebSocket message published on A reaches a subscriber on B exactly once.
+    let (mut on_b, _) =
+        tokio_tungstenite::connect_async(format!("ws://{}/ws?user_id=ben", cluster.b.http)).await.unwrap();
+    let (mut on_a, _) =
+        tokio_tungstenite::connect_async(format!("ws://{}/ws?user_id=ann", cluster.a.http)).await.unwrap();
+    let text = |v: Value| tokio_tungstenite::tungstenite::Message::Text(v.to_string().into());
+    on_b.send(text(json!({"type":"subscribe","channel":"room"}))).await.unwrap();
+    loop {
+        let Some(Ok(tokio_tungstenite::tungstenite::Message::Text(t))) = on_b.next().await else { continue };
+        if t.contains("\"ack\"") {
+            break;
+        }
+    }
+    on_a.send(text(json!({"type":"message","channel":"room","content":"from A"}))).await.unwrap();
+    let mut seen = 0;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+    while let Ok(Some(Ok(msg))) = tokio::time::timeout_at(deadline, on_b.next()).await {
+        if let tokio_tungstenite::tungstenite::Message::Text(t) = msg
+            && t.contains("from A")
+        {
+            seen += 1;
+        }
+    }
+    assert_eq!(seen, 1, "exactly once across instances");
+
+    // 200 concurrent reserves split across A and B against stock 100.
+    let put = http.put(cluster.a.url("/inventory/widget")).body(r#"{"stock":100}"#).send().await.unwrap();
+    assert_eq!(put.status(), 200);
+    let reserves: Vec<_> = (0..200)
+        .map(|i| {
+            let http = http.clone();
+            let url = if i % 2 == 0 {
+                cluster.a.url("/inventory/widget/reserve")
+            } else {
+                cluster.b.url("/inventory/widget/reserve")
+            };
+            tokio::spawn(async move { http.post(url).send().await.unwrap().status().as_u16() })
+        })
+        .collect();
+    let mut counts = std::collections::BTreeMap::new();
+    for r in reserves {
+        *counts.entry(r.await.unwrap()).or_insert(0) += 1;
+    }
+    assert_eq!(counts.get(&200), Some(&100), "{counts:?}");
+    assert_eq!(counts.get(&409), Some(&100), "{counts:?}");
+    let stock: i64 = cluster.redis.cmd(&["GET", "{stock:widget}"]).unwrap();
+    assert_eq!(stock, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_global_limit_holds_across_instances() {
+    let cluster = two_instances(
+        r#"
+[limits.global]
+name = "global"
+[[limits.global.quotas]]
+algorithm = "token_bucket"
+rate = 50
+period = "1s"
+burst = 50
+"#,
+    );
+    let http = reqwest::Client::new();
+    // The global limit (50/s, burst 50, in Redis) holds across both instances.
+    let started = std::time::Instant::now();
+    let mut admitted = 0;
+    for i in 0..300 {
+        let url = if i % 2 == 0 { cluster.a.url("/healthz") } else { cluster.b.url("/healthz") };
+        if http.get(url).send().await.unwrap().status() == 200 {
+            admitted += 1;
+        }
+    }
+    let bound = 50.0 + 50.0 * started.elapsed().as_secs_f64() + 1.0;
+    assert!(admitted as f64 <= bound, "{admitted} admitted, bound {bound:.0}");
+    assert!(admitted >= 50, "{admitted}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_tasks_survive_a_killed_instance() {
+    let mut cluster = two_instances(
+        r#"
+[tasks.worker]
+claim_idle = "1s"
+retry_base = "100ms"
+retry_max = "500ms"
+"#,
+    );
+    let http = reqwest::Client::new();
+    for _ in 0..1000 {
+        let res =
+            http.post(cluster.a.url("/tasks")).json(&json!({"type":"sleep","payload":{"ms":40}})).send().await.unwrap();
+        assert_eq!(res.status(), 202);
+    }
+    // Kill B mid-run (SIGKILL: no graceful drain), while it holds tasks.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    cluster.b.kill();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
+    let stats = loop {
+        let stats: Value = http.get(cluster.a.url("/tasks/stats")).send().await.unwrap().json().await.unwrap();
+        if stats["pending"] == 0 && stats["lag"] == 0 && stats["processed"].as_u64().unwrap_or(0) >= 1000 {
+            break stats;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "not all processed: {stats}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    eprintln!("after killing B: {stats}");
+    assert_eq!(stats["enqueued"], 1000);
+    assert_eq!(stats["dead_lettered"], 0);
+    assert!(stats["retried"].as_u64().unwrap() > 0, "B's unfinished tasks were taken over and run again: {stats}");
+}
+
+#[tokio::test]
+async fn graceful_shutdown_under_load_loses_no_accepted_request() {
+    let (server, _dir) = start("", &[]);
+    let http = reqwest::Client::new();
+    let set = http
+        .put(server.url("/admin/upstream/slow"))
+        .bearer_auth(TOKEN)
+        .json(&json!({"fail_rate":0,"latency_ms":500}))
+        .send();
+    assert_eq!(set.await.unwrap().status(), 200);
+    let requests: Vec<_> = (0..20)
+        .map(|_| {
+            let (http, url) = (http.clone(), server.url("/upstream/slow"));
+            tokio::spawn(async move { http.get(url).send().await.map(|r| r.status().as_u16()) })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let status = tokio::task::spawn_blocking(move || server.terminate());
+    for r in requests {
+        assert_eq!(r.await.unwrap().unwrap(), 200, "an in-flight request was dropped by the shutdown");
+    }
+    assert!(status.await.unwrap().success());
+}
