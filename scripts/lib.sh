@@ -34,3 +34,25 @@ ensure_redis() {
   esac
   command -v redis-server >/dev/null 2>&1 || { log "redis-server still missing after install"; exit 1; }
 }
+
+# Headless Chromium for the demo's browser test.
+ensure_chromium() {
+  if [ -n "${CHROMIUM_BIN:-}" ] || command -v chromium >/dev/null 2>&1; then
+    return
+  fi
+  case "$(uname -s)" in
+    Darwin)
+      log "installing chromium with Homebrew"
+      brew install --cask chromium
+      export CHROMIUM_BIN="/Applications/Chromium.app/Contents/MacOS/Chromium"
+      ;;
+    Linux)
+      if command -v apt-get >/dev/null 2>&1; then
+        apt_install chromium
+      else
+        log "chromium is missing and this is not a Debian/Ubuntu system: install it (or set CHROMIUM_BIN) and rerun"
+        exit 1
+      fi
+      ;;
+  esac
+}

@@ -170,6 +170,8 @@ pub(crate) struct Behaviour {
 #[derive(Debug, Default)]
 pub(crate) struct Upstreams {
     behaviours: RwLock<HashMap<String, Behaviour>>,
+    /// Calls that reached each upstream (so one can see an open breaker spare it).
+    calls: Mutex<HashMap<String, u64>>,
 }
 
 impl Upstreams {
@@ -181,8 +183,14 @@ impl Upstreams {
         self.behaviours.write().unwrap_or_else(PoisonError::into_inner).insert(name.to_owned(), behaviour);
     }
 
+    /// Calls that reached each upstream.
+    pub(crate) fn calls(&self) -> HashMap<String, u64> {
+        self.calls.lock().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+
     /// One call: waits the latency, then fails with the configured probability.
     pub(crate) async fn call(&self, name: &str) -> bool {
+        *self.calls.lock().unwrap_or_else(PoisonError::into_inner).entry(name.to_owned()).or_default() += 1;
         let behaviour = self.get(name);
         if behaviour.latency_ms > 0 {
             tokio::time::sleep(Duration::from_millis(behaviour.latency_ms)).await;

@@ -48,6 +48,7 @@ pub(crate) async fn snapshot(app: &App) -> Value {
         "lock": {"nodes": app.lock.nodes(), "quorum": app.lock.quorum()},
         "queue": queue,
         "hub": app.hub.stats(),
+        "upstream_calls": app.upstreams.calls(),
         "redis": app.redis.is_some(),
     })
 }

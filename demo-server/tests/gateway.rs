@@ -47,6 +47,15 @@ wait_in_open = "500ms"
 half_open_permits = 1
 "#;
 
+/// Only the fast breaker: the default (generous) global limit stays.
+const FAST_BREAKER: &str = r#"
+[breaker]
+window = { type = "count", size = 10 }
+minimum_calls = 4
+wait_in_open = "500ms"
+half_open_permits = 1
+"#;
+
 fn start(toml: &str, env: &[(&str, &str)]) -> (DemoServer, tempfile::TempDir) {
     let (dir, path) = config_file(toml);
     let mut env = env.to_vec();
@@ -138,7 +147,7 @@ async fn bursts_get_429_over_http_and_resource_exhausted_over_grpc() {
 
 #[tokio::test]
 async fn an_upstream_made_to_fail_trips_its_breaker_then_recovers() {
-    let (server, _dir) = start(SMALL, &[]);
+    let (server, _dir) = start(FAST_BREAKER, &[]);
     let http = reqwest::Client::new();
     let admin = |fail_rate: f64| {
         http.put(server.url("/admin/upstream/orders"))
@@ -156,6 +165,15 @@ async fn an_upstream_made_to_fail_trips_its_breaker_then_recovers() {
     assert_eq!(statuses.last(), Some(&503), "the breaker opened: {statuses:?}");
     let open = http.get(server.url("/upstream/orders")).send().await.unwrap();
     assert_eq!(open.json::<Value>().await.unwrap()["error"], "circuit_open");
+    let calls = |state: &Value| state["upstream_calls"]["orders"].as_u64().unwrap();
+    let before: Value =
+        http.get(server.url("/admin/state")).bearer_auth(TOKEN).send().await.unwrap().json().await.unwrap();
+    for _ in 0..5 {
+        assert_eq!(http.get(server.url("/upstream/orders")).send().await.unwrap().status(), 503);
+    }
+    let after: Value =
+        http.get(server.url("/admin/state")).bearer_auth(TOKEN).send().await.unwrap().json().await.unwrap();
+    assert_eq!(calls(&after), calls(&before), "no call reached the upstream while its breaker was open");
     // Another upstream has its own breaker.
     assert_eq!(http.get(server.url("/upstream/billing")).send().await.unwrap().status(), 200);
     let state: Value =
@@ -349,4 +367,35 @@ async fn graceful_shutdown_under_load_loses_no_accepted_request() {
         assert_eq!(r.await.unwrap().unwrap(), 200, "an in-flight request was dropped by the shutdown");
     }
     assert!(status.await.unwrap().success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn graceful_shutdown_loses_no_accepted_task() {
+    let redis = RedisServer::start_with(RedisConfig::new().aof(true)).unwrap();
+    let (dir, path) = config_file("[tasks.worker]\nclaim_idle = \"1s\"\nconcurrency = 4\n");
+    let env = [("REDIS_URL", redis.url()), ("DEMO_ADMIN_TOKEN", TOKEN.to_owned())];
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let first = DemoServer::start(&["--config", &path], &env);
+    let http = reqwest::Client::new();
+    for _ in 0..200 {
+        let res =
+            http.post(first.url("/tasks")).json(&json!({"type":"sleep","payload":{"ms":20}})).send().await.unwrap();
+        assert_eq!(res.status(), 202);
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // SIGTERM mid-run: in-flight tasks finish and are acknowledged, the rest stays queued.
+    let status = tokio::task::spawn_blocking(move || first.terminate()).await.unwrap();
+    assert!(status.success());
+    let second = DemoServer::start(&["--config", &path], &env);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let stats: Value = http.get(second.url("/tasks/stats")).send().await.unwrap().json().await.unwrap();
+        if stats["processed"].as_u64().unwrap_or(0) >= 200 && stats["pending"] == 0 && stats["lag"] == 0 {
+            assert_eq!(stats["dead_lettered"], 0);
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "accepted tasks were lost: {stats}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    drop(dir);
 }
