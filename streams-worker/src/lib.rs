@@ -62,7 +62,6 @@
 //! # Ok(()) }
 //! ```
 
-mod conn;
 mod envelope;
 mod error;
 mod keys;
@@ -70,9 +69,9 @@ mod producer;
 mod stats;
 mod worker;
 
-pub use conn::{Conn, Redis};
 pub use envelope::{Delivery, Undecodable};
 pub use error::{BoxError, QueueError};
 pub use producer::Producer;
+pub use rampart_redis::{Conn, Redis};
 pub use stats::{LocalStats, Stats, stats};
 pub use worker::{Worker, WorkerConfig};

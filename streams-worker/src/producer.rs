@@ -10,12 +10,7 @@ use std::{
 use serde::Serialize;
 use tower_service::Service;
 
-use crate::{
-    conn::{Conn, Redis},
-    envelope::fields,
-    error::QueueError,
-    keys,
-};
+use crate::{Conn, Redis, envelope::fields, error::QueueError, keys};
 
 /// Adds tasks to a stream. Cheap to clone (one shared multiplexed connection).
 ///

@@ -7,7 +7,7 @@ use std::{
 
 use serde::Serialize;
 
-use crate::{conn::Conn, error::QueueError, keys};
+use crate::{Conn, error::QueueError, keys};
 
 /// Counts across every instance, kept in Redis (`<stream>:stats`) plus the group's pending count
 /// and lag from `XINFO GROUPS` (lag needs Redis ≥ 7.0).

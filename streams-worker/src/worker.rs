@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 use tower::{Service, ServiceExt};
 
 use crate::{
-    conn::{Conn, Redis},
+    Conn, Redis,
     envelope::{Delivery, decode, raw_fields},
     error::{BoxError, QueueError},
     keys,

@@ -60,10 +60,16 @@ impl RedisCluster {
     /// Starts `masters` cluster-enabled servers (at least 3), joins them and waits until every
     /// node reports `cluster_state:ok`.
     pub fn start(masters: usize) -> Result<Self> {
+        Self::start_with(masters, RedisConfig::new())
+    }
+
+    /// Like [`RedisCluster::start`], each node started with `config` (e.g. with AOF, so a
+    /// restarted node keeps its data).
+    pub fn start_with(masters: usize, config: RedisConfig) -> Result<Self> {
         if masters < 3 {
             return Err(Error::Cluster("a Redis Cluster needs at least 3 masters".into()));
         }
-        let config = RedisConfig::new().cluster(true);
+        let config = config.cluster(true);
         let nodes: Vec<RedisServer> =
             (0..masters).map(|_| RedisServer::start_with(config.clone())).collect::<Result<_>>()?;
         let cli = cli_bin();
@@ -95,6 +101,12 @@ impl RedisCluster {
     /// The nodes' `redis://` URLs (any of them bootstraps a cluster client).
     pub fn urls(&self) -> Vec<String> {
         self.nodes.iter().map(RedisServer::url).collect()
+    }
+
+    /// Node `index`, to fault it (`kill`, `pause`, `restart`: a restarted node keeps its
+    /// `nodes.conf`, so it rejoins with the same slots).
+    pub fn node(&mut self, index: usize) -> Option<&mut RedisServer> {
+        self.nodes.get_mut(index)
     }
 
     /// Index of the node that owns `key`'s hash slot.

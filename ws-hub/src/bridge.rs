@@ -1,23 +1,25 @@
 //! The Redis bridge: every publish goes through Redis, so every instance's subscribers get it.
 //!
 //! A publish runs one script: `INCR` the channel's offset, append the frame to the channel's
-//! history list (capped), `PUBLISH` it. Each instance subscribes only to channels that have local
-//! subscribers and delivers what Redis sends — including its own publishes, which is the only path
-//! to local subscribers: one path, so exactly once, and no echo loop. Offsets come from one `INCR`,
-//! so they agree on every instance. If the subscription connection drops, the bridge reconnects
-//! with a backoff, resubscribes, and replays from the history what it missed.
+//! history list (capped), publish it (`PUBLISH`, or sharded `SPUBLISH` on a Redis Cluster, where
+//! the channel and its keys share one hash slot). Each instance subscribes only to channels that
+//! have local subscribers and delivers what Redis sends — including its own publishes, which is
+//! the only path to local subscribers: one path, so exactly once, and no echo loop. Offsets come
+//! from one `INCR`, so they agree on every instance.
+//!
+//! Subscriptions ride on a RESP3 connection that renews them after a reconnect; every
+//! confirmation (first or renewed) makes the bridge replay the channel's history from Redis, and
+//! each subscriber's last offset drops what it already has — so a disconnect loses nothing that
+//! is still in the history, and delivers nothing twice.
 //!
 //! Run that Redis with persistence (AOF): offsets live there, and a Redis that restarts empty
 //! starts them again at 1, which subscribers that saw higher offsets would ignore as duplicates
 //! until they resubscribe.
 
-use std::{
-    collections::HashMap,
-    sync::{Arc, Mutex, PoisonError, Weak},
-    time::Duration,
-};
+use std::{collections::HashSet, sync::Weak, time::Duration};
 
-use futures_util::StreamExt;
+use rampart_redis::{Conn, Redis, Tuning};
+use redis::{PushInfo, PushKind};
 use serde_json::Value;
 use tokio::sync::{mpsc, oneshot};
 
@@ -31,7 +33,7 @@ local offset = redis.call('INCR', KEYS[1])
 local frame = ARGV[1] .. offset .. '}'
 redis.call('RPUSH', KEYS[2], frame)
 redis.call('LTRIM', KEYS[2], -tonumber(ARGV[2]), -1)
-redis.call('PUBLISH', ARGV[3], frame)
+redis.call(ARGV[4], ARGV[3], frame)
 return offset
 ";
 
@@ -43,8 +45,13 @@ fn history_key(channel: &str) -> String {
     format!("hub:{{{channel}}}:history")
 }
 
+/// The Redis channel: the same hash tag as the keys, so a cluster keeps all three on one node.
 fn pubsub_channel(channel: &str) -> String {
-    format!("hub:{channel}")
+    format!("hub:{{{channel}}}")
+}
+
+fn hub_channel(pubsub_channel: &[u8]) -> Option<&str> {
+    std::str::from_utf8(pubsub_channel).ok()?.strip_prefix("hub:{")?.strip_suffix('}')
 }
 
 /// The offset at the end of one of our frames (`...,"offset":42}`).
@@ -58,7 +65,7 @@ enum Command {
 }
 
 pub(crate) struct Bridge {
-    con: redis::aio::ConnectionManager,
+    con: Conn,
     script: redis::Script,
     commands: mpsc::UnboundedSender<Command>,
     history_len: usize,
@@ -78,6 +85,7 @@ impl Bridge {
             .arg(prefix)
             .arg(self.history_len)
             .arg(pubsub_channel(channel))
+            .arg(self.con.publish_command())
             .invoke_async(&mut self.con.clone())
             .await
     }
@@ -116,117 +124,136 @@ impl Bridge {
 }
 
 impl Hub {
-    /// Routes every publish through Redis at `url`, so subscribers on all instances sharing it
-    /// get every message. Call before the hub is shared (cloned).
+    /// Routes every publish through the Redis server at `url`, so subscribers on all instances
+    /// sharing it get every message. Call before the hub is shared (cloned).
     pub async fn with_redis(self, url: &str) -> Result<Self, redis::RedisError> {
-        let client = redis::Client::open(url)?;
-        let config = redis::aio::ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(Duration::from_secs(1)))
-            .set_max_delay(Duration::from_secs(1))
-            .set_number_of_retries(2);
-        let con = redis::aio::ConnectionManager::new_lazy_with_config(client.clone(), config)?;
+        self.with_redis_at(&Redis::url(url)?).await
+    }
+
+    /// Routes every publish through `redis`: one server, or a Redis Cluster (sharded pub/sub,
+    /// each channel's offset, history and pub/sub on the node owning its slot).
+    /// Call before the hub is shared (cloned).
+    pub async fn with_redis_at(self, redis: &Redis) -> Result<Self, redis::RedisError> {
+        let (pushes_tx, pushes) = mpsc::unbounded_channel();
+        let tuning = Tuning {
+            connect_timeout: Duration::from_secs(1),
+            response_timeout: Duration::from_secs(2),
+            min_delay: Duration::from_millis(50),
+            max_delay: Duration::from_secs(1),
+            retries: 2,
+        };
+        let con = redis.connect_push(tuning, pushes_tx).await?;
         let (commands, rx) = mpsc::unbounded_channel();
-        let bridge =
-            Bridge { con, script: redis::Script::new(PUBLISH), commands, history_len: self.config().history.max(1) };
+        let bridge = Bridge {
+            con: con.clone(),
+            script: redis::Script::new(PUBLISH),
+            commands,
+            history_len: self.config().history.max(1),
+        };
         let _ = self.inner.bridge.set(bridge);
-        tokio::spawn(subscriber(Arc::downgrade(&self.inner), client, rx));
+        tokio::spawn(subscriber(std::sync::Arc::downgrade(&self.inner), con, pushes, rx));
         Ok(self)
     }
 }
 
-/// Keeps this instance's Redis subscriptions and delivers what arrives; reconnects and catches
-/// up from the history after a disconnect. Ends when the hub is dropped.
-async fn subscriber(hub: Weak<HubInner>, client: redis::Client, mut commands: mpsc::UnboundedReceiver<Command>) {
-    let last_seen: Mutex<HashMap<String, u64>> = Mutex::new(HashMap::new());
-    let mut pause = Duration::from_millis(50);
-    let mut pending: Vec<Command> = Vec::new();
+/// Keeps this instance's Redis subscriptions and delivers what arrives; after a disconnect it
+/// keeps the connection trying until it is back. Ends when the hub is dropped.
+async fn subscriber(
+    hub: Weak<HubInner>,
+    mut con: Conn,
+    mut pushes: mpsc::UnboundedReceiver<PushInfo>,
+    mut commands: mpsc::UnboundedReceiver<Command>,
+) {
+    const FIRST_PAUSE: Duration = Duration::from_millis(50);
+    let mut subscribed = HashSet::new();
+    let mut disconnected = false;
+    let mut pause = FIRST_PAUSE;
     loop {
-        let pubsub = match client.get_async_pubsub().await {
-            Ok(p) => p,
-            Err(error) => {
-                tracing::warn!(%error, ?pause, "hub bridge: cannot connect; retrying");
-                tokio::time::sleep(pause).await;
-                pause = (pause * 2).min(Duration::from_secs(2));
-                if hub.strong_count() == 0 {
-                    return;
-                }
-                continue;
-            }
-        };
-        pause = Duration::from_millis(50);
-        let (mut sink, mut stream) = pubsub.split();
-        let Some(inner) = hub.upgrade() else { return };
-        let hub_handle = Hub { inner };
-        // Resubscribe to what local clients need, then catch up on what was missed meanwhile.
-        let wanted = hub_handle.subscribed_channels();
-        let mut ok = true;
-        for channel in &wanted {
-            if sink.subscribe(pubsub_channel(channel)).await.is_err() {
-                ok = false;
-                break;
-            }
-        }
-        if ok {
-            for channel in &wanted {
-                catch_up(&hub_handle, channel, &last_seen).await;
-            }
-        }
-        drop(hub_handle);
-        for command in pending.drain(..) {
-            apply(&mut sink, command).await;
-        }
-        if ok {
-            loop {
-                tokio::select! {
-                    message = stream.next() => {
-                        let Some(message) = message else { break };
-                        let Some(inner) = hub.upgrade() else { return };
-                        let hub_handle = Hub { inner };
-                        let channel = message.get_channel_name().strip_prefix("hub:").unwrap_or_default().to_owned();
-                        let Ok(frame) = message.get_payload::<String>() else { continue };
-                        let Some(offset) = frame_offset(&frame) else { continue };
-                        last_seen.lock().unwrap_or_else(PoisonError::into_inner).insert(channel.clone(), offset);
-                        if let Some(ch) = hub_handle.channel(&channel) {
-                            hub_handle.deliver(&ch, offset, utf8(frame.into())).await;
+        tokio::select! {
+            push = pushes.recv() => {
+                let Some(push) = push else { return };
+                let Some(inner) = hub.upgrade() else { return };
+                let hub = Hub { inner };
+                match push.kind {
+                    PushKind::Message | PushKind::SMessage => deliver(&hub, push.data).await,
+                    // First subscription or renewed after a reconnect: fill any gap.
+                    PushKind::Subscribe | PushKind::SSubscribe => {
+                        disconnected = false;
+                        if let Some(channel) = push.data.first().and_then(bytes).and_then(hub_channel) {
+                            catch_up(&hub, channel).await;
                         }
                     }
-                    command = commands.recv() => {
-                        let Some(command) = command else { return };
-                        if !apply(&mut sink, command).await {
-                            break;
+                    PushKind::Disconnection => {
+                        tracing::warn!("hub bridge: Redis connection lost; reconnecting");
+                        disconnected = true;
+                    }
+                    _ => {}
+                }
+            }
+            command = commands.recv() => {
+                let Some(command) = command else { return };
+                match command {
+                    Command::Subscribe(channel, done) => {
+                        let mut result = Ok(());
+                        if !subscribed.contains(&channel) {
+                            result = con.subscribe(&pubsub_channel(&channel)).await.map_err(|e| e.to_string());
+                            if result.is_ok() {
+                                subscribed.insert(channel);
+                            }
+                        }
+                        let _ = done.send(result);
+                    }
+                    Command::Unsubscribe(channel) => {
+                        if subscribed.remove(&channel) && let Err(error) = con.unsubscribe(&pubsub_channel(&channel)).await {
+                            tracing::debug!(%error, channel, "hub bridge: unsubscribe failed");
                         }
                     }
                 }
             }
+            // A failed reconnect is retried on the next command; nudge it so subscriptions return
+            // even when this instance publishes nothing.
+            () = tokio::time::sleep(pause), if disconnected => {
+                match redis::cmd("PING").query_async::<()>(&mut con).await {
+                    Ok(()) => {
+                        disconnected = false;
+                        pause = FIRST_PAUSE;
+                    }
+                    Err(_) => pause = (pause * 2).min(Duration::from_secs(2)),
+                }
+            }
         }
-        tracing::warn!("hub bridge: subscription connection lost; reconnecting");
-        // Keep the subscription requests that arrive while reconnecting.
-        while let Ok(command) = commands.try_recv() {
-            pending.push(command);
-        }
-        tokio::time::sleep(pause).await;
     }
 }
 
-async fn apply(sink: &mut redis::aio::PubSubSink, command: Command) -> bool {
-    match command {
-        Command::Subscribe(channel, done) => {
-            let result = sink.subscribe(pubsub_channel(&channel)).await.map_err(|e| e.to_string());
-            let ok = result.is_ok();
-            let _ = done.send(result);
-            ok
-        }
-        Command::Unsubscribe(channel) => sink.unsubscribe(pubsub_channel(&channel)).await.is_ok(),
+fn bytes(value: &redis::Value) -> Option<&[u8]> {
+    match value {
+        redis::Value::BulkString(b) => Some(b),
+        _ => None,
     }
 }
 
-async fn catch_up(hub: &Hub, channel: &str, last_seen: &Mutex<HashMap<String, u64>>) {
+async fn deliver(hub: &Hub, data: Vec<redis::Value>) {
+    let mut data = data.into_iter();
+    let (Some(redis::Value::BulkString(channel)), Some(redis::Value::BulkString(frame))) = (data.next(), data.next())
+    else {
+        return;
+    };
+    let (Some(channel), Ok(frame)) = (hub_channel(&channel), String::from_utf8(frame)) else { return };
+    let Some(offset) = frame_offset(&frame) else { return };
+    if let Some(ch) = hub.channel(channel) {
+        hub.deliver(&ch, offset, utf8(frame.into())).await;
+    }
+}
+
+async fn catch_up(hub: &Hub, channel: &str) {
     let Some(bridge) = hub.inner.bridge.get() else { return };
     let Some(ch) = hub.channel(channel) else { return };
-    let seen = last_seen.lock().unwrap_or_else(PoisonError::into_inner).get(channel).copied().unwrap_or(0);
-    if let Ok((frames, _)) = bridge.history(channel).await {
-        for (offset, frame) in frames.into_iter().filter(|(o, _)| *o > seen) {
-            hub.deliver(&ch, offset, frame).await;
+    match bridge.history(channel).await {
+        Ok((frames, _)) => {
+            for (offset, frame) in frames {
+                hub.deliver(&ch, offset, frame).await;
+            }
         }
+        Err(error) => tracing::warn!(%error, channel, "hub bridge: cannot read the history to catch up"),
     }
 }

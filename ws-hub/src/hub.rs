@@ -85,7 +85,6 @@ type Subscribers = HashMap<u64, (Arc<Conn>, Arc<AtomicU64>)>;
 
 /// One channel: its subscribers, its history, its offsets.
 pub(crate) struct Channel {
-    name: Arc<str>,
     /// Subscribers and the last offset each was given (no duplicate when a replay and a live
     /// delivery overlap).
     subs: RwLock<Subscribers>,
@@ -178,7 +177,6 @@ impl Hub {
             .entry(name.into())
             .or_insert_with(|| {
                 Arc::new(Channel {
-                    name: name.into(),
                     subs: RwLock::new(HashMap::new()),
                     order: Mutex::new(History::default()),
                     next_offset: AtomicU64::new(1),
@@ -208,7 +206,10 @@ impl Hub {
     pub(crate) async fn deliver(&self, channel: &Channel, offset: u64, frame: Utf8Bytes) {
         let config = &self.inner.config;
         let mut history = channel.order.lock().await;
-        history.frames.push_back((offset, frame.clone()));
+        // In order only: a bridge's catch-up may replay frames the history already holds.
+        if history.frames.back().is_none_or(|(last, _)| *last < offset) {
+            history.frames.push_back((offset, frame.clone()));
+        }
         while history.frames.len() > config.history {
             history.frames.pop_front();
         }
@@ -300,20 +301,6 @@ impl Hub {
             }
         }
         stats
-    }
-
-    /// Channel names with subscribers on this instance (the bridge resubscribes to these).
-    pub(crate) fn subscribed_channels(&self) -> Vec<String> {
-        let mut names = Vec::new();
-        for shard in self.inner.shards.iter() {
-            let shard = shard.read().unwrap_or_else(PoisonError::into_inner);
-            for ch in shard.values() {
-                if !ch.subs.read().unwrap_or_else(PoisonError::into_inner).is_empty() {
-                    names.push(ch.name.to_string());
-                }
-            }
-        }
-        names
     }
 }
 

@@ -52,5 +52,7 @@ mod ws;
 pub use auth::{AllowAll, AuthError, Authenticator, Permissions, QueryUserId, SignedToken, UpgradeRequest};
 pub use config::{HubConfig, SlowConsumer};
 pub use hub::{Hub, HubError, HubStats};
+/// Where the Redis bridge connects: one server or a Redis Cluster ([`Hub::with_redis_at`]).
+pub use rampart_redis::Redis;
 pub use service::{HubService, Publish};
 pub use ws::upgrade;

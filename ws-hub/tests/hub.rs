@@ -356,6 +356,96 @@ async fn two_instances_on_redis_deliver_exactly_once_and_survive_a_restart() {
     }
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_subscription_connection_catches_up_from_the_history() {
+    let redis = RedisServer::start().unwrap();
+    let a = Hub::new(HubConfig::default()).with_redis(&redis.url()).await.unwrap();
+    let b = Hub::new(HubConfig::default()).with_redis(&redis.url()).await.unwrap();
+    let addr_b = serve(&b).await;
+    let mut on_b = client(addr_b, "ben").await;
+    send(&mut on_b, json!({"type":"subscribe","channel":"feed"})).await;
+    assert_eq!(recv(&mut on_b).await["type"], "ack");
+    // Drop B's subscribed connection and publish while it reconnects: what it misses live, it
+    // replays from the history once its subscription is renewed.
+    let killed: i64 = redis.cmd(&["CLIENT", "KILL", "TYPE", "pubsub"]).unwrap();
+    assert!(killed >= 1, "B's connection is subscribed");
+    for i in 1..=20 {
+        assert_eq!(a.publish("feed", &json!(i), "server").await.unwrap(), i);
+    }
+    for expect in 1..=20 {
+        assert_eq!(recv(&mut on_b).await["offset"], expect, "in order, each once");
+    }
+    silent(&mut on_b).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_on_a_cluster_use_sharded_pubsub_and_survive_a_node_restart() {
+    let mut cluster = testkit::RedisCluster::start_with(3, testkit::RedisConfig::new().aof(true)).unwrap();
+    // One channel per node: `hub:{<channel>}` hashes on the channel name.
+    let mut channels = vec![String::new(); 3];
+    for i in 0.. {
+        let name = format!("room{i}");
+        let node = cluster.node_for_key(&format!("{{{name}}}")).unwrap();
+        if channels[node].is_empty() {
+            channels[node] = name;
+        }
+        if channels.iter().all(|c| !c.is_empty()) {
+            break;
+        }
+    }
+    let redis = ws_hub::Redis::cluster(&cluster.urls()).unwrap();
+    let a = Hub::new(HubConfig::default()).with_redis_at(&redis).await.unwrap();
+    let b = Hub::new(HubConfig::default()).with_redis_at(&redis).await.unwrap();
+    let (addr_a, addr_b) = (serve(&a).await, serve(&b).await);
+    let mut on_a = client(addr_a, "ann").await;
+    let mut on_b = client(addr_b, "ben").await;
+    for channel in &channels {
+        send(&mut on_b, json!({"type":"subscribe","channel":channel})).await;
+        assert_eq!(recv(&mut on_b).await["type"], "ack");
+    }
+    for (i, channel) in channels.iter().enumerate() {
+        for n in 0..3 {
+            send(&mut on_a, json!({"type":"message","channel":channel,"content":i * 10 + n})).await;
+        }
+    }
+    let mut got: Vec<(String, u64)> = Vec::new();
+    while got.len() < 9 {
+        let v = recv(&mut on_b).await;
+        assert_eq!(v["type"], "message");
+        got.push((v["channel"].as_str().unwrap().to_owned(), v["offset"].as_u64().unwrap()));
+    }
+    got.sort();
+    let mut expected: Vec<(String, u64)> = channels.iter().flat_map(|c| (1..=3).map(|o| (c.clone(), o))).collect();
+    expected.sort();
+    assert_eq!(got, expected, "each message once, on every node's channel, with per-channel offsets");
+    silent(&mut on_b).await;
+
+    // Restart the node that owns the first channel; its subscription comes back by itself.
+    let node = cluster.node_for_key(&format!("{{{}}}", channels[0])).unwrap();
+    cluster.node(node).unwrap().kill().unwrap();
+    cluster.node(node).unwrap().restart().unwrap();
+    cluster.wait_ok(Duration::from_secs(30)).unwrap();
+    let started = tokio::time::Instant::now();
+    let offset = loop {
+        match a.publish(&channels[0], &json!("after restart"), "server").await {
+            Ok(offset) => break offset,
+            Err(_) => {
+                assert!(started.elapsed() < Duration::from_secs(20), "the bridge did not recover");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    };
+    assert_eq!(offset, 4, "the offsets survived the restart (AOF)");
+    loop {
+        let v = recv(&mut on_b).await;
+        if v["content"] == "after restart" {
+            assert_eq!(v["offset"], 4);
+            break;
+        }
+    }
+    silent(&mut on_b).await;
+}
+
 proptest! {
     #[test]
     fn the_decoder_never_panics(bytes in prop::collection::vec(any::<u8>(), 0..512)) {

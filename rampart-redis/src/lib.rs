@@ -1,0 +1,220 @@
+//! Where Rampart's Redis-backed pieces connect: one server or a Redis Cluster.
+//!
+//! [`Redis`] names a deployment; [`Redis::connect`] opens a [`Conn`], an auto-reconnecting
+//! connection that implements [`redis::aio::ConnectionLike`], so scripts, pipelines and commands
+//! run on either deployment unchanged. [`Redis::connect_push`] opens one that also receives
+//! RESP3 pushes (pub/sub messages) and resubscribes by itself after a reconnect; on a cluster,
+//! [`Conn::subscribe`] uses sharded pub/sub (`SSUBSCRIBE`), which keeps each channel on the node
+//! that owns its slot.
+//!
+//! On a cluster, keys that one script or pipeline touches must share a hash tag (`{...}`).
+//!
+//! ```no_run
+//! # async fn run() -> Result<(), redis::RedisError> {
+//! use rampart_redis::Redis;
+//!
+//! let single = Redis::url("redis://127.0.0.1:6379")?;
+//! let cluster = Redis::cluster(&["redis://127.0.0.1:7000", "redis://127.0.0.1:7001"])?;
+//! let mut con = single.connect().await?;
+//! let _: () = redis::cmd("SET").arg("{k}:a").arg(1).query_async(&mut con).await?;
+//! # drop(cluster);
+//! # Ok(()) }
+//! ```
+
+use std::time::Duration;
+
+use redis::{
+    Cmd, IntoConnectionInfo, Pipeline, ProtocolVersion, PushInfo, RedisFuture, Value,
+    aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig},
+    cluster::{ClusterClient, ClusterClientBuilder},
+    cluster_async::ClusterConnection,
+};
+use tokio::sync::mpsc::UnboundedSender;
+
+/// A Redis deployment to connect to.
+#[derive(Debug, Clone)]
+pub enum Redis {
+    /// One server (`redis://host:port/db`).
+    Single(redis::ConnectionInfo),
+    /// A Redis Cluster, from any of its nodes.
+    Cluster(Vec<redis::ConnectionInfo>),
+}
+
+/// How a [`Conn`] connects and reconnects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Tuning {
+    /// Time allowed to open one connection.
+    pub connect_timeout: Duration,
+    /// Time allowed for one answer (cluster only; a single server's commands are bounded by
+    /// their callers).
+    pub response_timeout: Duration,
+    /// First pause between reconnection attempts.
+    pub min_delay: Duration,
+    /// Longest pause between reconnection attempts.
+    pub max_delay: Duration,
+    /// Attempts per reconnection before the error reaches the caller (the next command tries
+    /// again).
+    pub retries: usize,
+}
+
+impl Default for Tuning {
+    /// 2 s to connect, 2 s per answer, reconnecting 50 ms to 2 s apart, 3 attempts.
+    fn default() -> Self {
+        Self {
+            connect_timeout: Duration::from_secs(2),
+            response_timeout: Duration::from_secs(2),
+            min_delay: Duration::from_millis(50),
+            max_delay: Duration::from_secs(2),
+            retries: 3,
+        }
+    }
+}
+
+impl Redis {
+    /// One server.
+    pub fn url(url: &str) -> Result<Self, redis::RedisError> {
+        Ok(Self::Single(url.into_connection_info()?))
+    }
+
+    /// A cluster, from any of its nodes.
+    pub fn cluster<S: AsRef<str>>(nodes: &[S]) -> Result<Self, redis::RedisError> {
+        if nodes.is_empty() {
+            return Err((redis::ErrorKind::InvalidClientConfig, "a cluster needs at least one node").into());
+        }
+        let nodes = nodes.iter().map(|n| n.as_ref().into_connection_info()).collect::<Result<_, _>>()?;
+        Ok(Self::Cluster(nodes))
+    }
+
+    /// Whether this is a cluster.
+    pub fn is_cluster(&self) -> bool {
+        matches!(self, Self::Cluster(_))
+    }
+
+    /// A new auto-reconnecting connection with the default [`Tuning`].
+    pub async fn connect(&self) -> Result<Conn, redis::RedisError> {
+        self.connect_with(Tuning::default()).await
+    }
+
+    /// A new auto-reconnecting connection.
+    pub async fn connect_with(&self, tuning: Tuning) -> Result<Conn, redis::RedisError> {
+        self.open(tuning, None).await
+    }
+
+    /// A connection speaking RESP3 whose pushes (pub/sub messages, subscription confirmations,
+    /// disconnections) go to `pushes`. Subscriptions made with [`Conn::subscribe`] are renewed
+    /// after every reconnect, and each renewal is confirmed with a push.
+    pub async fn connect_push(
+        &self,
+        tuning: Tuning,
+        pushes: UnboundedSender<PushInfo>,
+    ) -> Result<Conn, redis::RedisError> {
+        self.open(tuning, Some(pushes)).await
+    }
+
+    async fn open(&self, tuning: Tuning, pushes: Option<UnboundedSender<PushInfo>>) -> Result<Conn, redis::RedisError> {
+        match self {
+            Self::Single(info) => {
+                let mut info = info.clone();
+                let mut config = ConnectionManagerConfig::new()
+                    .set_connection_timeout(Some(tuning.connect_timeout))
+                    .set_min_delay(tuning.min_delay)
+                    .set_max_delay(tuning.max_delay)
+                    .set_number_of_retries(tuning.retries);
+                if let Some(pushes) = pushes {
+                    let settings = info.redis_settings().clone().set_protocol(ProtocolVersion::RESP3);
+                    info = info.set_redis_settings(settings);
+                    config = config.set_push_sender(pushes).set_automatic_resubscription();
+                }
+                let client = redis::Client::open(info)?;
+                Ok(Conn::Single(ConnectionManager::new_with_config(client, config).await?))
+            }
+            Self::Cluster(nodes) => {
+                let mut builder = ClusterClientBuilder::new(nodes.clone())
+                    .connection_timeout(tuning.connect_timeout)
+                    .response_timeout(tuning.response_timeout)
+                    .retries(u32::try_from(tuning.retries).unwrap_or(u32::MAX))
+                    .min_retry_wait(u64::try_from(tuning.min_delay.as_millis()).unwrap_or(u64::MAX))
+                    .max_retry_wait(u64::try_from(tuning.max_delay.as_millis()).unwrap_or(u64::MAX));
+                if let Some(pushes) = pushes {
+                    builder = builder.use_protocol(ProtocolVersion::RESP3).push_sender(pushes);
+                }
+                let client: ClusterClient = builder.build()?;
+                Ok(Conn::Cluster(client.get_async_connection().await?))
+            }
+        }
+    }
+}
+
+/// A connection to either deployment. Cloning is cheap and shares the connection.
+#[derive(Clone)]
+pub enum Conn {
+    /// One server (reconnects by itself).
+    Single(ConnectionManager),
+    /// A cluster (follows slot moves and reconnects by itself).
+    Cluster(ClusterConnection),
+}
+
+impl std::fmt::Debug for Conn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Single(_) => "Conn::Single",
+            Self::Cluster(_) => "Conn::Cluster",
+        })
+    }
+}
+
+impl Conn {
+    /// The command that publishes to the channels [`Conn::subscribe`] subscribes to: `PUBLISH`
+    /// on one server, `SPUBLISH` on a cluster.
+    pub fn publish_command(&self) -> &'static str {
+        match self {
+            Self::Single(_) => "PUBLISH",
+            Self::Cluster(_) => "SPUBLISH",
+        }
+    }
+
+    /// Subscribes to `channel` (`SUBSCRIBE`, or `SSUBSCRIBE` on a cluster); messages arrive as
+    /// pushes. Needs a connection from [`Redis::connect_push`].
+    pub async fn subscribe(&mut self, channel: &str) -> Result<(), redis::RedisError> {
+        match self {
+            Self::Single(c) => c.subscribe(channel).await,
+            Self::Cluster(c) => c.ssubscribe(channel).await,
+        }
+    }
+
+    /// Unsubscribes from `channel`.
+    pub async fn unsubscribe(&mut self, channel: &str) -> Result<(), redis::RedisError> {
+        match self {
+            Self::Single(c) => c.unsubscribe(channel).await,
+            Self::Cluster(c) => c.sunsubscribe(channel).await,
+        }
+    }
+}
+
+impl ConnectionLike for Conn {
+    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
+        match self {
+            Self::Single(c) => c.req_packed_command(cmd),
+            Self::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        cmd: &'a Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> RedisFuture<'a, Vec<Value>> {
+        match self {
+            Self::Single(c) => c.req_packed_commands(cmd, offset, count),
+            Self::Cluster(c) => c.req_packed_commands(cmd, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Self::Single(c) => c.get_db(),
+            Self::Cluster(c) => c.get_db(),
+        }
+    }
+}
