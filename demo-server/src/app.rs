@@ -15,10 +15,19 @@ use ws_hub::Hub;
 
 use crate::config::Config;
 
+/// Connection settings of the limiter's (and the stock's) Redis connection.
+const LIMITER_TUNING: rampart_redis::Tuning = rampart_redis::Tuning {
+    connect_timeout: Duration::from_millis(250),
+    response_timeout: Duration::from_secs(1),
+    min_delay: Duration::from_millis(20),
+    max_delay: Duration::from_millis(250),
+    retries: 2,
+};
+
 /// The demo's shared state.
 pub(crate) struct App {
     pub(crate) config: Config,
-    pub(crate) redis: Option<redis::aio::ConnectionManager>,
+    pub(crate) redis: Option<rampart_redis::Conn>,
     pub(crate) inventory: Inventory,
     pub(crate) lock: RedLock,
     pub(crate) producer: Option<streams_worker::Producer>,
@@ -33,12 +42,11 @@ pub(crate) struct App {
 
 impl App {
     pub(crate) async fn build(config: Config, prometheus: PrometheusHandle) -> anyhow::Result<Arc<Self>> {
-        let redis = match &config.redis_url {
-            Some(url) => Some(
-                tower_ratelimit::RedisStore::connect(url)
-                    .await
-                    .with_context(|| format!("cannot connect to Redis at {url}"))?,
-            ),
+        let deployment = config.redis()?;
+        let redis = match &deployment {
+            // Tuned for rate limiting: a short connect timeout and fast reconnects, so the
+            // limiter notices a returning Redis within a second.
+            Some(redis) => Some(redis.connect_with(LIMITER_TUNING).await.context("cannot connect to Redis")?),
             None => None,
         };
         let lock_nodes: Vec<String> = if config.lock_nodes.is_empty() {
@@ -52,13 +60,12 @@ impl App {
             RedLock::connect(&lock_nodes, config.lock.client.clone())?
         };
         let hub = Hub::new(config.hub.clone());
-        let hub = match &config.redis_url {
-            Some(url) => hub.with_redis(url).await.context("cannot start the hub's Redis bridge")?,
+        let hub = match &deployment {
+            Some(redis) => hub.with_redis_at(redis).await.context("cannot start the hub's Redis bridge")?,
             None => hub,
         };
-        let (producer, queue, queue_con) = match &config.redis_url {
-            Some(url) => {
-                let queue = streams_worker::Redis::url(url)?;
+        let (producer, queue, queue_con) = match deployment {
+            Some(queue) => {
                 let con = queue.connect().await?;
                 let producer = streams_worker::Producer::new(con.clone(), config.tasks.stream.clone());
                 (Some(producer), Some(queue), Some(con))
@@ -94,7 +101,7 @@ impl App {
 /// Stock per SKU: in memory, or in Redis (`{stock:<sku>}`, fenced writes).
 pub(crate) enum Inventory {
     Memory(Mutex<HashMap<String, i64>>),
-    Redis(redis::aio::ConnectionManager),
+    Redis(rampart_redis::Conn),
 }
 
 /// The outcome of a reservation.

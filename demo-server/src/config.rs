@@ -24,6 +24,9 @@ pub(crate) struct Cli {
     /// Redis URL for shared limits, task queue and hub fan-out; without it everything is in-process
     #[arg(long, env = "REDIS_URL")]
     redis_url: Option<String>,
+    /// Comma-separated node URLs of a Redis Cluster, instead of REDIS_URL (needs LOCK_NODES)
+    #[arg(long, env = "REDIS_CLUSTER", value_delimiter = ',')]
+    redis_cluster: Option<Vec<String>>,
     /// Comma-separated Redis URLs of the lock's independent masters [default: the Redis URL]
     #[arg(long, env = "LOCK_NODES", value_delimiter = ',')]
     lock_nodes: Option<Vec<String>>,
@@ -59,6 +62,10 @@ pub(crate) struct Config {
     /// Redis URL; `None` runs every backend in-process.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) redis_url: Option<String>,
+    /// Redis Cluster nodes (any of them bootstraps), instead of `redis_url`: limits, stock,
+    /// task queue and hub live in the cluster; the lock needs `lock_nodes`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub(crate) redis_cluster: Vec<String>,
     /// RedLock masters; empty means "the Redis URL alone".
     pub(crate) lock_nodes: Vec<String>,
     /// How long in-flight requests may take to finish after SIGINT/SIGTERM.
@@ -187,7 +194,7 @@ impl Default for Lock {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub(crate) struct Tasks {
-    /// The stream.
+    /// The stream. Its hash tag (`{demo}`) keeps its companion keys in one slot of a cluster.
     pub(crate) stream: String,
     /// The consumer group.
     pub(crate) group: String,
@@ -198,7 +205,7 @@ pub(crate) struct Tasks {
 impl Default for Tasks {
     fn default() -> Self {
         Self {
-            stream: "demo:tasks".into(),
+            stream: "{demo}:tasks".into(),
             group: "demo".into(),
             worker: streams_worker::WorkerConfig {
                 retry_base: Duration::from_millis(200),
@@ -216,6 +223,7 @@ impl Default for Config {
             http_addr: SocketAddr::from(([127, 0, 0, 1], 8080)),
             grpc_addr: SocketAddr::from(([127, 0, 0, 1], 50051)),
             redis_url: None,
+            redis_cluster: Vec::new(),
             lock_nodes: Vec::new(),
             shutdown_grace_secs: 30,
             admin_token: None,
@@ -257,6 +265,9 @@ impl Config {
         if let Some(url) = &cli.redis_url {
             config.redis_url = Some(url.clone()).filter(|url| !url.is_empty());
         }
+        if let Some(nodes) = &cli.redis_cluster {
+            config.redis_cluster = nodes.iter().filter(|n| !n.is_empty()).cloned().collect();
+        }
         if let Some(nodes) = &cli.lock_nodes {
             config.lock_nodes = nodes.iter().filter(|n| !n.is_empty()).cloned().collect();
         }
@@ -284,13 +295,48 @@ impl Config {
         self.tasks.worker.validate().context("invalid `tasks.worker`")?;
         tower_ratelimit::ClientIp::trusting(&self.limits.trusted_proxies)
             .context("invalid `limits.trusted_proxies`")?;
+        self.redis().context("invalid `redis_url` / `redis_cluster`")?;
+        if !self.redis_cluster.is_empty() {
+            if self.redis_url.is_some() {
+                anyhow::bail!("set either `redis_url` or `redis_cluster`, not both");
+            }
+            if self.lock_nodes.is_empty() {
+                anyhow::bail!(
+                    "`lock_nodes` is needed with `redis_cluster`: the lock runs on independent masters, not on cluster nodes"
+                );
+            }
+            if !has_hash_tag(&self.tasks.stream) {
+                anyhow::bail!(
+                    "`tasks.stream` needs a hash tag on a cluster (e.g. \"{{demo}}:tasks\") so its keys share a slot"
+                );
+            }
+        }
         Ok(())
+    }
+
+    /// The Redis deployment, if any: `redis_url` or `redis_cluster`.
+    pub(crate) fn redis(&self) -> anyhow::Result<Option<rampart_redis::Redis>> {
+        Ok(match (&self.redis_url, self.redis_cluster.as_slice()) {
+            (Some(url), _) => Some(rampart_redis::Redis::url(url)?),
+            (None, []) => None,
+            (None, nodes) => Some(rampart_redis::Redis::cluster(nodes)?),
+        })
+    }
+
+    /// Whether limits, stock, queue and hub are in Redis.
+    pub(crate) fn uses_redis(&self) -> bool {
+        self.redis_url.is_some() || !self.redis_cluster.is_empty()
     }
 
     /// The configuration as TOML, loadable again with `--config`.
     pub(crate) fn to_toml(&self) -> anyhow::Result<String> {
         toml::to_string(self).context("cannot print the configuration")
     }
+}
+
+/// Whether `key` has a non-empty `{...}` hash tag.
+fn has_hash_tag(key: &str) -> bool {
+    key.split_once('{').and_then(|(_, rest)| rest.split_once('}')).is_some_and(|(tag, _)| !tag.is_empty())
 }
 
 #[cfg(test)]
@@ -311,6 +357,27 @@ mod tests {
         assert_eq!(config.grpc_addr, "127.0.0.1:0".parse().unwrap());
         let printed = config.to_toml().unwrap();
         assert_eq!(toml::from_str::<Config>(&printed).unwrap(), config);
+    }
+
+    #[test]
+    fn a_cluster_needs_lock_nodes_and_a_hash_tagged_stream() {
+        let err = Config::load(&cli(&["--redis-cluster", "redis://127.0.0.1:7000"])).unwrap_err();
+        assert!(format!("{err:#}").contains("`lock_nodes`"), "{err:#}");
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, "[tasks]\nstream = \"tasks\"\n").unwrap();
+        let args = [
+            "--config",
+            path.to_str().unwrap(),
+            "--redis-cluster",
+            "redis://127.0.0.1:7000",
+            "--lock-nodes",
+            "redis://127.0.0.1:7001",
+        ];
+        let err = Config::load(&cli(&args)).unwrap_err();
+        assert!(format!("{err:#}").contains("`tasks.stream`"), "{err:#}");
+        let config = Config::load(&cli(&args[2..])).unwrap();
+        assert!(config.redis().unwrap().unwrap().is_cluster());
     }
 
     #[test]

@@ -13,8 +13,8 @@ use crate::{app::App, config::SharedStore};
 #[derive(Clone, Debug)]
 pub(crate) enum AnyStore {
     Memory(MemoryStore),
-    Redis(RedisStore<redis::aio::ConnectionManager>),
-    Leased(LeasedStore<redis::aio::ConnectionManager>),
+    Redis(RedisStore<rampart_redis::Conn>),
+    Leased(LeasedStore<rampart_redis::Conn>),
 }
 
 impl Store for AnyStore {

@@ -60,8 +60,8 @@ fn main() -> ExitCode {
 
 /// `demo-server worker`: task workers only.
 async fn run_worker(config: Config, prometheus: metrics_exporter_prometheus::PrometheusHandle) -> anyhow::Result<()> {
-    if config.redis_url.is_none() {
-        anyhow::bail!("`demo-server worker` needs Redis: set REDIS_URL or --redis-url");
+    if !config.uses_redis() {
+        anyhow::bail!("`demo-server worker` needs Redis: set REDIS_URL (or REDIS_CLUSTER)");
     }
     let app = app::App::build(config, prometheus).await?;
     let shutdown = CancellationToken::new();
@@ -91,9 +91,9 @@ async fn run(
     let http_addr = http_listener.local_addr()?;
     let grpc_addr = grpc_listener.local_addr()?;
 
-    match &config.redis_url {
-        Some(_) => tracing::info!("REDIS_URL set: shared limits, Redis lock nodes, task queue and hub bridge"),
-        None => tracing::info!(
+    match config.uses_redis() {
+        true => tracing::info!("Redis set: shared limits, Redis lock nodes, task queue and hub bridge"),
+        false => tracing::info!(
             "no REDIS_URL: in-process limits, lock and hub; the task queue needs Redis (POST /tasks answers 503)"
         ),
     }

@@ -399,3 +399,99 @@ async fn graceful_shutdown_loses_no_accepted_task() {
     }
     drop(dir);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_on_a_redis_cluster() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let redis = testkit::RedisCluster::start(3).unwrap();
+    let locks = RedisNodes::start(3).unwrap();
+    let (_dir, path) = config_file(
+        r#"
+[limits.users]
+name = "users"
+[[limits.users.quotas]]
+algorithm = "sliding_window"
+limit = 5
+window = "1m"
+"#,
+    );
+    let env = [
+        ("REDIS_CLUSTER", redis.urls().join(",")),
+        ("LOCK_NODES", locks.urls().join(",")),
+        ("DEMO_ADMIN_TOKEN", TOKEN.to_owned()),
+    ];
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let a = DemoServer::start(&["--config", &path], &env);
+    let b = DemoServer::start(&["--config", &path], &env);
+    let http = reqwest::Client::new();
+
+    // Limits: 5 per minute per client, shared through the cluster.
+    let mut admitted = 0;
+    for i in 0..10 {
+        let server = if i % 2 == 0 { &a } else { &b };
+        if http.get(server.url("/users/1")).send().await.unwrap().status() == 200 {
+            admitted += 1;
+        }
+    }
+    assert_eq!(admitted, 5);
+
+    // Hub: an echo task posted to A publishes on channel `tasks` (sharded pub/sub).
+    let (mut on_b, _) = tokio_tungstenite::connect_async(format!("ws://{}/ws?user_id=ben", b.http)).await.unwrap();
+    on_b.send(Message::Text(json!({"type":"subscribe","channel":"tasks"}).to_string().into())).await.unwrap();
+    while let Some(Ok(msg)) = on_b.next().await {
+        if matches!(&msg, Message::Text(t) if t.contains("\"ack\"")) {
+            break;
+        }
+    }
+    let publish = http
+        .post(a.url("/tasks"))
+        .json(&json!({"type":"echo","payload":{"note":"via the queue"}}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(publish.status(), 202);
+
+    // Inventory: fenced stock in the cluster, 40 reserves against stock 20.
+    assert_eq!(http.put(a.url("/inventory/gear")).body(r#"{"stock":20}"#).send().await.unwrap().status(), 200);
+    let reserves: Vec<_> = (0..40)
+        .map(|i| {
+            let url = if i % 2 == 0 { a.url("/inventory/gear/reserve") } else { b.url("/inventory/gear/reserve") };
+            let http = http.clone();
+            tokio::spawn(async move { http.post(url).send().await.unwrap().status().as_u16() })
+        })
+        .collect();
+    let mut reserved = 0;
+    for r in reserves {
+        if r.await.unwrap() == 200 {
+            reserved += 1;
+        }
+    }
+    assert_eq!(reserved, 20);
+    let stock: Value = http.get(b.url("/inventory/gear")).send().await.unwrap().json().await.unwrap();
+    assert_eq!(stock["stock"], 0);
+
+    // Tasks: processed across both instances, the echo reaching B's hub subscriber once.
+    for _ in 0..49 {
+        let res = http.post(b.url("/tasks")).json(&json!({"type":"sleep","payload":{"ms":5}})).send().await.unwrap();
+        assert_eq!(res.status(), 202);
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let stats: Value = http.get(a.url("/tasks/stats")).send().await.unwrap().json().await.unwrap();
+        if stats["processed"].as_u64().unwrap_or(0) >= 50 && stats["pending"] == 0 && stats["lag"] == 0 {
+            assert_eq!(stats["enqueued"], 50);
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "tasks not processed: {stats}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut echoes = 0;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+    while let Ok(Some(Ok(msg))) = tokio::time::timeout_at(deadline, on_b.next()).await {
+        if matches!(&msg, Message::Text(t) if t.contains("via the queue")) {
+            echoes += 1;
+        }
+    }
+    assert_eq!(echoes, 1, "the echo task's message reached B's subscriber once");
+}
