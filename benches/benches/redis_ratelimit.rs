@@ -94,9 +94,9 @@ fn main() {
             title: "Redis-backed rate limit decisions per second, 50 concurrent callers, one hot key".into(),
             command: "cargo bench -p benches --bench redis_ratelimit".into(),
             rows: vec![
-                Row { name: "redis-benchmark -c 50, same EVALSHA (peer floor)".into(), value: peer, unit: "decisions/s".into() },
-                Row { name: "rampart RedisStore (one multiplexed connection)".into(), value: ours, unit: "decisions/s".into() },
-                Row { name: "rampart LeasedStore (default leases)".into(), value: lease, unit: "decisions/s".into() },
+                Row::new("redis-benchmark -c 50, same EVALSHA (peer floor)", peer, "decisions/s"),
+                Row::new("rampart RedisStore (one multiplexed connection)", ours, "decisions/s"),
+                Row::new("rampart LeasedStore (default leases)", lease, "decisions/s"),
             ],
             notes: vec![
                 format!("Median of {ROUNDS} alternating rounds of {RUN:?} each (redis-benchmark: 150,000 calls per round); redis-server {} on loopback, same machine.", redis_version()),

@@ -254,22 +254,20 @@ fn main() {
             "4 workers: apalis + apalis-redis",
         ];
         for (name, values) in names.iter().zip(r.iter_mut()) {
-            rows.push(Row { name: (*name).into(), value: median(values), unit: "tasks/s".into() });
+            let floor = if name.starts_with('1') { names[0] } else { names[3] };
+            rows.push(Row::new(*name, median(values), "tasks/s").against(floor));
         }
         // Latency at a steady 5,000 tasks/s for 2 s, one worker each.
         let (_, mut ours) = rampart(&url, 1, 10_000, Some(5_000)).await;
         let (_, mut floor) = bare(&url, 1, 10_000, Some(5_000)).await;
-        for (name, lat) in [("rampart", &mut ours), ("bare loop", &mut floor)] {
-            rows.push(Row {
-                name: format!("enqueue->handled p50, {name}, 5k tasks/s"),
-                value: percentile(lat, 0.5),
-                unit: "ms".into(),
-            });
-            rows.push(Row {
-                name: format!("enqueue->handled p99, {name}, 5k tasks/s"),
-                value: percentile(lat, 0.99),
-                unit: "ms".into(),
-            });
+        for q in [0.5_f64, 0.99] {
+            let p = (q * 100.0).round();
+            let floor_name = format!("enqueue->handled p{p}, bare loop, 5k tasks/s");
+            rows.push(
+                Row::new(format!("enqueue->handled p{p}, rampart, 5k tasks/s"), percentile(&mut ours, q), "ms")
+                    .against(&floor_name),
+            );
+            rows.push(Row::new(&floor_name, percentile(&mut floor, q), "ms").against(&floor_name));
         }
     });
     let value = |i: usize| rows[i].value;

@@ -18,6 +18,23 @@ pub struct Row {
     pub value: f64,
     /// Unit, e.g. `decisions/s`.
     pub unit: String,
+    /// The row (by name) the ratio column compares this one with; without it, the first row
+    /// of the scenario when the units match.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub baseline: Option<String>,
+}
+
+impl Row {
+    /// A figure.
+    pub fn new(name: impl Into<String>, value: f64, unit: impl Into<String>) -> Self {
+        Self { name: name.into(), value, unit: unit.into(), baseline: None }
+    }
+
+    /// Compares this row with the row named `baseline` in the ratio column.
+    pub fn against(mut self, baseline: impl Into<String>) -> Self {
+        self.baseline = Some(baseline.into());
+        self
+    }
 }
 
 /// The figures of one load scenario.
@@ -27,7 +44,7 @@ pub struct Scenario {
     pub title: String,
     /// The command that produced it.
     pub command: String,
-    /// Figures; ratios in the report are against the first row.
+    /// Figures; the report's ratio column compares each with its baseline row.
     pub rows: Vec<Row>,
     /// Free-form lines (goals, caveats, what was not measured).
     pub notes: Vec<String>,

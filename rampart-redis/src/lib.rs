@@ -35,7 +35,7 @@ use tokio::sync::mpsc::UnboundedSender;
 #[derive(Debug, Clone)]
 pub enum Redis {
     /// One server (`redis://host:port/db`).
-    Single(redis::ConnectionInfo),
+    Single(Box<redis::ConnectionInfo>),
     /// A Redis Cluster, from any of its nodes.
     Cluster(Vec<redis::ConnectionInfo>),
 }
@@ -73,7 +73,7 @@ impl Default for Tuning {
 impl Redis {
     /// One server.
     pub fn url(url: &str) -> Result<Self, redis::RedisError> {
-        Ok(Self::Single(url.into_connection_info()?))
+        Ok(Self::Single(Box::new(url.into_connection_info()?)))
     }
 
     /// A cluster, from any of its nodes.
@@ -114,7 +114,7 @@ impl Redis {
     async fn open(&self, tuning: Tuning, pushes: Option<UnboundedSender<PushInfo>>) -> Result<Conn, redis::RedisError> {
         match self {
             Self::Single(info) => {
-                let mut info = info.clone();
+                let mut info = (**info).clone();
                 let mut config = ConnectionManagerConfig::new()
                     .set_connection_timeout(Some(tuning.connect_timeout))
                     .set_min_delay(tuning.min_delay)

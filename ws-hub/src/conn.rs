@@ -31,6 +31,8 @@ struct Outbox {
 #[derive(Debug, Default)]
 pub(crate) struct Drained {
     pub(crate) frames: Vec<Utf8Bytes>,
+    /// Their bytes.
+    pub(crate) bytes: usize,
     pub(crate) dropped: u64,
     pub(crate) slow: bool,
 }
@@ -42,11 +44,13 @@ impl Conn {
 
     /// Queues a frame (shared, not copied) and wakes the writer. Over `max_bytes` the policy
     /// applies: mark the connection slow (it will be closed), or drop the oldest frames.
-    pub(crate) fn push(&self, frame: &Utf8Bytes, max_bytes: usize, policy: SlowConsumer) {
+    /// Returns the change of the queued bytes (for the hub's gauge).
+    pub(crate) fn push(&self, frame: &Utf8Bytes, max_bytes: usize, policy: SlowConsumer) -> i64 {
         let mut outbox = self.outbox.lock().unwrap_or_else(PoisonError::into_inner);
         if outbox.slow {
-            return;
+            return 0;
         }
+        let before = outbox.bytes as i64;
         if outbox.bytes + frame.len() > max_bytes {
             match policy {
                 SlowConsumer::Disconnect => {
@@ -55,7 +59,7 @@ impl Conn {
                     outbox.bytes = 0;
                     drop(outbox);
                     self.notify.notify_one();
-                    return;
+                    return -before;
                 }
                 SlowConsumer::DropOldest => {
                     while outbox.bytes + frame.len() > max_bytes {
@@ -68,15 +72,46 @@ impl Conn {
         }
         outbox.bytes += frame.len();
         outbox.frames.push_back(frame.clone());
+        let delta = outbox.bytes as i64 - before;
         drop(outbox);
         self.notify.notify_one();
+        delta
     }
 
     /// Takes everything queued.
     pub(crate) fn drain(&self) -> Drained {
         let mut outbox = self.outbox.lock().unwrap_or_else(PoisonError::into_inner);
         let frames = outbox.frames.drain(..).collect();
-        outbox.bytes = 0;
-        Drained { frames, dropped: std::mem::take(&mut outbox.dropped), slow: outbox.slow }
+        let bytes = std::mem::take(&mut outbox.bytes);
+        Drained { frames, bytes, dropped: std::mem::take(&mut outbox.dropped), slow: outbox.slow }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(n: usize) -> Utf8Bytes {
+        Utf8Bytes::from("x".repeat(n))
+    }
+
+    #[test]
+    fn push_reports_the_change_of_queued_bytes_under_each_policy() {
+        let conn = Conn::new(1, "u");
+        assert_eq!(conn.push(&frame(10), 25, SlowConsumer::DropOldest), 10);
+        assert_eq!(conn.push(&frame(10), 25, SlowConsumer::DropOldest), 10);
+        // 30 > 25: the oldest goes, the new one comes.
+        assert_eq!(conn.push(&frame(10), 25, SlowConsumer::DropOldest), 0);
+        let drained = conn.drain();
+        assert_eq!((drained.frames.len(), drained.bytes, drained.dropped), (2, 20, 1));
+
+        let conn = Conn::new(2, "u");
+        assert_eq!(conn.push(&frame(20), 25, SlowConsumer::Disconnect), 20);
+        // Over the bound: the queue is cleared and the connection marked slow.
+        assert_eq!(conn.push(&frame(10), 25, SlowConsumer::Disconnect), -20);
+        assert_eq!(conn.push(&frame(1), 25, SlowConsumer::Disconnect), 0);
+        let drained = conn.drain();
+        assert!(drained.slow);
+        assert_eq!(drained.bytes, 0);
     }
 }

@@ -76,6 +76,7 @@ pub(crate) struct Metrics {
     pub(crate) messages_out: metrics::Counter,
     pub(crate) dropped: metrics::Counter,
     pub(crate) slow_disconnects: metrics::Counter,
+    pub(crate) queued_bytes: metrics::Gauge,
 }
 
 type Shard = RwLock<HashMap<Arc<str>, Arc<Channel>>>;
@@ -126,6 +127,7 @@ impl Hub {
                     messages_out: metrics::counter!("rampart_hub_messages_out_total"),
                     dropped: metrics::counter!("rampart_hub_dropped_total"),
                     slow_disconnects: metrics::counter!("rampart_hub_slow_disconnects_total"),
+                    queued_bytes: metrics::gauge!("rampart_hub_queued_bytes"),
                 },
             }),
         }
@@ -214,11 +216,13 @@ impl Hub {
             history.frames.pop_front();
         }
         let subs = channel.subs.read().unwrap_or_else(PoisonError::into_inner);
+        let mut queued = 0;
         for (conn, last) in subs.values() {
             if last.fetch_max(offset, Ordering::AcqRel) < offset {
-                conn.push(&frame, config.max_queue_bytes, config.slow_consumer);
+                queued += conn.push(&frame, config.max_queue_bytes, config.slow_consumer);
             }
         }
+        self.inner.metrics.queued_bytes.increment(queued as f64);
         self.inner.metrics.messages_out.increment(subs.len() as u64);
     }
 
@@ -234,7 +238,6 @@ impl Hub {
         if let Some(bridge) = self.inner.bridge.get() {
             bridge.ensure_subscribed(channel).await.map_err(|e| HubError::Bridge(e.to_string()))?;
         }
-        let config = &self.inner.config;
         let history = ch.order.lock().await;
         // The last offset published so far on this channel.
         let (mut frames, last) = match self.inner.bridge.get() {
@@ -251,10 +254,10 @@ impl Hub {
             let oldest = frames.first().map_or(last + 1, |(o, _)| *o);
             if oldest > since + 1 {
                 recovered = false;
-                conn.push(&utf8(protocol::gap(channel, since, oldest)), usize::MAX, config.slow_consumer);
+                self.queue(conn, &utf8(protocol::gap(channel, since, oldest)));
             }
             for (offset, frame) in &frames {
-                conn.push(frame, usize::MAX, config.slow_consumer);
+                self.queue(conn, frame);
                 marker.fetch_max(*offset, Ordering::AcqRel);
             }
         }
@@ -262,6 +265,13 @@ impl Hub {
         drop(history);
         self.inner.metrics.subscriptions.increment(1.0);
         Ok((recovered, last))
+    }
+
+    /// Queues a frame for one connection whatever its queue holds (replies and replays: the
+    /// connection asked for them).
+    pub(crate) fn queue(&self, conn: &Conn, frame: &Utf8Bytes) {
+        let queued = conn.push(frame, usize::MAX, crate::SlowConsumer::Disconnect);
+        self.inner.metrics.queued_bytes.increment(queued as f64);
     }
 
     pub(crate) async fn unsubscribe(&self, conn_id: u64, channel: &str) {

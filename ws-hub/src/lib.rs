@@ -23,6 +23,14 @@
 //! 1009; a slow consumer under the disconnect policy → 1008. Publishing does not require
 //! subscribing; a subscribed sender receives its own message.
 //!
+//! # Metrics
+//!
+//! Through the `metrics` facade: gauges `rampart_hub_connections`, `rampart_hub_subscriptions`,
+//! `rampart_hub_queued_bytes` (bytes waiting in connection queues); counters
+//! `rampart_hub_messages_in_total`, `rampart_hub_messages_out_total` (deliveries),
+//! `rampart_hub_dropped_total` (frames dropped under drop-oldest) and
+//! `rampart_hub_slow_disconnects_total`.
+//!
 //! # Example
 //!
 //! ```no_run

@@ -117,7 +117,7 @@ async fn connection(hub: Hub, socket: WebSocket, user: String) {
                 let text = match message {
                     Message::Text(text) => text,
                     Message::Binary(_) => {
-                        reply(&conn, protocol::error(ErrorCode::BadJson, "binary frames are not part of the protocol"));
+                        reply(&hub, &conn, protocol::error(ErrorCode::BadJson, "binary frames are not part of the protocol"));
                         continue;
                     }
                     Message::Close(_) => break,
@@ -127,7 +127,7 @@ async fn connection(hub: Hub, socket: WebSocket, user: String) {
                     && !limiter.check_sync(&rate_key, 1).is_ok_and(|v| v.allowed())
                 {
                     violations += 1;
-                    reply(&conn, protocol::error(ErrorCode::RateLimited, "too many messages"));
+                    reply(&hub, &conn, protocol::error(ErrorCode::RateLimited, "too many messages"));
                 } else {
                     violations += handle(&hub, &conn, &text, &mut subscribed).await;
                 }
@@ -154,6 +154,8 @@ async fn connection(hub: Hub, socket: WebSocket, user: String) {
     for channel in subscribed {
         hub.unsubscribe(id, &channel).await;
     }
+    // Frames still queued are never written.
+    inner.metrics.queued_bytes.decrement(conn.drain().bytes as f64);
     inner.connections.fetch_sub(1, Ordering::Relaxed);
     inner.metrics.connections.decrement(1.0);
 }
@@ -167,6 +169,7 @@ enum Flushed {
 /// Writes everything queued with one flush (several frames, one write).
 async fn flush(hub: &Hub, conn: &Conn, tx: &mut Tx) -> Flushed {
     let drained = conn.drain();
+    hub.inner.metrics.queued_bytes.decrement(drained.bytes as f64);
     if drained.slow {
         hub.inner.metrics.slow_disconnects.increment(1);
         return Flushed::Slow;
@@ -185,8 +188,8 @@ async fn flush(hub: &Hub, conn: &Conn, tx: &mut Tx) -> Flushed {
     if tx.flush().await.is_err() { Flushed::Gone } else { Flushed::Ok }
 }
 
-fn reply(conn: &Conn, frame: bytes::Bytes) {
-    conn.push(&utf8(frame), usize::MAX, crate::config::SlowConsumer::Disconnect);
+fn reply(hub: &Hub, conn: &Conn, frame: bytes::Bytes) {
+    hub.queue(conn, &utf8(frame));
 }
 
 /// Handles one text frame; returns 1 for a violation that counts towards closing.
@@ -195,35 +198,35 @@ async fn handle(hub: &Hub, conn: &Arc<Conn>, text: &str, subscribed: &mut HashSe
     let message = match protocol::decode(text) {
         Ok(message) => message,
         Err(error) => {
-            reply(conn, protocol::error(error.code, &error.message));
+            reply(hub, conn, protocol::error(error.code, &error.message));
             return 0;
         }
     };
     let invalid = |channel: &str| {
-        reply(conn, protocol::error(ErrorCode::InvalidChannel, &format!("invalid channel name {channel:?}")));
+        reply(hub, conn, protocol::error(ErrorCode::InvalidChannel, &format!("invalid channel name {channel:?}")));
         0
     };
     match message {
-        ClientMessage::Ping => reply(conn, protocol::pong()),
+        ClientMessage::Ping => reply(hub, conn, protocol::pong()),
         ClientMessage::Subscribe { channel, since } => {
             if !protocol::valid_channel(&channel) {
                 return invalid(&channel);
             }
             if !hub.inner.perms.can_subscribe(&conn.user, &channel) {
-                reply(conn, protocol::error(ErrorCode::Forbidden, "not allowed to subscribe"));
+                reply(hub, conn, protocol::error(ErrorCode::Forbidden, "not allowed to subscribe"));
                 return 0;
             }
             if !subscribed.contains(&channel) && subscribed.len() >= config.max_subscriptions {
-                reply(conn, protocol::error(ErrorCode::TooManySubscriptions, "subscription limit reached"));
+                reply(hub, conn, protocol::error(ErrorCode::TooManySubscriptions, "subscription limit reached"));
                 return 1;
             }
             match hub.subscribe(conn, &channel, since).await {
                 Ok((recovered, offset)) => {
                     subscribed.insert(channel.clone());
                     let recovered = since.map(|_| recovered);
-                    reply(conn, protocol::ack("subscribe", &channel, recovered, Some(offset)));
+                    reply(hub, conn, protocol::ack("subscribe", &channel, recovered, Some(offset)));
                 }
-                Err(error) => reply(conn, protocol::error(ErrorCode::Forbidden, &error.to_string())),
+                Err(error) => reply(hub, conn, protocol::error(ErrorCode::Forbidden, &error.to_string())),
             }
         }
         ClientMessage::Unsubscribe { channel } => {
@@ -232,26 +235,26 @@ async fn handle(hub: &Hub, conn: &Arc<Conn>, text: &str, subscribed: &mut HashSe
             }
             subscribed.remove(&channel);
             hub.unsubscribe(conn.id, &channel).await;
-            reply(conn, protocol::ack("unsubscribe", &channel, None, None));
+            reply(hub, conn, protocol::ack("unsubscribe", &channel, None, None));
         }
         ClientMessage::Message { channel, content } => {
             if !protocol::valid_channel(&channel) {
                 return invalid(&channel);
             }
             if !hub.inner.perms.can_publish(&conn.user, &channel) {
-                reply(conn, protocol::error(ErrorCode::Forbidden, "not allowed to publish"));
+                reply(hub, conn, protocol::error(ErrorCode::Forbidden, "not allowed to publish"));
                 return 0;
             }
             match hub.publish(&channel, &content, &conn.user).await {
-                Ok(offset) => reply(conn, protocol::ack("message", &channel, None, Some(offset))),
-                Err(error) => reply(conn, protocol::error(ErrorCode::Forbidden, &error.to_string())),
+                Ok(offset) => reply(hub, conn, protocol::ack("message", &channel, None, Some(offset))),
+                Err(error) => reply(hub, conn, protocol::error(ErrorCode::Forbidden, &error.to_string())),
             }
         }
         ClientMessage::Presence { channel } => {
             if !protocol::valid_channel(&channel) {
                 return invalid(&channel);
             }
-            reply(conn, protocol::presence(&channel, &hub.presence(&channel)));
+            reply(hub, conn, protocol::presence(&channel, &hub.presence(&channel)));
         }
     }
     0

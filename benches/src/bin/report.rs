@@ -180,11 +180,17 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     for (_, s) in &scenarios {
         writeln!(md, "### {}\n", s.title)?;
         writeln!(md, "Command: `{}`\n", s.command)?;
-        writeln!(md, "| run | value | ratio |")?;
+        writeln!(md, "| run | value | ratio to its baseline |")?;
         writeln!(md, "|---|---:|---:|")?;
-        let first = s.rows.first().map_or(1.0, |r| r.value);
         for row in &s.rows {
-            writeln!(md, "| {} | {} {} | {:.2}× |", row.name, number(row.value), row.unit, row.value / first)?;
+            let baseline = match &row.baseline {
+                Some(name) => s.rows.iter().find(|r| &r.name == name),
+                None => s.rows.first().filter(|first| first.unit == row.unit),
+            };
+            let ratio = baseline
+                .filter(|b| b.value != 0.0)
+                .map_or_else(|| "—".to_owned(), |b| format!("{:.2}×", row.value / b.value));
+            writeln!(md, "| {} | {} {} | {ratio} |", row.name, number(row.value), row.unit)?;
         }
         writeln!(md)?;
         for note in &s.notes {
@@ -208,6 +214,7 @@ const NOT_MEASURED: &[&str] = &[
     "Circuit breaker: the open and half-open paths (only the closed state's overhead is benchmarked), and failsafe's futures API on 2 threads.",
     "RedLock: contended acquisition, and latency with a fencing token read (one more parallel round trip, on first read).",
     "Task queue: throughput with a real handler workload, with retries or dead letters, and on a Redis Cluster; apalis latency.",
-    "WebSocket hub, whole-gateway HTTP and gRPC load, adaptive limits: their benchmarks land with their issues.",
+    "WebSocket hub: the Redis bridge (fan-out across instances), TLS, and clients on another machine (here the load shares the 2 cores with the server).",
+    "Whole-gateway HTTP and gRPC load, adaptive limits: their benchmarks land with their issues.",
     "Anything across real networks: every figure is loopback on one 2-core machine, client and server sharing the cores.",
 ];
