@@ -5,6 +5,8 @@
 //! Load scenarios (harness-less bench targets) record their figures with [`record`], one JSON
 //! file per scenario under `target/rampart-bench/`.
 
+pub mod chart;
+
 use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};

@@ -3,6 +3,7 @@
 use std::{
     fmt,
     hash::{Hash, Hasher},
+    io::Write as _,
     net::IpAddr,
 };
 
@@ -102,7 +103,8 @@ impl Key {
             Repr::Global => out.push(b'*'),
             Repr::Ip(ip) => {
                 out.extend_from_slice(b"ip:");
-                out.extend_from_slice(ip.to_string().as_bytes());
+                // Formatted in place: no temporary String per request.
+                let _ = write!(out, "{ip}");
             }
             Repr::Inline { .. } | Repr::Heap(_) => {
                 out.extend_from_slice(b"b:");

@@ -8,7 +8,11 @@ use std::{
     process::Command,
 };
 
-use benches::{Scenario, out_dir};
+use benches::{
+    Scenario,
+    chart::{self, Bar, Panel},
+    out_dir,
+};
 use serde::Deserialize;
 
 #[derive(Deserialize)]
@@ -157,12 +161,22 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     )?;
     writeln!(
         md,
-        "- Commands: `scripts/bench` = `cargo bench -p benches --bench <name>` for each bench target, then `cargo run --release -p benches --bin report`"
+        "- Commands: `scripts/bench` = `cargo bench -p benches --bench <name>` for each bench target (the gateway one after `cargo build --release -p demo-server`), then `cargo run --release -p benches --bin report`"
     )?;
     writeln!(
         md,
-        "- Micro-benchmarks: criterion medians with their 95% interval; ratio = row / first row of the table.\n"
+        "- Micro-benchmarks: criterion medians with their 95% interval; ratio = row / first row of the table. Load scenarios: ratio = row / the row it is compared with (its baseline, named in the scenario). Charts: Rampart in orange, peers and baselines in grey.\n"
     )?;
+
+    // Charts: one SVG per table, next to this file.
+    let plots = root.join("benches/plots");
+    let _ = std::fs::remove_dir_all(&plots);
+    std::fs::create_dir_all(&plots)?;
+    let plot = |title: &str, panels: Vec<Panel>| -> std::io::Result<String> {
+        let file = format!("{}.svg", chart::slug(title));
+        std::fs::write(plots.join(&file), chart::svg(title, &panels))?;
+        Ok(format!("![{title}](plots/{file})\n"))
+    };
 
     writeln!(md, "## Micro-benchmarks (criterion)\n")?;
     for (group, rows) in &criterion {
@@ -174,6 +188,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             writeln!(md, "| {name} | {} | {} – {} | {:.2}× |", ns(*median), ns(*low), ns(*high), median / first)?;
         }
         writeln!(md)?;
+        let bars =
+            rows.iter().map(|(name, median, _, _)| Bar { label: name.clone(), value: *median, text: ns(*median) });
+        writeln!(
+            md,
+            "{}",
+            plot(group, vec![Panel { title: "median time (shorter is faster)".into(), bars: bars.collect() }])?
+        )?;
     }
 
     writeln!(md, "## Load scenarios\n")?;
@@ -193,6 +214,16 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             writeln!(md, "| {} | {} {} | {ratio} |", row.name, number(row.value), row.unit)?;
         }
         writeln!(md)?;
+        let mut panels: Vec<Panel> = Vec::new();
+        for row in &s.rows {
+            let bar =
+                Bar { label: row.name.clone(), value: row.value, text: format!("{} {}", number(row.value), row.unit) };
+            match panels.iter_mut().find(|p| p.title == row.unit) {
+                Some(panel) => panel.bars.push(bar),
+                None => panels.push(Panel { title: row.unit.clone(), bars: vec![bar] }),
+            }
+        }
+        writeln!(md, "{}", plot(&s.title, panels)?)?;
         for note in &s.notes {
             writeln!(md, "- {note}")?;
         }

@@ -1,0 +1,424 @@
+//! The whole gateway under load, side by side in one run: the demo server (every layer) against
+//! the same handlers with no layer (`bare_server`), each its own process; the load comes from this
+//! process (an in-tree closed-loop client on hyper and tonic). Loopback only, bounded in time.
+//!
+//! - HTTP: `GET /users/1` (request id, trace, global limit, per-route limit, timeout) and
+//!   `GET /upstream/orders` (plus the per-upstream breaker) at 64 connections, limits high
+//!   enough to admit everything.
+//! - gRPC: `GetUser` with 100 concurrent calls over one HTTP/2 connection (the seed's client)
+//!   and over 8.
+//! - Rejection path: the same floods against a demo whose global limits admit 1 request per
+//!   second: how many 429 / `RESOURCE_EXHAUSTED` answers per second it can give.
+//!
+//! Needs the release demo binary: `cargo build --release -p demo-server` (scripts/bench does).
+
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+use std::{
+    io::{BufRead, BufReader},
+    net::SocketAddr,
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use benches::{Row, Scenario, median, record};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty};
+use hyper_util::rt::TokioIo;
+use proto::{GetUserRequest, user_service_client::UserServiceClient};
+
+const WARMUP: Duration = Duration::from_secs(1);
+const MEASURE: Duration = Duration::from_secs(4);
+const ROUNDS: usize = 3;
+const HTTP_CONNECTIONS: usize = 64;
+const GRPC_CALLS: usize = 100;
+
+/// Limits that admit everything (allow path).
+const OPEN: &str = r#"
+[limits.global]
+name = "global"
+[[limits.global.quotas]]
+algorithm = "token_bucket"
+rate = 100000000
+period = "1s"
+[limits.users]
+name = "users"
+[[limits.users.quotas]]
+algorithm = "token_bucket"
+rate = 100000000
+period = "1s"
+[limits.grpc_global]
+name = "grpc"
+[[limits.grpc_global.quotas]]
+algorithm = "token_bucket"
+rate = 100000000
+period = "1s"
+[limits.grpc_method]
+name = "grpc-method"
+[[limits.grpc_method.quotas]]
+algorithm = "token_bucket"
+rate = 100000000
+period = "1s"
+"#;
+
+/// Global limits of 1 per second: a flood is almost all rejections.
+const CLOSED: &str = r#"
+[limits.global]
+name = "global"
+[[limits.global.quotas]]
+algorithm = "token_bucket"
+rate = 1
+period = "1s"
+[limits.grpc_global]
+name = "grpc"
+[[limits.grpc_global.quotas]]
+algorithm = "token_bucket"
+rate = 1
+period = "1s"
+"#;
+
+/// A server process and its two addresses.
+struct Server {
+    child: Child,
+    http: SocketAddr,
+    grpc: SocketAddr,
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn read_addresses(child: &mut Child) -> (SocketAddr, SocketAddr) {
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    let field = |name: &str| -> SocketAddr {
+        let start = line.find(&format!("{name}=")).unwrap() + name.len() + 1;
+        line[start..].split_whitespace().next().unwrap().parse().unwrap()
+    };
+    (field("http"), field("grpc"))
+}
+
+fn bare_server(args: &[&str]) -> Server {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_bare_server")).args(args).stdout(Stdio::piped()).spawn().unwrap();
+    let (http, grpc) = read_addresses(&mut child);
+    Server { child, http, grpc, _dir: None }
+}
+
+fn demo_binary() -> PathBuf {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/release/demo-server");
+    assert!(path.exists(), "{} is missing: run `cargo build --release -p demo-server` first", path.display());
+    path
+}
+
+fn demo(config: &str) -> Server {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bench.toml");
+    std::fs::write(&path, config).unwrap();
+    let mut child = Command::new(demo_binary())
+        .args(["--config", path.to_str().unwrap(), "--http-addr", "127.0.0.1:0", "--grpc-addr", "127.0.0.1:0"])
+        .env_remove("REDIS_URL")
+        .env_remove("REDIS_CLUSTER")
+        .env("RUST_LOG", "warn")
+        .env("DEMO_ADMIN_TOKEN", "bench")
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (http, grpc) = read_addresses(&mut child);
+    Server { child, http, grpc, _dir: Some(dir) }
+}
+
+/// What one load run measured.
+#[derive(Default, Clone)]
+struct Load {
+    per_second: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    /// Answers with the status the run expected (200 / OK, or 429 / RESOURCE_EXHAUSTED).
+    expected: u64,
+    other: u64,
+}
+
+fn summarize(samples: Vec<(u32, bool)>) -> Load {
+    let expected = samples.iter().filter(|s| s.1).count() as u64;
+    let other = samples.len() as u64 - expected;
+    let mut latencies: Vec<u32> = samples.into_iter().map(|s| s.0).collect();
+    latencies.sort_unstable();
+    let pct = |q: f64| {
+        if latencies.is_empty() {
+            0.0
+        } else {
+            f64::from(latencies[((latencies.len() - 1) as f64 * q).round() as usize]) / 1000.0
+        }
+    };
+    Load {
+        per_second: (expected + other) as f64 / MEASURE.as_secs_f64(),
+        p50_ms: pct(0.5),
+        p99_ms: pct(0.99),
+        expected,
+        other,
+    }
+}
+
+/// `connections` closed-loop HTTP/1.1 clients on `path` for WARMUP + MEASURE.
+async fn http_load(addr: SocketAddr, path: &'static str, connections: usize, expect: u16) -> Load {
+    let samples = Arc::new(Mutex::new(Vec::new()));
+    let start = Instant::now();
+    let tasks: Vec<_> = (0..connections)
+        .map(|_| {
+            let samples = samples.clone();
+            tokio::spawn(async move {
+                let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+                stream.set_nodelay(true).unwrap();
+                let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.unwrap();
+                tokio::spawn(conn);
+                let mut mine = Vec::with_capacity(100_000);
+                loop {
+                    let request =
+                        http::Request::get(path).header("host", "127.0.0.1").body(Empty::<Bytes>::new()).unwrap();
+                    let t = Instant::now();
+                    let response = sender.send_request(request).await.unwrap();
+                    let ok = response.status().as_u16() == expect;
+                    response.into_body().collect().await.unwrap();
+                    let elapsed = start.elapsed();
+                    if elapsed >= WARMUP + MEASURE {
+                        break;
+                    }
+                    if elapsed >= WARMUP {
+                        mine.push((t.elapsed().as_micros() as u32, ok));
+                    }
+                }
+                samples.lock().unwrap().extend(mine);
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    summarize(std::mem::take(&mut *samples.lock().unwrap()))
+}
+
+/// `calls` concurrent closed-loop GetUser callers spread over `connections` HTTP/2 connections.
+async fn grpc_load(addr: SocketAddr, connections: usize, calls: usize, expect: tonic::Code) -> Load {
+    let mut channels = Vec::new();
+    for _ in 0..connections {
+        let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}")).unwrap().tcp_nodelay(true);
+        channels.push(endpoint.connect().await.unwrap());
+    }
+    let samples = Arc::new(Mutex::new(Vec::new()));
+    let start = Instant::now();
+    let tasks: Vec<_> = (0..calls)
+        .map(|i| {
+            let (samples, channel) = (samples.clone(), channels[i % connections].clone());
+            tokio::spawn(async move {
+                let mut client = UserServiceClient::new(channel);
+                let mut mine = Vec::with_capacity(100_000);
+                loop {
+                    let t = Instant::now();
+                    let code = match client.get_user(GetUserRequest { user_id: 1 }).await {
+                        Ok(_) => tonic::Code::Ok,
+                        Err(status) => status.code(),
+                    };
+                    let elapsed = start.elapsed();
+                    if elapsed >= WARMUP + MEASURE {
+                        break;
+                    }
+                    if elapsed >= WARMUP {
+                        mine.push((t.elapsed().as_micros() as u32, code == expect));
+                    }
+                }
+                samples.lock().unwrap().extend(mine);
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    summarize(std::mem::take(&mut *samples.lock().unwrap()))
+}
+
+/// One workload: how to load a server.
+#[derive(Clone, Copy)]
+enum Workload {
+    Http(&'static str, u16),
+    Grpc(usize, tonic::Code),
+}
+
+async fn load(server: &Server, workload: Workload) -> Load {
+    match workload {
+        Workload::Http(path, expect) => http_load(server.http, path, HTTP_CONNECTIONS, expect).await,
+        Workload::Grpc(connections, expect) => grpc_load(server.grpc, connections, GRPC_CALLS, expect).await,
+    }
+}
+
+/// Medians over rounds of each field.
+fn medians(runs: &[Load]) -> Load {
+    let m = |f: fn(&Load) -> f64| median(&mut runs.iter().map(f).collect::<Vec<_>>());
+    Load {
+        per_second: m(|l| l.per_second),
+        p50_ms: m(|l| l.p50_ms),
+        p99_ms: m(|l| l.p99_ms),
+        expected: runs.iter().map(|l| l.expected).sum(),
+        other: runs.iter().map(|l| l.other).sum(),
+    }
+}
+
+/// Alternating rounds over `servers` (in order); medians for each.
+async fn compare(servers: &[&Server], workload: Workload) -> Vec<Load> {
+    let mut runs: Vec<Vec<Load>> = vec![Vec::new(); servers.len()];
+    for _ in 0..ROUNDS {
+        for (server, runs) in servers.iter().zip(runs.iter_mut()) {
+            runs.push(load(server, workload).await);
+        }
+    }
+    runs.iter().map(|r| medians(r)).collect()
+}
+
+/// Rows and a note for one workload: bare, optionally bare + tower-http's layers, full stack.
+fn rows(rows: &mut Vec<Row>, notes: &mut Vec<String>, what: &str, loads: &[Load]) {
+    let (bare, stack) = (&loads[0], &loads[loads.len() - 1]);
+    let generic = (loads.len() == 3).then(|| &loads[1]);
+    let bare_name = |m: &str| format!("{what}: bare {m}");
+    for (metric, unit, value) in [
+        ("throughput", "req/s", (|l: &Load| l.per_second) as fn(&Load) -> f64),
+        ("p50", "ms", |l: &Load| l.p50_ms),
+        ("p99", "ms", |l: &Load| l.p99_ms),
+    ] {
+        rows.push(Row::new(bare_name(metric), value(bare), unit).against(bare_name(metric)));
+        if let Some(generic) = generic {
+            rows.push(
+                Row::new(format!("{what}: bare + tower-http layers {metric}"), value(generic), unit)
+                    .against(bare_name(metric)),
+            );
+        }
+        rows.push(Row::new(format!("{what}: full stack {metric}"), value(stack), unit).against(bare_name(metric)));
+    }
+    let (ratio, p99) = (stack.per_second / bare.per_second, stack.p99_ms / bare.p99_ms);
+    let verdict = |ok: bool| if ok { "met" } else { "NOT met" };
+    let mut note = format!(
+        "{what}: full stack at {:.0}% of bare throughput (goal >= 90%: {}), p99 {:.2}x bare (goal <= 1.2x: {})",
+        ratio * 100.0,
+        verdict(ratio >= 0.9),
+        p99,
+        verdict(p99 <= 1.2),
+    );
+    if let Some(generic) = generic {
+        note.push_str(&format!(
+            "; tower-http's request id, trace and timeout alone: {:.0}%; the full stack at {:.0}% of that",
+            100.0 * generic.per_second / bare.per_second,
+            100.0 * stack.per_second / generic.per_second
+        ));
+    }
+    let unexpected: Vec<String> = loads.iter().map(|l| l.other.to_string()).collect();
+    note.push_str(&format!("; unexpected answers: {}.", unexpected.join(" / ")));
+    notes.push(note);
+}
+
+fn main() {
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    runtime.block_on(async {
+        let (bare, open, closed) = (bare_server(&[]), demo(OPEN), demo(CLOSED));
+        let generic = bare_server(&["tower-http"]);
+        // Let both start their background tasks before measuring.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let common = format!(
+            "Median of {ROUNDS} alternating rounds (bare, [bare + tower-http layers,] full stack) of {MEASURE:?} after {WARMUP:?} of warm-up; closed-loop clients in the benchmark process (tokio, 2 workers); server and client share the 2 cores, so both servers get the same starved machine."
+        );
+
+        // `GATEWAY_ONLY=http|grpc|reject` runs one part (for profiling); the report wants all.
+        let only = std::env::var("GATEWAY_ONLY").ok();
+        let runs = |part: &str| only.as_deref().is_none_or(|o| o == part);
+        if runs("http") {
+        let (mut http_rows, mut http_notes) = (Vec::new(), vec![common.clone()]);
+        for (what, path) in [
+            ("GET /users/1, 64 connections", "/users/1"),
+            ("GET /upstream/orders (+ breaker), 64 connections", "/upstream/orders"),
+        ] {
+            let loads = compare(&[&bare, &generic, &open], Workload::Http(path, 200)).await;
+            rows(&mut http_rows, &mut http_notes, what, &loads);
+        }
+        http_notes.push("Full stack: request id, trace, global token bucket, per-route limit (sliding window per client on /users), 10 s timeout, per-upstream breaker on /upstream; in-process stores (no Redis), limits set high enough to admit everything. Bare: the same handlers on plain axum.".into());
+        record(
+            "gateway_1_http",
+            &Scenario {
+                title: "Gateway overhead over HTTP: plain axum vs the full demo stack (allow path)".into(),
+                command: "cargo build --release -p demo-server && cargo bench -p benches --bench gateway".into(),
+                rows: http_rows,
+                notes: http_notes,
+            },
+        )
+        .unwrap();
+
+        }
+        if runs("grpc") {
+        let (mut grpc_rows, mut grpc_notes) = (Vec::new(), vec![common.clone()]);
+        for connections in [1, 8] {
+            let loads = compare(&[&bare, &open], Workload::Grpc(connections, tonic::Code::Ok)).await;
+            let what = format!("GetUser, {GRPC_CALLS} concurrent over {connections} connection(s)");
+            rows(&mut grpc_rows, &mut grpc_notes, &what, &loads);
+        }
+        grpc_notes.push("Full stack: global and per-method token buckets, per-method breaker, 10 s timeout; bare: the same handler on plain tonic with the demo's HTTP/2 settings (1,000 streams, 64 KiB window).".into());
+        record(
+            "gateway_2_grpc",
+            &Scenario {
+                title: "Gateway overhead over gRPC: plain tonic vs the full demo stack (allow path)".into(),
+                command: "cargo build --release -p demo-server && cargo bench -p benches --bench gateway".into(),
+                rows: grpc_rows,
+                notes: grpc_notes,
+            },
+        )
+        .unwrap();
+
+        }
+        if !runs("reject") {
+            return;
+        }
+        // Rejection path: the closed demo refuses almost everything; the allow path of the bare
+        // and the open servers in the same rounds, for scale.
+        let mut reject_rows = Vec::new();
+        let mut reject_notes = vec![common];
+        for (what, allow, reject) in [
+            ("GET /users/1, 64 connections", Workload::Http("/users/1", 200), Workload::Http("/users/1", 429)),
+            (
+                "GetUser, 100 concurrent over 8 connections",
+                Workload::Grpc(8, tonic::Code::Ok),
+                Workload::Grpc(8, tonic::Code::ResourceExhausted),
+            ),
+        ] {
+            let (mut b, mut s, mut r) = (Vec::new(), Vec::new(), Vec::new());
+            for _ in 0..ROUNDS {
+                b.push(load(&bare, allow).await);
+                s.push(load(&open, allow).await);
+                r.push(load(&closed, reject).await);
+            }
+            let (b, s, r) = (medians(&b), medians(&s), medians(&r));
+            let base = format!("{what}: full stack, admitted and served");
+            reject_rows.push(Row::new(&base, s.per_second, "answers/s").against(&base));
+            reject_rows.push(Row::new(format!("{what}: full stack, rejected (flood)"), r.per_second, "answers/s").against(&base));
+            reject_rows.push(Row::new(format!("{what}: bare, served"), b.per_second, "answers/s").against(&base));
+            reject_notes.push(format!(
+                "{what}: {:.2}% of the flood's answers were rejections; rejecting runs at {:.2}x the full stack's serving rate and {:.2}x the bare handler's.",
+                100.0 * r.expected as f64 / (r.expected + r.other).max(1) as f64,
+                r.per_second / s.per_second,
+                r.per_second / b.per_second
+            ));
+        }
+        reject_notes.push("The closed demo's global limits admit 1 request per second. A rejection is a full answer: RFC 9457 problem body, Retry-After and RateLimit headers (gRPC: trailers-only with RetryInfo), through the request-id and trace layers.".into());
+        record(
+            "gateway_3_reject",
+            &Scenario {
+                title: "Rejection path: answers per second under a flood far over the limit".into(),
+                command: "cargo build --release -p demo-server && cargo bench -p benches --bench gateway".into(),
+                rows: reject_rows,
+                notes: reject_notes,
+            },
+        )
+        .unwrap();
+    });
+}
