@@ -5,6 +5,7 @@ use std::{
     collections::BTreeMap,
     fmt::Write as _,
     path::{Path, PathBuf},
+    time::SystemTime,
     process::Command,
 };
 
@@ -42,8 +43,9 @@ struct Interval {
 type Measured = (String, f64, f64, f64);
 
 /// Benchmarks criterion measured, per group, in run order.
-fn criterion_results(root: &Path) -> BTreeMap<String, Vec<Measured>> {
-    let mut groups: BTreeMap<String, Vec<(Measured, std::time::SystemTime)>> = BTreeMap::new();
+/// Criterion groups: their benchmarks in run order, and when the group last ran.
+fn criterion_results(root: &Path) -> BTreeMap<String, (Vec<Measured>, SystemTime)> {
+    let mut groups: BTreeMap<String, Vec<(Measured, SystemTime)>> = BTreeMap::new();
     let mut stack = vec![root.to_path_buf()];
     while let Some(dir) = stack.pop() {
         let Ok(entries) = std::fs::read_dir(&dir) else { continue };
@@ -79,7 +81,8 @@ fn criterion_results(root: &Path) -> BTreeMap<String, Vec<Measured>> {
         .into_iter()
         .map(|(g, mut rows)| {
             rows.sort_by_key(|r| r.1);
-            (g, rows.into_iter().map(|(measured, _)| measured).collect())
+            let last = rows.iter().map(|r| r.1).max().unwrap_or(std::time::UNIX_EPOCH);
+            (g, (rows.into_iter().map(|(measured, _)| measured).collect(), last))
         })
         .collect()
 }
@@ -92,6 +95,12 @@ fn run(cmd: &str, args: &[&str]) -> String {
         .and_then(|o| String::from_utf8(o.stdout).ok())
         .map(|s| s.trim().to_owned())
         .unwrap_or_else(|| "?".into())
+}
+
+/// A file time as `YYYY-MM-DD HH:MM UTC` (a partial `scripts/bench` run keeps older results).
+fn when(time: SystemTime) -> String {
+    let secs = time.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    run("date", &["-u", "-d", &format!("@{secs}"), "+%Y-%m-%d %H:%M UTC"])
 }
 
 fn cpu_model() -> String {
@@ -134,14 +143,15 @@ fn number(v: f64) -> String {
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
     let criterion = criterion_results(&root.join("target/criterion"));
-    let mut scenarios: Vec<(String, Scenario)> = Vec::new();
+    let mut scenarios: Vec<(String, Scenario, SystemTime)> = Vec::new();
     if let Ok(entries) = std::fs::read_dir(out_dir()) {
         for entry in entries.flatten() {
             let path = entry.path();
             if path.extension().is_some_and(|e| e == "json")
                 && let Ok(s) = serde_json::from_slice::<Scenario>(&std::fs::read(&path)?)
             {
-                scenarios.push((path.file_stem().unwrap_or_default().to_string_lossy().into_owned(), s));
+                let modified = entry.metadata().and_then(|m| m.modified()).unwrap_or(std::time::UNIX_EPOCH);
+                scenarios.push((path.file_stem().unwrap_or_default().to_string_lossy().into_owned(), s, modified));
             }
         }
     }
@@ -150,7 +160,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut md = String::new();
     writeln!(md, "# Rampart benchmark results\n")?;
     writeln!(md, "Written by `scripts/bench` (do not edit by hand; rerun it).\n")?;
-    writeln!(md, "- Date: {}", run("date", &["-u", "+%Y-%m-%d %H:%M UTC"]))?;
+    writeln!(
+        md,
+        "- Date: {} (each table says when it ran: `scripts/bench <target>` reruns one and keeps the others)",
+        run("date", &["-u", "+%Y-%m-%d %H:%M UTC"])
+    )?;
     writeln!(
         md,
         "- Machine: {} cores, {}, kernel {}, {}",
@@ -179,8 +193,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
 
     writeln!(md, "## Micro-benchmarks (criterion)\n")?;
-    for (group, rows) in &criterion {
-        writeln!(md, "### {group}\n")?;
+    for (group, (rows, ran)) in &criterion {
+        writeln!(md, "### {group}\n\nRun {}.\n", when(*ran))?;
         writeln!(md, "| benchmark | median | 95% interval | ratio |")?;
         writeln!(md, "|---|---:|---:|---:|")?;
         let first = rows.first().map_or(1.0, |r| r.1);
@@ -198,9 +212,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
 
     writeln!(md, "## Load scenarios\n")?;
-    for (_, s) in &scenarios {
+    for (_, s, ran) in &scenarios {
         writeln!(md, "### {}\n", s.title)?;
-        writeln!(md, "Command: `{}`\n", s.command)?;
+        writeln!(md, "Command: `{}` (run {})\n", s.command, when(*ran))?;
         writeln!(md, "| run | value | ratio to its baseline |")?;
         writeln!(md, "|---|---:|---:|")?;
         for row in &s.rows {
