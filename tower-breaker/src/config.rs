@@ -22,7 +22,7 @@ pub enum SlidingWindow {
     },
 }
 
-/// What trips a closed breaker.
+/// What a closed breaker acts on.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
 pub enum TripPolicy {
@@ -34,6 +34,23 @@ pub enum TripPolicy {
         /// Failures in a row that trip the breaker.
         threshold: u32,
     },
+    /// Google SRE's client-side adaptive throttling (*Site Reliability Engineering*, "Handling
+    /// Overload"), instead of the state machine: the breaker never opens, but once the window
+    /// holds `minimum_calls` it refuses each call with probability
+    /// `max(0, (requests − k × accepts) / (requests + 1))`, where requests are the window's
+    /// calls — refused ones included — and accepts its successes. A backend that accepts half
+    /// the calls with `k = 2` sees no throttling; one that accepts nothing sees almost all
+    /// calls refused locally, while a trickle still probes it.
+    AdaptiveThrottling {
+        /// How many requests per accepted one are let through (default 2.0; lower throttles
+        /// sooner). At least 1.0.
+        #[serde(default = "default_k")]
+        k: f64,
+    },
+}
+
+fn default_k() -> f64 {
+    2.0
 }
 
 /// Growth of the open-state wait on consecutive re-opens (a half-open probe failed again).
@@ -151,8 +168,14 @@ impl BreakerConfig {
         if self.max_wait_in_half_open.is_some_and(|d| d.is_zero()) {
             return Err(ConfigError::new("max_wait_in_half_open", "must be longer than zero"));
         }
-        if let TripPolicy::ConsecutiveFailures { threshold: 0 } = self.trip {
-            return Err(ConfigError::new("trip.threshold", "must be at least 1"));
+        match self.trip {
+            TripPolicy::ConsecutiveFailures { threshold: 0 } => {
+                return Err(ConfigError::new("trip.threshold", "must be at least 1"));
+            }
+            TripPolicy::AdaptiveThrottling { k } if !(k.is_finite() && k >= 1.0) => {
+                return Err(ConfigError::new("trip.k", "must be a number of at least 1.0"));
+            }
+            _ => {}
         }
         Ok(())
     }
@@ -226,6 +249,14 @@ impl BreakerConfigBuilder {
         self
     }
 
+    /// Throttle adaptively (Google SRE) instead of opening: see
+    /// [`TripPolicy::AdaptiveThrottling`]. The window (count or time; SRE uses the last two
+    /// minutes) and `minimum_calls` apply.
+    pub fn adaptive_throttling(mut self, k: f64) -> Self {
+        self.config.trip = TripPolicy::AdaptiveThrottling { k };
+        self
+    }
+
     /// Validates and returns the configuration.
     pub fn build(self) -> Result<BreakerConfig, ConfigError> {
         self.config.validate()?;
@@ -246,6 +277,8 @@ mod tests {
         assert!(err(BreakerConfig::builder().half_open_permits(0)).contains("half_open_permits"));
         assert!(err(BreakerConfig::builder().wait_in_open(Duration::ZERO)).contains("wait_in_open"));
         assert!(err(BreakerConfig::builder().consecutive_failures(0)).contains("trip.threshold"));
+        assert!(err(BreakerConfig::builder().adaptive_throttling(0.5)).contains("trip.k"));
+        assert!(err(BreakerConfig::builder().adaptive_throttling(f64::INFINITY)).contains("trip.k"));
         assert!(err(BreakerConfig::builder().wait_growth(0.5, Duration::from_secs(60), 0.0)).contains("multiplier"));
         assert!(BreakerConfig::builder().build().is_ok());
     }
@@ -268,5 +301,7 @@ mod tests {
         assert_eq!(config.window, SlidingWindow::Time { seconds: 10 });
         assert_eq!(config.slow_call_duration, Some(Duration::from_secs(2)));
         assert!(toml::from_str::<BreakerConfig>("minimum_cals = 5").is_err());
+        let sre: BreakerConfig = toml::from_str("trip = { type = \"adaptive_throttling\" }").unwrap();
+        assert_eq!(sre.trip, TripPolicy::AdaptiveThrottling { k: 2.0 });
     }
 }

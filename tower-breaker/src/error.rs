@@ -22,16 +22,18 @@ impl ConfigError {
 }
 
 /// The call was refused because the circuit is open (or half-open with its probes running).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct CircuitOpen {
     pub(crate) breaker: std::sync::Arc<str>,
     pub(crate) retry_after: Option<Duration>,
+    /// Refused by adaptive throttling, with this probability (the circuit is not open).
+    pub(crate) throttled: Option<f64>,
 }
 
 impl CircuitOpen {
     /// A refusal that may be retried at once (the breaker let go between readiness and call).
     pub(crate) fn retry_now(breaker: &crate::Breaker) -> Self {
-        Self { breaker: breaker.name().into(), retry_after: Some(Duration::ZERO) }
+        Self { breaker: breaker.name().into(), retry_after: Some(Duration::ZERO), throttled: None }
     }
 
     /// The breaker's name.
@@ -43,13 +45,22 @@ impl CircuitOpen {
     pub fn retry_after(&self) -> Option<Duration> {
         self.retry_after
     }
+
+    /// Whether adaptive throttling refused the call (the circuit itself is not open), and the
+    /// probability it refused with.
+    pub fn throttled(&self) -> Option<f64> {
+        self.throttled
+    }
 }
 
 impl fmt::Display for CircuitOpen {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self.retry_after {
-            Some(wait) => write!(f, "circuit `{}` is open; retry in {wait:?}", self.breaker),
-            None => write!(f, "circuit `{}` is forced open", self.breaker),
+        match (self.throttled, self.retry_after) {
+            (Some(p), _) => {
+                write!(f, "circuit `{}` is throttling: refused locally with probability {p:.2}", self.breaker)
+            }
+            (None, Some(wait)) => write!(f, "circuit `{}` is open; retry in {wait:?}", self.breaker),
+            (None, None) => write!(f, "circuit `{}` is forced open", self.breaker),
         }
     }
 }

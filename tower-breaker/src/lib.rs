@@ -14,6 +14,13 @@
 //!   order, numbered) and [`Breaker::watch`], logged with `tracing` and counted with `metrics`
 //!   (`rampart_breaker_calls_total{outcome}`, `_rejections_total`, `_transitions_total`,
 //!   `rampart_breaker_state`).
+//! * [`TripPolicy::AdaptiveThrottling`] — a second policy beside the state machine: Google
+//!   SRE's client-side adaptive throttling. The breaker never opens; it refuses each call with
+//!   probability `max(0, (requests − k·accepts) / (requests + 1))` over its window (refusals
+//!   counted as requests), so a failing backend is spared most calls while a trickle keeps
+//!   probing it, and recovery lowers the refusals smoothly. Refusals are answered like an open
+//!   circuit, with `"error":"throttled"`. ([`BreakerConfigBuilder::adaptive_throttling`], or
+//!   `trip = { type = "adaptive_throttling", k = 2.0 }` in TOML.)
 //! * [`BreakerRegistry`] — one breaker per key (route, gRPC method, upstream), bounded.
 //! * [`CircuitBreakerLayer`] — the tower layer. An open breaker answers at once: HTTP 503 with
 //!   `Retry-After` (seconds until half-open) and a problem body `"error":"circuit_open"`, gRPC a

@@ -5,14 +5,15 @@ use rampart_http::{GrpcCode, Problem, ResponseBody, grpc_response, retry_after_h
 
 use crate::error::CircuitOpen;
 
-/// HTTP 503 + `Retry-After` (seconds until half-open) + `circuit_open` problem body, or a gRPC
-/// trailers-only `UNAVAILABLE` with `RetryInfo`.
+/// HTTP 503 + `Retry-After` (seconds until half-open) + `circuit_open` problem body (`throttled`
+/// when adaptive throttling refused), or a gRPC trailers-only `UNAVAILABLE` with `RetryInfo`.
 pub(crate) fn rejection<B>(open: &CircuitOpen, grpc: bool) -> Response<ResponseBody<B>> {
     let detail = open.to_string();
     if grpc {
         return grpc_response(GrpcCode::Unavailable, &detail, open.retry_after);
     }
-    let mut response = Problem::new(StatusCode::SERVICE_UNAVAILABLE, "circuit_open")
+    let error = if open.throttled.is_some() { "throttled" } else { "circuit_open" };
+    let mut response = Problem::new(StatusCode::SERVICE_UNAVAILABLE, error)
         .detail(detail)
         .into_response()
         .map(|body| ResponseBody::Local { body });

@@ -318,7 +318,24 @@ impl Breaker {
         loop {
             let episode = inner.hot.episode.load(Ordering::Acquire);
             match self.state() {
-                State::Closed => return Ok(self.permit(PermitKind::Closed, episode, stamp(PermitKind::Closed))),
+                State::Closed => {
+                    if let TripPolicy::AdaptiveThrottling { k } = inner.config.trip {
+                        let now = at.unwrap_or_else(Instant::now);
+                        let p = inner.throttle_probability(now, k);
+                        if p > 0.0 && rand::random::<f64>() < p {
+                            // A call refused here is still a request: it counts, unaccepted.
+                            inner.record_window(&mut || now, true, false);
+                            self.inner.rejected.fetch_add(1, Ordering::Relaxed);
+                            self.inner.metrics.rejected.increment(1);
+                            return Err(CircuitOpen {
+                                breaker: inner.name.clone(),
+                                retry_after: Some(Duration::from_secs(1)),
+                                throttled: Some(p),
+                            });
+                        }
+                    }
+                    return Ok(self.permit(PermitKind::Closed, episode, stamp(PermitKind::Closed)));
+                }
                 State::MetricsOnly => {
                     return Ok(self.permit(PermitKind::MetricsOnly, episode, stamp(PermitKind::MetricsOnly)));
                 }
@@ -380,7 +397,16 @@ impl Breaker {
     fn reject(&self, retry_after: Option<Duration>) -> CircuitOpen {
         self.inner.rejected.fetch_add(1, Ordering::Relaxed);
         self.inner.metrics.rejected.increment(1);
-        CircuitOpen { breaker: self.inner.name.clone(), retry_after }
+        CircuitOpen { breaker: self.inner.name.clone(), retry_after, throttled: None }
+    }
+
+    /// Under [`TripPolicy::AdaptiveThrottling`], the probability a call is refused now
+    /// (0 under the other policies, or while the window holds fewer than `minimum_calls`).
+    pub fn throttle_probability(&self) -> f64 {
+        match self.inner.config.trip {
+            TripPolicy::AdaptiveThrottling { k } => self.inner.throttle_probability(Instant::now(), k),
+            _ => 0.0,
+        }
     }
 
     /// Operator: refuse every call until [`reset`](Self::reset) or another override.
@@ -414,6 +440,17 @@ impl Inner {
             Window::Count(w) => w.totals(),
             Window::Time(w) => w.totals(self.nanos(now) / 1_000_000_000),
         }
+    }
+
+    /// `max(0, (requests − k × accepts) / (requests + 1))` over the window.
+    fn throttle_probability(&self, now: Instant, k: f64) -> f64 {
+        let totals = self.totals(now);
+        if totals.calls < u64::from(self.config.minimum_calls) {
+            return 0.0;
+        }
+        let requests = totals.calls as f64;
+        let accepts = totals.calls.saturating_sub(totals.failures) as f64;
+        ((requests - k * accepts) / (requests + 1.0)).max(0.0)
     }
 
     fn record_window(&self, now: &mut impl FnMut() -> Instant, failure: bool, slow: bool) {
@@ -534,6 +571,8 @@ impl Inner {
                             self.transition(State::Closed, State::Open, Reason::ConsecutiveFailures, now());
                         }
                     }
+                    // Never opens: the next calls read the window.
+                    TripPolicy::AdaptiveThrottling { .. } => {}
                     TripPolicy::Rate => {
                         // A plain success can only lower the rates: nothing to judge.
                         if failure || slow {

@@ -280,3 +280,36 @@ async fn grpc_status_in_trailers_is_read_at_the_end_of_the_body() {
     response.into_body().collect().await.unwrap();
     assert_eq!(breaker.state(), State::Open, "two failures in a row, both read from trailers");
 }
+
+#[tokio::test]
+async fn adaptive_throttling_refuses_locally_with_a_throttled_problem() {
+    let config = BreakerConfig::builder().count_window(100).minimum_calls(10).adaptive_throttling(2.0).build().unwrap();
+    let breaker = Breaker::new("sre", config).unwrap();
+    let calls = Arc::new(AtomicU32::new(0));
+    let upstream = {
+        let calls = calls.clone();
+        get(move || async move {
+            calls.fetch_add(1, Ordering::SeqCst);
+            StatusCode::INTERNAL_SERVER_ERROR
+        })
+    };
+    let app = Router::new().route("/upstream", upstream).layer(CircuitBreakerLayer::new(breaker.clone()));
+    let addr = serve(app).await;
+    let http = reqwest::Client::new();
+    let (mut failed, mut throttled) = (0, 0);
+    for _ in 0..200 {
+        let res = http.get(format!("http://{addr}/upstream")).send().await.unwrap();
+        match res.status().as_u16() {
+            500 => failed += 1,
+            503 => {
+                let problem: serde_json::Value = res.json().await.unwrap();
+                assert_eq!(problem["error"], "throttled");
+                throttled += 1;
+            }
+            other => panic!("unexpected {other}"),
+        }
+    }
+    assert_eq!(failed, calls.load(Ordering::SeqCst), "a throttled call never reaches the upstream");
+    assert!(throttled > 100, "a failing upstream is mostly spared: {throttled} of 200 throttled");
+    assert_eq!(breaker.state(), State::Closed);
+}
