@@ -87,6 +87,7 @@
 //! # Ok(()) }
 //! ```
 
+pub mod adaptive;
 pub mod algorithm;
 mod clock;
 mod error;
@@ -97,6 +98,7 @@ mod layer;
 mod policy;
 mod response;
 mod service;
+pub mod shed;
 mod store;
 
 pub use algorithm::{Decision, Quota, QuotaConfig, SlidingLog, SlidingWindow, TokenBucket, Verdict};
