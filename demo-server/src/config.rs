@@ -120,7 +120,13 @@ pub(crate) enum SharedStore {
 fn token_bucket(name: &str, rate: u64) -> PolicyConfig {
     PolicyConfig {
         name: name.to_owned(),
-        quotas: vec![QuotaConfig::TokenBucket { rate, period: Duration::from_secs(1), burst: Some(rate), name: None }],
+        quotas: vec![QuotaConfig::TokenBucket {
+            rate,
+            period: Duration::from_secs(1),
+            burst: Some(rate),
+            warm_up: None,
+            name: None,
+        }],
     }
 }
 

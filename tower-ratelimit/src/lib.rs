@@ -20,6 +20,13 @@
 //!   [`GrpcMethod`], tuples, closures) decides whom a request counts for. Layers stack: a global
 //!   limit outside, per-route and per-client ones inside.
 //!
+//! * A token bucket may warm up ([`Quota::warm_up`], [`WarmUp`]): after start or a long idle
+//!   it admits a fraction of its rate, ramping to the full rate, so a cold service is not
+//!   flooded (memory and Redis stores alike).
+//! * Beyond fixed rates, [`adaptive`] holds an in-flight limit that follows measured latency
+//!   (gradient and AIMD) and [`shed`] a BBR-style CPU load shedder, both behind one
+//!   [`adaptive::OverloadLayer`].
+//!
 //! The algorithms are pure functions of `now` (see [`algorithm`]); stores read a [`Clock`]
 //! ([`TokioClock`] by default, so `tokio::time::pause` drives them in tests).
 //!
@@ -101,7 +108,9 @@ mod service;
 pub mod shed;
 mod store;
 
-pub use algorithm::{Decision, Quota, QuotaConfig, SlidingLog, SlidingWindow, TokenBucket, Verdict};
+pub use algorithm::{
+    Decision, Quota, QuotaConfig, SlidingLog, SlidingWindow, TokenBucket, Verdict, WarmUp, WarmUpConfig,
+};
 #[cfg(feature = "quanta")]
 pub use clock::QuantaClock;
 pub use clock::{Clock, ManualClock, TokioClock};

@@ -96,7 +96,7 @@ impl Policy {
     pub(crate) fn single_gcra(&self) -> Option<&crate::algorithm::TokenBucket> {
         match &*self.inner.quotas {
             [q] => match q.kind() {
-                QuotaKind::Gcra(tb) => Some(tb),
+                QuotaKind::Gcra(tb) if tb.warm_up().is_none() => Some(tb),
                 _ => None,
             },
             _ => None,

@@ -5,8 +5,8 @@ use std::{
     collections::BTreeMap,
     fmt::Write as _,
     path::{Path, PathBuf},
-    time::SystemTime,
     process::Command,
+    time::SystemTime,
 };
 
 use benches::{

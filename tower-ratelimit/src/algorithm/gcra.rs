@@ -19,6 +19,72 @@ pub struct TokenBucket {
     interval: u64,
     /// `burst × interval`: how far ahead of now the TAT may run.
     tau: u64,
+    warm_up: Option<WarmUp>,
+}
+
+/// Warm-up of a token bucket, as Sentinel's cold start: after the bucket's first use, or after
+/// it sat full for [`idle`](Self::idle), it admits `1 / cold_factor` of its rate — and of its
+/// burst — rising linearly to the full rate over [`period`](Self::period). A cold service is
+/// not flooded at full rate the moment traffic arrives.
+///
+/// At `t` into the ramp the bucket behaves as one of rate `rate × φ(t)` and burst
+/// `max(1, ⌊burst × φ(t)⌋)`, with `φ(t) = min(1, 1/cold_factor + (1 − 1/cold_factor) × t / period)`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WarmUp {
+    period: Duration,
+    cold_factor: u32,
+    idle: Duration,
+}
+
+impl WarmUp {
+    /// A ramp over `period` from `1 / cold_factor` of the rate (Sentinel's default factor is 3),
+    /// starting again after the bucket sat full for `period`.
+    pub fn new(period: Duration, cold_factor: u32) -> Result<Self, ConfigError> {
+        Self::with_idle(period, cold_factor, period)
+    }
+
+    /// Like [`new`](Self::new), going cold again after `idle` full.
+    pub fn with_idle(period: Duration, cold_factor: u32, idle: Duration) -> Result<Self, ConfigError> {
+        if period.is_zero() || nanos(period) > u128::from(MAX_SPAN) {
+            return Err(ConfigError::new("warm-up period must be longer than zero and at most 100 years"));
+        }
+        if !(2..=100).contains(&cold_factor) {
+            return Err(ConfigError::new("warm-up cold factor must be within 2..=100"));
+        }
+        if idle.is_zero() || nanos(idle) > u128::from(MAX_SPAN) {
+            return Err(ConfigError::new("warm-up idle time must be longer than zero and at most 100 years"));
+        }
+        Ok(Self { period, cold_factor, idle })
+    }
+
+    /// The ramp's length.
+    pub fn period(&self) -> Duration {
+        self.period
+    }
+
+    /// The start fraction's inverse.
+    pub fn cold_factor(&self) -> u32 {
+        self.cold_factor
+    }
+
+    /// How long the bucket must sit full to go cold again.
+    pub fn idle(&self) -> Duration {
+        self.idle
+    }
+
+    pub(crate) fn period_nanos(&self) -> u64 {
+        u64::try_from(nanos(self.period)).unwrap_or(MAX_SPAN)
+    }
+
+    pub(crate) fn idle_nanos(&self) -> u64 {
+        u64::try_from(nanos(self.idle)).unwrap_or(MAX_SPAN)
+    }
+
+    /// `φ`: the fraction of the rate `elapsed` nanoseconds into the ramp.
+    pub fn fraction(&self, elapsed: Nanos) -> f64 {
+        let cold = 1.0 / f64::from(self.cold_factor);
+        (cold + (1.0 - cold) * elapsed as f64 / self.period_nanos() as f64).min(1.0)
+    }
 }
 
 impl TokenBucket {
@@ -41,7 +107,18 @@ impl TokenBucket {
         let tau = interval.checked_mul(burst).filter(|tau| *tau <= MAX_SPAN).ok_or_else(|| {
             ConfigError::new(format!("token bucket burst {burst} takes longer than 100 years to refill"))
         })?;
-        Ok(Self { rate, period, burst, interval, tau })
+        Ok(Self { rate, period, burst, interval, tau, warm_up: None })
+    }
+
+    /// Adds a warm-up ramp.
+    pub(crate) fn with_warm_up(mut self, warm_up: WarmUp) -> Self {
+        self.warm_up = Some(warm_up);
+        self
+    }
+
+    /// The warm-up ramp, if any.
+    pub fn warm_up(&self) -> Option<&WarmUp> {
+        self.warm_up.as_ref()
     }
 
     /// Tokens per period.
@@ -109,6 +186,64 @@ impl TokenBucket {
     pub(crate) fn consume(&self, tat: Nanos, now: Nanos, cost: u64) -> Nanos {
         tat.max(now).saturating_add(cost.saturating_mul(self.interval))
     }
+
+    /// Where the ramp of a warm-up bucket started, seen at `now`: a bucket never used, or full
+    /// for its idle time, starts a new ramp now.
+    fn ramp_start(warm: &WarmUp, tat: Nanos, warm_start: Option<Nanos>, now: Nanos) -> Nanos {
+        match warm_start {
+            Some(start) if tat.saturating_add(warm.idle_nanos()) > now => start,
+            _ => now,
+        }
+    }
+
+    /// The decision of a warm-up bucket, and the TAT and ramp start to store if it is allowed.
+    /// Computed in `f64` nanoseconds relative to `now` (the Redis script does the same in
+    /// microseconds); once the ramp is over it is exactly [`evaluate`](Self::evaluate).
+    pub(crate) fn evaluate_warm(
+        &self,
+        warm: &WarmUp,
+        tat: Nanos,
+        warm_start: Option<Nanos>,
+        now: Nanos,
+        cost: u64,
+    ) -> (Decision, Nanos, Nanos) {
+        let start = Self::ramp_start(warm, tat, warm_start, now);
+        let phi = warm.fraction(now - start);
+        if phi >= 1.0 {
+            let (decision, tat) = self.evaluate(tat, now, cost);
+            return (decision, tat, start);
+        }
+        let interval = self.interval as f64 / phi;
+        let burst = ((self.burst as f64 * phi + 1e-9).floor() as u64).max(1);
+        let tau = burst as f64 * interval;
+        let ahead = tat.saturating_sub(now) as f64;
+        let new_ahead = ahead + cost as f64 * interval;
+        let limit = |v: f64| v.clamp(0.0, MAX_SPAN as f64);
+        // Waits in whole microseconds, rounded up, as the Redis script reports them.
+        let wait = |v: f64| duration(((limit(v) / 1000.0).ceil() * 1000.0) as u64);
+        // A thousandth of a token of allowance: the TAT is stored in whole nanoseconds here and
+        // in floating microseconds by the Redis script; both decide alike within it.
+        const TOLERANCE: f64 = 1e-3;
+        if new_ahead <= tau + TOLERANCE * interval {
+            let decision = Decision {
+                allowed: true,
+                limit: burst,
+                remaining: ((tau - new_ahead) / interval + TOLERANCE).floor().max(0.0) as u64,
+                reset_after: wait(new_ahead),
+                retry_after: Duration::ZERO,
+            };
+            (decision, now.saturating_add(limit(new_ahead).ceil() as u64), start)
+        } else {
+            let decision = Decision {
+                allowed: false,
+                limit: burst,
+                remaining: ((tau - ahead) / interval + TOLERANCE).floor().max(0.0) as u64,
+                reset_after: wait(ahead),
+                retry_after: wait(new_ahead - tau),
+            };
+            (decision, tat, start)
+        }
+    }
 }
 
 /// Spans (refill times, windows) are capped at 100 years so every sum of times fits a `u64`.
@@ -157,7 +292,61 @@ mod tests {
     }
 
     #[test]
+    fn warm_up_admits_the_ramped_rate_at_each_point() {
+        // 100 per second, burst 10, cold factor 4, ramp over 10 s: φ(t) = 0.25 + 0.75 t / 10 s.
+        let warm = WarmUp::new(Duration::from_secs(10), 4).unwrap();
+        let tb = TokenBucket::new(100, Duration::from_secs(1), 10).unwrap().with_warm_up(warm);
+        let (mut tat, mut start) = (0, None);
+        // A request every millisecond (1000/s, far over the rate), for 12 s.
+        let mut admitted_per_second = [0u64; 12];
+        for ms in 0..12_000u64 {
+            let now = 1_000 * MS + ms * MS;
+            let (d, t, s) = tb.evaluate_warm(&warm, tat, start, now, 1);
+            if d.allowed {
+                tat = t;
+                start = Some(s);
+                admitted_per_second[(ms / 1000) as usize] += 1;
+            }
+        }
+        for (second, admitted) in admitted_per_second.iter().enumerate() {
+            // The documented rate at the middle of that second, plus the (ramped) burst once.
+            let expected = 100.0 * warm.fraction((second as u64 * 1000 + 500) * MS).min(1.0);
+            let burst = if second == 0 { 10.0 * 0.25 } else { 0.0 };
+            let got = *admitted as f64 - burst;
+            assert!(
+                (got - expected).abs() <= expected * 0.05 + 2.0,
+                "second {second}: {admitted} admitted, expected ~{expected:.0}"
+            );
+        }
+        // After 12 s warm: exactly the plain bucket.
+        let now = 1_000 * MS + 12_000 * MS;
+        assert_eq!(tb.evaluate_warm(&warm, tat, start, now, 1).0, tb.evaluate(tat, now, 1).0);
+        // Left full for its idle time, it goes cold again.
+        let later = tat + warm.idle_nanos();
+        let (d, _, s) = tb.evaluate_warm(&warm, tat, start, later, 1);
+        assert_eq!(s, later);
+        assert_eq!(d.limit, 2, "burst 10 × 0.25");
+    }
+
+    #[test]
+    fn warm_up_from_config() {
+        let config: crate::QuotaConfig =
+            toml::from_str("algorithm = \"token_bucket\"\nrate = 100\nperiod = \"1s\"\nwarm_up = { period = \"30s\" }")
+                .unwrap();
+        let quota = crate::Quota::try_from(&config).unwrap();
+        let crate::algorithm::QuotaKind::Gcra(tb) = quota.kind() else { panic!("a token bucket") };
+        let warm = tb.warm_up().unwrap();
+        assert_eq!(
+            (warm.period(), warm.cold_factor(), warm.idle()),
+            (Duration::from_secs(30), 3, Duration::from_secs(30))
+        );
+        assert!(crate::Quota::sliding_window(10, Duration::from_secs(1)).unwrap().warm_up(*warm).is_err());
+    }
+
+    #[test]
     fn bad_numbers_are_errors() {
+        assert!(WarmUp::new(Duration::ZERO, 3).is_err());
+        assert!(WarmUp::new(Duration::from_secs(1), 1).is_err());
         assert!(TokenBucket::new(0, Duration::from_secs(1), 1).is_err());
         assert!(TokenBucket::new(1, Duration::from_secs(1), 0).is_err());
         assert!(TokenBucket::new(1, Duration::ZERO, 1).is_err());

@@ -13,7 +13,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use smallvec::SmallVec;
 
-pub use gcra::TokenBucket;
+pub use gcra::{TokenBucket, WarmUp};
 pub use log::SlidingLog;
 pub use window::SlidingWindow;
 
@@ -85,6 +85,14 @@ impl Quota {
         Ok(Self::from_kind(QuotaKind::Log(SlidingLog::new(limit, window)?)))
     }
 
+    /// Adds a warm-up ramp to a token bucket (see [`WarmUp`]); other quotas refuse it.
+    pub fn warm_up(self, warm_up: WarmUp) -> Result<Self, ConfigError> {
+        match self.kind {
+            QuotaKind::Gcra(tb) => Ok(Self { name: self.name, kind: QuotaKind::Gcra(tb.with_warm_up(warm_up)) }),
+            _ => Err(ConfigError::new("warm-up applies to token buckets only")),
+        }
+    }
+
     /// Names the quota (shown in the `RateLimit` headers; defaults to the policy name, with the
     /// quota's position appended when a policy has several).
     pub fn named(mut self, name: impl Into<String>) -> Self {
@@ -126,6 +134,7 @@ impl Quota {
     /// A fresh state: the quota entirely available.
     pub fn new_state(&self) -> QuotaState {
         match &self.kind {
+            QuotaKind::Gcra(q) if q.warm_up().is_some() => QuotaState::WarmGcra { tat: 0, warm_start: None },
             QuotaKind::Gcra(_) => QuotaState::Gcra(0),
             QuotaKind::Window(q) => QuotaState::Window(q.new_state()),
             QuotaKind::Log(_) => QuotaState::Log(log::LogState::default()),
@@ -136,7 +145,10 @@ impl Quota {
     /// (It may forget data that has expired, which changes no decision.)
     pub fn evaluate(&self, state: &mut QuotaState, now: Nanos, cost: u64) -> Decision {
         match (&self.kind, state) {
-            (QuotaKind::Gcra(q), QuotaState::Gcra(tat)) => q.evaluate(*tat, now, cost).0,
+            (QuotaKind::Gcra(q), QuotaState::WarmGcra { tat, warm_start }) if let Some(w) = q.warm_up() => {
+                q.evaluate_warm(w, *tat, *warm_start, now, cost).0
+            }
+            (QuotaKind::Gcra(q), QuotaState::Gcra(tat)) if q.warm_up().is_none() => q.evaluate(*tat, now, cost).0,
             (QuotaKind::Window(q), QuotaState::Window(s)) => q.evaluate(s, now, cost),
             (QuotaKind::Log(q), QuotaState::Log(s)) => q.evaluate(s, now, cost),
             (_, state) => {
@@ -149,6 +161,12 @@ impl Quota {
     /// Consumes `cost` units at `now` (after [`evaluate`](Self::evaluate) allowed it).
     pub fn consume(&self, state: &mut QuotaState, now: Nanos, cost: u64) {
         match (&self.kind, state) {
+            (QuotaKind::Gcra(q), QuotaState::WarmGcra { tat, warm_start }) => {
+                if let Some(w) = q.warm_up() {
+                    let (_, new_tat, start) = q.evaluate_warm(w, *tat, *warm_start, now, cost);
+                    (*tat, *warm_start) = (new_tat, Some(start));
+                }
+            }
             (QuotaKind::Gcra(q), QuotaState::Gcra(tat)) => *tat = q.consume(*tat, now, cost),
             (QuotaKind::Window(q), QuotaState::Window(s)) => q.consume(s, now, cost),
             (QuotaKind::Log(q), QuotaState::Log(s)) => q.consume(s, now, cost),
@@ -166,6 +184,10 @@ impl Quota {
     pub fn idle_at(&self, state: &QuotaState) -> Nanos {
         match (&self.kind, state) {
             (QuotaKind::Gcra(_), QuotaState::Gcra(tat)) => *tat,
+            // Full for its idle time, it is cold: the same as fresh.
+            (QuotaKind::Gcra(q), QuotaState::WarmGcra { tat, .. }) => {
+                tat.saturating_add(q.warm_up().map_or(0, WarmUp::idle_nanos))
+            }
             (QuotaKind::Window(q), QuotaState::Window(s)) => q.idle_at(s),
             (QuotaKind::Log(q), QuotaState::Log(s)) => q.idle_at(s),
             _ => 0,
@@ -178,6 +200,13 @@ impl Quota {
 pub enum QuotaState {
     /// Theoretical arrival time of a token bucket.
     Gcra(Nanos),
+    /// A token bucket with warm-up: its TAT and where its ramp started (none yet: cold).
+    WarmGcra {
+        /// Theoretical arrival time.
+        tat: Nanos,
+        /// Start of the current ramp.
+        warm_start: Option<Nanos>,
+    },
     /// Sub-window counters of a sliding window.
     Window(window::WindowState),
     /// Timestamps of a sliding log.
@@ -255,6 +284,9 @@ pub enum QuotaConfig {
         /// Bucket size.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         burst: Option<u64>,
+        /// Optional warm-up ramp, e.g. `warm_up = { period = "30s", cold_factor = 3 }`.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        warm_up: Option<WarmUpConfig>,
         /// Name shown in headers.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         name: Option<String>,
@@ -286,13 +318,39 @@ pub enum QuotaConfig {
     },
 }
 
+/// The serde form of a [`WarmUp`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WarmUpConfig {
+    /// The ramp's length.
+    #[serde(with = "humantime_serde")]
+    pub period: Duration,
+    /// The ramp starts at `1 / cold_factor` of the rate (default 3, as Sentinel).
+    #[serde(default = "default_cold_factor")]
+    pub cold_factor: u32,
+    /// Full this long, the bucket goes cold again (default: `period`).
+    #[serde(default, with = "humantime_serde::option", skip_serializing_if = "Option::is_none")]
+    pub idle: Option<Duration>,
+}
+
+fn default_cold_factor() -> u32 {
+    3
+}
+
 impl TryFrom<&QuotaConfig> for Quota {
     type Error = ConfigError;
 
     fn try_from(config: &QuotaConfig) -> Result<Self, ConfigError> {
         let (quota, name) = match config {
-            QuotaConfig::TokenBucket { rate, period, burst, name } => {
-                (Quota::token_bucket(*rate, *period, burst.unwrap_or(*rate))?, name)
+            QuotaConfig::TokenBucket { rate, period, burst, warm_up, name } => {
+                let quota = Quota::token_bucket(*rate, *period, burst.unwrap_or(*rate))?;
+                let quota = match warm_up {
+                    Some(w) => {
+                        quota.warm_up(WarmUp::with_idle(w.period, w.cold_factor, w.idle.unwrap_or(w.period))?)?
+                    }
+                    None => quota,
+                };
+                (quota, name)
             }
             QuotaConfig::SlidingWindow { limit, window, precision, name } => (
                 Quota::sliding_window_with_precision(

@@ -1,10 +1,13 @@
 -- Rampart rate limit: one atomic decision over every quota of a policy.
 -- A port of tower-ratelimit's algorithm module, in microseconds (Redis TIME, or ARGV[1]).
 --
--- ARGV: now_us|'' , min, max, n, then per quota: kind, a, b, c
+-- ARGV: now_us|'' , min, max, n, then per quota: kind, a, b, c, d, e, f
 --   kind 'g' (GCRA token bucket): a = interval_us, b = tau_us, c = burst
+--   kind 'h' (GCRA with warm-up): as 'g', and d = ramp_us, e = cold factor, f = idle_us;
+--                                 the key holds 'tat:ramp_start'
 --   kind 'w' (rolling window):    a = width_us,    b = slots (S+1), c = limit
 --   kind 'l' (sliding log):       a = window_us,   b = limit,       c = unused
+--   (d, e, f are 0 for the kinds without warm-up)
 -- KEYS: one per quota, two for a sliding log (its zset, then its meta hash).
 -- min == max: a check of `min` units, all quotas or none.
 -- min <  max: a lease, taking as many units as available up to max, if at least min.
@@ -28,12 +31,35 @@ local n = tonumber(ARGV[4])
 local quotas = {}
 local k = 1
 for i = 1, n do
-  local base = 4 + (i - 1) * 4
+  local base = 4 + (i - 1) * 7
   local q = { kind = ARGV[base + 1], a = tonumber(ARGV[base + 2]), b = tonumber(ARGV[base + 3]),
-              c = tonumber(ARGV[base + 4]), key = KEYS[k] }
+              c = tonumber(ARGV[base + 4]), d = tonumber(ARGV[base + 5]), e = tonumber(ARGV[base + 6]),
+              f = tonumber(ARGV[base + 7]), key = KEYS[k] }
   k = k + 1
   if q.kind == 'g' then
     q.tat = math.max(tonumber(redis.call('GET', q.key) or '0') or 0, now)
+  elseif q.kind == 'h' then
+    -- Warm-up (TokenBucket::evaluate_warm): a ramp restarts when the bucket is new or sat full
+    -- for f; while it runs, interval and burst follow phi, and the TAT is kept relative to now.
+    local raw = redis.call('GET', q.key)
+    local tat, start = 0, nil
+    if raw then
+      local t, s = string.match(raw, '^([^:]+):(.+)$')
+      tat, start = tonumber(t) or 0, tonumber(s)
+    end
+    if start == nil or tat + q.f <= now then start = now end
+    local cold = 1 / q.e
+    local phi = math.min(1, cold + (1 - cold) * (now - start) / q.d)
+    if phi < 1 then
+      q.a = q.a / phi
+      q.c = math.max(1, math.floor(q.c * phi + EPS))
+      q.b = q.c * q.a
+    end
+    -- From here on a plain token bucket with these parameters; only its write differs, and
+    -- comparisons allow a thousandth of a token (fractional microseconds stored absolute lose
+    -- precision; the in-process store uses the same allowance).
+    q.kind, q.warm, q.start, q.tol = 'g', true, start, 1e-3
+    q.tat = math.max(tat, now)
   elseif q.kind == 'w' then
     local slots = q.b
     local fields = { 'h' }
@@ -70,7 +96,7 @@ for i = 1, n do
 end
 
 local function available(q)
-  if q.kind == 'g' then return math.floor((now + q.b - q.tat) / q.a + EPS)
+  if q.kind == 'g' then return math.floor((q.b - (q.tat - now)) / q.a + (q.tol or EPS))
   elseif q.kind == 'w' then return q.c - q.count
   else return q.b - q.total end
 end
@@ -86,12 +112,14 @@ end
 
 local function evaluate(q, cost)
   if q.kind == 'g' then
-    local new_tat = q.tat + cost * q.a
-    local bound = now + q.b
-    if new_tat <= bound + EPS then
-      return { 1, q.c, math.floor((bound - new_tat) / q.a + EPS), new_tat - now, 0 }
+    -- Relative to now: small numbers, exact where the absolute times are not.
+    local tol = q.tol or EPS
+    local ahead = q.tat - now
+    local new_ahead = ahead + cost * q.a
+    if new_ahead <= q.b + tol * q.a then
+      return { 1, q.c, math.max(0, math.floor((q.b - new_ahead) / q.a + tol)), new_ahead, 0 }
     end
-    return { 0, q.c, math.max(0, math.floor((bound - q.tat) / q.a + EPS)), q.tat - now, new_tat - bound }
+    return { 0, q.c, math.max(0, math.floor((q.b - ahead) / q.a + tol)), ahead, new_ahead - q.b }
   elseif q.kind == 'w' then
     local slots, limit = q.b, q.c
     local function end_of(index) return (index + slots) * q.a end
@@ -140,7 +168,10 @@ end
 
 local function consume(q, cost)
   if cost <= 0 then return end
-  if q.kind == 'g' then
+  if q.warm then
+    local new_tat = q.tat + cost * q.a
+    redis.call('SET', q.key, fmt(new_tat) .. ':' .. fmt(q.start), 'PX', ceil_ms(new_tat - now + q.f))
+  elseif q.kind == 'g' then
     local new_tat = q.tat + cost * q.a
     redis.call('SET', q.key, fmt(new_tat), 'PX', ceil_ms(new_tat - now))
   elseif q.kind == 'w' then

@@ -108,6 +108,8 @@ struct QuotaArgs {
     a: String,
     b: String,
     c: String,
+    /// Warm-up only: ramp period (µs), cold factor, idle time (µs); "0" otherwise.
+    warm: [String; 3],
     log: bool,
 }
 
@@ -116,14 +118,21 @@ fn micros(ns: u64) -> String {
     format!("{}.{:03}", ns / 1000, ns % 1000)
 }
 
+fn no_warm_up() -> [String; 3] {
+    ["0".to_owned(), "0".to_owned(), "0".to_owned()]
+}
+
 impl QuotaArgs {
     fn new(kind: &QuotaKind) -> Self {
         match kind {
             QuotaKind::Gcra(tb) => Self {
-                kind: "g",
+                kind: if tb.warm_up().is_some() { "h" } else { "g" },
                 a: micros(tb.interval_nanos()),
                 b: micros(tb.tau_nanos()),
                 c: tb.burst().to_string(),
+                warm: tb.warm_up().map_or_else(no_warm_up, |w| {
+                    [micros(w.period_nanos()), w.cold_factor().to_string(), micros(w.idle_nanos())]
+                }),
                 log: false,
             },
             QuotaKind::Window(w) => Self {
@@ -131,6 +140,7 @@ impl QuotaArgs {
                 a: micros(w.width_nanos()),
                 b: (u64::from(w.precision()) + 1).to_string(),
                 c: w.limit().to_string(),
+                warm: no_warm_up(),
                 log: false,
             },
             QuotaKind::Log(l) => Self {
@@ -138,6 +148,7 @@ impl QuotaArgs {
                 a: micros(u64::try_from(l.window().as_nanos()).unwrap_or(u64::MAX)),
                 b: l.limit().to_string(),
                 c: "0".to_owned(),
+                warm: no_warm_up(),
                 log: true,
             },
         }
@@ -252,6 +263,7 @@ impl<C: RedisConnection> RedisStore<C> {
         let mut args = vec![now, min.to_string(), max.to_string(), inner.quota_args.len().to_string()];
         for q in &inner.quota_args {
             args.extend([q.kind.to_owned(), q.a.clone(), q.b.clone(), q.c.clone()]);
+            args.extend(q.warm.iter().cloned());
         }
         (SCRIPT.get_hash().to_owned(), self.redis_keys(key), args)
     }
