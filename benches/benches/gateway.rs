@@ -351,6 +351,7 @@ fn main() {
                 command: "cargo build --release -p demo-server && cargo bench -p benches --bench gateway".into(),
                 rows: http_rows,
                 notes: http_notes,
+                series: Vec::new(),
             },
         )
         .unwrap();
@@ -371,6 +372,7 @@ fn main() {
                 command: "cargo build --release -p demo-server && cargo bench -p benches --bench gateway".into(),
                 rows: grpc_rows,
                 notes: grpc_notes,
+                series: Vec::new(),
             },
         )
         .unwrap();
@@ -417,6 +419,7 @@ fn main() {
                 command: "cargo build --release -p demo-server && cargo bench -p benches --bench gateway".into(),
                 rows: reject_rows,
                 notes: reject_notes,
+                series: Vec::new(),
             },
         )
         .unwrap();

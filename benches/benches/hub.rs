@@ -287,6 +287,7 @@ fn main() {
             command: "cargo bench -p benches --bench hub".into(),
             rows,
             notes,
+            series: Vec::new(),
         },
     )
     .unwrap();

@@ -104,6 +104,7 @@ fn main() {
                 format!("RedisStore / redis-benchmark = {:.2}x; LeasedStore / RedisStore = {:.1}x.", ours / peer, lease / ours),
                 "The quota never refuses here (allow path: every call writes); the rejection path is cheaper.".into(),
             ],
+            series: Vec::new(),
         };
         println!("{}", serde_json::to_string_pretty(&scenario).unwrap());
         record("redis_ratelimit", &scenario).unwrap();

@@ -138,6 +138,7 @@ fn main() {
         command: "cargo bench -p benches --bench redlock".into(),
         rows,
         notes,
+        series: Vec::new(),
     };
     println!("{}", serde_json::to_string_pretty(&scenario).unwrap());
     record("redlock", &scenario).unwrap();

@@ -285,6 +285,7 @@ fn main() {
         command: "cargo bench -p benches --bench streams".into(),
         rows,
         notes,
+        series: Vec::new(),
     };
     println!("{}", serde_json::to_string_pretty(&scenario).unwrap());
     record("streams", &scenario).unwrap();

@@ -85,3 +85,126 @@ pub fn slug(title: &str) -> String {
     }
     out.trim_matches('-').chars().take(60).collect::<String>().trim_end_matches('-').to_owned()
 }
+
+/// One line of [`lines`].
+#[derive(Debug, Clone)]
+pub struct Line {
+    /// Legend label.
+    pub name: String,
+    /// `(x, y)` points.
+    pub points: Vec<(f64, f64)>,
+}
+
+const COLORS: [&str; 6] = ["#adb5bd", "#1c7ed6", "#e8590c", "#2f9e44", "#ae3ec9", "#f08c00"];
+
+/// A line chart as SVG: x (seconds) against y, logarithmic y when `log_y`. Lines are coloured
+/// in order (grey, blue, orange, ...): put Rampart's last so it is orange.
+pub fn lines(title: &str, y_label: &str, x_label: &str, log_y: bool, lines: &[Line]) -> String {
+    let (width, height) = (900.0, 340.0);
+    let (left, right, top, bottom) = (70.0, 340.0, 34.0, 40.0);
+    let (plot_w, plot_h) = (width - left - right, height - top - bottom);
+    let points = lines.iter().flat_map(|l| l.points.iter());
+    let x_max = points.clone().map(|p| p.0).fold(0.0_f64, f64::max).max(1e-9);
+    let ys: Vec<f64> = points.map(|p| p.1).filter(|y| y.is_finite() && (!log_y || *y > 0.0)).collect();
+    let y_max = ys.iter().copied().fold(f64::MIN_POSITIVE, f64::max);
+    let y_min = if log_y { ys.iter().copied().fold(f64::INFINITY, f64::min).max(1e-9) } else { 0.0 };
+    let scale_y = |y: f64| {
+        let f = if log_y {
+            let (lo, hi) = (y_min.log10().floor(), y_max.log10().ceil().max(y_min.log10().floor() + 1.0));
+            (y.max(y_min).log10() - lo) / (hi - lo)
+        } else {
+            y / (y_max * 1.05)
+        };
+        top + plot_h * (1.0 - f.clamp(0.0, 1.0))
+    };
+    let scale_x = |x: f64| left + plot_w * (x / x_max);
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" font-size="12">"#
+    );
+    let _ = writeln!(out, r#"<rect width="100%" height="100%" fill="white"/>"#);
+    let _ = writeln!(out, r#"<text x="6" y="18" font-size="14" font-weight="bold">{}</text>"#, escape(title));
+    let _ = writeln!(
+        out,
+        r##"<rect x="{left}" y="{top}" width="{plot_w}" height="{plot_h}" fill="none" stroke="#868e96"/>"##
+    );
+    // Y ticks: decades on a log axis, fifths otherwise.
+    let ticks: Vec<f64> = if log_y {
+        let (lo, hi) = (y_min.log10().floor() as i32, y_max.log10().ceil().max(y_min.log10().floor() + 1.0) as i32);
+        (lo..=hi).map(|e| 10f64.powi(e)).collect()
+    } else {
+        (0..=5).map(|i| y_max * 1.05 * f64::from(i) / 5.0).collect()
+    };
+    for tick in ticks {
+        let y = scale_y(tick);
+        let _ = writeln!(
+            out,
+            r##"<line x1="{left}" x2="{}" y1="{y:.1}" y2="{y:.1}" stroke="#e9ecef"/><text x="{}" y="{:.1}" text-anchor="end">{}</text>"##,
+            left + plot_w,
+            left - 4.0,
+            y + 4.0,
+            short(tick)
+        );
+    }
+    for i in 0..=5 {
+        let x = x_max * f64::from(i) / 5.0;
+        let _ = writeln!(
+            out,
+            r#"<text x="{:.1}" y="{}" text-anchor="middle">{}</text>"#,
+            scale_x(x),
+            top + plot_h + 16.0,
+            short(x)
+        );
+    }
+    let _ = writeln!(
+        out,
+        r#"<text x="{}" y="{}" text-anchor="middle">{}</text>"#,
+        left + plot_w / 2.0,
+        height - 6.0,
+        escape(x_label)
+    );
+    let _ = writeln!(
+        out,
+        r#"<text x="14" y="{}" transform="rotate(-90 14 {})" text-anchor="middle">{}</text>"#,
+        top + plot_h / 2.0,
+        top + plot_h / 2.0,
+        escape(y_label)
+    );
+    for (i, line) in lines.iter().enumerate() {
+        let color = COLORS[i % COLORS.len()];
+        let path: Vec<String> = line
+            .points
+            .iter()
+            .filter(|p| p.1.is_finite() && (!log_y || p.1 > 0.0))
+            .map(|p| format!("{:.1},{:.1}", scale_x(p.0), scale_y(p.1)))
+            .collect();
+        let _ =
+            writeln!(out, r#"<polyline fill="none" stroke="{color}" stroke-width="2" points="{}"/>"#, path.join(" "));
+        let ly = top + 14.0 + 18.0 * i as f64;
+        let _ = writeln!(
+            out,
+            r#"<line x1="{}" x2="{}" y1="{ly}" y2="{ly}" stroke="{color}" stroke-width="3"/><text x="{}" y="{}">{}</text>"#,
+            left + plot_w + 10.0,
+            left + plot_w + 28.0,
+            left + plot_w + 32.0,
+            ly + 4.0,
+            escape(&line.name)
+        );
+    }
+    out.push_str("</svg>\n");
+    out
+}
+
+/// A compact number for axis labels.
+fn short(v: f64) -> String {
+    if v >= 1e6 {
+        format!("{:.1}M", v / 1e6)
+    } else if v >= 1e4 {
+        format!("{:.0}k", v / 1e3)
+    } else if v >= 100.0 || v == v.trunc() {
+        format!("{v:.0}")
+    } else {
+        format!("{v:.2}")
+    }
+}

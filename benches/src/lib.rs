@@ -16,7 +16,8 @@ use serde::{Deserialize, Serialize};
 pub struct Row {
     /// What was measured (e.g. `rampart RedisStore, 50 concurrent`).
     pub name: String,
-    /// The median (or the single run's) value.
+    /// The median (or the single run's) value; NaN (JSON `null`) when there is none.
+    #[serde(deserialize_with = "null_as_nan")]
     pub value: f64,
     /// Unit, e.g. `decisions/s`.
     pub unit: String,
@@ -50,6 +51,33 @@ pub struct Scenario {
     pub rows: Vec<Row>,
     /// Free-form lines (goals, caveats, what was not measured).
     pub notes: Vec<String>,
+    /// Time series, drawn as line charts (one per `chart` title).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub series: Vec<Series>,
+}
+
+/// One line of a line chart: `(x, y)` points, e.g. seconds into a run and a rate.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Series {
+    /// The chart it belongs to (its title).
+    pub chart: String,
+    /// The line's label.
+    pub name: String,
+    /// The y unit (`log` in it draws a logarithmic axis: `ms (log)`).
+    pub unit: String,
+    /// The points; a NaN (JSON `null`) y is a gap.
+    #[serde(deserialize_with = "null_ys_as_nan")]
+    pub points: Vec<(f64, f64)>,
+}
+
+/// serde_json writes NaN as `null`; read it back as NaN.
+fn null_as_nan<'de, D: serde::Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+    Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NAN))
+}
+
+fn null_ys_as_nan<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<(f64, f64)>, D::Error> {
+    let points = Vec::<(f64, Option<f64>)>::deserialize(d)?;
+    Ok(points.into_iter().map(|(x, y)| (x, y.unwrap_or(f64::NAN))).collect())
 }
 
 /// Where scenarios are written: `$RAMPART_BENCH_OUT` or `<workspace>/target/rampart-bench`.

@@ -4,6 +4,7 @@
 //!   answers, killed when dropped (also while a test unwinds from a panic).
 //! * [`RedisNodes`] — `n` independent masters, e.g. for RedLock.
 //! * [`RedisCluster`] — a real Redis Cluster of `n` masters made by `redis-cli --cluster create`.
+//! * [`sim::WorkerPool`] — a simulated upstream with a fixed number of workers, for overload tests.
 //!
 //! Faults are real signals and real restarts: [`RedisServer::kill`] (SIGKILL),
 //! [`RedisServer::pause`] (SIGSTOP), [`RedisServer::resume`] (SIGCONT) and
@@ -26,6 +27,7 @@
 
 mod cluster;
 mod server;
+pub mod sim;
 
 pub use cluster::{RedisCluster, RedisNodes};
 pub use server::{RedisConfig, RedisServer};

@@ -10,7 +10,8 @@ use std::{
     time::Duration,
 };
 
-use tokio::{sync::Semaphore, time::Instant};
+use testkit::sim::WorkerPool;
+use tokio::time::Instant;
 use tower::{BoxError, Service, ServiceBuilder, ServiceExt, util::BoxCloneSyncService};
 use tower_ratelimit::{
     adaptive::{AdaptiveConfig, AdaptiveLimit, LimitAlgorithm, OverloadLayer},
@@ -23,38 +24,15 @@ const PER_MS: usize = 3;
 const PHASES: [(u64, u32); 3] = [(0, 20), (10_000, 10), (20_000, 20)];
 const END_MS: u64 = 30_000;
 
-/// A fixed pool of workers; callers wait in line (FIFO) for one.
-#[derive(Clone)]
-struct Upstream {
-    workers: Arc<Semaphore>,
-}
-
-impl Upstream {
-    fn new(capacity: u32) -> Self {
-        Self { workers: Arc::new(Semaphore::new(capacity as usize)) }
-    }
-
-    fn resize(&self, from: u32, to: u32) {
-        if to > from {
-            self.workers.add_permits((to - from) as usize);
-        } else {
-            // Take workers away as they free up (queued first in line, like a caller).
-            let workers = self.workers.clone();
-            tokio::spawn(async move { workers.acquire_many_owned(from - to).await.unwrap().forget() });
+fn service(pool: &WorkerPool) -> BoxCloneSyncService<(), (), BoxError> {
+    let pool = pool.clone();
+    BoxCloneSyncService::new(tower::service_fn(move |()| {
+        let pool = pool.clone();
+        async move {
+            pool.call().await;
+            Ok::<_, BoxError>(())
         }
-    }
-
-    fn service(&self) -> BoxCloneSyncService<(), (), BoxError> {
-        let workers = self.workers.clone();
-        BoxCloneSyncService::new(tower::service_fn(move |()| {
-            let workers = workers.clone();
-            async move {
-                let _worker = workers.acquire_owned().await?;
-                tokio::time::sleep(SERVICE_TIME).await;
-                Ok::<_, BoxError>(())
-            }
-        }))
-    }
+    }))
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -70,17 +48,19 @@ struct Run {
     limits: Vec<(u64, u32)>,
 }
 
-async fn run(upstream: &Upstream, service: BoxCloneSyncService<(), (), BoxError>, limit: Option<AdaptiveLimit>) -> Run {
+async fn run(
+    upstream: &WorkerPool,
+    service: BoxCloneSyncService<(), (), BoxError>,
+    limit: Option<AdaptiveLimit>,
+) -> Run {
     let samples = Arc::new(Mutex::new(Vec::new()));
     let mut limits = Vec::new();
     let start = Instant::now();
     let mut ticker = tokio::time::interval(Duration::from_millis(1));
-    let mut capacity = PHASES[0].1;
     for ms in 0..END_MS {
         ticker.tick().await;
         if let Some(&(_, to)) = PHASES.iter().find(|(at, _)| *at == ms && ms > 0) {
-            upstream.resize(capacity, to);
-            capacity = to;
+            upstream.resize(to);
         }
         if ms % 100 == 0
             && let Some(limit) = &limit
@@ -139,10 +119,10 @@ fn gradient() -> AdaptiveLimit {
 
 #[tokio::test(start_paused = true)]
 async fn the_gradient_limit_follows_the_capacity_and_keeps_latency_bounded() {
-    let upstream = Upstream::new(PHASES[0].1);
+    let upstream = WorkerPool::new(PHASES[0].1, SERVICE_TIME);
     let limit = gradient();
     let service = BoxCloneSyncService::new(
-        ServiceBuilder::new().layer(OverloadLayer::new(limit.clone()).errors()).service(upstream.service()),
+        ServiceBuilder::new().layer(OverloadLayer::new(limit.clone()).errors()).service(service(&upstream)),
     );
     let run = run(&upstream, service, Some(limit.clone())).await;
     assert_protected("gradient", &run, 2 * SERVICE_TIME);
@@ -157,7 +137,7 @@ async fn the_gradient_limit_follows_the_capacity_and_keeps_latency_bounded() {
 
 #[tokio::test(start_paused = true)]
 async fn aimd_keeps_goodput_and_bounds_latency() {
-    let upstream = Upstream::new(PHASES[0].1);
+    let upstream = WorkerPool::new(PHASES[0].1, SERVICE_TIME);
     let config = AdaptiveConfig {
         algorithm: LimitAlgorithm::Aimd { backoff: 0.5, timeout: 2 * SERVICE_TIME },
         initial_limit: 10,
@@ -166,7 +146,7 @@ async fn aimd_keeps_goodput_and_bounds_latency() {
     };
     let limit = AdaptiveLimit::new("aimd", config).unwrap();
     let service = BoxCloneSyncService::new(
-        ServiceBuilder::new().layer(OverloadLayer::new(limit.clone()).errors()).service(upstream.service()),
+        ServiceBuilder::new().layer(OverloadLayer::new(limit.clone()).errors()).service(service(&upstream)),
     );
     let run = run(&upstream, service, Some(limit)).await;
     // AIMD saws between half and a bit over the capacity: it loses goodput on each halving
@@ -181,13 +161,13 @@ async fn aimd_keeps_goodput_and_bounds_latency() {
 
 #[tokio::test(start_paused = true)]
 async fn cpu_shedding_bounds_in_flight_by_littles_law() {
-    let upstream = Upstream::new(PHASES[0].1);
+    let upstream = WorkerPool::new(PHASES[0].1, SERVICE_TIME);
     let cpu = ManualCpu::default();
     cpu.set(0.95); // saturated throughout
     let config = ShedConfig { window: Duration::from_secs(2), buckets: 20, ..ShedConfig::default() };
     let shedder = CpuShedder::new("bbr", config, cpu).unwrap();
     let service = BoxCloneSyncService::new(
-        ServiceBuilder::new().layer(OverloadLayer::new(shedder).errors()).service(upstream.service()),
+        ServiceBuilder::new().layer(OverloadLayer::new(shedder).errors()).service(service(&upstream)),
     );
     let run = run(&upstream, service, None).await;
     // Little's law holds at any queue length: the estimate stops the queue from growing rather
@@ -198,8 +178,8 @@ async fn cpu_shedding_bounds_in_flight_by_littles_law() {
 
 #[tokio::test(start_paused = true)]
 async fn without_protection_the_queue_grows_without_bound() {
-    let upstream = Upstream::new(PHASES[0].1);
-    let service = upstream.service();
+    let upstream = WorkerPool::new(PHASES[0].1, SERVICE_TIME);
+    let service = service(&upstream);
     let run = run(&upstream, service, None).await;
     let (_, p99) = judge(&run, 15_000, 20_000);
     eprintln!("none: p99 {p99:?} in the halved phase");

@@ -11,7 +11,7 @@ use std::{
 
 use benches::{
     Scenario,
-    chart::{self, Bar, Panel},
+    chart::{self, Bar, Line, Panel},
     out_dir,
 };
 use serde::Deserialize;
@@ -125,6 +125,9 @@ fn ns(v: f64) -> String {
 }
 
 fn number(v: f64) -> String {
+    if !v.is_finite() {
+        return "—".to_owned();
+    }
     if v.abs() < 100.0 {
         return format!("{v:.2}");
     }
@@ -223,13 +226,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 None => s.rows.first().filter(|first| first.unit == row.unit),
             };
             let ratio = baseline
-                .filter(|b| b.value != 0.0)
+                .filter(|b| b.value != 0.0 && b.value.is_finite() && row.value.is_finite())
                 .map_or_else(|| "—".to_owned(), |b| format!("{:.2}×", row.value / b.value));
             writeln!(md, "| {} | {} {} | {ratio} |", row.name, number(row.value), row.unit)?;
         }
         writeln!(md)?;
         let mut panels: Vec<Panel> = Vec::new();
-        for row in &s.rows {
+        for row in s.rows.iter().filter(|r| r.value.is_finite()) {
             let bar =
                 Bar { label: row.name.clone(), value: row.value, text: format!("{} {}", number(row.value), row.unit) };
             match panels.iter_mut().find(|p| p.title == row.unit) {
@@ -238,6 +241,25 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             }
         }
         writeln!(md, "{}", plot(&s.title, panels)?)?;
+        // Time series: one line chart per chart title.
+        let mut charts: Vec<&str> = Vec::new();
+        for line in &s.series {
+            if !charts.contains(&line.chart.as_str()) {
+                charts.push(&line.chart);
+            }
+        }
+        for title in charts {
+            let series: Vec<_> = s.series.iter().filter(|l| l.chart == title).collect();
+            let unit = series.first().map_or("", |l| l.unit.as_str());
+            let lines: Vec<Line> =
+                series.iter().map(|l| Line { name: l.name.clone(), points: l.points.clone() }).collect();
+            let file = format!("{}.svg", chart::slug(title));
+            std::fs::write(
+                plots.join(&file),
+                chart::lines(title, unit, "seconds into the run", unit.contains("log"), &lines),
+            )?;
+            writeln!(md, "![{title}](plots/{file})\n")?;
+        }
         for note in &s.notes {
             writeln!(md, "- {note}")?;
         }
@@ -260,6 +282,6 @@ const NOT_MEASURED: &[&str] = &[
     "RedLock: contended acquisition, and latency with a fencing token read (one more parallel round trip, on first read).",
     "Task queue: throughput with a real handler workload, with retries or dead letters, and on a Redis Cluster; apalis latency.",
     "WebSocket hub: the Redis bridge (fan-out across instances), TLS, and clients on another machine (here the load shares the 2 cores with the server).",
-    "Whole-gateway HTTP and gRPC load, adaptive limits: their benchmarks land with their issues.",
+    "Overload protection: AIMD, the CPU shedder (it needs a CPU-bound upstream), token-bucket warm-up and SRE adaptive throttling are not load-benchmarked; their behaviour is covered by paused-time tests and simulations.",
     "Anything across real networks: every figure is loopback on one 2-core machine, client and server sharing the cores.",
 ];

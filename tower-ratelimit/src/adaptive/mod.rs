@@ -17,6 +17,11 @@
 //! * [`LimitAlgorithm::Aimd`]: additive increase (+1 per window while at least half the permits
 //!   are in use), multiplicative decrease (× `backoff`, ½ by default) on a drop.
 //!
+//! Both begin in *slow start* ([`AdaptiveConfig::slow_start`]): the limit doubles every busy
+//! window until the first sign of overload (gradient: a window 10% slower than the no-load RTT,
+//! where the limit drops straight to `limit × gradient + √limit`; AIMD: a drop), as TCP does, so
+//! a cold limiter finds a capacity of a few hundred within a second.
+//!
 //! A *drop* is an overload signal: the call failed (an `Err`, e.g. a timeout), the upstream
 //! answered 429 / 503 / 504 or gRPC `RESOURCE_EXHAUSTED` / `UNAVAILABLE` / `DEADLINE_EXCEEDED`,
 //! or (AIMD) it took longer than the AIMD `timeout`. Gradient backs off 10% on a window with a
@@ -151,6 +156,11 @@ pub struct AdaptiveConfig {
     pub min_rtt_probe: Duration,
     /// The answer to a refused call (default: 429 / `RESOURCE_EXHAUSTED`).
     pub reject_with: RejectWith,
+    /// Start in slow start (default true): the limit doubles every busy window until the first
+    /// sign of overload (gradient: latency 10% over the no-load RTT; AIMD: a drop), as TCP's
+    /// slow start, so a cold limiter finds the capacity in a few windows instead of growing by
+    /// `√limit` from [`initial_limit`](Self::initial_limit).
+    pub slow_start: bool,
 }
 
 impl Default for AdaptiveConfig {
@@ -164,6 +174,7 @@ impl Default for AdaptiveConfig {
             min_window_samples: 10,
             min_rtt_probe: Duration::from_secs(30),
             reject_with: RejectWith::default(),
+            slow_start: true,
         }
     }
 }
@@ -211,6 +222,10 @@ impl AdaptiveConfig {
     }
 }
 
+/// Slow start ends at the first window whose gradient falls below this (latency ~11% over the
+/// no-load RTT).
+const SLOW_START_EXIT: f64 = 0.9;
+
 /// The algorithm's state: pure arithmetic on explicit times (nanoseconds), no clock, no lock.
 #[derive(Debug, Clone)]
 pub struct LimitCore {
@@ -224,6 +239,7 @@ pub struct LimitCore {
     dropped: bool,
     min_rtt: Option<u64>,
     min_rtt_at: Nanos,
+    slow_start: bool,
 }
 
 impl LimitCore {
@@ -232,6 +248,7 @@ impl LimitCore {
         config.validate()?;
         Ok(Self {
             limit: f64::from(config.initial_limit),
+            slow_start: config.slow_start,
             config,
             window_start: None,
             samples: 0,
@@ -287,9 +304,11 @@ impl LimitCore {
         match self.config.algorithm {
             LimitAlgorithm::Aimd { backoff, .. } => {
                 if self.dropped {
+                    self.slow_start = false;
                     self.limit = (self.limit * backoff).max(min);
                 } else if !app_limited {
-                    self.limit = (self.limit + 1.0).min(max);
+                    let grown = if self.slow_start { self.limit * 2.0 } else { self.limit + 1.0 };
+                    self.limit = grown.min(max);
                 }
             }
             LimitAlgorithm::Gradient { tolerance, smoothing } => {
@@ -304,11 +323,21 @@ impl LimitCore {
                     }
                 }
                 if self.dropped {
+                    self.slow_start = false;
                     self.limit = (self.limit * 0.9).max(min);
                 } else if let (Some(rtt), Some(min_rtt)) = (avg_rtt, self.min_rtt) {
                     let gradient = (tolerance * min_rtt as f64 / rtt as f64).clamp(0.5, 1.0);
                     let estimate = self.limit * gradient + self.limit.sqrt();
-                    let mut next = self.limit * (1.0 - smoothing) + estimate * smoothing;
+                    let mut next = if !self.slow_start {
+                        self.limit * (1.0 - smoothing) + estimate * smoothing
+                    } else if gradient < SLOW_START_EXIT {
+                        // The first queue: leave slow start at the estimate, unsmoothed (the
+                        // doubling may have overshot by up to 2x).
+                        self.slow_start = false;
+                        estimate
+                    } else {
+                        self.limit * 2.0
+                    };
                     if app_limited {
                         next = next.min(self.limit);
                     }
@@ -523,7 +552,7 @@ mod tests {
     const MS: u64 = 1_000_000;
 
     fn gradient() -> AdaptiveConfig {
-        AdaptiveConfig { initial_limit: 50, max_limit: 1000, ..AdaptiveConfig::default() }
+        AdaptiveConfig { initial_limit: 50, max_limit: 1000, slow_start: false, ..AdaptiveConfig::default() }
     }
 
     /// Feeds `windows` windows of 10 samples (one per 12 ms: each tenth closes a 100 ms window)
@@ -573,6 +602,34 @@ mod tests {
     }
 
     #[test]
+    fn slow_start_doubles_until_the_first_queue_then_drops_to_the_estimate() {
+        let config = AdaptiveConfig { initial_limit: 10, slow_start: true, ..gradient() };
+        let mut core = LimitCore::new(config.clone()).unwrap();
+        let mut now = 0;
+        // Capacity 100: latency 20 ms until the limit passes it.
+        let mut seen = vec![core.limit()];
+        for _ in 0..6 {
+            let limit = core.limit();
+            let rtt = 20 * u64::from(limit.max(100)) / 100;
+            seen.push(feed(&mut core, &mut now, 1, rtt, limit, false));
+        }
+        // 10, 20, 40, 80, 160 (first queue seen at 160: 32 ms) → 160 × 0.625 + √160 ≈ 113.
+        assert_eq!(&seen[..6], &[10, 20, 40, 80, 160, 113], "{seen:?}");
+        assert!(seen[6] <= 113, "then the smoothed gradient: {seen:?}");
+        // App-limited windows do not double.
+        let mut core = LimitCore::new(config.clone()).unwrap();
+        assert_eq!(feed(&mut core, &mut now, 3, 20, 2, false), 10);
+
+        // AIMD: doubles until the first drop, then halves and adds one.
+        let algorithm = LimitAlgorithm::Aimd { backoff: 0.5, timeout: Duration::from_secs(1) };
+        let mut core = LimitCore::new(AdaptiveConfig { algorithm, ..config }).unwrap();
+        assert_eq!(feed(&mut core, &mut now, 1, 20, 10, false), 20);
+        assert_eq!(feed(&mut core, &mut now, 1, 20, 20, false), 40);
+        assert_eq!(feed(&mut core, &mut now, 1, 20, 40, true), 20);
+        assert_eq!(feed(&mut core, &mut now, 1, 20, 20, false), 21);
+    }
+
+    #[test]
     fn an_app_limited_window_does_not_raise_the_limit() {
         let mut core = LimitCore::new(gradient()).unwrap();
         let mut now = 0;
@@ -585,6 +642,7 @@ mod tests {
         let config = AdaptiveConfig {
             algorithm: LimitAlgorithm::Aimd { backoff: 0.5, timeout: Duration::from_millis(100) },
             initial_limit: 40,
+            slow_start: false,
             ..AdaptiveConfig::default()
         };
         let mut core = LimitCore::new(config).unwrap();
