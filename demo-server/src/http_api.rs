@@ -6,7 +6,8 @@
 use std::{net::SocketAddr, sync::Arc};
 
 use axum::{
-    Json, Router,
+    BoxError, Json, Router,
+    error_handling::HandleErrorLayer,
     extract::{Path, Request, State},
     http::{HeaderValue, StatusCode, header},
     middleware::{self, Next},
@@ -22,7 +23,6 @@ use tower::ServiceBuilder;
 use tower_breaker::CircuitBreakerLayer;
 use tower_http::{
     request_id::{MakeRequestId, PropagateRequestIdLayer, RequestId, SetRequestIdLayer},
-    timeout::TimeoutLayer,
     trace::TraceLayer,
 };
 use tower_ratelimit::{ClientIp, GlobalKey, Key, KeyExtractor, MatchedRoute, PeerIp};
@@ -59,7 +59,8 @@ pub(crate) fn router(app: Arc<App>) -> anyhow::Result<Router> {
     let breaker = CircuitBreakerLayer::keyed(app.breakers.clone(), |req: &Request| {
         req.uri().path().strip_prefix("/upstream/").map(str::to_owned)
     });
-    let upstream_timeout = TimeoutLayer::with_status_code(StatusCode::GATEWAY_TIMEOUT, config.timeouts.upstream);
+    let upstream_timeout =
+        ServiceBuilder::new().layer(HandleErrorLayer::new(timed_out)).timeout(config.timeouts.upstream);
 
     let admin = Router::new()
         .route("/admin/upstream/{name}", put(set_upstream))
@@ -90,8 +91,17 @@ pub(crate) fn router(app: Arc<App>) -> anyhow::Result<Router> {
             .layer(TraceLayer::new_for_http())
             .layer(PropagateRequestIdLayer::x_request_id())
             .layer(global_limit)
-            .layer(TimeoutLayer::with_status_code(StatusCode::GATEWAY_TIMEOUT, config.timeouts.http)),
+            .layer(HandleErrorLayer::new(timed_out))
+            .timeout(config.timeouts.http),
     ))
+}
+
+/// tower's `Timeout` answers: 504 `timeout`. (tower's, not tower-http's: it polls the request
+/// first and only starts its timer when the request is still pending, so a request answered at
+/// once costs no timer. tower-http's starts a tokio timer for every request, and each
+/// registration wakes the runtime's timer driver: ~2 µs of CPU per request under load here.)
+async fn timed_out(error: BoxError) -> ApiError {
+    if error.is::<tower::timeout::error::Elapsed>() { ApiError::Timeout } else { ApiError::Internal(error.to_string()) }
 }
 
 /// Per-client key: the peer address, or the client behind trusted proxies.
@@ -133,6 +143,7 @@ pub(crate) enum ApiError {
     UpstreamError(String),
     Unauthorized,
     LockLost,
+    Timeout,
     Internal(String),
 }
 
@@ -161,6 +172,8 @@ impl IntoResponse for ApiError {
             }
             Self::LockLost => Problem::new(StatusCode::SERVICE_UNAVAILABLE, "lock_lost")
                 .detail("a newer lock holder wrote first; nothing was changed"),
+            Self::Timeout => Problem::new(StatusCode::GATEWAY_TIMEOUT, "timeout")
+                .detail("the request took longer than its timeout (see `[timeouts]` in the config)"),
             Self::Internal(detail) => {
                 tracing::error!(%detail, "internal error");
                 Problem::new(StatusCode::INTERNAL_SERVER_ERROR, "internal").detail(detail)

@@ -188,6 +188,27 @@ async fn an_upstream_made_to_fail_trips_its_breaker_then_recovers() {
 }
 
 #[tokio::test]
+async fn a_slow_upstream_is_answered_504_timeout_and_counts_against_its_breaker() {
+    let config = format!("{FAST_BREAKER}\n[timeouts]\nupstream = \"100ms\"\n");
+    let (server, _dir) = start(&config, &[]);
+    let http = reqwest::Client::new();
+    let slow = json!({"fail_rate": 0.0, "latency_ms": 2_000});
+    let set = http.put(server.url("/admin/upstream/slow")).bearer_auth(TOKEN).json(&slow).send().await.unwrap();
+    assert_eq!(set.status(), 200);
+    let response = http.get(server.url("/upstream/slow")).send().await.unwrap();
+    assert_eq!(response.status(), 504);
+    assert_eq!(response.headers()["content-type"], "application/problem+json");
+    assert_eq!(response.json::<Value>().await.unwrap()["error"], "timeout");
+    // Timeouts are failures to the breaker: four of them (its minimum) open it.
+    for _ in 0..3 {
+        assert_eq!(http.get(server.url("/upstream/slow")).send().await.unwrap().status(), 504);
+    }
+    let open = http.get(server.url("/upstream/slow")).send().await.unwrap();
+    assert_eq!(open.status(), 503);
+    assert_eq!(open.json::<Value>().await.unwrap()["error"], "circuit_open");
+}
+
+#[tokio::test]
 async fn the_hub_over_the_gateway() {
     use futures_util::{SinkExt, StreamExt};
     let (server, _dir) = start("", &[]);

@@ -4,10 +4,12 @@
 //! prints `bare listening http=<addr> grpc=<addr>` (the demo's line, so the benchmark reads both
 //! the same way).
 //!
-//! `bare_server tower-http` adds the demo's generic HTTP layers — request id, trace, timeout —
-//! and nothing of Rampart's, so the benchmark can tell their cost from Rampart's.
+//! `bare_server tower-http` adds the demo's generic HTTP layers — tower-http's request id and
+//! trace, tower's timeout — and nothing of Rampart's, so the benchmark can tell their cost from
+//! Rampart's. `bare_server tower-http id,trace,propagate,timeout,http-timeout` (any subset) adds
+//! only those (`http-timeout` is tower-http's timeout, which starts a timer on every request).
 
-use axum::{Json, Router, extract::Path, http::StatusCode, routing::get};
+use axum::{Json, Router, error_handling::HandleErrorLayer, extract::Path, http::StatusCode, routing::get};
 use proto::{
     GetUserRequest, GetUserResponse,
     user_service_server::{UserService, UserServiceServer},
@@ -41,6 +43,12 @@ impl tower_http::request_id::MakeRequestId for Counter {
     }
 }
 
+const TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+async fn timed_out(_: axum::BoxError) -> StatusCode {
+    StatusCode::GATEWAY_TIMEOUT
+}
+
 struct Users;
 
 #[tonic::async_trait]
@@ -64,16 +72,42 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     println!("bare listening http={} grpc={}", http.local_addr()?, grpc.local_addr()?);
     let mut app = Router::new().route("/users/{id}", get(get_user)).route("/upstream/{name}", get(call_upstream));
+    // `tower-http` adds all four layers; `tower-http id,trace,propagate,timeout` (any subset)
+    // only those, to tell each one's cost.
     if std::env::args().nth(1).as_deref() == Some("tower-http") {
         use tower_http::{request_id, timeout::TimeoutLayer, trace::TraceLayer};
-        app = app.layer(
-            tower::ServiceBuilder::new()
-                .layer(request_id::SetRequestIdLayer::x_request_id(Counter::default()))
-                .layer(TraceLayer::new_for_http())
-                .layer(request_id::PropagateRequestIdLayer::x_request_id())
-                .layer(TimeoutLayer::with_status_code(StatusCode::GATEWAY_TIMEOUT, std::time::Duration::from_secs(10))),
-        );
+        let only = std::env::args().nth(2);
+        let on = |layer: &str| only.as_deref().is_some_and(|only| only.split(',').any(|l| l == layer));
+        if only.is_none() {
+            // One ServiceBuilder, as in the demo.
+            app = app.layer(
+                tower::ServiceBuilder::new()
+                    .layer(request_id::SetRequestIdLayer::x_request_id(Counter::default()))
+                    .layer(TraceLayer::new_for_http())
+                    .layer(request_id::PropagateRequestIdLayer::x_request_id())
+                    .layer(HandleErrorLayer::new(timed_out))
+                    .timeout(TIMEOUT),
+            );
+        }
+        // A subset: one `Router::layer` each (a boxed route per layer, a little dearer), innermost
+        // first so the order stays id, trace, propagate, timeout from the outside in.
+        if on("http-timeout") {
+            app = app.layer(TimeoutLayer::with_status_code(StatusCode::GATEWAY_TIMEOUT, TIMEOUT));
+        }
+        if on("timeout") {
+            app = app.layer(tower::ServiceBuilder::new().layer(HandleErrorLayer::new(timed_out)).timeout(TIMEOUT));
+        }
+        if on("propagate") {
+            app = app.layer(request_id::PropagateRequestIdLayer::x_request_id());
+        }
+        if on("trace") {
+            app = app.layer(TraceLayer::new_for_http());
+        }
+        if on("id") {
+            app = app.layer(request_id::SetRequestIdLayer::x_request_id(Counter::default()));
+        }
     }
+
     let grpc_server = tonic::transport::Server::builder()
         // The demo's (and the seed's) settings.
         .max_concurrent_streams(1000)
