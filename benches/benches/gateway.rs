@@ -280,7 +280,7 @@ async fn compare(servers: &[&Server], workload: Workload) -> Vec<Load> {
     runs.iter().map(|r| medians(r)).collect()
 }
 
-/// Rows and a note for one workload: bare, optionally bare + tower-http's layers, full stack.
+/// Rows and a note for one workload: bare, optionally bare + the generic layers, full stack.
 fn rows(rows: &mut Vec<Row>, notes: &mut Vec<String>, what: &str, loads: &[Load]) {
     let (bare, stack) = (&loads[0], &loads[loads.len() - 1]);
     let generic = (loads.len() == 3).then(|| &loads[1]);
@@ -293,7 +293,7 @@ fn rows(rows: &mut Vec<Row>, notes: &mut Vec<String>, what: &str, loads: &[Load]
         rows.push(Row::new(bare_name(metric), value(bare), unit).against(bare_name(metric)));
         if let Some(generic) = generic {
             rows.push(
-                Row::new(format!("{what}: bare + tower-http layers {metric}"), value(generic), unit)
+                Row::new(format!("{what}: bare + generic layers {metric}"), value(generic), unit)
                     .against(bare_name(metric)),
             );
         }
@@ -310,7 +310,7 @@ fn rows(rows: &mut Vec<Row>, notes: &mut Vec<String>, what: &str, loads: &[Load]
     );
     if let Some(generic) = generic {
         note.push_str(&format!(
-            "; tower-http's request id, trace and timeout alone: {:.0}%; the full stack at {:.0}% of that",
+            "; the generic layers alone (tower-http request id + trace, tower timeout): {:.0}%; the full stack at {:.0}% of that",
             100.0 * generic.per_second / bare.per_second,
             100.0 * stack.per_second / generic.per_second
         ));
@@ -328,7 +328,7 @@ fn main() {
         // Let both start their background tasks before measuring.
         tokio::time::sleep(Duration::from_millis(500)).await;
         let common = format!(
-            "Median of {ROUNDS} alternating rounds (bare, [bare + tower-http layers,] full stack) of {MEASURE:?} after {WARMUP:?} of warm-up; closed-loop clients in the benchmark process (tokio, 2 workers); server and client share the 2 cores, so both servers get the same starved machine."
+            "Median of {ROUNDS} alternating rounds (bare, [bare + generic layers,] full stack) of {MEASURE:?} after {WARMUP:?} of warm-up; closed-loop clients in the benchmark process (tokio, 2 workers); server and client share the 2 cores, so both servers get the same starved machine."
         );
 
         // `GATEWAY_ONLY=http|grpc|reject` runs one part (for profiling); the report wants all.

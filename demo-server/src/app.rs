@@ -10,6 +10,10 @@ use anyhow::Context as _;
 use metrics_exporter_prometheus::PrometheusHandle;
 use serde::{Deserialize, Serialize};
 use tower_breaker::BreakerRegistry;
+use tower_ratelimit::{
+    adaptive::AdaptiveLimit,
+    shed::{CpuShedder, SystemCpu},
+};
 use tower_redlock::{FencingToken, RedLock};
 use ws_hub::Hub;
 
@@ -36,6 +40,10 @@ pub(crate) struct App {
     pub(crate) hub: Hub,
     pub(crate) upstreams: Upstreams,
     pub(crate) breakers: Arc<BreakerRegistry>,
+    /// `[overload.upstream_limit]`, when configured.
+    pub(crate) upstream_limit: Option<AdaptiveLimit>,
+    /// `[overload.cpu_shed]`, when configured.
+    pub(crate) cpu_shed: Option<CpuShedder>,
     pub(crate) prometheus: PrometheusHandle,
     pub(crate) admin_token: String,
 }
@@ -78,6 +86,17 @@ impl App {
             token
         });
         let breakers = Arc::new(BreakerRegistry::new("upstream:", config.breaker.clone())?);
+        let upstream_limit = match &config.overload.upstream_limit {
+            Some(c) => Some(AdaptiveLimit::new("upstream", c.clone()).context("invalid `overload.upstream_limit`")?),
+            None => None,
+        };
+        let cpu_shed = match &config.overload.cpu_shed {
+            Some(c) => Some(
+                CpuShedder::new("cpu", c.clone(), SystemCpu::spawn(Duration::from_millis(250)))
+                    .context("invalid `overload.cpu_shed`")?,
+            ),
+            None => None,
+        };
         Ok(Arc::new(Self {
             inventory: match &redis {
                 Some(con) => Inventory::Redis(con.clone()),
@@ -91,6 +110,8 @@ impl App {
             hub,
             upstreams: Upstreams::default(),
             breakers,
+            upstream_limit,
+            cpu_shed,
             prometheus,
             admin_token,
             config,

@@ -5,7 +5,7 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 use anyhow::Context as _;
 use clap::Parser;
 use serde::{Deserialize, Serialize};
-use tower_ratelimit::{FailurePolicy, PolicyConfig, QuotaConfig};
+use tower_ratelimit::{FailurePolicy, PolicyConfig, QuotaConfig, adaptive::AdaptiveConfig, shed::ShedConfig};
 
 /// Command line of `demo-server`. Every flag also reads its environment variable.
 #[derive(Debug, Parser)]
@@ -79,6 +79,8 @@ pub(crate) struct Config {
     pub(crate) breaker: tower_breaker::BreakerConfig,
     /// Request timeouts.
     pub(crate) timeouts: Timeouts,
+    /// Adaptive overload protection (off unless configured).
+    pub(crate) overload: Overload,
     /// The inventory lock.
     pub(crate) lock: Lock,
     /// The task queue.
@@ -105,6 +107,20 @@ pub(crate) struct Limits {
     pub(crate) on_redis_failure: FailurePolicy,
     /// Reverse proxies whose `X-Forwarded-For` is trusted (CIDRs); empty: key by peer address.
     pub(crate) trusted_proxies: Vec<String>,
+}
+
+/// Adaptive overload protection; each part is off unless its table is present.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(crate) struct Overload {
+    /// An adaptive concurrency limit (gradient or AIMD) in front of the simulated upstreams,
+    /// inside their breakers; refusals answer 429 `overloaded` (`[overload.upstream_limit]`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) upstream_limit: Option<AdaptiveConfig>,
+    /// BBR-style CPU shedding of every HTTP request and gRPC call, CPU read from cgroup v2 or
+    /// `/proc/stat`; refusals answer 503 `overloaded` (`[overload.cpu_shed]`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) cpu_shed: Option<ShedConfig>,
 }
 
 /// Which Redis-backed store shared limits use.
@@ -241,6 +257,7 @@ impl Default for Config {
                 ..tower_breaker::BreakerConfig::default()
             },
             timeouts: Timeouts::default(),
+            overload: Overload::default(),
             lock: Lock::default(),
             tasks: Tasks::default(),
             hub: ws_hub::HubConfig::default(),
@@ -297,6 +314,12 @@ impl Config {
             tower_ratelimit::Policy::from_config(policy).with_context(|| format!("invalid `{key}`"))?;
         }
         self.breaker.validate().context("invalid `breaker`")?;
+        if let Some(limit) = &self.overload.upstream_limit {
+            limit.validate().context("invalid `overload.upstream_limit`")?;
+        }
+        if let Some(shed) = &self.overload.cpu_shed {
+            shed.validate().context("invalid `overload.cpu_shed`")?;
+        }
         self.lock.client.validate().context("invalid `lock.client`")?;
         self.tasks.worker.validate().context("invalid `tasks.worker`")?;
         tower_ratelimit::ClientIp::trusting(&self.limits.trusted_proxies)

@@ -49,6 +49,10 @@ pub(crate) async fn snapshot(app: &App) -> Value {
         "queue": queue,
         "hub": app.hub.stats(),
         "upstream_calls": app.upstreams.calls(),
+        "overload": {
+            "upstream_limit": app.upstream_limit.as_ref().map(|l| json!({"limit": l.limit(), "in_flight": l.in_flight()})),
+            "cpu_shed": app.cpu_shed.as_ref().map(|s| json!({"in_flight": s.in_flight(), "max_in_flight": s.max_in_flight()})),
+        },
         "redis": app.redis.is_some(),
     })
 }

@@ -7,7 +7,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, transport::Server};
 use tower::ServiceBuilder;
 use tower_breaker::{BreakerRegistry, CircuitBreakerLayer, keys};
-use tower_ratelimit::GrpcMethod;
+use tower_ratelimit::{GrpcMethod, adaptive::OverloadLayer};
 
 use proto::{
     GetUserRequest, GetUserResponse,
@@ -49,6 +49,7 @@ pub(crate) async fn serve(listener: TcpListener, app: Arc<App>, shutdown: Cancel
     let per_method = crate::limits::layer(&app, &limits.grpc_method)?.key(GrpcMethod);
     let breakers = Arc::new(BreakerRegistry::new("grpc:", app.config.breaker.clone())?);
     let stack = ServiceBuilder::new()
+        .layer(OverloadLayer::new(app.cpu_shed.clone()))
         .layer(global)
         .layer(per_method)
         .layer(CircuitBreakerLayer::keyed(breakers, keys::GrpcMethod))

@@ -1,7 +1,8 @@
 //! The HTTP front end: every Rampart layer on an axum router.
 //!
-//! Read top to bottom, a request meets: trace + request id → global rate limit → (per route)
-//! a per-client limit, the inventory lock, or an upstream's circuit breaker → timeout → handler.
+//! Read top to bottom, a request meets: trace + request id → CPU shedding (if configured) →
+//! global rate limit → timeout → (per route) a per-client limit, the inventory lock, or an
+//! upstream's circuit breaker → adaptive limit (if configured) → timeout → handler.
 
 use std::{net::SocketAddr, sync::Arc};
 
@@ -25,7 +26,7 @@ use tower_http::{
     request_id::{MakeRequestId, PropagateRequestIdLayer, RequestId, SetRequestIdLayer},
     trace::TraceLayer,
 };
-use tower_ratelimit::{ClientIp, GlobalKey, Key, KeyExtractor, MatchedRoute, PeerIp};
+use tower_ratelimit::{ClientIp, GlobalKey, Key, KeyExtractor, MatchedRoute, PeerIp, adaptive::OverloadLayer};
 use tower_redlock::{FencingToken, LockLayer, keys::PathSegment};
 
 use crate::{
@@ -76,7 +77,12 @@ pub(crate) fn router(app: Arc<App>) -> anyhow::Result<Router> {
         .route("/tasks/stats", get(task_stats))
         .route(
             "/upstream/{name}",
-            get(call_upstream).route_layer(ServiceBuilder::new().layer(breaker).layer(upstream_timeout)),
+            get(call_upstream).route_layer(
+                ServiceBuilder::new()
+                    .layer(breaker)
+                    .layer(OverloadLayer::new(app.upstream_limit.clone()))
+                    .layer(upstream_timeout),
+            ),
         )
         .route("/metrics", get(metrics))
         .route("/", get(page))
@@ -90,6 +96,7 @@ pub(crate) fn router(app: Arc<App>) -> anyhow::Result<Router> {
             .layer(SetRequestIdLayer::x_request_id(RandomRequestId))
             .layer(TraceLayer::new_for_http())
             .layer(PropagateRequestIdLayer::x_request_id())
+            .layer(OverloadLayer::new(app.cpu_shed.clone()))
             .layer(global_limit)
             .layer(HandleErrorLayer::new(timed_out))
             .timeout(config.timeouts.http),

@@ -209,6 +209,49 @@ async fn a_slow_upstream_is_answered_504_timeout_and_counts_against_its_breaker(
 }
 
 #[tokio::test]
+async fn the_adaptive_upstream_limit_refuses_calls_over_it_with_429_overloaded() {
+    // A limit pinned at 2 (min = max), no slow start: the third concurrent call is refused.
+    let config = r#"
+[overload.upstream_limit]
+initial_limit = 2
+min_limit = 2
+max_limit = 2
+slow_start = false
+
+[overload.cpu_shed]
+cpu_threshold = 0.99
+"#;
+    let (server, _dir) = start(config, &[]);
+    let http = reqwest::Client::new();
+    let slow = json!({"fail_rate": 0.0, "latency_ms": 1_000});
+    let set = http.put(server.url("/admin/upstream/slow")).bearer_auth(TOKEN).json(&slow).send().await.unwrap();
+    assert_eq!(set.status(), 200);
+    let held: Vec<_> = (0..2).map(|_| tokio::spawn(http.get(server.url("/upstream/slow")).send())).collect();
+    // Wait until both are in flight.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let state: Value =
+            http.get(server.url("/admin/state")).bearer_auth(TOKEN).send().await.unwrap().json().await.unwrap();
+        assert_eq!(state["overload"]["upstream_limit"]["limit"], 2);
+        assert!(state["overload"]["cpu_shed"].is_object(), "{state}");
+        if state["overload"]["upstream_limit"]["in_flight"] == 2 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "two calls never got in flight: {state}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let refused = http.get(server.url("/upstream/slow")).send().await.unwrap();
+    assert_eq!(refused.status(), 429);
+    assert_eq!(refused.headers()["retry-after"], "1");
+    assert_eq!(refused.json::<Value>().await.unwrap()["error"], "overloaded");
+    for call in held {
+        assert_eq!(call.await.unwrap().unwrap().status(), 200);
+    }
+    // Another upstream shares the limit but is not blocked once the slow calls are done.
+    assert_eq!(http.get(server.url("/upstream/fast")).send().await.unwrap().status(), 200);
+}
+
+#[tokio::test]
 async fn the_hub_over_the_gateway() {
     use futures_util::{SinkExt, StreamExt};
     let (server, _dir) = start("", &[]);
@@ -345,11 +388,13 @@ retry_max = "500ms"
     let http = reqwest::Client::new();
     for _ in 0..1000 {
         let res =
-            http.post(cluster.a.url("/tasks")).json(&json!({"type":"sleep","payload":{"ms":40}})).send().await.unwrap();
+            http.post(cluster.a.url("/tasks")).json(&json!({"type":"sleep","payload":{"ms":80}})).send().await.unwrap();
         assert_eq!(res.status(), 202);
     }
-    // Kill B mid-run (SIGKILL: no graceful drain), while it holds tasks.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Kill B mid-run (SIGKILL: no graceful drain), while it holds tasks: 2 × 8 workers at 80 ms
+    // a task need 5 s for the 1,000, so the backlog outlasts the posting and B is busy.
+    let stats: Value = http.get(cluster.a.url("/tasks/stats")).send().await.unwrap().json().await.unwrap();
+    assert!(stats["processed"].as_u64().unwrap() < 900, "the run is not mid-way: {stats}");
     cluster.b.kill();
     let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
     let stats = loop {

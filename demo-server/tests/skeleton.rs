@@ -122,3 +122,18 @@ fn invalid_config_key_exits_non_zero_naming_it() {
     let stderr = String::from_utf8(output.stderr).unwrap();
     assert!(stderr.contains("htp_addr"), "{stderr}");
 }
+
+#[test]
+fn invalid_overload_settings_exit_non_zero_naming_the_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.toml");
+    std::fs::write(&path, "[overload.upstream_limit]\nmin_limit = 0\n").unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_demo-server"))
+        .args(["--config", path.to_str().unwrap(), "--print-config"])
+        .env("RUST_LOG", "off")
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8(output.stderr).unwrap();
+    assert!(stderr.contains("overload.upstream_limit") && stderr.contains("min_limit"), "{stderr}");
+}

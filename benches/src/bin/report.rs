@@ -180,6 +180,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         md,
         "- Commands: `scripts/bench` = `cargo bench -p benches --bench <name>` for each bench target (the gateway one after `cargo build --release -p demo-server`), then `cargo run --release -p benches --bin report`"
     )?;
+    if let Some(took) = std::env::var("RAMPART_BENCH_TOOK").ok().filter(|t| !t.is_empty()) {
+        writeln!(md, "- Whole run: {took} (`scripts/bench` with every target, builds already warm)")?;
+    }
     writeln!(
         md,
         "- Micro-benchmarks: criterion medians with their 95% interval; ratio = row / first row of the table. Load scenarios: ratio = row / the row it is compared with (its baseline, named in the scenario). Charts: Rampart in orange, peers and baselines in grey.\n"

@@ -46,6 +46,34 @@ pub trait Admission: Clone + Send + Sync + 'static {
     fn admit(&self) -> Result<Self::Ticket, Overloaded>;
 }
 
+/// A protection that may be switched off (e.g. by configuration): `None` admits every call.
+/// Lets one `ServiceBuilder` stack keep the same type whether or not it is on.
+///
+/// ```
+/// use tower_ratelimit::adaptive::{AdaptiveConfig, AdaptiveLimit, OverloadLayer};
+///
+/// let configured: Option<AdaptiveConfig> = None;
+/// let limit = configured.map(|c| AdaptiveLimit::new("upstream", c)).transpose()?;
+/// let layer = OverloadLayer::new(limit); // admits everything while `limit` is None
+/// # let _ = layer;
+/// # Ok::<(), tower_ratelimit::ConfigError>(())
+/// ```
+impl<A: Admission> Admission for Option<A> {
+    type Ticket = Option<A::Ticket>;
+
+    fn admit(&self) -> Result<Self::Ticket, Overloaded> {
+        self.as_ref().map(Admission::admit).transpose()
+    }
+}
+
+impl<T: Ticket> Ticket for Option<T> {
+    fn finish(self, completion: Completion) {
+        if let Some(ticket) = self {
+            ticket.finish(completion);
+        }
+    }
+}
+
 /// HTTP mode: refusals become 429 / 503 responses (gRPC: trailers-only `RESOURCE_EXHAUSTED` /
 /// `UNAVAILABLE`), outcomes come from the response status.
 #[derive(Debug, Clone, Copy, Default)]
