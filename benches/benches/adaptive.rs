@@ -35,17 +35,6 @@ type Svc = BoxCloneSyncService<(), (), BoxError>;
 /// Builds a protection's service (and its adaptive limit, to plot) in front of the upstream.
 type Protection<'a> = Box<dyn Fn() -> (Svc, Option<AdaptiveLimit>) + 'a>;
 
-fn upstream(pool: &WorkerPool) -> Svc {
-    let pool = pool.clone();
-    BoxCloneSyncService::new(tower::service_fn(move |()| {
-        let pool = pool.clone();
-        async move {
-            pool.call().await;
-            Ok::<_, BoxError>(())
-        }
-    }))
-}
-
 #[derive(Clone, Copy)]
 struct Sample {
     start_ms: u64,
@@ -118,13 +107,13 @@ fn main() {
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
     runtime.block_on(async {
         let pool = WorkerPool::new(CAPACITY, SERVICE_TIME);
-        let base = unloaded(&upstream(&pool)).await;
+        let base = unloaded(&pool.service()).await;
         let protections: Vec<(&str, Protection<'_>)> = vec![
-            ("no protection", Box::new(|| (upstream(&pool), None))),
+            ("no protection", Box::new(|| (pool.service(), None))),
             (
                 "fixed limit 110 (tower ConcurrencyLimit + LoadShed)",
                 Box::new(|| {
-                    let svc = ServiceBuilder::new().load_shed().concurrency_limit(FIXED).service(upstream(&pool));
+                    let svc = ServiceBuilder::new().load_shed().concurrency_limit(FIXED).service(pool.service());
                     (BoxCloneSyncService::new(svc.map_err(BoxError::from)), None)
                 }),
             ),
@@ -133,7 +122,7 @@ fn main() {
                 Box::new(|| {
                     let config = AdaptiveConfig { initial_limit: 20, max_limit: 2_000, ..AdaptiveConfig::default() };
                     let limit = AdaptiveLimit::new("bench", config).unwrap();
-                    let svc = ServiceBuilder::new().layer(OverloadLayer::new(limit.clone()).errors()).service(upstream(&pool));
+                    let svc = ServiceBuilder::new().layer(OverloadLayer::new(limit.clone()).errors()).service(pool.service());
                     (BoxCloneSyncService::new(svc), Some(limit))
                 }),
             ),

@@ -33,11 +33,8 @@ fn escape(s: &str) -> String {
     s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
 }
 
-/// An SVG with a title and one block of bars per panel; Rampart's bars are orange, the others
-/// grey (a label starting with "rampart" or naming the "full stack" is Rampart's).
-pub fn svg(title: &str, panels: &[Panel]) -> String {
-    let width = LABEL_WIDTH + BAR_SPACE + TEXT_WIDTH;
-    let height = HEADING + panels.iter().map(|p| HEADING + ROW * p.bars.len() as f64).sum::<f64>() + 8.0;
+/// An SVG document's opening: size, white background, bold title.
+fn open_svg(width: f64, height: f64, title: &str) -> String {
     let mut out = String::new();
     let _ = writeln!(
         out,
@@ -45,6 +42,15 @@ pub fn svg(title: &str, panels: &[Panel]) -> String {
     );
     let _ = writeln!(out, r#"<rect width="100%" height="100%" fill="white"/>"#);
     let _ = writeln!(out, r#"<text x="6" y="18" font-size="14" font-weight="bold">{}</text>"#, escape(title));
+    out
+}
+
+/// An SVG with a title and one block of bars per panel; Rampart's bars are orange, the others
+/// grey (a label starting with "rampart" or naming the "full stack" is Rampart's).
+pub fn svg(title: &str, panels: &[Panel]) -> String {
+    let width = LABEL_WIDTH + BAR_SPACE + TEXT_WIDTH;
+    let height = HEADING + panels.iter().map(|p| HEADING + ROW * p.bars.len() as f64).sum::<f64>() + 8.0;
+    let mut out = open_svg(width, height, title);
     let mut y = HEADING;
     for panel in panels {
         let _ = writeln!(out, r#"<text x="6" y="{}" font-style="italic">{}</text>"#, y + 17.0, escape(&panel.title));
@@ -118,13 +124,7 @@ pub fn lines(title: &str, y_label: &str, x_label: &str, log_y: bool, lines: &[Li
         top + plot_h * (1.0 - f.clamp(0.0, 1.0))
     };
     let scale_x = |x: f64| left + plot_w * (x / x_max);
-    let mut out = String::new();
-    let _ = writeln!(
-        out,
-        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" font-size="12">"#
-    );
-    let _ = writeln!(out, r#"<rect width="100%" height="100%" fill="white"/>"#);
-    let _ = writeln!(out, r#"<text x="6" y="18" font-size="14" font-weight="bold">{}</text>"#, escape(title));
+    let mut out = open_svg(width, height, title);
     let _ = writeln!(
         out,
         r##"<rect x="{left}" y="{top}" width="{plot_w}" height="{plot_h}" fill="none" stroke="#868e96"/>"##

@@ -110,30 +110,26 @@ fn taken_address_exits_non_zero_with_one_line() {
 
 #[test]
 fn invalid_config_key_exits_non_zero_naming_it() {
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("bad.toml");
-    std::fs::write(&path, "htp_addr = \"127.0.0.1:1\"\n").unwrap();
-    let output = Command::new(env!("CARGO_BIN_EXE_demo-server"))
-        .args(["--config", path.to_str().unwrap()])
-        .env("RUST_LOG", "off")
-        .output()
-        .unwrap();
-    assert!(!output.status.success());
-    let stderr = String::from_utf8(output.stderr).unwrap();
+    let stderr = rejected_config("htp_addr = \"127.0.0.1:1\"\n");
     assert!(stderr.contains("htp_addr"), "{stderr}");
 }
 
 #[test]
 fn invalid_overload_settings_exit_non_zero_naming_the_key() {
+    let stderr = rejected_config("[overload.upstream_limit]\nmin_limit = 0\n");
+    assert!(stderr.contains("overload.upstream_limit") && stderr.contains("min_limit"), "{stderr}");
+}
+
+/// Runs `demo-server --config <file> --print-config` on `toml`, expects a failure, returns stderr.
+fn rejected_config(toml: &str) -> String {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("bad.toml");
-    std::fs::write(&path, "[overload.upstream_limit]\nmin_limit = 0\n").unwrap();
+    std::fs::write(&path, toml).unwrap();
     let output = Command::new(env!("CARGO_BIN_EXE_demo-server"))
         .args(["--config", path.to_str().unwrap(), "--print-config"])
         .env("RUST_LOG", "off")
         .output()
         .unwrap();
     assert!(!output.status.success());
-    let stderr = String::from_utf8(output.stderr).unwrap();
-    assert!(stderr.contains("overload.upstream_limit") && stderr.contains("min_limit"), "{stderr}");
+    String::from_utf8(output.stderr).unwrap()
 }

@@ -12,6 +12,7 @@ use std::{
 };
 
 use tokio::sync::Semaphore;
+use tower::{BoxError, util::BoxCloneSyncService};
 
 /// The worker pool. Cloning shares it.
 #[derive(Debug, Clone)]
@@ -48,6 +49,19 @@ impl WorkerPool {
                 }
             });
         }
+    }
+
+    /// The pool as a tower service (`()` in, `()` out, never an error), to put protections in
+    /// front of.
+    pub fn service(&self) -> BoxCloneSyncService<(), (), BoxError> {
+        let pool = self.clone();
+        BoxCloneSyncService::new(tower::service_fn(move |()| {
+            let pool = pool.clone();
+            async move {
+                pool.call().await;
+                Ok::<_, BoxError>(())
+            }
+        }))
     }
 
     /// Callers waiting for a worker now.

@@ -24,17 +24,6 @@ const PER_MS: usize = 3;
 const PHASES: [(u64, u32); 3] = [(0, 20), (10_000, 10), (20_000, 20)];
 const END_MS: u64 = 30_000;
 
-fn service(pool: &WorkerPool) -> BoxCloneSyncService<(), (), BoxError> {
-    let pool = pool.clone();
-    BoxCloneSyncService::new(tower::service_fn(move |()| {
-        let pool = pool.clone();
-        async move {
-            pool.call().await;
-            Ok::<_, BoxError>(())
-        }
-    }))
-}
-
 #[derive(Debug, Clone, Copy)]
 struct Sample {
     start_ms: u64,
@@ -122,7 +111,7 @@ async fn the_gradient_limit_follows_the_capacity_and_keeps_latency_bounded() {
     let upstream = WorkerPool::new(PHASES[0].1, SERVICE_TIME);
     let limit = gradient();
     let service = BoxCloneSyncService::new(
-        ServiceBuilder::new().layer(OverloadLayer::new(limit.clone()).errors()).service(service(&upstream)),
+        ServiceBuilder::new().layer(OverloadLayer::new(limit.clone()).errors()).service(upstream.service()),
     );
     let run = run(&upstream, service, Some(limit.clone())).await;
     assert_protected("gradient", &run, 2 * SERVICE_TIME);
@@ -146,7 +135,7 @@ async fn aimd_keeps_goodput_and_bounds_latency() {
     };
     let limit = AdaptiveLimit::new("aimd", config).unwrap();
     let service = BoxCloneSyncService::new(
-        ServiceBuilder::new().layer(OverloadLayer::new(limit.clone()).errors()).service(service(&upstream)),
+        ServiceBuilder::new().layer(OverloadLayer::new(limit.clone()).errors()).service(upstream.service()),
     );
     let run = run(&upstream, service, Some(limit)).await;
     // AIMD saws between half and a bit over the capacity: it loses goodput on each halving
@@ -167,7 +156,7 @@ async fn cpu_shedding_bounds_in_flight_by_littles_law() {
     let config = ShedConfig { window: Duration::from_secs(2), buckets: 20, ..ShedConfig::default() };
     let shedder = CpuShedder::new("bbr", config, cpu).unwrap();
     let service = BoxCloneSyncService::new(
-        ServiceBuilder::new().layer(OverloadLayer::new(shedder).errors()).service(service(&upstream)),
+        ServiceBuilder::new().layer(OverloadLayer::new(shedder).errors()).service(upstream.service()),
     );
     let run = run(&upstream, service, None).await;
     // Little's law holds at any queue length: the estimate stops the queue from growing rather
@@ -179,7 +168,7 @@ async fn cpu_shedding_bounds_in_flight_by_littles_law() {
 #[tokio::test(start_paused = true)]
 async fn without_protection_the_queue_grows_without_bound() {
     let upstream = WorkerPool::new(PHASES[0].1, SERVICE_TIME);
-    let service = service(&upstream);
+    let service = upstream.service();
     let run = run(&upstream, service, None).await;
     let (_, p99) = judge(&run, 15_000, 20_000);
     eprintln!("none: p99 {p99:?} in the halved phase");
