@@ -8,22 +8,40 @@ use crate::{
     config::LockConfig,
     error::{ConfigError, LockError},
     guard::LockGuard,
-    node::{Grant, MemoryNode, Node, all_within},
+    node::{Grant, MemoryNode, Node, each_node},
 };
 
 /// A RedLock client over N independent Redis masters (or the in-memory backend).
 ///
-/// * **Acquire** sends `SET key token NX PX ttl` (with the fencing `INCR`, pipelined) to every
-///   node **in parallel**, each with [`LockConfig::node_timeout`], timed on a monotonic clock.
-///   The lock is held iff a majority (N/2 + 1) granted it and the validity
-///   `ttl − elapsed − (ttl × 1% + 2 ms)` is positive. Otherwise it is released on **all** nodes
-///   at once (so no partial lock blocks the next attempt) and retried after a jittered pause,
-///   up to [`LockConfig::retries`] times or [`LockConfig::acquire_timeout`]. A node's error or
-///   timeout never stops the others. The token is 128 random bits.
-/// * The [`LockGuard`] extends the lock every TTL/3, signals [`LockGuard::lost`] when it can no
-///   longer be guaranteed, carries a fencing token, and releases on drop.
+/// * **Acquire** runs one script per node, **in parallel**, each bounded by
+///   [`LockConfig::node_timeout`]: `SET key token NX PX ttl` and, only if that granted, `INCR` of
+///   the node's fencing counter. The lock is held iff a majority (N/2 + 1) granted it, a majority
+///   confirmed the fencing token (see [`LockGuard::fencing_token`]) and the validity
+///   `ttl − elapsed − (ttl × 1% + 2 ms)` is still positive, all timed on a monotonic clock.
+///   Otherwise it is released on **all** nodes at once (so no partial lock blocks the next
+///   attempt) and retried after a jittered pause, up to [`LockConfig::retries`] times or the
+///   wait. A node's error or timeout never stops the others. The key's value is 128 random bits.
+/// * Dropping an acquisition half-way releases what it took, in the background.
+/// * The [`LockGuard`] extends the lock every TTL/3 (retrying a missed round while the lock is
+///   still valid), signals [`LockGuard::lost`] when it can no longer be guaranteed, carries the
+///   fencing token, and releases on drop.
 ///
 /// Cloning shares the connections.
+///
+/// ```
+/// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+/// use tower_redlock::{LockConfig, LockError, RedLock};
+///
+/// let lock = RedLock::in_memory(LockConfig { retries: 0, ..LockConfig::default() })?;
+/// let guard = lock.acquire("order:42").await?;
+/// assert!(matches!(lock.acquire("order:42").await, Err(LockError::Busy { .. })));
+/// let token = guard.fencing_token()?;
+/// guard.release().await?;
+/// let next = lock.acquire("order:42").await?;
+/// assert!(next.fencing_token()? > token);
+/// # Ok(()) }
+/// # tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap().block_on(demo()).unwrap();
+/// ```
 #[derive(Clone)]
 pub struct RedLock {
     pub(crate) inner: Arc<ClientInner>,
@@ -41,6 +59,7 @@ pub(crate) struct Metrics {
     pub(crate) acquired: metrics::Counter,
     pub(crate) busy: metrics::Counter,
     pub(crate) unavailable: metrics::Counter,
+    pub(crate) cancelled: metrics::Counter,
     pub(crate) retries: metrics::Counter,
     pub(crate) extensions: metrics::Counter,
     pub(crate) failed_extensions: metrics::Counter,
@@ -56,6 +75,7 @@ impl Metrics {
             acquired: acquisitions("acquired"),
             busy: acquisitions("busy"),
             unavailable: acquisitions("unavailable"),
+            cancelled: acquisitions("cancelled"),
             retries: metrics::counter!("rampart_lock_retries_total"),
             extensions: metrics::counter!("rampart_lock_extensions_total", "outcome" => "ok"),
             failed_extensions: metrics::counter!("rampart_lock_extensions_total", "outcome" => "failed"),
@@ -72,13 +92,6 @@ impl fmt::Debug for RedLock {
             .field("config", &self.inner.config)
             .finish()
     }
-}
-
-/// One attempt's result.
-enum Attempt {
-    Granted(LockGuard),
-    Busy(Option<Duration>),
-    Unavailable { reachable: usize, last_error: String },
 }
 
 impl RedLock {
@@ -138,113 +151,249 @@ impl RedLock {
 
     /// Takes the lock of `key`, retrying (with the configured jittered pause) until it is taken
     /// or `wait` has passed; with `None`, until the configured retries are spent.
+    ///
+    /// Cancel-safe: if this future is dropped (a timeout, a disconnected client, `select!`),
+    /// whatever nodes granted are released in the background at once.
     pub async fn acquire_within(&self, key: &str, wait: Option<Duration>) -> Result<LockGuard, LockError> {
         let started = Instant::now();
         let deadline = wait.map(|w| started + w);
-        let config = &self.inner.config;
-        let mut attempt = 0;
+        let mut pauses = self.retry_pauses(if deadline.is_some() { None } else { Some(self.inner.config.retries) });
+        let mut attempts = 0u32;
         loop {
-            let outcome = self.attempt(key).await;
-            let error = match outcome {
-                Attempt::Granted(guard) => {
+            attempts += 1;
+            let error = match self.attempt(key).await {
+                Ok(guard) => {
                     self.inner.metrics.acquired.increment(1);
                     self.inner.metrics.acquire_seconds.record(started.elapsed().as_secs_f64());
                     return Ok(guard);
                 }
-                Attempt::Busy(retry_after) => LockError::Busy { key: key.to_owned(), retry_after },
-                Attempt::Unavailable { reachable, last_error } => LockError::Unavailable {
-                    key: key.to_owned(),
-                    reachable,
-                    nodes: self.inner.nodes.len(),
-                    quorum: self.inner.quorum,
-                    last_error,
-                },
+                Err(error) => error,
             };
-            let pause = config.retry_delay + config.retry_delay.mul_f64(rand::random::<f64>());
-            let out_of_time = deadline.is_some_and(|d| Instant::now() + pause >= d);
-            let retries_spent = deadline.is_none() && attempt >= config.retries;
-            if retries_spent || out_of_time {
+            let pause = pauses.next().filter(|pause| deadline.is_none_or(|d| Instant::now() + *pause < d));
+            let Some(pause) = pause else {
                 match &error {
                     LockError::Busy { .. } => self.inner.metrics.busy.increment(1),
                     _ => self.inner.metrics.unavailable.increment(1),
                 }
-                tracing::debug!(key, %error, attempts = attempt + 1, "lock not acquired");
+                tracing::debug!(key, %error, attempts, "lock not acquired");
                 return Err(error);
-            }
-            attempt += 1;
+            };
             self.inner.metrics.retries.increment(1);
             tokio::time::sleep(pause).await;
         }
     }
 
-    /// One attempt: all nodes in parallel, then either a guard or a release everywhere.
-    async fn attempt(&self, key: &str) -> Attempt {
+    /// The pauses between attempts: the configured delay plus a random jitter of up to as much,
+    /// so contenders do not retry in lockstep; `times` of them, or without end.
+    pub(crate) fn retry_pauses(&self, times: Option<u32>) -> backon::ConstantBackoff {
+        use backon::BackoffBuilder;
+        let builder = backon::ConstantBuilder::new().with_delay(self.inner.config.retry_delay).with_jitter();
+        match times {
+            Some(times) => builder.with_max_times(times as usize),
+            None => builder.without_max_times(),
+        }
+        .build()
+    }
+
+    /// One attempt: every node in parallel; then either a guard, or a release everywhere.
+    ///
+    /// The fencing token is the largest counter among the granting nodes. Each granting node
+    /// counted while it held our key; nodes that counted less are raised to the token, again
+    /// only where our key is still there. The token is issued only once a majority holds our key
+    /// with a counter at or above it, so every later majority (which shares a node with this
+    /// one, and is granted there only after our key is gone) counts past it.
+    async fn attempt(&self, key: &str) -> Result<LockGuard, LockError> {
         let inner = &self.inner;
         let config = &inner.config;
         let (lock_key, fence_key) = self.keys(key);
         let token = format!("{:032x}", rand::random::<u128>());
+        // From the first request on, some node may hold our key: if this future is dropped
+        // before it either hands the lock to a guard or releases it, release it in the background.
+        let mut pending = PendingRelease { client: self, lock_key: &lock_key, token: &token, armed: true };
         let started = Instant::now();
-        let replies: Vec<Result<Grant, String>> = all_within(
+        let replies = each_node(
             config.node_timeout,
             inner.nodes.iter().map(|node| node.acquire(&lock_key, &fence_key, &token, config.ttl)),
         )
-        .await
-        .into_iter()
-        .map(|reply| reply.unwrap_or_else(|| Err(format!("no answer within {:?}", config.node_timeout))))
-        .collect();
-        let elapsed = started.elapsed();
-        let validity = config.ttl.checked_sub(elapsed + config.drift());
+        .await;
 
         let mut granted = Vec::new();
         let mut held = Vec::new();
         let mut last_error = String::new();
-        for (i, reply) in replies.iter().enumerate() {
+        for (i, reply) in replies.into_iter().enumerate() {
             match reply {
-                Ok(Grant::Granted(counter)) => granted.push((i, *counter)),
-                Ok(Grant::Held(ttl)) => held.push(*ttl),
-                Err(e) => last_error = e.clone(),
+                Some(Ok(Grant::Granted(counter))) => granted.push((i, counter)),
+                Some(Ok(Grant::Held(ttl))) => held.push(ttl),
+                Some(Err(e)) => last_error = e,
+                None => last_error = format!("no answer within {:?}", config.node_timeout),
             }
         }
-        if granted.len() >= inner.quorum
-            && let Some(validity) = validity.filter(|v| !v.is_zero())
-        {
-            let fence = granted.iter().map(|&(_, c)| c).max().unwrap_or(0);
-            let holders: Vec<usize> = granted.iter().map(|&(i, _)| i).collect();
-            return Attempt::Granted(LockGuard::new(
-                self.clone(),
-                key,
-                lock_key,
-                token,
-                fence,
-                holders,
-                started + validity,
-            ));
+        let (mut fence, mut confirmed) = (0, 0);
+        if granted.len() >= inner.quorum {
+            fence = granted.iter().map(|&(_, counter)| counter).max().unwrap_or(0);
+            let behind: Vec<usize> = granted.iter().filter(|&&(_, counter)| counter < fence).map(|&(i, _)| i).collect();
+            confirmed = granted.len() - behind.len();
+            if !behind.is_empty() {
+                let raised = each_node(
+                    config.node_timeout,
+                    behind
+                        .iter()
+                        .filter_map(|&i| inner.nodes.get(i))
+                        .map(|node| node.confirm(&lock_key, &fence_key, &token, fence)),
+                )
+                .await;
+                confirmed += raised.iter().filter(|reply| matches!(reply, Some(Ok(true)))).count();
+            }
         }
+        let elapsed = started.elapsed();
+        let error = match verdict(config, inner.nodes.len(), granted.len(), confirmed, &held, elapsed) {
+            Verdict::Held { validity } => {
+                pending.armed = false;
+                return Ok(LockGuard::new(
+                    self.clone(),
+                    key,
+                    lock_key.clone(),
+                    token.clone(),
+                    fence,
+                    started + validity,
+                ));
+            }
+            Verdict::Unconfirmed => LockError::Unavailable {
+                key: key.to_owned(),
+                reachable: confirmed,
+                nodes: inner.nodes.len(),
+                quorum: inner.quorum,
+                last_error: "the fencing counter was not confirmed on a majority".to_owned(),
+            },
+            Verdict::Expired => LockError::Expired { key: key.to_owned(), elapsed },
+            Verdict::Unreachable { reachable } => LockError::Unavailable {
+                key: key.to_owned(),
+                reachable,
+                nodes: inner.nodes.len(),
+                quorum: inner.quorum,
+                last_error,
+            },
+            Verdict::Busy { retry_after } => LockError::Busy { key: key.to_owned(), retry_after },
+        };
         // Missed: undo the partial lock everywhere, so neither we nor others trip over it.
         self.release_everywhere(&lock_key, &token).await;
-        let reachable = granted.len() + held.len();
-        if reachable < inner.quorum {
-            return Attempt::Unavailable { reachable, last_error };
-        }
-        // The lock frees up once enough holders' copies expire: the k-th shortest remaining TTL.
-        let mut ttls: Vec<Duration> = held.iter().flatten().copied().collect();
-        ttls.sort();
-        let free_now = inner.nodes.len() - held.len();
-        let needed = inner.quorum.saturating_sub(free_now);
-        Attempt::Busy(needed.checked_sub(1).and_then(|k| ttls.get(k)).copied())
+        pending.armed = false;
+        Err(error)
     }
 
     pub(crate) fn keys(&self, key: &str) -> (String, String) {
         let prefix = &self.inner.config.prefix;
-        (format!("{prefix}{{{key}}}"), format!("{prefix}{{{key}}}:fence"))
+        (format!("{prefix}{{{key}}}"), format!("{prefix}fence"))
     }
 
     /// Compare-and-delete on every node in parallel; returns how many deleted it.
     pub(crate) async fn release_everywhere(&self, lock_key: &str, token: &str) -> usize {
-        all_within(self.inner.config.node_timeout, self.inner.nodes.iter().map(|node| node.release(lock_key, token)))
+        each_node(self.inner.config.node_timeout, self.inner.nodes.iter().map(|node| node.release(lock_key, token)))
             .await
             .into_iter()
             .filter(|reply| matches!(reply, Some(Ok(true))))
             .count()
+    }
+
+    /// [`release_everywhere`](Self::release_everywhere) on a spawned task, for `Drop`s. Without
+    /// a runtime the lock simply expires by its TTL.
+    pub(crate) fn release_in_background(&self, lock_key: String, token: String) {
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            let client = self.clone();
+            handle.spawn(async move {
+                client.release_everywhere(&lock_key, &token).await;
+            });
+        }
+    }
+}
+
+/// What one acquisition round amounts to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Verdict {
+    /// A majority holds our key and confirmed the token, with validity left.
+    Held { validity: Duration },
+    /// A majority granted, but too few confirmed the fencing token.
+    Unconfirmed,
+    /// A majority granted and confirmed, but the round used up the validity.
+    Expired,
+    /// Too few nodes answered at all.
+    Unreachable { reachable: usize },
+    /// Enough nodes answered, but others hold the key; free again after `retry_after`, if known.
+    Busy { retry_after: Option<Duration> },
+}
+
+/// The verdict on a round: `granted` nodes granted (`confirmed` of them confirmed the token),
+/// `held` lists the remaining TTL of every node where another holder has the key.
+fn verdict(
+    config: &LockConfig,
+    nodes: usize,
+    granted: usize,
+    confirmed: usize,
+    held: &[Option<Duration>],
+    elapsed: Duration,
+) -> Verdict {
+    let quorum = nodes / 2 + 1;
+    if granted >= quorum {
+        return match config.ttl.checked_sub(elapsed + config.drift()).filter(|v| !v.is_zero()) {
+            None => Verdict::Expired,
+            Some(_) if confirmed < quorum => Verdict::Unconfirmed,
+            Some(validity) => Verdict::Held { validity },
+        };
+    }
+    let reachable = granted + held.len();
+    if reachable < quorum {
+        return Verdict::Unreachable { reachable };
+    }
+    // The lock frees up once enough holders' copies expire: the k-th shortest remaining TTL.
+    let mut ttls: Vec<Duration> = held.iter().flatten().copied().collect();
+    ttls.sort();
+    let needed = quorum.saturating_sub(nodes - held.len());
+    Verdict::Busy { retry_after: needed.checked_sub(1).and_then(|k| ttls.get(k)).copied() }
+}
+
+/// Releases an acquisition that was dropped half-way (see [`RedLock::attempt`]).
+struct PendingRelease<'a> {
+    client: &'a RedLock,
+    lock_key: &'a str,
+    token: &'a str,
+    armed: bool,
+}
+
+impl Drop for PendingRelease<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.client.inner.metrics.cancelled.increment(1);
+            self.client.release_in_background(self.lock_key.to_owned(), self.token.to_owned());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> LockConfig {
+        LockConfig { ttl: Duration::from_secs(1), ..LockConfig::default() }
+    }
+
+    /// Before: a majority that granted after the validity was used up was reported `Busy(None)`.
+    #[test]
+    fn a_quorum_granted_too_late_is_expired_not_busy() {
+        let late = Duration::from_millis(995);
+        assert_eq!(verdict(&config(), 3, 3, 3, &[], late), Verdict::Expired);
+        let in_time = Duration::from_millis(5);
+        assert!(
+            matches!(verdict(&config(), 3, 3, 3, &[], in_time), Verdict::Held { validity } if validity > Duration::from_millis(900))
+        );
+    }
+
+    #[test]
+    fn verdicts_name_what_went_wrong() {
+        let ms = Duration::from_millis;
+        assert_eq!(verdict(&config(), 5, 3, 2, &[], ms(5)), Verdict::Unconfirmed);
+        assert_eq!(verdict(&config(), 5, 1, 1, &[Some(ms(300))], ms(5)), Verdict::Unreachable { reachable: 2 });
+        // Held on four of five: free once two of the holders' copies expired (the 2nd shortest).
+        let held = [Some(ms(300)), Some(ms(100)), Some(ms(200)), None];
+        assert_eq!(verdict(&config(), 5, 1, 1, &held, ms(5)), Verdict::Busy { retry_after: Some(ms(200)) });
     }
 }

@@ -46,18 +46,21 @@ pub enum LockError {
         /// One of the node errors.
         last_error: String,
     },
-    /// The lock can no longer be guaranteed: an extension missed the majority or the deadline
-    /// passed.
+    /// The lock can no longer be guaranteed: no extension reached a majority before the
+    /// deadline, or a majority answered that the key is no longer ours.
     #[error("lock `{key}` was lost")]
     Lost {
         /// The lock key (without prefix).
         key: String,
     },
-    /// The fencing counter could not be synchronised on a majority: the token is not safe to use.
-    #[error("fencing token of `{key}` could not be confirmed on a majority")]
-    FenceUnconfirmed {
+    /// A majority granted the lock, but only after the whole validity was used up (a stalled
+    /// process or very slow nodes): it was released again.
+    #[error("lock `{key}` was granted too late: {elapsed:?} left no validity")]
+    Expired {
         /// The lock key (without prefix).
         key: String,
+        /// How long the acquisition round took.
+        elapsed: Duration,
     },
     /// Bad configuration.
     #[error(transparent)]

@@ -23,7 +23,7 @@ pub fn token_key(resource: &str) -> String {
 /// ```no_run
 /// # async fn demo(con: &mut redis::aio::MultiplexedConnection, guard: tower_redlock::LockGuard)
 /// # -> Result<(), Box<dyn std::error::Error>> {
-/// let token = guard.fencing_token().await?;
+/// let token = guard.fencing_token()?;
 /// if !tower_redlock::fenced_set(con, "{stock:sku-1}", "41", token).await? {
 ///     // A newer holder already wrote: our lock expired while we worked.
 /// }

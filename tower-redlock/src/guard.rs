@@ -9,14 +9,22 @@ use std::{
     time::Duration,
 };
 
-use tokio::{sync::OnceCell, task::JoinHandle, time::Instant};
+use tokio::{task::JoinHandle, time::Instant};
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
-use crate::{client::RedLock, error::LockError, node::all_within};
+use crate::{client::RedLock, error::LockError, node::each_node};
 
-/// A fencing token: strictly increasing across successive holders of a key (see the crate docs
-/// for the exact guarantee). Pass it with every write to the protected resource and have the
-/// resource reject older tokens ([`fenced_set`](crate::fenced_set)).
+/// A fencing token: for two holders of one key, the later acquisition's token is strictly
+/// greater (see the crate docs for the exact guarantee). Pass it with every write to the
+/// protected resource and have the resource refuse older tokens ([`fenced_set`](crate::fenced_set)).
+///
+/// ```
+/// use tower_redlock::FencingToken;
+///
+/// let (earlier, later) = (FencingToken(41), FencingToken(42));
+/// assert!(later > earlier);
+/// assert_eq!(later.to_string(), "42");
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct FencingToken(pub u64);
 
@@ -34,20 +42,25 @@ pub struct LockGuard {
     released: bool,
 }
 
-struct Shared {
+pub(crate) struct Shared {
     client: RedLock,
     key: String,
     lock_key: String,
     token: String,
     fence: u64,
-    /// The nodes that granted the lock.
-    holders: Vec<usize>,
-    /// Whether the fencing counter was raised to `fence` on a majority (done once, on first use).
-    fence_synced: OnceCell<bool>,
+    /// Until when the lock is guaranteed; set to the moment of loss when it is lost. Guarded
+    /// together with `lost`, so an extension never moves the deadline of a lost lock.
     deadline: Mutex<Instant>,
     lost: CancellationToken,
     extensions: AtomicU32,
+    /// Released or dropped by its owner: losing it now is no news.
     gone: AtomicBool,
+}
+
+impl Shared {
+    fn deadline(&self) -> Instant {
+        *self.deadline.lock().unwrap_or_else(PoisonError::into_inner)
+    }
 }
 
 impl fmt::Debug for LockGuard {
@@ -62,14 +75,12 @@ impl fmt::Debug for LockGuard {
 }
 
 impl LockGuard {
-    #[allow(clippy::too_many_arguments)]
     pub(crate) fn new(
         client: RedLock,
         key: &str,
         lock_key: String,
         token: String,
         fence: u64,
-        holders: Vec<usize>,
         deadline: Instant,
     ) -> Self {
         let shared = Arc::new(Shared {
@@ -77,8 +88,6 @@ impl LockGuard {
             lock_key,
             token,
             fence,
-            holders,
-            fence_synced: OnceCell::new(),
             deadline: Mutex::new(deadline),
             lost: CancellationToken::new(),
             extensions: AtomicU32::new(0),
@@ -94,12 +103,13 @@ impl LockGuard {
         &self.shared.key
     }
 
-    /// When the lock stops being guaranteed unless extended.
+    /// Until when the lock is guaranteed unless extended; after an extension, the new deadline;
+    /// after a loss, the moment it was lost.
     pub fn deadline(&self) -> Instant {
-        *self.shared.deadline.lock().unwrap_or_else(PoisonError::into_inner)
+        self.shared.deadline()
     }
 
-    /// Time left until [`deadline`](Self::deadline).
+    /// Time left until [`deadline`](Self::deadline); zero once lost.
     pub fn validity(&self) -> Duration {
         self.deadline().saturating_duration_since(Instant::now())
     }
@@ -109,8 +119,9 @@ impl LockGuard {
         self.shared.lost.is_cancelled()
     }
 
-    /// Fires when the lock can no longer be guaranteed: an extension missed the majority, or the
-    /// deadline passed. Race the guarded work against it and stop when it fires.
+    /// Fires when the lock can no longer be guaranteed: no extension reached a majority before
+    /// the deadline, or a majority answered that the key is no longer ours. Race the guarded
+    /// work against it and stop when it fires.
     pub fn lost(&self) -> WaitForCancellationFutureOwned {
         self.shared.lost.clone().cancelled_owned()
     }
@@ -120,23 +131,21 @@ impl LockGuard {
         self.shared.lost.clone()
     }
 
-    /// The fencing token. The first call raises the fencing counter of the granting nodes to
-    /// the token (one parallel round trip), so that the next holder's majority — which shares a
-    /// node with ours — counts past it; holders that never read their token skip that trip.
-    pub async fn fencing_token(&self) -> Result<FencingToken, LockError> {
+    /// A handle on this lock's deadline and lost signal that stays current after extensions
+    /// (what [`LockLayer`](crate::LockLayer) puts in request extensions).
+    pub fn status(&self) -> LockDeadline {
+        LockDeadline { shared: self.shared.clone() }
+    }
+
+    /// The fencing token, issued during the acquisition by a majority of nodes that held this
+    /// acquisition's key (see the crate docs). A lock that is lost or past its deadline has no
+    /// token to give: [`LockError::Lost`].
+    pub fn fencing_token(&self) -> Result<FencingToken, LockError> {
         let s = &self.shared;
-        let confirmed = *s
-            .fence_synced
-            .get_or_init(|| async {
-                let inner = &s.client.inner;
-                let (_, fence_key) = s.client.keys(&s.key);
-                let nodes = s.holders.iter().filter_map(|&i| inner.nodes.get(i));
-                let synced =
-                    all_within(inner.config.node_timeout, nodes.map(|node| node.sync_fence(&fence_key, s.fence))).await;
-                synced.into_iter().filter(|reply| matches!(reply, Some(Ok(())))).count() >= inner.quorum
-            })
-            .await;
-        if confirmed { Ok(FencingToken(s.fence)) } else { Err(LockError::FenceUnconfirmed { key: s.key.clone() }) }
+        if s.lost.is_cancelled() || s.deadline() <= Instant::now() {
+            return Err(LockError::Lost { key: s.key.clone() });
+        }
+        Ok(FencingToken(s.fence))
     }
 
     /// Extensions done so far (by the watchdog or by hand).
@@ -144,10 +153,28 @@ impl LockGuard {
         self.shared.extensions.load(Ordering::Relaxed)
     }
 
-    /// Extends the lock now by a full TTL on a majority (compare-and-pexpire). A miss means the
-    /// lock is lost: [`lost`](Self::lost) fires.
+    /// Extends the lock now by a full TTL on a majority (compare-and-pexpire). If a majority
+    /// answers that the key is no longer ours, the lock is lost ([`lost`](Self::lost) fires);
+    /// if too few nodes answer, the error is [`LockError::Unavailable`] and the lock stays
+    /// valid until its deadline (the watchdog keeps trying).
     pub async fn extend(&self) -> Result<Duration, LockError> {
-        extend(&self.shared).await
+        match try_extend(&self.shared).await {
+            Ok(validity) => Ok(validity),
+            Err(Miss::Refused) => {
+                mark_lost(&self.shared, "a majority no longer holds the key");
+                Err(LockError::Lost { key: self.shared.key.clone() })
+            }
+            Err(Miss::Unanswered { reachable, last_error }) => {
+                let inner = &self.shared.client.inner;
+                Err(LockError::Unavailable {
+                    key: self.shared.key.clone(),
+                    reachable,
+                    nodes: inner.nodes.len(),
+                    quorum: inner.quorum,
+                    last_error,
+                })
+            }
+        }
     }
 
     /// Releases the lock on every node in parallel now. Errors only if no node confirmed (the
@@ -177,69 +204,166 @@ impl Drop for LockGuard {
             return;
         }
         self.stop();
-        // Best effort: without a runtime the lock simply expires by its TTL.
-        if let Ok(handle) = tokio::runtime::Handle::try_current() {
-            let shared = self.shared.clone();
-            handle.spawn(async move {
-                shared.client.release_everywhere(&shared.lock_key, &shared.token).await;
-            });
-        }
+        self.shared.client.release_in_background(self.shared.lock_key.clone(), self.shared.token.clone());
     }
 }
 
-async fn extend(s: &Shared) -> Result<Duration, LockError> {
+/// The current deadline and lost signal of a held lock: what [`LockLayer`](crate::LockLayer)
+/// puts in the request extensions, beside the [`FencingToken`]. It follows the lock: after each
+/// extension it shows the new deadline, after a loss the moment of loss.
+///
+/// ```
+/// # async fn demo() -> Result<(), tower_redlock::LockError> {
+/// use tower_redlock::{LockConfig, RedLock};
+///
+/// let lock = RedLock::in_memory(LockConfig::default())?;
+/// let guard = lock.acquire("order:42").await?;
+/// let status = guard.status();
+/// assert!(status.validity() > std::time::Duration::from_secs(9));
+/// assert!(!status.is_lost());
+/// # Ok(()) }
+/// # tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap().block_on(demo()).unwrap();
+/// ```
+#[derive(Clone)]
+pub struct LockDeadline {
+    shared: Arc<Shared>,
+}
+
+impl fmt::Debug for LockDeadline {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LockDeadline")
+            .field("key", &self.shared.key)
+            .field("validity", &self.validity())
+            .field("lost", &self.is_lost())
+            .finish()
+    }
+}
+
+impl LockDeadline {
+    /// Until when the lock is guaranteed (the moment of loss once lost).
+    pub fn instant(&self) -> Instant {
+        self.shared.deadline()
+    }
+
+    /// Time left until [`instant`](Self::instant); zero once lost.
+    pub fn validity(&self) -> Duration {
+        self.instant().saturating_duration_since(Instant::now())
+    }
+
+    /// Whether the lock is known lost.
+    pub fn is_lost(&self) -> bool {
+        self.shared.lost.is_cancelled()
+    }
+
+    /// Fires when the lock is lost (see [`LockGuard::lost`]).
+    pub fn lost(&self) -> WaitForCancellationFutureOwned {
+        self.shared.lost.clone().cancelled_owned()
+    }
+}
+
+/// Why an extension did not go through.
+enum Miss {
+    /// A majority can no longer confirm: too many nodes answered that the key is not ours.
+    Refused,
+    /// Too few nodes answered; the lock may still be ours.
+    Unanswered { reachable: usize, last_error: String },
+}
+
+/// One extension round on every node in parallel.
+async fn try_extend(s: &Shared) -> Result<Duration, Miss> {
     let inner = &s.client.inner;
     let config = &inner.config;
+    if s.lost.is_cancelled() {
+        return Err(Miss::Refused);
+    }
     let started = Instant::now();
-    let extended =
-        all_within(config.node_timeout, inner.nodes.iter().map(|node| node.extend(&s.lock_key, &s.token, config.ttl)))
-            .await
-            .into_iter()
-            .filter(|reply| matches!(reply, Some(Ok(true))))
-            .count();
-    let validity = config.ttl.checked_sub(started.elapsed() + config.drift()).filter(|v| !v.is_zero());
-    match validity {
-        Some(validity) if extended >= inner.quorum && !s.lost.is_cancelled() => {
-            *s.deadline.lock().unwrap_or_else(PoisonError::into_inner) = started + validity;
-            s.extensions.fetch_add(1, Ordering::Relaxed);
-            inner.metrics.extensions.increment(1);
-            Ok(validity)
-        }
-        _ => {
-            inner.metrics.failed_extensions.increment(1);
-            mark_lost(s, "extension missed the majority");
-            Err(LockError::Lost { key: s.key.clone() })
+    let replies =
+        each_node(config.node_timeout, inner.nodes.iter().map(|node| node.extend(&s.lock_key, &s.token, config.ttl)))
+            .await;
+    let (mut yes, mut no, mut last_error) = (0, 0, String::new());
+    for reply in replies {
+        match reply {
+            Some(Ok(true)) => yes += 1,
+            Some(Ok(false)) => no += 1,
+            Some(Err(e)) => last_error = e,
+            None => last_error = format!("no answer within {:?}", config.node_timeout),
         }
     }
+    let validity = config.ttl.checked_sub(started.elapsed() + config.drift()).filter(|v| !v.is_zero());
+    if yes >= inner.quorum
+        && let Some(validity) = validity
+    {
+        let mut deadline = s.deadline.lock().unwrap_or_else(PoisonError::into_inner);
+        if s.lost.is_cancelled() {
+            return Err(Miss::Refused);
+        }
+        *deadline = (*deadline).max(started + validity);
+        drop(deadline);
+        s.extensions.fetch_add(1, Ordering::Relaxed);
+        inner.metrics.extensions.increment(1);
+        return Ok(validity);
+    }
+    inner.metrics.failed_extensions.increment(1);
+    if no > inner.nodes.len() - inner.quorum {
+        return Err(Miss::Refused);
+    }
+    Err(Miss::Unanswered { reachable: yes + no, last_error })
 }
 
 fn mark_lost(s: &Shared, why: &str) {
-    if !s.lost.is_cancelled() && !s.gone.load(Ordering::Acquire) {
+    let mut deadline = s.deadline.lock().unwrap_or_else(PoisonError::into_inner);
+    if s.lost.is_cancelled() {
+        return;
+    }
+    *deadline = (*deadline).min(Instant::now());
+    s.lost.cancel();
+    drop(deadline);
+    if !s.gone.load(Ordering::Acquire) {
         s.client.inner.metrics.lost.increment(1);
         tracing::warn!(key = %s.key, why, "lock lost");
     }
-    s.lost.cancel();
 }
 
-/// Extends every TTL/3 while allowed; fires `lost` on a missed extension or at the deadline.
+/// Extends a third of the TTL after each extension, retrying a missed round (with the configured
+/// jittered pause) while the lock is still valid. `lost` fires at the deadline if no round has
+/// reached a majority by then, or at once when a majority answers that the key is not ours.
 async fn watchdog(s: Arc<Shared>) {
     let config = &s.client.inner.config;
     let period = config.ttl / 3;
     loop {
-        let deadline = *s.deadline.lock().unwrap_or_else(PoisonError::into_inner);
+        let deadline = s.deadline();
         let may_extend =
             config.auto_extend && config.max_extensions.is_none_or(|max| s.extensions.load(Ordering::Relaxed) < max);
         if !may_extend {
             tokio::time::sleep_until(deadline).await;
-            if *s.deadline.lock().unwrap_or_else(PoisonError::into_inner) <= Instant::now() {
+            if s.deadline() <= Instant::now() {
                 mark_lost(&s, "deadline passed");
                 return;
             }
             continue;
         }
-        let next = (deadline - config.ttl.saturating_sub(period)).min(deadline);
-        tokio::time::sleep_until(next.max(Instant::now())).await;
-        if extend(&s).await.is_err() {
+        // Due when a third of the TTL has passed since the last extension.
+        let due = deadline.checked_sub(config.ttl.saturating_sub(period)).unwrap_or(deadline).min(deadline);
+        tokio::time::sleep_until(due).await;
+        let retry = async {
+            let mut pauses = s.client.retry_pauses(None);
+            loop {
+                match try_extend(&s).await {
+                    Ok(_) => return Ok(()),
+                    Err(Miss::Refused) => return Err("a majority no longer holds the key"),
+                    Err(Miss::Unanswered { .. }) => {
+                        let pause = pauses.next().unwrap_or(config.retry_delay);
+                        tokio::time::sleep(pause).await;
+                    }
+                }
+            }
+        };
+        let outcome = tokio::select! {
+            outcome = retry => outcome,
+            () = tokio::time::sleep_until(s.deadline()) => Err("no extension reached a majority before the deadline"),
+        };
+        if let Err(why) = outcome {
+            mark_lost(&s, why);
             return;
         }
     }

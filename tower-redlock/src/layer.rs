@@ -1,22 +1,28 @@
 //! [`LockLayer`]: runs a handler under a per-resource lock.
+//!
+//! The request first takes its key's lock, then waits for the inner service to be ready, then
+//! calls it: a request waiting for a busy lock holds no capacity of the inner service (a
+//! concurrency limit or buffer inside lets requests for other keys through meanwhile).
 
 use std::{
     fmt,
+    future::Future,
+    pin::Pin,
     sync::Arc,
-    task::{Context, Poll},
+    task::{Context, Poll, ready},
     time::Duration,
 };
 
-use futures_util::future::BoxFuture;
 use http::{HeaderName, Request, Response, StatusCode, header::RETRY_AFTER};
+use pin_project_lite::pin_project;
 use rampart_http::{GrpcCode, Problem, ResponseBody, grpc_response, retry_after_header};
-use tokio::time::Instant;
+use tokio_util::sync::WaitForCancellationFutureOwned;
 use tower_layer::Layer;
 use tower_service::Service;
 
-use crate::{RedLock, error::LockError};
+use crate::{FencingToken, LockDeadline, LockGuard, RedLock, error::LockError};
 
-/// Derives the lock key of a request (`None`: the request is refused with 400). Closures
+/// Derives the lock key of a request (`None`: the request is refused, 400 over HTTP). Closures
 /// `Fn(&Req) -> Option<String>` implement it; [`keys`] has ready ones.
 pub trait LockKey<Req>: Send + Sync + 'static {
     /// The key of `req`.
@@ -58,48 +64,203 @@ pub mod keys {
     }
 }
 
-/// When the lock guarding this request stops being guaranteed (in request extensions, with the
-/// [`FencingToken`](crate::FencingToken)).
+/// Marks a response whose handler finished after its lock was lost (in the response
+/// extensions, HTTP mode): its work is done, so its answer is returned rather than a
+/// `lock_lost` that would invite a retry, but writes it made after the loss were only safe if
+/// fenced.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct LockDeadline(pub Instant);
+pub struct LockLost;
+
+/// The request an [`Errors`]-mode inner service receives: the caller's request, the fencing
+/// token and the lock's status.
+#[derive(Debug)]
+pub struct Locked<Req> {
+    /// The caller's request.
+    pub request: Req,
+    /// The lock's fencing token: pass it with every write to the protected resource.
+    pub token: FencingToken,
+    /// The lock's current deadline and lost signal.
+    pub status: LockDeadline,
+}
+
+/// The request carried no lock key ([`Errors`] mode; HTTP mode answers 400).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("the request carries no lock key")]
+pub struct MissingLockKey;
+
+/// HTTP mode (the default): rejections are answered with responses from the workspace's
+/// rejection table; the inner service gets the [`FencingToken`] and [`LockDeadline`] in its
+/// request extensions.
+#[derive(Debug, Clone, Copy)]
+pub struct Http {
+    busy_status: StatusCode,
+}
+
+/// Errors mode ([`LockLayer::errors`]), for services that are not HTTP: rejections are errors
+/// ([`LockError`], [`MissingLockKey`], boxed), and the inner service receives [`Locked`] requests.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Errors;
+
+/// How a [`Lock`] hands the request to its inner service. Implemented by [`Http`] and
+/// [`Errors`].
+pub trait LockRequest<Req> {
+    /// What the inner service receives.
+    type Inner;
+    /// Whether a rejection should be a gRPC answer.
+    fn is_grpc(req: &Req) -> bool;
+    /// Hands the token and the status over with the request.
+    fn wrap(req: Req, token: FencingToken, status: LockDeadline) -> Self::Inner;
+}
+
+/// How a [`Lock`] answers: the inner service's answers and its own rejections. Implemented by
+/// [`Http`] and [`Errors`].
+pub trait LockAnswer<Res, E> {
+    /// The response type of the [`Lock`] service.
+    type Response;
+    /// The error type of the [`Lock`] service.
+    type Error;
+    /// The inner service's response; `lost` if the lock was lost while it ran.
+    fn respond(&self, response: Res, lost: bool) -> Self::Response;
+    /// The inner service's error.
+    fn error(error: E) -> Self::Error;
+    /// A rejection of the layer itself.
+    fn reject(&self, rejection: Rejection, grpc: bool) -> Result<Self::Response, Self::Error>;
+}
+
+/// Why a [`Lock`] did not call its inner service (or stopped it).
+#[derive(Debug)]
+pub enum Rejection {
+    /// Taking or keeping the lock failed.
+    Lock(LockError),
+    /// The request carries no lock key.
+    MissingKey,
+}
+
+impl<B> LockRequest<Request<B>> for Http {
+    type Inner = Request<B>;
+    fn is_grpc(req: &Request<B>) -> bool {
+        rampart_http::is_grpc(req.headers())
+    }
+    fn wrap(mut req: Request<B>, token: FencingToken, status: LockDeadline) -> Request<B> {
+        req.extensions_mut().insert(token);
+        req.extensions_mut().insert(status);
+        req
+    }
+}
+
+impl<ResB, E> LockAnswer<Response<ResB>, E> for Http {
+    type Response = Response<ResponseBody<ResB>>;
+    type Error = E;
+    fn respond(&self, response: Response<ResB>, lost: bool) -> Self::Response {
+        let mut response = response.map(ResponseBody::inner);
+        if lost {
+            response.extensions_mut().insert(LockLost);
+        }
+        response
+    }
+    fn error(error: E) -> E {
+        error
+    }
+    fn reject(&self, rejection: Rejection, grpc: bool) -> Result<Self::Response, E> {
+        Ok(reject(rejection, grpc, self.busy_status))
+    }
+}
+
+impl<Req> LockRequest<Req> for Errors {
+    type Inner = Locked<Req>;
+    fn is_grpc(_: &Req) -> bool {
+        false
+    }
+    fn wrap(request: Req, token: FencingToken, status: LockDeadline) -> Locked<Req> {
+        Locked { request, token, status }
+    }
+}
+
+impl<Res, E: Into<BoxError>> LockAnswer<Res, E> for Errors {
+    type Response = Res;
+    type Error = BoxError;
+    fn respond(&self, response: Res, _lost: bool) -> Res {
+        response
+    }
+    fn error(error: E) -> Self::Error {
+        error.into()
+    }
+    fn reject(&self, rejection: Rejection, _grpc: bool) -> Result<Res, Self::Error> {
+        Err(match rejection {
+            Rejection::Lock(error) => error.into(),
+            Rejection::MissingKey => MissingLockKey.into(),
+        })
+    }
+}
 
 /// Runs each request under the lock of its key. See the [crate docs](crate).
 ///
+/// * The lock is taken first; only then does the request wait for the inner service's
+///   readiness and call it, so waiting for a busy lock holds none of the inner service's capacity.
 /// * Contention: waits up to [`wait_timeout`](Self::wait_timeout) (default 5 s), then answers
 ///   409 (or 423, [`busy_status`](Self::busy_status)) with `Retry-After` and `lock_busy`; gRPC
 ///   `ABORTED`.
-/// * The inner call gets the [`FencingToken`](crate::FencingToken) and a [`LockDeadline`] in its
-///   request extensions.
+/// * The inner call gets the [`FencingToken`] and a [`LockDeadline`] in its request extensions.
 /// * If the lock is lost during the call, the call is dropped (cancelled) and the client gets
-///   503 `lock_lost` / `UNAVAILABLE`.
-/// * The lock is released as soon as the response head is produced (the body is not covered).
+///   503 `lock_lost` / `UNAVAILABLE`; a call that has finished when the loss is seen keeps its
+///   answer, marked [`LockLost`].
+/// * The lock is released (in the background) as soon as the response head is produced; the
+///   body is not covered. Dropping the response future releases it too.
 /// * Too few lock nodes answer → 503 `lock_unavailable` / `UNAVAILABLE`.
-pub struct LockLayer<K> {
+/// * [`errors`](Self::errors) turns it into a layer for any request type that answers with
+///   errors instead.
+///
+/// ```
+/// use std::{convert::Infallible, time::Duration};
+/// use http::{Request, Response};
+/// use tower::{ServiceBuilder, ServiceExt};
+/// use tower_redlock::{FencingToken, LockConfig, LockLayer, RedLock, keys::PathSegment};
+///
+/// # async fn demo() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+/// let lock = RedLock::in_memory(LockConfig::default())?;
+/// let svc = ServiceBuilder::new()
+///     .layer(LockLayer::new(lock.clone(), PathSegment(1)).namespace("orders:").wait_timeout(Duration::from_millis(50)))
+///     .service_fn(|req: Request<()>| async move {
+///         let token = req.extensions().get::<FencingToken>().copied();
+///         Ok::<_, Infallible>(Response::new(format!("{token:?}")))
+///     });
+/// let ok = svc.clone().oneshot(Request::post("/orders/42/pay").body(())?).await?;
+/// assert_eq!(ok.status(), 200);
+///
+/// // While someone else holds order 42's lock, the call waits 50 ms, then answers 409.
+/// let _held = lock.acquire("orders:42").await?;
+/// let busy = svc.oneshot(Request::post("/orders/42/pay").body(())?).await?;
+/// assert_eq!(busy.status(), 409);
+/// assert!(busy.headers().contains_key("retry-after"));
+/// # Ok(()) }
+/// # tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap().block_on(demo()).unwrap();
+/// ```
+pub struct LockLayer<K, M = Http> {
     lock: RedLock,
     key: Arc<K>,
     namespace: Arc<str>,
     wait: Duration,
-    busy_status: StatusCode,
+    mode: M,
 }
 
-impl<K> Clone for LockLayer<K> {
+impl<K, M: Clone> Clone for LockLayer<K, M> {
     fn clone(&self) -> Self {
         Self {
             lock: self.lock.clone(),
             key: self.key.clone(),
             namespace: self.namespace.clone(),
             wait: self.wait,
-            busy_status: self.busy_status,
+            mode: self.mode.clone(),
         }
     }
 }
 
-impl<K> fmt::Debug for LockLayer<K> {
+impl<K, M: fmt::Debug> fmt::Debug for LockLayer<K, M> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("LockLayer")
             .field("namespace", &self.namespace)
             .field("wait", &self.wait)
-            .field("busy_status", &self.busy_status)
+            .field("mode", &self.mode)
             .finish_non_exhaustive()
     }
 }
@@ -112,10 +273,47 @@ impl<K> LockLayer<K> {
             key: Arc::new(key),
             namespace: Arc::from(""),
             wait: Duration::from_secs(5),
-            busy_status: StatusCode::CONFLICT,
+            mode: Http { busy_status: StatusCode::CONFLICT },
         }
     }
 
+    /// The status for a busy lock: 409 (default) or 423 Locked.
+    pub fn busy_status(mut self, status: StatusCode) -> Self {
+        self.mode.busy_status = status;
+        self
+    }
+
+    /// For services that are not HTTP: rejections become errors ([`LockError`] or
+    /// [`MissingLockKey`], boxed) and the inner service receives [`Locked`] requests.
+    ///
+    /// ```
+    /// use std::{convert::Infallible, time::Duration};
+    /// use tower::{ServiceBuilder, ServiceExt};
+    /// use tower_redlock::{LockConfig, LockError, LockLayer, Locked, RedLock};
+    ///
+    /// struct Job { account: u64 }
+    ///
+    /// # async fn demo() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    /// let lock = RedLock::in_memory(LockConfig::default())?;
+    /// let svc = ServiceBuilder::new()
+    ///     .layer(LockLayer::new(lock.clone(), |job: &Job| Some(format!("account:{}", job.account)))
+    ///         .wait_timeout(Duration::from_millis(20))
+    ///         .errors())
+    ///     .service_fn(|locked: Locked<Job>| async move { Ok::<_, Infallible>(locked.token.0) });
+    /// assert!(svc.clone().oneshot(Job { account: 7 }).await? >= 1);
+    ///
+    /// let _held = lock.acquire("account:7").await?;
+    /// let err = svc.oneshot(Job { account: 7 }).await.unwrap_err();
+    /// assert!(matches!(err.downcast_ref::<LockError>(), Some(LockError::Busy { .. })));
+    /// # Ok(()) }
+    /// # tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap().block_on(demo()).unwrap();
+    /// ```
+    pub fn errors(self) -> LockLayer<K, Errors> {
+        LockLayer { lock: self.lock, key: self.key, namespace: self.namespace, wait: self.wait, mode: Errors }
+    }
+}
+
+impl<K, M> LockLayer<K, M> {
     /// Prefixes every key (e.g. `inventory:`), so one client serves several layers.
     pub fn namespace(mut self, namespace: impl Into<String>) -> Self {
         self.namespace = namespace.into().into();
@@ -127,16 +325,10 @@ impl<K> LockLayer<K> {
         self.wait = wait;
         self
     }
-
-    /// The status for a busy lock: 409 (default) or 423 Locked.
-    pub fn busy_status(mut self, status: StatusCode) -> Self {
-        self.busy_status = status;
-        self
-    }
 }
 
-impl<S, K> Layer<S> for LockLayer<K> {
-    type Service = Lock<S, K>;
+impl<S, K, M: Clone> Layer<S> for LockLayer<K, M> {
+    type Service = Lock<S, K, M>;
 
     fn layer(&self, inner: S) -> Self::Service {
         Lock { inner, layer: self.clone() }
@@ -144,84 +336,170 @@ impl<S, K> Layer<S> for LockLayer<K> {
 }
 
 /// The service made by [`LockLayer`].
-pub struct Lock<S, K> {
+pub struct Lock<S, K, M = Http> {
     inner: S,
-    layer: LockLayer<K>,
+    layer: LockLayer<K, M>,
 }
 
-impl<S: Clone, K> Clone for Lock<S, K> {
+impl<S: Clone, K, M: Clone> Clone for Lock<S, K, M> {
     fn clone(&self) -> Self {
         Self { inner: self.inner.clone(), layer: self.layer.clone() }
     }
 }
 
-impl<S: fmt::Debug, K> fmt::Debug for Lock<S, K> {
+impl<S: fmt::Debug, K, M: fmt::Debug> fmt::Debug for Lock<S, K, M> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Lock").field("inner", &self.inner).field("layer", &self.layer).finish()
     }
 }
 
-impl<S, K, ReqB, ResB> Service<Request<ReqB>> for Lock<S, K>
+impl<S, K, M, Req> Service<Req> for Lock<S, K, M>
 where
-    S: Service<Request<ReqB>, Response = Response<ResB>> + Clone + Send + 'static,
-    S::Future: Send,
-    S::Error: Send,
-    K: LockKey<Request<ReqB>>,
-    ReqB: Send + 'static,
-    ResB: Send + 'static,
+    M: LockRequest<Req> + LockAnswer<S::Response, S::Error> + Clone,
+    S: Service<M::Inner> + Clone,
+    K: LockKey<Req>,
 {
-    type Response = Response<ResponseBody<ResB>>;
-    type Error = S::Error;
-    // Boxed: this path waits on Redis round trips anyway.
-    type Future = BoxFuture<'static, Result<Self::Response, S::Error>>;
+    type Response = <M as LockAnswer<S::Response, S::Error>>::Response;
+    type Error = <M as LockAnswer<S::Response, S::Error>>::Error;
+    type Future = ResponseFuture<S, Req, M>;
 
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
+    /// Always ready: readiness of the inner service is awaited per call, after the lock is held.
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, mut req: Request<ReqB>) -> Self::Future {
-        let grpc = rampart_http::is_grpc(req.headers());
-        let shared = self.layer.clone();
-        let clone = self.inner.clone();
-        let mut inner = std::mem::replace(&mut self.inner, clone);
-        let key = shared.key.key(&req).map(|k| format!("{}{k}", shared.namespace));
-        Box::pin(async move {
-            let Some(key) = key else {
-                return Ok(reject(Rejection::MissingKey, grpc, shared.busy_status));
-            };
-            let guard = match shared.lock.acquire_within(&key, Some(shared.wait)).await {
-                Ok(guard) => guard,
-                Err(error) => return Ok(reject(Rejection::Lock(error), grpc, shared.busy_status)),
-            };
-            let token = match guard.fencing_token().await {
-                Ok(token) => token,
-                Err(error) => {
-                    let _ = guard.release().await;
-                    return Ok(reject(Rejection::Lock(error), grpc, shared.busy_status));
-                }
-            };
-            req.extensions_mut().insert(token);
-            req.extensions_mut().insert(LockDeadline(guard.deadline()));
-            let lost = guard.lost();
-            let call = inner.call(req);
-            tokio::select! {
-                biased;
-                () = lost => {
-                    // Dropping `call` cancels the handler mid-way.
-                    Ok(reject(Rejection::Lock(LockError::Lost { key }), grpc, shared.busy_status))
-                }
-                result = call => {
-                    let _ = guard.release().await;
-                    result.map(|response| response.map(ResponseBody::inner))
-                }
-            }
-        })
+    fn call(&mut self, req: Req) -> Self::Future {
+        let grpc = M::is_grpc(&req);
+        let mode = self.layer.mode.clone();
+        let Some(key) = self.layer.key.key(&req).map(|k| format!("{}{k}", self.layer.namespace)) else {
+            return ResponseFuture { mode, grpc, state: State::Rejected { rejection: Some(Rejection::MissingKey) } };
+        };
+        let lock = self.layer.lock.clone();
+        let wait = self.layer.wait;
+        let acquire = Box::pin(async move { lock.acquire_within(&key, Some(wait)).await });
+        ResponseFuture {
+            mode,
+            grpc,
+            state: State::Acquiring { acquire, req: Some(req), inner: Some(self.inner.clone()) },
+        }
     }
 }
 
-enum Rejection {
-    Lock(LockError),
-    MissingKey,
+/// tower's boxed error type.
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+type Acquisition = Pin<Box<dyn Future<Output = Result<LockGuard, LockError>> + Send>>;
+
+pin_project! {
+    /// The future of [`Lock`]: acquiring → waiting for the inner service → calling it.
+    pub struct ResponseFuture<S, Req, M>
+    where
+        M: LockRequest<Req>,
+        S: Service<M::Inner>,
+    {
+        mode: M,
+        grpc: bool,
+        #[pin]
+        state: State<S, Req, S::Future>,
+    }
+}
+
+pin_project! {
+    #[project = StateProj]
+    enum State<S, Req, F> {
+        Rejected { rejection: Option<Rejection> },
+        Acquiring { acquire: Acquisition, req: Option<Req>, inner: Option<S> },
+        Readying { guard: Option<LockGuard>, req: Option<Req>, inner: S },
+        Calling {
+            #[pin]
+            call: F,
+            #[pin]
+            lost: WaitForCancellationFutureOwned,
+            guard: Option<LockGuard>,
+        },
+        Done,
+    }
+}
+
+impl<S, Req, M> fmt::Debug for ResponseFuture<S, Req, M>
+where
+    M: LockRequest<Req>,
+    S: Service<M::Inner>,
+{
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ResponseFuture").field("grpc", &self.grpc).finish_non_exhaustive()
+    }
+}
+
+impl<S, Req, M> Future for ResponseFuture<S, Req, M>
+where
+    M: LockRequest<Req> + LockAnswer<S::Response, S::Error>,
+    S: Service<M::Inner>,
+{
+    type Output =
+        Result<<M as LockAnswer<S::Response, S::Error>>::Response, <M as LockAnswer<S::Response, S::Error>>::Error>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        loop {
+            match this.state.as_mut().project() {
+                StateProj::Rejected { rejection } => {
+                    let rejection = rejection.take().unwrap_or(Rejection::MissingKey);
+                    this.state.set(State::Done);
+                    return Poll::Ready(this.mode.reject(rejection, *this.grpc));
+                }
+                StateProj::Acquiring { acquire, req, inner } => {
+                    let acquired = ready!(acquire.as_mut().poll(cx));
+                    let (Some(req), Some(inner)) = (req.take(), inner.take()) else {
+                        return Poll::Pending;
+                    };
+                    match acquired {
+                        Ok(guard) => this.state.set(State::Readying { guard: Some(guard), req: Some(req), inner }),
+                        Err(error) => this.state.set(State::Rejected { rejection: Some(Rejection::Lock(error)) }),
+                    }
+                }
+                StateProj::Readying { guard, req, inner } => {
+                    if let Err(error) = ready!(inner.poll_ready(cx)) {
+                        this.state.set(State::Done);
+                        return Poll::Ready(Err(M::error(error)));
+                    }
+                    let (Some(guard), Some(req)) = (guard.take(), req.take()) else {
+                        return Poll::Pending;
+                    };
+                    // The token is checked here, not at acquisition: the wait for readiness may
+                    // have outlasted the lock.
+                    let token = match guard.fencing_token() {
+                        Ok(token) => token,
+                        Err(error) => {
+                            this.state.set(State::Rejected { rejection: Some(Rejection::Lock(error)) });
+                            continue;
+                        }
+                    };
+                    let call = inner.call(M::wrap(req, token, guard.status()));
+                    let lost = guard.lost();
+                    this.state.set(State::Calling { call, lost, guard: Some(guard) });
+                }
+                StateProj::Calling { call, lost, guard } => {
+                    // The call first: a handler that has finished keeps its answer.
+                    if let Poll::Ready(result) = call.poll(cx) {
+                        let was_lost = guard.as_ref().is_some_and(LockGuard::is_lost);
+                        // Dropping the guard releases the lock in the background.
+                        drop(guard.take());
+                        this.state.set(State::Done);
+                        return Poll::Ready(match result {
+                            Ok(response) => Ok(this.mode.respond(response, was_lost)),
+                            Err(error) => Err(M::error(error)),
+                        });
+                    }
+                    ready!(lost.poll(cx));
+                    let key = guard.as_ref().map(|g| g.key().to_owned()).unwrap_or_default();
+                    // Dropping the call cancels the handler mid-way.
+                    this.state.set(State::Rejected { rejection: Some(Rejection::Lock(LockError::Lost { key })) });
+                }
+                StateProj::Done => return Poll::Pending,
+            }
+        }
+    }
 }
 
 fn reject<B>(rejection: Rejection, grpc: bool, busy_status: StatusCode) -> Response<ResponseBody<B>> {
@@ -237,7 +515,7 @@ fn reject<B>(rejection: Rejection, grpc: bool, busy_status: StatusCode) -> Respo
     };
     let detail = match rejection {
         Rejection::Lock(error) => error.to_string(),
-        Rejection::MissingKey => "the request carries no lock key".to_owned(),
+        Rejection::MissingKey => MissingLockKey.to_string(),
     };
     if grpc {
         return grpc_response(code, &detail, retry);

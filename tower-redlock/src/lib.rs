@@ -1,7 +1,7 @@
-//! Distributed locks for tower: RedLock over N independent Redis masters, with parallel
-//! acquisition, a watchdog that extends the lock while it is held, a signal when the lock is
-//! lost, quorum fencing tokens, an in-process backend with the same API, and a [`LockLayer`]
-//! that runs handlers under a per-resource lock.
+//! Distributed locks for tower: RedLock over N independent Redis masters, with parallel,
+//! cancel-safe acquisition, a watchdog that extends the lock while it is held, a signal when
+//! the lock is lost, monotonic fencing tokens issued by a majority, an in-process backend with
+//! the same API, and a [`LockLayer`] that runs handlers under a per-resource lock.
 //!
 //! # Using a lock
 //!
@@ -11,7 +11,7 @@
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
 //! let lock = RedLock::connect(&["redis://10.0.0.1", "redis://10.0.0.2", "redis://10.0.0.3"], LockConfig::default())?;
 //! let guard = lock.acquire("order:42").await?;
-//! let token = guard.fencing_token().await?;
+//! let token = guard.fencing_token()?;
 //! tokio::select! {
 //!     _ = guard.lost() => { /* stop: another client may hold the lock now */ }
 //!     _ = async { /* work, passing `token` with every write */ } => {}
@@ -20,44 +20,80 @@
 //! # Ok(()) }
 //! ```
 //!
-//! # Fencing tokens: what is guaranteed, and what is not
+//! # What the lock guarantees
 //!
-//! Each acquisition sends `SET key token NX PX ttl` and `INCR <key>:fence` (pipelined, one round
-//! trip) to every node; the token is the largest counter among the granting nodes' replies, and
-//! before the token is first handed out ([`LockGuard::fencing_token`]) the counters of the
-//! granting majority are raised to it. Any later majority shares a node with this one, so the next holder's token is
-//! strictly larger — **as long as a majority of nodes keeps its data**. A node restarted without
-//! persistence (or with `appendfsync everysec` losing the last second) forgets both the lock and
-//! the counter; RedLock's answer is to keep a restarted node out for a TTL (delayed restart), and
-//! this crate's answer for the token is: run the lock nodes with AOF `appendfsync always` if
-//! tokens matter.
+//! **Fencing tokens.** For any two holders of one key, the later acquisition's token is
+//! strictly greater — under any crash and restart of a minority of the nodes, provided the
+//! nodes run with AOF `appendfsync always`. How: each node keeps one fencing counter (one key,
+//! `<prefix>fence`, for all lock keys, so it never grows with the keys). An acquisition runs one
+//! script per node: `SET key value NX PX ttl` and, only if that granted, `INCR` of the counter —
+//! so a counter is only ever raised by an acquisition that holds the key there at that moment.
+//! The token is the largest counter among the granting nodes; nodes that counted less are raised
+//! to it by a second script that again checks the key is still ours. The token is issued only
+//! when a majority holds our key with a counter at or above it, and before the validity check.
+//! Any later acquisition needs a majority too, which shares a node with ours; there it is granted
+//! only after our key is gone (expired or released), so after that node counted to our token:
+//! its `INCR` gives more. A guard whose lock is lost or past its deadline gives no token
+//! ([`LockGuard::fencing_token`] errors). When all nodes counted alike (the usual case), the
+//! acquisition is one round trip; the raise costs a second one only when counters differ.
 //!
-//! Martin Kleppmann's critique of RedLock ("How to do distributed locking", 2016) holds here
-//! too: a process pause (GC, swap, SIGSTOP) or a clock jump can outlast the lock, so **a lock
-//! alone cannot protect a resource**; only the resource refusing stale tokens can. That is why
-//! the token exists and why [`fenced_set`] (the compare-token script) ships with it. Salvatore
-//! Sanfilippo's reply ("Is Redlock safe?") argues the monotonic-clock validity check and the
-//! majority make the lock sound for efficiency purposes; we take both at their word: use the lock
-//! to avoid doing work twice, use the token for correctness. [`LockGuard::lost`] narrows the
-//! window further by cancelling guarded work as soon as an extension misses the majority, but it
-//! cannot close it.
+//! What weaker persistence gives up: a node that restarts having lost writes (no persistence,
+//! or `appendfsync everysec` losing the last second) may have forgotten both our key and the
+//! counter it raised for us; if it is the node a later majority shares with ours, that holder
+//! can get a token equal to or below ours. RedLock's own answer for the lock is a delayed
+//! restart (keep a restarted node out for one TTL); for the token only persistence helps.
+//! A `maxmemory-policy` of `allkeys-lru`, `allkeys-lfu` or `allkeys-random` may evict the
+//! counter (tokens restart from 1: resources refuse every write until they pass the old
+//! value) and lock keys (two holders at once); use `noeviction` or a `volatile-*` policy, which
+//! never evicts the counter since it has no TTL.
+//!
+//! **Mutual exclusion** holds while a holder's [`validity`](LockGuard::validity) lasts: the
+//! validity is `ttl − elapsed − drift` from the start of the last successful round (acquisition
+//! or extension) on a majority, measured on a monotonic clock. The watchdog extends the lock
+//! every TTL/3; a missed round is retried while the lock is still valid, and
+//! [`LockGuard::lost`] fires at the deadline if no round has reached a majority by then, or at
+//! once when a majority answers that the key is no longer ours.
+//!
+//! **Cancel safety.** Dropping an acquisition half-way (an outer timeout, a disconnected
+//! client, `select!`) releases, in the background, whatever nodes granted; dropping a
+//! [`LockGuard`] releases its lock the same way.
+//!
+//! **What it does not guarantee.** Martin Kleppmann's critique of RedLock ("How to do
+//! distributed locking", 2016) holds here too: a process pause (GC, swap, SIGSTOP) or a clock
+//! jump can outlast the lock, so **a lock alone cannot protect a resource**; only the resource
+//! refusing stale tokens can. That is why the token exists and why [`fenced_set`] (the
+//! compare-token script) ships with it. Salvatore Sanfilippo's reply ("Is Redlock safe?")
+//! argues the monotonic-clock validity check and the majority make the lock sound for
+//! efficiency purposes; we take both at their word: use the lock to avoid doing work twice,
+//! use the token for correctness.
+//!
+//! **How it is tested.** Besides the unit and fault tests, `tests/fuzz.rs` runs a seeded,
+//! randomized fault run on five AOF-always nodes — eight clients, nodes killed and restarted,
+//! paused longer than the TTL, acquisitions dropped mid-flight, holders paused past their TTL —
+//! and checks the log of an independent resource only: no token used by two holders, tokens
+//! increasing in acquisition order, no stale write accepted after a newer one, no write of a
+//! holder with validity left refused, no orphan lock after a cancel, progress while a majority
+//! is up. `REDLOCK_FUZZ_SECS` and `REDLOCK_FUZZ_SEED` make it longer or replay a seed.
 //!
 //! # The layer
 //!
-//! ```no_run
+//! ```
 //! use std::time::Duration;
-//! use axum::{Router, routing::post};
-//! use tower_redlock::{LockConfig, LockLayer, RedLock, keys::PathSegment};
+//! use axum::{Extension, Router, body::Body, http::Request, routing::post};
+//! use tower::ServiceExt;
+//! use tower_redlock::{FencingToken, LockConfig, LockLayer, RedLock, keys::PathSegment};
 //!
-//! # fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
 //! let lock = RedLock::in_memory(LockConfig::default())?;
-//! let app: Router = Router::new().route(
+//! let app = Router::new().route(
 //!     "/inventory/{sku}/reserve",
-//!     post(|| async { "reserved" })
+//!     post(|Extension(token): Extension<FencingToken>| async move { format!("reserved under token {token}") })
 //!         .layer(LockLayer::new(lock, PathSegment(1)).namespace("inventory:").wait_timeout(Duration::from_secs(2))),
 //! );
-//! # let _ = app;
+//! let response = app.oneshot(Request::post("/inventory/sku-1/reserve").body(Body::empty())?).await?;
+//! assert_eq!(response.status(), 200);
 //! # Ok(()) }
+//! # tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap().block_on(demo()).unwrap();
 //! ```
 
 mod client;
@@ -72,5 +108,8 @@ pub use client::RedLock;
 pub use config::LockConfig;
 pub use error::{ConfigError, LockError};
 pub use fence::{FENCED_SET_LUA, fenced_set, token_key};
-pub use guard::{FencingToken, LockGuard};
-pub use layer::{Lock, LockDeadline, LockKey, LockLayer, keys};
+pub use guard::{FencingToken, LockDeadline, LockGuard};
+pub use layer::{
+    Errors, Http, Lock, LockAnswer, LockKey, LockLayer, LockLost, LockRequest, Locked, MissingLockKey, Rejection,
+    ResponseFuture, keys,
+};

@@ -8,10 +8,10 @@ use std::{
 
 use tokio::time::Instant;
 
+static ACQUIRE: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(include_str!("scripts/acquire.lua")));
+static CONFIRM: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(include_str!("scripts/confirm.lua")));
 static RELEASE: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(include_str!("scripts/release.lua")));
 static EXTEND: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(include_str!("scripts/extend.lua")));
-static SYNC_FENCE: LazyLock<redis::Script> =
-    LazyLock::new(|| redis::Script::new(include_str!("scripts/sync_fence.lua")));
 
 /// A node's answer to an acquisition.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -54,34 +54,43 @@ impl Node {
         Ok(Node::Redis { url: url.to_owned(), con })
     }
 
+    /// `SET NX PX` and, only if granted, `INCR` of the node's fencing counter: one script.
     pub(crate) async fn acquire(&self, key: &str, fence: &str, token: &str, ttl: Duration) -> Result<Grant, String> {
         match self {
             Node::Redis { con, .. } => {
-                // One round trip, no Lua: SET NX PX, then INCR of the fencing counter and PTTL.
-                // The INCR runs on every node reached, granting or not: counters only ever grow,
-                // and the token's guarantee rests on the write-back before first use (see
-                // `LockGuard::fencing_token`), not on the INCR being atomic with the SET.
-                let (set, counter, pttl): (Option<String>, i64, i64) = redis::pipe()
-                    .cmd("SET")
-                    .arg(key)
+                let (granted, value): (i64, i64) = ACQUIRE
+                    .key(key)
+                    .key(fence)
                     .arg(token)
-                    .arg("NX")
-                    .arg("PX")
                     .arg(ms(ttl))
-                    .cmd("INCR")
-                    .arg(fence)
-                    .cmd("PTTL")
-                    .arg(key)
-                    .query_async(&mut con.clone())
+                    .invoke_async(&mut con.clone())
                     .await
                     .map_err(|e| e.to_string())?;
-                Ok(if set.is_some() {
-                    Grant::Granted(u64::try_from(counter).unwrap_or(0))
+                Ok(if granted == 1 {
+                    Grant::Granted(u64::try_from(value).unwrap_or(0))
                 } else {
-                    Grant::Held(u64::try_from(pttl).ok().map(Duration::from_millis))
+                    Grant::Held(u64::try_from(value).ok().map(Duration::from_millis))
                 })
             }
-            Node::Memory(m) => Ok(m.acquire(key, fence, token, ttl)),
+            Node::Memory(m) => Ok(m.acquire(key, token, ttl)),
+        }
+    }
+
+    /// Raises the fencing counter to `value` if the lock is still ours here; whether it is.
+    pub(crate) async fn confirm(&self, key: &str, fence: &str, token: &str, value: u64) -> Result<bool, String> {
+        match self {
+            Node::Redis { con, .. } => {
+                let confirmed: i64 = CONFIRM
+                    .key(key)
+                    .key(fence)
+                    .arg(token)
+                    .arg(value)
+                    .invoke_async(&mut con.clone())
+                    .await
+                    .map_err(|e| e.to_string())?;
+                Ok(confirmed == 1)
+            }
+            Node::Memory(m) => Ok(m.confirm(key, token, value)),
         }
     }
 
@@ -111,54 +120,53 @@ impl Node {
             Node::Memory(m) => Ok(m.release(key, token)),
         }
     }
-
-    pub(crate) async fn sync_fence(&self, fence: &str, value: u64) -> Result<(), String> {
-        match self {
-            Node::Redis { con, .. } => {
-                let _: i64 =
-                    SYNC_FENCE.key(fence).arg(value).invoke_async(&mut con.clone()).await.map_err(|e| e.to_string())?;
-                Ok(())
-            }
-            Node::Memory(m) => {
-                m.sync_fence(fence, value);
-                Ok(())
-            }
-        }
-    }
 }
 
-/// The in-memory node: the same semantics as a Redis node, for one process.
+/// The in-memory node: the same semantics as a Redis node, for one process. One fencing counter
+/// for every key, as on a Redis node: tokens of one key increase because all of them do.
 #[derive(Debug, Default)]
 pub(crate) struct MemoryNode {
-    locks: Mutex<HashMap<String, (String, Instant)>>,
-    fences: Mutex<HashMap<String, u64>>,
+    state: Mutex<MemoryState>,
+}
+
+#[derive(Debug, Default)]
+struct MemoryState {
+    locks: HashMap<String, (String, Instant)>,
+    counter: u64,
 }
 
 impl MemoryNode {
-    fn acquire(&self, key: &str, fence: &str, token: &str, ttl: Duration) -> Grant {
+    fn acquire(&self, key: &str, token: &str, ttl: Duration) -> Grant {
         let now = Instant::now();
-        let mut locks = self.locks.lock().unwrap_or_else(PoisonError::into_inner);
-        if locks.len() > 1024 {
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        if state.locks.len() > 1024 {
             // Amortized cleanup: expired locks are equivalent to absent ones.
-            locks.retain(|_, (_, expires)| *expires > now);
+            state.locks.retain(|_, (_, expires)| *expires > now);
         }
-        if let Some((_, expires)) = locks.get(key)
+        if let Some((_, expires)) = state.locks.get(key)
             && *expires > now
         {
             return Grant::Held(Some(*expires - now));
         }
-        locks.insert(key.to_owned(), (token.to_owned(), now + ttl));
-        drop(locks);
-        let mut fences = self.fences.lock().unwrap_or_else(PoisonError::into_inner);
-        let counter = fences.entry(fence.to_owned()).or_insert(0);
-        *counter += 1;
-        Grant::Granted(*counter)
+        state.locks.insert(key.to_owned(), (token.to_owned(), now + ttl));
+        state.counter += 1;
+        Grant::Granted(state.counter)
+    }
+
+    fn confirm(&self, key: &str, token: &str, value: u64) -> bool {
+        let now = Instant::now();
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        let ours = state.locks.get(key).is_some_and(|(held, expires)| held == token && *expires > now);
+        if ours {
+            state.counter = state.counter.max(value);
+        }
+        ours
     }
 
     fn extend(&self, key: &str, token: &str, ttl: Duration) -> bool {
         let now = Instant::now();
-        let mut locks = self.locks.lock().unwrap_or_else(PoisonError::into_inner);
-        match locks.get_mut(key) {
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        match state.locks.get_mut(key) {
             Some((held, expires)) if held == token && *expires > now => {
                 *expires = now + ttl;
                 true
@@ -168,44 +176,25 @@ impl MemoryNode {
     }
 
     fn release(&self, key: &str, token: &str) -> bool {
-        let mut locks = self.locks.lock().unwrap_or_else(PoisonError::into_inner);
-        if locks.get(key).is_some_and(|(held, _)| held == token) {
-            locks.remove(key);
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        if state.locks.get(key).is_some_and(|(held, _)| held == token) {
+            state.locks.remove(key);
             true
         } else {
             false
         }
     }
-
-    fn sync_fence(&self, fence: &str, value: u64) {
-        let mut fences = self.fences.lock().unwrap_or_else(PoisonError::into_inner);
-        let counter = fences.entry(fence.to_owned()).or_insert(0);
-        *counter = (*counter).max(value);
-    }
 }
 
-/// Runs one future per node concurrently and collects their results, in node order, until all
-/// are done or `limit` passes; a node that has not answered by then is `None`. One timer for the
-/// whole round instead of one per node.
-pub(crate) async fn all_within<T, F>(limit: Duration, futures: impl IntoIterator<Item = F>) -> Vec<Option<T>>
+/// Runs one future per node concurrently, each bounded by `limit`, and collects their results in
+/// node order; a node that has not answered in time is `None`.
+pub(crate) async fn each_node<T, F>(limit: Duration, futures: impl IntoIterator<Item = F>) -> Vec<Option<T>>
 where
     F: std::future::Future<Output = T>,
 {
-    use futures_util::stream::{FuturesUnordered, StreamExt};
-
-    let mut pending: FuturesUnordered<_> =
-        futures.into_iter().enumerate().map(|(i, f)| async move { (i, f.await) }).collect();
-    let mut results: Vec<Option<T>> = (0..pending.len()).map(|_| None).collect();
-    let deadline = tokio::time::sleep(limit);
-    tokio::pin!(deadline);
-    loop {
-        tokio::select! {
-            next = pending.next() => match next {
-                Some((i, value)) => results[i] = Some(value),
-                None => break,
-            },
-            () = &mut deadline => break,
-        }
-    }
-    results
+    futures_util::future::join_all(futures.into_iter().map(|f| tokio::time::timeout(limit, f)))
+        .await
+        .into_iter()
+        .map(Result::ok)
+        .collect()
 }
