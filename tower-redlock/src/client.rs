@@ -156,8 +156,12 @@ impl RedLock {
     /// whatever nodes granted are released in the background at once.
     pub async fn acquire_within(&self, key: &str, wait: Option<Duration>) -> Result<LockGuard, LockError> {
         let started = Instant::now();
-        let deadline = wait.map(|w| started + w);
-        let mut pauses = self.retry_pauses(if deadline.is_some() { None } else { Some(self.inner.config.retries) });
+        // A wait too long to add to the clock (`Duration::MAX`) waits for ever.
+        let deadline = wait.map(|w| started.checked_add(w));
+        let mut pauses = match deadline {
+            Some(_) => self.retry_pauses(None),
+            None => self.retry_pauses(Some(self.inner.config.retries)),
+        };
         let mut attempts = 0u32;
         loop {
             attempts += 1;
@@ -169,7 +173,13 @@ impl RedLock {
                 }
                 Err(error) => error,
             };
-            let pause = pauses.next().filter(|pause| deadline.is_none_or(|d| Instant::now() + *pause < d));
+            // The last pause ends at the deadline: one more attempt there, then give up.
+            let pause = match (pauses.next(), deadline) {
+                (Some(pause), Some(Some(deadline))) => {
+                    Some(pause.min(deadline.saturating_duration_since(Instant::now()))).filter(|p| !p.is_zero())
+                }
+                (pause, _) => pause,
+            };
             let Some(pause) = pause else {
                 match &error {
                     LockError::Busy { .. } => self.inner.metrics.busy.increment(1),
@@ -246,7 +256,8 @@ impl RedLock {
             }
         }
         let elapsed = started.elapsed();
-        let error = match verdict(config, inner.nodes.len(), granted.len(), confirmed, &held, elapsed) {
+        let unreachable = inner.nodes.len() - granted.len() - held.len();
+        let error = match verdict(config, inner.nodes.len(), granted.len(), confirmed, &held, unreachable, elapsed) {
             Verdict::Held { validity } => {
                 pending.armed = false;
                 return Ok(LockGuard::new(
@@ -323,13 +334,15 @@ enum Verdict {
 }
 
 /// The verdict on a round: `granted` nodes granted (`confirmed` of them confirmed the token),
-/// `held` lists the remaining TTL of every node where another holder has the key.
+/// `held` lists the remaining TTL of every node where another holder has the key, `unreachable`
+/// nodes did not answer.
 fn verdict(
     config: &LockConfig,
     nodes: usize,
     granted: usize,
     confirmed: usize,
     held: &[Option<Duration>],
+    unreachable: usize,
     elapsed: Duration,
 ) -> Verdict {
     let quorum = nodes / 2 + 1;
@@ -344,10 +357,11 @@ fn verdict(
     if reachable < quorum {
         return Verdict::Unreachable { reachable };
     }
-    // The lock frees up once enough holders' copies expire: the k-th shortest remaining TTL.
+    // The lock frees up once enough holders' copies expire: the k-th shortest remaining TTL
+    // (nodes that did not answer are not counted as free).
     let mut ttls: Vec<Duration> = held.iter().flatten().copied().collect();
     ttls.sort();
-    let needed = quorum.saturating_sub(nodes - held.len());
+    let needed = quorum.saturating_sub(nodes - held.len() - unreachable);
     Verdict::Busy { retry_after: needed.checked_sub(1).and_then(|k| ttls.get(k)).copied() }
 }
 
@@ -380,20 +394,23 @@ mod tests {
     #[test]
     fn a_quorum_granted_too_late_is_expired_not_busy() {
         let late = Duration::from_millis(995);
-        assert_eq!(verdict(&config(), 3, 3, 3, &[], late), Verdict::Expired);
+        assert_eq!(verdict(&config(), 3, 3, 3, &[], 0, late), Verdict::Expired);
         let in_time = Duration::from_millis(5);
         assert!(
-            matches!(verdict(&config(), 3, 3, 3, &[], in_time), Verdict::Held { validity } if validity > Duration::from_millis(900))
+            matches!(verdict(&config(), 3, 3, 3, &[], 0, in_time), Verdict::Held { validity } if validity > Duration::from_millis(900))
         );
     }
 
     #[test]
     fn verdicts_name_what_went_wrong() {
         let ms = Duration::from_millis;
-        assert_eq!(verdict(&config(), 5, 3, 2, &[], ms(5)), Verdict::Unconfirmed);
-        assert_eq!(verdict(&config(), 5, 1, 1, &[Some(ms(300))], ms(5)), Verdict::Unreachable { reachable: 2 });
+        assert_eq!(verdict(&config(), 5, 3, 2, &[], 0, ms(5)), Verdict::Unconfirmed);
+        assert_eq!(verdict(&config(), 5, 1, 1, &[Some(ms(300))], 3, ms(5)), Verdict::Unreachable { reachable: 2 });
         // Held on four of five: free once two of the holders' copies expired (the 2nd shortest).
         let held = [Some(ms(300)), Some(ms(100)), Some(ms(200)), None];
-        assert_eq!(verdict(&config(), 5, 1, 1, &held, ms(5)), Verdict::Busy { retry_after: Some(ms(200)) });
+        assert_eq!(verdict(&config(), 5, 1, 1, &held, 0, ms(5)), Verdict::Busy { retry_after: Some(ms(200)) });
+        // Held on two, one unreachable: the two free ones need a holder's copy to expire.
+        let held = [Some(ms(300)), Some(ms(9000))];
+        assert_eq!(verdict(&config(), 5, 2, 2, &held, 1, ms(5)), Verdict::Busy { retry_after: Some(ms(300)) });
     }
 }

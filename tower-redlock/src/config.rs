@@ -24,7 +24,8 @@ pub struct LockConfig {
     /// the same amount so contenders do not retry in lockstep.
     #[serde(with = "humantime_serde")]
     pub retry_delay: Duration,
-    /// Give up acquiring after this long, whatever the retry count (default: no deadline).
+    /// Give up acquiring after this long, whatever the retry count (default: no deadline: the
+    /// retry count decides). `Duration::MAX` waits for ever.
     #[serde(with = "humantime_serde::option")]
     pub acquire_timeout: Option<Duration>,
     /// Extend the lock every TTL/3 while it is held (default true).
@@ -63,8 +64,9 @@ impl LockConfig {
         if self.node_timeout > self.ttl / 10 {
             return Err(ConfigError::new("node_timeout", "must be at most a tenth of ttl"));
         }
-        if self.retries > 0 && self.retry_delay.is_zero() {
-            return Err(ConfigError::new("retry_delay", "must be longer than zero when retrying"));
+        if self.retry_delay.is_zero() {
+            // Waits and the watchdog's retries pace themselves by it, whatever `retries` says.
+            return Err(ConfigError::new("retry_delay", "must be longer than zero"));
         }
         if self.acquire_timeout.is_some_and(|t| t.is_zero()) {
             return Err(ConfigError::new("acquire_timeout", "must be longer than zero"));

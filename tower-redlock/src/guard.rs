@@ -120,8 +120,9 @@ impl LockGuard {
     }
 
     /// Fires when the lock can no longer be guaranteed: no extension reached a majority before
-    /// the deadline, or a majority answered that the key is no longer ours. Race the guarded
-    /// work against it and stop when it fires.
+    /// the deadline, or a majority answered that the key is no longer ours (and, for the
+    /// [`status`](Self::status) handles that outlive the guard, when it is released). Race the
+    /// guarded work against it and stop when it fires.
     pub fn lost(&self) -> WaitForCancellationFutureOwned {
         self.shared.lost.clone().cancelled_owned()
     }
@@ -180,21 +181,25 @@ impl LockGuard {
     /// Releases the lock on every node in parallel now. Errors only if no node confirmed (the
     /// lock then expires by its TTL).
     pub async fn release(mut self) -> Result<(), LockError> {
+        let was_lost = self.is_lost();
         self.stop();
         let s = &self.shared;
         let released = s.client.release_everywhere(&s.lock_key, &s.token).await;
-        if released == 0 && !s.lost.is_cancelled() {
+        if released == 0 && !was_lost {
             return Err(LockError::Lost { key: s.key.clone() });
         }
         Ok(())
     }
 
+    /// Ends the guard's hold: the watchdog stops, and every [`LockDeadline`] handed out shows the
+    /// lock as no longer held (no validity, `lost` fired) — quietly, it was let go on purpose.
     fn stop(&mut self) {
         self.released = true;
         self.shared.gone.store(true, Ordering::Release);
         if let Some(watchdog) = self.watchdog.take() {
             watchdog.abort();
         }
+        mark_lost(&self.shared, "released");
     }
 }
 
@@ -210,7 +215,8 @@ impl Drop for LockGuard {
 
 /// The current deadline and lost signal of a held lock: what [`LockLayer`](crate::LockLayer)
 /// puts in the request extensions, beside the [`FencingToken`]. It follows the lock: after each
-/// extension it shows the new deadline, after a loss the moment of loss.
+/// extension it shows the new deadline, after a loss or a release the moment it ended (no
+/// validity left, `lost` fired).
 ///
 /// ```
 /// # async fn demo() -> Result<(), tower_redlock::LockError> {
@@ -250,12 +256,12 @@ impl LockDeadline {
         self.instant().saturating_duration_since(Instant::now())
     }
 
-    /// Whether the lock is known lost.
+    /// Whether the lock is known lost, or was released.
     pub fn is_lost(&self) -> bool {
         self.shared.lost.is_cancelled()
     }
 
-    /// Fires when the lock is lost (see [`LockGuard::lost`]).
+    /// Fires when the lock is lost or released (see [`LockGuard::lost`]).
     pub fn lost(&self) -> WaitForCancellationFutureOwned {
         self.shared.lost.clone().cancelled_owned()
     }
@@ -325,46 +331,50 @@ fn mark_lost(s: &Shared, why: &str) {
 }
 
 /// Extends a third of the TTL after each extension, retrying a missed round (with the configured
-/// jittered pause) while the lock is still valid. `lost` fires at the deadline if no round has
+/// jittered pause, never past the deadline) while the lock is still valid. `lost` fires at the
+/// deadline — as it stands then, so an extension made by hand meanwhile counts — if no round has
 /// reached a majority by then, or at once when a majority answers that the key is not ours.
 async fn watchdog(s: Arc<Shared>) {
     let config = &s.client.inner.config;
     let period = config.ttl / 3;
+    let mut pauses = s.client.retry_pauses(None);
     loop {
         let deadline = s.deadline();
+        let now = Instant::now();
+        if deadline <= now {
+            mark_lost(&s, "no extension reached a majority before the deadline");
+            return;
+        }
         let may_extend =
             config.auto_extend && config.max_extensions.is_none_or(|max| s.extensions.load(Ordering::Relaxed) < max);
         if !may_extend {
+            // The deadline may move (an extension by hand): look again when it passes.
             tokio::time::sleep_until(deadline).await;
-            if s.deadline() <= Instant::now() {
-                mark_lost(&s, "deadline passed");
-                return;
-            }
             continue;
         }
         // Due when a third of the TTL has passed since the last extension.
-        let due = deadline.checked_sub(config.ttl.saturating_sub(period)).unwrap_or(deadline).min(deadline);
-        tokio::time::sleep_until(due).await;
-        let retry = async {
-            let mut pauses = s.client.retry_pauses(None);
-            loop {
-                match try_extend(&s).await {
-                    Ok(_) => return Ok(()),
-                    Err(Miss::Refused) => return Err("a majority no longer holds the key"),
-                    Err(Miss::Unanswered { .. }) => {
-                        let pause = pauses.next().unwrap_or(config.retry_delay);
-                        tokio::time::sleep(pause).await;
-                    }
-                }
+        let due = deadline.checked_sub(config.ttl.saturating_sub(period)).unwrap_or(now);
+        if due > now {
+            tokio::time::sleep_until(due.min(deadline)).await;
+            continue;
+        }
+        let round = tokio::select! {
+            round = try_extend(&s) => Some(round),
+            () = tokio::time::sleep_until(deadline) => None,
+        };
+        match round {
+            Some(Ok(_)) => pauses = s.client.retry_pauses(None),
+            Some(Err(Miss::Refused)) => {
+                mark_lost(&s, "a majority no longer holds the key");
+                return;
             }
-        };
-        let outcome = tokio::select! {
-            outcome = retry => outcome,
-            () = tokio::time::sleep_until(s.deadline()) => Err("no extension reached a majority before the deadline"),
-        };
-        if let Err(why) = outcome {
-            mark_lost(&s, why);
-            return;
+            Some(Err(Miss::Unanswered { .. })) => {
+                let pause = pauses.next().unwrap_or(config.retry_delay);
+                tokio::time::sleep_until((Instant::now() + pause).min(s.deadline())).await;
+            }
+            // The deadline passed mid-round: the loop's first check decides with the deadline as
+            // it stands now.
+            None => {}
         }
     }
 }

@@ -42,14 +42,16 @@ where
 pub mod keys {
     use super::{HeaderName, LockKey, Request};
 
-    /// The `n`-th segment of the path (0-based): `PathSegment(1)` of `/inventory/sku-1/reserve`
-    /// is `sku-1`.
+    /// The `n`-th segment of the path (0-based), percent-decoded as routers decode path
+    /// parameters: `PathSegment(1)` of `/inventory/sku-1/reserve` (or `/inventory/sku%2D1/reserve`)
+    /// is `sku-1`. A segment that does not decode to UTF-8 gives no key (400).
     #[derive(Debug, Clone, Copy)]
     pub struct PathSegment(pub usize);
 
     impl<B> LockKey<Request<B>> for PathSegment {
         fn key(&self, req: &Request<B>) -> Option<String> {
-            req.uri().path().split('/').filter(|s| !s.is_empty()).nth(self.0).map(str::to_owned)
+            let segment = req.uri().path().split('/').filter(|s| !s.is_empty()).nth(self.0)?;
+            percent_encoding::percent_decode_str(segment).decode_utf8().ok().map(|s| s.into_owned())
         }
     }
 
@@ -482,7 +484,8 @@ where
                 StateProj::Calling { call, lost, guard } => {
                     // The call first: a handler that has finished keeps its answer.
                     if let Poll::Ready(result) = call.poll(cx) {
-                        let was_lost = guard.as_ref().is_some_and(LockGuard::is_lost);
+                        // Lost, or past its deadline although the watchdog has not said so yet.
+                        let was_lost = guard.as_ref().is_none_or(|g| g.is_lost() || g.validity().is_zero());
                         // Dropping the guard releases the lock in the background.
                         drop(guard.take());
                         this.state.set(State::Done);

@@ -113,8 +113,17 @@ impl Node {
     pub(crate) async fn release(&self, key: &str, token: &str) -> Result<bool, String> {
         match self {
             Node::Redis { con, .. } => {
-                let deleted: i64 =
-                    RELEASE.key(key).arg(token).invoke_async(&mut con.clone()).await.map_err(|e| e.to_string())?;
+                let release = || async { RELEASE.key(key).arg(token).invoke_async::<i64>(&mut con.clone()).await };
+                let deleted = match release().await {
+                    // A node restarted since our last command: the first one on the stale
+                    // connection fails and the manager reconnects. A release must not be lost to
+                    // that (the key would block others for its whole TTL): once more.
+                    Err(e) if e.is_connection_dropped() || e.is_io_error() || e.is_unrecoverable_error() => {
+                        release().await
+                    }
+                    other => other,
+                }
+                .map_err(|e| e.to_string())?;
                 Ok(deleted == 1)
             }
             Node::Memory(m) => Ok(m.release(key, token)),
