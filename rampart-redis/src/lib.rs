@@ -45,8 +45,8 @@ pub enum Redis {
 pub struct Tuning {
     /// Time allowed to open one connection.
     pub connect_timeout: Duration,
-    /// Time allowed for one answer (cluster only; a single server's commands are bounded by
-    /// their callers).
+    /// Time allowed for one answer. A blocking command (`XREADGROUP ... BLOCK`, `BLPOP`) needs
+    /// a connection whose response timeout is longer than its block time.
     pub response_timeout: Duration,
     /// First pause between reconnection attempts.
     pub min_delay: Duration,
@@ -117,6 +117,7 @@ impl Redis {
                 let mut info = (**info).clone();
                 let mut config = ConnectionManagerConfig::new()
                     .set_connection_timeout(Some(tuning.connect_timeout))
+                    .set_response_timeout(Some(tuning.response_timeout))
                     .set_min_delay(tuning.min_delay)
                     .set_max_delay(tuning.max_delay)
                     .set_number_of_retries(tuning.retries);

@@ -8,15 +8,25 @@ use std::{
 use redis::Value;
 use serde::{Serialize, de::DeserializeOwned};
 
-/// Stream entry fields: the seed's `Task` (id, type, payload) plus the enqueue time.
+/// Stream entry fields: the seed's `Task` (id, type, payload) plus the enqueue time, and for a
+/// retry the number of runs before it.
 pub(crate) const F_ID: &str = "id";
 pub(crate) const F_TYPE: &str = "type";
 pub(crate) const F_PAYLOAD: &str = "payload";
 pub(crate) const F_ENQUEUED: &str = "enqueued_at";
+pub(crate) const F_ATTEMPT: &str = "attempt";
+
+/// A new task id: 128 random bits in hex.
+pub(crate) fn new_task_id() -> String {
+    format!("{:032x}", rand::random::<u128>())
+}
 
 /// The fields of a new entry.
-pub(crate) fn fields<T: Serialize>(kind: &str, payload: &T) -> Result<[(&'static str, String); 4], serde_json::Error> {
-    let id = format!("{:032x}", rand::random::<u128>());
+pub(crate) fn fields<T: Serialize>(
+    id: String,
+    kind: &str,
+    payload: &T,
+) -> Result<[(&'static str, String); 4], serde_json::Error> {
     let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_millis();
     Ok([
         (F_ID, id),
@@ -26,12 +36,42 @@ pub(crate) fn fields<T: Serialize>(kind: &str, payload: &T) -> Result<[(&'static
     ])
 }
 
+/// A task waiting in the delayed set: the fields its stream entry will have, as a JSON object
+/// of strings (unique per task and attempt, so it is also the set member).
+pub(crate) fn delayed_member(fields: &[(&str, String)]) -> String {
+    let map: serde_json::Map<String, serde_json::Value> =
+        fields.iter().map(|(k, v)| ((*k).to_owned(), serde_json::Value::String(v.clone()))).collect();
+    serde_json::Value::Object(map).to_string()
+}
+
+/// The delayed-set member that runs this entry again: same task, one more attempt behind it.
+pub(crate) fn retry_member(map: &HashMap<String, Value>, attempts_done: u64) -> Result<String, Undecodable> {
+    let fields = [
+        (F_ID, text(map, F_ID)?),
+        (F_TYPE, text(map, F_TYPE)?),
+        (F_PAYLOAD, text(map, F_PAYLOAD)?),
+        (F_ENQUEUED, text(map, F_ENQUEUED)?),
+        (F_ATTEMPT, attempts_done.to_string()),
+    ];
+    Ok(delayed_member(&fields))
+}
+
+/// Runs of this task before this entry (0 for a first entry; retries carry it).
+pub(crate) fn attempts_before(map: &HashMap<String, Value>) -> u64 {
+    text(map, F_ATTEMPT).ok().and_then(|a| a.parse().ok()).unwrap_or(0)
+}
+
+/// The task id of an entry, if it has one.
+pub(crate) fn task_id(map: &HashMap<String, Value>) -> Option<String> {
+    text(map, F_ID).ok()
+}
+
 /// One delivery of a task to a handler.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Delivery<T> {
-    /// The stream entry id (`1700000000000-0`).
+    /// The stream entry id (`1700000000000-0`); a retry is a new entry with a new id.
     pub message_id: String,
-    /// The task id given by the producer.
+    /// The task id given by the producer; the same on every retry.
     pub task_id: String,
     /// The task type (the seed's `Type`).
     pub kind: String,
@@ -39,8 +79,9 @@ pub struct Delivery<T> {
     pub payload: T,
     /// When the producer enqueued it.
     pub enqueued_at: SystemTime,
-    /// How many times Redis has delivered this entry, this delivery included (from the
-    /// consumer group's pending list, never from re-adding the entry).
+    /// How many times this task has been delivered, this delivery included: the runs before
+    /// this entry (a retry is a new entry that carries that count) plus Redis' delivery count of
+    /// this entry (from the consumer group's pending list).
     pub deliveries: u64,
 }
 

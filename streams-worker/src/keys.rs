@@ -9,6 +9,16 @@ pub(crate) fn stats(stream: &str) -> String {
     format!("{stream}:stats")
 }
 
-pub(crate) fn done(stream: &str, group: &str, message_id: &str) -> String {
-    format!("{stream}:done:{group}:{message_id}")
+pub(crate) fn done(stream: &str, group: &str, task_id: &str) -> String {
+    format!("{stream}:done:{group}:{task_id}")
+}
+
+/// Tasks waiting for their time (delayed sends and retries), scored by when they are due.
+pub(crate) fn delayed(stream: &str) -> String {
+    format!("{stream}:delayed")
+}
+
+/// One task's status hash.
+pub(crate) fn status(stream: &str, task_id: &str) -> String {
+    format!("{stream}:status:{task_id}")
 }

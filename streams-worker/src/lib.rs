@@ -1,26 +1,46 @@
-//! A Redis Streams task queue: a [`Producer`] and a consumer-group [`Worker`] that drives any
-//! `tower::Service<Delivery<T>>`, so every tower layer — timeouts, Rampart's rate limiter and
-//! circuit breaker, locks — applies to background work too.
+//! A Redis Streams task queue: a [`Producer`] (now or delayed) and a consumer-group [`Worker`]
+//! that drives any `tower::Service<Delivery<T>>`, so every tower layer — timeouts, Rampart's rate
+//! limiter and circuit breaker, locks — applies to background work too.
 //!
 //! # Guarantees
 //!
-//! At-least-once without loss. An entry is acknowledged (`XACK`, batched and pipelined) only
-//! after its handler succeeded, or after it was copied to the dead-letter stream. Until then it
-//! stays in the group's pending list, where:
+//! **At-least-once, without loss.** An entry is acknowledged (`XACK`, batched) only after its
+//! handler succeeded, after it was scheduled again following a failure, or after it was copied to
+//! the dead-letter stream — each in one script with the step it completes. Until then it stays in
+//! the group's pending list. Zero loss across a Redis restart needs AOF with
+//! `appendfsync always` (with `everysec`, the last second of adds and acknowledgements can go).
 //!
-//! * a failed entry is retried by the same worker after a pause that doubles with its delivery
-//!   count ([`WorkerConfig::backoff`]); the count is Redis' (`XPENDING`), never a field re-added;
-//! * after [`WorkerConfig::max_deliveries`] it goes to `<stream>:dead` with the error, the
-//!   original id and the delivery count, then is acknowledged; an undecodable entry goes there at
-//!   once — nothing is dropped silently;
-//! * entries idle for [`WorkerConfig::claim_idle`] in any consumer (one that crashed) are taken
-//!   over with `XAUTOCLAIM`; a long-running handler keeps its entries by refreshing their idle time
-//!   (`XCLAIM ... JUSTID` to itself) every `claim_idle / 3`;
-//! * on start a worker first re-delivers its own pending entries.
+//! **Never one task on two live workers at once.** Every entry a worker owns — fetched, running,
+//! or finished and waiting for its acknowledgement — is kept by a heartbeat task of its own,
+//! independent of permits and of the fetch loop, every `claim_idle / 3`: one script resets the
+//! idle time of each entry *this consumer still owns* (`XCLAIM ... JUSTID`, no delivery counted)
+//! and never takes back one another consumer holds. So only a worker that stopped for
+//! [`WorkerConfig::claim_idle`] (crashed, frozen, cut off from Redis) loses its entries, which
+//! others then take over with `XAUTOCLAIM`. If that worker comes back, the heartbeat tells it:
+//! the handler is stopped, and whatever it finishes is neither acknowledged nor counted there
+//! (every acknowledgement checks ownership).
 //!
-//! Duplicates are possible (a crash after the handler, before the ack): make handlers idempotent,
-//! or turn on [`WorkerConfig::idempotency_ttl`] — a processed marker per entry (`SET NX EX`) that
-//! makes a redelivered, completed entry acknowledged without a second run.
+//! **Nothing stuck, nothing looping.** A handler error or panic is a failure. A failed entry is
+//! acknowledged and scheduled again after a pause that doubles with each delivery
+//! ([`WorkerConfig::backoff`]), as a new entry of the same task carrying the count so far. After
+//! [`WorkerConfig::max_deliveries`] it goes to `<stream>:dead` (bounded) with the error. The count
+//! is checked before each run too: an entry delivered more often than that without a result (its
+//! handler crashed or hung its worker each time) is dead-lettered without running again. An
+//! undecodable entry is dead-lettered at once. If the group disappears (`NOGROUP`: the stream was
+//! deleted, or Redis restarted without persistence) it is created again, with a warning.
+//!
+//! Duplicates are possible when a worker dies after its handler finished and before the
+//! acknowledgement: make handlers idempotent, or turn on [`WorkerConfig::idempotency_ttl`] — a
+//! processed marker per entry that makes a redelivered, completed entry acknowledged without a
+//! second run.
+//!
+//! **Delayed tasks.** [`Producer::send_in`] and [`Producer::send_at`] put a task in a sorted set
+//! scored by when it is due (Redis server time); workers move due tasks into the stream with one
+//! atomic script, so a task is added once whichever worker gets there first. Retries wait there
+//! too.
+//!
+//! **Dead letters** are listed, put back and deleted with [`DeadLetters`]; with
+//! [`WorkerConfig::status_ttl`] a task's state is kept by id ([`task_status`]).
 //!
 //! **Backpressure.** The worker reads at most as many entries as it has free concurrency permits
 //! *and* ready handlers (`poll_ready`): nothing is fetched that cannot start now. Layers that say
@@ -29,13 +49,21 @@
 //! make the call fail, and the entry is retried after its backoff.
 //!
 //! **Failures of Redis** never end the worker: reads, acks and scans wait and retry with a capped
-//! backoff; `ConnectionManager` reconnects. **Shutdown** (the cancellation token) stops reading,
-//! lets in-flight calls finish up to [`WorkerConfig::shutdown_deadline`], flushes acks; what did
-//! not finish stays pending for others.
+//! backoff, and connections reconnect by themselves (the blocking read's response timeout is a
+//! second longer than its `BLOCK`). **Shutdown** (the cancellation token) stops reading, lets
+//! in-flight calls finish up to [`WorkerConfig::shutdown_deadline`], flushes acknowledgements, and
+//! makes what it did not finish claimable by other workers at once.
 //!
-//! Redis ≥ 7.0 (Debian's); the newer `XREADGROUP ... CLAIM` and `XACKDEL` are not used.
-//! On a Redis Cluster name the stream with a hash tag (`{tasks}`): its dead-letter, stats and
-//! idempotency keys keep the tag and land in the same slot.
+//! **Trimming.** Workers trim acknowledged entries every [`WorkerConfig::trim_every`], never
+//! below the oldest entry any group still has pending or has not read yet (`XTRIM MINID`).
+//!
+//! Redis ≥ 7.0 (Debian's). On a Redis Cluster name the stream with a hash tag (`{tasks}`): its
+//! dead-letter, delayed, stats, status and idempotency keys keep the tag and land in one slot.
+//!
+//! **How it is tested.** Besides the unit and fault tests, `tests/model.rs` runs a seeded fault
+//! run — workers in separate runtimes and a separate OS process that is SIGKILLed and started
+//! again, random handler durations (some longer than `claim_idle`), failures, panics, and a Redis
+//! restart with AOF — and checks a log of every handler run kept outside the workers.
 //!
 //! # Example
 //!
@@ -62,16 +90,28 @@
 //! # Ok(()) }
 //! ```
 
+mod acker;
+mod config;
+mod ctx;
+mod dead;
 mod envelope;
 mod error;
+mod handle;
+mod heartbeat;
 mod keys;
 mod producer;
+mod scheduler;
+mod scripts;
 mod stats;
+mod status;
 mod worker;
 
+pub use config::WorkerConfig;
+pub use dead::{DeadLetter, DeadLetters};
 pub use envelope::{Delivery, Undecodable};
 pub use error::{BoxError, QueueError};
 pub use producer::Producer;
 pub use rampart_redis::{Conn, Redis};
 pub use stats::{LocalStats, Stats, stats};
-pub use worker::{Worker, WorkerConfig};
+pub use status::{TaskStatus, task_status};
+pub use worker::Worker;

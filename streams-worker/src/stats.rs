@@ -17,10 +17,12 @@ pub struct Stats {
     pub enqueued: u64,
     /// Deliveries handled successfully (and acknowledged).
     pub processed: u64,
-    /// Deliveries whose handler failed.
+    /// Deliveries whose handler failed (an error or a panic).
     pub failed: u64,
     /// Deliveries that were retries (delivery count above one).
     pub retried: u64,
+    /// Dead letters put back on the stream.
+    pub requeued: u64,
     /// Entries moved to the dead-letter stream.
     pub dead_lettered: u64,
     /// Entries taken over from idle (crashed or stuck) consumers.
@@ -44,6 +46,7 @@ pub async fn stats(con: &mut Conn, stream: &str, group: &str) -> Result<Stats, Q
         processed: group_field("processed"),
         failed: group_field("failed"),
         retried: group_field("retried"),
+        requeued: get("requeued"),
         dead_lettered: group_field("dead_lettered"),
         reclaimed: group_field("reclaimed"),
         pending: info.as_ref().map_or(0, |g| g.pending as u64),
@@ -60,6 +63,7 @@ pub(crate) struct Counters {
     pub(crate) dead_lettered: AtomicU64,
     pub(crate) reclaimed: AtomicU64,
     pub(crate) duplicates_skipped: AtomicU64,
+    pub(crate) lost: AtomicU64,
     pub(crate) in_flight: AtomicU64,
 }
 
@@ -78,7 +82,10 @@ pub struct LocalStats {
     pub reclaimed: u64,
     /// Redeliveries acknowledged without running the handler (idempotency marker found).
     pub duplicates_skipped: u64,
-    /// Handler calls running now.
+    /// Entries another consumer took over while this worker had them (its run was stopped, or
+    /// its result not acknowledged here): after a pause longer than `claim_idle`.
+    pub lost: u64,
+    /// Entries owned now: running, or finished and waiting for their acknowledgement.
     pub in_flight: u64,
 }
 
@@ -92,6 +99,7 @@ impl Counters {
             dead_lettered: get(&self.dead_lettered),
             reclaimed: get(&self.reclaimed),
             duplicates_skipped: get(&self.duplicates_skipped),
+            lost: get(&self.lost),
             in_flight: get(&self.in_flight),
         }
     }

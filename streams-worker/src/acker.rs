@@ -1,0 +1,144 @@
+//! The acker: acknowledges finished entries in batches, one script per round trip, only where
+//! this consumer still owns them; an entry stays owned (and kept by the heartbeat) until its
+//! acknowledgement is written.
+
+use std::{collections::HashMap, sync::Arc, sync::atomic::Ordering, time::Duration};
+
+use tokio::sync::{OwnedSemaphorePermit, mpsc};
+
+use crate::{ctx::Ctx, scripts};
+
+/// What the acker writes. A finished entry carries its concurrency permit: it is freed once the
+/// acknowledgement is written, so a worker never holds more finished-but-unacknowledged entries
+/// than it has permits.
+pub(crate) enum Ack {
+    /// Acknowledge this entry; it was processed (counted, status `done`).
+    Processed { id: String, task: String, attempt: u64, _permit: OwnedSemaphorePermit },
+    /// Acknowledge without counting (a duplicate skipped by the idempotency marker).
+    Skipped { id: String, task: String, attempt: u64, _permit: OwnedSemaphorePermit },
+    /// Count a stats field.
+    Count(&'static str),
+    /// Record that a task started running (status `running`, attempt n).
+    Running { task: String, attempt: u64 },
+}
+
+/// Writes everything that finished since the last round trip; keeps what failed and tries
+/// again, so a Redis blip loses no acknowledgement. Ends when every sender is gone and the
+/// backlog is written (or, with Redis still down, after a last try).
+pub(crate) async fn acker(ctx: Arc<Ctx>, mut rx: mpsc::UnboundedReceiver<Ack>) {
+    let mut backlog: Vec<Ack> = Vec::new();
+    loop {
+        if backlog.is_empty() {
+            match rx.recv().await {
+                Some(op) => backlog.push(op),
+                None => return,
+            }
+        }
+        while backlog.len() < 512 {
+            match rx.try_recv() {
+                Ok(op) => backlog.push(op),
+                Err(_) => break,
+            }
+        }
+        match write(&ctx, &backlog).await {
+            Ok(acked) => {
+                for op in backlog.drain(..) {
+                    match op {
+                        Ack::Processed { id, .. } => {
+                            if acked.contains(&id) {
+                                ctx.counters.processed.fetch_add(1, Ordering::Relaxed);
+                                ctx.metrics.processed.increment(1);
+                            } else {
+                                lost(&ctx, &id);
+                            }
+                            ctx.disown(&id);
+                        }
+                        Ack::Skipped { id, .. } => ctx.disown(&id),
+                        Ack::Count(_) | Ack::Running { .. } => {}
+                    }
+                }
+            }
+            Err(error) if crate::ctx::is_nogroup(&error) => {
+                // The group is gone, and with it what we owned: nothing left to acknowledge.
+                ctx.recreate_group().await;
+                for op in backlog.drain(..) {
+                    if let Ack::Processed { id, .. } | Ack::Skipped { id, .. } = op {
+                        ctx.disown(&id);
+                    }
+                }
+            }
+            Err(error) => {
+                tracing::warn!(%error, pending = backlog.len(), "acknowledgements failed; retrying");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                if rx.is_closed() && rx.is_empty() && write(&ctx, &backlog).await.is_err() {
+                    // Shutting down with Redis away: the entries stay pending and are handed on.
+                    for op in backlog.drain(..) {
+                        if let Ack::Processed { id, .. } | Ack::Skipped { id, .. } = op {
+                            ctx.disown(&id);
+                        }
+                    }
+                    return;
+                }
+            }
+        }
+    }
+}
+
+fn lost(ctx: &Ctx, id: &str) {
+    ctx.counters.lost.fetch_add(1, Ordering::Relaxed);
+    ctx.metrics.lost.increment(1);
+    tracing::warn!(%id, "finished an entry another consumer had taken over; not acknowledged or counted here");
+}
+
+/// One round trip: the ack script for the finished entries and counters, and the `running`
+/// statuses (when kept) in the same pipeline. Returns the ids acknowledged.
+async fn write(ctx: &Ctx, ops: &[Ack]) -> Result<Vec<String>, redis::RedisError> {
+    let status_ttl = ctx.status_ttl_ms();
+    let mut finished: Vec<(&str, &str, &str, u64)> = Vec::new();
+    let mut counts: HashMap<&'static str, u64> = HashMap::new();
+    let mut pipe = redis::pipe();
+    let mut statuses = false;
+    for op in ops {
+        match op {
+            Ack::Processed { id, task, attempt, .. } => finished.push((id, task, "p", *attempt)),
+            Ack::Skipped { id, task, attempt, .. } => finished.push((id, task, "s", *attempt)),
+            Ack::Count(field) => *counts.entry(field).or_default() += 1,
+            Ack::Running { task, attempt } => {
+                if let Some(key) = ctx.status_key(task) {
+                    statuses = true;
+                    pipe.cmd("HSET")
+                        .arg(&key)
+                        .arg("state")
+                        .arg("running")
+                        .arg("attempt")
+                        .arg(*attempt)
+                        .arg("error")
+                        .arg("")
+                        .ignore();
+                    pipe.cmd("PEXPIRE").arg(&key).arg(status_ttl).ignore();
+                }
+            }
+        }
+    }
+    if statuses {
+        pipe.query_async::<()>(&mut ctx.con()).await?;
+    }
+    if finished.is_empty() && counts.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut invocation = scripts::ACK.key(&*ctx.stream);
+    invocation.key(&ctx.stats);
+    if status_ttl > 0 {
+        for (_, task, _, _) in &finished {
+            invocation.key(crate::keys::status(&ctx.stream, task));
+        }
+    }
+    invocation.arg(&*ctx.group).arg(&*ctx.consumer).arg(status_ttl).arg(finished.len());
+    for (id, _, kind, attempt) in &finished {
+        invocation.arg(*id).arg(*kind).arg(*attempt);
+    }
+    for (field, n) in &counts {
+        invocation.arg(*field).arg(*n);
+    }
+    invocation.invoke_async(&mut ctx.con()).await
+}

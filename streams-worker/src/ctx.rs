@@ -1,0 +1,384 @@
+//! What a running worker's tasks share: names, connection, counters, the entries it owns, and
+//! the Redis steps each of them takes.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex, PoisonError, atomic::Ordering},
+    time::Duration,
+};
+
+use redis::{Value, streams::StreamReadReply};
+use tokio_util::sync::CancellationToken;
+
+use crate::{Conn, WorkerConfig, envelope::raw_fields, keys, scripts, stats::Counters};
+
+/// One entry handed to this worker: its id, fields and Redis' delivery count of it.
+#[derive(Debug)]
+pub(crate) struct Fetched {
+    pub(crate) id: String,
+    pub(crate) fields: HashMap<String, Value>,
+    pub(crate) times: u64,
+}
+
+pub(crate) struct Ctx {
+    con: Conn,
+    pub(crate) stream: Arc<str>,
+    pub(crate) group: Arc<str>,
+    pub(crate) consumer: Arc<str>,
+    pub(crate) dead_letter: String,
+    pub(crate) stats: String,
+    pub(crate) delayed: String,
+    pub(crate) config: Arc<WorkerConfig>,
+    pub(crate) counters: Arc<Counters>,
+    /// The entries this worker owns and has not acknowledged: fetched, running, or waiting for
+    /// their acknowledgement. The heartbeat keeps them; cancelling a token stops its handler.
+    owned: Mutex<HashMap<String, CancellationToken>>,
+    pub(crate) metrics: Metrics,
+}
+
+pub(crate) struct Metrics {
+    pub(crate) processed: metrics::Counter,
+    pub(crate) failed: metrics::Counter,
+    pub(crate) retried: metrics::Counter,
+    pub(crate) dead_lettered: metrics::Counter,
+    pub(crate) reclaimed: metrics::Counter,
+    pub(crate) lost: metrics::Counter,
+    pub(crate) in_flight: metrics::Gauge,
+    pub(crate) pending: metrics::Gauge,
+    pub(crate) lag: metrics::Gauge,
+    pub(crate) handler_seconds: metrics::Histogram,
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// Whether the error says the consumer group (or its stream) does not exist.
+pub(crate) fn is_nogroup(error: &redis::RedisError) -> bool {
+    error.code() == Some("NOGROUP") || error.to_string().contains("NOGROUP")
+}
+
+impl Ctx {
+    pub(crate) fn new(
+        con: Conn,
+        stream: Arc<str>,
+        group: Arc<str>,
+        consumer: Arc<str>,
+        config: Arc<WorkerConfig>,
+        counters: Arc<Counters>,
+    ) -> Self {
+        let labels = [("stream", stream.to_string()), ("group", group.to_string())];
+        Self {
+            con,
+            dead_letter: config.dead_letter.clone().unwrap_or_else(|| keys::dead_letter(&stream)),
+            stats: keys::stats(&stream),
+            delayed: keys::delayed(&stream),
+            stream,
+            group,
+            consumer,
+            config,
+            counters,
+            owned: Mutex::new(HashMap::new()),
+            metrics: Metrics {
+                processed: metrics::counter!("rampart_worker_processed_total", &labels),
+                failed: metrics::counter!("rampart_worker_failed_total", &labels),
+                retried: metrics::counter!("rampart_worker_retried_total", &labels),
+                dead_lettered: metrics::counter!("rampart_worker_dead_lettered_total", &labels),
+                reclaimed: metrics::counter!("rampart_worker_reclaimed_total", &labels),
+                lost: metrics::counter!("rampart_worker_lost_total", &labels),
+                in_flight: metrics::gauge!("rampart_worker_in_flight", &labels),
+                pending: metrics::gauge!("rampart_worker_pending", &labels),
+                lag: metrics::gauge!("rampart_worker_lag", &labels),
+                handler_seconds: metrics::histogram!("rampart_worker_handler_seconds", &labels),
+            },
+        }
+    }
+
+    pub(crate) fn con(&self) -> Conn {
+        self.con.clone()
+    }
+
+    pub(crate) fn status_ttl_ms(&self) -> u64 {
+        self.config.status_ttl.map_or(0, millis)
+    }
+
+    pub(crate) fn status_key(&self, task_id: &str) -> Option<String> {
+        self.config.status_ttl.map(|_| keys::status(&self.stream, task_id))
+    }
+
+    /// Takes ownership of a fetched entry; its handler stops when the token is cancelled.
+    pub(crate) fn own(&self, id: &str) -> CancellationToken {
+        let token = CancellationToken::new();
+        self.owned.lock().unwrap_or_else(PoisonError::into_inner).insert(id.to_owned(), token.clone());
+        self.counters.in_flight.fetch_add(1, Ordering::Relaxed);
+        self.metrics.in_flight.increment(1.0);
+        token
+    }
+
+    /// Lets go of an entry: acknowledged, handed on, or no longer ours.
+    pub(crate) fn disown(&self, id: &str) {
+        if self.owned.lock().unwrap_or_else(PoisonError::into_inner).remove(id).is_some() {
+            self.counters.in_flight.fetch_sub(1, Ordering::Relaxed);
+            self.metrics.in_flight.decrement(1.0);
+        }
+    }
+
+    pub(crate) fn owned_ids(&self) -> Vec<String> {
+        self.owned.lock().unwrap_or_else(PoisonError::into_inner).keys().cloned().collect()
+    }
+
+    pub(crate) fn is_owned(&self, id: &str) -> bool {
+        self.owned.lock().unwrap_or_else(PoisonError::into_inner).contains_key(id)
+    }
+
+    /// Stops the handlers of entries another consumer holds now.
+    pub(crate) fn taken_away(&self, ids: &[String]) {
+        let owned = self.owned.lock().unwrap_or_else(PoisonError::into_inner);
+        for id in ids {
+            if let Some(token) = owned.get(id) {
+                token.cancel();
+            }
+        }
+    }
+
+    /// `XGROUP CREATE ... MKSTREAM`; an existing group (`BUSYGROUP`) is success.
+    pub(crate) async fn ensure_group(&self) -> Result<(), redis::RedisError> {
+        let created: Result<(), redis::RedisError> = redis::cmd("XGROUP")
+            .arg("CREATE")
+            .arg(&*self.stream)
+            .arg(&*self.group)
+            .arg("0")
+            .arg("MKSTREAM")
+            .query_async(&mut self.con())
+            .await;
+        match created {
+            Err(e) if e.code() != Some("BUSYGROUP") => Err(e),
+            _ => Ok(()),
+        }
+    }
+
+    /// After `NOGROUP`: the stream was deleted or Redis lost its data. Create the group again
+    /// (from the start of whatever the stream holds now), loudly.
+    pub(crate) async fn recreate_group(&self) {
+        tracing::warn!(
+            stream = %self.stream,
+            group = %self.group,
+            "the consumer group is gone (stream deleted, or Redis restarted without persistence); creating it again"
+        );
+        if let Err(error) = self.ensure_group().await {
+            tracing::warn!(%error, "could not create the consumer group again; will retry");
+        }
+    }
+
+    /// New entries for this consumer, blocking up to `block`.
+    pub(crate) async fn read_new(
+        &self,
+        con: &mut Conn,
+        want: usize,
+        block: Duration,
+    ) -> Result<Vec<Fetched>, redis::RedisError> {
+        let reply: Option<StreamReadReply> = redis::cmd("XREADGROUP")
+            .arg("GROUP")
+            .arg(&*self.group)
+            .arg(&*self.consumer)
+            .arg("COUNT")
+            .arg(want)
+            .arg("BLOCK")
+            .arg(millis(block).max(1))
+            .arg("STREAMS")
+            .arg(&*self.stream)
+            .arg(">")
+            .query_async(con)
+            .await?;
+        Ok(reply
+            .into_iter()
+            .flat_map(|r| r.keys)
+            .flat_map(|k| k.ids)
+            .map(|e| Fetched { id: e.id, fields: e.map, times: 1 })
+            .collect())
+    }
+
+    /// Entries idle past `claim_idle` in any consumer (a dead one), or with `own` this
+    /// consumer's own pending entries, taken over with their delivery counts.
+    pub(crate) async fn claim(
+        &self,
+        want: usize,
+        own: bool,
+        cursor: &mut String,
+    ) -> Result<Vec<Fetched>, redis::RedisError> {
+        let mut invocation = scripts::CLAIM.key(&*self.stream);
+        invocation.arg(&*self.group).arg(&*self.consumer).arg(want);
+        if own {
+            invocation.arg("own");
+        } else {
+            invocation.arg("idle").arg(millis(self.config.claim_idle)).arg(cursor.as_str());
+        }
+        let reply: Value = invocation.invoke_async(&mut self.con()).await?;
+        let (next, entries) = parse_claimed(reply).ok_or_else(|| {
+            redis::RedisError::from((redis::ErrorKind::Parse, "unexpected reply of the claim script"))
+        })?;
+        if !own {
+            *cursor = next;
+        }
+        let entries: Vec<Fetched> = entries.into_iter().filter(|e| !self.is_owned(&e.id)).collect();
+        if !entries.is_empty() && !own {
+            let n = entries.len() as u64;
+            self.counters.reclaimed.fetch_add(n, Ordering::Relaxed);
+            self.metrics.reclaimed.increment(n);
+            let _: Result<(), _> = redis::cmd("HINCRBY")
+                .arg(&self.stats)
+                .arg(format!("{}:reclaimed", self.group))
+                .arg(n)
+                .query_async(&mut self.con())
+                .await;
+            tracing::info!(count = n, "took over entries from idle consumers");
+        }
+        Ok(entries)
+    }
+
+    /// Refreshes every owned entry; stops the handlers of the ones no longer ours.
+    pub(crate) async fn heartbeat(&self) -> Result<(), redis::RedisError> {
+        let ids = self.owned_ids();
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let mut invocation = scripts::HEARTBEAT.key(&*self.stream);
+        invocation.arg(&*self.group).arg(&*self.consumer);
+        for id in &ids {
+            invocation.arg(id);
+        }
+        let lost: Vec<String> = invocation.invoke_async(&mut self.con()).await?;
+        if !lost.is_empty() {
+            tracing::warn!(count = lost.len(), "entries were taken over by another consumer; stopping their handlers");
+            self.taken_away(&lost);
+        }
+        Ok(())
+    }
+
+    /// Acknowledged and scheduled again after `delay`, if still ours.
+    pub(crate) async fn retry(
+        &self,
+        entry: &Fetched,
+        member: &str,
+        delay: Duration,
+        attempt: u64,
+        error: &str,
+    ) -> Result<bool, redis::RedisError> {
+        let task = crate::envelope::task_id(&entry.fields).unwrap_or_default();
+        let mut invocation = scripts::RETRY.key(&*self.stream);
+        invocation.key(&self.delayed).key(&self.stats);
+        if let Some(status) = self.status_key(&task) {
+            invocation.key(status);
+        }
+        invocation
+            .arg(&*self.group)
+            .arg(&*self.consumer)
+            .arg(&entry.id)
+            .arg(millis(delay))
+            .arg(member)
+            .arg(self.status_ttl_ms())
+            .arg(attempt)
+            .arg(error);
+        let scheduled: i64 = invocation.invoke_async(&mut self.con()).await?;
+        Ok(scheduled == 1)
+    }
+
+    /// To the dead-letter stream with `reason`, acknowledged, if still ours.
+    pub(crate) async fn dead_letter(
+        &self,
+        entry: &Fetched,
+        reason: &str,
+        deliveries: u64,
+        failed_run: bool,
+    ) -> Result<bool, redis::RedisError> {
+        let task = crate::envelope::task_id(&entry.fields).unwrap_or_default();
+        let mut invocation = scripts::DEAD.key(&*self.stream);
+        invocation.key(&self.dead_letter).key(&self.stats);
+        if let Some(status) = self.status_key(&task) {
+            invocation.key(status);
+        }
+        invocation
+            .arg(&*self.group)
+            .arg(&*self.consumer)
+            .arg(&entry.id)
+            .arg(self.config.dead_letter_max)
+            .arg(self.status_ttl_ms())
+            .arg(if failed_run { "1" } else { "0" })
+            .arg(reason);
+        for (field, value) in raw_fields(&entry.fields) {
+            invocation.arg(field).arg(value);
+        }
+        invocation
+            .arg("error")
+            .arg(reason)
+            .arg("original_id")
+            .arg(&entry.id)
+            .arg("deliveries")
+            .arg(deliveries)
+            .arg("group")
+            .arg(&*self.group)
+            .arg("consumer")
+            .arg(&*self.consumer);
+        let moved: i64 = invocation.invoke_async(&mut self.con()).await?;
+        if moved == 1 {
+            self.counters.dead_lettered.fetch_add(1, Ordering::Relaxed);
+            self.metrics.dead_lettered.increment(1);
+            tracing::warn!(id = %entry.id, deliveries, reason, "moved to the dead-letter stream");
+        }
+        Ok(moved == 1)
+    }
+
+    /// Hands this consumer's unfinished entries to others at once (shutdown).
+    pub(crate) async fn release(&self) -> Result<u64, redis::RedisError> {
+        scripts::RELEASE
+            .key(&*self.stream)
+            .arg(&*self.group)
+            .arg(&*self.consumer)
+            .arg(millis(self.config.claim_idle) + 1)
+            .invoke_async(&mut self.con())
+            .await
+    }
+
+    pub(crate) async fn update_gauges(&self) {
+        if let Ok(stats) = crate::stats::stats(&mut self.con(), &self.stream, &self.group).await {
+            self.metrics.pending.set(stats.pending as f64);
+            if let Some(lag) = stats.lag {
+                self.metrics.lag.set(lag as f64);
+            }
+        }
+    }
+}
+
+fn text(value: &Value) -> Option<String> {
+    match value {
+        Value::BulkString(bytes) => String::from_utf8(bytes.clone()).ok(),
+        Value::SimpleString(s) => Some(s.clone()),
+        Value::Int(n) => Some(n.to_string()),
+        _ => None,
+    }
+}
+
+/// `{cursor, {{id, {field, value, ...}, deliveries}, ...}}` from the claim script.
+fn parse_claimed(reply: Value) -> Option<(String, Vec<Fetched>)> {
+    let Value::Array(mut parts) = reply else { return None };
+    let entries = parts.pop()?;
+    let cursor = text(parts.first()?)?;
+    let Value::Array(entries) = entries else { return None };
+    let mut out = Vec::with_capacity(entries.len());
+    for entry in entries {
+        let Value::Array(entry) = entry else { return None };
+        let [id, fields, times] = <[Value; 3]>::try_from(entry).ok()?;
+        let Value::Array(fields) = fields else { return None };
+        let mut map = HashMap::with_capacity(fields.len() / 2);
+        let mut it = fields.into_iter();
+        while let (Some(name), Some(value)) = (it.next(), it.next()) {
+            map.insert(text(&name)?, value);
+        }
+        let times = match times {
+            Value::Int(n) => u64::try_from(n).unwrap_or(1),
+            other => text(&other)?.parse().ok()?,
+        };
+        out.push(Fetched { id: text(&id)?, fields: map, times });
+    }
+    Some((cursor, out))
+}

@@ -1,0 +1,174 @@
+//! One entry's way through a worker: decoded, counted, run (a panic is a failure), then
+//! acknowledged, scheduled again after its backoff, or dead-lettered — each step only while the
+//! entry is still this worker's, and the entry stays owned until that step is written.
+
+use std::{
+    panic::AssertUnwindSafe,
+    sync::{Arc, atomic::Ordering},
+};
+
+use futures_util::FutureExt;
+use serde::de::DeserializeOwned;
+use tokio::{sync::OwnedSemaphorePermit, sync::mpsc, time::Instant};
+use tokio_util::sync::CancellationToken;
+use tower::Service;
+
+use crate::{
+    acker::Ack,
+    ctx::{Ctx, Fetched},
+    envelope::{Delivery, attempts_before, decode, retry_member, task_id},
+    error::BoxError,
+    keys,
+};
+
+/// How a handler run ended.
+enum Outcome {
+    Succeeded,
+    Failed(String),
+    /// The entry was taken over by another consumer while it ran: the run was stopped.
+    TakenAway,
+}
+
+pub(crate) async fn handle<T, S>(
+    ctx: Arc<Ctx>,
+    entry: Fetched,
+    svc: S,
+    permit: OwnedSemaphorePermit,
+    cancel: CancellationToken,
+    acks: mpsc::UnboundedSender<Ack>,
+) where
+    T: DeserializeOwned + Send + 'static,
+    S: Service<Delivery<T>> + Send,
+    S::Error: Into<BoxError>,
+    S::Future: Send,
+{
+    let attempt = attempts_before(&entry.fields) + entry.times;
+    let task = task_id(&entry.fields).unwrap_or_default();
+    let delivery = match decode::<T>(&entry.id, &entry.fields, attempt) {
+        Ok(delivery) => delivery,
+        Err(undecodable) => {
+            // Poison: never run, never dropped silently.
+            finish_dead(&ctx, &entry, &undecodable.to_string(), attempt, false).await;
+            return;
+        }
+    };
+    if attempt > ctx.config.max_deliveries {
+        // Delivered this often without a result: its handler crashed or hung its worker each
+        // time. Not run again.
+        let reason = format!(
+            "delivered {attempt} times (max_deliveries {}) without a result: its worker died or lost it each time",
+            ctx.config.max_deliveries
+        );
+        finish_dead(&ctx, &entry, &reason, attempt, false).await;
+        return;
+    }
+    // Per task, not per entry: a retry is a new entry of the same task.
+    let marker = ctx.config.idempotency_ttl.map(|ttl| (keys::done(&ctx.stream, &ctx.group, &task), ttl));
+    if let Some((key, _)) = &marker {
+        let done: Result<bool, _> = redis::cmd("EXISTS").arg(key).query_async(&mut ctx.con()).await;
+        if done.unwrap_or(false) {
+            ctx.counters.duplicates_skipped.fetch_add(1, Ordering::Relaxed);
+            let _ = acks.send(Ack::Skipped { id: entry.id, task, attempt, _permit: permit });
+            return;
+        }
+    }
+    if attempt > 1 {
+        ctx.counters.retried.fetch_add(1, Ordering::Relaxed);
+        ctx.metrics.retried.increment(1);
+        let _ = acks.send(Ack::Count("retried"));
+    }
+    if ctx.config.status_ttl.is_some() {
+        let _ = acks.send(Ack::Running { task: task.clone(), attempt });
+    }
+
+    let started = Instant::now();
+    let outcome = run(svc, delivery, &cancel).await;
+    ctx.metrics.handler_seconds.record(started.elapsed().as_secs_f64());
+    match outcome {
+        Outcome::Succeeded => {
+            if let Some((key, ttl)) = &marker {
+                let _: Result<(), _> = redis::cmd("SET")
+                    .arg(key)
+                    .arg(1)
+                    .arg("NX")
+                    .arg("EX")
+                    .arg(ttl.as_secs().max(1))
+                    .query_async(&mut ctx.con())
+                    .await;
+            }
+            // Still owned until the acker has written the acknowledgement.
+            let _ = acks.send(Ack::Processed { id: entry.id, task, attempt, _permit: permit });
+        }
+        Outcome::TakenAway => {
+            ctx.counters.lost.fetch_add(1, Ordering::Relaxed);
+            ctx.metrics.lost.increment(1);
+            tracing::warn!(id = %entry.id, "entry taken over by another consumer: its run here was stopped");
+            ctx.disown(&entry.id);
+        }
+        Outcome::Failed(error) => {
+            ctx.counters.failed.fetch_add(1, Ordering::Relaxed);
+            ctx.metrics.failed.increment(1);
+            if attempt >= ctx.config.max_deliveries {
+                finish_dead(&ctx, &entry, &error, attempt, true).await;
+            } else {
+                finish_retry(&ctx, &entry, attempt, &error).await;
+            }
+            drop(permit);
+        }
+    }
+}
+
+/// Runs the handler; a panic is a failure, and a cancelled `cancel` stops it.
+async fn run<T, S>(mut svc: S, delivery: Delivery<T>, cancel: &CancellationToken) -> Outcome
+where
+    S: Service<Delivery<T>>,
+    S::Error: Into<BoxError>,
+{
+    // Only a string or nothing crosses the awaits: the handler's types need not be Send.
+    let call = AssertUnwindSafe(async move { svc.call(delivery).await.map(drop).map_err(|e| e.into().to_string()) })
+        .catch_unwind();
+    tokio::select! {
+        result = call => match result {
+            Ok(Ok(())) => Outcome::Succeeded,
+            Ok(Err(error)) => Outcome::Failed(error),
+            Err(panic) => Outcome::Failed(format!("handler panicked: {}", panic_message(panic.as_ref()))),
+        },
+        () = cancel.cancelled() => Outcome::TakenAway,
+    }
+}
+
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
+    if let Some(s) = panic.downcast_ref::<&str>() {
+        (*s).to_owned()
+    } else if let Some(s) = panic.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "(no message)".to_owned()
+    }
+}
+
+/// Scheduled again after its backoff, as a new entry carrying the attempts so far.
+async fn finish_retry(ctx: &Ctx, entry: &Fetched, attempt: u64, error: &str) {
+    let member = match retry_member(&entry.fields, attempt) {
+        Ok(member) => member,
+        Err(undecodable) => return finish_dead(ctx, entry, &undecodable.to_string(), attempt, true).await,
+    };
+    let delay = ctx.config.backoff(attempt);
+    match ctx.retry(entry, &member, delay, attempt, error).await {
+        Ok(true) => {
+            tracing::debug!(id = %entry.id, attempt, error, retry_in = ?delay, "handler failed; scheduled again")
+        }
+        Ok(false) => tracing::warn!(id = %entry.id, "failed entry was taken over by another consumer; left to it"),
+        Err(e) => tracing::warn!(error = %e, id = %entry.id, "could not schedule the retry; the entry stays pending"),
+    }
+    ctx.disown(&entry.id);
+}
+
+async fn finish_dead(ctx: &Ctx, entry: &Fetched, reason: &str, attempt: u64, failed_run: bool) {
+    match ctx.dead_letter(entry, reason, attempt, failed_run).await {
+        Ok(true) => {}
+        Ok(false) => tracing::warn!(id = %entry.id, "entry was taken over by another consumer; left to it"),
+        Err(e) => tracing::warn!(error = %e, id = %entry.id, "could not dead-letter; the entry stays pending"),
+    }
+    ctx.disown(&entry.id);
+}

@@ -1,0 +1,27 @@
+-- Moves an entry to the dead-letter stream (bounded), acknowledged in the same step, only if
+-- this consumer still owns it.
+-- KEYS[1] the stream, KEYS[2] the dead-letter stream, KEYS[3] the stats hash, KEYS[4] status
+-- key (optional). ARGV[1] group, ARGV[2] consumer, ARGV[3] entry id, ARGV[4] dead-letter
+-- MAXLEN, ARGV[5] status TTL ms (0: none), ARGV[6] failed (1 if a handler run failed, to count),
+-- ARGV[7] reason, then the dead-letter record's field/value pairs.
+-- Returns 1 when moved, 0 when the entry is no longer ours.
+local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[3], ARGV[3], 1)
+if not (p[1] and p[1][2] == ARGV[2]) then
+  return 0
+end
+local record = {}
+for i = 8, #ARGV do
+  record[#record + 1] = ARGV[i]
+end
+redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[4], '*', unpack(record))
+redis.call('XACK', KEYS[1], ARGV[1], ARGV[3])
+redis.call('HINCRBY', KEYS[3], ARGV[1] .. ':dead_lettered', 1)
+if ARGV[6] == '1' then
+  redis.call('HINCRBY', KEYS[3], ARGV[1] .. ':failed', 1)
+end
+local ttl = tonumber(ARGV[5])
+if ttl > 0 and KEYS[4] then
+  redis.call('HSET', KEYS[4], 'state', 'dead', 'error', ARGV[7])
+  redis.call('PEXPIRE', KEYS[4], ttl)
+end
+return 1

@@ -1,0 +1,255 @@
+//! Regression tests for defects found by reading and probing (issue 15). Each failed before its
+//! fix; the comment says how.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failure report
+
+use std::{
+    collections::HashMap,
+    convert::Infallible,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
+
+use serde_json::{Value, json};
+use streams_worker::{Delivery, Producer, Redis, Worker, WorkerConfig, stats};
+use testkit::RedisServer;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tower::{BoxError, service_fn};
+
+fn config() -> WorkerConfig {
+    WorkerConfig {
+        concurrency: 4,
+        block: Duration::from_millis(50),
+        claim_idle: Duration::from_millis(600),
+        retry_base: Duration::from_millis(50),
+        retry_max: Duration::from_millis(200),
+        max_deliveries: 3,
+        shutdown_deadline: Duration::from_secs(5),
+        ..WorkerConfig::default()
+    }
+}
+
+fn spawn<S>(
+    redis: &Redis,
+    stream: &str,
+    config: WorkerConfig,
+    svc: S,
+) -> (JoinHandle<()>, CancellationToken, Arc<Worker>)
+where
+    S: tower::Service<Delivery<Value>> + Clone + Send + 'static,
+    S::Error: Into<BoxError>,
+    S::Future: Send,
+{
+    let worker = Arc::new(Worker::new(redis.clone(), stream, "workers", config).unwrap());
+    let shutdown = CancellationToken::new();
+    let (w, s) = (worker.clone(), shutdown.clone());
+    (tokio::spawn(async move { w.run(svc, s).await.unwrap() }), shutdown, worker)
+}
+
+async fn wait_for(what: &str, limit: Duration, mut done: impl AsyncFnMut() -> bool) {
+    let started = tokio::time::Instant::now();
+    while !done().await {
+        assert!(started.elapsed() < limit, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+type Runs = Arc<Mutex<HashMap<String, usize>>>;
+
+/// A handler that counts runs per task and sleeps `ms` from the payload.
+fn counting(
+    runs: &Runs,
+) -> impl tower::Service<Delivery<Value>, Response = (), Error = Infallible, Future: Send> + Clone + Send + 'static {
+    let runs = runs.clone();
+    service_fn(move |task: Delivery<Value>| {
+        *runs.lock().unwrap().entry(task.task_id.clone()).or_default() += 1;
+        async move {
+            let ms = task.payload["ms"].as_u64().unwrap_or(0);
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+            Ok(())
+        }
+    })
+}
+
+/// Before: the idle refresh ran only in the fetch loop after a free permit; with every permit
+/// busy on long tasks nothing refreshed, and another healthy worker's XAUTOCLAIM took the entries:
+/// each long task ran twice, at the same time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn long_tasks_with_every_permit_busy_are_not_taken_by_another_worker() {
+    let server = RedisServer::start().unwrap();
+    let redis = Redis::url(&server.url()).unwrap();
+    let producer = Producer::connect(&redis, "long").await.unwrap();
+    let runs: Runs = Arc::default();
+    let two = WorkerConfig { concurrency: 2, ..config() };
+    // A takes both long tasks: every permit of A is busy for 2 s, three times claim_idle.
+    let a = spawn(&redis, "long", two.clone(), counting(&runs));
+    producer.send_kind("long", &json!({"ms": 2000})).await.unwrap();
+    producer.send_kind("long", &json!({"ms": 2000})).await.unwrap();
+    wait_for("A runs both", Duration::from_secs(10), async || runs.lock().unwrap().len() == 2).await;
+    // B is idle and scans for entries idle past claim_idle.
+    let b = spawn(&redis, "long", two, counting(&runs));
+    wait_for("both done", Duration::from_secs(20), async || a.2.local_stats().processed == 2).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let runs = runs.lock().unwrap().clone();
+    assert!(runs.values().all(|&n| n == 1), "a healthy worker's task ran again elsewhere: {runs:?}");
+    assert_eq!(b.2.local_stats().processed, 0);
+    for (handle, stop, _) in [a, b] {
+        stop.cancel();
+        handle.await.unwrap();
+    }
+}
+
+/// Before: a panicking handler's entry stayed in flight forever: never retried, never
+/// dead-lettered, never acknowledged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_panicking_handler_is_a_failure_that_is_retried() {
+    let server = RedisServer::start().unwrap();
+    let redis = Redis::url(&server.url()).unwrap();
+    let producer = Producer::connect(&redis, "panics").await.unwrap();
+    let handler = service_fn(|task: Delivery<Value>| async move {
+        if task.deliveries == 1 {
+            panic!("first delivery blows up");
+        }
+        Ok::<_, Infallible>(())
+    });
+    let (handle, stop, worker) = spawn(&redis, "panics", config(), handler);
+    producer.send_kind("p", &json!({})).await.unwrap();
+    wait_for("the retry succeeded", Duration::from_secs(10), async || worker.local_stats().processed == 1).await;
+    let mut con = redis.connect().await.unwrap();
+    wait_for("nothing pending", Duration::from_secs(10), async || {
+        stats(&mut con, "panics", "workers").await.unwrap().pending == 0
+    })
+    .await;
+    stop.cancel();
+    handle.await.unwrap();
+}
+
+/// Before: a blocking read's BLOCK ran into redis-rs' default 500 ms response timeout (the
+/// connection's own timeout was not set): reads timed out while Redis delivered entries to us,
+/// which then came back as second deliveries. Whether a given run hits that window depends on
+/// timing; the deterministic regression test of the cause is in rampart-redis
+/// (`tests/timeouts.rs`). This one checks the outcome end to end.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_default_blocking_read_does_not_time_out() {
+    let server = RedisServer::start().unwrap();
+    let redis = Redis::url(&server.url()).unwrap();
+    let producer = Producer::connect(&redis, "idle").await.unwrap();
+    let deliveries = Arc::new(Mutex::new(Vec::new()));
+    let handler = {
+        let deliveries = deliveries.clone();
+        service_fn(move |task: Delivery<Value>| {
+            deliveries.lock().unwrap().push(task.deliveries);
+            async { Ok::<_, Infallible>(()) }
+        })
+    };
+    let defaults = WorkerConfig {
+        claim_idle: Duration::from_secs(1),
+        retry_base: Duration::from_millis(100),
+        ..WorkerConfig::default()
+    };
+    let (handle, stop, worker) = spawn(&redis, "idle", defaults, handler);
+    for i in 0..6 {
+        // Arrive while a read is blocked, at different points of its 500 ms.
+        tokio::time::sleep(Duration::from_millis(430 + 20 * i)).await;
+        producer.send_kind("t", &json!({})).await.unwrap();
+    }
+    wait_for("six handled", Duration::from_secs(15), async || worker.local_stats().processed == 6).await;
+    // A delivery lost to a timed-out read would come back after the 2 s retry pause.
+    tokio::time::sleep(Duration::from_millis(3000)).await;
+    assert_eq!(*deliveries.lock().unwrap(), vec![1; 6], "every task delivered once");
+    stop.cancel();
+    handle.await.unwrap();
+}
+
+/// Before: `NOGROUP` (the stream deleted, or Redis restarted without persistence) was retried
+/// forever and no task ever ran again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_group_is_created_again() {
+    let mut server = RedisServer::start().unwrap();
+    let redis = Redis::url(&server.url()).unwrap();
+    let producer = Producer::connect(&redis, "gone").await.unwrap();
+    let runs: Runs = Arc::default();
+    let (handle, stop, worker) = spawn(&redis, "gone", config(), counting(&runs));
+    producer.send_kind("t", &json!({})).await.unwrap();
+    wait_for("first handled", Duration::from_secs(10), async || worker.local_stats().processed == 1).await;
+    // Redis restarts without persistence: stream and group are gone.
+    server.restart().unwrap();
+    let producer = Producer::connect(&redis, "gone").await.unwrap();
+    producer.send_kind("t", &json!({})).await.unwrap();
+    wait_for("handled after the group was lost", Duration::from_secs(15), async || worker.local_stats().processed == 2)
+        .await;
+    stop.cancel();
+    handle.await.unwrap();
+}
+
+/// Before: `max_deliveries` was checked only after a handler error, so a task whose handler
+/// never returns (it crashes or hangs its worker) went round the workers forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_that_kills_its_workers_is_dead_lettered_without_running_again() {
+    let server = RedisServer::start().unwrap();
+    let redis = Redis::url(&server.url()).unwrap();
+    let producer = Producer::connect(&redis, "poison").await.unwrap();
+    let runs: Runs = Arc::default();
+    let hang = {
+        let runs = runs.clone();
+        service_fn(move |task: Delivery<Value>| {
+            *runs.lock().unwrap().entry(task.task_id).or_default() += 1;
+            std::future::pending::<Result<(), Infallible>>()
+        })
+    };
+    let cfg = WorkerConfig { max_deliveries: 2, claim_idle: Duration::from_millis(300), ..config() };
+    producer.send_kind("poison", &json!({})).await.unwrap();
+    // Two workers in turn take it and die with it (their task is aborted: no ack, no heartbeat).
+    for _ in 0..2 {
+        let (handle, _stop, _) = spawn(&redis, "poison", cfg.clone(), hang.clone());
+        let before: usize = runs.lock().unwrap().values().sum();
+        wait_for("a run", Duration::from_secs(10), async || runs.lock().unwrap().values().sum::<usize>() > before)
+            .await;
+        handle.abort();
+        let _ = handle.await;
+    }
+    let (handle, stop, _) = spawn(&redis, "poison", cfg, hang);
+    wait_for("dead-lettered", Duration::from_secs(10), async || {
+        server.cmd::<u64>(&["XLEN", "poison:dead"]).unwrap() == 1
+    })
+    .await;
+    assert_eq!(runs.lock().unwrap().values().sum::<usize>(), 2, "not run a third time");
+    stop.cancel();
+    handle.await.unwrap();
+}
+
+/// Before: a worker stopped while its entries ran past the shutdown deadline left them pending
+/// and idle-fresh: nobody could take them before `claim_idle`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn entries_unfinished_at_shutdown_are_claimable_at_once() {
+    let server = RedisServer::start().unwrap();
+    let redis = Redis::url(&server.url()).unwrap();
+    let producer = Producer::connect(&redis, "handover").await.unwrap();
+    let started = Arc::new(AtomicUsize::new(0));
+    let slow = {
+        let started = started.clone();
+        service_fn(move |task: Delivery<Value>| {
+            started.fetch_add(1, Ordering::SeqCst);
+            async move {
+                let ms = if task.deliveries == 1 { 60_000 } else { 0 };
+                tokio::time::sleep(Duration::from_millis(ms)).await;
+                Ok::<_, Infallible>(())
+            }
+        })
+    };
+    let patient =
+        WorkerConfig { claim_idle: Duration::from_secs(30), shutdown_deadline: Duration::from_millis(100), ..config() };
+    let (a, stop_a, _) = spawn(&redis, "handover", patient.clone(), slow.clone());
+    producer.send_kind("t", &json!({})).await.unwrap();
+    wait_for("A started", Duration::from_secs(10), async || started.load(Ordering::SeqCst) == 1).await;
+    stop_a.cancel();
+    a.await.unwrap();
+    let (b, stop_b, worker_b) = spawn(&redis, "handover", patient, slow);
+    wait_for("B finished it", Duration::from_secs(5), async || worker_b.local_stats().processed == 1).await;
+    stop_b.cancel();
+    b.await.unwrap();
+}
