@@ -68,6 +68,7 @@ pub(crate) async fn acker(ctx: Arc<Ctx>, mut rx: mpsc::UnboundedReceiver<Ack>) {
                 }
             }
             Err(error) => {
+                ctx.redis_trouble();
                 tracing::warn!(%error, pending = backlog.len(), "acknowledgements failed; retrying");
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 if rx.is_closed() && rx.is_empty() && write(&ctx, &backlog).await.is_err() {

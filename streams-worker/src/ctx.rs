@@ -8,6 +8,7 @@ use std::{
 };
 
 use redis::{Value, streams::StreamReadReply};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::{Conn, WorkerConfig, envelope::raw_fields, keys, scripts, stats::Counters};
@@ -33,6 +34,10 @@ pub(crate) struct Ctx {
     /// The entries this worker owns and has not acknowledged: fetched, running, or waiting for
     /// their acknowledgement. The heartbeat keeps them; cancelling a token stops its handler.
     owned: Mutex<HashMap<String, CancellationToken>>,
+    /// No taking over before this: after Redis was unreachable (or restarted), every entry looks
+    /// idle for as long as the outage lasted; live workers get a full `claim_idle` to refresh
+    /// theirs first.
+    claim_after: Mutex<Instant>,
     pub(crate) metrics: Metrics,
 }
 
@@ -79,6 +84,7 @@ impl Ctx {
             config,
             counters,
             owned: Mutex::new(HashMap::new()),
+            claim_after: Mutex::new(Instant::now()),
             metrics: Metrics {
                 processed: metrics::counter!("rampart_worker_processed_total", &labels),
                 failed: metrics::counter!("rampart_worker_failed_total", &labels),
@@ -139,6 +145,17 @@ impl Ctx {
                 token.cancel();
             }
         }
+    }
+
+    /// A command failed for want of Redis: hold off taking entries over for `claim_idle`.
+    pub(crate) fn redis_trouble(&self) {
+        let until = Instant::now() + self.config.claim_idle;
+        let mut after = self.claim_after.lock().unwrap_or_else(PoisonError::into_inner);
+        *after = (*after).max(until);
+    }
+
+    fn may_claim(&self) -> bool {
+        Instant::now() >= *self.claim_after.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     /// `XGROUP CREATE ... MKSTREAM`; an existing group (`BUSYGROUP`) is success.
@@ -206,6 +223,9 @@ impl Ctx {
         own: bool,
         cursor: &mut String,
     ) -> Result<Vec<Fetched>, redis::RedisError> {
+        if !own && !self.may_claim() {
+            return Ok(Vec::new());
+        }
         let mut invocation = scripts::CLAIM.key(&*self.stream);
         invocation.arg(&*self.group).arg(&*self.consumer).arg(want);
         if own {

@@ -23,7 +23,10 @@ pub(crate) async fn heartbeat(ctx: Arc<Ctx>, stop: CancellationToken) {
                 ctx.taken_away(&ctx.owned_ids());
                 ctx.recreate_group().await;
             }
-            Err(error) => tracing::warn!(%error, "heartbeat failed; entries stay ours until claim_idle"),
+            Err(error) => {
+                ctx.redis_trouble();
+                tracing::warn!(%error, "heartbeat failed; entries stay ours until claim_idle");
+            }
         }
     }
 }

@@ -16,7 +16,10 @@
 //! idle time of each entry *this consumer still owns* (`XCLAIM ... JUSTID`, no delivery counted)
 //! and never takes back one another consumer holds. So only a worker that stopped for
 //! [`WorkerConfig::claim_idle`] (crashed, frozen, cut off from Redis) loses its entries, which
-//! others then take over with `XAUTOCLAIM`. If that worker comes back, the heartbeat tells it:
+//! others then take over with `XAUTOCLAIM`. After Redis was unreachable or restarted — when
+//! every entry looks idle for as long as the outage lasted — a worker takes nothing over for
+//! `claim_idle`, so live workers refresh theirs first. If a worker that lost its entries comes
+//! back, the heartbeat tells it:
 //! the handler is stopped, and whatever it finishes is neither acknowledged nor counted there
 //! (every acknowledgement checks ownership).
 //!

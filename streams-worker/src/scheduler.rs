@@ -25,6 +25,7 @@ pub(crate) async fn scheduler(ctx: Arc<Ctx>, stop: CancellationToken) {
             Ok((_, Some(next))) => next.min(poll),
             Ok((_, None)) => poll,
             Err(error) => {
+                ctx.redis_trouble();
                 tracing::warn!(%error, "moving due tasks failed; retrying");
                 poll.max(Duration::from_millis(200))
             }

@@ -272,6 +272,7 @@ async fn fetch_loop<T, S>(
                 ctx.recreate_group().await;
                 continue;
             }
+            ctx.redis_trouble();
             tracing::warn!(%error, ?pause, "reading the stream failed; retrying");
             tokio::select! {
                 () = tokio::time::sleep(pause) => {}
