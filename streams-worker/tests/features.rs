@@ -80,15 +80,16 @@ async fn delayed_tasks_run_once_when_due_with_two_workers_racing_to_move_them() 
     let past = producer.send_at("later", &json!({}), SystemTime::now() - Duration::from_secs(60)).await.unwrap();
     wait_for("all delayed tasks ran", Duration::from_secs(20), async || seen.lock().unwrap().len() == 201).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let seen = seen.lock().unwrap();
-    for (task, delay) in &due {
-        let runs = &seen[task];
-        assert_eq!(runs.len(), 1, "task {task} ran {} times (moved twice?)", runs.len());
-        // Redis' clock and ours agree on this machine to well within 50 ms.
-        assert!(runs[0].0 + Duration::from_millis(50) >= sent + *delay, "task {task} ran before it was due");
+    {
+        let seen = seen.lock().unwrap();
+        for (task, delay) in &due {
+            let runs = &seen[task];
+            assert_eq!(runs.len(), 1, "task {task} ran {} times (moved twice?)", runs.len());
+            // Redis' clock and ours agree on this machine to well within 50 ms.
+            assert!(runs[0].0 + Duration::from_millis(50) >= sent + *delay, "task {task} ran before it was due");
+        }
+        assert_eq!(seen[&past].len(), 1, "a time in the past runs at once");
     }
-    assert_eq!(seen[&past].len(), 1, "a time in the past runs at once");
-    drop(seen);
     for (handle, stop) in workers {
         stop.cancel();
         handle.await.unwrap();

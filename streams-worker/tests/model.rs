@@ -119,7 +119,8 @@ fn handler(
 fn quiet_planned_panics() {
     let default = std::panic::take_hook();
     std::panic::set_hook(Box::new(move |info| {
-        if !info.payload_as_str().is_some_and(|m| m.starts_with("planned panic")) {
+        let message = info.payload().downcast_ref::<String>().map(String::as_str);
+        if !message.is_some_and(|m| m.starts_with("planned panic")) {
             default(info);
         }
     }));
