@@ -75,7 +75,10 @@ impl App {
         let (producer, queue, queue_con) = match deployment {
             Some(queue) => {
                 let con = queue.connect().await?;
-                let producer = streams_worker::Producer::new(con.clone(), config.tasks.stream.clone());
+                let mut producer = streams_worker::Producer::new(con.clone(), config.tasks.stream.clone());
+                if let Some(ttl) = config.tasks.status_ttl {
+                    producer = producer.track_status(ttl);
+                }
                 (Some(producer), Some(queue), Some(con))
             }
             None => (None, None, None),

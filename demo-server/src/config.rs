@@ -220,6 +220,10 @@ pub(crate) struct Tasks {
     pub(crate) stream: String,
     /// The consumer group.
     pub(crate) group: String,
+    /// How long a task's status stays readable at `GET /tasks/{id}` after its last change
+    /// (default 1 h; kept by the producer and the workers).
+    #[serde(with = "humantime_serde::option")]
+    pub(crate) status_ttl: Option<Duration>,
     /// Worker settings.
     pub(crate) worker: streams_worker::WorkerConfig,
 }
@@ -229,6 +233,7 @@ impl Default for Tasks {
         Self {
             stream: "{demo}:tasks".into(),
             group: "demo".into(),
+            status_ttl: Some(Duration::from_secs(3600)),
             worker: streams_worker::WorkerConfig {
                 retry_base: Duration::from_millis(200),
                 retry_max: Duration::from_secs(5),

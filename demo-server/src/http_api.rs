@@ -66,6 +66,8 @@ pub(crate) fn router(app: Arc<App>) -> anyhow::Result<Router> {
     let admin = Router::new()
         .route("/admin/upstream/{name}", put(set_upstream))
         .route("/admin/state", get(admin_state))
+        .route("/tasks/dead", get(dead_tasks))
+        .route("/tasks/dead/requeue", post(requeue_dead_tasks))
         .route_layer(middleware::from_fn_with_state(app.clone(), require_admin));
 
     let api = Router::new()
@@ -75,6 +77,7 @@ pub(crate) fn router(app: Arc<App>) -> anyhow::Result<Router> {
         .route("/inventory/{sku}/reserve", post(reserve).route_layer(reserve_lock))
         .route("/tasks", post(post_task))
         .route("/tasks/stats", get(task_stats))
+        .route("/tasks/{id}", get(task_status))
         .route(
             "/upstream/{name}",
             get(call_upstream).route_layer(
@@ -299,9 +302,7 @@ async fn post_task(
 }
 
 async fn task_stats(State(app): State<Arc<App>>) -> Result<Json<Value>, ApiError> {
-    let Some(con) = &app.queue_con else {
-        return Err(ApiError::Unavailable("the task queue needs Redis (set REDIS_URL)".into()));
-    };
+    let con = queue_con(&app)?;
     let stats = crate::tasks::stats(&app, con).await.map_err(|e| ApiError::Unavailable(e.to_string()))?;
     Ok(Json(json!({
         "enqueued": stats.enqueued,
@@ -309,9 +310,70 @@ async fn task_stats(State(app): State<Arc<App>>) -> Result<Json<Value>, ApiError
         "failed": stats.failed,
         "retried": stats.retried,
         "dead_lettered": stats.dead_lettered,
+        "requeued": stats.requeued,
         "pending": stats.pending,
         "lag": stats.lag,
     })))
+}
+
+fn queue_con(app: &App) -> Result<&streams_worker::Conn, ApiError> {
+    app.queue_con.as_ref().ok_or_else(|| ApiError::Unavailable("the task queue needs Redis (set REDIS_URL)".into()))
+}
+
+/// `GET /tasks/{id}`: queued, scheduled, running, retrying, done or dead, while its status is kept.
+async fn task_status(State(app): State<Arc<App>>, Path(id): Path<String>) -> Result<Json<Value>, ApiError> {
+    let con = queue_con(&app)?;
+    let status = streams_worker::task_status(&mut con.clone(), &app.config.tasks.stream, &id)
+        .await
+        .map_err(|e| ApiError::Unavailable(e.to_string()))?;
+    match status {
+        Some(status) => {
+            let mut body = serde_json::to_value(status).map_err(|e| ApiError::Internal(e.to_string()))?;
+            body["id"] = json!(id);
+            Ok(Json(body))
+        }
+        None => Err(ApiError::NotFound(format!("no status for task {id} (unknown, or older than tasks.status_ttl)"))),
+    }
+}
+
+fn dead_letters(app: &App) -> Result<streams_worker::DeadLetters, ApiError> {
+    let con = queue_con(app)?.clone();
+    let dead = streams_worker::DeadLetters::new(con, app.config.tasks.stream.clone());
+    Ok(match &app.config.tasks.worker.dead_letter {
+        Some(stream) => dead.with_stream(stream.clone()),
+        None => dead,
+    })
+}
+
+/// `GET /tasks/dead` (admin): the oldest 100 dead letters and how many there are.
+async fn dead_tasks(State(app): State<Arc<App>>) -> Result<Json<Value>, ApiError> {
+    let dead = dead_letters(&app)?;
+    let unavailable = |e: streams_worker::QueueError| ApiError::Unavailable(e.to_string());
+    let total = dead.len().await.map_err(unavailable)?;
+    let letters = dead.list(100).await.map_err(unavailable)?;
+    Ok(Json(json!({"total": total, "dead": letters})))
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RequeueBody {
+    id: Option<String>,
+}
+
+/// `POST /tasks/dead/requeue` (admin): `{"id": "..."}` puts one dead letter back, no body (or
+/// `{}`) all of them; answers `{"requeued": n}`.
+async fn requeue_dead_tasks(State(app): State<Arc<App>>, body: axum::body::Bytes) -> Result<Json<Value>, ApiError> {
+    let dead = dead_letters(&app)?;
+    let RequeueBody { id } = if body.is_empty() { RequeueBody::default() } else { json_body(&body)? };
+    let unavailable = |e: streams_worker::QueueError| ApiError::Unavailable(e.to_string());
+    let requeued = match id {
+        Some(id) => match dead.requeue(&id).await.map_err(unavailable)? {
+            Some(_) => 1,
+            None => return Err(ApiError::NotFound(format!("no dead letter {id}"))),
+        },
+        None => dead.requeue_all().await.map_err(unavailable)?,
+    };
+    Ok(Json(json!({"requeued": requeued})))
 }
 
 async fn call_upstream(State(app): State<Arc<App>>, Path(name): Path<String>) -> Result<Json<Value>, ApiError> {

@@ -56,7 +56,11 @@ async fn run(hub: HubService, task: Delivery<Value>) -> Result<(), BoxError> {
 pub(crate) fn spawn_workers(app: &Arc<App>, shutdown: CancellationToken) -> Option<tokio::task::JoinHandle<()>> {
     let queue = app.queue.clone()?;
     let tasks = &app.config.tasks;
-    let worker = match Worker::new(queue, tasks.stream.clone(), tasks.group.clone(), tasks.worker.clone()) {
+    let config = streams_worker::WorkerConfig {
+        status_ttl: tasks.worker.status_ttl.or(tasks.status_ttl),
+        ..tasks.worker.clone()
+    };
+    let worker = match Worker::new(queue, tasks.stream.clone(), tasks.group.clone(), config) {
         Ok(worker) => worker,
         Err(error) => {
             tracing::error!(%error, "cannot start the task worker");

@@ -412,6 +412,54 @@ retry_max = "500ms"
     assert!(stats["retried"].as_u64().unwrap() > 0, "B's unfinished tasks were taken over and run again: {stats}");
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn task_status_dead_letters_and_requeue() {
+    let redis = RedisServer::start().unwrap();
+    let (dir, path) = config_file("[tasks.worker]\nmax_deliveries = 2\nretry_base = \"50ms\"\nretry_max = \"100ms\"\n");
+    let env = [("REDIS_URL", redis.url()), ("DEMO_ADMIN_TOKEN", TOKEN.to_owned())];
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let server = DemoServer::start(&["--config", &path], &env);
+    let http = reqwest::Client::new();
+    let post = |body: Value| http.post(server.url("/tasks")).json(&body).send();
+    let ok: Value = post(json!({"type":"sleep","payload":{"ms":1}})).await.unwrap().json().await.unwrap();
+    let doomed: Value = post(json!({"type":"fail","payload":{"times":5}})).await.unwrap().json().await.unwrap();
+    let status = |id: &Value| http.get(server.url(&format!("/tasks/{}", id["id"].as_str().unwrap()))).send();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let a: Value = status(&ok).await.unwrap().json().await.unwrap();
+        let b: Value = status(&doomed).await.unwrap().json().await.unwrap();
+        if a["state"] == "done" && b["state"] == "dead" {
+            assert_eq!(a["id"], ok["id"]);
+            assert!(b["reason"].as_str().unwrap().contains("failing on purpose"), "{b}");
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{a} {b}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let unknown = http.get(server.url("/tasks/nope")).send().await.unwrap();
+    assert_eq!(unknown.status(), 404);
+    assert_eq!(http.get(server.url("/tasks/dead")).send().await.unwrap().status(), 401, "admin only");
+    let dead: Value =
+        http.get(server.url("/tasks/dead")).bearer_auth(TOKEN).send().await.unwrap().json().await.unwrap();
+    assert_eq!(dead["total"], 1);
+    assert_eq!(dead["dead"][0]["task_id"], doomed["id"]);
+    let id = dead["dead"][0]["id"].as_str().unwrap().to_owned();
+    let requeue = |body: Value| http.post(server.url("/tasks/dead/requeue")).bearer_auth(TOKEN).json(&body).send();
+    assert_eq!(requeue(json!({"id": "0-1"})).await.unwrap().status(), 404);
+    let requeued: Value = requeue(json!({"id": id})).await.unwrap().json().await.unwrap();
+    assert_eq!(requeued["requeued"], 1);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let stats: Value = http.get(server.url("/tasks/stats")).send().await.unwrap().json().await.unwrap();
+        if stats["dead_lettered"] == 2 && stats["requeued"] == 1 && stats["pending"] == 0 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{stats}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop(dir);
+}
+
 #[tokio::test]
 async fn graceful_shutdown_under_load_loses_no_accepted_request() {
     let (server, _dir) = start("", &[]);
