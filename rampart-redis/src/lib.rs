@@ -25,7 +25,7 @@ use std::time::Duration;
 
 use redis::{
     Cmd, IntoConnectionInfo, Pipeline, ProtocolVersion, PushInfo, RedisFuture, Value,
-    aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig},
+    aio::{AsyncPushSender, ConnectionLike, ConnectionManager, ConnectionManagerConfig},
     cluster::{ClusterClient, ClusterClientBuilder},
     cluster_async::ClusterConnection,
 };
@@ -97,21 +97,27 @@ impl Redis {
 
     /// A new auto-reconnecting connection.
     pub async fn connect_with(&self, tuning: Tuning) -> Result<Conn, redis::RedisError> {
-        self.open(tuning, None).await
+        self.open(tuning, None::<UnboundedSender<PushInfo>>).await
     }
 
     /// A connection speaking RESP3 whose pushes (pub/sub messages, subscription confirmations,
     /// disconnections) go to `pushes`. Subscriptions made with [`Conn::subscribe`] are renewed
     /// after every reconnect, and each renewal is confirmed with a push.
+    /// `pushes` is any [`AsyncPushSender`] (an unbounded `mpsc` sender, or a bounded one of
+    /// your own that sheds). It must not block.
     pub async fn connect_push(
         &self,
         tuning: Tuning,
-        pushes: UnboundedSender<PushInfo>,
+        pushes: impl AsyncPushSender + Clone,
     ) -> Result<Conn, redis::RedisError> {
         self.open(tuning, Some(pushes)).await
     }
 
-    async fn open(&self, tuning: Tuning, pushes: Option<UnboundedSender<PushInfo>>) -> Result<Conn, redis::RedisError> {
+    async fn open<P: AsyncPushSender + Clone>(
+        &self,
+        tuning: Tuning,
+        pushes: Option<P>,
+    ) -> Result<Conn, redis::RedisError> {
         match self {
             Self::Single(info) => {
                 let mut info = (**info).clone();

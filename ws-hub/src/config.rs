@@ -36,12 +36,35 @@ pub struct HubConfig {
     pub slow_consumer: SlowConsumer,
     /// Messages kept per channel for recovery (default 100).
     pub history: usize,
+    /// How long a channel's history is kept after its last publish while nobody is subscribed
+    /// (default 5 min): idle channels are freed after it in this process, and the Redis
+    /// history keys expire after it.
+    #[serde(with = "humantime_serde")]
+    pub history_ttl: Duration,
+    /// Channels held in this process at once (default 100,000). A publish or subscribe that
+    /// would create one more gets the error `too_many_channels`.
+    pub max_channels: usize,
+    /// Longest time one write to a client may take (default 10 s); a client that reads slower
+    /// is closed as a slow consumer.
+    #[serde(with = "humantime_serde")]
+    pub write_timeout: Duration,
+    /// Messages from Redis waiting to be fanned out, at most (default 65,536). Beyond it they
+    /// are shed (counted in `rampart_hub_bridge_shed_total`, logged), and subscribers get them
+    /// back from the Redis history when the next message shows the hole.
+    pub bridge_queue: usize,
+    /// How long this instance's presence entries live in Redis unless refreshed (default 30 s;
+    /// refreshed every third of it).
+    #[serde(with = "humantime_serde")]
+    pub presence_ttl: Duration,
     /// Inbound messages per second per connection (default 50, burst twice that).
     pub messages_per_second: u64,
     /// Protocol violations (rate limit, subscription flood) tolerated before closing with 1008
     /// (default 20).
     pub max_violations: u32,
-    /// Allowed `Origin` values (empty: any, for non-browser clients and the demo).
+    /// Allowed `Origin` values of browser upgrades. Empty (the default): same origin only —
+    /// the `Origin` header's host must be the request's `Host` — so a page on another site
+    /// cannot connect with its visitors' credentials (cross-site WebSocket hijacking). `"*"`:
+    /// any origin. Requests without `Origin` (non-browser clients) are always allowed.
     pub allowed_origins: Vec<String>,
     /// Connections at once (default 100,000).
     pub max_connections: usize,
@@ -61,6 +84,11 @@ impl Default for HubConfig {
             max_queue_bytes: 256 * 1024,
             slow_consumer: SlowConsumer::Disconnect,
             history: 100,
+            history_ttl: Duration::from_secs(300),
+            max_channels: 100_000,
+            write_timeout: Duration::from_secs(10),
+            bridge_queue: 65_536,
+            presence_ttl: Duration::from_secs(30),
             messages_per_second: 50,
             max_violations: 20,
             allowed_origins: Vec::new(),

@@ -8,14 +8,22 @@ use serde_json::Value;
 #[derive(Debug, Clone, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum ClientMessage {
-    /// `{"type":"subscribe","channel":"c","since":41}` — `since`: last offset seen, to recover
-    /// what was missed.
+    /// `{"type":"subscribe","channel":"c","since":41,"epoch":"e","join_leave":true}` — `since`:
+    /// the last offset seen, to recover what was missed; `epoch`: the epoch that offset belongs
+    /// to (from the last subscribe ack; without it, the current one is assumed); `join_leave`:
+    /// also receive `join`/`leave` frames of this channel.
     Subscribe {
         /// The channel.
         channel: String,
         /// The last offset the client saw.
         #[serde(default)]
         since: Option<u64>,
+        /// The epoch of `since`.
+        #[serde(default)]
+        epoch: Option<String>,
+        /// Whether to receive join and leave events.
+        #[serde(default)]
+        join_leave: bool,
     },
     /// `{"type":"unsubscribe","channel":"c"}`
     Unsubscribe {
@@ -56,6 +64,10 @@ pub enum ErrorCode {
     RateLimited,
     /// The permission hook refused.
     Forbidden,
+    /// This process holds as many channels as it may (`max_channels`).
+    TooManyChannels,
+    /// A dependency (the Redis bridge) is down: try again.
+    Unavailable,
 }
 
 /// Why a frame could not be decoded.
@@ -122,19 +134,33 @@ pub(crate) fn message_frame_prefix(channel: &str, content: &Value, user_id: &str
     text.strip_suffix("0}").map(str::to_owned).unwrap_or(text)
 }
 
-pub(crate) fn ack(op: &'static str, channel: &str, recovered: Option<bool>, offset: Option<u64>) -> Bytes {
-    #[derive(Serialize)]
-    struct Ack<'a> {
-        #[serde(rename = "type")]
-        kind: &'static str,
-        op: &'static str,
-        channel: &'a str,
-        #[serde(skip_serializing_if = "Option::is_none")]
-        recovered: Option<bool>,
-        #[serde(skip_serializing_if = "Option::is_none")]
-        offset: Option<u64>,
+/// An ack: `{"type":"ack","op","channel"}`, with `offset` (publish: the message's; subscribe:
+/// the channel's head), `epoch` (subscribe), `recovered` and, when not recovered, `reason`
+/// (subscribe with `since`).
+#[derive(Debug, Default, Serialize)]
+pub(crate) struct Ack<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    op: &'static str,
+    channel: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) offset: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) epoch: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) recovered: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) reason: Option<&'static str>,
+}
+
+impl<'a> Ack<'a> {
+    pub(crate) fn new(op: &'static str, channel: &'a str) -> Self {
+        Self { kind: "ack", op, channel, ..Self::default() }
     }
-    to_bytes(&Ack { kind: "ack", op, channel, recovered, offset })
+
+    pub(crate) fn encode(&self) -> Bytes {
+        to_bytes(self)
+    }
 }
 
 pub(crate) fn error(code: ErrorCode, message: &str) -> Bytes {
@@ -169,10 +195,40 @@ pub(crate) fn dropped(missed: u64) -> Bytes {
     to_bytes(&serde_json::json!({"type": "dropped", "missed": missed}))
 }
 
-/// `{"type":"gap","channel":"c","from":a,"to":b}`: messages after `since` are no longer in the
-/// history; the client lost what lies between.
-pub(crate) fn gap(channel: &str, since: u64, oldest: u64) -> Bytes {
-    to_bytes(&serde_json::json!({"type": "gap", "channel": channel, "since": since, "oldest": oldest}))
+/// Why a subscriber did not get every message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum GapReason {
+    /// The messages were trimmed from the history (too old, or the history expired).
+    Trimmed,
+    /// The channel's offsets started again (a new epoch: its Redis state was lost, or it was
+    /// idle past `history_ttl`); offsets of the old epoch mean nothing now.
+    Epoch,
+    /// The client's `since` is ahead of the channel's head (it comes from elsewhere).
+    Ahead,
+}
+
+/// `{"type":"gap","channel":"c","epoch":"e","from":a,"to":b,"reason":r}`: the client missed
+/// offsets `from..=to` (`to` omitted when unknown) and will not get them.
+pub(crate) fn gap(channel: &str, epoch: &str, from: u64, to: Option<u64>, reason: GapReason) -> Bytes {
+    #[derive(Serialize)]
+    struct Gap<'a> {
+        #[serde(rename = "type")]
+        kind: &'static str,
+        channel: &'a str,
+        epoch: &'a str,
+        from: u64,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        to: Option<u64>,
+        reason: GapReason,
+    }
+    to_bytes(&Gap { kind: "gap", channel, epoch, from, to, reason })
+}
+
+/// `{"type":"join"|"leave","channel":"c","user_id":"u"}` for subscribers that asked for them.
+pub(crate) fn join_leave(join: bool, channel: &str, user_id: &str) -> Bytes {
+    let kind = if join { "join" } else { "leave" };
+    to_bytes(&serde_json::json!({"type": kind, "channel": channel, "user_id": user_id}))
 }
 
 #[cfg(test)]
@@ -183,7 +239,7 @@ mod tests {
     fn decodes_and_classifies() {
         assert!(matches!(
             decode(r#"{"type":"subscribe","channel":"a"}"#),
-            Ok(ClientMessage::Subscribe { since: None, .. })
+            Ok(ClientMessage::Subscribe { since: None, epoch: None, join_leave: false, .. })
         ));
         assert!(matches!(decode(r#"{"type":"ping"}"#), Ok(ClientMessage::Ping)));
         assert_eq!(decode(r#"{"type":"dance"}"#).unwrap_err().code, ErrorCode::UnknownType);

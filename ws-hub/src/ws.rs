@@ -18,8 +18,8 @@ use tokio::time::{Instant, sleep_until};
 use crate::{
     auth::UpgradeRequest,
     conn::Conn,
-    hub::{Hub, utf8},
-    protocol::{self, ClientMessage, ErrorCode},
+    hub::{Hub, HubError, utf8},
+    protocol::{self, Ack, ClientMessage, ErrorCode, GapReason},
 };
 
 impl Hub {
@@ -33,25 +33,53 @@ impl Hub {
 /// (`.route("/ws", get(ws_hub::upgrade)).with_state(hub)`).
 pub async fn upgrade(State(hub): State<Hub>, ws: WebSocketUpgrade, headers: HeaderMap, uri: Uri) -> Response {
     let config = hub.config();
-    if !config.allowed_origins.is_empty() {
-        let origin = headers.get(ORIGIN).and_then(|o| o.to_str().ok()).unwrap_or_default();
-        if !config.allowed_origins.iter().any(|allowed| allowed == origin) {
-            return (StatusCode::FORBIDDEN, "origin not allowed").into_response();
-        }
+    if !origin_allowed(&config.allowed_origins, &headers) {
+        return rampart_http::Problem::new(StatusCode::FORBIDDEN, "forbidden")
+            .detail("this Origin may not open the hub (see allowed_origins)")
+            .into_response()
+            .into_response();
     }
     let user = match hub.inner.auth.authenticate(UpgradeRequest { headers: &headers, query: uri.query() }) {
         Ok(user) => user,
-        Err(error) => return (StatusCode::UNAUTHORIZED, error.to_string()).into_response(),
+        Err(error) => {
+            return rampart_http::Problem::new(StatusCode::UNAUTHORIZED, "unauthorized")
+                .detail(error.to_string())
+                .into_response()
+                .into_response();
+        }
     };
     if hub.inner.connections.load(Ordering::Relaxed) as usize >= config.max_connections {
-        return (StatusCode::SERVICE_UNAVAILABLE, "too many connections").into_response();
+        return rampart_http::Problem::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable")
+            .detail("too many connections")
+            .into_response()
+            .into_response();
     }
+    // Frames up to four times `max_frame` are read whole, so one over `max_frame` is answered
+    // with a proper 1009 close (a frame cut off mid-read would leave unread bytes, and closing
+    // then resets the connection: the client would never see why).
+    let hard_cap = config.max_frame.saturating_mul(4).max(64 * 1024);
     ws.read_buffer_size(config.read_buffer)
         .write_buffer_size(config.write_buffer)
         .max_write_buffer_size(config.write_buffer + config.max_queue_bytes + config.max_frame)
-        .max_message_size(config.max_frame)
-        .max_frame_size(config.max_frame)
+        .max_message_size(hard_cap)
+        .max_frame_size(hard_cap)
         .on_upgrade(move |socket| connection(hub, socket, user))
+}
+
+/// Same origin unless listed: the `Origin`'s host (and port) must be the request's `Host`;
+/// `"*"` allows any; no `Origin` (not a browser) is allowed.
+fn origin_allowed(allowed: &[String], headers: &HeaderMap) -> bool {
+    let Some(origin) = headers.get(ORIGIN) else { return true };
+    let Ok(origin) = origin.to_str() else { return false };
+    if allowed.iter().any(|a| a == "*" || a == origin) {
+        return true;
+    }
+    if !allowed.is_empty() {
+        return false;
+    }
+    let host = headers.get(http::header::HOST).and_then(|h| h.to_str().ok());
+    let origin_host = origin.split_once("://").map(|(_, rest)| rest.trim_end_matches('/'));
+    host.is_some() && origin_host == host
 }
 
 type Tx = SplitSink<WebSocket, Message>;
@@ -61,7 +89,9 @@ type Rx = futures_util::stream::SplitStream<WebSocket>;
 /// its Close or a second passes — closing a socket with unread input would reset it and the
 /// client could lose our last frames, including the error that explains the close.
 async fn close(tx: &mut Tx, rx: &mut Rx, code: u16, reason: &'static str) {
-    let _ = tx.send(Message::Close(Some(CloseFrame { code, reason: Utf8Bytes::from_static(reason) }))).await;
+    // A client that reads nothing would hold the close frame forever: a second at most.
+    let close = Message::Close(Some(CloseFrame { code, reason: Utf8Bytes::from_static(reason) }));
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), tx.send(close)).await;
     let _ = tokio::time::timeout(std::time::Duration::from_secs(1), async {
         while let Some(Ok(message)) = rx.next().await {
             if matches!(message, Message::Close(_)) {
@@ -70,7 +100,7 @@ async fn close(tx: &mut Tx, rx: &mut Rx, code: u16, reason: &'static str) {
         }
     })
     .await;
-    let _ = tx.close().await;
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), tx.close()).await;
 }
 
 async fn connection(hub: Hub, socket: WebSocket, user: String) {
@@ -91,7 +121,11 @@ async fn connection(hub: Hub, socket: WebSocket, user: String) {
         tokio::select! {
             biased;
             () = conn.notify.notified() => {
-                match flush(&hub, &conn, &mut tx).await {
+                let flushed = tokio::time::timeout(config.write_timeout, flush(&hub, &conn, &mut tx)).await;
+                match flushed.unwrap_or_else(|_| {
+                    inner.metrics.slow_disconnects.increment(1);
+                    Flushed::Slow
+                }) {
                     Flushed::Ok => {}
                     Flushed::Slow => {
                         close(&mut tx, &mut rx, close_code::POLICY, "slow consumer").await;
@@ -104,43 +138,46 @@ async fn connection(hub: Hub, socket: WebSocket, user: String) {
                 let message = match message {
                     Some(Ok(message)) => message,
                     Some(Err(error)) => {
-                        let text = error.to_string();
-                        if text.contains("too long") || text.contains("Space limit") || text.contains("capacity") {
-                            let _ = tx.send(Message::Text(utf8(protocol::error(ErrorCode::MessageTooLarge, "frame over the size limit")))).await;
-                            close(&mut tx, &mut rx, close_code::SIZE, "message too big").await;
-                        }
+                        tracing::debug!(%error, "hub: connection read failed");
                         break;
                     }
                     None => break,
                 };
                 deadline = Instant::now() + config.read_deadline;
                 let text = match message {
-                    Message::Text(text) => text,
-                    Message::Binary(_) => {
-                        reply(&hub, &conn, protocol::error(ErrorCode::BadJson, "binary frames are not part of the protocol"));
-                        continue;
-                    }
                     Message::Close(_) => break,
                     Message::Ping(_) | Message::Pong(_) => continue,
+                    Message::Text(text) if text.len() <= config.max_frame => Some(text),
+                    Message::Binary(ref b) if b.len() <= config.max_frame => None,
+                    Message::Text(_) | Message::Binary(_) => {
+                        let frame = utf8(protocol::error(ErrorCode::MessageTooLarge, "frame over the size limit"));
+                        let _ = tokio::time::timeout(config.write_timeout, tx.send(Message::Text(frame))).await;
+                        close(&mut tx, &mut rx, close_code::SIZE, "message too big").await;
+                        break;
+                    }
                 };
+                // Every frame counts against the rate limit, binary ones too.
                 if let Some(limiter) = &inner.limiter
                     && !limiter.check_sync(&rate_key, 1).is_ok_and(|v| v.allowed())
                 {
                     violations += 1;
                     reply(&hub, &conn, protocol::error(ErrorCode::RateLimited, "too many messages"));
-                } else {
+                } else if let Some(text) = text {
                     violations += handle(&hub, &conn, &text, &mut subscribed).await;
+                } else {
+                    reply(&hub, &conn, protocol::error(ErrorCode::BadJson, "binary frames are not part of the protocol"));
                 }
                 if violations > config.max_violations {
                     // Deliver the errors that explain why, then close.
-                    let _ = flush(&hub, &conn, &mut tx).await;
+                    let _ = tokio::time::timeout(config.write_timeout, flush(&hub, &conn, &mut tx)).await;
                     close(&mut tx, &mut rx, close_code::POLICY, "too many protocol violations").await;
                     break;
                 }
             }
             () = sleep_until(next_ping) => {
                 next_ping = Instant::now() + config.ping_interval;
-                if tx.send(Message::Ping(bytes::Bytes::new())).await.is_err() {
+                let ping = tokio::time::timeout(config.write_timeout, tx.send(Message::Ping(bytes::Bytes::new()))).await;
+                if !matches!(ping, Ok(Ok(()))) {
                     break;
                 }
             }
@@ -152,7 +189,7 @@ async fn connection(hub: Hub, socket: WebSocket, user: String) {
     }
 
     for channel in subscribed {
-        hub.unsubscribe(id, &channel).await;
+        hub.unsubscribe(&conn, &channel).await;
     }
     // Frames still queued are never written.
     inner.metrics.queued_bytes.decrement(conn.drain().bytes as f64);
@@ -208,7 +245,7 @@ async fn handle(hub: &Hub, conn: &Arc<Conn>, text: &str, subscribed: &mut HashSe
     };
     match message {
         ClientMessage::Ping => reply(hub, conn, protocol::pong()),
-        ClientMessage::Subscribe { channel, since } => {
+        ClientMessage::Subscribe { channel, since, epoch, join_leave } => {
             if !protocol::valid_channel(&channel) {
                 return invalid(&channel);
             }
@@ -216,26 +253,36 @@ async fn handle(hub: &Hub, conn: &Arc<Conn>, text: &str, subscribed: &mut HashSe
                 reply(hub, conn, protocol::error(ErrorCode::Forbidden, "not allowed to subscribe"));
                 return 0;
             }
-            if !subscribed.contains(&channel) && subscribed.len() >= config.max_subscriptions {
+            if subscribed.contains(&channel) {
+                // Already subscribed: the same subscription, acknowledged again.
+                reply(hub, conn, Ack::new("subscribe", &channel).encode());
+                return 0;
+            }
+            if subscribed.len() >= config.max_subscriptions {
                 reply(hub, conn, protocol::error(ErrorCode::TooManySubscriptions, "subscription limit reached"));
                 return 1;
             }
-            match hub.subscribe(conn, &channel, since).await {
-                Ok((recovered, offset)) => {
+            match hub.subscribe(conn, &channel, since, epoch.as_deref(), join_leave).await {
+                Ok(done) => {
                     subscribed.insert(channel.clone());
-                    let recovered = since.map(|_| recovered);
-                    reply(hub, conn, protocol::ack("subscribe", &channel, recovered, Some(offset)));
+                    let mut ack = Ack::new("subscribe", &channel);
+                    ack.offset = Some(done.head);
+                    ack.epoch = Some(&done.epoch);
+                    ack.recovered = done.recovered;
+                    ack.reason = done.reason.map(reason_name);
+                    reply(hub, conn, ack.encode());
                 }
-                Err(error) => reply(hub, conn, protocol::error(ErrorCode::Forbidden, &error.to_string())),
+                Err(error) => reply(hub, conn, hub_error(&error)),
             }
         }
         ClientMessage::Unsubscribe { channel } => {
             if !protocol::valid_channel(&channel) {
                 return invalid(&channel);
             }
-            subscribed.remove(&channel);
-            hub.unsubscribe(conn.id, &channel).await;
-            reply(hub, conn, protocol::ack("unsubscribe", &channel, None, None));
+            if subscribed.remove(&channel) {
+                hub.unsubscribe(conn, &channel).await;
+            }
+            reply(hub, conn, Ack::new("unsubscribe", &channel).encode());
         }
         ClientMessage::Message { channel, content } => {
             if !protocol::valid_channel(&channel) {
@@ -246,16 +293,46 @@ async fn handle(hub: &Hub, conn: &Arc<Conn>, text: &str, subscribed: &mut HashSe
                 return 0;
             }
             match hub.publish(&channel, &content, &conn.user).await {
-                Ok(offset) => reply(hub, conn, protocol::ack("message", &channel, None, Some(offset))),
-                Err(error) => reply(hub, conn, protocol::error(ErrorCode::Forbidden, &error.to_string())),
+                Ok(offset) => {
+                    let mut ack = Ack::new("message", &channel);
+                    ack.offset = Some(offset);
+                    reply(hub, conn, ack.encode());
+                }
+                Err(error) => reply(hub, conn, hub_error(&error)),
             }
         }
         ClientMessage::Presence { channel } => {
             if !protocol::valid_channel(&channel) {
                 return invalid(&channel);
             }
-            reply(hub, conn, protocol::presence(&channel, &hub.presence(&channel)));
+            // Who listens is as private as what is said: the same permission as subscribing.
+            if !hub.inner.perms.can_subscribe(&conn.user, &channel) {
+                reply(hub, conn, protocol::error(ErrorCode::Forbidden, "not allowed to see who is subscribed"));
+                return 0;
+            }
+            match hub.presence_all(&channel).await {
+                Ok(users) => reply(hub, conn, protocol::presence(&channel, &users)),
+                Err(error) => reply(hub, conn, hub_error(&error)),
+            }
         }
     }
     0
+}
+
+/// The error frame for a hub error: each kind its own code.
+fn hub_error(error: &HubError) -> bytes::Bytes {
+    let code = match error {
+        HubError::InvalidChannel(_) => ErrorCode::InvalidChannel,
+        HubError::TooManyChannels(_) => ErrorCode::TooManyChannels,
+        HubError::Bridge(_) => ErrorCode::Unavailable,
+    };
+    protocol::error(code, &error.to_string())
+}
+
+fn reason_name(reason: GapReason) -> &'static str {
+    match reason {
+        GapReason::Trimmed => "trimmed",
+        GapReason::Epoch => "epoch",
+        GapReason::Ahead => "ahead",
+    }
 }
