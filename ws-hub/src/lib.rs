@@ -1,35 +1,66 @@
 //! A WebSocket pub/sub hub for axum: the seed's JSON protocol with explicit acks and errors,
-//! lock-free fan-out of frames serialized once, bounded per-connection queues with a
-//! slow-consumer policy, keepalive, limits, per-channel history with recovery, presence, and a
-//! Redis bridge so several instances deliver to all subscribers.
+//! fan-out of frames serialized once and shared by every recipient, bounded per-connection
+//! queues with a slow-consumer policy, keepalive, limits, per-channel history with truthful
+//! recovery (epochs), presence, and a Redis bridge so several instances deliver to all
+//! subscribers.
+//!
+//! # What it promises
+//!
+//! Every acknowledged publish reaches every subscriber of its channel, in offset order, once;
+//! a subscriber that cannot get some message (trimmed from the history, or the channel's
+//! offsets started again) is told with a `gap` frame or `recovered: false` — never silence.
+//! Memory is bounded: per connection by `max_queue_bytes`, per channel by `history`, the number
+//! of channels by `max_channels`, idle channels are freed after `history_ttl`, the Redis keys
+//! expire after it, and the bridge's queue sheds past `bridge_queue` (shed messages come back
+//! from the history). `tests/checker.rs` checks this with three instances on one Redis and on a
+//! Redis Cluster, clients that subscribe, unsubscribe, publish and reconnect with `since`, and
+//! bridge connections killed mid-run, judged only from what the clients sent and received.
 //!
 //! # Protocol
 //!
-//! Client → server: `{"type":"subscribe","channel":"c","since":41}` (`since` optional),
-//! `{"type":"unsubscribe","channel":"c"}`, `{"type":"message","channel":"c","content":<any>}`,
-//! `{"type":"presence","channel":"c"}`, `{"type":"ping"}`.
+//! Client → server: `{"type":"subscribe","channel":"c","since":41,"epoch":"e","join_leave":true}`
+//! (`since`, `epoch`, `join_leave` optional), `{"type":"unsubscribe","channel":"c"}`,
+//! `{"type":"message","channel":"c","content":<any>}`, `{"type":"presence","channel":"c"}`,
+//! `{"type":"ping"}`.
 //!
 //! Server → client: `{"type":"message","channel":"c","content":...,"user_id":"u","offset":42}`;
-//! acks `{"type":"ack","op":"subscribe"|"unsubscribe"|"message","channel":"c",...}` (a subscribe
-//! with `since` says `"recovered":true|false`; the offset is the channel's latest);
-//! `{"type":"gap",...}` when `since` is older than the history; `{"type":"dropped","missed":n}`
-//! under the drop-oldest policy; `{"type":"presence","channel":"c","users":[...]}`;
-//! `{"type":"pong"}`; errors `{"type":"error","code":"bad_json"|"unknown_type"|
-//! "invalid_channel"|"too_many_subscriptions"|"message_too_large"|"rate_limited"|"forbidden",
-//! "message":...}`.
+//! acks `{"type":"ack","op":"subscribe"|"unsubscribe"|"message","channel":"c",...}` — a publish's
+//! ack carries its `offset`; a subscribe's carries the channel's head `offset` and `epoch`, and
+//! with `since` also `"recovered":true|false` and, when false, `"reason":"trimmed"|"epoch"|"ahead"`;
+//! `{"type":"gap","channel":"c","epoch":"e","from":a,"to":b,"reason":...}` (offsets `from..=to`
+//! will not come; `to` is absent when the epoch changed); `{"type":"dropped","missed":n}` under
+//! the drop-oldest policy; `{"type":"presence","channel":"c","users":[...]}` (every instance's,
+//! with the bridge); `{"type":"join"|"leave","channel":"c","user_id":"u"}` to subscribers that
+//! asked; `{"type":"pong"}`; errors `{"type":"error","code":"bad_json"|"unknown_type"|
+//! "invalid_channel"|"too_many_subscriptions"|"too_many_channels"|"message_too_large"|
+//! "rate_limited"|"forbidden"|"unavailable","message":...}`.
+//!
+//! **Offsets and epochs.** A channel's offsets count 1, 2, 3... within an *epoch*, a random name
+//! given when the sequence starts: when the channel is created here (no bridge), or when its
+//! Redis state starts (the first publish or subscribe, again after its keys expired or a Redis
+//! lost its data). Recovering with a `since` of another epoch is `recovered: false`, reason
+//! `epoch`; a subscriber whose channel starts a new epoch gets a `gap` frame with reason `epoch`,
+//! then the new sequence from 1.
 //!
 //! Bad input gets an error and keeps the connection. Abuse closes it: more than
 //! `max_violations` rate-limit or subscription-limit errors → 1008; a frame over `max_frame` →
-//! 1009; a slow consumer under the disconnect policy → 1008. Publishing does not require
-//! subscribing; a subscribed sender receives its own message.
+//! an error frame and 1009 (frames over four times `max_frame` are cut off unread: reading them
+//! whole only to refuse them would let any client make the server buffer them); a slow consumer
+//! under the disconnect policy, or a write that takes longer than `write_timeout` → 1008. Every
+//! frame, binary ones too, counts against the message rate. Publishing does not require
+//! subscribing; a subscribed sender receives its own message. Presence needs the permission to
+//! subscribe. Browser upgrades are accepted from the same origin only unless `allowed_origins`
+//! lists others (or `"*"`).
 //!
 //! # Metrics
 //!
 //! Through the `metrics` facade: gauges `rampart_hub_connections`, `rampart_hub_subscriptions`,
-//! `rampart_hub_queued_bytes` (bytes waiting in connection queues); counters
-//! `rampart_hub_messages_in_total`, `rampart_hub_messages_out_total` (deliveries),
-//! `rampart_hub_dropped_total` (frames dropped under drop-oldest) and
-//! `rampart_hub_slow_disconnects_total`.
+//! `rampart_hub_channels`, `rampart_hub_queued_bytes` (bytes waiting in connection queues);
+//! counters `rampart_hub_messages_in_total`, `rampart_hub_messages_out_total` (deliveries),
+//! `rampart_hub_dropped_total` (frames dropped under drop-oldest),
+//! `rampart_hub_slow_disconnects_total`, `rampart_hub_bridge_shed_total` (messages from Redis
+//! shed from a full queue, recovered from the history) and `rampart_hub_gaps_total` (gap frames
+//! sent).
 //!
 //! # Example
 //!
