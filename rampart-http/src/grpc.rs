@@ -21,10 +21,14 @@ pub fn is_grpc(headers: &HeaderMap) -> bool {
 
 /// A trailers-only gRPC answer: HTTP 200, `content-type: application/grpc`, `grpc-status`,
 /// `grpc-message`, an empty body, and `google.rpc.RetryInfo` in `grpc-status-details-bin` when
-/// `retry_after` is given (so clients that understand it back off for the right time).
+/// `retry_after` is given (so clients that understand it back off for the right time), rounded
+/// as every Rampart answer rounds a wait ([`format_wait`](crate::format_wait)).
 pub fn grpc_response<B>(code: Code, message: &str, retry_after: Option<Duration>) -> http::Response<ResponseBody<B>> {
     let status = match retry_after {
-        Some(delay) => tonic::Status::with_error_details(code, message, ErrorDetails::with_retry_info(Some(delay))),
+        Some(delay) => {
+            let delay = crate::rounded_wait(delay);
+            tonic::Status::with_error_details(code, message, ErrorDetails::with_retry_info(Some(delay)))
+        }
         None => tonic::Status::new(code, message),
     };
     status.into_http::<http_body_util::Full<Bytes>>().map(|_| ResponseBody::empty())
@@ -59,6 +63,6 @@ mod tests {
         let status = tonic::Status::from_header_map(res.headers()).unwrap();
         assert_eq!(status.code(), Code::ResourceExhausted);
         let details = status.get_error_details();
-        assert_eq!(details.retry_info().and_then(|r| r.retry_delay), Some(Duration::from_millis(1500)));
+        assert_eq!(details.retry_info().and_then(|r| r.retry_delay), Some(Duration::from_secs(2)), "as Retry-After");
     }
 }

@@ -34,6 +34,6 @@ mod retry;
 pub use body::ResponseBody;
 pub use grpc::{grpc_response, is_grpc};
 pub use problem::{PROBLEM_JSON, Problem};
-pub use retry::{retry_after_header, retry_after_secs};
+pub use retry::{format_wait, retry_after_header, retry_after_secs, rounded_wait};
 /// gRPC status codes (tonic's), for [`grpc_response`].
 pub use tonic::Code as GrpcCode;

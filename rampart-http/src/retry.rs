@@ -11,6 +11,18 @@ pub fn retry_after_secs(wait: Duration) -> u64 {
     secs.max(1)
 }
 
+/// The one way every Rampart answer words a wait: the whole seconds of `Retry-After` (rounded
+/// up, never 0), e.g. `"2 s"`. gRPC `RetryInfo`, HTTP `Retry-After` and the human text of a
+/// rejection all say the same.
+pub fn format_wait(wait: Duration) -> String {
+    format!("{} s", retry_after_secs(wait))
+}
+
+/// `wait` as the answers carry it: whole seconds, rounded up, never 0.
+pub fn rounded_wait(wait: Duration) -> Duration {
+    Duration::from_secs(retry_after_secs(wait))
+}
+
 /// The `Retry-After` header value for `wait` (see [`retry_after_secs`]).
 pub fn retry_after_header(wait: Duration) -> HeaderValue {
     HeaderValue::from(retry_after_secs(wait))

@@ -1,57 +1,92 @@
-//! The response body that reports a gRPC call's outcome when its trailers arrive.
+//! The response body that reports a streamed call's outcome when its end arrives.
 
 use std::{
     pin::Pin,
-    sync::Arc,
     task::{Context, Poll, ready},
 };
 
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
+use tower_http::classify::ClassifyEos;
 
 use crate::{
-    classify::{GrpcEosErrorsAsFailures, HttpClassifier},
-    state::{Outcome, Permit},
+    classify::BreakerOutcome,
+    state::{Breaker, Outcome, Permit},
 };
 
 pin_project! {
-    /// The inner body, unchanged. For a gRPC call whose status comes in the trailers, the breaker
-    /// permit rides along and is recorded at the end of the stream: a failure status in the
-    /// trailers or a body error is a failure; a body dropped before its end is ignored.
+    /// The inner body, unchanged. For a call whose outcome comes at the end of the body (a gRPC
+    /// status in the trailers), the breaker's permit rides along and is recorded there: a failure
+    /// status, no status at all, or a body error is a failure; a body dropped before its end is
+    /// ignored. (A half-open probe already answered at its head; a failure at its end still
+    /// counts in the closed window.)
     #[derive(Debug)]
-    pub struct BreakerBody<B> {
+    pub struct BreakerBody<B, E> {
         #[pin]
         inner: B,
-        pending: Option<Pending>,
+        pending: Option<Pending<E>>,
     }
 }
 
 #[derive(Debug)]
-struct Pending {
-    permit: Permit,
-    eos: GrpcEosErrorsAsFailures,
-    classifier: Arc<HttpClassifier>,
+enum Pending<E> {
+    /// Record the permit at the end; `slow` was decided at the head, if measured there.
+    Permit { permit: Permit, eos: E, slow: Option<bool> },
+    /// The probe counted at its head: only a failure at the end still matters.
+    Late { breaker: Breaker, eos: E },
 }
 
-impl<B> BreakerBody<B> {
+impl<B, E> BreakerBody<B, E> {
     pub(crate) fn done(inner: B) -> Self {
         Self { inner, pending: None }
     }
 
-    pub(crate) fn pending(
-        inner: B,
-        permit: Permit,
-        eos: GrpcEosErrorsAsFailures,
-        classifier: Arc<HttpClassifier>,
-    ) -> Self {
-        Self { inner, pending: Some(Pending { permit, eos, classifier }) }
+    pub(crate) fn at_end(inner: B, permit: Permit, eos: E, slow: Option<bool>) -> Self {
+        Self { inner, pending: Some(Pending::Permit { permit, eos, slow }) }
+    }
+
+    pub(crate) fn late(inner: B, breaker: Breaker, eos: E) -> Self {
+        Self { inner, pending: Some(Pending::Late { breaker, eos }) }
     }
 }
 
-impl<B> Body for BreakerBody<B>
+impl<E> Pending<E>
+where
+    E: ClassifyEos,
+    E::FailureClass: BreakerOutcome,
+{
+    fn finish(self, outcome: impl FnOnce(E) -> Outcome) {
+        match self {
+            Pending::Permit { permit, eos, slow } => match slow {
+                Some(slow) => permit.record_with_slow(outcome(eos), slow),
+                None => permit.record(outcome(eos)),
+            },
+            Pending::Late { breaker, eos } => {
+                if outcome(eos) == Outcome::Failure {
+                    breaker.record_late_failure();
+                }
+            }
+        }
+    }
+}
+
+fn eos_outcome<E>(eos: E, trailers: Option<&http::HeaderMap>) -> Outcome
+where
+    E: ClassifyEos,
+    E::FailureClass: BreakerOutcome,
+{
+    match eos.classify_eos(trailers) {
+        Ok(()) => Outcome::Success,
+        Err(class) => class.breaker_outcome(),
+    }
+}
+
+impl<B, E> Body for BreakerBody<B, E>
 where
     B: Body<Data = Bytes>,
+    E: ClassifyEos,
+    E::FailureClass: BreakerOutcome,
 {
     type Data = Bytes;
     type Error = B::Error;
@@ -61,16 +96,10 @@ where
         let frame = ready!(this.inner.poll_frame(cx));
         if let Some(pending) = this.pending.take() {
             match &frame {
-                Some(Ok(frame)) if frame.is_trailers() => {
-                    let outcome = pending.classifier.classify_eos(pending.eos, frame.trailers_ref());
-                    pending.permit.record(outcome);
-                }
+                Some(Ok(frame)) if frame.is_trailers() => pending.finish(|eos| eos_outcome(eos, frame.trailers_ref())),
                 Some(Ok(_)) => *this.pending = Some(pending),
-                Some(Err(_)) => pending.permit.record(Outcome::Failure),
-                None => {
-                    let outcome = pending.classifier.classify_eos(pending.eos, None);
-                    pending.permit.record(outcome);
-                }
+                Some(Err(_)) => pending.finish(|_| Outcome::Failure),
+                None => pending.finish(|eos| eos_outcome(eos, None)),
             }
         }
         Poll::Ready(frame)

@@ -1,116 +1,178 @@
-//! Which responses and errors count as failures.
+//! Which responses and errors count as failures, through tower-http's classification traits.
 //!
-//! HTTP: a status of 500 or more is a failure, anything else a success (a 4xx is the client's
-//! fault, not the upstream's). gRPC (`content-type: application/grpc*`): the `grpc-status` in the
-//! headers (trailers-only answers) or, otherwise, in the trailers at the end of the body, read
-//! through tower-http's [`GrpcErrorsAsFailures`]; `UNAVAILABLE`, `DEADLINE_EXCEEDED`,
-//! `INTERNAL`, `UNKNOWN` and `RESOURCE_EXHAUSTED` are failures, `CANCELLED` is ignored, every
-//! other code (`INVALID_ARGUMENT`, `NOT_FOUND`, ...) is a success. Both rules are replaceable.
-
-use std::{fmt, sync::Arc};
+//! The layer takes any tower-http [`MakeClassifier`] (as `TraceLayer` does) whose failure class
+//! says what it means to a breaker ([`BreakerOutcome`]): tower-http's own
+//! `ServerErrorsAsFailures` and `GrpcErrorsAsFailures` work as they are, and so does a
+//! classifier of your own. The default, [`DefaultClassifier`], handles HTTP and gRPC on one
+//! service:
+//!
+//! * HTTP: a status of 500 or more is a failure; **429 is ignored** (a rate limit says nothing
+//!   of the upstream's health, and neither success nor failure should move the breaker); any
+//!   other status is a success (a 4xx is the client's fault).
+//! * gRPC (`content-type: application/grpc*`): the `grpc-status` in the headers (trailers-only
+//!   answers) or in the trailers at the end of the body. `UNAVAILABLE`, `DEADLINE_EXCEEDED`,
+//!   `INTERNAL`, `UNKNOWN` and `DATA_LOSS` are failures; `CANCELLED` and, as 429,
+//!   `RESOURCE_EXHAUSTED` are ignored; every other code (`INVALID_ARGUMENT`, `NOT_FOUND`, ...)
+//!   is a success. A response that ends **without** a `grpc-status` (no trailers, or trailers
+//!   without one) is a broken call: a failure, as the gRPC spec treats it.
+//! * An `Err` from the inner service (e.g. `tower::timeout`'s `Elapsed`) is a failure.
 
 use http::{HeaderMap, Response, StatusCode};
 use rampart_http::GrpcCode;
-use tower_http::classify::{ClassifiedResponse, ClassifyEos, ClassifyResponse, GrpcErrorsAsFailures, GrpcFailureClass};
+use tower_http::classify::{
+    ClassifiedResponse, ClassifyEos, ClassifyResponse, GrpcFailureClass, ServerErrorsFailureClass, SharedClassifier,
+};
 
-pub use tower_http::classify::GrpcEosErrorsAsFailures;
+pub use tower_http::classify::MakeClassifier;
 
 use crate::state::Outcome;
 
+/// What a failure class means to a breaker. Implemented for tower-http's failure classes and
+/// for [`FailureClass`]; implement it for your own classifier's.
+pub trait BreakerOutcome {
+    /// The outcome this class records.
+    fn breaker_outcome(&self) -> Outcome;
+}
+
 /// The default gRPC rule (see the module docs).
-pub fn default_grpc_outcome(code: GrpcCode) -> Outcome {
+pub fn grpc_outcome(code: GrpcCode) -> Outcome {
     match code {
         GrpcCode::Ok => Outcome::Success,
-        GrpcCode::Cancelled => Outcome::Ignored,
+        GrpcCode::Cancelled | GrpcCode::ResourceExhausted => Outcome::Ignored,
         GrpcCode::Unavailable
         | GrpcCode::DeadlineExceeded
         | GrpcCode::Internal
         | GrpcCode::Unknown
-        | GrpcCode::ResourceExhausted => Outcome::Failure,
+        | GrpcCode::DataLoss => Outcome::Failure,
         _ => Outcome::Success,
     }
 }
 
-/// The default HTTP rule: 5xx is a failure.
-pub fn default_http_outcome(status: StatusCode) -> Outcome {
-    if status.is_server_error() { Outcome::Failure } else { Outcome::Success }
-}
-
-type StatusRule = Arc<dyn Fn(StatusCode) -> Outcome + Send + Sync>;
-type GrpcRule = Arc<dyn Fn(GrpcCode) -> Outcome + Send + Sync>;
-
-/// Classifies HTTP and gRPC responses for the breaker (cheap to clone).
-#[derive(Clone)]
-pub struct HttpClassifier {
-    status: StatusRule,
-    grpc: GrpcRule,
-}
-
-impl Default for HttpClassifier {
-    fn default() -> Self {
-        Self { status: Arc::new(default_http_outcome), grpc: Arc::new(default_grpc_outcome) }
+/// The default HTTP rule: 5xx is a failure, 429 ignored, anything else a success.
+pub fn http_outcome(status: StatusCode) -> Outcome {
+    if status == StatusCode::TOO_MANY_REQUESTS {
+        Outcome::Ignored
+    } else if status.is_server_error() {
+        Outcome::Failure
+    } else {
+        Outcome::Success
     }
 }
 
-impl fmt::Debug for HttpClassifier {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("HttpClassifier").finish_non_exhaustive()
+impl BreakerOutcome for ServerErrorsFailureClass {
+    fn breaker_outcome(&self) -> Outcome {
+        match self {
+            ServerErrorsFailureClass::StatusCode(status) => http_outcome(*status),
+            ServerErrorsFailureClass::Error(_) => Outcome::Failure,
+        }
     }
 }
 
-/// The outcome now, or after the body's trailers.
-#[derive(Debug)]
-pub enum Classified {
-    /// Known from the response head.
-    Ready(Outcome),
-    /// Known at the end of the body (gRPC status in trailers).
-    Eos(GrpcEosErrorsAsFailures),
+impl BreakerOutcome for GrpcFailureClass {
+    fn breaker_outcome(&self) -> Outcome {
+        match self {
+            GrpcFailureClass::Code(code) => grpc_outcome(GrpcCode::from_i32(code.get())),
+            GrpcFailureClass::Error(_) => Outcome::Failure,
+        }
+    }
 }
 
-impl HttpClassifier {
-    /// The default rules.
-    pub fn new() -> Self {
-        Self::default()
-    }
+/// Why [`DefaultClassifier`] did not call a response a plain success.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FailureClass {
+    /// An HTTP status it looked at (5xx, or 429).
+    Status(StatusCode),
+    /// A gRPC status other than `OK`.
+    Grpc(GrpcCode),
+    /// A gRPC response that ended without a `grpc-status`.
+    GrpcStatusMissing,
+    /// The call or its body failed.
+    Error(String),
+}
 
-    /// Replaces the HTTP status rule.
-    pub fn status(mut self, rule: impl Fn(StatusCode) -> Outcome + Send + Sync + 'static) -> Self {
-        self.status = Arc::new(rule);
-        self
+impl std::fmt::Display for FailureClass {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Status(status) => write!(f, "status {status}"),
+            Self::Grpc(code) => write!(f, "grpc status {code:?}"),
+            Self::GrpcStatusMissing => f.write_str("grpc response without a status"),
+            Self::Error(error) => f.write_str(error),
+        }
     }
+}
 
-    /// Replaces the gRPC code rule.
-    pub fn grpc(mut self, rule: impl Fn(GrpcCode) -> Outcome + Send + Sync + 'static) -> Self {
-        self.grpc = Arc::new(rule);
-        self
+impl BreakerOutcome for FailureClass {
+    fn breaker_outcome(&self) -> Outcome {
+        match self {
+            Self::Status(status) => http_outcome(*status),
+            Self::Grpc(code) => grpc_outcome(*code),
+            Self::GrpcStatusMissing | Self::Error(_) => Outcome::Failure,
+        }
     }
+}
 
-    /// Classifies a response head.
-    pub fn classify_response<B>(&self, response: &Response<B>) -> Classified {
+/// HTTP and gRPC on one service (see the module docs). Use it as
+/// `SharedClassifier::new(DefaultClassifier)`, the layer's default.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct DefaultClassifier;
+
+/// The layer's default [`MakeClassifier`].
+pub type DefaultMakeClassifier = SharedClassifier<DefaultClassifier>;
+
+fn grpc_status(headers: &HeaderMap) -> Option<GrpcCode> {
+    let value = headers.get("grpc-status")?.to_str().ok()?;
+    Some(GrpcCode::from_i32(value.trim().parse().ok()?))
+}
+
+fn grpc_result(code: GrpcCode) -> Result<(), FailureClass> {
+    if code == GrpcCode::Ok { Ok(()) } else { Err(FailureClass::Grpc(code)) }
+}
+
+impl ClassifyResponse for DefaultClassifier {
+    type FailureClass = FailureClass;
+    type ClassifyEos = GrpcEos;
+
+    fn classify_response<B>(self, response: &Response<B>) -> ClassifiedResponse<FailureClass, GrpcEos> {
+        let status = response.status();
         if !rampart_http::is_grpc(response.headers()) {
-            return Classified::Ready((self.status)(response.status()));
+            return ClassifiedResponse::Ready(match http_outcome(status) {
+                Outcome::Success => Ok(()),
+                _ => Err(FailureClass::Status(status)),
+            });
         }
-        if !response.status().is_success() && !response.headers().contains_key("grpc-status") {
+        match grpc_status(response.headers()) {
+            // Trailers-only: the status is in the headers.
+            Some(code) => ClassifiedResponse::Ready(grpc_result(code)),
             // A proxy's error page in front of a gRPC server.
-            return Classified::Ready((self.status)(response.status()));
-        }
-        match GrpcErrorsAsFailures::new().classify_response(response) {
-            ClassifiedResponse::Ready(result) => Classified::Ready(self.grpc_result(result)),
-            ClassifiedResponse::RequiresEos(eos) => Classified::Eos(eos),
+            None if !status.is_success() => ClassifiedResponse::Ready(match http_outcome(status) {
+                Outcome::Success => Err(FailureClass::GrpcStatusMissing),
+                _ => Err(FailureClass::Status(status)),
+            }),
+            None => ClassifiedResponse::RequiresEos(GrpcEos),
         }
     }
 
-    /// Classifies the end of a gRPC body.
-    pub fn classify_eos(&self, eos: GrpcEosErrorsAsFailures, trailers: Option<&HeaderMap>) -> Outcome {
-        self.grpc_result(eos.classify_eos(trailers))
+    fn classify_error<E: std::fmt::Display + 'static>(self, error: &E) -> FailureClass {
+        FailureClass::Error(error.to_string())
+    }
+}
+
+/// The end of a gRPC body: the status in its trailers; none is a failure.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct GrpcEos;
+
+impl ClassifyEos for GrpcEos {
+    type FailureClass = FailureClass;
+
+    fn classify_eos(self, trailers: Option<&HeaderMap>) -> Result<(), FailureClass> {
+        match trailers.and_then(grpc_status) {
+            Some(code) => grpc_result(code),
+            None => Err(FailureClass::GrpcStatusMissing),
+        }
     }
 
-    fn grpc_result(&self, result: Result<(), GrpcFailureClass>) -> Outcome {
-        match result {
-            Ok(()) => (self.grpc)(GrpcCode::Ok),
-            Err(GrpcFailureClass::Code(code)) => (self.grpc)(GrpcCode::from_i32(code.get())),
-            Err(GrpcFailureClass::Error(_)) => Outcome::Failure,
-        }
+    fn classify_error<E: std::fmt::Display + 'static>(self, error: &E) -> FailureClass {
+        FailureClass::Error(error.to_string())
     }
 }
 
@@ -149,22 +211,34 @@ mod tests {
         if let Some(s) = status {
             builder = builder.header("grpc-status", s);
         }
-        builder.body(()).unwrap()
+        builder.body(()).unwrap_or_default()
+    }
+
+    fn outcome(r: ClassifiedResponse<FailureClass, GrpcEos>) -> Option<Outcome> {
+        match r {
+            ClassifiedResponse::Ready(Ok(())) => Some(Outcome::Success),
+            ClassifiedResponse::Ready(Err(class)) => Some(class.breaker_outcome()),
+            ClassifiedResponse::RequiresEos(_) => None,
+        }
     }
 
     #[test]
     fn http_and_grpc_rules() {
-        let c = HttpClassifier::new();
-        let http = |code: u16| Response::builder().status(code).body(()).unwrap();
-        assert!(matches!(c.classify_response(&http(200)), Classified::Ready(Outcome::Success)));
-        assert!(matches!(c.classify_response(&http(404)), Classified::Ready(Outcome::Success)));
-        assert!(matches!(c.classify_response(&http(503)), Classified::Ready(Outcome::Failure)));
-        assert!(matches!(c.classify_response(&grpc_response(Some("14"))), Classified::Ready(Outcome::Failure)));
-        assert!(matches!(c.classify_response(&grpc_response(Some("3"))), Classified::Ready(Outcome::Success)));
-        assert!(matches!(c.classify_response(&grpc_response(Some("1"))), Classified::Ready(Outcome::Ignored)));
-        let Classified::Eos(eos) = c.classify_response(&grpc_response(None)) else { panic!("needs trailers") };
+        let c = DefaultClassifier;
+        let http = |code: u16| Response::builder().status(code).body(()).unwrap_or_default();
+        assert_eq!(outcome(c.classify_response(&http(200))), Some(Outcome::Success));
+        assert_eq!(outcome(c.classify_response(&http(404))), Some(Outcome::Success));
+        assert_eq!(outcome(c.classify_response(&http(429))), Some(Outcome::Ignored));
+        assert_eq!(outcome(c.classify_response(&http(503))), Some(Outcome::Failure));
+        assert_eq!(outcome(c.classify_response(&grpc_response(Some("14")))), Some(Outcome::Failure));
+        assert_eq!(outcome(c.classify_response(&grpc_response(Some("3")))), Some(Outcome::Success));
+        assert_eq!(outcome(c.classify_response(&grpc_response(Some("1")))), Some(Outcome::Ignored));
+        assert_eq!(outcome(c.classify_response(&grpc_response(Some("8")))), Some(Outcome::Ignored));
+        assert_eq!(outcome(c.classify_response(&grpc_response(None))), None);
         let mut trailers = HeaderMap::new();
-        trailers.insert("grpc-status", "4".parse().unwrap());
-        assert_eq!(c.classify_eos(eos, Some(&trailers)), Outcome::Failure);
+        trailers.insert("grpc-status", http::HeaderValue::from_static("4"));
+        assert_eq!(GrpcEos.classify_eos(Some(&trailers)).unwrap_err().breaker_outcome(), Outcome::Failure);
+        assert_eq!(GrpcEos.classify_eos(None).unwrap_err(), FailureClass::GrpcStatusMissing);
+        assert_eq!(GrpcEos.classify_eos(Some(&HeaderMap::new())).unwrap_err(), FailureClass::GrpcStatusMissing);
     }
 }

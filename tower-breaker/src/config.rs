@@ -34,13 +34,10 @@ pub enum TripPolicy {
         /// Failures in a row that trip the breaker.
         threshold: u32,
     },
-    /// Google SRE's client-side adaptive throttling (*Site Reliability Engineering*, "Handling
-    /// Overload"), instead of the state machine: the breaker never opens, but once the window
-    /// holds `minimum_calls` it refuses each call with probability
-    /// `max(0, (requests − k × accepts) / (requests + 1))`, where requests are the window's
-    /// calls — refused ones included — and accepts its successes. A backend that accepts half
-    /// the calls with `k = 2` sees no throttling; one that accepts nothing sees almost all
-    /// calls refused locally, while a trickle still probes it.
+    /// Google SRE's client-side adaptive throttling: not a state machine, so it has its own
+    /// layer ([`AdaptiveThrottle`](crate::AdaptiveThrottle)); a [`Breaker`](crate::Breaker)
+    /// refuses this policy. Kept in the config so a TOML file can name it (the demo reads it to
+    /// build the right layer).
     AdaptiveThrottling {
         /// How many requests per accepted one are let through (default 2.0; lower throttles
         /// sooner). At least 1.0.
@@ -51,6 +48,18 @@ pub enum TripPolicy {
 
 fn default_k() -> f64 {
     2.0
+}
+
+/// Where a call's duration ends, for slow-call detection.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SlowCallMeasure {
+    /// At the response head (default): a stream's length says nothing of its upstream's health.
+    #[default]
+    Head,
+    /// At the end of the response body (the call's whole length; a streamed half-open probe holds
+    /// its permit to its end).
+    End,
 }
 
 /// Growth of the open-state wait on consecutive re-opens (a half-open probe failed again).
@@ -77,7 +86,8 @@ pub struct WaitGrowth {
 pub struct BreakerConfig {
     /// The sliding window (default: the last 100 calls).
     pub window: SlidingWindow,
-    /// Calls the window must hold before rates are judged (default 20).
+    /// Calls the window must hold before rates are judged (default 20; with a count window,
+    /// at most its size, as in resilience4j).
     pub minimum_calls: u32,
     /// Failure rate in percent at or above which the breaker opens (default 50).
     pub failure_rate_threshold: f64,
@@ -97,6 +107,13 @@ pub struct BreakerConfig {
     /// the breaker (default 60 s).
     #[serde(with = "humantime_serde::option")]
     pub max_wait_in_half_open: Option<Duration>,
+    /// Move from open to half-open (and out of half-open after `max_wait_in_half_open`) on a
+    /// timer, as resilience4j's `automaticTransitionFromOpenToHalfOpenEnabled` (default false:
+    /// on the first call after the wait). Needs a tokio runtime.
+    pub automatic_transition: bool,
+    /// Where a call's duration ends for slow-call detection (default: at the response head, so a
+    /// long stream is not a slow call; a half-open probe that streams then answers at its head).
+    pub slow_call_measure: SlowCallMeasure,
     /// What trips the breaker (default: rates).
     pub trip: TripPolicy,
 }
@@ -113,6 +130,8 @@ impl Default for BreakerConfig {
             wait_growth: None,
             half_open_permits: 3,
             max_wait_in_half_open: Some(Duration::from_secs(60)),
+            automatic_transition: false,
+            slow_call_measure: SlowCallMeasure::Head,
             trip: TripPolicy::Rate,
         }
     }
@@ -249,11 +268,22 @@ impl BreakerConfigBuilder {
         self
     }
 
-    /// Throttle adaptively (Google SRE) instead of opening: see
-    /// [`TripPolicy::AdaptiveThrottling`]. The window (count or time; SRE uses the last two
-    /// minutes) and `minimum_calls` apply.
+    /// Marks the config as adaptive throttling (see [`TripPolicy::AdaptiveThrottling`]): build
+    /// an [`AdaptiveThrottle`](crate::AdaptiveThrottle) from it.
     pub fn adaptive_throttling(mut self, k: f64) -> Self {
         self.config.trip = TripPolicy::AdaptiveThrottling { k };
+        self
+    }
+
+    /// Opens to half-open on a timer (see [`BreakerConfig::automatic_transition`]).
+    pub fn automatic_transition(mut self, on: bool) -> Self {
+        self.config.automatic_transition = on;
+        self
+    }
+
+    /// Where a call's duration ends for slow-call detection.
+    pub fn slow_call_measure(mut self, measure: SlowCallMeasure) -> Self {
+        self.config.slow_call_measure = measure;
         self
     }
 

@@ -32,8 +32,8 @@ pub struct CircuitOpen {
 
 impl CircuitOpen {
     /// A refusal that may be retried at once (the breaker let go between readiness and call).
-    pub(crate) fn retry_now(breaker: &crate::Breaker) -> Self {
-        Self { breaker: breaker.name().into(), retry_after: Some(Duration::ZERO), throttled: None }
+    pub(crate) fn retry_now(breaker: &str) -> Self {
+        Self { breaker: breaker.into(), retry_after: Some(Duration::ZERO), throttled: None }
     }
 
     /// The breaker's name.
@@ -59,7 +59,9 @@ impl fmt::Display for CircuitOpen {
             (Some(p), _) => {
                 write!(f, "circuit `{}` is throttling: refused locally with probability {p:.2}", self.breaker)
             }
-            (None, Some(wait)) => write!(f, "circuit `{}` is open; retry in {wait:?}", self.breaker),
+            (None, Some(wait)) => {
+                write!(f, "circuit `{}` is open; retry in {}", self.breaker, rampart_http::format_wait(wait))
+            }
             (None, None) => write!(f, "circuit `{}` is forced open", self.breaker),
         }
     }

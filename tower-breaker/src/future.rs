@@ -3,82 +3,117 @@
 use std::{
     future::Future,
     pin::Pin,
-    sync::Arc,
     task::{Context, Poll, ready},
 };
 
 use http::Response;
 use pin_project_lite::pin_project;
 use rampart_http::ResponseBody;
+use tower_http::classify::{ClassifiedResponse, ClassifyResponse};
 
 use crate::{
     BoxError,
     body::BreakerBody,
-    classify::{Classified, ClassifyError, HttpClassifier},
+    classify::{BreakerOutcome, ClassifyError},
     error::CircuitOpen,
     state::{Outcome, Permit},
 };
 
+type Answer<B, C> = Response<ResponseBody<BreakerBody<B, <C as ClassifyResponse>::ClassifyEos>>>;
+
 pin_project! {
     #[project = HttpProj]
-    enum HttpState<F, B> {
-        Calling { #[pin] future: F, permit: Option<Permit>, classifier: Arc<HttpClassifier> },
-        Rejected { response: Option<Response<ResponseBody<B>>> },
+    enum HttpState<F, B, C: ClassifyResponse> {
+        Calling { #[pin] future: F, call: Option<(Permit, C)> },
+        Rejected { response: Option<Answer<B, C>> },
+        Done,
     }
 }
 
 pin_project! {
     /// Response future of [`CircuitBreaker`](crate::CircuitBreaker) in [`Http`](crate::Http)
     /// mode. Dropping it before the response records the call as ignored.
-    pub struct ResponseFuture<F, B> {
+    pub struct ResponseFuture<F, B, C: ClassifyResponse> {
         #[pin]
-        state: HttpState<F, BreakerBody<B>>,
+        state: HttpState<F, B, C>,
     }
 }
 
-impl<F, B> ResponseFuture<F, B> {
-    pub(crate) fn calling(future: F, permit: Permit, classifier: Arc<HttpClassifier>) -> Self {
-        Self { state: HttpState::Calling { future, permit: Some(permit), classifier } }
+impl<F, B, C: ClassifyResponse> std::fmt::Debug for ResponseFuture<F, B, C> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ResponseFuture").finish_non_exhaustive()
+    }
+}
+
+impl<F, B, C: ClassifyResponse> ResponseFuture<F, B, C> {
+    pub(crate) fn calling(future: F, permit: Permit, classifier: C) -> Self {
+        Self { state: HttpState::Calling { future, call: Some((permit, classifier)) } }
     }
 
-    pub(crate) fn rejected(response: Response<ResponseBody<BreakerBody<B>>>) -> Self {
+    pub(crate) fn rejected(response: Answer<B, C>) -> Self {
         Self { state: HttpState::Rejected { response: Some(response) } }
     }
 }
 
-impl<F, B, E> Future for ResponseFuture<F, B>
+impl<F, B, C, E> Future for ResponseFuture<F, B, C>
 where
     F: Future<Output = Result<Response<B>, E>>,
+    C: ClassifyResponse,
+    C::FailureClass: BreakerOutcome,
 {
-    type Output = Result<Response<ResponseBody<BreakerBody<B>>>, E>;
+    type Output = Result<Answer<B, C>, E>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        match self.project().state.project() {
-            HttpProj::Calling { future, permit, classifier } => {
+        let mut this = self.project();
+        let output = match this.state.as_mut().project() {
+            HttpProj::Calling { future, call } => {
                 let result = ready!(future.poll(cx));
-                let Some(permit) = permit.take() else {
-                    panic!("ResponseFuture polled after completion");
-                };
-                Poll::Ready(match result {
-                    Ok(response) => Ok(match classifier.classify_response(&response) {
-                        Classified::Ready(outcome) => {
-                            permit.record(outcome);
-                            response.map(|body| ResponseBody::inner(BreakerBody::done(body)))
-                        }
-                        Classified::Eos(eos) => {
-                            let classifier = classifier.clone();
-                            response
-                                .map(|body| ResponseBody::inner(BreakerBody::pending(body, permit, eos, classifier)))
-                        }
-                    }),
+                let Some((permit, classifier)) = call.take() else { return Poll::Pending };
+                match result {
+                    Ok(response) => Ok(classified(response, permit, classifier)),
                     Err(error) => {
                         permit.record(Outcome::Failure);
                         Err(error)
                     }
-                })
+                }
             }
-            HttpProj::Rejected { response } => {
-                Poll::Ready(Ok(response.take().unwrap_or_else(|| panic!("ResponseFuture polled after completion"))))
+            HttpProj::Rejected { response } => match response.take() {
+                Some(response) => Ok(response),
+                None => return Poll::Pending,
+            },
+            HttpProj::Done => return Poll::Pending,
+        };
+        this.state.set(HttpState::Done);
+        Poll::Ready(output)
+    }
+}
+
+/// Records the outcome the head tells, or sends the permit along with the body to its end.
+fn classified<B, C>(response: Response<B>, permit: Permit, classifier: C) -> Answer<B, C>
+where
+    C: ClassifyResponse,
+    C::FailureClass: BreakerOutcome,
+{
+    match classifier.classify_response(&response) {
+        ClassifiedResponse::Ready(result) => {
+            permit.record(match result {
+                Ok(()) => Outcome::Success,
+                Err(class) => class.breaker_outcome(),
+            });
+            response.map(|body| ResponseBody::inner(BreakerBody::done(body)))
+        }
+        ClassifiedResponse::RequiresEos(eos) => {
+            if !permit.measures_to_head() {
+                return response.map(|body| ResponseBody::inner(BreakerBody::at_end(body, permit, eos, None)));
+            }
+            let slow = permit.slow_now();
+            match permit.probe_of().cloned() {
+                // A probe answers at its head, so long streams never wedge half-open.
+                Some(breaker) => {
+                    permit.record_with_slow(Outcome::Success, slow);
+                    response.map(|body| ResponseBody::inner(BreakerBody::late(body, breaker, eos)))
+                }
+                None => response.map(|body| ResponseBody::inner(BreakerBody::at_end(body, permit, eos, Some(slow)))),
             }
         }
     }

@@ -1,35 +1,94 @@
-//! [`CircuitBreakerLayer`] and how a request finds its breaker.
+//! [`CircuitBreakerLayer`], [`AdaptiveThrottleLayer`], and how a request finds its guard.
 
 use std::{fmt, sync::Arc};
 
 use http::Request;
+use tower_http::classify::SharedClassifier;
 use tower_layer::Layer;
 
 use crate::{
-    classify::{ErrorsAreFailures, HttpClassifier},
+    classify::{DefaultClassifier, DefaultMakeClassifier, ErrorsAreFailures},
+    error::CircuitOpen,
     registry::BreakerRegistry,
     service::CircuitBreaker,
-    state::Breaker,
+    state::{Breaker, Permit, State},
+    throttle::AdaptiveThrottle,
 };
 
-/// Picks the breaker of a request.
-pub trait Selector<Req>: Send + Sync + 'static {
-    /// The breaker guarding `req`.
-    fn select(&self, req: &Req) -> Breaker;
+/// What stands between a request and the service: a [`Breaker`] or an [`AdaptiveThrottle`].
+pub trait Guard: Clone + Send + Sync + 'static {
+    /// A permit for one call, or the refusal.
+    fn acquire(&self) -> Result<Permit, CircuitOpen>;
 
-    /// The one breaker, if every request uses the same (lets `poll_ready` skip the inner
-    /// service entirely while it is open).
-    fn single(&self) -> Option<&Breaker> {
+    /// Whether every call would be refused now (an open breaker whose wait is not over): lets
+    /// `poll_ready` skip the inner service.
+    fn refusing(&self) -> bool {
+        false
+    }
+
+    /// A refusal that may be retried at once (the guard let go between readiness and call).
+    fn retry_now(&self) -> CircuitOpen;
+}
+
+impl Guard for Breaker {
+    fn acquire(&self) -> Result<Permit, CircuitOpen> {
+        self.try_acquire()
+    }
+
+    fn refusing(&self) -> bool {
+        matches!(self.state(), State::Open | State::ForcedOpen) && self.try_acquire_probe_due().is_none()
+    }
+
+    fn retry_now(&self) -> CircuitOpen {
+        CircuitOpen::retry_now(self.name())
+    }
+}
+
+impl Guard for AdaptiveThrottle {
+    fn acquire(&self) -> Result<Permit, CircuitOpen> {
+        self.try_acquire()
+    }
+
+    fn retry_now(&self) -> CircuitOpen {
+        CircuitOpen::retry_now(self.name())
+    }
+}
+
+/// Picks the guard of a request.
+pub trait Selector<Req>: Send + Sync + 'static {
+    /// The guard type.
+    type Guard: Guard;
+
+    /// The guard of `req`.
+    fn select(&self, req: &Req) -> Self::Guard;
+
+    /// The one guard, if every request uses the same (lets `poll_ready` skip the inner service
+    /// entirely while it refuses).
+    fn single(&self) -> Option<&Self::Guard> {
         None
     }
 }
 
 impl<Req> Selector<Req> for Breaker {
+    type Guard = Breaker;
+
     fn select(&self, _: &Req) -> Breaker {
         self.clone()
     }
 
     fn single(&self) -> Option<&Breaker> {
+        Some(self)
+    }
+}
+
+impl<Req> Selector<Req> for AdaptiveThrottle {
+    type Guard = AdaptiveThrottle;
+
+    fn select(&self, _: &Req) -> AdaptiveThrottle {
+        self.clone()
+    }
+
+    fn single(&self) -> Option<&AdaptiveThrottle> {
         Some(self)
     }
 }
@@ -69,6 +128,8 @@ where
 }
 
 impl<Req, K: BreakerKey<Req>> Selector<Req> for Keyed<K> {
+    type Guard = Breaker;
+
     fn select(&self, req: &Req) -> Breaker {
         match self.key.key(req) {
             Some(key) => self.registry.get(&key),
@@ -77,7 +138,8 @@ impl<Req, K: BreakerKey<Req>> Selector<Req> for Keyed<K> {
     }
 }
 
-/// Ready keys for `http::Request`s.
+/// Ready keys for `http::Request`s. A key space that comes from requests is bounded by the
+/// registry ([`BreakerRegistry::with_limits`], [`BreakerRegistry::only`]).
 pub mod keys {
     use super::{BreakerKey, Request};
 
@@ -118,20 +180,27 @@ pub mod keys {
     }
 }
 
-/// Rejections as HTTP 503 / gRPC `UNAVAILABLE` responses, outcomes from the response (default).
-#[derive(Debug, Clone, Default)]
-pub struct Http {
-    pub(crate) classifier: Arc<HttpClassifier>,
+/// Rejections as HTTP 503 / gRPC `UNAVAILABLE` responses, outcomes from the response through a
+/// tower-http [`MakeClassifier`](crate::classify::MakeClassifier) (default).
+#[derive(Debug, Clone)]
+pub struct Http<M = DefaultMakeClassifier> {
+    pub(crate) make_classifier: M,
 }
 
-/// Rejections as [`CircuitOpen`](crate::CircuitOpen) errors, outcomes from `Ok`/`Err` (any
-/// request type).
+impl Default for Http {
+    fn default() -> Self {
+        Self { make_classifier: SharedClassifier::new(DefaultClassifier) }
+    }
+}
+
+/// Rejections as [`CircuitOpen`] errors, outcomes from `Ok`/`Err` (any request type).
 #[derive(Debug, Clone, Default)]
 pub struct Errors<C = ErrorsAreFailures> {
     pub(crate) classify: C,
 }
 
-/// Puts a circuit breaker (or one per key) in front of a service. See the [crate docs](crate).
+/// Puts a circuit breaker (or one per key, or an adaptive throttle) in front of a service. See
+/// the [crate docs](crate).
 #[derive(Clone)]
 pub struct CircuitBreakerLayer<Sel, M = Http> {
     selector: Arc<Sel>,
@@ -158,11 +227,12 @@ impl<K> CircuitBreakerLayer<Keyed<K>> {
     }
 }
 
-impl<Sel> CircuitBreakerLayer<Sel, Http> {
-    /// Replaces the HTTP/gRPC classification.
-    pub fn classifier(mut self, classifier: HttpClassifier) -> Self {
-        self.mode.classifier = Arc::new(classifier);
-        self
+impl<Sel, M> CircuitBreakerLayer<Sel, Http<M>> {
+    /// Classifies with any tower-http classifier whose failure class implements
+    /// [`BreakerOutcome`](crate::classify::BreakerOutcome), e.g.
+    /// `SharedClassifier::new(ServerErrorsAsFailures::new())` or your own.
+    pub fn classifier<M2>(self, make_classifier: M2) -> CircuitBreakerLayer<Sel, Http<M2>> {
+        CircuitBreakerLayer { selector: self.selector, mode: Http { make_classifier } }
     }
 
     /// Rejections as errors, for services that are not HTTP; every `Err` is a failure.
@@ -183,5 +253,42 @@ impl<S, Sel, M: Clone> Layer<S> for CircuitBreakerLayer<Sel, M> {
 
     fn layer(&self, inner: S) -> Self::Service {
         CircuitBreaker::new(inner, self.selector.clone(), self.mode.clone())
+    }
+}
+
+/// Adaptive throttling (Google SRE) in front of a service: refusals are answered like an open
+/// circuit, with `"error":"throttled"` (HTTP 503, gRPC `UNAVAILABLE`). See
+/// [`AdaptiveThrottle`].
+///
+/// ```
+/// use tower_breaker::{AdaptiveThrottle, AdaptiveThrottleLayer, ThrottleConfig};
+///
+/// let throttle = AdaptiveThrottle::new("search", ThrottleConfig::default())?;
+/// let layer = AdaptiveThrottleLayer::new(throttle);
+/// # let _ = layer;
+/// # Ok::<(), tower_breaker::ConfigError>(())
+/// ```
+#[derive(Clone, Debug)]
+pub struct AdaptiveThrottleLayer<M = Http> {
+    inner: CircuitBreakerLayer<AdaptiveThrottle, M>,
+}
+
+impl AdaptiveThrottleLayer {
+    /// Every request goes through `throttle`.
+    pub fn new(throttle: AdaptiveThrottle) -> Self {
+        Self { inner: CircuitBreakerLayer { selector: Arc::new(throttle), mode: Http::default() } }
+    }
+
+    /// Refusals as errors, for services that are not HTTP.
+    pub fn errors(self) -> AdaptiveThrottleLayer<Errors> {
+        AdaptiveThrottleLayer { inner: self.inner.errors() }
+    }
+}
+
+impl<S, M: Clone> Layer<S> for AdaptiveThrottleLayer<M> {
+    type Service = CircuitBreaker<S, AdaptiveThrottle, M>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        self.inner.layer(inner)
     }
 }

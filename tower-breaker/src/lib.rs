@@ -93,17 +93,19 @@ mod registry;
 mod response;
 mod service;
 mod state;
+mod throttle;
 mod window;
 
 pub use body::BreakerBody;
-pub use classify::{ClassifyError, ErrorsAreFailures, HttpClassifier};
-pub use config::{BreakerConfig, BreakerConfigBuilder, SlidingWindow, TripPolicy, WaitGrowth};
+pub use classify::{BreakerOutcome, ClassifyError, DefaultClassifier, ErrorsAreFailures};
+pub use config::{BreakerConfig, BreakerConfigBuilder, SlidingWindow, SlowCallMeasure, TripPolicy, WaitGrowth};
 pub use error::{CircuitOpen, ConfigError};
 pub use future::{ErrorFuture, ResponseFuture};
-pub use layer::{BreakerKey, CircuitBreakerLayer, Errors, Http, Keyed, Selector, keys};
+pub use layer::{AdaptiveThrottleLayer, BreakerKey, CircuitBreakerLayer, Errors, Guard, Http, Keyed, Selector, keys};
 pub use registry::BreakerRegistry;
 pub use service::CircuitBreaker;
-pub use state::{Breaker, Outcome, Permit, Reason, Snapshot, State, Transition};
+pub use state::{Breaker, Event, Outcome, Permit, Reason, Snapshot, State, Transition};
+pub use throttle::{AdaptiveThrottle, ThrottleConfig};
 pub use window::WindowTotals;
 
 /// Boxed error of generic-mode services (as `tower::BoxError`).

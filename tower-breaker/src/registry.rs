@@ -1,42 +1,40 @@
 //! One breaker per key (route, gRPC method, upstream host...), bounded in number.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     fmt,
-    sync::{
-        PoisonError, RwLock,
-        atomic::{AtomicU64, Ordering},
-    },
-    time::Duration,
+    sync::{PoisonError, RwLock},
 };
 
-use tokio::time::Instant;
+use crate::{config::BreakerConfig, error::ConfigError, state::Breaker};
 
-use crate::{
-    config::BreakerConfig,
-    error::ConfigError,
-    state::{Breaker, State},
-};
-
-/// Keyed breakers created on first use with one configuration.
+/// Keyed breakers created on first use, bounded: at most `max_keys` of them, after which new
+/// keys share one breaker named `<prefix>other` — so keys taken from requests (paths, gRPC
+/// methods) can never grow the registry, or the metric series each breaker registers, without
+/// bound. Nothing is evicted: a key keeps its breaker (and its series) for the registry's life.
+/// [`only`](Self::only) restricts the keys to a known set (every other key is `other`), and
+/// [`configure`](Self::configure) gives a key a configuration of its own (resilience4j's
+/// per-name configs).
 ///
-/// Bounded: at most `max_keys` breakers. When full, a new key first evicts breakers that are
-/// closed and unused for `idle` (their state is fresh anyway), then the least recently used
-/// closed one; if every breaker is open or half-open (all remembering a failure), new keys share
-/// one overflow breaker named `<prefix>~overflow` instead of evicting a tripped one.
+/// ```
+/// use tower_breaker::{BreakerConfig, BreakerRegistry};
+///
+/// let registry = BreakerRegistry::new("upstream:", BreakerConfig::default())?
+///     .only(["orders", "payments"])
+///     .configure("payments", BreakerConfig::builder().minimum_calls(5).build()?)?;
+/// assert_eq!(registry.get("payments").name(), "upstream:payments");
+/// assert_eq!(registry.get("payments").config().minimum_calls, 5);
+/// assert_eq!(registry.get("/random/path").name(), "upstream:other");
+/// # Ok::<(), tower_breaker::ConfigError>(())
+/// ```
 pub struct BreakerRegistry {
     prefix: String,
     config: BreakerConfig,
     max_keys: usize,
-    idle: Duration,
-    epoch: Instant,
-    breakers: RwLock<HashMap<String, Entry>>,
-    overflow: Breaker,
-}
-
-struct Entry {
-    breaker: Breaker,
-    last_used: AtomicU64,
+    only: Option<HashSet<String>>,
+    configs: HashMap<String, BreakerConfig>,
+    breakers: RwLock<HashMap<String, Breaker>>,
+    other: Breaker,
 }
 
 impl fmt::Debug for BreakerRegistry {
@@ -46,82 +44,71 @@ impl fmt::Debug for BreakerRegistry {
 }
 
 impl BreakerRegistry {
-    /// Breakers named `<prefix><key>`, at most 1000, idle after 10 minutes.
+    /// Breakers named `<prefix><key>`, at most 1000 keys.
     pub fn new(prefix: impl Into<String>, config: BreakerConfig) -> Result<Self, ConfigError> {
-        Self::with_limits(prefix, config, 1000, Duration::from_secs(600))
+        Self::with_limits(prefix, config, 1000)
     }
 
-    /// With explicit bounds.
-    pub fn with_limits(
-        prefix: impl Into<String>,
-        config: BreakerConfig,
-        max_keys: usize,
-        idle: Duration,
-    ) -> Result<Self, ConfigError> {
+    /// At most `max_keys` keys of their own (at least 1).
+    pub fn with_limits(prefix: impl Into<String>, config: BreakerConfig, max_keys: usize) -> Result<Self, ConfigError> {
         let prefix = prefix.into();
-        let overflow = Breaker::new(format!("{prefix}~overflow"), config.clone())?;
+        let other = Breaker::new(format!("{prefix}other"), config.clone())?;
         Ok(Self {
             prefix,
             config,
             max_keys: max_keys.max(1),
-            idle,
-            epoch: Instant::now(),
+            only: None,
+            configs: HashMap::new(),
             breakers: RwLock::new(HashMap::new()),
-            overflow,
+            other,
         })
     }
 
-    fn now_secs(&self) -> u64 {
-        Instant::now().saturating_duration_since(self.epoch).as_secs()
+    /// Only these keys get a breaker of their own; any other key shares `<prefix>other`.
+    pub fn only<S: Into<String>>(mut self, keys: impl IntoIterator<Item = S>) -> Self {
+        self.only = Some(keys.into_iter().map(Into::into).collect());
+        self
     }
 
-    /// The breaker of `key`, created if needed.
+    /// `key`'s breaker uses `config` instead of the registry's.
+    pub fn configure(mut self, key: impl Into<String>, config: BreakerConfig) -> Result<Self, ConfigError> {
+        config.validate()?;
+        self.configs.insert(key.into(), config);
+        Ok(self)
+    }
+
+    /// The breaker of `key`, created if needed (or `other`, past the bounds).
     pub fn get(&self, key: &str) -> Breaker {
-        let now = self.now_secs();
-        {
-            let map = self.breakers.read().unwrap_or_else(PoisonError::into_inner);
-            if let Some(entry) = map.get(key) {
-                // Written only when the second changes, so hot keys stay read-only.
-                if entry.last_used.load(Ordering::Relaxed) != now {
-                    entry.last_used.store(now, Ordering::Relaxed);
-                }
-                return entry.breaker.clone();
-            }
+        if let Some(breaker) = self.breakers.read().unwrap_or_else(PoisonError::into_inner).get(key) {
+            return breaker.clone();
+        }
+        if self.only.as_ref().is_some_and(|only| !only.contains(key)) {
+            return self.other.clone();
         }
         let mut map = self.breakers.write().unwrap_or_else(PoisonError::into_inner);
-        if let Some(entry) = map.get(key) {
-            return entry.breaker.clone();
+        if let Some(breaker) = map.get(key) {
+            return breaker.clone();
         }
         if map.len() >= self.max_keys {
-            let idle = self.idle.as_secs();
-            map.retain(|_, e| {
-                !(e.breaker.state() == State::Closed && now.saturating_sub(e.last_used.load(Ordering::Relaxed)) >= idle)
-            });
-            if map.len() >= self.max_keys {
-                let lru = map
-                    .iter()
-                    .filter(|(_, e)| e.breaker.state() == State::Closed)
-                    .min_by_key(|(_, e)| e.last_used.load(Ordering::Relaxed))
-                    .map(|(k, _)| k.clone());
-                match lru {
-                    Some(k) => {
-                        map.remove(&k);
-                    }
-                    None => return self.overflow.clone(),
-                }
-            }
+            return self.other.clone();
         }
-        // The config was validated when the registry was built.
-        match Breaker::new(format!("{}{key}", self.prefix), self.config.clone()) {
+        let config = self.configs.get(key).unwrap_or(&self.config).clone();
+        // Every config was validated when it was given.
+        match Breaker::new(format!("{}{key}", self.prefix), config) {
             Ok(breaker) => {
-                map.insert(key.to_owned(), Entry { breaker: breaker.clone(), last_used: AtomicU64::new(now) });
+                map.insert(key.to_owned(), breaker.clone());
                 breaker
             }
-            Err(_) => self.overflow.clone(),
+            Err(_) => self.other.clone(),
         }
     }
 
-    /// Breakers currently held (not counting the overflow one).
+    /// The shared breaker of keys past the bounds.
+    pub fn other(&self) -> &Breaker {
+        &self.other
+    }
+
+    /// Breakers of their own currently held (not counting `other`).
     pub fn len(&self) -> usize {
         self.breakers.read().unwrap_or_else(PoisonError::into_inner).len()
     }
@@ -131,11 +118,12 @@ impl BreakerRegistry {
         self.len() == 0
     }
 
-    /// Every held breaker with its key (for dashboards and admin endpoints).
+    /// Every held breaker with its key, and `other` last (for dashboards and admin endpoints).
     pub fn breakers(&self) -> Vec<(String, Breaker)> {
         let map = self.breakers.read().unwrap_or_else(PoisonError::into_inner);
-        let mut all: Vec<_> = map.iter().map(|(k, e)| (k.clone(), e.breaker.clone())).collect();
+        let mut all: Vec<_> = map.iter().map(|(k, b)| (k.clone(), b.clone())).collect();
         all.sort_by(|a, b| a.0.cmp(&b.0));
+        all.push(("other".to_owned(), self.other.clone()));
         all
     }
 }
@@ -144,23 +132,13 @@ impl BreakerRegistry {
 mod tests {
     use super::*;
 
-    #[tokio::test(start_paused = true)]
-    async fn bounded_with_idle_eviction_and_overflow() {
-        let config = BreakerConfig::builder().consecutive_failures(1).build().unwrap();
-        let registry = BreakerRegistry::with_limits("up:", config, 2, Duration::from_secs(60)).unwrap();
-        let a = registry.get("a");
-        assert_eq!(a.name(), "up:a");
-        let _b = registry.get("b");
-        // Trip both: no closed breaker to evict, so a third key gets the overflow breaker.
-        for key in ["a", "b"] {
-            registry.get(key).try_acquire().unwrap().record(crate::Outcome::Failure);
-        }
-        assert_eq!(registry.get("c").name(), "up:~overflow");
-        assert_eq!(registry.len(), 2);
-        // Once "a" is closed again and idle, it makes room.
-        a.reset();
-        tokio::time::advance(Duration::from_secs(61)).await;
-        assert_eq!(registry.get("c").name(), "up:c");
+    #[test]
+    fn bounded_keys_share_other() {
+        let registry = BreakerRegistry::with_limits("up:", BreakerConfig::default(), 2).unwrap();
+        assert_eq!(registry.get("a").name(), "up:a");
+        assert_eq!(registry.get("b").name(), "up:b");
+        assert_eq!(registry.get("c").name(), "up:other");
+        assert_eq!(registry.get("a").name(), "up:a", "a key keeps its breaker");
         assert_eq!(registry.len(), 2);
     }
 }

@@ -8,17 +8,16 @@ use std::{
 
 use http::{Request, Response};
 use rampart_http::ResponseBody;
+use tower_http::classify::MakeClassifier;
 use tower_service::Service;
 
 use crate::{
     BoxError,
     body::BreakerBody,
-    classify::ClassifyError,
-    error::CircuitOpen,
+    classify::{BreakerOutcome, ClassifyError},
     future::{ErrorFuture, ResponseFuture},
-    layer::{Errors, Http, Selector},
+    layer::{Errors, Guard, Http, Selector},
     response::rejection,
-    state::State,
 };
 
 /// A service behind a circuit breaker.
@@ -62,9 +61,8 @@ impl<S, Sel, M> CircuitBreaker<S, Sel, M> {
         S: Service<R>,
         Sel: Selector<R>,
     {
-        if let Some(breaker) = self.selector.single()
-            && matches!(breaker.state(), State::Open | State::ForcedOpen)
-            && breaker.try_acquire_probe_due().is_none()
+        if let Some(guard) = self.selector.single()
+            && guard.refusing()
         {
             self.inner_ready = false;
             return Poll::Ready(Ok(()));
@@ -75,14 +73,16 @@ impl<S, Sel, M> CircuitBreaker<S, Sel, M> {
     }
 }
 
-impl<S, Sel, ReqB, ResB> Service<Request<ReqB>> for CircuitBreaker<S, Sel, Http>
+impl<S, Sel, M, ReqB, ResB> Service<Request<ReqB>> for CircuitBreaker<S, Sel, Http<M>>
 where
     S: Service<Request<ReqB>, Response = Response<ResB>>,
     Sel: Selector<Request<ReqB>>,
+    M: MakeClassifier,
+    M::FailureClass: BreakerOutcome,
 {
-    type Response = Response<ResponseBody<BreakerBody<ResB>>>;
+    type Response = Response<ResponseBody<BreakerBody<ResB, M::ClassifyEos>>>;
     type Error = S::Error;
-    type Future = ResponseFuture<S::Future, ResB>;
+    type Future = ResponseFuture<S::Future, ResB, M::Classifier>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.poll_ready_inner(cx)
@@ -90,15 +90,16 @@ where
 
     fn call(&mut self, req: Request<ReqB>) -> Self::Future {
         let grpc = rampart_http::is_grpc(req.headers());
-        let breaker = self.selector.select(&req);
-        let permit = match breaker.try_acquire() {
+        let guard = self.selector.select(&req);
+        let permit = match guard.acquire() {
             Ok(permit) if std::mem::take(&mut self.inner_ready) => permit,
             // The breaker let go between poll_ready and call, but the inner service was not
             // polled: refuse this one (the dropped permit is ignored and frees its probe slot).
-            Ok(_) => return ResponseFuture::rejected(rejection(&CircuitOpen::retry_now(&breaker), grpc)),
+            Ok(_) => return ResponseFuture::rejected(rejection(&guard.retry_now(), grpc)),
             Err(open) => return ResponseFuture::rejected(rejection(&open, grpc)),
         };
-        ResponseFuture::calling(self.inner.call(req), permit, self.mode.classifier.clone())
+        let classifier = self.mode.make_classifier.make_classifier(&req);
+        ResponseFuture::calling(self.inner.call(req), permit, classifier)
     }
 }
 
@@ -108,6 +109,7 @@ where
     S::Error: Into<BoxError>,
     Sel: Selector<Req>,
     C: ClassifyError<S::Error> + Clone,
+    // (The outcome of an `Err` comes from `C`, not from a response classifier.)
 {
     type Response = S::Response;
     type Error = BoxError;
@@ -118,12 +120,12 @@ where
     }
 
     fn call(&mut self, req: Req) -> Self::Future {
-        let breaker = self.selector.select(&req);
-        match breaker.try_acquire() {
+        let guard = self.selector.select(&req);
+        match guard.acquire() {
             Ok(permit) if std::mem::take(&mut self.inner_ready) => {
                 ErrorFuture::calling(self.inner.call(req), permit, self.mode.classify.clone())
             }
-            Ok(_) => ErrorFuture::rejected(CircuitOpen::retry_now(&breaker)),
+            Ok(_) => ErrorFuture::rejected(guard.retry_now()),
             Err(open) => ErrorFuture::rejected(open),
         }
     }

@@ -2,12 +2,16 @@
 //!
 //! Knows nothing of tower or HTTP. Time is `tokio::time::Instant` (so `tokio::time::pause`
 //! drives it), and every operation has an `_at(now)` form for tests that want explicit instants.
+//!
+//! The state and its episode (a counter bumped on every transition) live in one atomic word,
+//! so a reader always sees a state with the episode it belongs to; a permit carries its episode,
+//! and an outcome recorded after a transition does not move the new state.
 
 use std::{
     fmt,
     sync::{
         Arc, Mutex, PoisonError,
-        atomic::{AtomicU8, AtomicU32, AtomicU64, Ordering},
+        atomic::{AtomicU32, AtomicU64, Ordering},
     },
     time::Duration,
 };
@@ -81,7 +85,8 @@ pub enum Outcome {
     Success,
     /// Counts as a failure.
     Failure,
-    /// Not counted (e.g. gRPC `CANCELLED`, a client that went away); frees a half-open permit.
+    /// Not counted (e.g. gRPC `CANCELLED`, a client that went away, a rate-limit answer); frees a
+    /// half-open permit.
     Ignored,
 }
 
@@ -97,9 +102,9 @@ pub enum Reason {
     ConsecutiveFailures,
     /// The open wait is over.
     WaitElapsed,
-    /// A half-open probe failed (or was slow).
+    /// The half-open probes' failure or slow-call rate reached its threshold.
     ProbeFailed,
-    /// Every half-open probe succeeded.
+    /// The half-open probes' rates stayed under the thresholds.
     ProbesSucceeded,
     /// Half-open lasted longer than `max_wait_in_half_open`.
     HalfOpenTimeout,
@@ -107,7 +112,7 @@ pub enum Reason {
     Operator,
 }
 
-/// A state change, as published on [`Breaker::subscribe`].
+/// A state change.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Transition {
     /// The breaker's name.
@@ -125,20 +130,49 @@ pub struct Transition {
     pub open_for: Option<Duration>,
 }
 
+/// What a breaker publishes on [`Breaker::subscribe`] (resilience4j's events, minus one per
+/// successful or failed call).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// The state changed.
+    StateTransition(Transition),
+    /// A call was refused (open, forced open, or half-open with every probe taken).
+    CallNotPermitted {
+        /// The breaker's name.
+        breaker: Arc<str>,
+        /// Its state then.
+        state: State,
+    },
+    /// The failure rate reached the threshold (it opens, unless metrics-only).
+    FailureRateExceeded {
+        /// The breaker's name.
+        breaker: Arc<str>,
+        /// The rate, percent.
+        rate: f64,
+    },
+    /// The slow-call rate reached the threshold (it opens, unless metrics-only).
+    SlowCallRateExceeded {
+        /// The breaker's name.
+        breaker: Arc<str>,
+        /// The rate, percent.
+        rate: f64,
+    },
+}
+
 /// A snapshot for dashboards and `/admin/state`.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize)]
 pub struct Snapshot {
     /// Current state.
     pub state: State,
-    /// Calls in the sliding window.
+    /// Calls in the sliding window (in half-open: the probes recorded so far).
     pub calls: u64,
     /// Failures in the sliding window.
     pub failures: u64,
     /// Slow calls in the sliding window.
     pub slow: u64,
-    /// Failure rate, percent.
+    /// Failure rate, percent; -1 while fewer calls than `minimum_calls` (resilience4j's value).
     pub failure_rate: f64,
-    /// Slow-call rate, percent.
+    /// Slow-call rate, percent; -1 while fewer calls than `minimum_calls`.
     pub slow_call_rate: f64,
     /// Transitions so far.
     pub transitions: u64,
@@ -147,7 +181,7 @@ pub struct Snapshot {
 }
 
 /// A circuit breaker shared by every clone (an `Arc`): the state machine of resilience4j with a
-/// lock-free closed state. See the crate docs.
+/// lock-free closed state (count windows). See the crate docs.
 #[derive(Clone)]
 pub struct Breaker {
     inner: Arc<Inner>,
@@ -161,17 +195,64 @@ impl fmt::Debug for Breaker {
 
 // One per breaker, behind its Arc: the padding of the count window's cursor is the size.
 #[allow(clippy::large_enum_variant)]
-enum Window {
+pub(crate) enum Window {
     Count(CountWindow),
     Time(TimeWindow),
+}
+
+impl Window {
+    pub(crate) fn new(config: SlidingWindow) -> Self {
+        match config {
+            SlidingWindow::Count { size } => Window::Count(CountWindow::new(size)),
+            SlidingWindow::Time { seconds } => Window::Time(TimeWindow::new(seconds)),
+        }
+    }
+
+    pub(crate) fn record(&self, second: impl FnOnce() -> u64, failure: bool, slow: bool) -> WindowTotals {
+        match self {
+            Window::Count(w) => w.record(failure, slow),
+            Window::Time(w) => w.record(second(), failure, slow),
+        }
+    }
+
+    pub(crate) fn totals(&self, second: u64) -> WindowTotals {
+        match self {
+            Window::Count(w) => w.totals(),
+            Window::Time(w) => w.totals(second),
+        }
+    }
+
+    pub(crate) fn reset(&self) {
+        match self {
+            Window::Count(w) => w.reset(),
+            Window::Time(w) => w.reset(),
+        }
+    }
+}
+
+/// The state word: the state in the low byte, the episode above it.
+fn pack(state: State, episode: u64) -> u64 {
+    (episode << 8) | u64::from(state.as_u8())
+}
+
+fn unpack(word: u64) -> (State, u64) {
+    (State::from_u8((word & 0xff) as u8), word >> 8)
+}
+
+/// Half-open probe counts, tied to their episode: calls, failures and slow calls (16 bits each)
+/// and the episode's low 16 bits.
+fn probe_word(episode: u64, calls: u64, failures: u64, slow: u64) -> u64 {
+    ((episode & 0xffff) << 48) | ((slow & 0xffff) << 32) | ((failures & 0xffff) << 16) | (calls & 0xffff)
 }
 
 struct Inner {
     /// Read by every call: kept off the cache line of the `Arc`'s reference counts (written by
     /// every call) and of the counters below.
-    hot: CachePadded<Hot>,
+    word: CachePadded<AtomicU64>,
     name: Arc<str>,
     config: BreakerConfig,
+    /// `minimum_calls`, capped at the count window's size (resilience4j's rule).
+    minimum: u64,
     /// Whether closed-state calls need the time (slow-call detection or a time window); if not,
     /// the hot path reads no clock at all.
     needs_clock: bool,
@@ -180,20 +261,19 @@ struct Inner {
     consecutive_failures: AtomicU32,
     open_until: AtomicU64,
     half_open_since: AtomicU64,
-    half_open_left: AtomicU32,
-    half_open_successes: AtomicU32,
+    /// Probe permits left in this half-open episode: (episode low 32 bits, left).
+    half_open_left: AtomicU64,
+    /// Probe outcomes of this half-open episode ([`probe_word`]).
+    probes: AtomicU64,
     reopens: AtomicU32,
     rejected: AtomicU64,
+    /// Metrics-only: whether this entry already reported each exceeded rate (once each, as
+    /// resilience4j).
+    reported: AtomicU32,
     transitions: Mutex<u64>,
-    events: broadcast::Sender<Transition>,
+    events: broadcast::Sender<Event>,
     watch: watch::Sender<State>,
     metrics: Metrics,
-}
-
-struct Hot {
-    state: AtomicU8,
-    /// Incremented on every transition: permits of an earlier episode no longer move the state.
-    episode: AtomicU64,
 }
 
 struct Metrics {
@@ -207,21 +287,41 @@ struct Metrics {
 
 impl Breaker {
     /// A breaker named `name` (metrics label, events, logs).
+    ///
+    /// ```
+    /// use tower_breaker::{Breaker, BreakerConfig, Outcome, State};
+    ///
+    /// let config = BreakerConfig::builder().count_window(4).minimum_calls(4).build()?;
+    /// let breaker = Breaker::new("payments", config)?;
+    /// # let runtime = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
+    /// # runtime.block_on(async {
+    /// for _ in 0..4 {
+    ///     breaker.try_acquire().expect("closed").record(Outcome::Failure);
+    /// }
+    /// assert_eq!(breaker.state(), State::Open);
+    /// assert!(breaker.try_acquire().is_err());
+    /// # });
+    /// # Ok::<(), tower_breaker::ConfigError>(())
+    /// ```
     pub fn new(name: impl Into<String>, config: BreakerConfig) -> Result<Self, ConfigError> {
         Self::with_event_capacity(name, config, 256)
     }
 
-    /// Like [`new`](Self::new), with room for `capacity` unread transitions per subscriber.
+    /// Like [`new`](Self::new), with room for `capacity` unread events per subscriber.
     pub fn with_event_capacity(
         name: impl Into<String>,
         config: BreakerConfig,
         capacity: usize,
     ) -> Result<Self, ConfigError> {
         config.validate()?;
+        if matches!(config.trip, TripPolicy::AdaptiveThrottling { .. }) {
+            return Err(ConfigError::new("trip", "adaptive throttling is its own layer: use AdaptiveThrottle"));
+        }
         let name: Arc<str> = name.into().into();
-        let window = match config.window {
-            SlidingWindow::Count { size } => Window::Count(CountWindow::new(size)),
-            SlidingWindow::Time { seconds } => Window::Time(TimeWindow::new(seconds)),
+        let window = Window::new(config.window);
+        let minimum = match config.window {
+            SlidingWindow::Count { size } => u64::from(config.minimum_calls.min(size)),
+            SlidingWindow::Time { .. } => u64::from(config.minimum_calls),
         };
         let label = name.to_string();
         let counter = |outcome: &'static str| metrics::counter!("rampart_breaker_calls_total", "breaker" => label.clone(), "outcome" => outcome);
@@ -240,15 +340,17 @@ impl Breaker {
                 name,
                 needs_clock,
                 epoch: Instant::now(),
-                hot: CachePadded::new(Hot { state: AtomicU8::new(State::Closed.as_u8()), episode: AtomicU64::new(0) }),
+                word: CachePadded::new(AtomicU64::new(pack(State::Closed, 0))),
                 window,
+                minimum,
                 consecutive_failures: AtomicU32::new(0),
                 open_until: AtomicU64::new(0),
                 half_open_since: AtomicU64::new(0),
-                half_open_left: AtomicU32::new(0),
-                half_open_successes: AtomicU32::new(0),
+                half_open_left: AtomicU64::new(0),
+                probes: AtomicU64::new(0),
                 reopens: AtomicU32::new(0),
                 rejected: AtomicU64::new(0),
+                reported: AtomicU32::new(0),
                 transitions: Mutex::new(0),
                 events: broadcast::channel(capacity.max(1)).0,
                 watch: watch::channel(State::Closed).0,
@@ -268,14 +370,14 @@ impl Breaker {
         &self.inner.config
     }
 
-    /// The current state (an open breaker whose wait is over still reads `Open` until the next
-    /// call moves it to half-open).
+    /// The current state (without `automatic_transition`, an open breaker whose wait is over
+    /// still reads `Open` until the next call moves it to half-open).
     pub fn state(&self) -> State {
-        State::from_u8(self.inner.hot.state.load(Ordering::Acquire))
+        unpack(self.inner.word.load(Ordering::Acquire)).0
     }
 
-    /// Transitions, in order, from now on.
-    pub fn subscribe(&self) -> broadcast::Receiver<Transition> {
+    /// Events, in order, from now on: transitions, refused calls, rates exceeded.
+    pub fn subscribe(&self) -> broadcast::Receiver<Event> {
         self.inner.events.subscribe()
     }
 
@@ -284,18 +386,27 @@ impl Breaker {
         self.inner.watch.subscribe()
     }
 
-    /// Counts over the sliding window and totals.
+    /// Counts over the sliding window (in half-open: over the probes) and totals.
     pub fn snapshot(&self) -> Snapshot {
-        let totals = self.inner.totals(Instant::now());
+        let inner = &self.inner;
+        let (state, _) = unpack(inner.word.load(Ordering::Acquire));
+        let (totals, minimum) = if state == State::HalfOpen {
+            let p = inner.probes.load(Ordering::Acquire);
+            let totals = WindowTotals { calls: p & 0xffff, failures: (p >> 16) & 0xffff, slow: (p >> 32) & 0xffff };
+            (totals, inner.half_open_minimum())
+        } else {
+            (inner.totals(Instant::now()), inner.minimum)
+        };
+        let judged = totals.calls >= minimum;
         Snapshot {
-            state: self.state(),
+            state,
             calls: totals.calls,
             failures: totals.failures,
             slow: totals.slow,
-            failure_rate: totals.failure_rate(),
-            slow_call_rate: totals.slow_rate(),
-            transitions: *self.inner.transitions.lock().unwrap_or_else(PoisonError::into_inner),
-            rejected: self.inner.rejected.load(Ordering::Relaxed),
+            failure_rate: if judged { totals.failure_rate() } else { -1.0 },
+            slow_call_rate: if judged { totals.slow_rate() } else { -1.0 },
+            transitions: *inner.transitions.lock().unwrap_or_else(PoisonError::into_inner),
+            rejected: inner.rejected.load(Ordering::Relaxed),
         }
     }
 
@@ -311,68 +422,52 @@ impl Breaker {
 
     fn acquire(&self, at: Option<Instant>) -> Result<Permit, CircuitOpen> {
         let inner = &self.inner;
-        // The closed state reads the clock only when it measures durations.
-        let stamp = |kind| {
-            if inner.needs_clock || kind == PermitKind::Probe { Some(at.unwrap_or_else(Instant::now)) } else { at }
-        };
         loop {
-            let episode = inner.hot.episode.load(Ordering::Acquire);
-            match self.state() {
-                State::Closed => {
-                    if let TripPolicy::AdaptiveThrottling { k } = inner.config.trip {
-                        let now = at.unwrap_or_else(Instant::now);
-                        let p = inner.throttle_probability(now, k);
-                        if p > 0.0 && rand::random::<f64>() < p {
-                            // A call refused here is still a request: it counts, unaccepted.
-                            inner.record_window(&mut || now, true, false);
-                            self.inner.rejected.fetch_add(1, Ordering::Relaxed);
-                            self.inner.metrics.rejected.increment(1);
-                            return Err(CircuitOpen {
-                                breaker: inner.name.clone(),
-                                retry_after: Some(Duration::from_secs(1)),
-                                throttled: Some(p),
-                            });
-                        }
-                    }
-                    return Ok(self.permit(PermitKind::Closed, episode, stamp(PermitKind::Closed)));
-                }
-                State::MetricsOnly => {
-                    return Ok(self.permit(PermitKind::MetricsOnly, episode, stamp(PermitKind::MetricsOnly)));
+            let (state, episode) = unpack(inner.word.load(Ordering::Acquire));
+            match state {
+                State::Closed | State::MetricsOnly => {
+                    // The closed state reads the clock only when it measures durations.
+                    let started = if inner.needs_clock { Some(at.unwrap_or_else(Instant::now)) } else { at };
+                    let kind = if state == State::Closed { PermitKind::Closed } else { PermitKind::MetricsOnly };
+                    return Ok(self.permit(kind, episode, started));
                 }
                 State::Disabled => return Ok(self.permit(PermitKind::Untracked, episode, None)),
-                State::ForcedOpen => return Err(self.reject(None)),
+                State::ForcedOpen => return Err(self.reject(state, None)),
                 State::Open => {
                     let now = at.unwrap_or_else(Instant::now);
                     let until = inner.open_until.load(Ordering::Acquire);
                     let now_ns = inner.nanos(now);
-                    if now_ns < until {
-                        return Err(self.reject(Some(Duration::from_nanos(until - now_ns))));
+                    // Strictly after the wait, as resilience4j (`isAfter`).
+                    if now_ns <= until {
+                        return Err(self.reject(state, Some(Duration::from_nanos(until - now_ns))));
                     }
-                    inner.transition(State::Open, State::HalfOpen, Reason::WaitElapsed, now);
+                    inner.transition(episode, State::HalfOpen, Reason::WaitElapsed, now);
                 }
                 State::HalfOpen => {
                     let now = at.unwrap_or_else(Instant::now);
                     if let Some(max) = inner.config.max_wait_in_half_open {
                         let since = inner.half_open_since.load(Ordering::Acquire);
                         if inner.nanos(now).saturating_sub(since) >= nanos(max) {
-                            inner.transition(State::HalfOpen, State::Open, Reason::HalfOpenTimeout, now);
+                            inner.transition(episode, State::Open, Reason::HalfOpenTimeout, now);
                             continue;
                         }
                     }
+                    // A permit of this episode only: the word carries the episode it was set for.
+                    let tag = episode & 0xffff_ffff;
                     let took = inner
                         .half_open_left
-                        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |left| left.checked_sub(1))
+                        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |word| {
+                            (word >> 32 == tag && word & 0xffff_ffff > 0).then(|| word - 1)
+                        })
                         .is_ok();
-                    if !took {
-                        // Probes are running: refuse until they conclude (retry in about a second).
-                        return Err(self.reject(Some(Duration::ZERO)));
+                    if took {
+                        return Ok(self.permit(PermitKind::Probe, episode, Some(now)));
                     }
-                    if inner.hot.episode.load(Ordering::Acquire) != episode {
-                        // The state moved while we took the permit: give it back and look again.
-                        inner.half_open_left.fetch_add(1, Ordering::AcqRel);
-                        continue;
+                    if unpack(inner.word.load(Ordering::Acquire)).1 != episode {
+                        continue; // the state moved meanwhile: look again
                     }
-                    return Ok(self.permit(PermitKind::Probe, episode, Some(now)));
+                    // Probes are running: refuse until they conclude.
+                    return Err(self.reject(state, Some(Duration::ZERO)));
                 }
             }
         }
@@ -383,7 +478,7 @@ impl Breaker {
         match self.state() {
             State::Open => {
                 let until = self.inner.open_until.load(Ordering::Acquire);
-                (self.inner.nanos(Instant::now()) >= until).then_some(())
+                (self.inner.nanos(Instant::now()) > until).then_some(())
             }
             State::ForcedOpen => None,
             _ => Some(()),
@@ -391,22 +486,17 @@ impl Breaker {
     }
 
     fn permit(&self, kind: PermitKind, episode: u64, started: Option<Instant>) -> Permit {
-        Permit { breaker: self.clone(), kind, episode, started, done: false }
+        Permit { owner: Owner::Breaker(self.clone()), kind, episode, started, done: false }
     }
 
-    fn reject(&self, retry_after: Option<Duration>) -> CircuitOpen {
-        self.inner.rejected.fetch_add(1, Ordering::Relaxed);
-        self.inner.metrics.rejected.increment(1);
-        CircuitOpen { breaker: self.inner.name.clone(), retry_after, throttled: None }
-    }
-
-    /// Under [`TripPolicy::AdaptiveThrottling`], the probability a call is refused now
-    /// (0 under the other policies, or while the window holds fewer than `minimum_calls`).
-    pub fn throttle_probability(&self) -> f64 {
-        match self.inner.config.trip {
-            TripPolicy::AdaptiveThrottling { k } => self.inner.throttle_probability(Instant::now(), k),
-            _ => 0.0,
+    fn reject(&self, state: State, retry_after: Option<Duration>) -> CircuitOpen {
+        let inner = &self.inner;
+        inner.rejected.fetch_add(1, Ordering::Relaxed);
+        inner.metrics.rejected.increment(1);
+        if inner.events.receiver_count() > 0 {
+            let _ = inner.events.send(Event::CallNotPermitted { breaker: inner.name.clone(), state });
         }
+        CircuitOpen { breaker: inner.name.clone(), retry_after, throttled: None }
     }
 
     /// Operator: refuse every call until [`reset`](Self::reset) or another override.
@@ -428,6 +518,17 @@ impl Breaker {
     pub fn reset(&self) {
         self.inner.force(State::Closed);
     }
+
+    /// Records a failure of a call whose permit already counted at its response head (a stream
+    /// admitted as a half-open probe, whose status arrived in its trailers): it counts in the
+    /// closed window if the breaker is closed now.
+    pub(crate) fn record_late_failure(&self) {
+        let inner = &self.inner;
+        let (state, episode) = unpack(inner.word.load(Ordering::Acquire));
+        if state == State::Closed {
+            inner.record(PermitKind::Closed, episode, None, Outcome::Failure, Some(false), None);
+        }
+    }
 }
 
 impl Inner {
@@ -435,36 +536,16 @@ impl Inner {
         nanos(now.saturating_duration_since(self.epoch))
     }
 
+    fn second(&self, now: Instant) -> u64 {
+        self.nanos(now) / 1_000_000_000
+    }
+
     fn totals(&self, now: Instant) -> WindowTotals {
-        match &self.window {
-            Window::Count(w) => w.totals(),
-            Window::Time(w) => w.totals(self.nanos(now) / 1_000_000_000),
-        }
-    }
-
-    /// `max(0, (requests − k × accepts) / (requests + 1))` over the window.
-    fn throttle_probability(&self, now: Instant, k: f64) -> f64 {
-        let totals = self.totals(now);
-        if totals.calls < u64::from(self.config.minimum_calls) {
-            return 0.0;
-        }
-        let requests = totals.calls as f64;
-        let accepts = totals.calls.saturating_sub(totals.failures) as f64;
-        ((requests - k * accepts) / (requests + 1.0)).max(0.0)
-    }
-
-    fn record_window(&self, now: &mut impl FnMut() -> Instant, failure: bool, slow: bool) {
-        match &self.window {
-            Window::Count(w) => w.record(failure, slow),
-            Window::Time(w) => w.record(self.nanos(now()) / 1_000_000_000, failure, slow),
-        }
+        self.window.totals(self.second(now))
     }
 
     fn reset_window(&self) {
-        match &self.window {
-            Window::Count(w) => w.reset(),
-            Window::Time(w) => w.reset(),
-        }
+        self.window.reset();
         self.consecutive_failures.store(0, Ordering::Release);
     }
 
@@ -478,24 +559,26 @@ impl Inner {
         Duration::from_secs_f64((capped * (1.0 + spread)).clamp(0.001, growth.max.as_secs_f64().max(0.001)))
     }
 
-    /// Moves `from` → `to` if the breaker is still in `from`; one transition at a time.
-    fn transition(&self, from: State, to: State, reason: Reason, now: Instant) -> bool {
+    /// Moves to `to` if the breaker is still in the episode `episode`; one transition at a time.
+    fn transition(self: &Arc<Self>, episode: u64, to: State, reason: Reason, now: Instant) -> bool {
         let mut seq = self.transitions.lock().unwrap_or_else(PoisonError::into_inner);
-        if State::from_u8(self.hot.state.load(Ordering::Acquire)) != from {
+        let (from, current) = unpack(self.word.load(Ordering::Acquire));
+        if current != episode {
             return false;
         }
-        self.enter(from, to, reason, now, &mut seq);
+        self.enter(from, episode, to, reason, now, &mut seq);
         true
     }
 
-    fn force(&self, to: State) {
+    fn force(self: &Arc<Self>, to: State) {
         let mut seq = self.transitions.lock().unwrap_or_else(PoisonError::into_inner);
-        let from = State::from_u8(self.hot.state.load(Ordering::Acquire));
-        self.enter(from, to, Reason::Operator, Instant::now(), &mut seq);
+        let (from, episode) = unpack(self.word.load(Ordering::Acquire));
+        self.enter(from, episode, to, Reason::Operator, Instant::now(), &mut seq);
     }
 
     /// Performs a transition; the caller holds the transition lock.
-    fn enter(&self, from: State, to: State, reason: Reason, now: Instant, seq: &mut u64) {
+    fn enter(self: &Arc<Self>, from: State, episode: u64, to: State, reason: Reason, now: Instant, seq: &mut u64) {
+        let next = episode + 1;
         let mut open_for = None;
         match to {
             State::Open => {
@@ -505,39 +588,80 @@ impl Inner {
                 let wait = self.open_wait();
                 open_for = Some(wait);
                 self.open_until.store(self.nanos(now).saturating_add(nanos(wait)), Ordering::Release);
+                if self.config.automatic_transition {
+                    self.schedule(next, wait, State::HalfOpen, Reason::WaitElapsed);
+                }
             }
             State::HalfOpen => {
-                self.half_open_left.store(self.config.half_open_permits, Ordering::Release);
-                self.half_open_successes.store(0, Ordering::Release);
+                let permits = u64::from(self.config.half_open_permits);
+                self.half_open_left.store(((next & 0xffff_ffff) << 32) | permits, Ordering::Release);
+                self.probes.store(probe_word(next, 0, 0, 0), Ordering::Release);
                 self.half_open_since.store(self.nanos(now), Ordering::Release);
+                if self.config.automatic_transition
+                    && let Some(max) = self.config.max_wait_in_half_open
+                {
+                    self.schedule(next, max, State::Open, Reason::HalfOpenTimeout);
+                }
             }
             State::Closed => {
                 self.reopens.store(0, Ordering::Release);
                 self.reset_window();
             }
-            State::MetricsOnly => self.reset_window(),
+            State::MetricsOnly => {
+                self.reported.store(0, Ordering::Release);
+                self.reset_window();
+            }
             State::ForcedOpen | State::Disabled => {}
         }
-        self.hot.episode.fetch_add(1, Ordering::AcqRel);
-        self.hot.state.store(to.as_u8(), Ordering::Release);
+        self.word.store(pack(to, next), Ordering::Release);
+        // An operator putting the breaker in the state it is in renews it, silently (as
+        // resilience4j's internal transitions).
+        if from == to {
+            return;
+        }
         *seq += 1;
         let transition = Transition { breaker: self.name.clone(), from, to, reason, seq: *seq, open_for };
         self.metrics.state.set(f64::from(to.as_u8()));
         metrics::counter!("rampart_breaker_transitions_total", "breaker" => self.name.to_string(), "from" => from.as_str(), "to" => to.as_str())
             .increment(1);
         tracing::info!(breaker = %self.name, %from, %to, ?reason, ?open_for, "circuit breaker transition");
-        let _ = self.events.send(transition);
+        let _ = self.events.send(Event::StateTransition(transition));
         self.watch.send_replace(to);
     }
 
-    fn record(&self, kind: PermitKind, episode: u64, started: Option<Instant>, outcome: Outcome, at: Option<Instant>) {
+    /// Moves to `to` after `wait` if nothing else moved the breaker meanwhile (timer-driven
+    /// transitions, `automatic_transition`). Needs a tokio runtime; without one the move happens
+    /// on the next call, as without the option.
+    fn schedule(self: &Arc<Self>, episode: u64, wait: Duration, to: State, reason: Reason) {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
+        let inner = Arc::downgrade(self);
+        runtime.spawn(async move {
+            tokio::time::sleep(wait).await;
+            if let Some(inner) = inner.upgrade() {
+                inner.transition(episode, to, reason, Instant::now());
+            }
+        });
+    }
+
+    /// Records one outcome. `slow` is decided by the caller when it measured the call itself
+    /// (a stream's head); otherwise from the permit's start.
+    fn record(
+        self: &Arc<Self>,
+        kind: PermitKind,
+        episode: u64,
+        started: Option<Instant>,
+        outcome: Outcome,
+        slow: Option<bool>,
+        at: Option<Instant>,
+    ) {
         // Read the clock only if something needs it: a duration, a time bucket, a transition.
         let mut clock = at;
         let mut now = || *clock.get_or_insert_with(Instant::now);
-        let slow = match (self.config.slow_call_duration, started) {
-            (Some(limit), Some(started)) => now().saturating_duration_since(started) >= limit,
+        // Slow: strictly longer than the threshold, as resilience4j.
+        let slow = slow.unwrap_or_else(|| match (self.config.slow_call_duration, started) {
+            (Some(limit), Some(started)) => now().saturating_duration_since(started) > limit,
             _ => false,
-        };
+        });
         match outcome {
             Outcome::Success => self.metrics.success.increment(1),
             Outcome::Failure => self.metrics.failure.increment(1),
@@ -546,21 +670,24 @@ impl Inner {
         if slow && outcome != Outcome::Ignored {
             self.metrics.slow.increment(1);
         }
-        let current = self.hot.episode.load(Ordering::Acquire) == episode;
+        // Calls that started before a transition do not move the new state.
+        let current = unpack(self.word.load(Ordering::Acquire)).1 == episode;
+        if !current || kind == PermitKind::Untracked {
+            return;
+        }
+        let failure = outcome == Outcome::Failure;
         match kind {
             PermitKind::Untracked => {}
-            PermitKind::MetricsOnly => {
-                if current && outcome != Outcome::Ignored {
-                    self.record_window(&mut now, outcome == Outcome::Failure, slow);
-                }
-            }
-            PermitKind::Closed => {
-                // Calls that started before a transition do not move the new state.
-                if !current || outcome == Outcome::Ignored {
+            PermitKind::Closed | PermitKind::MetricsOnly => {
+                if outcome == Outcome::Ignored {
                     return;
                 }
-                let failure = outcome == Outcome::Failure;
-                self.record_window(&mut now, failure, slow);
+                let second = || self.second(now());
+                let totals = self.window.record(second, failure, slow);
+                if kind == PermitKind::MetricsOnly {
+                    self.judge(episode, totals, now(), false);
+                    return;
+                }
                 match self.config.trip {
                     TripPolicy::ConsecutiveFailures { threshold } => {
                         if !failure {
@@ -568,58 +695,97 @@ impl Inner {
                                 self.consecutive_failures.store(0, Ordering::Release);
                             }
                         } else if self.consecutive_failures.fetch_add(1, Ordering::AcqRel) + 1 >= threshold {
-                            self.transition(State::Closed, State::Open, Reason::ConsecutiveFailures, now());
+                            self.transition(episode, State::Open, Reason::ConsecutiveFailures, now());
                         }
                     }
-                    // Never opens: the next calls read the window.
-                    TripPolicy::AdaptiveThrottling { .. } => {}
-                    TripPolicy::Rate => {
-                        // A plain success can only lower the rates: nothing to judge.
-                        if failure || slow {
-                            self.judge(now());
-                        }
+                    TripPolicy::Rate | TripPolicy::AdaptiveThrottling { .. } => {
+                        self.judge(episode, totals, now(), true);
                     }
                 }
             }
             PermitKind::Probe => {
-                if !current {
+                let tag = episode & 0xffff;
+                let recorded = self.probes.fetch_update(Ordering::AcqRel, Ordering::Acquire, |p| {
+                    if p >> 48 != tag {
+                        return None;
+                    }
+                    Some(match outcome {
+                        // An ignored probe gives its permit back instead.
+                        Outcome::Ignored => p,
+                        _ => p + 1 + (u64::from(failure) << 16) + (u64::from(slow) << 32),
+                    })
+                });
+                let Ok(before) = recorded else { return };
+                if outcome == Outcome::Ignored {
+                    let tag = episode & 0xffff_ffff;
+                    let _ = self
+                        .half_open_left
+                        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |w| (w >> 32 == tag).then(|| w + 1));
                     return;
                 }
-                match outcome {
-                    Outcome::Ignored => {
-                        self.half_open_left.fetch_add(1, Ordering::AcqRel);
-                    }
-                    Outcome::Failure => {
-                        self.transition(State::HalfOpen, State::Open, Reason::ProbeFailed, now());
-                    }
-                    Outcome::Success if slow => {
-                        self.transition(State::HalfOpen, State::Open, Reason::ProbeFailed, now());
-                    }
-                    Outcome::Success => {
-                        let done = self.half_open_successes.fetch_add(1, Ordering::AcqRel) + 1;
-                        if done >= self.config.half_open_permits {
-                            self.transition(State::HalfOpen, State::Closed, Reason::ProbesSucceeded, now());
-                        }
-                    }
+                let after = before + 1 + (u64::from(failure) << 16) + (u64::from(slow) << 32);
+                let totals = WindowTotals {
+                    calls: after & 0xffff,
+                    failures: (after >> 16) & 0xffff,
+                    slow: (after >> 32) & 0xffff,
+                };
+                // resilience4j: once min(minimum_calls, permits) probes have answered, their
+                // rates decide.
+                if totals.calls >= self.half_open_minimum() {
+                    let (open, _) = self.exceeded(totals);
+                    let (to, reason) = if open {
+                        (State::Open, Reason::ProbeFailed)
+                    } else {
+                        (State::Closed, Reason::ProbesSucceeded)
+                    };
+                    self.transition(episode, to, reason, now());
                 }
             }
         }
     }
 
-    fn judge(&self, now: Instant) {
-        let totals = self.totals(now);
-        if totals.calls < u64::from(self.config.minimum_calls) {
+    fn half_open_minimum(&self) -> u64 {
+        u64::from(self.config.half_open_permits.min(self.config.minimum_calls))
+    }
+
+    /// Whether `totals` reach a threshold, and which one.
+    fn exceeded(&self, totals: WindowTotals) -> (bool, Option<(Reason, f64)>) {
+        let failure_rate = totals.failure_rate();
+        if failure_rate >= self.config.failure_rate_threshold {
+            return (true, Some((Reason::FailureRate, failure_rate)));
+        }
+        let slow_rate = totals.slow_rate();
+        if self.config.slow_call_duration.is_some() && slow_rate >= self.config.slow_call_rate_threshold {
+            return (true, Some((Reason::SlowCallRate, slow_rate)));
+        }
+        (false, None)
+    }
+
+    /// After every recorded call (a success too: reaching `minimum_calls` on one must be judged,
+    /// as resilience4j does): opens at a threshold, or (metrics-only) reports it.
+    fn judge(self: &Arc<Self>, episode: u64, totals: WindowTotals, now: Instant, trip: bool) {
+        if totals.calls < self.minimum {
             return;
         }
-        let reason = if totals.failure_rate() >= self.config.failure_rate_threshold {
-            Reason::FailureRate
-        } else if self.config.slow_call_duration.is_some() && totals.slow_rate() >= self.config.slow_call_rate_threshold
-        {
-            Reason::SlowCallRate
-        } else {
-            return;
-        };
-        self.transition(State::Closed, State::Open, reason, now);
+        let (open, why) = self.exceeded(totals);
+        let Some((reason, rate)) = why.filter(|_| open) else { return };
+        if !trip {
+            // Metrics-only: each rate reported once per entry.
+            let bit = if reason == Reason::SlowCallRate { 2 } else { 1 };
+            if self.reported.fetch_or(bit, Ordering::AcqRel) & bit != 0 {
+                return;
+            }
+        }
+        if self.events.receiver_count() > 0 {
+            let event = match reason {
+                Reason::SlowCallRate => Event::SlowCallRateExceeded { breaker: self.name.clone(), rate },
+                _ => Event::FailureRateExceeded { breaker: self.name.clone(), rate },
+            };
+            let _ = self.events.send(event);
+        }
+        if trip {
+            self.transition(episode, State::Open, reason, now);
+        }
     }
 }
 
@@ -639,30 +805,79 @@ enum PermitKind {
 /// unrecorded counts as [`Outcome::Ignored`] (a cancelled call), which frees a half-open permit.
 #[must_use = "record the call's outcome, or drop the permit to ignore it"]
 pub struct Permit {
-    breaker: Breaker,
+    owner: Owner,
     kind: PermitKind,
     episode: u64,
     started: Option<Instant>,
     done: bool,
 }
 
+enum Owner {
+    Breaker(Breaker),
+    Throttle(crate::throttle::AdaptiveThrottle),
+}
+
 impl fmt::Debug for Permit {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Permit").field("breaker", &self.breaker.name()).field("kind", &self.kind).finish()
+        let name = match &self.owner {
+            Owner::Breaker(b) => b.name(),
+            Owner::Throttle(t) => t.name(),
+        };
+        f.debug_struct("Permit").field("breaker", &name).field("kind", &self.kind).finish()
     }
 }
 
 impl Permit {
+    pub(crate) fn throttle(throttle: crate::throttle::AdaptiveThrottle) -> Self {
+        Self { owner: Owner::Throttle(throttle), kind: PermitKind::Untracked, episode: 0, started: None, done: false }
+    }
+
+    fn finish(&mut self, outcome: Outcome, slow: Option<bool>, at: Option<Instant>) {
+        self.done = true;
+        match &self.owner {
+            Owner::Breaker(b) => b.inner.record(self.kind, self.episode, self.started, outcome, slow, at),
+            Owner::Throttle(t) => t.record(outcome),
+        }
+    }
+
     /// Records the outcome now.
     pub fn record(mut self, outcome: Outcome) {
-        self.done = true;
-        self.breaker.inner.record(self.kind, self.episode, self.started, outcome, None);
+        self.finish(outcome, None, None);
     }
 
     /// Records the outcome at an explicit instant (its duration decides "slow").
     pub fn record_at(mut self, outcome: Outcome, now: Instant) {
-        self.done = true;
-        self.breaker.inner.record(self.kind, self.episode, self.started, outcome, Some(now));
+        self.finish(outcome, None, Some(now));
+    }
+
+    /// Records the outcome with slowness decided by the caller (measured to a stream's head).
+    pub(crate) fn record_with_slow(mut self, outcome: Outcome, slow: bool) {
+        self.finish(outcome, Some(slow), None);
+    }
+
+    /// Whether the call has been slow so far (for measuring to a response head).
+    pub(crate) fn slow_now(&self) -> bool {
+        let Owner::Breaker(b) = &self.owner else { return false };
+        match (b.inner.config.slow_call_duration, self.started) {
+            (Some(limit), Some(started)) => Instant::now().saturating_duration_since(started) > limit,
+            _ => false,
+        }
+    }
+
+    /// Whether slowness is measured to the response head.
+    pub(crate) fn measures_to_head(&self) -> bool {
+        match &self.owner {
+            Owner::Breaker(b) => b.inner.config.slow_call_measure == crate::config::SlowCallMeasure::Head,
+            Owner::Throttle(_) => true,
+        }
+    }
+
+    /// The breaker, if this permit is a half-open probe.
+    pub(crate) fn probe_of(&self) -> Option<&Breaker> {
+        match &self.owner {
+            Owner::Breaker(b) if self.kind == PermitKind::Probe => Some(b),
+            _ => None,
+        }
     }
 
     /// When the call started, if the breaker measures durations.
@@ -674,8 +889,7 @@ impl Permit {
 impl Drop for Permit {
     fn drop(&mut self) {
         if !self.done {
-            self.done = true;
-            self.breaker.inner.record(self.kind, self.episode, self.started, Outcome::Ignored, None);
+            self.finish(Outcome::Ignored, None, None);
         }
     }
 }

@@ -1,10 +1,16 @@
-//! Lock-free sliding windows of call outcomes.
+//! Sliding windows of call outcomes, with their totals kept as they change (reading them is one
+//! atomic load, whatever the window's size).
 //!
-//! Recording a call is a couple of atomic operations, never a lock. The count window keeps one
-//! outcome code per call in a ring; the time window keeps three counts per one-second bucket,
-//! packed in one `AtomicU64` (21 bits each: calls, failures, slow calls).
+//! The count window is lock-free: a ring of outcome codes, a cursor, and the totals packed in
+//! one `AtomicU64` (21 bits each: calls, failures, slow calls), adjusted only when a slot's code
+//! changes — so steady traffic (success after success) writes nothing shared but the cursor.
+//! The time window (one bucket per second) takes a short lock per call, as resilience4j's does:
+//! expiring buckets and adding a call must be one step.
 
-use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::sync::{
+    Mutex, PoisonError,
+    atomic::{AtomicU8, AtomicU64, Ordering},
+};
 
 use crossbeam_utils::CachePadded;
 
@@ -23,14 +29,8 @@ pub struct WindowTotals {
 }
 
 impl WindowTotals {
-    fn unpack(v: u64) -> Self {
+    pub(crate) fn unpack(v: u64) -> Self {
         Self { calls: v & MASK, failures: (v >> FIELD) & MASK, slow: (v >> (2 * FIELD)) & MASK }
-    }
-
-    fn add(&mut self, other: Self) {
-        self.calls += other.calls;
-        self.failures += other.failures;
-        self.slow += other.slow;
     }
 
     /// Failure rate in percent (0 with no calls).
@@ -44,56 +44,76 @@ impl WindowTotals {
     }
 }
 
-/// One recorded call, as packed deltas.
-fn packed(failure: bool, slow: bool) -> u64 {
+/// One recorded call, as packed counts.
+pub(crate) fn packed(failure: bool, slow: bool) -> u64 {
     1 | (u64::from(failure) << FIELD) | (u64::from(slow) << (2 * FIELD))
-}
-
-/// The last `size` calls: a ring of outcome codes.
-///
-/// Recording is two atomic operations (claim a slot, swap its code in). Totals are summed from
-/// the ring when asked — which the breaker only does after a failure or a slow call, since a
-/// plain success cannot raise a rate.
-#[derive(Debug)]
-pub(crate) struct CountWindow {
-    slots: Box<[AtomicU8]>,
-    // On its own cache line: written by every call.
-    next: CachePadded<AtomicU64>,
 }
 
 const EMPTY: u8 = 0;
 const RECORDED: u8 = 1;
 const FAILED: u8 = 2;
 const SLOW: u8 = 4;
+/// A slot whose totals are being adjusted.
+const LOCKED: u8 = 0x80;
+
+fn code_counts(code: u8) -> u64 {
+    if code & RECORDED == 0 { 0 } else { packed(code & FAILED != 0, code & SLOW != 0) }
+}
+
+/// The last `size` calls.
+#[derive(Debug)]
+pub(crate) struct CountWindow {
+    slots: Box<[AtomicU8]>,
+    // Each on its own cache line: the cursor is written by every call, the totals only when an
+    // outcome changes, and read by every call.
+    next: CachePadded<AtomicU64>,
+    totals: CachePadded<AtomicU64>,
+}
 
 impl CountWindow {
     pub(crate) fn new(size: u32) -> Self {
         Self {
             slots: (0..size.max(1)).map(|_| AtomicU8::new(EMPTY)).collect(),
             next: CachePadded::new(AtomicU64::new(0)),
+            totals: CachePadded::new(AtomicU64::new(0)),
         }
     }
 
-    pub(crate) fn record(&self, failure: bool, slow: bool) {
+    pub(crate) fn size(&self) -> u64 {
+        self.slots.len() as u64
+    }
+
+    /// Records a call; returns the totals with it.
+    pub(crate) fn record(&self, failure: bool, slow: bool) -> WindowTotals {
         let code = RECORDED | if failure { FAILED } else { 0 } | if slow { SLOW } else { 0 };
-        let index = (self.next.fetch_add(1, Ordering::Relaxed) % self.slots.len() as u64) as usize;
+        let index = (self.next.fetch_add(1, Ordering::Relaxed) % self.size()) as usize;
         let slot = &self.slots[index];
-        // Steady traffic rewrites the same code: skipping the store keeps the ring's cache lines
-        // shared between cores instead of bouncing them.
-        if slot.load(Ordering::Relaxed) != code {
+        loop {
+            let old = slot.load(Ordering::Acquire);
+            // Steady traffic rewrites the same code: skipping the store keeps the ring's cache
+            // lines shared between cores instead of bouncing them.
+            if old == code {
+                return self.totals();
+            }
+            if old == LOCKED {
+                std::hint::spin_loop();
+                continue;
+            }
+            // Lock the slot while the totals change, so a second writer of the same slot (the
+            // cursor wrapped) takes out exactly what the first put in.
+            if slot.compare_exchange(old, LOCKED, Ordering::AcqRel, Ordering::Acquire).is_err() {
+                continue;
+            }
+            let delta = |t: u64| t - code_counts(old) + code_counts(code);
+            let before = self.totals.fetch_update(Ordering::AcqRel, Ordering::Acquire, |t| Some(delta(t)));
             slot.store(code, Ordering::Release);
+            let before = before.unwrap_or_else(|t| t);
+            return WindowTotals::unpack(delta(before));
         }
     }
 
     pub(crate) fn totals(&self) -> WindowTotals {
-        let mut totals = WindowTotals::default();
-        for slot in self.slots.iter() {
-            let code = slot.load(Ordering::Acquire);
-            totals.calls += u64::from(code & RECORDED);
-            totals.failures += u64::from(code & FAILED != 0);
-            totals.slow += u64::from(code & SLOW != 0);
-        }
-        totals
+        WindowTotals::unpack(self.totals.load(Ordering::Acquire))
     }
 
     pub(crate) fn reset(&self) {
@@ -101,74 +121,69 @@ impl CountWindow {
             slot.store(EMPTY, Ordering::Relaxed);
         }
         self.next.store(0, Ordering::Release);
+        self.totals.store(0, Ordering::Release);
     }
 }
 
 /// The calls of the last `seconds` one-second buckets.
 #[derive(Debug)]
 pub(crate) struct TimeWindow {
-    buckets: Box<[Bucket]>,
+    state: Mutex<TimeState>,
 }
 
-#[derive(Debug, Default)]
-struct Bucket {
-    /// Second index + 1 of the counts (0: never used; ROTATING: being reset).
-    second: AtomicU64,
-    counts: AtomicU64,
+#[derive(Debug)]
+struct TimeState {
+    /// Counts per bucket (packed).
+    buckets: Box<[u64]>,
+    /// The second the newest bucket stands for.
+    head: u64,
+    totals: u64,
 }
 
-const ROTATING: u64 = u64::MAX;
+impl TimeState {
+    /// Moves the window so it ends at `second`, dropping the buckets that fall out.
+    fn advance(&mut self, second: u64) {
+        if second <= self.head {
+            return;
+        }
+        let n = self.buckets.len() as u64;
+        let steps = (second - self.head).min(n);
+        for s in second + 1 - steps..=second {
+            let bucket = &mut self.buckets[(s % n) as usize];
+            self.totals -= std::mem::take(bucket);
+        }
+        self.head = second;
+    }
+}
 
 impl TimeWindow {
     pub(crate) fn new(seconds: u32) -> Self {
-        Self { buckets: (0..seconds.max(1)).map(|_| Bucket::default()).collect() }
+        Self { state: Mutex::new(TimeState { buckets: vec![0; seconds.max(1) as usize].into(), head: 0, totals: 0 }) }
     }
 
-    pub(crate) fn record(&self, now_second: u64, failure: bool, slow: bool) {
-        let tag = now_second + 1;
-        let bucket = &self.buckets[(now_second % self.buckets.len() as u64) as usize];
-        loop {
-            let current = bucket.second.load(Ordering::Acquire);
-            if current == tag {
-                bucket.counts.fetch_add(packed(failure, slow), Ordering::AcqRel);
-                return;
-            }
-            if current == ROTATING || current > tag {
-                // Another thread is resetting this bucket (or a clock went back): count the
-                // call in whatever the bucket holds once it settles, or drop it if stale.
-                if current > tag && current != ROTATING {
-                    return;
-                }
-                std::hint::spin_loop();
-                continue;
-            }
-            // The bucket holds an older second: whoever swaps in ROTATING resets it.
-            if bucket.second.compare_exchange(current, ROTATING, Ordering::AcqRel, Ordering::Acquire).is_ok() {
-                bucket.counts.store(packed(failure, slow), Ordering::Release);
-                bucket.second.store(tag, Ordering::Release);
-                return;
-            }
-        }
+    /// Records a call in the bucket of `second`; returns the totals with it. A call stamped
+    /// before the window's start (a clock read late) is counted in the oldest bucket.
+    pub(crate) fn record(&self, second: u64, failure: bool, slow: bool) -> WindowTotals {
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        state.advance(second);
+        let n = state.buckets.len() as u64;
+        let second = second.max(state.head.saturating_sub(n - 1));
+        let counts = packed(failure, slow);
+        state.buckets[(second % n) as usize] += counts;
+        state.totals += counts;
+        WindowTotals::unpack(state.totals)
     }
 
-    pub(crate) fn totals(&self, now_second: u64) -> WindowTotals {
-        let n = self.buckets.len() as u64;
-        let oldest = (now_second + 1).saturating_sub(n - 1);
-        let mut totals = WindowTotals::default();
-        for bucket in self.buckets.iter() {
-            let second = bucket.second.load(Ordering::Acquire);
-            if second != ROTATING && second >= oldest && second <= now_second + 1 {
-                totals.add(WindowTotals::unpack(bucket.counts.load(Ordering::Acquire)));
-            }
-        }
-        totals
+    pub(crate) fn totals(&self, second: u64) -> WindowTotals {
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        state.advance(second);
+        WindowTotals::unpack(state.totals)
     }
 
     pub(crate) fn reset(&self) {
-        for bucket in self.buckets.iter() {
-            bucket.second.store(0, Ordering::Release);
-            bucket.counts.store(0, Ordering::Release);
-        }
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        state.buckets.iter_mut().for_each(|b| *b = 0);
+        state.totals = 0;
     }
 }
 
@@ -177,17 +192,19 @@ mod tests {
     use super::*;
 
     #[test]
-    fn count_window_keeps_the_last_n() {
+    fn count_window_keeps_the_last_n_and_its_totals() {
         let w = CountWindow::new(4);
         for failure in [true, true, false, false] {
             w.record(failure, false);
         }
         assert_eq!(w.totals(), WindowTotals { calls: 4, failures: 2, slow: 0 });
         w.record(false, true);
-        w.record(false, false);
+        assert_eq!(w.record(false, false), WindowTotals { calls: 4, failures: 0, slow: 1 });
         // The two failures fell out.
         assert_eq!(w.totals(), WindowTotals { calls: 4, failures: 0, slow: 1 });
         assert_eq!(w.totals().slow_rate(), 25.0);
+        w.reset();
+        assert_eq!(w.totals(), WindowTotals::default());
     }
 
     #[test]
@@ -204,7 +221,7 @@ mod tests {
     }
 
     #[test]
-    fn concurrent_count_window_stays_full_and_bounded() {
+    fn concurrent_count_window_totals_match_its_ring() {
         let w = CountWindow::new(64);
         std::thread::scope(|s| {
             for t in 0..2 {
@@ -216,8 +233,14 @@ mod tests {
                 });
             }
         });
-        let totals = w.totals();
-        assert_eq!(totals.calls, 64);
-        assert!(totals.failures <= 64 && totals.slow <= 64);
+        let mut from_ring = WindowTotals::default();
+        for slot in w.slots.iter() {
+            let t = WindowTotals::unpack(code_counts(slot.load(Ordering::Acquire)));
+            from_ring.calls += t.calls;
+            from_ring.failures += t.failures;
+            from_ring.slow += t.slow;
+        }
+        assert_eq!(w.totals(), from_ring);
+        assert_eq!(w.totals().calls, 64);
     }
 }

@@ -21,7 +21,8 @@ use proto::{
 };
 use tower::{BoxError, Service, ServiceBuilder, ServiceExt};
 use tower_breaker::{
-    Breaker, BreakerConfig, BreakerRegistry, CircuitBreakerLayer, CircuitOpen, Outcome, State, keys::GrpcMethod,
+    AdaptiveThrottle, AdaptiveThrottleLayer, Breaker, BreakerConfig, BreakerRegistry, CircuitBreakerLayer, CircuitOpen,
+    Outcome, SlidingWindow, State, ThrottleConfig, keys::GrpcMethod,
 };
 
 fn trip_fast(wait: Duration) -> BreakerConfig {
@@ -283,8 +284,8 @@ async fn grpc_status_in_trailers_is_read_at_the_end_of_the_body() {
 
 #[tokio::test]
 async fn adaptive_throttling_refuses_locally_with_a_throttled_problem() {
-    let config = BreakerConfig::builder().count_window(100).minimum_calls(10).adaptive_throttling(2.0).build().unwrap();
-    let breaker = Breaker::new("sre", config).unwrap();
+    let config = ThrottleConfig { window: SlidingWindow::Count { size: 100 }, minimum_calls: 10, k: 2.0 };
+    let throttle = AdaptiveThrottle::new("sre", config).unwrap();
     let calls = Arc::new(AtomicU32::new(0));
     let upstream = {
         let calls = calls.clone();
@@ -293,7 +294,7 @@ async fn adaptive_throttling_refuses_locally_with_a_throttled_problem() {
             StatusCode::INTERNAL_SERVER_ERROR
         })
     };
-    let app = Router::new().route("/upstream", upstream).layer(CircuitBreakerLayer::new(breaker.clone()));
+    let app = Router::new().route("/upstream", upstream).layer(AdaptiveThrottleLayer::new(throttle.clone()));
     let addr = serve(app).await;
     let http = reqwest::Client::new();
     let (mut failed, mut throttled) = (0, 0);
@@ -311,5 +312,5 @@ async fn adaptive_throttling_refuses_locally_with_a_throttled_problem() {
     }
     assert_eq!(failed, calls.load(Ordering::SeqCst), "a throttled call never reaches the upstream");
     assert!(throttled > 100, "a failing upstream is mostly spared: {throttled} of 200 throttled");
-    assert_eq!(breaker.state(), State::Closed);
+    assert_eq!(throttle.rejected(), throttled);
 }
