@@ -18,8 +18,6 @@ pub(crate) enum Ack {
     Skipped { id: String, task: String, attempt: u64, _permit: OwnedSemaphorePermit },
     /// Count a stats field.
     Count(&'static str),
-    /// Record that a task started running (status `running`, attempt n).
-    Running { task: String, attempt: u64 },
 }
 
 /// Writes everything that finished since the last round trip; keeps what failed and tries
@@ -54,7 +52,7 @@ pub(crate) async fn acker(ctx: Arc<Ctx>, mut rx: mpsc::UnboundedReceiver<Ack>) {
                             ctx.disown(&id);
                         }
                         Ack::Skipped { id, .. } => ctx.disown(&id),
-                        Ack::Count(_) | Ack::Running { .. } => {}
+                        Ack::Count(_) => {}
                     }
                 }
             }
@@ -91,38 +89,18 @@ fn lost(ctx: &Ctx, id: &str) {
     tracing::warn!(%id, "finished an entry another consumer had taken over; not acknowledged or counted here");
 }
 
-/// One round trip: the ack script for the finished entries and counters, and the `running`
-/// statuses (when kept) in the same pipeline. Returns the ids acknowledged.
+/// One round trip: the ack script for the finished entries and counters. Returns the ids
+/// acknowledged.
 async fn write(ctx: &Ctx, ops: &[Ack]) -> Result<Vec<String>, redis::RedisError> {
     let status_ttl = ctx.status_ttl_ms();
     let mut finished: Vec<(&str, &str, &str, u64)> = Vec::new();
     let mut counts: HashMap<&'static str, u64> = HashMap::new();
-    let mut pipe = redis::pipe();
-    let mut statuses = false;
     for op in ops {
         match op {
             Ack::Processed { id, task, attempt, .. } => finished.push((id, task, "p", *attempt)),
             Ack::Skipped { id, task, attempt, .. } => finished.push((id, task, "s", *attempt)),
             Ack::Count(field) => *counts.entry(field).or_default() += 1,
-            Ack::Running { task, attempt } => {
-                if let Some(key) = ctx.status_key(task) {
-                    statuses = true;
-                    pipe.cmd("HSET")
-                        .arg(&key)
-                        .arg("state")
-                        .arg("running")
-                        .arg("attempt")
-                        .arg(*attempt)
-                        .arg("error")
-                        .arg("")
-                        .ignore();
-                    pipe.cmd("PEXPIRE").arg(&key).arg(status_ttl).ignore();
-                }
-            }
         }
-    }
-    if statuses {
-        pipe.query_async::<()>(&mut ctx.con()).await?;
     }
     if finished.is_empty() && counts.is_empty() {
         return Ok(Vec::new());

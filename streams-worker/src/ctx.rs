@@ -7,7 +7,7 @@ use std::{
     time::Duration,
 };
 
-use redis::{Value, streams::StreamReadReply};
+use redis::Value;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -29,11 +29,15 @@ pub(crate) struct Ctx {
     pub(crate) dead_letter: String,
     pub(crate) stats: String,
     pub(crate) delayed: String,
+    clock: String,
+    released: String,
     pub(crate) config: Arc<WorkerConfig>,
     pub(crate) counters: Arc<Counters>,
     /// The entries this worker owns and has not acknowledged: fetched, running, or waiting for
     /// their acknowledgement. The heartbeat keeps them; cancelling a token stops its handler.
     owned: Mutex<HashMap<String, CancellationToken>>,
+    /// Owned entries whose handler started (the others were fetched and not run yet).
+    started: Mutex<std::collections::HashSet<String>>,
     /// No taking over before this: after Redis was unreachable (or restarted), every entry looks
     /// idle for as long as the outage lasted; live workers get a full `claim_idle` to refresh
     /// theirs first.
@@ -78,12 +82,15 @@ impl Ctx {
             dead_letter: config.dead_letter.clone().unwrap_or_else(|| keys::dead_letter(&stream)),
             stats: keys::stats(&stream),
             delayed: keys::delayed(&stream),
+            clock: keys::clock(&stream, &group),
+            released: keys::released(&stream, &group),
             stream,
             group,
             consumer,
             config,
             counters,
             owned: Mutex::new(HashMap::new()),
+            started: Mutex::new(std::collections::HashSet::new()),
             claim_after: Mutex::new(Instant::now()),
             metrics: Metrics {
                 processed: metrics::counter!("rampart_worker_processed_total", &labels),
@@ -121,8 +128,14 @@ impl Ctx {
         token
     }
 
+    /// Notes that an owned entry's handler starts.
+    pub(crate) fn starting(&self, id: &str) {
+        self.started.lock().unwrap_or_else(PoisonError::into_inner).insert(id.to_owned());
+    }
+
     /// Lets go of an entry: acknowledged, handed on, or no longer ours.
     pub(crate) fn disown(&self, id: &str) {
+        self.started.lock().unwrap_or_else(PoisonError::into_inner).remove(id);
         if self.owned.lock().unwrap_or_else(PoisonError::into_inner).remove(id).is_some() {
             self.counters.in_flight.fetch_sub(1, Ordering::Relaxed);
             self.metrics.in_flight.decrement(1.0);
@@ -194,7 +207,8 @@ impl Ctx {
         want: usize,
         block: Duration,
     ) -> Result<Vec<Fetched>, redis::RedisError> {
-        let reply: Option<StreamReadReply> = redis::cmd("XREADGROUP")
+        let started = Instant::now();
+        let reply: Value = redis::cmd("XREADGROUP")
             .arg("GROUP")
             .arg(&*self.group)
             .arg(&*self.consumer)
@@ -207,12 +221,12 @@ impl Ctx {
             .arg(">")
             .query_async(con)
             .await?;
-        Ok(reply
-            .into_iter()
-            .flat_map(|r| r.keys)
-            .flat_map(|k| k.ids)
-            .map(|e| Fetched { id: e.id, fields: e.map, times: 1 })
-            .collect())
+        // A read that came back much later than its block: the server stalled.
+        if started.elapsed() > block + self.config.claim_idle / 4 {
+            self.redis_trouble();
+        }
+        parse_read(reply)
+            .ok_or_else(|| redis::RedisError::from((redis::ErrorKind::Parse, "unexpected reply of XREADGROUP")))
     }
 
     /// Entries idle past `claim_idle` in any consumer (a dead one), or with `own` this
@@ -227,7 +241,7 @@ impl Ctx {
             return Ok(Vec::new());
         }
         let mut invocation = scripts::CLAIM.key(&*self.stream);
-        invocation.arg(&*self.group).arg(&*self.consumer).arg(want);
+        invocation.key(&self.clock).key(&self.released).arg(&*self.group).arg(&*self.consumer).arg(want);
         if own {
             invocation.arg("own");
         } else {
@@ -256,14 +270,12 @@ impl Ctx {
         Ok(entries)
     }
 
-    /// Refreshes every owned entry; stops the handlers of the ones no longer ours.
+    /// Refreshes every owned entry; stops the handlers of the ones no longer ours. Runs with no
+    /// entry too: it tells the group's clock this worker is alive.
     pub(crate) async fn heartbeat(&self) -> Result<(), redis::RedisError> {
         let ids = self.owned_ids();
-        if ids.is_empty() {
-            return Ok(());
-        }
         let mut invocation = scripts::HEARTBEAT.key(&*self.stream);
-        invocation.arg(&*self.group).arg(&*self.consumer);
+        invocation.key(&self.clock).arg(&*self.group).arg(&*self.consumer).arg(millis(self.config.claim_idle));
         for id in &ids {
             invocation.arg(id);
         }
@@ -348,15 +360,17 @@ impl Ctx {
         Ok(moved == 1)
     }
 
-    /// Hands this consumer's unfinished entries to others at once (shutdown).
+    /// Hands this consumer's unfinished entries to others at once (shutdown); those it never
+    /// started give their delivery back.
     pub(crate) async fn release(&self) -> Result<u64, redis::RedisError> {
-        scripts::RELEASE
-            .key(&*self.stream)
-            .arg(&*self.group)
-            .arg(&*self.consumer)
-            .arg(millis(self.config.claim_idle) + 1)
-            .invoke_async(&mut self.con())
-            .await
+        let started: Vec<String> =
+            self.started.lock().unwrap_or_else(PoisonError::into_inner).iter().cloned().collect();
+        let mut invocation = scripts::RELEASE.key(&*self.stream);
+        invocation.key(&self.released).arg(&*self.group).arg(&*self.consumer).arg(millis(self.config.claim_idle) + 1);
+        for id in &started {
+            invocation.arg(id);
+        }
+        invocation.invoke_async(&mut self.con()).await
     }
 
     pub(crate) async fn update_gauges(&self) {
@@ -378,6 +392,53 @@ fn text(value: &Value) -> Option<String> {
     }
 }
 
+/// A field name as text, whatever its bytes: an entry whose names are not UTF-8 still becomes
+/// a [`Fetched`] (and then an undecodable dead letter) instead of failing its whole batch.
+fn name(value: &Value) -> Option<String> {
+    match value {
+        Value::BulkString(bytes) => Some(String::from_utf8_lossy(bytes).into_owned()),
+        other => text(other),
+    }
+}
+
+fn fields(value: Value) -> Option<HashMap<String, Value>> {
+    let Value::Array(fields) = value else { return None };
+    let mut map = HashMap::with_capacity(fields.len() / 2);
+    let mut it = fields.into_iter();
+    while let (Some(n), Some(v)) = (it.next(), it.next()) {
+        map.insert(name(&n)?, v);
+    }
+    Some(map)
+}
+
+/// `XREADGROUP`'s reply: `nil`, or `[[stream, [[id, [field, value, ...]], ...]]]` (RESP3: a map).
+fn parse_read(reply: Value) -> Option<Vec<Fetched>> {
+    let streams = match reply {
+        Value::Nil => return Some(Vec::new()),
+        Value::Array(streams) => streams
+            .into_iter()
+            .filter_map(|s| match s {
+                Value::Array(mut pair) if pair.len() == 2 => pair.pop(),
+                _ => None,
+            })
+            .collect::<Vec<_>>(),
+        Value::Map(pairs) => pairs.into_iter().map(|(_, entries)| entries).collect(),
+        _ => return None,
+    };
+    let mut out = Vec::new();
+    for entries in streams {
+        let Value::Array(entries) = entries else { return None };
+        for entry in entries {
+            let Value::Array(entry) = entry else { return None };
+            let [id, values] = <[Value; 2]>::try_from(entry).ok()?;
+            // A deleted entry still pending reads as `[id, nil]`: no fields.
+            let map = if matches!(values, Value::Nil) { HashMap::new() } else { fields(values)? };
+            out.push(Fetched { id: text(&id)?, fields: map, times: 1 });
+        }
+    }
+    Some(out)
+}
+
 /// `{cursor, {{id, {field, value, ...}, deliveries}, ...}}` from the claim script.
 fn parse_claimed(reply: Value) -> Option<(String, Vec<Fetched>)> {
     let Value::Array(mut parts) = reply else { return None };
@@ -387,13 +448,8 @@ fn parse_claimed(reply: Value) -> Option<(String, Vec<Fetched>)> {
     let mut out = Vec::with_capacity(entries.len());
     for entry in entries {
         let Value::Array(entry) = entry else { return None };
-        let [id, fields, times] = <[Value; 3]>::try_from(entry).ok()?;
-        let Value::Array(fields) = fields else { return None };
-        let mut map = HashMap::with_capacity(fields.len() / 2);
-        let mut it = fields.into_iter();
-        while let (Some(name), Some(value)) = (it.next(), it.next()) {
-            map.insert(text(&name)?, value);
-        }
+        let [id, values, times] = <[Value; 3]>::try_from(entry).ok()?;
+        let map = fields(values)?;
         let times = match times {
             Value::Int(n) => u64::try_from(n).unwrap_or(1),
             other => text(&other)?.parse().ok()?,

@@ -97,34 +97,49 @@ impl DeadLetters {
     }
 
     /// Puts one dead letter back on the stream as a fresh task (same task id, deliveries
-    /// counted from zero) and removes it from the dead letters, atomically. Returns the new
-    /// stream entry id, or `None` if there is no dead letter with that id (or it is not a task).
+    /// counted from zero, for the group it died in) and removes it from the dead letters,
+    /// atomically. Returns the new stream entry id, or `None` if there is no dead letter with
+    /// that id (or it is not a task: an undecodable entry stays a dead letter).
     pub async fn requeue(&self, id: &str) -> Result<Option<String>, QueueError> {
-        let mut added = self.requeue_script(id, 1).await?;
+        let (_, mut added) = self.requeue_script(id, 1, "-").await?;
         Ok(added.pop())
     }
 
-    /// Puts every dead letter back (in batches of 100); returns how many.
+    /// Puts every dead letter that is a task back (100 per round trip); returns how many.
     pub async fn requeue_all(&self) -> Result<usize, QueueError> {
         let mut total = 0;
+        let mut after = "-".to_owned();
         loop {
-            let added = self.requeue_script("*", 100).await?.len();
-            total += added;
-            if added < 100 {
-                return Ok(total);
+            let (last, added) = self.requeue_script("*", 100, &after).await?;
+            total += added.len();
+            match last {
+                Some(last) => after = last,
+                None => return Ok(total),
             }
         }
     }
 
-    async fn requeue_script(&self, id: &str, count: usize) -> Result<Vec<String>, QueueError> {
-        Ok(scripts::REQUEUE
+    /// The last dead letter looked at (none: the end), and the new entries' ids.
+    async fn requeue_script(
+        &self,
+        id: &str,
+        count: usize,
+        after: &str,
+    ) -> Result<(Option<String>, Vec<String>), QueueError> {
+        let mut reply: Vec<String> = scripts::REQUEUE
             .key(&self.dead)
             .key(&self.stream)
             .key(keys::stats(&self.stream))
             .arg(id)
             .arg(count)
+            .arg(after)
             .invoke_async(&mut self.con.clone())
-            .await?)
+            .await?;
+        if reply.is_empty() {
+            return Ok((None, Vec::new()));
+        }
+        let last = reply.remove(0);
+        Ok(((!last.is_empty()).then_some(last), reply))
     }
 
     /// Deletes one dead letter; whether it existed.

@@ -15,6 +15,8 @@ pub(crate) const F_TYPE: &str = "type";
 pub(crate) const F_PAYLOAD: &str = "payload";
 pub(crate) const F_ENQUEUED: &str = "enqueued_at";
 pub(crate) const F_ATTEMPT: &str = "attempt";
+/// On a retry or a requeued dead letter: the one group it is for (other groups skip it).
+pub(crate) const F_GROUP: &str = "for_group";
 
 /// A new task id: 128 random bits in hex.
 pub(crate) fn new_task_id() -> String {
@@ -44,21 +46,35 @@ pub(crate) fn delayed_member(fields: &[(&str, String)]) -> String {
     serde_json::Value::Object(map).to_string()
 }
 
-/// The delayed-set member that runs this entry again: same task, one more attempt behind it.
-pub(crate) fn retry_member(map: &HashMap<String, Value>, attempts_done: u64) -> Result<String, Undecodable> {
+/// The delayed-set member that runs this entry again, for `group` only: same task, one more
+/// attempt behind it.
+pub(crate) fn retry_member(
+    map: &HashMap<String, Value>,
+    attempts_done: u64,
+    group: &str,
+) -> Result<String, Undecodable> {
     let fields = [
         (F_ID, text(map, F_ID)?),
         (F_TYPE, text(map, F_TYPE)?),
         (F_PAYLOAD, text(map, F_PAYLOAD)?),
         (F_ENQUEUED, text(map, F_ENQUEUED)?),
         (F_ATTEMPT, attempts_done.to_string()),
+        (F_GROUP, group.to_owned()),
     ];
     Ok(delayed_member(&fields))
 }
 
+/// The most runs an entry may claim to have behind it: a larger `attempt` field is garbage.
+const MAX_ATTEMPTS: u64 = u32::MAX as u64;
+
 /// Runs of this task before this entry (0 for a first entry; retries carry it).
 pub(crate) fn attempts_before(map: &HashMap<String, Value>) -> u64 {
-    text(map, F_ATTEMPT).ok().and_then(|a| a.parse().ok()).unwrap_or(0)
+    text(map, F_ATTEMPT).ok().and_then(|a| a.parse::<u64>().ok()).unwrap_or(0).min(MAX_ATTEMPTS)
+}
+
+/// The group an entry is for, if only one.
+pub(crate) fn for_group(map: &HashMap<String, Value>) -> Option<String> {
+    text(map, F_GROUP).ok()
 }
 
 /// The task id of an entry, if it has one.

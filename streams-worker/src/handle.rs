@@ -16,7 +16,7 @@ use tower::Service;
 use crate::{
     acker::Ack,
     ctx::{Ctx, Fetched},
-    envelope::{Delivery, attempts_before, decode, retry_member, task_id},
+    envelope::{Delivery, attempts_before, decode, for_group, retry_member, task_id},
     error::BoxError,
     keys,
 };
@@ -42,8 +42,14 @@ pub(crate) async fn handle<T, S>(
     S::Error: Into<BoxError>,
     S::Future: Send,
 {
-    let attempt = attempts_before(&entry.fields) + entry.times;
+    let attempt = attempts_before(&entry.fields).saturating_add(entry.times);
     let task = task_id(&entry.fields).unwrap_or_default();
+    // A retry or a requeued dead letter of another group: not ours to run (each group sees every
+    // entry of the stream).
+    if for_group(&entry.fields).is_some_and(|g| g != *ctx.group) {
+        let _ = acks.send(Ack::Skipped { id: entry.id, task, attempt, _permit: permit });
+        return;
+    }
     let delivery = match decode::<T>(&entry.id, &entry.fields, attempt) {
         Ok(delivery) => delivery,
         Err(undecodable) => {
@@ -77,10 +83,27 @@ pub(crate) async fn handle<T, S>(
         ctx.metrics.retried.increment(1);
         let _ = acks.send(Ack::Count("retried"));
     }
-    if ctx.config.status_ttl.is_some() {
-        let _ = acks.send(Ack::Running { task: task.clone(), attempt });
+    // Written before the run, not batched: a later `retrying` or `dead` must not be overwritten.
+    if let Some(key) = ctx.status_key(&task) {
+        let _: Result<(), _> = redis::pipe()
+            .cmd("HSET")
+            .arg(&key)
+            .arg("state")
+            .arg("running")
+            .arg("attempt")
+            .arg(attempt)
+            .arg("error")
+            .arg("")
+            .ignore()
+            .cmd("PEXPIRE")
+            .arg(&key)
+            .arg(ctx.status_ttl_ms())
+            .ignore()
+            .query_async(&mut ctx.con())
+            .await;
     }
 
+    ctx.starting(&entry.id);
     let started = Instant::now();
     let outcome = run(svc, delivery, &cancel).await;
     ctx.metrics.handler_seconds.record(started.elapsed().as_secs_f64());
@@ -106,12 +129,18 @@ pub(crate) async fn handle<T, S>(
             ctx.disown(&entry.id);
         }
         Outcome::Failed(error) => {
-            ctx.counters.failed.fetch_add(1, Ordering::Relaxed);
-            ctx.metrics.failed.increment(1);
-            if attempt >= ctx.config.max_deliveries {
-                finish_dead(&ctx, &entry, &error, attempt, true).await;
+            let ours = if attempt >= ctx.config.max_deliveries {
+                finish_dead(&ctx, &entry, &error, attempt, true).await
             } else {
-                finish_retry(&ctx, &entry, attempt, &error).await;
+                finish_retry(&ctx, &entry, attempt, &error).await
+            };
+            // Counted here only if the entry was still ours (else another worker has it now).
+            if ours {
+                ctx.counters.failed.fetch_add(1, Ordering::Relaxed);
+                ctx.metrics.failed.increment(1);
+            } else {
+                ctx.counters.lost.fetch_add(1, Ordering::Relaxed);
+                ctx.metrics.lost.increment(1);
             }
             drop(permit);
         }
@@ -147,28 +176,45 @@ fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
     }
 }
 
-/// Scheduled again after its backoff, as a new entry carrying the attempts so far.
-async fn finish_retry(ctx: &Ctx, entry: &Fetched, attempt: u64, error: &str) {
-    let member = match retry_member(&entry.fields, attempt) {
+/// Scheduled again after its backoff, as a new entry (for this group) carrying the attempts so
+/// far. Returns whether the entry was still ours.
+async fn finish_retry(ctx: &Ctx, entry: &Fetched, attempt: u64, error: &str) -> bool {
+    let member = match retry_member(&entry.fields, attempt, &ctx.group) {
         Ok(member) => member,
         Err(undecodable) => return finish_dead(ctx, entry, &undecodable.to_string(), attempt, true).await,
     };
     let delay = ctx.config.backoff(attempt);
-    match ctx.retry(entry, &member, delay, attempt, error).await {
+    let ours = match ctx.retry(entry, &member, delay, attempt, error).await {
         Ok(true) => {
-            tracing::debug!(id = %entry.id, attempt, error, retry_in = ?delay, "handler failed; scheduled again")
+            tracing::debug!(id = %entry.id, attempt, error, retry_in = ?delay, "handler failed; scheduled again");
+            true
         }
-        Ok(false) => tracing::warn!(id = %entry.id, "failed entry was taken over by another consumer; left to it"),
-        Err(e) => tracing::warn!(error = %e, id = %entry.id, "could not schedule the retry; the entry stays pending"),
-    }
+        Ok(false) => {
+            tracing::warn!(id = %entry.id, "failed entry was taken over by another consumer; left to it");
+            false
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, id = %entry.id, "could not schedule the retry; the entry stays pending");
+            true
+        }
+    };
     ctx.disown(&entry.id);
+    ours
 }
 
-async fn finish_dead(ctx: &Ctx, entry: &Fetched, reason: &str, attempt: u64, failed_run: bool) {
-    match ctx.dead_letter(entry, reason, attempt, failed_run).await {
-        Ok(true) => {}
-        Ok(false) => tracing::warn!(id = %entry.id, "entry was taken over by another consumer; left to it"),
-        Err(e) => tracing::warn!(error = %e, id = %entry.id, "could not dead-letter; the entry stays pending"),
-    }
+/// To the dead letters. Returns whether the entry was still ours.
+async fn finish_dead(ctx: &Ctx, entry: &Fetched, reason: &str, attempt: u64, failed_run: bool) -> bool {
+    let ours = match ctx.dead_letter(entry, reason, attempt, failed_run).await {
+        Ok(true) => true,
+        Ok(false) => {
+            tracing::warn!(id = %entry.id, "entry was taken over by another consumer; left to it");
+            false
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, id = %entry.id, "could not dead-letter; the entry stays pending");
+            true
+        }
+    };
     ctx.disown(&entry.id);
+    ours
 }

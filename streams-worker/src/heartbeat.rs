@@ -11,10 +11,14 @@ use crate::ctx::{Ctx, is_nogroup};
 /// Runs every `claim_idle / 3` until `stop` fires.
 pub(crate) async fn heartbeat(ctx: Arc<Ctx>, stop: CancellationToken) {
     let period = (ctx.config.claim_idle / 3).max(Duration::from_millis(10));
+    let mut first = true;
     loop {
-        tokio::select! {
-            () = tokio::time::sleep(period) => {}
-            () = stop.cancelled() => return,
+        // The first beat at once: it tells the group's clock this worker is alive.
+        if !std::mem::take(&mut first) {
+            tokio::select! {
+                () = tokio::time::sleep(period) => {}
+                () = stop.cancelled() => return,
+            }
         }
         match ctx.heartbeat().await {
             Ok(()) => {}

@@ -22,3 +22,13 @@ pub(crate) fn delayed(stream: &str) -> String {
 pub(crate) fn status(stream: &str, task_id: &str) -> String {
     format!("{stream}:status:{task_id}")
 }
+
+/// When a live worker of `group` last reached the server (see `claim.lua`).
+pub(crate) fn clock(stream: &str, group: &str) -> String {
+    format!("{stream}:clock:{group}")
+}
+
+/// Entries of `group` released by workers that shut down.
+pub(crate) fn released(stream: &str, group: &str) -> String {
+    format!("{stream}:released:{group}")
+}

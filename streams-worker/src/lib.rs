@@ -16,16 +16,19 @@
 //! idle time of each entry *this consumer still owns* (`XCLAIM ... JUSTID`, no delivery counted)
 //! and never takes back one another consumer holds. So only a worker that stopped for
 //! [`WorkerConfig::claim_idle`] (crashed, frozen, cut off from Redis) loses its entries, which
-//! others then take over with `XAUTOCLAIM`. After Redis was unreachable or restarted — when
-//! every entry looks idle for as long as the outage lasted — a worker takes nothing over for
-//! `claim_idle`, so live workers refresh theirs first. If a worker that lost its entries comes
+//! others then take over with `XAUTOCLAIM`. Idle times only mean "its worker died" while the
+//! server itself kept running: every heartbeat stamps the group's clock in Redis, and when a
+//! heartbeat or a takeover finds it stale (Redis restarted or stalled, or nobody ran) nothing is
+//! taken over for a `claim_idle`, so live workers refresh theirs first. Entries a worker hands
+//! over at shutdown are taken at once, hold or not. If a worker that lost its entries comes
 //! back, the heartbeat tells it:
 //! the handler is stopped, and whatever it finishes is neither acknowledged nor counted there
 //! (every acknowledgement checks ownership).
 //!
 //! **Nothing stuck, nothing looping.** A handler error or panic is a failure. A failed entry is
 //! acknowledged and scheduled again after a pause that doubles with each delivery
-//! ([`WorkerConfig::backoff`]), as a new entry of the same task carrying the count so far. After
+//! ([`WorkerConfig::backoff`]), as a new entry of the same task carrying the count so far and
+//! the group it is for (other groups reading the stream skip it). After
 //! [`WorkerConfig::max_deliveries`] it goes to `<stream>:dead` (bounded) with the error. The count
 //! is checked before each run too: an entry delivered more often than that without a result (its
 //! handler crashed or hung its worker each time) is dead-lettered without running again. An

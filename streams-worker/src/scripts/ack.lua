@@ -17,7 +17,7 @@ for i = 0, n - 1 do
     if kind == 'p' then
       processed = processed + 1
     end
-    if ttl > 0 and KEYS[3 + i] then
+    if kind == 'p' and ttl > 0 and KEYS[3 + i] then
       redis.call('HSET', KEYS[3 + i], 'state', 'done', 'attempt', ARGV[7 + 3 * i], 'error', '')
       redis.call('PEXPIRE', KEYS[3 + i], ttl)
     end

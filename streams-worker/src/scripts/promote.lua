@@ -9,7 +9,7 @@ local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, tonumb
 for _, member in ipairs(due) do
   local fields = cjson.decode(member)
   local args = {}
-  for _, name in ipairs({'id', 'type', 'payload', 'enqueued_at', 'attempt'}) do
+  for _, name in ipairs({'id', 'type', 'payload', 'enqueued_at', 'attempt', 'for_group'}) do
     if fields[name] ~= nil then
       args[#args + 1] = name
       args[#args + 1] = tostring(fields[name])
