@@ -67,8 +67,11 @@ redis.call('PEXPIRE', KEYS[1], ARGV[3])
 redis.call('PEXPIRE', KEYS[2], ARGV[3])
 local out = {epoch, tonumber(redis.call('HGET', KEYS[1], 'head'))}
 if tonumber(ARGV[1]) >= 0 then
-  local entries = redis.call('XRANGE', KEYS[2], '(0-' .. ARGV[1], '+', 'COUNT', ARGV[2])
-  for _, e in ipairs(entries) do
+  -- The newest ARGV[2] entries after ARGV[1] (a longer history kept by another instance's
+  -- setting must not make the oldest ones look like all there is), oldest first.
+  local entries = redis.call('XREVRANGE', KEYS[2], '+', '(0-' .. ARGV[1], 'COUNT', ARGV[2])
+  for i = #entries, 1, -1 do
+    local e = entries[i]
     out[#out + 1] = tonumber(string.sub(e[1], 3))
     out[#out + 1] = e[2][2]
   end
@@ -136,6 +139,9 @@ enum Command {
 
 pub(crate) struct Bridge {
     con: Conn,
+    /// Channels that may have a hole no later message will show (a message shed from the
+    /// queue, a fill that failed): the repair task catches them up.
+    dirty: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
     publish: redis::Script,
     read: redis::Script,
     presence: redis::Script,
@@ -222,6 +228,10 @@ impl Bridge {
         }
     }
 
+    pub(crate) fn mark_dirty(&self, channel: &str) {
+        self.dirty.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(channel.to_owned());
+    }
+
     /// One local subscriber fewer (the last one unsubscribes in Redis).
     pub(crate) fn release(&self, channel: &str) {
         let _ = self.commands.send(Command::Release(channel.to_owned()));
@@ -255,7 +265,7 @@ impl Bridge {
         if let Err(error) = self.presence_op(channel, "add", &[self.member(conn)]).await {
             tracing::debug!(%error, channel, "hub bridge: presence update failed");
         }
-        self.announce(channel, true, &conn.user).await;
+        self.announce(channel, true, conn).await;
     }
 
     /// A connection left `channel`.
@@ -263,13 +273,15 @@ impl Bridge {
         if let Err(error) = self.presence_op(channel, "del", &[self.member(conn)]).await {
             tracing::debug!(%error, channel, "hub bridge: presence update failed");
         }
-        self.announce(channel, false, &conn.user).await;
+        self.announce(channel, false, conn).await;
     }
 
-    async fn announce(&self, channel: &str, join: bool, user: &str) {
-        let frame = protocol::join_leave(join, channel, user);
-        let mut payload = Vec::with_capacity(frame.len() + 1);
+    /// `J<instance>|<connection> <frame>`: the connection itself is not told of its own join.
+    async fn announce(&self, channel: &str, join: bool, conn: &Client) {
+        let frame = protocol::join_leave(join, channel, &conn.user);
+        let mut payload = Vec::with_capacity(frame.len() + 32);
         payload.push(if join { b'J' } else { b'L' });
+        payload.extend_from_slice(format!("{}|{} ", self.instance, conn.id).as_bytes());
         payload.extend_from_slice(&frame);
         let published: Result<i64, _> = redis::cmd(self.con.publish_command())
             .arg(pubsub_channel(channel))
@@ -300,14 +312,20 @@ struct Pushes {
     control: mpsc::UnboundedSender<PushInfo>,
     data: mpsc::Sender<PushInfo>,
     shed: metrics::Counter,
+    dirty: Arc<std::sync::Mutex<std::collections::HashSet<String>>>,
 }
 
 impl AsyncPushSender for Pushes {
     fn send(&self, info: PushInfo) -> Result<(), redis::aio::SendError> {
         match info.kind {
             PushKind::Message | PushKind::SMessage => {
+                let channel = info.data.first().and_then(bytes).and_then(hub_channel).map(str::to_owned);
                 if self.data.try_send(info).is_err() {
                     self.shed.increment(1);
+                    // The repair task gets it back from the history, even if nothing follows.
+                    if let Some(channel) = channel {
+                        self.dirty.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(channel);
+                    }
                     // One line per shed message would flood the log under load: every 1000th.
                     static SHED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
                     if SHED.fetch_add(1, std::sync::atomic::Ordering::Relaxed).is_multiple_of(1000) {
@@ -335,7 +353,13 @@ impl Hub {
         let config = self.config().clone();
         let (control_tx, control) = mpsc::unbounded_channel();
         let (data_tx, data) = mpsc::channel(config.bridge_queue.max(1));
-        let pushes = Pushes { control: control_tx, data: data_tx, shed: self.inner.metrics.bridge_shed.clone() };
+        let dirty = Arc::new(std::sync::Mutex::new(std::collections::HashSet::new()));
+        let pushes = Pushes {
+            control: control_tx,
+            data: data_tx,
+            shed: self.inner.metrics.bridge_shed.clone(),
+            dirty: dirty.clone(),
+        };
         let tuning = Tuning {
             connect_timeout: Duration::from_secs(1),
             response_timeout: Duration::from_secs(2),
@@ -347,6 +371,7 @@ impl Hub {
         let (commands, rx) = mpsc::unbounded_channel();
         let bridge = Bridge {
             con: con.clone(),
+            dirty,
             publish: redis::Script::new(PUBLISH),
             read: redis::Script::new(READ),
             presence: redis::Script::new(PRESENCE),
@@ -359,10 +384,13 @@ impl Hub {
         let _ = self.inner.bridge.set(bridge);
         tokio::spawn(subscriber(Arc::downgrade(&self.inner), con, control, data, rx));
         tokio::spawn(refresher(Arc::downgrade(&self.inner)));
+        tokio::spawn(repair(Arc::downgrade(&self.inner)));
         Ok(self)
     }
 
-    /// A frame from Redis: delivered in offset order, holes filled from the history first.
+    /// A frame from Redis: delivered in offset order, holes filled from the history first. A
+    /// frame of an epoch other than the channel's is checked against Redis (the authority): a
+    /// stale one, left over from an epoch already replaced, is dropped.
     async fn deliver_from_redis(&self, name: &str, epoch: &str, offset: u64, frame: Utf8Bytes) {
         let Some(ch) = self.channel(name) else { return };
         let Some(bridge) = self.inner.bridge.get() else { return };
@@ -370,42 +398,85 @@ impl Hub {
         if st.epoch.is_empty() {
             return; // no subscriber registered yet: the first one starts from the head
         }
-        if &*st.epoch != epoch {
-            self.reset_epoch(&ch, &mut st, epoch.into());
-        }
-        if offset <= st.head {
-            return;
-        }
-        if offset > st.head + 1 {
-            self.fill(bridge, &ch, &mut st, Some(offset - 1)).await;
-            if &*st.epoch != epoch || offset <= st.head {
-                return;
+        if &*st.epoch != epoch || offset > st.head + 1 {
+            // A hole, or another epoch: Redis says what is current and fills up to before this
+            // frame (or past it: then it is already delivered).
+            let upto = (&*st.epoch == epoch).then(|| offset.saturating_sub(1));
+            if !self.fill(bridge, &ch, &mut st, upto).await {
+                bridge.mark_dirty(name);
+                return; // the repair task fills from the history, this frame included
             }
+        }
+        if &*st.epoch != epoch || offset <= st.head {
+            return;
         }
         self.fan_out(&ch, &st, offset, &frame);
         st.head = offset;
     }
 
-    /// Delivers what the history holds after this channel's head (up to `upto`), announcing
-    /// what it no longer has. Under the channel's ordering lock.
-    async fn fill(&self, bridge: &Bridge, ch: &crate::hub::Channel, st: &mut crate::hub::State, upto: Option<u64>) {
+    /// Delivers what the history holds after this channel's head (up to `upto` when that epoch
+    /// is still current), announcing what it no longer has. Under the channel's ordering lock.
+    /// Returns false when Redis could not be read (nothing changed: retry later).
+    async fn fill(
+        &self,
+        bridge: &Bridge,
+        ch: &crate::hub::Channel,
+        st: &mut crate::hub::State,
+        upto: Option<u64>,
+    ) -> bool {
         let read = match bridge.read(&ch.name, Some(st.head), false).await {
             Ok(read) => read,
             Err(error) => {
                 tracing::warn!(%error, channel = %ch.name, "hub bridge: cannot read the history to fill a hole");
-                return;
+                return false;
             }
         };
         if read.epoch.is_empty() {
-            return;
+            // The sequence is gone (expired, or Redis lost its data): what was missed cannot
+            // come back. Say so; the next publish starts a new epoch.
+            if let Some(upto) = upto.filter(|u| *u > st.head) {
+                self.gap_all(ch, st, st.head + 1, Some(upto), GapReason::Trimmed);
+                st.head = upto;
+            }
+            return true;
         }
+        // An upper bound from a frame only holds in that frame's epoch.
+        let mut upto = upto;
         if read.epoch != st.epoch {
             self.reset_epoch(ch, st, read.epoch.clone());
-            return Box::pin(self.fill(bridge, ch, st, upto)).await;
+            upto = None;
+            // The reset puts the head at 0: read the new epoch from its start.
+            return Box::pin(self.fill_read(bridge, ch, st, upto)).await;
         }
-        let upto = upto.unwrap_or(read.head);
+        self.apply(ch, st, read, upto);
+        true
+    }
+
+    async fn fill_read(
+        &self,
+        bridge: &Bridge,
+        ch: &crate::hub::Channel,
+        st: &mut crate::hub::State,
+        upto: Option<u64>,
+    ) -> bool {
+        match bridge.read(&ch.name, Some(st.head), false).await {
+            Ok(read) if read.epoch == st.epoch => {
+                self.apply(ch, st, read, upto);
+                true
+            }
+            Ok(_) => true, // moved again meanwhile: the next frame or repair takes it from here
+            Err(error) => {
+                tracing::warn!(%error, channel = %ch.name, "hub bridge: cannot read the history to fill a hole");
+                false
+            }
+        }
+    }
+
+    /// Fans out `read`'s frames after the head (up to `upto`), a gap first for what is gone.
+    fn apply(&self, ch: &crate::hub::Channel, st: &mut crate::hub::State, read: Read, upto: Option<u64>) {
+        let upto = upto.unwrap_or(read.head).min(read.head.max(st.head));
         let first = read.entries.first().map_or(read.head + 1, |(o, _)| *o);
-        if first > st.head + 1 {
+        if first > st.head + 1 && upto > st.head {
             let to = (first - 1).min(upto);
             self.gap_all(ch, st, st.head + 1, Some(to), GapReason::Trimmed);
             st.head = to;
@@ -414,20 +485,23 @@ impl Hub {
             if offset > upto {
                 break;
             }
-            self.fan_out(ch, st, offset, &frame);
-            st.head = offset;
+            if offset > st.head {
+                self.fan_out(ch, st, offset, &frame);
+                st.head = offset;
+            }
         }
     }
 
-    /// After a (re)subscription in Redis: catch up on what was published meanwhile.
-    async fn catch_up(&self, name: &str) {
-        let Some(ch) = self.channel(name) else { return };
-        let Some(bridge) = self.inner.bridge.get() else { return };
+    /// After a (re)subscription in Redis, a shed message or a failed fill: catch up on what
+    /// was published meanwhile. Returns false if Redis could not be read.
+    async fn catch_up(&self, name: &str) -> bool {
+        let Some(ch) = self.channel(name) else { return true };
+        let Some(bridge) = self.inner.bridge.get() else { return true };
         let mut st = ch.state.lock().await;
         if st.epoch.is_empty() {
-            return;
+            return true;
         }
-        self.fill(bridge, &ch, &mut st, None).await;
+        self.fill(bridge, &ch, &mut st, None).await
     }
 }
 
@@ -458,7 +532,11 @@ async fn subscriber(
                         disconnected = false;
                         if let Some(channel) = push.data.first().and_then(bytes).and_then(hub_channel) {
                             let channel = channel.to_owned();
-                            tokio::spawn(async move { hub.catch_up(&channel).await });
+                            tokio::spawn(async move {
+                                if !hub.catch_up(&channel).await && let Some(bridge) = hub.inner.bridge.get() {
+                                    bridge.mark_dirty(&channel);
+                                }
+                            });
                         }
                     }
                     PushKind::Disconnection => {
@@ -517,6 +595,26 @@ async fn subscriber(
     }
 }
 
+/// Catches up channels marked dirty (a shed message, a failed fill) every 200 ms, so a hole
+/// is filled even when no later message shows it. Ends when the hub is dropped.
+async fn repair(hub: Weak<HubInner>) {
+    loop {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let Some(inner) = hub.upgrade() else { return };
+        let hub = Hub { inner };
+        let Some(bridge) = hub.inner.bridge.get() else { return };
+        let dirty: Vec<String> =
+            std::mem::take(&mut *bridge.dirty.lock().unwrap_or_else(std::sync::PoisonError::into_inner))
+                .into_iter()
+                .collect();
+        for channel in dirty {
+            if !hub.catch_up(&channel).await {
+                bridge.mark_dirty(&channel);
+            }
+        }
+    }
+}
+
 /// Refreshes this instance's presence entries and its channels' TTLs every third of
 /// `presence_ttl`. Ends when the hub is dropped.
 async fn refresher(hub: Weak<HubInner>) {
@@ -567,11 +665,23 @@ async fn deliver(hub: &Hub, data: Vec<redis::Value>) {
         }
         b'J' | b'L' => {
             let Some(ch) = hub.channel(channel) else { return };
-            let Ok(frame) = String::from_utf8(rest.to_vec()) else { return };
+            let Some(space) = rest.iter().position(|&b| b == b' ') else { return };
+            let (Ok(origin), Ok(frame)) =
+                (std::str::from_utf8(&rest[..space]), String::from_utf8(rest[space + 1..].to_vec()))
+            else {
+                return;
+            };
+            // Not to the connection that joined or left, if it is one of ours.
+            let own = origin
+                .split_once('|')
+                .filter(|(instance, _)| *instance == &*hub.inner.instance)
+                .and_then(|(_, id)| id.parse::<u64>().ok());
             let frame = utf8(frame.into());
             let subs = ch.subs.read().unwrap_or_else(std::sync::PoisonError::into_inner);
-            for sub in subs.values().filter(|s| s.join_leave) {
-                hub.queue(&sub.conn, &frame);
+            for (id, sub) in subs.iter().filter(|(_, s)| s.join_leave) {
+                if Some(*id) != own {
+                    hub.queue(&sub.conn, &frame);
+                }
             }
         }
         _ => {}

@@ -17,6 +17,9 @@ pub(crate) struct Conn {
     pub(crate) user: std::sync::Arc<str>,
     outbox: Mutex<Outbox>,
     pub(crate) notify: Notify,
+    /// Fired when the outbox overflows under the disconnect policy: a write stuck on this
+    /// client is abandoned at once rather than at the write timeout.
+    pub(crate) overflowed: Notify,
 }
 
 #[derive(Debug, Default)]
@@ -39,7 +42,13 @@ pub(crate) struct Drained {
 
 impl Conn {
     pub(crate) fn new(id: u64, user: &str) -> Self {
-        Self { id, user: user.into(), outbox: Mutex::new(Outbox::default()), notify: Notify::new() }
+        Self {
+            id,
+            user: user.into(),
+            outbox: Mutex::new(Outbox::default()),
+            notify: Notify::new(),
+            overflowed: Notify::new(),
+        }
     }
 
     /// Queues a frame (shared, not copied) and wakes the writer. Over `max_bytes` the policy
@@ -59,6 +68,7 @@ impl Conn {
                     outbox.bytes = 0;
                     drop(outbox);
                     self.notify.notify_one();
+                    self.overflowed.notify_one();
                     return -before;
                 }
                 SlowConsumer::DropOldest => {

@@ -357,12 +357,21 @@ impl Hub {
 
     /// Tells every subscriber of `channel` it missed `from..=to` (under the ordering lock).
     pub(crate) fn gap_all(&self, channel: &Channel, st: &State, from: u64, to: Option<u64>, reason: GapReason) {
-        let frame = utf8(protocol::gap(&channel.name, &st.epoch, from, to, reason));
         let subs = channel.subs.read().unwrap_or_else(PoisonError::into_inner);
         for sub in subs.values() {
-            if sub.offset.load(Ordering::Relaxed) < from {
-                self.queue(&sub.conn, &frame);
-                self.inner.metrics.gaps.increment(1);
+            if sub.generation.load(Ordering::Relaxed) != st.generation {
+                continue;
+            }
+            // Each subscriber is told the part it has not had: one that joined ahead of this
+            // instance (from Redis' head) starts later.
+            let start = from.max(sub.offset.load(Ordering::Relaxed) + 1);
+            if to.is_some_and(|to| start > to) {
+                continue;
+            }
+            self.queue(&sub.conn, &utf8(protocol::gap(&channel.name, &st.epoch, start, to, reason)));
+            self.inner.metrics.gaps.increment(1);
+            if let Some(to) = to {
+                sub.offset.store(to, Ordering::Relaxed);
             }
         }
     }
@@ -401,7 +410,13 @@ impl Hub {
         }
         let outcome = self.register(conn, channel, since, epoch, join_leave).await;
         match (&outcome, bridge) {
-            (Err(_), Some(bridge)) => bridge.release(channel),
+            (Err(_), Some(bridge)) => {
+                // Nothing registered: the channel this subscribe may have created goes too.
+                if let Some(ch) = self.channel(channel) {
+                    self.remove_if(&ch, |c| !c.subs.read().unwrap_or_else(PoisonError::into_inner).is_empty());
+                }
+                bridge.release(channel);
+            }
             (Ok(_), Some(bridge)) => bridge.joined(channel, conn, join_leave).await,
             (Ok(_), None) => self.local_join_leave(channel, &conn.user, true, conn.id),
             (Err(_), None) => {}
@@ -486,6 +501,19 @@ impl Hub {
             return refuse(GapReason::Ahead);
         }
         result.recovered = Some(true);
+        // A replay takes at most half of the connection's queue: the newest frames that fit;
+        // older ones are announced as a gap (the client recovers what it can, and knows).
+        let budget = self.inner.config.max_queue_bytes / 2;
+        let mut used = 0;
+        let keep = entries
+            .iter()
+            .rev()
+            .take_while(|(_, frame)| {
+                used += frame.len();
+                used <= budget
+            })
+            .count();
+        let entries = &entries[entries.len() - keep..];
         let first = entries.first().map_or(head + 1, |(o, _)| *o);
         if first > since + 1 {
             self.queue(conn, &utf8(protocol::gap(&ch.name, &st.epoch, since + 1, Some(first - 1), GapReason::Trimmed)));
@@ -499,10 +527,10 @@ impl Hub {
         result
     }
 
-    /// Queues a frame for one connection whatever its queue holds (replies and replays: the
-    /// connection asked for them).
+    /// Queues a reply, a replay, a gap or an event frame for one connection, within
+    /// `max_queue_bytes` like every frame: a client that asks and never reads is a slow consumer.
     pub(crate) fn queue(&self, conn: &Conn, frame: &Utf8Bytes) {
-        let queued = conn.push(frame, usize::MAX, crate::SlowConsumer::Disconnect);
+        let queued = conn.push(frame, self.inner.config.max_queue_bytes, crate::SlowConsumer::Disconnect);
         self.inner.metrics.queued_bytes.increment(queued as f64);
     }
 

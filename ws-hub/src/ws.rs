@@ -121,8 +121,13 @@ async fn connection(hub: Hub, socket: WebSocket, user: String) {
         tokio::select! {
             biased;
             () = conn.notify.notified() => {
-                let flushed = tokio::time::timeout(config.write_timeout, flush(&hub, &conn, &mut tx)).await;
-                match flushed.unwrap_or_else(|_| {
+                // A write that waits on the client ends at the write timeout, or as soon as its
+                // queue overflows meanwhile.
+                let flushed = tokio::select! {
+                    flushed = tokio::time::timeout(config.write_timeout, flush(&hub, &conn, &mut tx)) => flushed.ok(),
+                    () = conn.overflowed.notified() => None,
+                };
+                match flushed.unwrap_or_else(|| {
                     inner.metrics.slow_disconnects.increment(1);
                     Flushed::Slow
                 }) {
@@ -146,7 +151,20 @@ async fn connection(hub: Hub, socket: WebSocket, user: String) {
                 deadline = Instant::now() + config.read_deadline;
                 let text = match message {
                     Message::Close(_) => break,
-                    Message::Ping(_) | Message::Pong(_) => continue,
+                    // Counted like every frame (a flood of pings is still a flood).
+                    Message::Ping(_) | Message::Pong(_) => {
+                        if let Some(limiter) = &inner.limiter
+                            && !limiter.check_sync(&rate_key, 1).is_ok_and(|v| v.allowed())
+                        {
+                            violations += 1;
+                            reply(&hub, &conn, protocol::error(ErrorCode::RateLimited, "too many messages"));
+                            if violations > config.max_violations {
+                                close(&mut tx, &mut rx, close_code::POLICY, "too many protocol violations").await;
+                                break;
+                            }
+                        }
+                        continue;
+                    }
                     Message::Text(text) if text.len() <= config.max_frame => Some(text),
                     Message::Binary(ref b) if b.len() <= config.max_frame => None,
                     Message::Text(_) | Message::Binary(_) => {
