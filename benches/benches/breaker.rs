@@ -145,9 +145,66 @@ fn two_threads(c: &mut Criterion) {
     g.finish();
 }
 
+/// The refusal paths: an open breaker, and a half-open one whose probes are all out.
+fn refusals(c: &mut Criterion) {
+    let mut g = c.benchmark_group("breaker refusal per call (open, half-open with every probe out), 1 thread");
+    let open = Breaker::new("open", config()).unwrap();
+    open.force_open();
+    g.bench_function("rampart Breaker open: try_acquire refused", |b| {
+        b.iter(|| black_box(open.try_acquire().is_err()))
+    });
+    let half = Breaker::new(
+        "half",
+        BreakerConfig::builder()
+            .count_window(10)
+            .minimum_calls(10)
+            .wait_in_open(Duration::from_millis(1))
+            .half_open_permits(1)
+            .max_wait_in_half_open(None)
+            .build()
+            .unwrap(),
+    )
+    .unwrap();
+    for _ in 0..10 {
+        half.try_acquire().unwrap().record(Outcome::Failure);
+    }
+    std::thread::sleep(Duration::from_millis(5));
+    let probe = half.try_acquire().unwrap();
+    g.bench_function("rampart Breaker half-open, probes out: try_acquire refused", |b| {
+        b.iter(|| black_box(half.try_acquire().is_err()))
+    });
+    drop(probe);
+    let ours = CircuitBreakerLayer::new(open.clone()).errors().layer(handler());
+    let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+    g.bench_function("rampart CircuitBreakerLayer open (errors mode)", |b| {
+        b.to_async(&rt).iter_custom(|iters| {
+            let mut svc = ours.clone();
+            async move {
+                let start = Instant::now();
+                for i in 0..iters {
+                    let Ok(ready) = svc.ready().await else { panic!("service failed") };
+                    assert!(black_box(ready.call(i).await.is_err()));
+                }
+                start.elapsed()
+            }
+        })
+    });
+    let failsafe = failsafe::Config::new()
+        .failure_policy(failsafe::failure_policy::consecutive_failures(
+            1,
+            failsafe::backoff::constant(Duration::from_secs(3600)),
+        ))
+        .build();
+    let _ = failsafe::CircuitBreaker::call(&failsafe, || Err::<u64, ()>(()));
+    g.bench_function("failsafe StateMachine::call open (sync)", |b| {
+        b.iter(|| black_box(failsafe::CircuitBreaker::call(&failsafe, || Ok::<_, ()>(1u64)).is_err()))
+    });
+    g.finish();
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default().warm_up_time(Duration::from_millis(500)).measurement_time(Duration::from_secs(2)).sample_size(30);
-    targets = one_thread, two_threads
+    targets = one_thread, two_threads, refusals
 }
 criterion_main!(benches);

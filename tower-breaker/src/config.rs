@@ -181,8 +181,8 @@ impl BreakerConfig {
                 return Err(ConfigError::new("wait_growth.jitter", "must be within 0.0..=1.0"));
             }
         }
-        if self.half_open_permits == 0 {
-            return Err(ConfigError::new("half_open_permits", "must be at least 1"));
+        if !(1..=65_535).contains(&self.half_open_permits) {
+            return Err(ConfigError::new("half_open_permits", "must be within 1..=65535"));
         }
         if self.max_wait_in_half_open.is_some_and(|d| d.is_zero()) {
             return Err(ConfigError::new("max_wait_in_half_open", "must be longer than zero"));

@@ -9,30 +9,44 @@
 //! * [`Breaker`] — the state machine, shared by every clone. [`Breaker::try_acquire`] gives a
 //!   [`Permit`] (or [`CircuitOpen`]); the permit records an [`Outcome`]: success, failure or
 //!   ignored. A permit dropped unrecorded — a call whose future the client dropped — is ignored
-//!   and frees its half-open slot. The closed state takes no lock: a state load to admit, a few
-//!   atomics to record. Transitions are published on [`Breaker::subscribe`] (a `broadcast`, in
-//!   order, numbered) and [`Breaker::watch`], logged with `tracing` and counted with `metrics`
-//!   (`rampart_breaker_calls_total{outcome}`, `_rejections_total`, `_transitions_total`,
-//!   `rampart_breaker_state`).
-//! * [`TripPolicy::AdaptiveThrottling`] — a second policy beside the state machine: Google
-//!   SRE's client-side adaptive throttling. The breaker never opens; it refuses each call with
-//!   probability `max(0, (requests − k·accepts) / (requests + 1))` over its window (refusals
-//!   counted as requests), so a failing backend is spared most calls while a trickle keeps
-//!   probing it, and recovery lowers the refusals smoothly. Refusals are answered like an open
-//!   circuit, with `"error":"throttled"`. ([`BreakerConfigBuilder::adaptive_throttling`], or
-//!   `trip = { type = "adaptive_throttling", k = 2.0 }` in TOML.)
-//! * [`BreakerRegistry`] — one breaker per key (route, gRPC method, upstream), bounded.
+//!   and frees its half-open slot. The closed state takes no lock with a count window: one load
+//!   to admit, a few atomics to record, the window's totals kept as they change. The state and
+//!   its episode share one atomic word, so a permit of an earlier episode never moves a later
+//!   state. [`Event`]s (transitions, refused calls, rates exceeded) are published on
+//!   [`Breaker::subscribe`] (a `broadcast`, transitions numbered), the state on
+//!   [`Breaker::watch`]; transitions are logged with `tracing`, and calls, rejections and states
+//!   counted with `metrics` (`rampart_breaker_calls_total{outcome}`, `_rejections_total`,
+//!   `_transitions_total`, `rampart_breaker_state`).
+//! * [`AdaptiveThrottle`] — Google SRE's client-side adaptive throttling, a type and a layer
+//!   ([`AdaptiveThrottleLayer`]) of its own: it never opens, but refuses each call with
+//!   probability `max(0, (requests − k·accepts) / (requests + 1))` over its window. Refusals are
+//!   answered like an open circuit, with `"error":"throttled"`.
+//! * [`BreakerRegistry`] — one breaker per key (route, gRPC method, upstream), bounded: past its
+//!   limit (or outside [`BreakerRegistry::only`]'s keys) keys share one `other` breaker, so keys
+//!   from requests cannot grow it, or its metric series, without bound. Per-key configs.
 //! * [`CircuitBreakerLayer`] — the tower layer. An open breaker answers at once: HTTP 503 with
 //!   `Retry-After` (seconds until half-open) and a problem body `"error":"circuit_open"`, gRPC a
 //!   trailers-only `UNAVAILABLE`; [`CircuitBreakerLayer::errors`] gives generic services a
 //!   [`CircuitOpen`] error instead. With a single breaker, an open circuit does not even poll the
 //!   inner service.
 //!
+//! # resilience4j's rules
+//!
+//! Thresholds are judged on every recorded call once the window holds `minimum_calls` (capped at
+//! a count window's size); a call is slow when strictly longer than `slow_call_duration`; open
+//! moves to half-open strictly after its wait (on the next call, or on a timer with
+//! `automatic_transition`); half-open admits `half_open_permits` calls and decides by their
+//! rates. `tests/conformance.rs` replays resilience4j's state-machine tests row by row and checks
+//! the breaker against a reference model on random sequences; the README lists the deliberate
+//! differences.
+//!
 //! # Classification
 //!
-//! See [`classify`]: HTTP 5xx is a failure, 4xx a success; gRPC statuses are read from the headers
-//! or from the trailers at the end of the body (through tower-http's `GrpcErrorsAsFailures`).
-//! An `Err` from the inner service — e.g. `tower::timeout`'s `Elapsed` — is a failure.
+//! See [`classify`]: through tower-http's `MakeClassifier` (default [`DefaultClassifier`]): HTTP
+//! 5xx is a failure, 429 ignored, other statuses a success; gRPC statuses are read from the
+//! headers or from the trailers at the end of the body, and a response without one is a
+//! failure. Slowness is measured to the response head ([`SlowCallMeasure`]). An `Err` from the
+//! inner service — e.g. `tower::timeout`'s `Elapsed` — is a failure.
 //!
 //! # Composing with tower
 //!

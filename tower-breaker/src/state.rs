@@ -635,8 +635,11 @@ impl Inner {
     fn schedule(self: &Arc<Self>, episode: u64, wait: Duration, to: State, reason: Reason) {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else { return };
         let inner = Arc::downgrade(self);
+        // The deadline is taken now, not when the task first runs.
+        // (A wait past the end of time never elapses.)
+        let Some(deadline) = tokio::time::Instant::now().checked_add(wait) else { return };
         runtime.spawn(async move {
-            tokio::time::sleep(wait).await;
+            tokio::time::sleep_until(deadline).await;
             if let Some(inner) = inner.upgrade() {
                 inner.transition(episode, to, reason, Instant::now());
             }
@@ -732,8 +735,8 @@ impl Inner {
                 // resilience4j: once min(minimum_calls, permits) probes have answered, their
                 // rates decide.
                 if totals.calls >= self.half_open_minimum() {
-                    let (open, _) = self.exceeded(totals);
-                    let (to, reason) = if open {
+                    let (failure, slow) = self.exceeded(totals);
+                    let (to, reason) = if failure.is_some() || slow.is_some() {
                         (State::Open, Reason::ProbeFailed)
                     } else {
                         (State::Closed, Reason::ProbesSucceeded)
@@ -744,44 +747,50 @@ impl Inner {
         }
     }
 
+    /// resilience4j's half-open window: its permits, judged after min(minimum, permits) calls
+    /// (the minimum as capped for the closed window).
     fn half_open_minimum(&self) -> u64 {
-        u64::from(self.config.half_open_permits.min(self.config.minimum_calls))
+        u64::from(self.config.half_open_permits).min(self.minimum)
     }
 
-    /// Whether `totals` reach a threshold, and which one.
-    fn exceeded(&self, totals: WindowTotals) -> (bool, Option<(Reason, f64)>) {
+    /// The rates of `totals` that reach their threshold: (failure rate, slow-call rate).
+    fn exceeded(&self, totals: WindowTotals) -> (Option<f64>, Option<f64>) {
         let failure_rate = totals.failure_rate();
-        if failure_rate >= self.config.failure_rate_threshold {
-            return (true, Some((Reason::FailureRate, failure_rate)));
-        }
         let slow_rate = totals.slow_rate();
-        if self.config.slow_call_duration.is_some() && slow_rate >= self.config.slow_call_rate_threshold {
-            return (true, Some((Reason::SlowCallRate, slow_rate)));
-        }
-        (false, None)
+        (
+            (failure_rate >= self.config.failure_rate_threshold).then_some(failure_rate),
+            (self.config.slow_call_duration.is_some() && slow_rate >= self.config.slow_call_rate_threshold)
+                .then_some(slow_rate),
+        )
     }
 
     /// After every recorded call (a success too: reaching `minimum_calls` on one must be judged,
-    /// as resilience4j does): opens at a threshold, or (metrics-only) reports it.
+    /// as resilience4j does): opens at a threshold, or (metrics-only) reports it. Like
+    /// resilience4j, both rates are reported when both are exceeded.
     fn judge(self: &Arc<Self>, episode: u64, totals: WindowTotals, now: Instant, trip: bool) {
         if totals.calls < self.minimum {
             return;
         }
-        let (open, why) = self.exceeded(totals);
-        let Some((reason, rate)) = why.filter(|_| open) else { return };
-        if !trip {
+        let (failure, slow) = self.exceeded(totals);
+        let reason = match (failure, slow) {
+            (None, None) => return,
+            (Some(_), _) => Reason::FailureRate,
+            (None, Some(_)) => Reason::SlowCallRate,
+        };
+        for (bit, rate) in [(1, failure), (2, slow)] {
+            let Some(rate) = rate else { continue };
             // Metrics-only: each rate reported once per entry.
-            let bit = if reason == Reason::SlowCallRate { 2 } else { 1 };
-            if self.reported.fetch_or(bit, Ordering::AcqRel) & bit != 0 {
-                return;
+            if !trip && self.reported.fetch_or(bit, Ordering::AcqRel) & bit != 0 {
+                continue;
             }
-        }
-        if self.events.receiver_count() > 0 {
-            let event = match reason {
-                Reason::SlowCallRate => Event::SlowCallRateExceeded { breaker: self.name.clone(), rate },
-                _ => Event::FailureRateExceeded { breaker: self.name.clone(), rate },
-            };
-            let _ = self.events.send(event);
+            if self.events.receiver_count() > 0 {
+                let event = if bit == 2 {
+                    Event::SlowCallRateExceeded { breaker: self.name.clone(), rate }
+                } else {
+                    Event::FailureRateExceeded { breaker: self.name.clone(), rate }
+                };
+                let _ = self.events.send(event);
+            }
         }
         if trip {
             self.transition(episode, State::Open, reason, now);

@@ -1,6 +1,6 @@
 //! The WebSocket endpoint: upgrade, authentication, and one task per connection.
 
-use std::{collections::HashSet, sync::Arc, sync::atomic::Ordering};
+use std::{collections::HashSet, sync::Arc, sync::atomic::Ordering, time::Duration};
 
 use axum::{
     Router,
@@ -85,14 +85,16 @@ fn origin_allowed(allowed: &[String], headers: &HeaderMap) -> bool {
 type Tx = SplitSink<WebSocket, Message>;
 type Rx = futures_util::stream::SplitStream<WebSocket>;
 
-/// The closing handshake: send Close, then read (and discard) what the client still sends until
-/// its Close or a second passes — closing a socket with unread input would reset it and the
-/// client could lose our last frames, including the error that explains the close.
-async fn close(tx: &mut Tx, rx: &mut Rx, code: u16, reason: &'static str) {
-    // A client that reads nothing would hold the close frame forever: a second at most.
+/// The closing handshake: send Close (waiting up to `write_timeout` for a client that is behind
+/// on its reads), then read (and discard) what the client still sends until its Close or a
+/// second passes — closing a socket with unread input would reset it and the client could lose
+/// our last frames, including the error that explains the close.
+async fn close(tx: &mut Tx, rx: &mut Rx, write_timeout: Duration, code: u16, reason: &'static str) {
     let close = Message::Close(Some(CloseFrame { code, reason: Utf8Bytes::from_static(reason) }));
-    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), tx.send(close)).await;
-    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), async {
+    if !matches!(tokio::time::timeout(write_timeout, tx.send(close)).await, Ok(Ok(()))) {
+        return;
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
         while let Some(Ok(message)) = rx.next().await {
             if matches!(message, Message::Close(_)) {
                 break;
@@ -100,7 +102,7 @@ async fn close(tx: &mut Tx, rx: &mut Rx, code: u16, reason: &'static str) {
         }
     })
     .await;
-    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), tx.close()).await;
+    let _ = tokio::time::timeout(Duration::from_secs(1), tx.close()).await;
 }
 
 async fn connection(hub: Hub, socket: WebSocket, user: String) {
@@ -116,6 +118,9 @@ async fn connection(hub: Hub, socket: WebSocket, user: String) {
     let mut deadline = Instant::now() + config.read_deadline;
     let mut next_ping = Instant::now() + config.ping_interval;
     let rate_key = tower_ratelimit::Key::from_bytes(id.to_le_bytes());
+    // Set when the server ends the connection: the close frame is sent after the connection has
+    // left every channel, so a client that is slow to read it holds no queue meanwhile.
+    let mut closing: Option<(u16, &'static str)> = None;
 
     loop {
         tokio::select! {
@@ -133,7 +138,7 @@ async fn connection(hub: Hub, socket: WebSocket, user: String) {
                 }) {
                     Flushed::Ok => {}
                     Flushed::Slow => {
-                        close(&mut tx, &mut rx, close_code::POLICY, "slow consumer").await;
+                        closing = Some((close_code::POLICY, "slow consumer"));
                         break;
                     }
                     Flushed::Gone => break,
@@ -159,7 +164,7 @@ async fn connection(hub: Hub, socket: WebSocket, user: String) {
                             violations += 1;
                             reply(&hub, &conn, protocol::error(ErrorCode::RateLimited, "too many messages"));
                             if violations > config.max_violations {
-                                close(&mut tx, &mut rx, close_code::POLICY, "too many protocol violations").await;
+                                closing = Some((close_code::POLICY, "too many protocol violations"));
                                 break;
                             }
                         }
@@ -170,7 +175,7 @@ async fn connection(hub: Hub, socket: WebSocket, user: String) {
                     Message::Text(_) | Message::Binary(_) => {
                         let frame = utf8(protocol::error(ErrorCode::MessageTooLarge, "frame over the size limit"));
                         let _ = tokio::time::timeout(config.write_timeout, tx.send(Message::Text(frame))).await;
-                        close(&mut tx, &mut rx, close_code::SIZE, "message too big").await;
+                        closing = Some((close_code::SIZE, "message too big"));
                         break;
                     }
                 };
@@ -188,7 +193,7 @@ async fn connection(hub: Hub, socket: WebSocket, user: String) {
                 if violations > config.max_violations {
                     // Deliver the errors that explain why, then close.
                     let _ = tokio::time::timeout(config.write_timeout, flush(&hub, &conn, &mut tx)).await;
-                    close(&mut tx, &mut rx, close_code::POLICY, "too many protocol violations").await;
+                    closing = Some((close_code::POLICY, "too many protocol violations"));
                     break;
                 }
             }
@@ -200,7 +205,7 @@ async fn connection(hub: Hub, socket: WebSocket, user: String) {
                 }
             }
             () = sleep_until(deadline) => {
-                close(&mut tx, &mut rx, close_code::AWAY, "read deadline passed").await;
+                closing = Some((close_code::AWAY, "read deadline passed"));
                 break;
             }
         }
@@ -213,6 +218,9 @@ async fn connection(hub: Hub, socket: WebSocket, user: String) {
     inner.metrics.queued_bytes.decrement(conn.drain().bytes as f64);
     inner.connections.fetch_sub(1, Ordering::Relaxed);
     inner.metrics.connections.decrement(1.0);
+    if let Some((code, reason)) = closing {
+        close(&mut tx, &mut rx, config.write_timeout, code, reason).await;
+    }
 }
 
 enum Flushed {
