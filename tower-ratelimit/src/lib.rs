@@ -127,8 +127,8 @@ pub use policy::{Policy, PolicyBuilder, PolicyConfig, PolicyState};
 pub use response::{RATELIMIT, RATELIMIT_POLICY};
 pub use service::RateLimit;
 pub use store::{
-    DEFAULT_MAX_KEYS, FailurePolicy, LeaseConfig, LeasedStore, MemoryStore, MemoryStoreBuilder, RedisConnection,
-    RedisStore, RedisStoreBuilder, Store, TimeSource,
+    DEFAULT_MAX_BYTES, DEFAULT_MAX_KEYS, FailurePolicy, LeaseConfig, LeasedStore, MemoryStore, MemoryStoreBuilder,
+    RedisConnection, RedisStore, RedisStoreBuilder, Store, TimeSource,
 };
 
 /// Boxed error of generic-mode services (as `tower::BoxError`).

@@ -121,6 +121,10 @@ impl Policy {
             for (q, s) in self.inner.quotas.iter().zip(states.iter_mut()) {
                 q.consume(s, now, cost);
             }
+        } else {
+            for (q, s) in self.inner.quotas.iter().zip(states.iter_mut()) {
+                q.touch(s, now);
+            }
         }
         Ok(verdict)
     }

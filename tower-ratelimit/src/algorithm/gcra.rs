@@ -189,7 +189,7 @@ impl TokenBucket {
 
     /// Where the ramp of a warm-up bucket started, seen at `now`: a bucket never used, or full
     /// for its idle time, starts a new ramp now.
-    fn ramp_start(warm: &WarmUp, tat: Nanos, warm_start: Option<Nanos>, now: Nanos) -> Nanos {
+    pub(crate) fn ramp_start(warm: &WarmUp, tat: Nanos, warm_start: Option<Nanos>, now: Nanos) -> Nanos {
         match warm_start {
             Some(start) if tat.saturating_add(warm.idle_nanos()) > now => start,
             _ => now,

@@ -26,8 +26,10 @@ pub struct LogState {
 }
 
 impl SlidingLog {
-    /// Largest limit a sliding log accepts (memory is one entry per admission).
-    pub const MAX_LIMIT: u64 = 100_000;
+    /// Largest limit a sliding log accepts: memory is one entry per admission (16 bytes in
+    /// process, a sorted-set member in Redis), and forgetting expired entries reads them, so a
+    /// log stays small (use a sliding window for large limits).
+    pub const MAX_LIMIT: u64 = 10_000;
 
     pub(crate) fn new(limit: u64, window: Duration) -> Result<Self, ConfigError> {
         if limit == 0 {

@@ -131,6 +131,17 @@ impl Quota {
         }
     }
 
+    /// The most memory one key's state of this quota can take, in bytes (a sliding log holds
+    /// one 16-byte entry per admission in its window, at most its limit).
+    pub fn max_state_bytes(&self) -> usize {
+        let bytes = match &self.kind {
+            QuotaKind::Gcra(_) => 16,
+            QuotaKind::Window(q) => 16 + 4 * (u64::from(q.precision()) + 1),
+            QuotaKind::Log(q) => 32 + 16 * q.limit(),
+        };
+        usize::try_from(bytes).unwrap_or(usize::MAX)
+    }
+
     /// A fresh state: the quota entirely available.
     pub fn new_state(&self) -> QuotaState {
         match &self.kind {
@@ -171,6 +182,20 @@ impl Quota {
             (QuotaKind::Window(q), QuotaState::Window(s)) => q.consume(s, now, cost),
             (QuotaKind::Log(q), QuotaState::Log(s)) => q.consume(s, now, cost),
             _ => {}
+        }
+    }
+
+    /// Notes a request this quota's policy refused at `now`. Only a warm-up bucket cares: its ramp
+    /// starts with the first request, admitted or not (else a cold bucket that only sees costs
+    /// over its cold burst would restart its ramp on every request and never admit one).
+    pub fn touch(&self, state: &mut QuotaState, now: Nanos) {
+        if let (QuotaKind::Gcra(q), QuotaState::WarmGcra { tat, warm_start }) = (&self.kind, state)
+            && let Some(w) = q.warm_up()
+        {
+            let start = TokenBucket::ramp_start(w, *tat, *warm_start, now);
+            // A TAT in the past means a full bucket: `now` is the same bucket, and keeps the
+            // ramp from counting as idle.
+            (*tat, *warm_start) = ((*tat).max(now), Some(start));
         }
     }
 

@@ -10,7 +10,7 @@ use std::{
 };
 
 use crate::{
-    Key, Policy, Verdict,
+    Key, Policy, Quota, Verdict,
     algorithm::Nanos,
     clock::{Clock, TokioClock},
     error::CheckError,
@@ -24,6 +24,9 @@ use crate::{
 /// Default [`MemoryStoreBuilder::max_keys`].
 pub const DEFAULT_MAX_KEYS: usize = 100_000;
 
+/// Default [`MemoryStoreBuilder::max_bytes`]: 256 MiB.
+pub const DEFAULT_MAX_BYTES: usize = 256 << 20;
+
 /// Keyed quota state in this process.
 ///
 /// * **No global lock on the hot path**: keys are spread over shards, each a `RwLock`ed map
@@ -32,13 +35,16 @@ pub const DEFAULT_MAX_KEYS: usize = 100_000;
 /// * **Bounded memory, no cleanup task**: an entry whose state has become equivalent to a fresh
 ///   one ("idle": a full bucket, an empty window) is dropped by an amortized sweep of its shard
 ///   when keys are inserted, which changes no decision. At most [`max_keys`] keys are resident:
-///   when a shard is full even after the sweep, the eighth of its keys closest to idle is
+///   when the store is full even after a sweep, the eighth of a shard's keys closest to idle is
 ///   forgotten. A forgotten key starts again with a full quota, so at the cap the store can
 ///   over-admit (never under-admit); the `rampart_ratelimit_evictions_total` counter shows it.
+///   The key cap also keeps the bytes under [`max_bytes`]: a policy whose state can grow (a
+///   sliding log holds one entry per admission) gets fewer keys, its worst case counted.
 ///
 /// Cloning shares the state.
 ///
 /// [`max_keys`]: MemoryStoreBuilder::max_keys
+/// [`max_bytes`]: MemoryStoreBuilder::max_bytes
 #[derive(Debug)]
 pub struct MemoryStore<C = TokioClock> {
     inner: Arc<Inner<C>>,
@@ -130,7 +136,12 @@ impl MemoryStore<TokioClock> {
 
     /// Configures a store for `policy`.
     pub fn builder(policy: Policy) -> MemoryStoreBuilder<TokioClock> {
-        MemoryStoreBuilder { policy, clock: TokioClock::new(), max_keys: DEFAULT_MAX_KEYS }
+        MemoryStoreBuilder {
+            policy,
+            clock: TokioClock::new(),
+            max_keys: DEFAULT_MAX_KEYS,
+            max_bytes: DEFAULT_MAX_BYTES,
+        }
     }
 }
 
@@ -150,7 +161,8 @@ impl<C: Clock> MemoryStore<C> {
         self.inner.keys.evictions()
     }
 
-    /// The most keys that can be resident.
+    /// The most keys that can be resident: [`MemoryStoreBuilder::max_keys`], or fewer when the
+    /// policy's worst-case state would pass [`MemoryStoreBuilder::max_bytes`].
     pub fn max_keys(&self) -> usize {
         self.inner.keys.capacity()
     }
@@ -188,6 +200,7 @@ pub struct MemoryStoreBuilder<C> {
     policy: Policy,
     clock: C,
     max_keys: usize,
+    max_bytes: usize,
 }
 
 impl<C: Clock> MemoryStoreBuilder<C> {
@@ -197,19 +210,54 @@ impl<C: Clock> MemoryStoreBuilder<C> {
         self
     }
 
+    /// Most bytes the keys' states may take, counted at their worst case (default
+    /// [`DEFAULT_MAX_BYTES`]): lowers the key cap for policies whose state grows, e.g. a sliding
+    /// log of limit 1,000 takes up to ~16 KiB per key, so 256 MiB hold ~16,000 such keys.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tower_ratelimit::{MemoryStore, Policy, Quota};
+    ///
+    /// let policy = Policy::new("exact", Quota::sliding_log(1_000, Duration::from_secs(60))?)?;
+    /// let store = MemoryStore::builder(policy).max_bytes(64 << 20).build();
+    /// assert!(store.max_keys() < 5_000);
+    /// # Ok::<(), tower_ratelimit::ConfigError>(())
+    /// ```
+    pub fn max_bytes(mut self, max_bytes: usize) -> Self {
+        self.max_bytes = max_bytes;
+        self
+    }
+
     /// Another clock, e.g. [`ManualClock`](crate::ManualClock) in tests.
     pub fn clock<C2: Clock>(self, clock: C2) -> MemoryStoreBuilder<C2> {
-        MemoryStoreBuilder { policy: self.policy, clock, max_keys: self.max_keys }
+        MemoryStoreBuilder { policy: self.policy, clock, max_keys: self.max_keys, max_bytes: self.max_bytes }
     }
 
     /// Builds the store.
     pub fn build(self) -> MemoryStore<C> {
         let evictions =
             metrics::counter!("rampart_ratelimit_evictions_total", "limiter" => self.policy.name().to_owned());
+        // A key's worst case: its states, the key itself, the table slot and the cell.
+        let per_key = self
+            .policy
+            .quotas()
+            .iter()
+            .map(Quota::max_state_bytes)
+            .fold(crate::MAX_KEY_LEN + 64, usize::saturating_add);
+        let max_keys = self.max_keys.min(self.max_bytes / per_key).max(1);
+        if max_keys < self.max_keys {
+            tracing::info!(
+                limiter = self.policy.name(),
+                max_keys,
+                per_key,
+                max_bytes = self.max_bytes,
+                "memory store: the byte cap lowers the key cap"
+            );
+        }
         MemoryStore {
             inner: Arc::new(Inner {
                 global: CachePadded::new(Cell::new(&self.policy)),
-                keys: ShardedMap::new(self.max_keys, evictions),
+                keys: ShardedMap::new(max_keys, evictions),
                 policy: self.policy,
                 clock: self.clock,
             }),

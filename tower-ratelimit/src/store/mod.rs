@@ -17,7 +17,7 @@ mod shards;
 use std::future::Future;
 
 pub use self::leased::{LeaseConfig, LeasedStore};
-pub use self::memory::{DEFAULT_MAX_KEYS, MemoryStore, MemoryStoreBuilder};
+pub use self::memory::{DEFAULT_MAX_BYTES, DEFAULT_MAX_KEYS, MemoryStore, MemoryStoreBuilder};
 pub use self::redis::{FailurePolicy, RedisConnection, RedisStore, RedisStoreBuilder, TimeSource};
 
 use crate::{Key, Policy, Verdict, error::CheckError};

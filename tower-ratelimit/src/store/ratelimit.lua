@@ -152,15 +152,22 @@ local function evaluate(q, cost)
       end
       return { 1, limit, limit - q.total - cost, reset, 0 }
     end
+    -- A denial reads the newest entry and the oldest ones until `need` units are freed (at
+    -- most `need` entries: each holds a unit or more), never the whole log.
     local need = q.total + cost - limit
-    local entries = redis.call('ZRANGE', q.key, 0, -1, 'WITHSCORES')
-    local freed, retry_at, newest = 0, now, now
-    for e = 1, #entries, 2 do
-      newest = tonumber(entries[e + 1])
-      if freed < need then
+    local newest, retry_at = now, now
+    local last = redis.call('ZRANGE', q.key, -1, -1, 'WITHSCORES')
+    if last[2] then newest = tonumber(last[2]) end
+    local freed, from = 0, 0
+    while freed < need do
+      local chunk = math.min(need - freed, 128)
+      local entries = redis.call('ZRANGE', q.key, from, from + chunk - 1, 'WITHSCORES')
+      if #entries == 0 then break end
+      for e = 1, #entries, 2 do
         freed = freed + tonumber(string.match(entries[e], ':(%d+)$'))
-        if freed >= need then retry_at = newest + q.a end
+        if freed >= need then retry_at = tonumber(entries[e + 1]) + q.a break end
       end
+      from = from + chunk
     end
     return { 0, limit, math.max(0, limit - q.total), math.max(0, newest + q.a - now), math.max(0, retry_at - now) }
   end
@@ -214,6 +221,14 @@ local taken = 0
 if all then
   for i = 1, n do consume(quotas[i], take) end
   taken = take
+else
+  -- Quota::touch: a warm-up ramp starts with the first request, admitted or not.
+  for i = 1, n do
+    local q = quotas[i]
+    if q.warm then
+      redis.call('SET', q.key, fmt(q.tat) .. ':' .. fmt(q.start), 'PX', ceil_ms(q.tat - now + q.f))
+    end
+  end
 end
 
 local out = { taken }

@@ -20,13 +20,17 @@ pub(crate) trait Idle {
 
 /// Keys spread over `RwLock`ed shards: a known key costs one hash and a shared lock on one shard.
 ///
-/// Bounded without a cleanup task: inserting sweeps the shard of entries idle at `now` once the
-/// shard is full or after as many inserts as half its size (amortized O(1) per insert); if the
-/// shard is still full, the eighth of its entries closest to idle is evicted.
+/// Bounded without a cleanup task, by one cap over all shards: inserting sweeps the shard of
+/// entries idle at `now` once the map is full or after as many inserts as half the shard's size
+/// (amortized O(1) per insert); if the map is still full, the eighth of the shard's entries
+/// closest to idle is evicted. Only an insert into an empty shard of a full map goes over the
+/// cap (by at most one entry per shard): there is nothing in it to evict, and taking another
+/// shard's lock while holding this one could deadlock.
 #[derive(Debug)]
 pub(crate) struct ShardedMap<V> {
     shards: Box<[CachePadded<RwLock<Shard<V>>>]>,
-    shard_cap: usize,
+    max_keys: usize,
+    len: CachePadded<AtomicUsize>,
     hasher: foldhash::fast::RandomState,
     evictions: AtomicUsize,
     evictions_metric: metrics::Counter,
@@ -42,12 +46,15 @@ impl<V: Idle> ShardedMap<V> {
     pub(crate) fn new(max_keys: usize, evictions_metric: metrics::Counter) -> Self {
         let max_keys = max_keys.max(1);
         let parallelism = std::thread::available_parallelism().map_or(4, usize::from);
-        let shards = (parallelism * 8).next_power_of_two().clamp(1, 128).min(max_keys);
+        // Enough shards to spread the locks, each with room for 64 keys or more (a small cap
+        // over many shards would make keys evict each other long before the cap).
+        let shards = (parallelism * 8).next_power_of_two().clamp(1, 128).min((max_keys / 64).max(1));
         Self {
             shards: (0..shards)
                 .map(|_| CachePadded::new(RwLock::new(Shard { table: HashTable::new(), inserts_since_sweep: 0 })))
                 .collect(),
-            shard_cap: max_keys / shards,
+            max_keys,
+            len: CachePadded::new(AtomicUsize::new(0)),
             hasher: foldhash::fast::RandomState::default(),
             evictions: AtomicUsize::new(0),
             evictions_metric,
@@ -71,24 +78,34 @@ impl<V: Idle> ShardedMap<V> {
         }
         self.make_room(&mut write, now);
         let inserted = write.table.insert_unique(hash, (key.clone(), create()), |(k, _)| self.hasher.hash_one(k));
+        self.len.fetch_add(1, Ordering::Relaxed);
         f(&inserted.get().1)
+    }
+
+    /// Removes the entries of `shard` that `keep` refuses; returns how many.
+    fn remove(&self, shard: &mut Shard<V>, mut keep: impl FnMut(&V) -> bool) -> usize {
+        let before = shard.table.len();
+        shard.table.retain(|(_, entry)| keep(entry));
+        let removed = before - shard.table.len();
+        self.len.fetch_sub(removed, Ordering::Relaxed);
+        removed
     }
 
     fn make_room(&self, shard: &mut Shard<V>, now: Nanos) {
         shard.inserts_since_sweep += 1;
-        let len = shard.table.len();
-        if len >= self.shard_cap || shard.inserts_since_sweep >= (len / 2).max(64) {
-            shard.table.retain(|(_, entry)| entry.idle_at() > now);
+        let full = || self.len.load(Ordering::Relaxed) >= self.max_keys;
+        if full() || shard.inserts_since_sweep >= (shard.table.len() / 2).max(64) {
+            self.remove(shard, |entry| entry.idle_at() > now);
             shard.inserts_since_sweep = 0;
         }
-        if shard.table.len() < self.shard_cap {
+        if !full() || shard.table.is_empty() {
             return;
         }
-        let batch = (self.shard_cap / 8).max(1);
+        let batch = (shard.table.len() / 8).max(1);
         let mut idle: Vec<Nanos> = shard.table.iter().map(|(_, e)| e.idle_at()).collect();
         let threshold = *idle.select_nth_unstable(batch - 1).1;
         let mut evicted = 0;
-        shard.table.retain(|(_, entry)| {
+        self.remove(shard, |entry| {
             if evicted < batch && entry.idle_at() <= threshold {
                 evicted += 1;
                 false
@@ -105,7 +122,7 @@ impl<V: Idle> ShardedMap<V> {
     }
 
     pub(crate) fn capacity(&self) -> usize {
-        self.shard_cap * self.shards.len()
+        self.max_keys
     }
 
     pub(crate) fn evictions(&self) -> usize {

@@ -1,0 +1,131 @@
+//! Regression tests for defects found by reading (issue 18), each failing before its fix.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failure report
+
+use std::{sync::Arc, time::Duration};
+
+use testkit::RedisServer;
+use tower_ratelimit::{Key, ManualClock, MemoryStore, Policy, Quota, RedisStore, Store, TimeSource, WarmUp};
+
+/// A cold bucket (burst 10, cold factor 3: a cold burst of 3) that only sees requests of cost 5.
+fn warm_policy() -> Policy {
+    Policy::new(
+        "warm",
+        Quota::token_bucket(100, Duration::from_secs(1), 10)
+            .unwrap()
+            .warm_up(WarmUp::new(Duration::from_secs(10), 3).unwrap())
+            .unwrap(),
+    )
+    .unwrap()
+}
+
+/// Before: the ramp started only on an admission, so a cold bucket that saw only costs above its
+/// cold burst restarted its ramp on every request and refused forever.
+#[tokio::test]
+async fn a_warm_up_ramp_starts_on_the_first_request_even_when_it_is_refused() {
+    let server = RedisServer::start().unwrap();
+    let con = RedisStore::connect(&server.url()).await.unwrap();
+    let clock = ManualClock::new();
+    clock.set(1_763_000_000_000_000_000);
+    let memory = MemoryStore::builder(warm_policy()).clock(clock.clone()).build();
+    let redis = RedisStore::builder(warm_policy(), con)
+        .time_source(TimeSource::Client(Arc::new(clock.clone())))
+        .timeout(Duration::from_secs(2))
+        .build();
+    let key = Key::from("cold");
+    let (mut memory_first, mut redis_first) = (None, None);
+    for step in 0..200u64 {
+        if memory_first.is_none() && memory.check_sync(&key, 5).unwrap().allowed() {
+            memory_first = Some(step);
+        }
+        if redis_first.is_none() && redis.check(&key, 5).await.unwrap().allowed() {
+            redis_first = Some(step);
+        }
+        clock.advance(Duration::from_millis(100));
+    }
+    // φ reaches 0.5 (a burst of 5) at 2.5 s into the 10 s ramp.
+    assert_eq!(memory_first, Some(25), "memory store: first admission (step of 100 ms)");
+    assert_eq!(redis_first, memory_first, "Redis store decides as the memory store");
+}
+
+/// The Redis commands a script runs, as `MONITOR` shows them, while `f` runs.
+async fn monitored<F: std::future::Future<Output = ()>>(server: &RedisServer, f: F) -> Vec<String> {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    let mut monitor = tokio::net::TcpStream::connect(server.addr()).await.unwrap();
+    monitor.write_all(b"MONITOR\r\n").await.unwrap();
+    let mut lines = BufReader::new(monitor).lines();
+    assert_eq!(lines.next_line().await.unwrap().as_deref(), Some("+OK"));
+    f.await;
+    // A marker command ends the capture.
+    let mut con = redis::Client::open(server.url()).unwrap().get_multiplexed_async_connection().await.unwrap();
+    let _: () = redis::cmd("ECHO").arg("end-of-capture").query_async(&mut con).await.unwrap();
+    let mut seen = Vec::new();
+    while let Some(line) = lines.next_line().await.unwrap() {
+        if line.contains("end-of-capture") {
+            break;
+        }
+        seen.push(line);
+    }
+    seen
+}
+
+/// Before: a sliding-log denial read the whole sorted set (`ZRANGE key 0 -1`), up to the limit's
+/// entries, on every refused request; single-threaded Redis stalled every other limiter.
+#[tokio::test]
+async fn a_sliding_log_denial_reads_only_the_entries_it_needs() {
+    let server = RedisServer::start().unwrap();
+    let con = RedisStore::connect(&server.url()).await.unwrap();
+    let policy = Policy::new("log", Quota::sliding_log(2_000, Duration::from_secs(60)).unwrap()).unwrap();
+    let store = RedisStore::builder(policy, con).timeout(Duration::from_secs(5)).build();
+    let key = Key::from("full");
+    for _ in 0..2_000 {
+        assert!(store.check(&key, 1).await.unwrap().allowed());
+    }
+    let commands = monitored(&server, async {
+        let denied = store.check(&key, 3).await.unwrap();
+        assert!(!denied.allowed());
+        // The oldest entries free the 3 units it needs: the retry is the third's expiry.
+        assert!(denied.retry_after() > Duration::from_secs(59));
+    })
+    .await;
+    let ranges: Vec<&String> = commands.iter().filter(|c| c.contains("\"ZRANGE\"")).collect();
+    assert!(!ranges.is_empty(), "the denial reads the log: {commands:#?}");
+    for range in ranges {
+        // `"ZRANGE" "key" "<from>" "<to>" "WITHSCORES"`: never the whole set, at most 3 entries.
+        let args: Vec<i64> = range.split('"').filter_map(|a| a.parse().ok()).collect();
+        let span = match args[..] {
+            [from, to] if to >= 0 => to - from + 1,
+            [-1, -1] => 1,
+            _ => i64::MAX,
+        };
+        assert!(span <= 3, "read {span} entries: {range}");
+    }
+}
+
+/// Before: the key cap was split over min(128, max_keys) shards, so with `max_keys(16)` each
+/// shard held one key and keys evicted each other (restarting with a full quota) long before
+/// 16 were resident.
+#[test]
+fn a_small_key_cap_holds_that_many_keys() {
+    let clock = ManualClock::new();
+    let policy = Policy::new("hourly", Quota::token_bucket(1, Duration::from_secs(3600), 1).unwrap()).unwrap();
+    let store = MemoryStore::builder(policy).clock(clock).max_keys(16).build();
+    for i in 0..16 {
+        assert!(store.check_sync(&Key::from(format!("k{i}")), 1).unwrap().allowed());
+    }
+    for i in 0..16 {
+        assert!(!store.check_sync(&Key::from(format!("k{i}")), 1).unwrap().allowed(), "key k{i} was forgotten");
+    }
+    assert_eq!((store.len(), store.evictions()), (16, 0));
+}
+
+/// Before: the store capped keys, not bytes: 100,000 keys of a sliding log of limit 100,000 could
+/// hold 1.6 MB each. Now a key's worst case counts against `max_bytes`.
+#[test]
+fn the_memory_store_bounds_bytes_not_only_keys() {
+    let policy = Policy::new("exact", Quota::sliding_log(10_000, Duration::from_secs(60)).unwrap()).unwrap();
+    let store = MemoryStore::builder(policy).max_bytes(16 << 20).build();
+    // 16 MiB / (160 KB per full log + key and slot) ≈ 100 keys.
+    assert!((90..=110).contains(&store.max_keys()), "{}", store.max_keys());
+    assert!(Quota::sliding_log(10_001, Duration::from_secs(1)).is_err(), "logs are capped at 10,000 entries");
+}
