@@ -94,10 +94,24 @@ fn percentile(sorted: &[u32], q: f64) -> f64 {
     f64::from(sorted[i]) / 1000.0
 }
 
-async fn run(kind: &str) -> Run {
-    let mut server = Command::new(env!("CARGO_BIN_EXE_hub_server")).arg(kind).stdout(Stdio::piped()).spawn().unwrap();
+fn start_server(kind: &str, redis: Option<&str>) -> (Child, String) {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_hub_server"));
+    command.arg(kind).stdout(Stdio::piped());
+    if let Some(url) = redis {
+        command.env("REDIS_URL", url);
+    }
+    let mut server = command.spawn().unwrap();
     let mut out = BufReader::new(server.stdout.take().unwrap());
     let addr = line(&mut out).strip_prefix("listening ").unwrap().to_owned();
+    (server, addr)
+}
+
+/// One run: `kind` serves the subscribers; with `redis`, the publisher talks to a second Rampart
+/// instance and every message crosses Redis.
+async fn run(kind: &str, redis: Option<&str>) -> Run {
+    let (mut server, addr) = start_server(kind, redis);
+    let publisher = redis.map(|url| start_server("rampart", Some(url)));
+    let publish_addr = publisher.as_ref().map_or(addr.clone(), |(_, a)| a.clone());
     tokio::time::sleep(Duration::from_millis(300)).await;
     let rss_before = rss_kib(server.id());
 
@@ -129,7 +143,7 @@ async fn run(kind: &str) -> Run {
     tokio::time::sleep(Duration::from_secs(2)).await;
     let rss_after = rss_kib(server.id());
 
-    let (ws, _) = tokio_tungstenite::connect_async(format!("ws://{addr}/ws?user_id=publisher")).await.unwrap();
+    let (ws, _) = tokio_tungstenite::connect_async(format!("ws://{publish_addr}/ws?user_id=publisher")).await.unwrap();
     let (mut tx, mut rx) = ws.split();
     // Acks to the publisher: read and dropped.
     tokio::spawn(async move { while rx.next().await.is_some() {} });
@@ -176,6 +190,10 @@ async fn run(kind: &str) -> Run {
     }
     server.kill().unwrap();
     server.wait().unwrap();
+    if let Some((mut publisher, _)) = publisher {
+        publisher.kill().unwrap();
+        publisher.wait().unwrap();
+    }
     latencies.sort_unstable();
     let expected = FAN as u64 * (PROBES + BURST);
     eprintln!(
@@ -206,12 +224,22 @@ fn main() {
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
     if let Ok(kind) = std::env::var("HUB_BENCH_ONLY") {
         // Profiling aid: one server kind, no report.
-        runtime.block_on(run(&kind));
+        runtime.block_on(run(&kind, None));
         return;
     }
+    let redis = testkit::RedisServer::start().unwrap();
+    let url = redis.url();
     // Alternating rounds; each figure is the median over rounds.
-    let runs: Vec<(Run, Run)> =
-        (0..ROUNDS).map(|_| runtime.block_on(async { (run("rampart").await, run("broadcast").await) })).collect();
+    let mut cross = Vec::new();
+    let runs: Vec<(Run, Run)> = (0..ROUNDS)
+        .map(|_| {
+            runtime.block_on(async {
+                let pair = (run("rampart", None).await, run("broadcast", None).await);
+                cross.push(run("rampart", Some(&url)).await);
+                pair
+            })
+        })
+        .collect();
     let med = |f: &dyn Fn(&Run) -> f64, ours: bool| {
         let mut v: Vec<f64> = runs.iter().map(|(o, p)| f(if ours { o } else { p })).collect();
         median(&mut v)
@@ -242,6 +270,23 @@ fn main() {
     rows.extend(pair("fan-out to 10,000 p99", "ms", ours.p99_ms, plain.p99_ms));
     rows.extend(pair("fan-out to 10,000 max", "ms", ours.max_ms, plain.max_ms));
     rows.extend(pair("deliveries per second (burst)", "deliveries/s", ours.deliveries_per_s, plain.deliveries_per_s));
+    // Cross-instance: publish on instance A, 10,000 subscribers on instance B, through Redis;
+    // compared with the single-instance Rampart run of the same rounds.
+    let cross_med = |f: &dyn Fn(&Run) -> f64| {
+        let mut v: Vec<f64> = cross.iter().map(f).collect();
+        median(&mut v)
+    };
+    let cross_lost: u64 = cross.iter().map(|r| r.lost).sum();
+    for (metric, unit, value) in [
+        ("fan-out to 10,000 p50", "ms", cross_med(&|r| r.p50_ms)),
+        ("fan-out to 10,000 p99", "ms", cross_med(&|r| r.p99_ms)),
+        ("deliveries per second (burst)", "deliveries/s", cross_med(&|r| r.deliveries_per_s)),
+    ] {
+        rows.push(
+            Row::new(format!("{OURS}, across instances via Redis: {metric}"), value, unit)
+                .against(format!("{OURS}: {metric}")),
+        );
+    }
     let met = |ok: bool| if ok { "met" } else { "NOT met" };
     let notes = vec![
         format!("Median of {ROUNDS} alternating rounds (rampart, then plain broadcast)."),
@@ -267,6 +312,9 @@ fn main() {
             ours.burst_cpu.0, ours.burst_cpu.1, plain.burst_cpu.0, plain.burst_cpu.1,
             ours.probe_cpu.0 * 1000.0 / PROBES as f64,
             ours.probe_cpu.0 * 1000.0 / PROBES as f64 / 2.0
+        ),
+        format!(
+            "Across instances: the same load, subscribers on instance B, the publisher on instance A (two hub_server processes with the Redis bridge, one Redis 7.0 on loopback); every message goes A -> Redis (history, sequence, PUBLISH) -> B's bridge -> fan-out. Compared with the single-instance Rampart run of the same rounds; the plain broadcast has no cross-instance mode. Lost deliveries across instances over all rounds: {cross_lost}."
         ),
         "Load clients run under SCHED_BATCH (`chrt -b 0`), so waking them does not preempt the server; both servers get the same.".into(),
         format!(

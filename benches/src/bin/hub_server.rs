@@ -4,6 +4,9 @@
 //! frame cloned as a `String` per recipient, axum's default WebSocket buffers. Both speak the
 //! subset of the hub protocol the load client uses (subscribe → ack, message → fan-out).
 //!
+//! With `REDIS_URL` set, the Rampart hub runs with its Redis bridge (for the cross-instance run:
+//! publish on one instance, deliver from another).
+//!
 //! Listens on 127.0.0.1 (a free port) and prints `listening <addr>`.
 
 use std::{
@@ -37,7 +40,12 @@ async fn main() -> std::io::Result<()> {
                 messages_per_second: 1_000_000,
                 ..ws_hub::HubConfig::default()
             };
-            ws_hub::Hub::new(config).router("/ws")
+            let hub = ws_hub::Hub::new(config);
+            let hub = match std::env::var("REDIS_URL") {
+                Ok(url) => hub.with_redis(&url).await.map_err(std::io::Error::other)?,
+                Err(_) => hub,
+            };
+            hub.router("/ws")
         }
         "broadcast" => Router::new().route("/ws", get(upgrade)).with_state(Arc::new(Broadcast::default())),
         other => {
