@@ -91,7 +91,9 @@ impl<St, K, C, M> RateLimitLayer<St, K, C, M> {
     }
 
     /// Shadow mode: count and set headers but never refuse (for dark launches). Would-be
-    /// rejections are counted as `outcome="shadow_rejected"`.
+    /// rejections (a request over the limit, a request without a key under
+    /// [`MissingKey::Reject`], a store down and fail-closed) are let through without
+    /// `RateLimit` headers and counted as `outcome="shadow_rejected"`.
     pub fn shadow(mut self, shadow: bool) -> Self {
         self.options.shadow = shadow;
         self
@@ -180,6 +182,11 @@ impl<St: Store, K, C> Shared<St, K, C> {
             (Some(key), _) => Ok(Some(key)),
             (None, MissingKey::Shared) => Ok(Some(Key::from_bytes("~no-key"))),
             (None, MissingKey::Skip) => Ok(None),
+            (None, MissingKey::Reject) if self.options.shadow => {
+                self.shadowed.increment(1);
+                tracing::debug!(limiter = %self.name, "shadow mode: would have rejected a request without a key");
+                Ok(None)
+            }
             (None, MissingKey::Reject) => Err(Rejection::MissingKey),
         }
     }
@@ -196,12 +203,11 @@ impl<St: Store, K, C> Shared<St, K, C> {
             Err(CheckError::Unavailable(reason)) => Rejection::Unavailable(reason),
         };
         if self.options.shadow {
+            // Let through without headers: a draft-aware client told `r=0` would slow down for
+            // a limit that is not enforced.
             self.shadowed.increment(1);
             tracing::debug!(limiter = %self.name, ?rejection, "shadow mode: would have rejected");
-            return Ok(match rejection {
-                Rejection::Limited(verdict) if self.options.headers => Some(verdict),
-                _ => None,
-            });
+            return Ok(None);
         }
         self.rejected.increment(1);
         tracing::debug!(limiter = %self.name, ?rejection, "rejected");

@@ -104,8 +104,25 @@ async fn shadow_mode_counts_but_never_refuses() {
         let res = http.get(format!("http://{addr}/")).send().await.unwrap();
         assert_eq!(res.status(), 200);
     }
+    // Requests shadow mode lets through over the limit carry no `r=0` (a draft-aware client
+    // would slow down for a limit that is not enforced).
     let res = http.get(format!("http://{addr}/")).send().await.unwrap();
-    assert!(res.headers()["ratelimit"].to_str().unwrap().starts_with("\"dark\";r=0"));
+    assert_eq!(res.status(), 200);
+    assert!(res.headers().get("ratelimit").is_none(), "{:?}", res.headers());
+}
+
+/// Before: with `MissingKey::Reject`, shadow mode still answered 400 to a request without a key.
+#[tokio::test]
+async fn shadow_mode_never_refuses_a_request_without_a_key() {
+    let app = Router::new().route("/", get(|| async { "ok" })).layer(
+        RateLimitLayer::new(memory("dark", Quota::per_second(10).unwrap()))
+            .key(tower_ratelimit::HeaderKey::new(http::HeaderName::from_static("x-api-key")))
+            .on_missing_key(MissingKey::Reject)
+            .shadow(true),
+    );
+    let addr = serve(app).await;
+    let res = reqwest::get(format!("http://{addr}/")).await.unwrap();
+    assert_eq!(res.status(), 200);
 }
 
 #[tokio::test]
