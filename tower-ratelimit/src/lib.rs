@@ -37,6 +37,11 @@
 //! | allowed | the response, plus `RateLimit-Policy: "name";q=100;w=1` and `RateLimit: "name";r=42;t=1` (one item per quota and stacked layer) | same headers as metadata |
 //! | limited | 429, `Retry-After` in whole seconds rounded **up** (never 0), the headers, a problem body with `"error":"rate_limited"` | trailers-only `RESOURCE_EXHAUSTED` with `google.rpc.RetryInfo` |
 //! | store down, fail-closed | 503 `"error":"unavailable"` | `UNAVAILABLE` |
+//! | cost over the capacity (can never pass) | 413 `"error":"cost_exceeds_capacity"`, no `Retry-After` | `INVALID_ARGUMENT` |
+//!
+//! `r` is what the quota holds after this request (on a refusal: what it holds, nothing being
+//! spent); `t` the seconds, rounded up, until it holds more (never past a 429's `Retry-After`);
+//! `w` the window in whole seconds, left out when the window is not a whole number of seconds.
 //!
 //! Non-HTTP services use [`RateLimitLayer::errors`]: rejections are [`RateLimited`] errors.
 //!

@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 use smallvec::SmallVec;
 
 use crate::{
-    algorithm::{Nanos, Quota, QuotaConfig, QuotaKind, QuotaState, Verdict},
+    algorithm::{Decision, Nanos, Quota, QuotaConfig, QuotaKind, QuotaState, Verdict},
     error::{CheckError, ConfigError},
 };
 
@@ -115,8 +115,16 @@ impl Policy {
         if cost > self.inner.capacity {
             return Err(CheckError::CostExceedsCapacity { cost, capacity: self.inner.capacity });
         }
-        let verdict =
+        let mut verdict =
             Verdict::new(self.inner.quotas.iter().zip(states.iter_mut()).map(|(q, s)| q.evaluate(s, now, cost)));
+        if !verdict.allowed() && verdict.decisions().len() > 1 {
+            // Nothing is consumed: the quotas that would have allowed it report what they hold
+            // now, not what they would hold after spending.
+            verdict =
+                Verdict::new(self.inner.quotas.iter().zip(states.iter_mut()).zip(verdict.decisions()).map(
+                    |((q, s), d)| if d.allowed { Decision { allowed: true, ..q.evaluate(s, now, 0) } } else { *d },
+                ));
+        }
         if verdict.allowed() {
             for (q, s) in self.inner.quotas.iter().zip(states.iter_mut()) {
                 q.consume(s, now, cost);
@@ -269,15 +277,16 @@ mod tests {
         let v = policy.check(&mut s, 0, 1).unwrap();
         assert!(!v.allowed());
         assert!(!v.decisions()[0].allowed && v.decisions()[1].allowed);
-        assert_eq!(v.decisions()[1].remaining, 1, "evaluate reports remaining after this request");
+        // Nothing was consumed: daily reports the 2 it holds, not 1 as if this request spent one.
+        assert_eq!(v.decisions()[1].remaining, 2);
         // A second later: two more pass the daily quota, the third is refused by daily only.
         assert!(policy.check(&mut s, SEC, 1).unwrap().allowed());
         assert!(policy.check(&mut s, SEC, 1).unwrap().allowed());
         let v = policy.check(&mut s, SEC, 1).unwrap();
         assert!(!v.allowed());
         assert!(v.decisions()[0].allowed && !v.decisions()[1].allowed);
-        // Its denial consumed nothing from burst: 3 tokens left there.
-        assert_eq!(v.decisions()[0].remaining, 2);
+        // Its denial consumed nothing from burst: 3 tokens left there, and so reported.
+        assert_eq!(v.decisions()[0].remaining, 3);
         assert_eq!(v.binding().map(|d| d.limit), Some(7));
     }
 

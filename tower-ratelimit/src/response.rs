@@ -38,25 +38,45 @@ fn secs_ceil(d: Duration) -> u64 {
     d.as_secs() + u64::from(d.subsec_nanos() > 0)
 }
 
+/// The largest sf-integer (RFC 9651 §3.3.1: at most 15 digits).
+const SF_INTEGER_MAX: u64 = 999_999_999_999_999;
+
+/// An sf-integer, saturated.
+fn integer(n: u64) -> sfv::Integer {
+    sfv::Integer::try_from(n).unwrap_or(sfv::Integer::MAX)
+}
+
 impl Headers {
+    /// `RateLimit-Policy`: `"name";q=<capacity>;w=<window in seconds>` per quota, serialized as
+    /// an RFC 9651 list. `w` is an integer number of seconds, so a window that is not a whole
+    /// number of seconds (e.g. 10 per 100 ms) is advertised without it rather than as a wrong one.
     pub(crate) fn new(policy: &Policy) -> Self {
-        let items: Vec<String> = policy
-            .quotas()
-            .iter()
-            .enumerate()
-            .map(|(i, q)| format!("\"{}\";q={};w={}", policy.quota_name(i), q.capacity(), secs_ceil(q.window()).max(1)))
-            .collect();
-        // Names are validated to plain characters, so the value is always a valid header.
-        let policy_value =
-            HeaderValue::from_str(&items.join(", ")).unwrap_or_else(|_| HeaderValue::from_static("\"invalid\";q=0"));
-        let prefixes = (0..policy.quotas().len())
-            .map(|i| format!("\"{}\";r=", policy.quota_name(i)).into_bytes().into())
-            .collect();
-        // Clone once now, so the per-response clones are reference-count increments.
-        let policy = policy_value.clone();
-        Self { policy, prefixes }
+        let (q, w, r) = (sfv::KeyRef::constant("q"), sfv::KeyRef::constant("w"), sfv::KeyRef::constant("r"));
+        let mut list = sfv::ListSerializer::new();
+        let mut prefixes = Vec::with_capacity(policy.quotas().len());
+        for (i, quota) in policy.quotas().iter().enumerate() {
+            // Names are validated to plain characters: always a valid sf-string.
+            let name = sfv::StringRef::from_str(policy.quota_name(i)).unwrap_or(sfv::StringRef::constant("invalid"));
+            let window = quota.window();
+            let mut item = list.bare_item(name).parameter(q, integer(quota.capacity()));
+            if window.subsec_nanos() == 0 && window.as_secs() > 0 {
+                item = item.parameter(w, integer(window.as_secs()));
+            }
+            drop(item);
+            // `"name";r=` with the value patched in per response (integers need no escaping).
+            let prefix = sfv::ItemSerializer::new().bare_item(name).parameter(r, 0).finish();
+            prefixes.push(prefix.trim_end_matches('0').as_bytes().into());
+        }
+        let policy_value = list
+            .finish()
+            .and_then(|v| HeaderValue::from_str(&v).ok())
+            .unwrap_or_else(|| HeaderValue::from_static("\"invalid\";q=0"));
+        Self { policy: policy_value, prefixes: prefixes.into() }
     }
 
+    /// `RateLimit`: `"name";r=<remaining>;t=<seconds until more units>` per quota. `t` is
+    /// [`Decision::reset_after`](crate::Decision::reset_after) rounded up: a client with `r=0`
+    /// waits for its next unit, never past the `Retry-After` of a 429.
     fn ratelimit(&self, verdict: &Verdict) -> Option<HeaderValue> {
         let mut value = Vec::with_capacity(32 * verdict.decisions().len());
         let mut digits = itoa::Buffer::new();
@@ -65,9 +85,9 @@ impl Headers {
                 value.extend_from_slice(b", ");
             }
             value.extend_from_slice(prefix);
-            value.extend_from_slice(digits.format(d.remaining).as_bytes());
+            value.extend_from_slice(digits.format(d.remaining.min(SF_INTEGER_MAX)).as_bytes());
             value.extend_from_slice(b";t=");
-            value.extend_from_slice(digits.format(secs_ceil(d.reset_after)).as_bytes());
+            value.extend_from_slice(digits.format(secs_ceil(d.reset_after).min(SF_INTEGER_MAX)).as_bytes());
         }
         if value.is_empty() { None } else { HeaderValue::from_maybe_shared(bytes::Bytes::from(value)).ok() }
     }
@@ -113,11 +133,14 @@ impl Rejection {
                     Some(verdict),
                 )
             }
+            // It can never pass: not a 429 (which invites a retry), but 413 with its own code.
             Self::TooCostly { cost, capacity } => (
-                StatusCode::TOO_MANY_REQUESTS,
-                Code::ResourceExhausted,
-                "rate_limited",
-                format!("request cost {cost} exceeds the capacity {capacity} of rate limit `{limiter}`"),
+                StatusCode::PAYLOAD_TOO_LARGE,
+                Code::InvalidArgument,
+                "cost_exceeds_capacity",
+                format!(
+                    "request cost {cost} exceeds the capacity {capacity} of rate limit `{limiter}`: it can never pass"
+                ),
                 None,
                 None,
             ),

@@ -129,3 +129,56 @@ fn the_memory_store_bounds_bytes_not_only_keys() {
     assert!((90..=110).contains(&store.max_keys()), "{}", store.max_keys());
     assert!(Quota::sliding_log(10_001, Duration::from_secs(1)).is_err(), "logs are capped at 10,000 entries");
 }
+
+async fn serve(app: axum::Router) -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    addr
+}
+
+fn limited(policy: Policy) -> axum::Router {
+    axum::Router::new().route("/", axum::routing::get(|| async { "ok" })).layer(
+        tower_ratelimit::RateLimitLayer::new(MemoryStore::new(policy)).cost(|req: &http::Request<_>| {
+            req.headers().get("x-cost").and_then(|v| v.to_str().ok()?.parse().ok()).unwrap_or(1)
+        }),
+    )
+}
+
+/// `t` of `"name";r=..;t=..` in a `RateLimit` header.
+fn t_of(res: &reqwest::Response) -> u64 {
+    let value = res.headers()["ratelimit"].to_str().unwrap();
+    value.rsplit_once(";t=").unwrap().1.parse().unwrap()
+}
+
+/// Before (draft-10 headers): `t` was the time until the quota is full, so a 429 carried a `t`
+/// beyond its `Retry-After`; a sub-second window was advertised as `w=1`; a request costing more
+/// than the capacity got a 429 without `Retry-After`, as if waiting could help.
+#[tokio::test]
+async fn headers_follow_draft_10() {
+    // One token every 10 s, burst 3.
+    let policy = Policy::new("slow", Quota::token_bucket(1, Duration::from_secs(10), 3).unwrap()).unwrap();
+    let addr = serve(limited(policy)).await;
+    let http = reqwest::Client::new();
+    for _ in 0..3 {
+        assert_eq!(http.get(format!("http://{addr}/")).send().await.unwrap().status(), 200);
+    }
+    let res = http.get(format!("http://{addr}/")).send().await.unwrap();
+    assert_eq!(res.status(), 429);
+    let retry: u64 = res.headers()["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!(t_of(&res) <= retry && retry <= 10, "t {} vs Retry-After {retry}", t_of(&res));
+    assert_eq!(res.headers()["ratelimit-policy"], r#""slow";q=3;w=30"#);
+
+    // Ten per 100 ms, burst 1: a 10 ms refill is not "w=1".
+    let policy = Policy::new("fast", Quota::token_bucket(10, Duration::from_millis(100), 1).unwrap()).unwrap();
+    let addr = serve(limited(policy)).await;
+    let res = http.get(format!("http://{addr}/")).send().await.unwrap();
+    assert_eq!(res.headers()["ratelimit-policy"], r#""fast";q=1"#);
+
+    // A cost over the capacity can never pass.
+    let res = http.get(format!("http://{addr}/")).header("x-cost", "5").send().await.unwrap();
+    assert_eq!(res.status(), 413);
+    assert!(res.headers().get("retry-after").is_none());
+    let problem: serde_json::Value = res.json().await.unwrap();
+    assert_eq!(problem["error"], "cost_exceeds_capacity");
+}

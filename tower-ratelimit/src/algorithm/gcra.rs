@@ -163,24 +163,36 @@ impl TokenBucket {
         let new_tat = tat.saturating_add(cost.saturating_mul(self.interval));
         let bound = now.saturating_add(self.tau);
         if new_tat <= bound && new_tat != u64::MAX {
+            let remaining = (bound - new_tat) / self.interval;
             let decision = Decision {
                 allowed: true,
                 limit: self.burst,
-                remaining: (bound - new_tat) / self.interval,
-                reset_after: duration(new_tat - now),
+                remaining,
+                reset_after: self.next_unit(new_tat - now, remaining),
                 retry_after: Duration::ZERO,
             };
             (decision, new_tat)
         } else {
+            let remaining = bound.saturating_sub(tat) / self.interval;
             let decision = Decision {
                 allowed: false,
                 limit: self.burst,
-                remaining: bound.saturating_sub(tat) / self.interval,
-                reset_after: duration(tat - now),
+                remaining,
+                reset_after: self.next_unit(tat - now, remaining),
                 retry_after: duration(new_tat.saturating_sub(bound)),
             };
             (decision, tat)
         }
+    }
+
+    /// With the TAT `ahead` of now and `remaining` tokens: the time until one more token (the
+    /// TAT falls to where `remaining + 1` fit).
+    fn next_unit(&self, ahead: u64, remaining: u64) -> Duration {
+        if remaining >= self.burst || ahead == 0 {
+            return Duration::ZERO;
+        }
+        let fits = remaining.saturating_add(1).saturating_mul(self.interval);
+        duration(ahead.saturating_add(fits).saturating_sub(self.tau))
     }
 
     pub(crate) fn consume(&self, tat: Nanos, now: Nanos, cost: u64) -> Nanos {
@@ -224,21 +236,31 @@ impl TokenBucket {
         // A thousandth of a token of allowance: the TAT is stored in whole nanoseconds here and
         // in floating microseconds by the Redis script; both decide alike within it.
         const TOLERANCE: f64 = 1e-3;
+        // As `next_unit`, at this point of the ramp.
+        let next = |ahead: f64, remaining: u64| {
+            if remaining >= burst || ahead <= 0.0 {
+                Duration::ZERO
+            } else {
+                wait(ahead + (remaining + 1) as f64 * interval - tau)
+            }
+        };
         if new_ahead <= tau + TOLERANCE * interval {
+            let remaining = ((tau - new_ahead) / interval + TOLERANCE).floor().max(0.0) as u64;
             let decision = Decision {
                 allowed: true,
                 limit: burst,
-                remaining: ((tau - new_ahead) / interval + TOLERANCE).floor().max(0.0) as u64,
-                reset_after: wait(new_ahead),
+                remaining,
+                reset_after: next(new_ahead, remaining),
                 retry_after: Duration::ZERO,
             };
             (decision, now.saturating_add(limit(new_ahead).ceil() as u64), start)
         } else {
+            let remaining = ((tau - ahead) / interval + TOLERANCE).floor().max(0.0) as u64;
             let decision = Decision {
                 allowed: false,
                 limit: burst,
-                remaining: ((tau - ahead) / interval + TOLERANCE).floor().max(0.0) as u64,
-                reset_after: wait(ahead),
+                remaining,
+                reset_after: next(ahead, remaining),
                 retry_after: wait(new_ahead - tau),
             };
             (decision, tat, start)
@@ -269,7 +291,8 @@ mod tests {
         let (d, _) = tb.evaluate(tat, 0, 1);
         assert!(!d.allowed);
         assert_eq!(d.retry_after, Duration::from_millis(100));
-        assert_eq!(d.reset_after, Duration::from_millis(300));
+        // The next token comes in 100 ms (the bucket is full again in 300 ms).
+        assert_eq!(d.reset_after, Duration::from_millis(100));
         // 99 ms later: still no token; at 100 ms exactly one.
         assert!(!tb.evaluate(tat, 99 * MS, 1).0.allowed);
         assert_eq!(tb.evaluate(tat, 99 * MS, 1).0.retry_after, Duration::from_millis(1));

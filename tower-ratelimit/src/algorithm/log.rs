@@ -71,8 +71,9 @@ impl SlidingLog {
     pub(crate) fn evaluate(&self, state: &mut LogState, now: Nanos, cost: u64) -> Decision {
         self.expire(state, now);
         let allowed = state.total.saturating_add(cost) <= self.limit;
-        let newest = if allowed && cost > 0 { Some(now) } else { state.entries.back().map(|&(t, _)| t) };
-        let reset_after = newest.map_or(0, |t| (t + self.window_ns).saturating_sub(now));
+        // More units come back when the oldest entry (or the one about to be added) expires.
+        let oldest = state.entries.front().map(|&(t, _)| t).or((allowed && cost > 0).then_some(now));
+        let reset_after = oldest.map_or(0, |t| (t + self.window_ns).saturating_sub(now));
         if allowed {
             return Decision {
                 allowed,

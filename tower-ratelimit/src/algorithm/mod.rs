@@ -31,7 +31,9 @@ pub struct Decision {
     pub limit: u64,
     /// Units still available after this decision.
     pub remaining: u64,
-    /// Time until the quota is entirely available again.
+    /// Time until the quota holds more units than `remaining` (zero when it is full): the
+    /// draft-10 `t` of the `RateLimit` header. A client with nothing left waits this long for
+    /// its next unit, not until the quota is full again.
     pub reset_after: Duration,
     /// When denied: the earliest time after which the same request could be admitted if nothing
     /// else consumed the quota meanwhile. Zero when allowed.

@@ -129,37 +129,42 @@ impl SlidingWindow {
         let cur = self.advance(state, now);
         let count: u64 = state.counts.iter().map(|&c| u64::from(c)).sum();
         let allowed = count.saturating_add(cost) <= self.limit;
-        let end_of = |index: u64| index.saturating_add(self.slots()).saturating_mul(self.width);
+        // Sub-window cur - S + j + 1 leaves the counted range when sub-window cur + j + 1 starts;
+        // `extra` units are (about to be) added to the current one.
+        let leaving = |j: u64, extra: u64| {
+            let slot = self.slot(cur + j + 1);
+            let extra = if slot == self.slot(cur) { extra } else { 0 };
+            u64::from(state.counts[slot]).saturating_add(extra)
+        };
+        let starts = |index: u64| index.saturating_mul(self.width).saturating_sub(now);
+        // More units come back when the oldest sub-window holding some leaves.
+        let next = |extra: u64| (0..self.slots()).find(|&j| leaving(j, extra) > 0).map_or(0, |j| starts(cur + j + 1));
         if allowed {
-            let reset_at = if cost > 0 { end_of(cur) } else { self.newest_nonempty(state, cur).map_or(0, end_of) };
-            Decision {
+            return Decision {
                 allowed,
                 limit: self.limit,
                 remaining: self.limit - count - cost,
-                reset_after: duration(reset_at.saturating_sub(now)),
+                reset_after: duration(next(cost)),
                 retry_after: Duration::ZERO,
+            };
+        }
+        // Walk the oldest sub-windows out until enough units are freed.
+        let need = count + cost - self.limit;
+        let mut freed = 0u64;
+        let mut retry = starts(cur + self.slots());
+        for j in 0..self.slots() {
+            freed += leaving(j, 0);
+            if freed >= need {
+                retry = starts(cur + j + 1);
+                break;
             }
-        } else {
-            // Walk the oldest sub-windows out until enough units are freed.
-            let need = count + cost - self.limit;
-            let mut freed = 0u64;
-            let mut retry_at = end_of(cur);
-            for j in 0..self.slots() {
-                // Sub-window cur - S + j, which leaves the counted range when cur + j + 1 starts.
-                freed += u64::from(state.counts[self.slot(cur + j + 1)]);
-                if freed >= need {
-                    retry_at = (cur + j + 1).saturating_mul(self.width);
-                    break;
-                }
-            }
-            let reset_at = self.newest_nonempty(state, cur).map_or(0, end_of);
-            Decision {
-                allowed,
-                limit: self.limit,
-                remaining: self.limit.saturating_sub(count),
-                reset_after: duration(reset_at.saturating_sub(now)),
-                retry_after: duration(retry_at.saturating_sub(now)),
-            }
+        }
+        Decision {
+            allowed,
+            limit: self.limit,
+            remaining: self.limit.saturating_sub(count),
+            reset_after: duration(next(0)),
+            retry_after: duration(retry),
         }
     }
 
@@ -170,6 +175,7 @@ impl SlidingWindow {
         state.counts[slot] = state.counts[slot].saturating_add(cost);
     }
 
+    /// The newest sub-window at or before `cur` that holds units.
     fn newest_nonempty(&self, state: &WindowState, cur: u64) -> Option<u64> {
         (0..self.slots()).take_while(|&j| j <= cur).map(|j| cur - j).find(|&index| state.counts[self.slot(index)] > 0)
     }

@@ -101,14 +101,8 @@ local function available(q)
   else return q.b - q.total end
 end
 
-local function newest_window(q)
-  local slots = q.b
-  for j = 0, slots - 1 do
-    if j > q.cur then return nil end
-    if q.counts[(q.cur - j) % slots] > 0 then return q.cur - j end
-  end
-  return nil
-end
+-- The fourth decision field, reset_after: the time until the quota holds more units than it
+-- has left (0 when it is full), as tower-ratelimit's Decision::reset_after.
 
 local function evaluate(q, cost)
   if q.kind == 'g' then
@@ -116,48 +110,63 @@ local function evaluate(q, cost)
     local tol = q.tol or EPS
     local ahead = q.tat - now
     local new_ahead = ahead + cost * q.a
-    if new_ahead <= q.b + tol * q.a then
-      return { 1, q.c, math.max(0, math.floor((q.b - new_ahead) / q.a + tol)), new_ahead, 0 }
+    -- TokenBucket::next_unit: the TAT falls to where one more token fits.
+    local function next_unit(a, remaining)
+      if remaining >= q.c or a <= 0 then return 0 end
+      return math.max(0, a + (remaining + 1) * q.a - q.b)
     end
-    return { 0, q.c, math.max(0, math.floor((q.b - ahead) / q.a + tol)), ahead, new_ahead - q.b }
+    if new_ahead <= q.b + tol * q.a then
+      local remaining = math.max(0, math.floor((q.b - new_ahead) / q.a + tol))
+      return { 1, q.c, remaining, next_unit(new_ahead, remaining), 0 }
+    end
+    local remaining = math.max(0, math.floor((q.b - ahead) / q.a + tol))
+    return { 0, q.c, remaining, next_unit(ahead, remaining), new_ahead - q.b }
   elseif q.kind == 'w' then
     local slots, limit = q.b, q.c
-    local function end_of(index) return (index + slots) * q.a end
-    if q.count + cost <= limit then
-      local reset_at = 0
-      if cost > 0 then reset_at = end_of(q.cur) else
-        local newest = newest_window(q)
-        if newest then reset_at = end_of(newest) end
+    -- Sub-window cur - S + j + 1 leaves the count when sub-window cur + j + 1 starts; `extra`
+    -- units are (about to be) added to the current one.
+    local function leaving(j, extra)
+      local slot = (q.cur + j + 1) % slots
+      local c = q.counts[slot]
+      if slot == q.cur % slots then c = c + extra end
+      return c
+    end
+    local function starts(index) return math.max(0, index * q.a - now) end
+    local function next_growth(extra)
+      for j = 0, slots - 1 do
+        if leaving(j, extra) > 0 then return starts(q.cur + j + 1) end
       end
-      return { 1, limit, limit - q.count - cost, math.max(0, reset_at - now), 0 }
+      return 0
+    end
+    if q.count + cost <= limit then
+      return { 1, limit, limit - q.count - cost, next_growth(cost), 0 }
     end
     local need = q.count + cost - limit
     local freed = 0
-    local retry_at = end_of(q.cur)
+    local retry = starts(q.cur + slots)
     for j = 0, slots - 1 do
-      freed = freed + q.counts[(q.cur + j + 1) % slots]
-      if freed >= need then retry_at = (q.cur + j + 1) * q.a break end
+      freed = freed + leaving(j, 0)
+      if freed >= need then retry = starts(q.cur + j + 1) break end
     end
-    local reset_at = 0
-    local newest = newest_window(q)
-    if newest then reset_at = end_of(newest) end
-    return { 0, limit, math.max(0, limit - q.count), math.max(0, reset_at - now), math.max(0, retry_at - now) }
+    return { 0, limit, math.max(0, limit - q.count), next_growth(0), retry }
   else
     local limit = q.b
+    -- More units come back when the oldest entry (or the one about to be added) expires.
+    local oldest = nil
+    if q.total > 0 then
+      local first = redis.call('ZRANGE', q.key, 0, 0, 'WITHSCORES')
+      if first[2] then oldest = tonumber(first[2]) end
+    end
     if q.total + cost <= limit then
+      if oldest == nil and cost > 0 then oldest = now end
       local reset = 0
-      if cost > 0 then reset = q.a else
-        local newest = redis.call('ZRANGE', q.key, -1, -1, 'WITHSCORES')
-        if newest[2] then reset = math.max(0, tonumber(newest[2]) + q.a - now) end
-      end
+      if oldest then reset = math.max(0, oldest + q.a - now) end
       return { 1, limit, limit - q.total - cost, reset, 0 }
     end
-    -- A denial reads the newest entry and the oldest ones until `need` units are freed (at
-    -- most `need` entries: each holds a unit or more), never the whole log.
+    -- A denial reads the oldest entries until `need` units are freed (at most `need` entries:
+    -- each holds a unit or more), never the whole log.
     local need = q.total + cost - limit
-    local newest, retry_at = now, now
-    local last = redis.call('ZRANGE', q.key, -1, -1, 'WITHSCORES')
-    if last[2] then newest = tonumber(last[2]) end
+    local retry_at = now
     local freed, from = 0, 0
     while freed < need do
       local chunk = math.min(need - freed, 128)
@@ -169,7 +178,9 @@ local function evaluate(q, cost)
       end
       from = from + chunk
     end
-    return { 0, limit, math.max(0, limit - q.total), math.max(0, newest + q.a - now), math.max(0, retry_at - now) }
+    local reset = 0
+    if oldest then reset = math.max(0, oldest + q.a - now) end
+    return { 0, limit, math.max(0, limit - q.total), reset, math.max(0, retry_at - now) }
   end
 end
 
@@ -216,6 +227,12 @@ local all = true
 for i = 1, n do
   decisions[i] = evaluate(quotas[i], take)
   if decisions[i][1] == 0 then all = false end
+end
+if not all and n > 1 then
+  -- Nothing is consumed: the quotas that would have allowed it report what they hold now.
+  for i = 1, n do
+    if decisions[i][1] == 1 then decisions[i] = evaluate(quotas[i], 0) end
+  end
 end
 local taken = 0
 if all then
