@@ -33,8 +33,12 @@ pin_project! {
 enum Pending<E> {
     /// Record the permit at the end; `slow` was decided at the head, if measured there.
     Permit { permit: Permit, eos: E, slow: Option<bool> },
-    /// The probe counted at its head: only a failure at the end still matters.
-    Late { breaker: Breaker, eos: E },
+    /// The head decided the outcome, recorded at the end so the call is measured to it
+    /// (`SlowCallMeasure::End`); a body error turns it into a failure.
+    Decided { permit: Permit, outcome: Outcome },
+    /// The probe of half-open `episode` counted at its head: only a failure at the end still
+    /// matters.
+    Late { breaker: Breaker, episode: u64, eos: E },
 }
 
 impl<B, E> BreakerBody<B, E> {
@@ -46,8 +50,12 @@ impl<B, E> BreakerBody<B, E> {
         Self { inner, pending: Some(Pending::Permit { permit, eos, slow }) }
     }
 
-    pub(crate) fn late(inner: B, breaker: Breaker, eos: E) -> Self {
-        Self { inner, pending: Some(Pending::Late { breaker, eos }) }
+    pub(crate) fn decided(inner: B, permit: Permit, outcome: Outcome) -> Self {
+        Self { inner, pending: Some(Pending::Decided { permit, outcome }) }
+    }
+
+    pub(crate) fn late(inner: B, breaker: Breaker, episode: u64, eos: E) -> Self {
+        Self { inner, pending: Some(Pending::Late { breaker, episode, eos }) }
     }
 }
 
@@ -56,15 +64,20 @@ where
     E: ClassifyEos,
     E::FailureClass: BreakerOutcome,
 {
-    fn finish(self, outcome: impl FnOnce(E) -> Outcome) {
+    /// Records the call's end: `outcome` classifies the end of stream (`None`: the body failed).
+    fn finish(self, outcome: impl FnOnce(Option<E>) -> Outcome) {
         match self {
             Pending::Permit { permit, eos, slow } => match slow {
-                Some(slow) => permit.record_with_slow(outcome(eos), slow),
-                None => permit.record(outcome(eos)),
+                Some(slow) => permit.record_with_slow(outcome(Some(eos)), slow),
+                None => permit.record(outcome(Some(eos))),
             },
-            Pending::Late { breaker, eos } => {
-                if outcome(eos) == Outcome::Failure {
-                    breaker.record_late_failure();
+            Pending::Decided { permit, outcome: decided } => {
+                let failed = outcome(None) == Outcome::Failure;
+                permit.record(if failed { Outcome::Failure } else { decided });
+            }
+            Pending::Late { breaker, episode, eos } => {
+                if outcome(Some(eos)) == Outcome::Failure {
+                    breaker.record_late_failure(episode);
                 }
             }
         }
@@ -96,20 +109,32 @@ where
         let frame = ready!(this.inner.poll_frame(cx));
         if let Some(pending) = this.pending.take() {
             match &frame {
-                Some(Ok(frame)) if frame.is_trailers() => pending.finish(|eos| eos_outcome(eos, frame.trailers_ref())),
+                Some(Ok(frame)) if frame.is_trailers() => {
+                    pending.finish(|eos| eos.map_or(Outcome::Success, |eos| eos_outcome(eos, frame.trailers_ref())));
+                }
                 Some(Ok(_)) => *this.pending = Some(pending),
                 Some(Err(_)) => pending.finish(|_| Outcome::Failure),
-                None => pending.finish(|eos| eos_outcome(eos, None)),
+                None => pending.finish(|eos| eos.map_or(Outcome::Success, |eos| eos_outcome(eos, None))),
             }
         }
         Poll::Ready(frame)
     }
 
+    /// Not at its end while an outcome waits for it: a server (hyper) stops polling a body that
+    /// says it has ended, and the end (a missing `grpc-status`, say) would go unrecorded.
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.pending.is_none() && self.inner.is_end_stream()
     }
 
+    /// Never exact while an outcome waits for the end: a server that knows the length stops
+    /// polling once it has that many bytes, before the end that tells the outcome.
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        let hint = self.inner.size_hint();
+        if self.pending.is_none() {
+            return hint;
+        }
+        let mut open = SizeHint::new();
+        open.set_lower(hint.lower());
+        open
     }
 }

@@ -6,13 +6,14 @@
 //! classifier of your own. The default, [`DefaultClassifier`], handles HTTP and gRPC on one
 //! service:
 //!
-//! * HTTP: a status of 500 or more is a failure; **429 is ignored** (a rate limit says nothing
-//!   of the upstream's health, and neither success nor failure should move the breaker); any
-//!   other status is a success (a 4xx is the client's fault).
+//! * HTTP: a status of 500 or more is a failure; **429 is a rejection** ([`Outcome::Rejected`]:
+//!   a breaker ignores it, as a rate limit says nothing of the upstream's health; an adaptive
+//!   throttle counts it as not accepted); any other status is a success (a 4xx is the client's
+//!   fault).
 //! * gRPC (`content-type: application/grpc*`): the `grpc-status` in the headers (trailers-only
 //!   answers) or in the trailers at the end of the body. `UNAVAILABLE`, `DEADLINE_EXCEEDED`,
-//!   `INTERNAL`, `UNKNOWN` and `DATA_LOSS` are failures; `CANCELLED` and, as 429,
-//!   `RESOURCE_EXHAUSTED` are ignored; every other code (`INVALID_ARGUMENT`, `NOT_FOUND`, ...)
+//!   `INTERNAL`, `UNKNOWN` and `DATA_LOSS` are failures; `CANCELLED` is ignored and, as 429,
+//!   `RESOURCE_EXHAUSTED` a rejection; every other code (`INVALID_ARGUMENT`, `NOT_FOUND`, ...)
 //!   is a success. A response that ends **without** a `grpc-status` (no trailers, or trailers
 //!   without one) is a broken call: a failure, as the gRPC spec treats it.
 //! * An `Err` from the inner service (e.g. `tower::timeout`'s `Elapsed`) is a failure.
@@ -38,7 +39,8 @@ pub trait BreakerOutcome {
 pub fn grpc_outcome(code: GrpcCode) -> Outcome {
     match code {
         GrpcCode::Ok => Outcome::Success,
-        GrpcCode::Cancelled | GrpcCode::ResourceExhausted => Outcome::Ignored,
+        GrpcCode::Cancelled => Outcome::Ignored,
+        GrpcCode::ResourceExhausted => Outcome::Rejected,
         GrpcCode::Unavailable
         | GrpcCode::DeadlineExceeded
         | GrpcCode::Internal
@@ -48,10 +50,11 @@ pub fn grpc_outcome(code: GrpcCode) -> Outcome {
     }
 }
 
-/// The default HTTP rule: 5xx is a failure, 429 ignored, anything else a success.
+/// The default HTTP rule: 5xx is a failure, 429 a rejection (ignored by a breaker, counted by a
+/// throttle), anything else a success.
 pub fn http_outcome(status: StatusCode) -> Outcome {
     if status == StatusCode::TOO_MANY_REQUESTS {
-        Outcome::Ignored
+        Outcome::Rejected
     } else if status.is_server_error() {
         Outcome::Failure
     } else {
@@ -228,12 +231,12 @@ mod tests {
         let http = |code: u16| Response::builder().status(code).body(()).unwrap_or_default();
         assert_eq!(outcome(c.classify_response(&http(200))), Some(Outcome::Success));
         assert_eq!(outcome(c.classify_response(&http(404))), Some(Outcome::Success));
-        assert_eq!(outcome(c.classify_response(&http(429))), Some(Outcome::Ignored));
+        assert_eq!(outcome(c.classify_response(&http(429))), Some(Outcome::Rejected));
         assert_eq!(outcome(c.classify_response(&http(503))), Some(Outcome::Failure));
         assert_eq!(outcome(c.classify_response(&grpc_response(Some("14")))), Some(Outcome::Failure));
         assert_eq!(outcome(c.classify_response(&grpc_response(Some("3")))), Some(Outcome::Success));
         assert_eq!(outcome(c.classify_response(&grpc_response(Some("1")))), Some(Outcome::Ignored));
-        assert_eq!(outcome(c.classify_response(&grpc_response(Some("8")))), Some(Outcome::Ignored));
+        assert_eq!(outcome(c.classify_response(&grpc_response(Some("8")))), Some(Outcome::Rejected));
         assert_eq!(outcome(c.classify_response(&grpc_response(None))), None);
         let mut trailers = HeaderMap::new();
         trailers.insert("grpc-status", http::HeaderValue::from_static("4"));

@@ -58,7 +58,8 @@ pub enum SlowCallMeasure {
     #[default]
     Head,
     /// At the end of the response body (the call's whole length; a streamed half-open probe holds
-    /// its permit to its end).
+    /// its permit to its end). The permit rides along with every body, which is then sent
+    /// without a content-length (a server that knows the length would stop reading at it).
     End,
 }
 

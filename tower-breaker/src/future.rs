@@ -96,10 +96,15 @@ where
 {
     match classifier.classify_response(&response) {
         ClassifiedResponse::Ready(result) => {
-            permit.record(match result {
+            let outcome = match result {
                 Ok(()) => Outcome::Success,
                 Err(class) => class.breaker_outcome(),
-            });
+            };
+            if !permit.measures_to_head() {
+                // Measured to the end of the body: the permit rides along to it.
+                return response.map(|body| ResponseBody::inner(BreakerBody::decided(body, permit, outcome)));
+            }
+            permit.record(outcome);
             response.map(|body| ResponseBody::inner(BreakerBody::done(body)))
         }
         ClassifiedResponse::RequiresEos(eos) => {
@@ -107,11 +112,11 @@ where
                 return response.map(|body| ResponseBody::inner(BreakerBody::at_end(body, permit, eos, None)));
             }
             let slow = permit.slow_now();
-            match permit.probe_of().cloned() {
+            match permit.probe_of() {
                 // A probe answers at its head, so long streams never wedge half-open.
-                Some(breaker) => {
+                Some((breaker, episode)) => {
                     permit.record_with_slow(Outcome::Success, slow);
-                    response.map(|body| ResponseBody::inner(BreakerBody::late(body, breaker, eos)))
+                    response.map(|body| ResponseBody::inner(BreakerBody::late(body, breaker, episode, eos)))
                 }
                 None => response.map(|body| ResponseBody::inner(BreakerBody::at_end(body, permit, eos, Some(slow)))),
             }

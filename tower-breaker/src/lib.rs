@@ -43,7 +43,8 @@
 //! # Classification
 //!
 //! See [`classify`]: through tower-http's `MakeClassifier` (default [`DefaultClassifier`]): HTTP
-//! 5xx is a failure, 429 ignored, other statuses a success; gRPC statuses are read from the
+//! 5xx is a failure, 429 a rejection ([`Outcome::Rejected`]: ignored by a breaker, counted as not
+//! accepted by a throttle), other statuses a success; gRPC statuses are read from the
 //! headers or from the trailers at the end of the body, and a response without one is a
 //! failure. Slowness is measured to the response head ([`SlowCallMeasure`]). An `Err` from the
 //! inner service — e.g. `tower::timeout`'s `Elapsed` — is a failure.

@@ -67,7 +67,18 @@ impl<S, Sel, M> CircuitBreaker<S, Sel, M> {
             self.inner_ready = false;
             return Poll::Ready(Ok(()));
         }
-        ready!(self.inner.poll_ready(cx))?;
+        if let Err(error) = ready!(self.inner.poll_ready(cx)) {
+            // A service that fails at readiness (a connection refused by `tower::reconnect`,
+            // a dead `buffer` worker) failed the call it was asked for: it counts. (Keyed
+            // breakers cannot tell which key the call was for, so only a single one counts it.)
+            if let Some(guard) = self.selector.single()
+                && let Ok(permit) = guard.acquire()
+            {
+                permit.record(crate::state::Outcome::Failure);
+            }
+            self.inner_ready = false;
+            return Poll::Ready(Err(error));
+        }
         self.inner_ready = true;
         Poll::Ready(Ok(()))
     }

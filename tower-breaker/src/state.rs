@@ -85,9 +85,12 @@ pub enum Outcome {
     Success,
     /// Counts as a failure.
     Failure,
-    /// Not counted (e.g. gRPC `CANCELLED`, a client that went away, a rate-limit answer); frees a
-    /// half-open permit.
+    /// Not counted (e.g. gRPC `CANCELLED`, a client that went away); frees a half-open permit.
     Ignored,
+    /// The upstream refused the call as over its limit (HTTP 429, gRPC `RESOURCE_EXHAUSTED`): a
+    /// breaker ignores it (a rate limit says nothing of the upstream's health), an
+    /// [`AdaptiveThrottle`](crate::AdaptiveThrottle) counts it as a request not accepted.
+    Rejected,
 }
 
 /// Why a transition happened.
@@ -520,13 +523,16 @@ impl Breaker {
     }
 
     /// Records a failure of a call whose permit already counted at its response head (a stream
-    /// admitted as a half-open probe, whose status arrived in its trailers): it counts in the
-    /// closed window if the breaker is closed now.
-    pub(crate) fn record_late_failure(&self) {
+    /// admitted as a half-open probe in `probe_episode`, whose status arrived in its trailers):
+    /// while that half-open episode lasts, the probe counts as failed instead; once the breaker
+    /// is closed, the failure counts in the closed window; an open breaker needs no more news.
+    pub(crate) fn record_late_failure(&self, probe_episode: u64) {
         let inner = &self.inner;
         let (state, episode) = unpack(inner.word.load(Ordering::Acquire));
-        if state == State::Closed {
-            inner.record(PermitKind::Closed, episode, None, Outcome::Failure, Some(false), None);
+        match state {
+            State::HalfOpen if episode == probe_episode => inner.late_probe_failure(episode),
+            State::Closed => inner.record(PermitKind::Closed, episode, None, Outcome::Failure, Some(false), None),
+            _ => {}
         }
     }
 }
@@ -556,15 +562,33 @@ impl Inner {
         let grown = base.as_secs_f64() * growth.multiplier.powi(i32::try_from(reopens).unwrap_or(i32::MAX));
         let capped = grown.min(growth.max.as_secs_f64());
         let spread = if growth.jitter > 0.0 { rand::random_range(-growth.jitter..=growth.jitter) } else { 0.0 };
-        Duration::from_secs_f64((capped * (1.0 + spread)).clamp(0.001, growth.max.as_secs_f64().max(0.001)))
+        // (A cap past what a `Duration` holds, e.g. `Duration::MAX`, is the cap itself.)
+        Duration::try_from_secs_f64((capped * (1.0 + spread)).clamp(0.001, growth.max.as_secs_f64().max(0.001)))
+            .unwrap_or(growth.max)
     }
 
     /// Moves to `to` if the breaker is still in the episode `episode`; one transition at a time.
     fn transition(self: &Arc<Self>, episode: u64, to: State, reason: Reason, now: Instant) -> bool {
+        self.transition_announced(episode, to, reason, now, Vec::new())
+    }
+
+    /// [`transition`](Self::transition), publishing `events` first if (and only if) this call
+    /// makes the move: racing callers that see the same threshold report it once.
+    fn transition_announced(
+        self: &Arc<Self>,
+        episode: u64,
+        to: State,
+        reason: Reason,
+        now: Instant,
+        events: Vec<Event>,
+    ) -> bool {
         let mut seq = self.transitions.lock().unwrap_or_else(PoisonError::into_inner);
         let (from, current) = unpack(self.word.load(Ordering::Acquire));
         if current != episode {
             return false;
+        }
+        for event in events {
+            let _ = self.events.send(event);
         }
         self.enter(from, episode, to, reason, now, &mut seq);
         true
@@ -668,8 +692,10 @@ impl Inner {
         match outcome {
             Outcome::Success => self.metrics.success.increment(1),
             Outcome::Failure => self.metrics.failure.increment(1),
-            Outcome::Ignored => self.metrics.ignored.increment(1),
+            Outcome::Ignored | Outcome::Rejected => self.metrics.ignored.increment(1),
         }
+        // A rejection means to a breaker what an ignored call does.
+        let outcome = if outcome == Outcome::Rejected { Outcome::Ignored } else { outcome };
         if slow && outcome != Outcome::Ignored {
             self.metrics.slow.increment(1);
         }
@@ -747,6 +773,26 @@ impl Inner {
         }
     }
 
+    /// A probe of `episode` that counted as a success at its head failed at its end: one of the
+    /// episode's successes becomes a failure, and the probes are judged again.
+    fn late_probe_failure(self: &Arc<Self>, episode: u64) {
+        let tag = episode & 0xffff;
+        let counts =
+            |p: u64| WindowTotals { calls: p & 0xffff, failures: (p >> 16) & 0xffff, slow: (p >> 32) & 0xffff };
+        let updated = self.probes.fetch_update(Ordering::AcqRel, Ordering::Acquire, |p| {
+            let t = counts(p);
+            (p >> 48 == tag && t.failures < t.calls).then_some(p + (1 << 16))
+        });
+        let Ok(before) = updated else { return };
+        let totals = counts(before + (1 << 16));
+        if totals.calls >= self.half_open_minimum() {
+            let (failure, slow) = self.exceeded(totals);
+            if failure.is_some() || slow.is_some() {
+                self.transition(episode, State::Open, Reason::ProbeFailed, Instant::now());
+            }
+        }
+    }
+
     /// resilience4j's half-open window: its permits, judged after min(minimum, permits) calls
     /// (the minimum as capped for the closed window).
     fn half_open_minimum(&self) -> u64 {
@@ -777,6 +823,7 @@ impl Inner {
             (Some(_), _) => Reason::FailureRate,
             (None, Some(_)) => Reason::SlowCallRate,
         };
+        let mut events = Vec::new();
         for (bit, rate) in [(1, failure), (2, slow)] {
             let Some(rate) = rate else { continue };
             // Metrics-only: each rate reported once per entry.
@@ -784,16 +831,20 @@ impl Inner {
                 continue;
             }
             if self.events.receiver_count() > 0 {
-                let event = if bit == 2 {
+                events.push(if bit == 2 {
                     Event::SlowCallRateExceeded { breaker: self.name.clone(), rate }
                 } else {
                     Event::FailureRateExceeded { breaker: self.name.clone(), rate }
-                };
-                let _ = self.events.send(event);
+                });
             }
         }
         if trip {
-            self.transition(episode, State::Open, reason, now);
+            // Reported by the call that trips the breaker, once.
+            self.transition_announced(episode, State::Open, reason, now, events);
+        } else {
+            for event in events {
+                let _ = self.events.send(event);
+            }
         }
     }
 }
@@ -881,10 +932,10 @@ impl Permit {
         }
     }
 
-    /// The breaker, if this permit is a half-open probe.
-    pub(crate) fn probe_of(&self) -> Option<&Breaker> {
+    /// The breaker and the half-open episode, if this permit is a half-open probe.
+    pub(crate) fn probe_of(&self) -> Option<(Breaker, u64)> {
         match &self.owner {
-            Owner::Breaker(b) if self.kind == PermitKind::Probe => Some(b),
+            Owner::Breaker(b) if self.kind == PermitKind::Probe => Some((b.clone(), self.episode)),
             _ => None,
         }
     }

@@ -33,7 +33,8 @@ use crate::{
 pub struct ThrottleConfig {
     /// The window of requests and accepts (default: the last 100 calls; SRE uses two minutes).
     pub window: SlidingWindow,
-    /// Calls the window must hold before anything is refused (default 20).
+    /// Calls the window must hold before anything is refused (default 20; with a count window,
+    /// at most its size).
     pub minimum_calls: u32,
     /// How many requests per accepted one are let through (default 2.0; lower throttles
     /// sooner). At least 1.0.
@@ -83,6 +84,8 @@ pub struct AdaptiveThrottle {
 struct Inner {
     name: Arc<str>,
     config: ThrottleConfig,
+    /// `minimum_calls`, capped at a count window's size (as a breaker's).
+    minimum: u64,
     window: Window,
     epoch: Instant,
     rejected: AtomicU64,
@@ -104,6 +107,10 @@ impl AdaptiveThrottle {
             inner: Arc::new(Inner {
                 rejected_metric: metrics::counter!("rampart_breaker_rejections_total", "breaker" => name.to_string()),
                 window: Window::new(config.window),
+                minimum: match config.window {
+                    SlidingWindow::Count { size } => u64::from(config.minimum_calls.min(size)),
+                    SlidingWindow::Time { .. } => u64::from(config.minimum_calls),
+                },
                 name,
                 config,
                 epoch: Instant::now(),
@@ -139,7 +146,7 @@ impl AdaptiveThrottle {
     /// `minimum_calls`).
     pub fn probability(&self) -> f64 {
         let totals = self.totals();
-        if totals.calls < u64::from(self.inner.config.minimum_calls) {
+        if totals.calls < self.inner.minimum {
             return 0.0;
         }
         let requests = totals.calls as f64;
@@ -172,7 +179,9 @@ impl AdaptiveThrottle {
     pub(crate) fn record(&self, outcome: Outcome) {
         match outcome {
             Outcome::Success => self.inner.window.record(|| self.second(), false, false),
-            Outcome::Failure => self.inner.window.record(|| self.second(), true, false),
+            // A call the backend did not accept: it failed, or refused it as over its limit
+            // (SRE's main case for throttling on the client).
+            Outcome::Failure | Outcome::Rejected => self.inner.window.record(|| self.second(), true, false),
             Outcome::Ignored => return,
         };
     }

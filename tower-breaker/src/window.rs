@@ -2,8 +2,9 @@
 //! atomic load, whatever the window's size).
 //!
 //! The count window is lock-free: a ring of outcome codes, a cursor, and the totals packed in
-//! one `AtomicU64` (21 bits each: calls, failures, slow calls), adjusted only when a slot's code
-//! changes — so steady traffic (success after success) writes nothing shared but the cursor.
+//! one `AtomicU64` (21 bits each: calls, failures, slow calls — the ring holds at most 2^21 − 1
+//! calls), adjusted only when a slot's code changes — so steady traffic (success after success)
+//! writes nothing shared but the cursor.
 //! The time window (one bucket per second) takes a short lock per call, as resilience4j's does:
 //! expiring buckets and adding a call must be one step.
 
@@ -104,7 +105,9 @@ impl CountWindow {
             if slot.compare_exchange(old, LOCKED, Ordering::AcqRel, Ordering::Acquire).is_err() {
                 continue;
             }
-            let delta = |t: u64| t - code_counts(old) + code_counts(code);
+            // The totals always hold the ring's sum, so this never wraps; if a bug ever broke
+            // that, wrapping keeps the slot from staying locked behind a panic.
+            let delta = |t: u64| t.wrapping_sub(code_counts(old)).wrapping_add(code_counts(code));
             let before = self.totals.fetch_update(Ordering::AcqRel, Ordering::Acquire, |t| Some(delta(t)));
             slot.store(code, Ordering::Release);
             let before = before.unwrap_or_else(|t| t);
@@ -116,12 +119,28 @@ impl CountWindow {
         WindowTotals::unpack(self.totals.load(Ordering::Acquire))
     }
 
+    /// Empties the ring, slot by slot, taking each slot's counts out of the totals: a record
+    /// racing with it (its slot locked) is waited for, so the totals stay the ring's sum.
     pub(crate) fn reset(&self) {
         for slot in self.slots.iter() {
-            slot.store(EMPTY, Ordering::Relaxed);
+            loop {
+                let old = slot.load(Ordering::Acquire);
+                if old == LOCKED {
+                    std::hint::spin_loop();
+                    continue;
+                }
+                if old == EMPTY {
+                    break;
+                }
+                if slot.compare_exchange(old, LOCKED, Ordering::AcqRel, Ordering::Acquire).is_ok() {
+                    let _ = self
+                        .totals
+                        .fetch_update(Ordering::AcqRel, Ordering::Acquire, |t| Some(t.wrapping_sub(code_counts(old))));
+                    slot.store(EMPTY, Ordering::Release);
+                    break;
+                }
+            }
         }
-        self.next.store(0, Ordering::Release);
-        self.totals.store(0, Ordering::Release);
     }
 }
 
@@ -133,11 +152,25 @@ pub(crate) struct TimeWindow {
 
 #[derive(Debug)]
 struct TimeState {
-    /// Counts per bucket (packed).
-    buckets: Box<[u64]>,
+    /// Counts per bucket: a full `u64` each (a busy hour-long window counts billions of calls).
+    buckets: Box<[WindowTotals]>,
     /// The second the newest bucket stands for.
     head: u64,
-    totals: u64,
+    totals: WindowTotals,
+}
+
+impl WindowTotals {
+    fn add(&mut self, other: Self) {
+        self.calls += other.calls;
+        self.failures += other.failures;
+        self.slow += other.slow;
+    }
+
+    fn remove(&mut self, other: Self) {
+        self.calls = self.calls.saturating_sub(other.calls);
+        self.failures = self.failures.saturating_sub(other.failures);
+        self.slow = self.slow.saturating_sub(other.slow);
+    }
 }
 
 impl TimeState {
@@ -149,8 +182,8 @@ impl TimeState {
         let n = self.buckets.len() as u64;
         let steps = (second - self.head).min(n);
         for s in second + 1 - steps..=second {
-            let bucket = &mut self.buckets[(s % n) as usize];
-            self.totals -= std::mem::take(bucket);
+            let dropped = std::mem::take(&mut self.buckets[(s % n) as usize]);
+            self.totals.remove(dropped);
         }
         self.head = second;
     }
@@ -158,7 +191,8 @@ impl TimeState {
 
 impl TimeWindow {
     pub(crate) fn new(seconds: u32) -> Self {
-        Self { state: Mutex::new(TimeState { buckets: vec![0; seconds.max(1) as usize].into(), head: 0, totals: 0 }) }
+        let buckets = vec![WindowTotals::default(); seconds.max(1) as usize].into();
+        Self { state: Mutex::new(TimeState { buckets, head: 0, totals: WindowTotals::default() }) }
     }
 
     /// Records a call in the bucket of `second`; returns the totals with it. A call stamped
@@ -168,22 +202,22 @@ impl TimeWindow {
         state.advance(second);
         let n = state.buckets.len() as u64;
         let second = second.max(state.head.saturating_sub(n - 1));
-        let counts = packed(failure, slow);
-        state.buckets[(second % n) as usize] += counts;
-        state.totals += counts;
-        WindowTotals::unpack(state.totals)
+        let call = WindowTotals { calls: 1, failures: u64::from(failure), slow: u64::from(slow) };
+        state.buckets[(second % n) as usize].add(call);
+        state.totals.add(call);
+        state.totals
     }
 
     pub(crate) fn totals(&self, second: u64) -> WindowTotals {
         let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
         state.advance(second);
-        WindowTotals::unpack(state.totals)
+        state.totals
     }
 
     pub(crate) fn reset(&self) {
         let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
-        state.buckets.iter_mut().for_each(|b| *b = 0);
-        state.totals = 0;
+        state.buckets.iter_mut().for_each(|b| *b = WindowTotals::default());
+        state.totals = WindowTotals::default();
     }
 }
 
