@@ -32,12 +32,18 @@ where
 }
 
 /// Both keys at once: `(MatchedRoute, PeerIp)` limits each client on each route.
+///
+/// The first part is length-prefixed (`<len>:<a><b>`), so no two pairs share a key whatever
+/// bytes their parts hold (`("x|b:y", "z")` and `("x", "y|b:z")` stay apart).
 impl<Req, A: KeyExtractor<Req>, B: KeyExtractor<Req>> KeyExtractor<Req> for (A, B) {
     fn extract(&self, req: &Req) -> Option<Key> {
         let (a, b) = (self.0.extract(req)?, self.1.extract(req)?);
-        let mut bytes = Vec::with_capacity(48);
-        a.encode_into(&mut bytes);
-        bytes.push(b'|');
+        let mut first = Vec::with_capacity(24);
+        a.encode_into(&mut first);
+        let mut bytes = Vec::with_capacity(first.len() + 32);
+        bytes.extend_from_slice(itoa::Buffer::new().format(first.len()).as_bytes());
+        bytes.push(b':');
+        bytes.extend_from_slice(&first);
         b.encode_into(&mut bytes);
         Some(Key::from_bytes(bytes))
     }
@@ -137,9 +143,29 @@ fn key_ip(ip: IpAddr, prefix64: bool) -> Key {
     Key::ip(ip)
 }
 
+/// Says once, loudly, that requests carry no peer address: without it every request falls
+/// under the layer's `MissingKey` policy — with the default `Shared`, one bucket for everyone.
+fn no_peer_address(extractor: &str) {
+    static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if !WARNED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+        tracing::error!(
+            extractor,
+            "rate limit: requests carry no peer address, so every client falls under the layer's \
+             MissingKey policy (Shared: one bucket for all). Serve with \
+             `into_make_service_with_connect_info::<SocketAddr>()` (axum) or tonic's transport"
+        );
+    }
+}
+
 impl<B> KeyExtractor<Request<B>> for PeerIp {
     fn extract(&self, req: &Request<B>) -> Option<Key> {
-        peer_addr(req).map(|addr| key_ip(addr.ip(), self.ipv6_prefix64))
+        match peer_addr(req) {
+            Some(addr) => Some(key_ip(addr.ip(), self.ipv6_prefix64)),
+            None => {
+                no_peer_address("PeerIp");
+                None
+            }
+        }
     }
 }
 
@@ -222,13 +248,15 @@ impl ClientIp {
             ForwardedHeader::XForwardedFor => HeaderName::from_static("x-forwarded-for"),
             ForwardedHeader::Forwarded => FORWARDED,
         };
-        // Several header lines form one list, in order; walk it from the right.
-        let hops: Vec<&str> =
-            headers.get_all(&name).iter().filter_map(|v| v.to_str().ok()).flat_map(|v| v.split(',')).collect();
+        // Several header lines form one list, in order; walk it from the right. Bytes, not
+        // strings: a stray non-ASCII byte in one hop must not hide the whole line (the key would
+        // fall back to the proxy's address); such a hop is malformed and ends the walk.
+        let hops: Vec<&[u8]> = headers.get_all(&name).iter().flat_map(|v| v.as_bytes().split(|b| *b == b',')).collect();
         for hop in hops.iter().rev() {
+            let hop = std::str::from_utf8(hop).ok();
             let parsed = match self.header {
-                ForwardedHeader::XForwardedFor => parse_hop(hop),
-                ForwardedHeader::Forwarded => parse_forwarded_for(hop),
+                ForwardedHeader::XForwardedFor => hop.and_then(parse_hop),
+                ForwardedHeader::Forwarded => hop.and_then(parse_forwarded_for),
             };
             let Some(ip) = parsed else { return last_trusted };
             if !self.is_trusted(ip) {
@@ -263,7 +291,11 @@ fn parse_forwarded_for(element: &str) -> Option<IpAddr> {
 
 impl<B> KeyExtractor<Request<B>> for ClientIp {
     fn extract(&self, req: &Request<B>) -> Option<Key> {
-        let peer = peer_addr(req)?.ip();
+        let Some(peer) = peer_addr(req) else {
+            no_peer_address("ClientIp");
+            return None;
+        };
+        let peer = peer.ip();
         Some(key_ip(self.client_ip(peer, req.headers()), self.ipv6_prefix64))
     }
 }

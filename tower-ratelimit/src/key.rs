@@ -7,8 +7,8 @@ use std::{
     net::IpAddr,
 };
 
-/// Keys longer than this are replaced by their SHA-1, so a huge header cannot blow up memory or
-/// Redis key sizes.
+/// Keys longer than this are replaced by their SHA-256, so a huge header cannot blow up memory or
+/// Redis key sizes (and no one can craft two long values that share a bucket).
 pub const MAX_KEY_LEN: usize = 128;
 
 /// Keys up to this many bytes are stored inline: no allocation, no pointer to chase on lookup.
@@ -17,7 +17,7 @@ const INLINE: usize = 22;
 /// The identity a quota is counted for: everyone ([`Key::GLOBAL`]), one IP address
 /// ([`Key::ip`]), or any bytes ([`Key::from_bytes`]: an API key, a route, a gRPC method...).
 ///
-/// Bytes need not be UTF-8; longer than [`MAX_KEY_LEN`] they are hashed (SHA-1). Short keys are
+/// Bytes need not be UTF-8; longer than [`MAX_KEY_LEN`] they are hashed (SHA-256). Short keys are
 /// stored inline, so building and comparing them touches no heap memory.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Key(Repr);
@@ -67,9 +67,10 @@ impl Key {
         if bytes.len() <= MAX_KEY_LEN {
             return Self(Repr::Heap(bytes.into()));
         }
-        let digest = sha1_smol::Sha1::from(bytes).digest().bytes();
-        let mut hashed = Vec::with_capacity(5 + digest.len());
-        hashed.extend_from_slice(b"sha1:");
+        use sha2::Digest as _;
+        let digest = sha2::Sha256::digest(bytes);
+        let mut hashed = Vec::with_capacity(7 + digest.len());
+        hashed.extend_from_slice(b"sha256:");
         hashed.extend_from_slice(&digest);
         Self::from_bytes(hashed)
     }
@@ -159,7 +160,7 @@ mod tests {
         let long = vec![0xffu8; 10_000];
         let a = Key::from_bytes(&long);
         assert_eq!(a, Key::from_bytes(&long));
-        assert_eq!(a.as_bytes().map(<[u8]>::len), Some(25));
+        assert_eq!(a.as_bytes().map(<[u8]>::len), Some(7 + 32), "sha256: and the digest");
         assert_ne!(a, Key::from_bytes(vec![0xfeu8; 10_000]));
     }
 

@@ -159,7 +159,12 @@ async fn redis_store_on_a_cluster_within_one_percent() {
     let client = redis::cluster::ClusterClient::new(cluster.urls()).unwrap();
     let con = client.get_async_connection().await.unwrap();
     // TIME from the master that owns the key, so both ends use the same clock.
-    let owner = cluster.node_for_key("rl:{shared:b:api}:0").unwrap();
+    let probe = RedisStore::new(
+        Policy::new("shared", Quota::token_bucket(1000, Duration::from_secs(1), 100).unwrap()).unwrap(),
+        con.clone(),
+    );
+    let key = String::from_utf8(probe.redis_keys(&Key::from("api")).remove(0)).unwrap();
+    let owner = cluster.node_for_key(&key).unwrap();
     let mut time = redis::Client::open(cluster[owner].url()).unwrap().get_multiplexed_async_connection().await.unwrap();
     let (admitted, started, ended) = three_instances(
         |policy| RedisStore::builder(policy, con.clone()).timeout(Duration::from_secs(2)).build(),

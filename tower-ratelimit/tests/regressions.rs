@@ -182,3 +182,131 @@ async fn headers_follow_draft_10() {
     let problem: serde_json::Value = res.json().await.unwrap();
     assert_eq!(problem["error"], "cost_exceeds_capacity");
 }
+
+/// Before: a raw API key became part of the Redis key name (readable with `KEYS`/`MONITOR`);
+/// and a policy that changed algorithm under the same name met its old state's type (WRONGTYPE),
+/// which the store took for an outage.
+#[tokio::test]
+async fn redis_key_names_hide_request_values_and_name_the_algorithm() {
+    let server = RedisServer::start().unwrap();
+    let con = RedisStore::connect(&server.url()).await.unwrap();
+    let secret = Key::from("sk_live_0123456789abcdef");
+    let bucket = Policy::new("api", Quota::per_second(10).unwrap()).unwrap();
+    let store = RedisStore::builder(bucket, con.clone()).key_secret("shared secret").build();
+    assert!(store.check(&secret, 1).await.unwrap().allowed());
+    let mut admin = redis::Client::open(server.url()).unwrap().get_multiplexed_async_connection().await.unwrap();
+    let keys: Vec<String> = redis::cmd("KEYS").arg("*").query_async(&mut admin).await.unwrap();
+    assert!(!keys.is_empty());
+    assert!(keys.iter().all(|k| !k.contains("sk_live")), "{keys:?}");
+
+    // The same policy name, now a sliding log: a fresh state, not WRONGTYPE.
+    let log = Policy::new("api", Quota::sliding_log(5, Duration::from_secs(60)).unwrap()).unwrap();
+    let store = RedisStore::builder(log, con)
+        .key_secret("shared secret")
+        .on_failure(tower_ratelimit::FailurePolicy::Closed)
+        .build();
+    let verdict = store.check(&secret, 1).await.unwrap();
+    assert_eq!(verdict.decisions()[0].remaining, 4);
+}
+
+/// Before: pair keys joined their parts with `|`, so `("x|b:y", "z")` and `("x", "y|b:z")`
+/// shared one bucket.
+#[test]
+fn pair_keys_never_collide() {
+    use tower_ratelimit::KeyExtractor;
+    let pair = |a: &'static str, b: &'static str| {
+        (move |_: &()| Some(Key::from(a)), move |_: &()| Some(Key::from(b))).extract(&()).unwrap()
+    };
+    assert_ne!(pair("x|b:y", "z"), pair("x", "y|b:z"));
+    assert_eq!(pair("x", "y"), pair("x", "y"));
+}
+
+/// Before: one non-ASCII byte anywhere in an `X-Forwarded-For` line made the whole line
+/// unreadable, so every client behind the proxy was keyed as the proxy.
+#[test]
+fn a_stray_byte_in_x_forwarded_for_does_not_hide_the_client() {
+    let client_ip = tower_ratelimit::ClientIp::trusting(["10.0.0.0/8"]).unwrap();
+    let mut headers = http::HeaderMap::new();
+    headers.insert("x-forwarded-for", http::HeaderValue::from_bytes(b"caf\xe9, 203.0.113.7").unwrap());
+    let proxy: std::net::IpAddr = "10.0.0.1".parse().unwrap();
+    assert_eq!(client_ip.client_ip(proxy, &headers), "203.0.113.7".parse::<std::net::IpAddr>().unwrap());
+}
+
+/// Before: a warm-up bucket computed `now - ramp_start` unchecked; a caller that read the clock
+/// before another stored a later ramp start (or a clock that stepped back) panicked in debug.
+#[test]
+fn a_warm_up_bucket_survives_a_clock_read_before_the_ramp_start() {
+    let clock = ManualClock::new();
+    clock.set(10_000_000_000);
+    let store = MemoryStore::builder(warm_policy()).clock(clock.clone()).build();
+    let key = Key::from("k");
+    assert!(store.check_sync(&key, 1).unwrap().allowed());
+    clock.set(9_000_000_000);
+    assert!(store.check_sync(&key, 1).is_ok());
+}
+
+/// Script calls Redis has run so far (`INFO commandstats`).
+fn script_calls(server: &RedisServer) -> u64 {
+    let info: String = server.cmd(&["INFO", "commandstats"]).unwrap();
+    info.lines()
+        .filter(|l| l.starts_with("cmdstat_evalsha:") || l.starts_with("cmdstat_eval:"))
+        .filter_map(|l| l.split("calls=").nth(1)?.split(',').next()?.parse::<u64>().ok())
+        .sum()
+}
+
+/// Before: every concurrent failure doubled the store's pause (one spike of timeouts: ~500 ms of
+/// fail-closed 503s after Redis was back), and once a pause ended every waiting request called
+/// Redis, each paying the timeout. Now: one circuit per store — a spike costs one pause, and one
+/// probe asks Redis while the others decide by the policy at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_redis_costs_one_pause_and_one_probe() {
+    let mut server = RedisServer::start().unwrap();
+    let con = RedisStore::connect(&server.url()).await.unwrap();
+    let policy = Policy::new("stall", Quota::per_second(1_000_000).unwrap()).unwrap();
+    let store = RedisStore::builder(policy, con)
+        .timeout(Duration::from_millis(200))
+        .on_failure(tower_ratelimit::FailurePolicy::Closed)
+        .build();
+    let key = Key::from("k");
+    assert!(store.check(&key, 1).await.unwrap().allowed());
+
+    // A spike of 50 concurrent calls into a stalled Redis: all time out.
+    server.pause().unwrap();
+    let spike: Vec<_> = (0..50).map(|_| tokio::spawn(store.check(&key, 1))).collect();
+    for call in spike {
+        assert!(call.await.unwrap().is_err());
+    }
+    // After the first pause (20 ms), 20 concurrent requests: one probes, the rest answer by the
+    // policy without calling.
+    tokio::time::sleep(Duration::from_millis(60)).await;
+    let before = script_calls_after_resume(&mut server, || async {
+        let wave: Vec<_> = (0..20).map(|_| tokio::spawn(store.check(&key, 1))).collect();
+        for call in wave {
+            assert!(call.await.unwrap().is_err(), "Redis is still stalled");
+        }
+    })
+    .await;
+    assert_eq!(before.1 - before.0, 1, "one probe reached Redis, not every waiting request");
+
+    // Redis answers again: a probe after one short pause finds it (not ~500 ms of refusals).
+    tokio::time::sleep(Duration::from_millis(60)).await;
+    assert!(store.check(&key, 1).await.unwrap().allowed(), "recovered at the first probe");
+}
+
+/// Runs `f` while Redis is paused, resumes it, and returns the script calls before and after
+/// (the calls sent while paused are run once it resumes).
+async fn script_calls_after_resume<F, Fut>(server: &mut RedisServer, f: F) -> (u64, u64)
+where
+    F: FnOnce() -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    // Calls sent before (the spike's) run at resume too: count them first.
+    server.resume().unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let before = script_calls(server);
+    server.pause().unwrap();
+    f().await;
+    server.resume().unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    (before, script_calls(server))
+}

@@ -220,7 +220,8 @@ impl TokenBucket {
         cost: u64,
     ) -> (Decision, Nanos, Nanos) {
         let start = Self::ramp_start(warm, tat, warm_start, now);
-        let phi = warm.fraction(now - start);
+        // `now` may be read before another caller stored a later ramp start: no underflow.
+        let phi = warm.fraction(now.saturating_sub(start));
         if phi >= 1.0 {
             let (decision, tat) = self.evaluate(tat, now, cost);
             return (decision, tat, start);

@@ -16,6 +16,7 @@ use crate::{
     error::CheckError,
     store::{
         RedisConnection, RedisStore, Store,
+        redis::{Gate, ProbeGuard},
         shards::{Idle, ShardedMap},
     },
 };
@@ -224,7 +225,7 @@ impl<C: RedisConnection> LeasedStore<C> {
 
     async fn check_async(self, key: Key, cost: u64) -> Result<Verdict, CheckError> {
         let inner = &*self.inner;
-        if inner.redis.health().is_down() {
+        if inner.redis.health().pausing() {
             return inner.redis.fallback(&key, cost);
         }
         let lease = self.lease(&key, inner.clock.now());
@@ -238,15 +239,22 @@ impl<C: RedisConnection> LeasedStore<C> {
             }
             self.next_size(&mut local, now).max(cost)
         };
+        // Redis may have failed while this request waited for the fetch lock: look again, so
+        // queued requests do not each pay a timeout in turn.
+        let gate = inner.redis.health().gate();
+        if gate == Gate::Skip {
+            return inner.redis.fallback(&key, cost);
+        }
+        let probe = ProbeGuard::new(inner.redis.health(), &gate);
         inner.fetches.increment(1);
         let (taken, verdict) = match inner.redis.call(&key, cost, size).await {
             Ok(reply) => {
-                inner.redis.health().succeeded();
+                probe.succeeded();
                 reply
             }
             Err(err @ CheckError::CostExceedsCapacity { .. }) => return Err(err),
             Err(CheckError::Unavailable(reason)) => {
-                inner.redis.health().failed();
+                probe.failed();
                 inner.redis.record_error(&reason);
                 return inner.redis.fallback(&key, cost);
             }
@@ -306,8 +314,12 @@ impl<C: RedisConnection> Store for LeasedStore<C> {
             let capacity = inner.redis.policy().capacity();
             return Some(Err(CheckError::CostExceedsCapacity { cost, capacity }));
         }
-        if inner.redis.health().is_down() {
+        if inner.redis.health().pausing() {
             return Some(inner.redis.fallback(key, cost));
+        }
+        if inner.redis.health().is_down() {
+            // The pause is over: the async path decides between probing and skipping.
+            return None;
         }
         let now = inner.clock.now();
         let lease = self.lease(key, now);

@@ -4,7 +4,7 @@ use std::{
     fmt,
     sync::{
         Arc,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     time::Duration,
 };
@@ -29,11 +29,16 @@ pub trait RedisConnection: redis::aio::ConnectionLike + Clone + Send + Sync + 's
 
 impl<T: redis::aio::ConnectionLike + Clone + Send + Sync + 'static> RedisConnection for T {}
 
+/// The default [`RedisStoreBuilder::key_secret`].
+const DEFAULT_KEY_SECRET: &[u8] = b"rampart-ratelimit";
+
 /// What a Redis-backed store answers while Redis fails or times out.
 ///
-/// In every case the store keeps trying Redis in the background of the traffic (after a short,
-/// growing pause of at most 500 ms), so it recovers by itself once Redis answers again, and every
-/// failure increments `rampart_ratelimit_store_errors_total`.
+/// One circuit per store: after a failure, every request decides by the policy at once (no
+/// timeout paid) for a short pause; then one request probes Redis while the others keep
+/// deciding by the policy; a failed probe doubles the pause (20 ms to 500 ms), a success ends it.
+/// So the store recovers by itself once Redis answers again, and every failure increments
+/// `rampart_ratelimit_store_errors_total`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum FailurePolicy {
@@ -60,8 +65,12 @@ pub enum TimeSource {
 
 /// Quota state in Redis, shared by every instance; one atomic script call (EVALSHA) per decision.
 ///
-/// * Keys are `<prefix>{<policy>:<key>}:<quota>`: the hash tag keeps all quotas of a key in one
-///   slot, so multi-quota policies work on Redis Cluster. They expire by TTL when idle.
+/// * Keys are `<prefix>{<policy>:<key>}:<quota><kind>`: the hash tag keeps all quotas of a key
+///   in one slot, so multi-quota policies work on Redis Cluster; the algorithm's letter in the
+///   name lets a policy change algorithm under the same name without meeting its old state.
+///   They expire by TTL when idle. A byte key (an API key, a route) appears only as its keyed
+///   HMAC-SHA-256 (`h:<32 hex digits>`, keyed by [`key_secret`](RedisStoreBuilder::key_secret)),
+///   so no secret from a request lands in the Redis keyspace; IP keys stay readable (`ip:...`).
 /// * Time is Redis' `TIME` ([`TimeSource`]), so instance clocks do not matter.
 /// * Every call has a timeout (default 50 ms); failures follow the [`FailurePolicy`].
 ///
@@ -80,6 +89,7 @@ struct Inner<C> {
     policy: Policy,
     con: C,
     prefix: String,
+    key_secret: Vec<u8>,
     timeout: Duration,
     time: TimeSource,
     on_failure: FailurePolicy,
@@ -155,36 +165,129 @@ impl QuotaArgs {
     }
 }
 
-/// Skips Redis for a short, growing pause after a failure, so a dead Redis costs each request
-/// nothing instead of a timeout; the first request after the pause probes it again.
+/// One circuit per store: after a failure Redis is skipped for a short pause (every caller
+/// decides by the failure policy at once, without a timeout); then **one** caller probes it while
+/// the others keep skipping. A failed probe doubles the pause (20 ms up to 500 ms); a success
+/// closes the circuit. Failures of calls already in flight when it opened change nothing, so a
+/// spike of concurrent timeouts costs one pause, not a doubling per timeout.
 #[derive(Debug)]
 pub(crate) struct Health {
     clock: TokioClock,
+    /// 0 while Redis is up; else the instant (ns) until which it is skipped.
     down_until: AtomicU64,
     backoff: AtomicU64,
+    /// Whether the one probe is out.
+    probing: AtomicBool,
 }
 
 const BACKOFF_MIN: u64 = 20_000_000;
 const BACKOFF_MAX: u64 = 500_000_000;
 
+/// What a caller does about Redis now.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Gate {
+    /// Redis is up: call it.
+    Call,
+    /// Redis was down and the pause is over: this caller is the probe.
+    Probe,
+    /// Decide by the failure policy without calling.
+    Skip,
+}
+
 impl Health {
     pub(crate) fn new() -> Self {
-        Self { clock: TokioClock::new(), down_until: AtomicU64::new(0), backoff: AtomicU64::new(BACKOFF_MIN) }
+        Self {
+            clock: TokioClock::new(),
+            down_until: AtomicU64::new(0),
+            backoff: AtomicU64::new(BACKOFF_MIN),
+            probing: AtomicBool::new(false),
+        }
     }
 
     pub(crate) fn is_down(&self) -> bool {
-        self.clock.now() < self.down_until.load(Ordering::Relaxed)
+        self.down_until.load(Ordering::Acquire) != 0
     }
 
-    pub(crate) fn failed(&self) {
-        let backoff = self.backoff.load(Ordering::Relaxed);
-        self.down_until.store(self.clock.now().saturating_add(backoff), Ordering::Relaxed);
-        self.backoff.store((backoff * 2).min(BACKOFF_MAX), Ordering::Relaxed);
+    /// Whether Redis is down and its pause not over (nothing to decide but the policy).
+    pub(crate) fn pausing(&self) -> bool {
+        let until = self.down_until.load(Ordering::Acquire);
+        until != 0 && self.clock.now() < until
     }
 
-    pub(crate) fn succeeded(&self) {
-        if self.backoff.load(Ordering::Relaxed) != BACKOFF_MIN {
-            self.backoff.store(BACKOFF_MIN, Ordering::Relaxed);
+    pub(crate) fn gate(&self) -> Gate {
+        let until = self.down_until.load(Ordering::Acquire);
+        if until == 0 {
+            return Gate::Call;
+        }
+        if self.clock.now() < until {
+            return Gate::Skip;
+        }
+        if self.probing.compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire).is_ok() {
+            Gate::Probe
+        } else {
+            Gate::Skip
+        }
+    }
+
+    /// A call failed; `probe` if it was the probe.
+    pub(crate) fn failed(&self, probe: bool) {
+        let now = self.clock.now();
+        if probe {
+            let backoff = self.backoff.load(Ordering::Acquire).saturating_mul(2).min(BACKOFF_MAX);
+            self.backoff.store(backoff, Ordering::Release);
+            self.down_until.store(now.saturating_add(backoff).max(1), Ordering::Release);
+            self.probing.store(false, Ordering::Release);
+        } else {
+            // Opens the circuit if it was closed; a failure of a call that was in flight while
+            // it opened changes nothing.
+            let backoff = self.backoff.load(Ordering::Acquire);
+            let _ = self.down_until.compare_exchange(
+                0,
+                now.saturating_add(backoff).max(1),
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            );
+        }
+    }
+
+    pub(crate) fn succeeded(&self, probe: bool) {
+        if probe || self.is_down() {
+            self.backoff.store(BACKOFF_MIN, Ordering::Release);
+            self.down_until.store(0, Ordering::Release);
+            self.probing.store(false, Ordering::Release);
+        }
+    }
+
+    /// A probe that ended without an answer (its future was dropped): the next caller probes.
+    pub(crate) fn abandoned(&self) {
+        self.probing.store(false, Ordering::Release);
+    }
+}
+
+/// Gives the probe back if the call is dropped before it tells how Redis did.
+pub(crate) struct ProbeGuard<'a> {
+    health: &'a Health,
+    armed: bool,
+}
+
+impl<'a> ProbeGuard<'a> {
+    pub(crate) fn new(health: &'a Health, gate: &Gate) -> Self {
+        Self { health, armed: *gate == Gate::Probe }
+    }
+
+    pub(crate) fn succeeded(mut self) {
+        self.health.succeeded(std::mem::take(&mut self.armed));
+    }
+
+    pub(crate) fn failed(mut self) {
+        self.health.failed(std::mem::take(&mut self.armed));
+    }
+}
+
+impl Drop for ProbeGuard<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.health.abandoned();
         }
     }
 }
@@ -215,6 +318,7 @@ impl<C: RedisConnection> RedisStore<C> {
             policy,
             con,
             prefix: "rl:".to_owned(),
+            key_secret: DEFAULT_KEY_SECRET.to_vec(),
             timeout: Duration::from_millis(50),
             time: TimeSource::Server,
             on_failure: FailurePolicy::Local,
@@ -233,12 +337,26 @@ impl<C: RedisConnection> RedisStore<C> {
         base.push(b'{');
         base.extend_from_slice(self.inner.policy.name().as_bytes());
         base.push(b':');
-        key.encode_into(&mut base);
+        match key.as_bytes() {
+            Some(bytes) => {
+                use hmac::Mac as _;
+                // A key of any length is valid for HMAC: this cannot fail.
+                if let Ok(mut mac) = hmac::Hmac::<sha2::Sha256>::new_from_slice(&self.inner.key_secret) {
+                    mac.update(bytes);
+                    let digest = mac.finalize().into_bytes();
+                    base.extend_from_slice(b"h:");
+                    for byte in &digest[..16] {
+                        base.extend_from_slice(format!("{byte:02x}").as_bytes());
+                    }
+                }
+            }
+            None => key.encode_into(&mut base),
+        }
         base.push(b'}');
         let mut keys = Vec::new();
         for (i, q) in self.inner.quota_args.iter().enumerate() {
             let mut k = base.clone();
-            k.extend_from_slice(format!(":{i}").as_bytes());
+            k.extend_from_slice(format!(":{i}{}", q.kind).as_bytes());
             if q.log {
                 let mut meta = k.clone();
                 meta.extend_from_slice(b"m");
@@ -299,22 +417,28 @@ impl<C: RedisConnection> RedisStore<C> {
     /// A check with the failure policy applied.
     async fn check_with_policy(self, key: Key, cost: u64) -> Result<Verdict, CheckError> {
         let inner = &*self.inner;
-        if !inner.health.is_down() {
-            match self.call(&key, cost, cost).await {
-                Ok((_, verdict)) => {
-                    inner.health.succeeded();
-                    return Ok(verdict);
-                }
-                Err(err @ CheckError::CostExceedsCapacity { .. }) => return Err(err),
-                Err(CheckError::Unavailable(reason)) => {
-                    inner.health.failed();
-                    self.record_error(&reason);
-                }
+        let gate = inner.health.gate();
+        if gate == Gate::Skip {
+            return self.fallback(&key, cost);
+        }
+        let probe = ProbeGuard::new(&inner.health, &gate);
+        match self.call(&key, cost, cost).await {
+            Ok((_, verdict)) => {
+                probe.succeeded();
+                Ok(verdict)
+            }
+            Err(err @ CheckError::CostExceedsCapacity { .. }) => Err(err),
+            Err(CheckError::Unavailable(reason)) => {
+                probe.failed();
+                self.record_error(&reason);
+                self.fallback(&key, cost)
             }
         }
-        self.fallback(&key, cost)
     }
 
+    /// The failure policy's answer. (After a call that timed out, its script may have spent the
+    /// units in Redis; the local store spends them too: one unit stricter per timed-out call,
+    /// during an outage only, rather than admitting what nothing counted.)
     pub(crate) fn fallback(&self, key: &Key, cost: u64) -> Result<Verdict, CheckError> {
         match self.inner.on_failure {
             FailurePolicy::Open => Ok(Verdict::unlimited()),
@@ -361,8 +485,9 @@ impl<C: RedisConnection> Store for RedisStore<C> {
     }
 
     fn check_now(&self, key: &Key, cost: u64) -> Option<Result<Verdict, CheckError>> {
-        // While Redis is being skipped, the failure policy answers without I/O.
-        self.inner.health.is_down().then(|| self.fallback(key, cost))
+        // While Redis is being skipped, the failure policy answers without I/O (once the pause
+        // is over, the async path picks the probe).
+        self.inner.health.pausing().then(|| self.fallback(key, cost))
     }
 }
 
@@ -372,6 +497,7 @@ pub struct RedisStoreBuilder<C> {
     policy: Policy,
     con: C,
     prefix: String,
+    key_secret: Vec<u8>,
     timeout: Duration,
     time: TimeSource,
     on_failure: FailurePolicy,
@@ -381,6 +507,14 @@ impl<C: RedisConnection> RedisStoreBuilder<C> {
     /// Prefix of every key (default `rl:`).
     pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
         self.prefix = prefix.into();
+        self
+    }
+
+    /// The HMAC key byte keys are hashed with in Redis key names (default: a fixed, public one,
+    /// which hides the raw values but not from someone who can guess them). Set a shared secret,
+    /// the same on every instance, so the keyspace reveals nothing of the keys.
+    pub fn key_secret(mut self, secret: impl AsRef<[u8]>) -> Self {
+        self.key_secret = secret.as_ref().to_vec();
         self
     }
 
@@ -412,6 +546,7 @@ impl<C: RedisConnection> RedisStoreBuilder<C> {
                 policy: self.policy,
                 con: self.con,
                 prefix: self.prefix,
+                key_secret: self.key_secret,
                 timeout: self.timeout,
                 time: self.time,
                 on_failure: self.on_failure,
