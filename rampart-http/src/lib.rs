@@ -29,11 +29,13 @@
 mod body;
 mod grpc;
 mod problem;
+mod reject;
 mod retry;
 
 pub use body::ResponseBody;
 pub use grpc::{grpc_response, is_grpc};
 pub use problem::{PROBLEM_JSON, Problem};
+pub use reject::{LocalRejection, Rejection, is_local_rejection, reject};
 pub use retry::{format_wait, retry_after_header, retry_after_secs, rounded_wait};
 /// gRPC status codes (tonic's), for [`grpc_response`].
 pub use tonic::Code as GrpcCode;

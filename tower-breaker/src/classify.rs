@@ -17,6 +17,8 @@
 //!   is a success. A response that ends **without** a `grpc-status` (no trailers, or trailers
 //!   without one) is a broken call: a failure, as the gRPC spec treats it.
 //! * An `Err` from the inner service (e.g. `tower::timeout`'s `Elapsed`) is a failure.
+//! * An answer a Rampart layer inside made by itself ([`rampart_http::LocalRejection`]: a rate
+//!   limit, a busy lock, an overload refusal) is ignored: the upstream was not asked.
 
 use http::{HeaderMap, Response, StatusCode};
 use rampart_http::GrpcCode;
@@ -91,6 +93,9 @@ pub enum FailureClass {
     GrpcStatusMissing,
     /// The call or its body failed.
     Error(String),
+    /// A Rampart layer inside answered by itself (a rate limit, a busy lock, an overload
+    /// refusal: [`rampart_http::LocalRejection`]): ignored, the upstream was not asked.
+    LocalRejection,
 }
 
 impl std::fmt::Display for FailureClass {
@@ -100,6 +105,7 @@ impl std::fmt::Display for FailureClass {
             Self::Grpc(code) => write!(f, "grpc status {code:?}"),
             Self::GrpcStatusMissing => f.write_str("grpc response without a status"),
             Self::Error(error) => f.write_str(error),
+            Self::LocalRejection => f.write_str("answered by a layer inside"),
         }
     }
 }
@@ -110,6 +116,7 @@ impl BreakerOutcome for FailureClass {
             Self::Status(status) => http_outcome(*status),
             Self::Grpc(code) => grpc_outcome(*code),
             Self::GrpcStatusMissing | Self::Error(_) => Outcome::Failure,
+            Self::LocalRejection => Outcome::Ignored,
         }
     }
 }
@@ -136,6 +143,9 @@ impl ClassifyResponse for DefaultClassifier {
     type ClassifyEos = GrpcEos;
 
     fn classify_response<B>(self, response: &Response<B>) -> ClassifiedResponse<FailureClass, GrpcEos> {
+        if rampart_http::is_local_rejection(response) {
+            return ClassifiedResponse::Ready(Err(FailureClass::LocalRejection));
+        }
         let status = response.status();
         if !rampart_http::is_grpc(response.headers()) {
             return ClassifiedResponse::Ready(match http_outcome(status) {

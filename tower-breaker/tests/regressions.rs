@@ -184,3 +184,29 @@ async fn long_streams_as_probes_do_not_wedge_half_open() {
     assert_eq!(b.state(), State::Closed, "both probes answered: half-open is over");
     drop(bodies);
 }
+
+/// Before: a 503 that a Rampart layer inside made by itself (a lock layer whose nodes are down,
+/// an overload refusal) counted as an upstream failure and could open the breaker though the
+/// upstream was never asked. Such answers are marked (`rampart_http::LocalRejection`) and ignored.
+#[tokio::test]
+async fn answers_made_by_a_layer_inside_are_ignored() {
+    let b = Breaker::new("t", BreakerConfig::builder().consecutive_failures(1).build().unwrap()).unwrap();
+    let svc = ServiceBuilder::new().layer(CircuitBreakerLayer::new(b.clone())).service(tower::service_fn(
+        |_: Request<()>| async {
+            let rejection = rampart_http::Rejection {
+                status: http::StatusCode::SERVICE_UNAVAILABLE,
+                error: "lock_unavailable",
+                grpc: rampart_http::GrpcCode::Unavailable,
+                detail: "no quorum",
+                retry_after: None,
+            };
+            Ok::<_, Infallible>(rampart_http::reject::<http_body_util::Empty<Bytes>>(rejection, false))
+        },
+    ));
+    for _ in 0..3 {
+        let response = svc.clone().oneshot(Request::new(())).await.unwrap();
+        assert_eq!(response.status(), 503);
+    }
+    assert_eq!(b.state(), State::Closed);
+    assert_eq!(b.snapshot().calls, 0, "nothing recorded");
+}

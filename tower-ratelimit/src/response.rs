@@ -3,8 +3,8 @@
 use std::time::Duration;
 
 use bytes::{BufMut, BytesMut};
-use http::{HeaderMap, HeaderName, HeaderValue, Response, StatusCode, header::RETRY_AFTER};
-use rampart_http::{GrpcCode as Code, Problem, ResponseBody, grpc_response, retry_after_header, retry_after_secs};
+use http::{HeaderMap, HeaderName, HeaderValue, Response, StatusCode};
+use rampart_http::{GrpcCode as Code, ResponseBody, retry_after_secs};
 
 use crate::{Policy, Verdict};
 
@@ -161,16 +161,10 @@ impl Rejection {
                 None,
             ),
         };
-        let mut response = if grpc {
-            grpc_response(code, &detail, retry)
-        } else {
-            Problem::new(status, error).detail(detail).into_response().map(|body| ResponseBody::Local { body })
-        };
-        if let Some(retry) = retry
-            && !grpc
-        {
-            response.headers_mut().insert(RETRY_AFTER, retry_after_header(retry));
-        }
+        let mut response = rampart_http::reject(
+            rampart_http::Rejection { status, error, grpc: code, detail: &detail, retry_after: retry },
+            grpc,
+        );
         if let Some(verdict) = verdict {
             headers.apply(response.headers_mut(), &verdict);
         }

@@ -13,9 +13,9 @@ use std::{
     time::Duration,
 };
 
-use http::{HeaderName, Request, Response, StatusCode, header::RETRY_AFTER};
+use http::{HeaderName, Request, Response, StatusCode};
 use pin_project_lite::pin_project;
-use rampart_http::{GrpcCode, Problem, ResponseBody, grpc_response, retry_after_header};
+use rampart_http::{GrpcCode, ResponseBody};
 use tokio_util::sync::WaitForCancellationFutureOwned;
 use tower_layer::Layer;
 use tower_service::Service;
@@ -520,13 +520,8 @@ fn reject<B>(rejection: Rejection, grpc: bool, busy_status: StatusCode) -> Respo
         Rejection::Lock(error) => error.to_string(),
         Rejection::MissingKey => MissingLockKey.to_string(),
     };
-    if grpc {
-        return grpc_response(code, &detail, retry);
-    }
-    let mut response =
-        Problem::new(status, error).detail(detail).into_response().map(|body| ResponseBody::Local { body });
-    if let Some(retry) = retry {
-        response.headers_mut().insert(RETRY_AFTER, retry_after_header(retry));
-    }
-    response
+    rampart_http::reject(
+        rampart_http::Rejection { status, error, grpc: code, detail: &detail, retry_after: retry },
+        grpc,
+    )
 }

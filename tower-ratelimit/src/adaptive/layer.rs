@@ -10,9 +10,9 @@ use std::{
     time::Duration,
 };
 
-use http::{Request, Response, StatusCode, header::RETRY_AFTER};
+use http::{Request, Response, StatusCode};
 use pin_project_lite::pin_project;
-use rampart_http::{GrpcCode, Problem, ResponseBody, grpc_response, is_grpc, retry_after_header};
+use rampart_http::{GrpcCode, Rejection, ResponseBody, is_grpc};
 use tower_layer::Layer;
 use tower_service::Service;
 
@@ -25,7 +25,8 @@ pub enum Completion {
     /// It completed normally: its latency is a sample.
     Success,
     /// It ended in an overload signal (an error, a timeout, 429/503/504 or their gRPC
-    /// equivalents).
+    /// equivalents) from the service — not from a Rampart layer inside, which is ignored
+    /// ([`rampart_http::LocalRejection`]).
     Dropped,
     /// It tells nothing (cancelled): only its slot is freed.
     Ignored,
@@ -153,13 +154,8 @@ pub(crate) fn overloaded_response<B>(refusal: &Overloaded, grpc: bool) -> Respon
         RejectWith::TooManyRequests => (StatusCode::TOO_MANY_REQUESTS, GrpcCode::ResourceExhausted),
         RejectWith::Unavailable => (StatusCode::SERVICE_UNAVAILABLE, GrpcCode::Unavailable),
     };
-    if grpc {
-        return grpc_response(code, &detail, Some(retry));
-    }
-    let mut response =
-        Problem::new(status, "overloaded").detail(detail).into_response().map(|body| ResponseBody::Local { body });
-    response.headers_mut().insert(RETRY_AFTER, retry_after_header(retry));
-    response
+    let rejection = Rejection { status, error: "overloaded", grpc: code, detail: &detail, retry_after: Some(retry) };
+    rampart_http::reject(rejection, grpc)
 }
 
 /// Whether a response says the upstream is overloaded.
@@ -229,6 +225,9 @@ where
                 let result = ready!(future.poll(cx));
                 if let Some(ticket) = ticket.take() {
                     let completion = match &result {
+                        // A layer inside answered by itself (a rate limit, an open circuit): it
+                        // says nothing of the service's load or latency.
+                        Ok(response) if rampart_http::is_local_rejection(response) => Completion::Ignored,
                         Ok(response) if !overload_signal(response) => Completion::Success,
                         _ => Completion::Dropped,
                     };
