@@ -16,7 +16,7 @@ use axum::{
 };
 use tower_breaker::{Breaker, BreakerConfig, CircuitBreakerLayer};
 use tower_ratelimit::{MemoryStore, PeerIp, Policy, Quota, RateLimitLayer};
-use tower_redlock::{FencingToken, LockConfig, LockLayer, RedLock, keys::PathSegment};
+use tower_redlock::{FencingToken, LockConfig, LockLayer, RedLock, keys::PathParam};
 
 #[tokio::main]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -39,7 +39,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             post(
                 |Extension(token): Extension<FencingToken>| async move { format!("paid under fencing token {token}") },
             )
-            .layer(LockLayer::new(lock, PathSegment(1)).namespace("orders:")),
+            .layer(LockLayer::new(lock, PathParam("id")).namespace("orders:")),
         )
         .layer(limit);
     let listener = tokio::net::TcpListener::bind("127.0.0.1:3000").await?;

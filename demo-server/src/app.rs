@@ -2,22 +2,18 @@
 
 use std::{
     collections::HashMap,
-    sync::{Arc, Mutex, PoisonError, RwLock},
+    sync::{Arc, Mutex, PoisonError},
     time::Duration,
 };
 
 use anyhow::Context as _;
 use metrics_exporter_prometheus::PrometheusHandle;
-use serde::{Deserialize, Serialize};
 use tower_breaker::BreakerRegistry;
-use tower_ratelimit::{
-    adaptive::AdaptiveLimit,
-    shed::{CpuShedder, SystemCpu},
-};
+use tower_ratelimit::shed::{CpuShedder, SystemCpu};
 use tower_redlock::{FencingToken, RedLock};
 use ws_hub::Hub;
 
-use crate::config::Config;
+use crate::{config::Config, upstreams::Upstreams};
 
 /// Connection settings of the limiter's (and the stock's) Redis connection.
 const LIMITER_TUNING: rampart_redis::Tuning = rampart_redis::Tuning {
@@ -39,9 +35,10 @@ pub(crate) struct App {
     pub(crate) queue_con: Option<streams_worker::Conn>,
     pub(crate) hub: Hub,
     pub(crate) upstreams: Upstreams,
+    /// The upstreams' breakers (`upstream:<name>`).
     pub(crate) breakers: Arc<BreakerRegistry>,
-    /// `[overload.upstream_limit]`, when configured.
-    pub(crate) upstream_limit: Option<AdaptiveLimit>,
+    /// The gRPC methods' breakers (`grpc:<method>`).
+    pub(crate) grpc_breakers: Arc<BreakerRegistry>,
     /// `[overload.cpu_shed]`, when configured.
     pub(crate) cpu_shed: Option<CpuShedder>,
     pub(crate) prometheus: PrometheusHandle,
@@ -89,10 +86,13 @@ impl App {
             token
         });
         let breakers = Arc::new(BreakerRegistry::new("upstream:", config.breaker.clone())?);
-        let upstream_limit = match &config.overload.upstream_limit {
-            Some(c) => Some(AdaptiveLimit::new("upstream", c.clone()).context("invalid `overload.upstream_limit`")?),
-            None => None,
-        };
+        let grpc_breakers = Arc::new(BreakerRegistry::new("grpc:", config.breaker.clone())?);
+        let upstreams = Upstreams::new(
+            &config.upstreams,
+            breakers.clone(),
+            config.overload.upstream_limit.clone(),
+            config.timeouts.upstream,
+        )?;
         let cpu_shed = match &config.overload.cpu_shed {
             Some(c) => Some(
                 CpuShedder::new("cpu", c.clone(), SystemCpu::spawn(Duration::from_millis(250)))
@@ -111,9 +111,9 @@ impl App {
             queue,
             queue_con,
             hub,
-            upstreams: Upstreams::default(),
+            upstreams,
             breakers,
-            upstream_limit,
+            grpc_breakers,
             cpu_shed,
             prometheus,
             admin_token,
@@ -187,50 +187,29 @@ impl Inventory {
     }
 }
 
-/// How a simulated upstream behaves.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
-pub(crate) struct Behaviour {
-    /// Share of calls that fail (0 to 1).
-    pub(crate) fail_rate: f64,
-    /// Added latency.
-    pub(crate) latency_ms: u64,
-}
-
-/// The simulated upstreams, by name.
-#[derive(Debug, Default)]
-pub(crate) struct Upstreams {
-    behaviours: RwLock<HashMap<String, Behaviour>>,
-    /// Calls that reached each upstream (so one can see an open breaker spare it).
-    calls: Mutex<HashMap<String, u64>>,
-}
-
-impl Upstreams {
-    pub(crate) fn get(&self, name: &str) -> Behaviour {
-        self.behaviours.read().unwrap_or_else(PoisonError::into_inner).get(name).copied().unwrap_or_default()
-    }
-
-    pub(crate) fn set(&self, name: &str, behaviour: Behaviour) {
-        self.behaviours.write().unwrap_or_else(PoisonError::into_inner).insert(name.to_owned(), behaviour);
-    }
-
-    /// Calls that reached each upstream.
-    pub(crate) fn calls(&self) -> HashMap<String, u64> {
-        self.calls.lock().unwrap_or_else(PoisonError::into_inner).clone()
-    }
-
-    /// One call: waits the latency, then fails with the configured probability.
-    pub(crate) async fn call(&self, name: &str) -> bool {
-        *self.calls.lock().unwrap_or_else(PoisonError::into_inner).entry(name.to_owned()).or_default() += 1;
-        let behaviour = self.get(name);
-        if behaviour.latency_ms > 0 {
-            tokio::time::sleep(Duration::from_millis(behaviour.latency_ms)).await;
-        }
-        rand::random::<f64>() >= behaviour.fail_rate
-    }
-}
-
 /// `[A-Za-z0-9_-]{1,64}`: SKUs and upstream names.
 pub(crate) fn valid_name(name: &str) -> bool {
     !name.is_empty() && name.len() <= 64 && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-'))
+}
+
+/// Whether this instance can serve, and each check: Redis answers a `PING` within a second (when
+/// configured), and a quorum of lock nodes does.
+pub(crate) async fn readiness(app: &App) -> (bool, serde_json::Value) {
+    let redis = match &app.redis {
+        Some(con) => {
+            let mut con = con.clone();
+            let cmd = redis::cmd("PING");
+            let ping = cmd.query_async::<String>(&mut con);
+            Some(matches!(tokio::time::timeout(Duration::from_secs(1), ping).await, Ok(Ok(_))))
+        }
+        None => None,
+    };
+    let reachable = app.lock.reachable().await;
+    let lock_ok = reachable >= app.lock.quorum();
+    let ready = redis.unwrap_or(true) && lock_ok;
+    let checks = serde_json::json!({
+        "redis": redis.map_or("not configured", |ok| if ok { "ok" } else { "down" }),
+        "lock": {"reachable": reachable, "quorum": app.lock.quorum(), "ok": lock_ok},
+    });
+    (ready, checks)
 }

@@ -75,10 +75,15 @@ pub(crate) struct Config {
     pub(crate) admin_token: Option<String>,
     /// Rate limits.
     pub(crate) limits: Limits,
+    /// The simulated upstreams behind `/upstream/{name}`; any other name answers 404 (an admin
+    /// may add names with `PUT /admin/upstream/{name}`, 32 in all at most).
+    pub(crate) upstreams: Vec<String>,
     /// Circuit breakers of the simulated upstreams and of gRPC methods.
     pub(crate) breaker: tower_breaker::BreakerConfig,
     /// Request timeouts.
     pub(crate) timeouts: Timeouts,
+    /// The HTTP server's connection limits.
+    pub(crate) server: Server,
     /// Adaptive overload protection (off unless configured).
     pub(crate) overload: Overload,
     /// The inventory lock.
@@ -113,8 +118,8 @@ pub(crate) struct Limits {
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub(crate) struct Overload {
-    /// An adaptive concurrency limit (gradient or AIMD) in front of the simulated upstreams,
-    /// inside their breakers; refusals answer 429 `overloaded` (`[overload.upstream_limit]`).
+    /// An adaptive concurrency limit (gradient or AIMD) per simulated upstream, inside its
+    /// breaker; refusals answer 429 `overloaded` (`[overload.upstream_limit]`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) upstream_limit: Option<AdaptiveConfig>,
     /// BBR-style CPU shedding of every HTTP request and gRPC call, CPU read from cgroup v2 or
@@ -189,6 +194,28 @@ impl Default for Timeouts {
     }
 }
 
+/// Connection limits of the HTTP server (against slow clients: a request head that never ends,
+/// a connection that never sends one, too many sockets).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub(crate) struct Server {
+    /// Longest time to receive a request head, and to wait for the next one on an idle
+    /// keep-alive connection (or for the first bytes of a new one); the connection is closed
+    /// past it.
+    #[serde(with = "humantime_serde")]
+    pub(crate) header_read_timeout: Duration,
+    /// Most open HTTP connections; past it new ones wait in the listen backlog.
+    pub(crate) max_connections: usize,
+    /// Largest request body, in bytes (413 `payload_too_large` past it).
+    pub(crate) max_body_bytes: usize,
+}
+
+impl Default for Server {
+    fn default() -> Self {
+        Self { header_read_timeout: Duration::from_secs(10), max_connections: 10_000, max_body_bytes: 1 << 20 }
+    }
+}
+
 /// Lock settings.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -255,6 +282,7 @@ impl Default for Config {
             shutdown_grace_secs: 30,
             admin_token: None,
             limits: Limits::default(),
+            upstreams: ["orders", "payments", "inventory"].map(String::from).to_vec(),
             breaker: tower_breaker::BreakerConfig {
                 window: tower_breaker::SlidingWindow::Count { size: 20 },
                 minimum_calls: 5,
@@ -262,6 +290,7 @@ impl Default for Config {
                 ..tower_breaker::BreakerConfig::default()
             },
             timeouts: Timeouts::default(),
+            server: Server::default(),
             overload: Overload::default(),
             lock: Lock::default(),
             tasks: Tasks::default(),
@@ -319,6 +348,18 @@ impl Config {
             tower_ratelimit::Policy::from_config(policy).with_context(|| format!("invalid `{key}`"))?;
         }
         self.breaker.validate().context("invalid `breaker`")?;
+        if self.server.header_read_timeout.is_zero() {
+            anyhow::bail!("invalid `server.header_read_timeout`: must be longer than zero");
+        }
+        if self.server.max_connections == 0 {
+            anyhow::bail!("invalid `server.max_connections`: must be at least 1");
+        }
+        if self.upstreams.len() > crate::upstreams::MAX_UPSTREAMS {
+            anyhow::bail!("invalid `upstreams`: at most {} names", crate::upstreams::MAX_UPSTREAMS);
+        }
+        if let Some(name) = self.upstreams.iter().find(|n| !crate::app::valid_name(n)) {
+            anyhow::bail!("invalid `upstreams`: {name:?} is not 1 to 64 of A-Z a-z 0-9 _ -");
+        }
         if let Some(limit) = &self.overload.upstream_limit {
             limit.validate().context("invalid `overload.upstream_limit`")?;
         }

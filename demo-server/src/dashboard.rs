@@ -32,6 +32,7 @@ pub(crate) async fn snapshot(app: &App) -> Value {
         .breakers
         .breakers()
         .into_iter()
+        .chain(app.grpc_breakers.breakers().into_iter().map(|(key, breaker)| (format!("grpc:{key}"), breaker)))
         .map(|(key, breaker)| {
             let s = breaker.snapshot();
             json!({"upstream": key, "state": s.state, "calls": s.calls, "failures": s.failures,
@@ -50,7 +51,9 @@ pub(crate) async fn snapshot(app: &App) -> Value {
         "hub": app.hub.stats(),
         "upstream_calls": app.upstreams.calls(),
         "overload": {
-            "upstream_limit": app.upstream_limit.as_ref().map(|l| json!({"limit": l.limit(), "in_flight": l.in_flight()})),
+            "upstream_limits": app.upstreams.limits().into_iter()
+                .map(|(name, (limit, in_flight))| (name, json!({"limit": limit, "in_flight": in_flight})))
+                .collect::<BTreeMap<_, _>>(),
             "cpu_shed": app.cpu_shed.as_ref().map(|s| json!({"in_flight": s.in_flight(), "max_in_flight": s.max_in_flight()})),
         },
         "redis": app.redis.is_some(),

@@ -2,12 +2,10 @@
 
 use std::sync::Arc;
 
+use rampart_http::ResponseBody;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, transport::Server};
-use tower::ServiceBuilder;
-use tower_breaker::{BreakerRegistry, CircuitBreakerLayer, keys};
-use tower_ratelimit::{GrpcMethod, adaptive::OverloadLayer};
 
 use proto::{
     GetUserRequest, GetUserResponse,
@@ -32,10 +30,37 @@ impl UserService for Users {
     }
 }
 
+/// The layers of every gRPC call (one definition for the server and its tests). Per method
+/// outside the global limit: a call refused for its method spends nothing of the global quota.
+/// The timeout inside the breaker answers `DEADLINE_EXCEEDED`, which the breaker counts (tonic's
+/// own `Server::timeout` sits outside every layer and answers `CANCELLED`).
+macro_rules! grpc_stack {
+    ($app:expr) => {{
+        let app: &crate::app::App = &$app;
+        let limits = &app.config.limits;
+        crate::limits::layer(app, &limits.grpc_global).and_then(|global| {
+            let per_method = crate::limits::layer(app, &limits.grpc_method)?.key(tower_ratelimit::GrpcMethod);
+            anyhow::Ok(
+                tower::ServiceBuilder::new()
+                    .layer(tower_ratelimit::adaptive::OverloadLayer::new(app.cpu_shed.clone()))
+                    .layer(per_method)
+                    .layer(global)
+                    .layer(tower_breaker::CircuitBreakerLayer::keyed(
+                        app.grpc_breakers.clone(),
+                        tower_breaker::keys::GrpcMethod,
+                    ))
+                    .map_result(crate::grpc::deadline_exceeded)
+                    .timeout(app.config.timeouts.grpc)
+                    .into_inner(),
+            )
+        })
+    }};
+}
+
 /// Serves until `shutdown` fires, then lets in-flight calls finish.
 ///
-/// Every call meets: the global gRPC limit → its method's limit → its method's breaker →
-/// the timeout → the service.
+/// Every call meets: CPU shedding (if configured) → its method's limit → the global gRPC limit
+/// → its method's breaker → the timeout (`DEADLINE_EXCEEDED`) → the service.
 pub(crate) async fn serve(listener: TcpListener, app: Arc<App>, shutdown: CancellationToken) -> anyhow::Result<()> {
     let reflection_v1 = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
@@ -44,20 +69,10 @@ pub(crate) async fn serve(listener: TcpListener, app: Arc<App>, shutdown: Cancel
     let reflection_v1alpha = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
-    let limits = &app.config.limits;
-    let global = crate::limits::layer(&app, &limits.grpc_global)?;
-    let per_method = crate::limits::layer(&app, &limits.grpc_method)?.key(GrpcMethod);
-    let breakers = Arc::new(BreakerRegistry::new("grpc:", app.config.breaker.clone())?);
-    let stack = ServiceBuilder::new()
-        .layer(OverloadLayer::new(app.cpu_shed.clone()))
-        .layer(global)
-        .layer(per_method)
-        .layer(CircuitBreakerLayer::keyed(breakers, keys::GrpcMethod))
-        .into_inner();
+    let stack = grpc_stack!(app)?;
     Server::builder()
         .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
         .initial_stream_window_size(INITIAL_STREAM_WINDOW)
-        .timeout(app.config.timeouts.grpc)
         .layer(stack)
         .add_service(UserServiceServer::new(Users))
         .add_service(reflection_v1)
@@ -65,4 +80,54 @@ pub(crate) async fn serve(listener: TcpListener, app: Arc<App>, shutdown: Cancel
         .serve_with_incoming_shutdown(tonic::transport::server::TcpIncoming::from(listener), shutdown.cancelled_owned())
         .await?;
     Ok(())
+}
+
+/// The timeout's `Elapsed` as a trailers-only `DEADLINE_EXCEEDED` answer.
+pub(crate) fn deadline_exceeded<B>(
+    result: Result<http::Response<B>, tower::BoxError>,
+) -> Result<http::Response<ResponseBody<B>>, tower::BoxError> {
+    match result {
+        Ok(response) => Ok(response.map(ResponseBody::inner)),
+        Err(error) if error.is::<tower::timeout::error::Elapsed>() => Ok(rampart_http::grpc_response(
+            tonic::Code::DeadlineExceeded,
+            "the call took longer than its timeout (`timeouts.grpc`)",
+            None,
+        )),
+        Err(error) => Err(error),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{convert::Infallible, time::Duration};
+
+    use tower::{Layer, ServiceExt};
+
+    use crate::{app::App, config::Config};
+
+    /// Before: the gRPC timeout was tonic's `Server::timeout`, outside every layer: a slow call
+    /// answered `CANCELLED` and its breaker never saw it. Now the timeout sits inside the breaker
+    /// and answers `DEADLINE_EXCEEDED`, a failure to the breaker.
+    #[tokio::test]
+    async fn a_call_past_its_timeout_answers_deadline_exceeded_and_counts_for_its_breaker() {
+        let mut config = Config::default();
+        config.timeouts.grpc = Duration::from_millis(50);
+        let prometheus = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder().handle();
+        let app = App::build(config, prometheus).await.unwrap();
+        let slow = tower::service_fn(|_: http::Request<tonic::body::Body>| async {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            Ok::<_, Infallible>(http::Response::new(tonic::body::Body::empty()))
+        });
+        let stack = grpc_stack!(app).unwrap();
+        let method = "/example.UserService/GetUser";
+        let request = http::Request::builder()
+            .uri(format!("http://localhost{method}"))
+            .header("content-type", "application/grpc")
+            .body(tonic::body::Body::empty())
+            .unwrap();
+        let response = stack.layer(slow).oneshot(request).await.unwrap();
+        assert_eq!(response.headers()["grpc-status"], "4", "DEADLINE_EXCEEDED: {:?}", response.headers());
+        let breaker = app.grpc_breakers.get(method).snapshot();
+        assert_eq!((breaker.calls, breaker.failures), (1, 1), "the breaker counted it");
+    }
 }

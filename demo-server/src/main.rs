@@ -9,9 +9,10 @@ mod app;
 mod config;
 mod dashboard;
 mod grpc;
-mod http_api;
+mod http;
 mod limits;
 mod tasks;
+mod upstreams;
 mod users;
 
 use std::{process::ExitCode, time::Duration};
@@ -103,7 +104,7 @@ async fn run(
     let shutdown = CancellationToken::new();
     let workers = if with_worker { tasks::spawn_workers(&app, shutdown.clone()) } else { None };
     dashboard::spawn_publisher(app.clone(), shutdown.clone());
-    let mut http = tokio::spawn(http_api::serve(http_listener, app.clone(), shutdown.clone()));
+    let mut http = tokio::spawn(http::serve(http_listener, app.clone(), shutdown.clone()));
     let mut grpc = tokio::spawn(grpc::serve(grpc_listener, app.clone(), shutdown.clone()));
 
     tracing::info!(%http_addr, %grpc_addr, "listening");

@@ -17,8 +17,10 @@
 //!   failures follow a [`FailurePolicy`]: fail open, fail closed or decide locally.
 //! * [`RateLimitLayer`] puts a store in front of a service. Its key extractor ([`GlobalKey`],
 //!   [`PeerIp`], [`ClientIp`] behind trusted proxies, [`HeaderKey`], [`MatchedRoute`],
-//!   [`GrpcMethod`], tuples, closures) decides whom a request counts for. Layers stack: a global
-//!   limit outside, per-route and per-client ones inside.
+//!   [`GrpcMethod`], tuples, closures) decides whom a request counts for. Layers stack:
+//!   per-client (and per-route) limits **outside**, the global limit inside — a request a
+//!   per-client limit refuses then spends nothing of the global quota (in the other order every
+//!   refused request has spent a global unit, and one client can drain it for everyone).
 //!
 //! * A token bucket may warm up ([`Quota::warm_up`], [`WarmUp`]): after start or a long idle
 //!   it admits a fraction of its rate, ramping to the full rate, so a cold service is not

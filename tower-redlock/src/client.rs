@@ -144,6 +144,24 @@ impl RedLock {
         &self.inner.config
     }
 
+    /// How many nodes answer a `PING` within `node_timeout` now (for readiness checks: locks
+    /// can be taken while this is at least [`quorum`](Self::quorum)).
+    ///
+    /// ```
+    /// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+    /// let lock = tower_redlock::RedLock::in_memory(Default::default())?;
+    /// assert!(lock.reachable().await >= lock.quorum());
+    /// # Ok::<(), tower_redlock::ConfigError>(()) }).unwrap();
+    /// ```
+    pub async fn reachable(&self) -> usize {
+        let config = &self.inner.config;
+        each_node(config.node_timeout, self.inner.nodes.iter().map(Node::ping))
+            .await
+            .into_iter()
+            .filter(|reply| matches!(reply, Some(true)))
+            .count()
+    }
+
     /// Takes the lock of `key`, retrying per the configuration.
     pub async fn acquire(&self, key: &str) -> Result<LockGuard, LockError> {
         self.acquire_within(key, self.inner.config.acquire_timeout).await

@@ -55,6 +55,40 @@ pub mod keys {
         }
     }
 
+    /// A route parameter by name, from axum's matched route: `PathParam("sku")` on the route
+    /// `/inventory/{sku}/reserve` keys `/inventory/sku-1/reserve` by `sku-1` (percent-decoded).
+    /// Unlike [`PathSegment`], a route change cannot make it key by the wrong segment. No key
+    /// (400) outside an axum route, or when the route has no such parameter.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use axum::{Router, routing::post};
+    /// use tower_redlock::{LockConfig, LockLayer, RedLock, keys::PathParam};
+    ///
+    /// # fn demo() -> Result<(), tower_redlock::ConfigError> {
+    /// let lock = RedLock::in_memory(LockConfig::default())?;
+    /// let app: Router = Router::new().route(
+    ///     "/orders/{id}/pay",
+    ///     post(|| async { "paid" }).route_layer(LockLayer::new(lock, PathParam("id")).wait_timeout(Duration::from_secs(1))),
+    /// );
+    /// # Ok(()) }
+    /// ```
+    #[cfg(feature = "axum")]
+    #[derive(Debug, Clone, Copy)]
+    pub struct PathParam(pub &'static str);
+
+    #[cfg(feature = "axum")]
+    impl<B> LockKey<Request<B>> for PathParam {
+        fn key(&self, req: &Request<B>) -> Option<String> {
+            let route = req.extensions().get::<axum::extract::MatchedPath>()?.as_str();
+            let index = route.split('/').position(|segment| {
+                segment.strip_prefix('{').and_then(|s| s.strip_suffix('}')).is_some_and(|name| name == self.0)
+            })?;
+            let segment = req.uri().path().split('/').nth(index)?;
+            percent_encoding::percent_decode_str(segment).decode_utf8().ok().map(|s| s.into_owned())
+        }
+    }
+
     /// A header's value.
     #[derive(Debug, Clone)]
     pub struct Header(pub HeaderName);

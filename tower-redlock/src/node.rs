@@ -94,6 +94,16 @@ impl Node {
         }
     }
 
+    /// Whether the node answers a `PING`.
+    pub(crate) async fn ping(&self) -> bool {
+        match self {
+            Node::Redis { con, .. } => {
+                redis::cmd("PING").query_async::<String>(&mut con.clone()).await.is_ok_and(|pong| pong == "PONG")
+            }
+            Node::Memory(_) => true,
+        }
+    }
+
     pub(crate) async fn extend(&self, key: &str, token: &str, ttl: Duration) -> Result<bool, String> {
         match self {
             Node::Redis { con, .. } => {

@@ -190,3 +190,24 @@ async fn fencing_counters_do_not_grow_with_the_keys() {
         assert_eq!(keys, 1, "only the fencing counter stays on {}", node.url());
     }
 }
+
+/// Before: only `PathSegment(n)` keyed by the URL, counted from zero; a wrong index silently put
+/// every order under one lock. `PathParam("id")` keys by the route's parameter name.
+#[tokio::test]
+async fn path_param_keys_by_the_routes_parameter_name() {
+    use axum::{Router, routing::post};
+    use tower_redlock::keys::PathParam;
+    let lock = RedLock::in_memory(config()).unwrap();
+    let layer =
+        LockLayer::new(lock.clone(), PathParam("id")).namespace("orders:").wait_timeout(Duration::from_millis(20));
+    let app: Router = Router::new().route("/shop/orders/{id}/pay", post(|| async { "paid" }).route_layer(layer));
+    let held = lock.acquire("orders:a-1").await.unwrap();
+    let call = |id: &'static str| {
+        let request = Request::post(format!("/shop/orders/{id}/pay")).body(axum::body::Body::empty()).unwrap();
+        app.clone().oneshot(request)
+    };
+    assert_eq!(call("a-1").await.unwrap().status(), 409, "the held order is busy");
+    assert_eq!(call("b-2").await.unwrap().status(), 200, "another order is not");
+    assert_eq!(call("a%2D1").await.unwrap().status(), 409, "percent-decoded as the router decodes it");
+    held.release().await.unwrap();
+}

@@ -6,7 +6,7 @@ use axum::{
     Router,
     extract::{
         State, WebSocketUpgrade,
-        ws::{CloseFrame, Message, Utf8Bytes, WebSocket, close_code},
+        ws::{CloseFrame, Message, Utf8Bytes, WebSocket, close_code, rejection::WebSocketUpgradeRejection},
     },
     http::{HeaderMap, StatusCode, Uri, header::ORIGIN},
     response::{IntoResponse, Response},
@@ -31,7 +31,25 @@ impl Hub {
 
 /// The upgrade handler, for routers that want to mount it themselves
 /// (`.route("/ws", get(ws_hub::upgrade)).with_state(hub)`).
-pub async fn upgrade(State(hub): State<Hub>, ws: WebSocketUpgrade, headers: HeaderMap, uri: Uri) -> Response {
+pub async fn upgrade(
+    State(hub): State<Hub>,
+    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+    headers: HeaderMap,
+    uri: Uri,
+) -> Response {
+    // Not a WebSocket handshake (a plain GET, a wrong version): a problem body, as every other
+    // refusal, instead of axum's plain-text rejection.
+    let ws = match ws {
+        Ok(ws) => ws,
+        Err(rejection) => {
+            let status = rejection.status();
+            let error = if status == StatusCode::UPGRADE_REQUIRED { "upgrade_required" } else { "invalid_argument" };
+            return rampart_http::Problem::new(status, error)
+                .detail(format!("{} (open it as a WebSocket)", rejection.body_text()))
+                .into_response()
+                .into_response();
+        }
+    };
     let config = hub.config();
     if !origin_allowed(&config.allowed_origins, &headers) {
         return rampart_http::Problem::new(StatusCode::FORBIDDEN, "forbidden")

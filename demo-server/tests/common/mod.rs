@@ -89,3 +89,23 @@ impl Drop for DemoServer {
         let _ = self.child.wait();
     }
 }
+
+/// The admin token the test servers run with.
+pub(crate) const TOKEN: &str = "test-admin-token";
+
+/// A TOML config file in a temporary directory (kept while the directory lives).
+pub(crate) fn config_file(toml: &str) -> (tempfile::TempDir, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("demo.toml");
+    std::fs::write(&path, toml).unwrap();
+    let path = path.to_str().unwrap().to_owned();
+    (dir, path)
+}
+
+/// One instance with `toml` as its config file and [`TOKEN`] as its admin token.
+pub(crate) fn start(toml: &str, env: &[(&str, &str)]) -> (DemoServer, tempfile::TempDir) {
+    let (dir, path) = config_file(toml);
+    let mut env = env.to_vec();
+    env.push(("DEMO_ADMIN_TOKEN", TOKEN));
+    (DemoServer::start(&["--config", &path], &env), dir)
+}

@@ -1,0 +1,189 @@
+//! The HTTP front end: every Rampart layer on an axum router, served by hyper with limits
+//! against slow clients.
+//!
+//! Read top to bottom, a request meets: request id + trace → timeout → (API routes) CPU shedding
+//! (if configured) → per-client limits (on `/users/{id}`) → the global limit → the route: the
+//! inventory lock, or an upstream's own stack (circuit breaker → adaptive limit → timeout) →
+//! handler. Per-client limits sit outside the global one, so a request refused for its client
+//! spends nothing of the global quota (one client cannot drain it). `/healthz`, `/readyz` and
+//! `/metrics` are outside the limits and the shedder: a flood never fails a probe or a scrape.
+
+pub(crate) mod admin;
+pub(crate) mod error;
+pub(crate) mod handlers;
+pub(crate) mod ops;
+
+use std::{net::SocketAddr, sync::Arc, time::Duration};
+
+use axum::{
+    Router,
+    error_handling::HandleErrorLayer,
+    extract::{ConnectInfo, DefaultBodyLimit},
+    http::HeaderValue,
+    middleware,
+    routing::{get, post, put},
+};
+use hyper_util::{
+    rt::{TokioExecutor, TokioIo, TokioTimer},
+    server::{conn::auto, graceful::GracefulShutdown},
+};
+use tokio::{net::TcpListener, sync::Semaphore};
+use tokio_util::sync::CancellationToken;
+use tower::{ServiceBuilder, ServiceExt};
+use tower_http::{
+    request_id::{MakeRequestId, PropagateRequestIdLayer, RequestId, SetRequestIdLayer},
+    trace::TraceLayer,
+};
+use tower_ratelimit::{ClientIp, GlobalKey, Key, KeyExtractor, MatchedRoute, PeerIp, adaptive::OverloadLayer};
+use tower_redlock::{LockLayer, keys::PathParam};
+
+use crate::{app::App, limits};
+
+/// `x-request-id` values: random v4 UUIDs from the thread's generator. tower-http's
+/// `MakeRequestUuid` asks the operating system for randomness on every request (a system call
+/// that cost ~6% of the demo's CPU under load).
+#[derive(Clone, Copy, Debug, Default)]
+struct RandomRequestId;
+
+impl MakeRequestId for RandomRequestId {
+    fn make_request_id<B>(&mut self, _: &http::Request<B>) -> Option<RequestId> {
+        let uuid = uuid::Builder::from_random_bytes(rand::random()).into_uuid();
+        let mut buf = [0u8; uuid::fmt::Hyphenated::LENGTH];
+        let text = uuid.hyphenated().encode_lower(&mut buf);
+        HeaderValue::from_str(text).ok().map(RequestId::new)
+    }
+}
+
+/// Per-client key: the peer address, or the client behind trusted proxies.
+#[derive(Clone)]
+enum ClientKey {
+    Peer(PeerIp),
+    Proxied(ClientIp),
+}
+
+impl ClientKey {
+    fn new(trusted: &[String]) -> anyhow::Result<Self> {
+        Ok(if trusted.is_empty() { Self::Peer(PeerIp::new()) } else { Self::Proxied(ClientIp::trusting(trusted)?) })
+    }
+}
+
+impl<B> KeyExtractor<http::Request<B>> for ClientKey {
+    fn extract(&self, req: &http::Request<B>) -> Option<Key> {
+        match self {
+            Self::Peer(k) => k.extract(req),
+            Self::Proxied(k) => k.extract(req),
+        }
+    }
+}
+
+/// All HTTP routes with their layers.
+pub(crate) fn router(app: Arc<App>) -> anyhow::Result<Router> {
+    use self::{admin::*, error::*, handlers::*, ops::*};
+    let config = &app.config;
+    let client_key = ClientKey::new(&config.limits.trusted_proxies)?;
+    let per_client = limits::layer(&app, &config.limits.users)?.key((MatchedRoute, client_key));
+    let global = limits::layer(&app, &config.limits.global)?.key(GlobalKey);
+    let shed = OverloadLayer::new(app.cpu_shed.clone());
+    let reserve_lock =
+        LockLayer::new(app.lock.clone(), PathParam("sku")).namespace("inventory:").wait_timeout(config.lock.wait);
+
+    let admin = Router::new()
+        .route("/admin/upstream/{name}", put(set_upstream))
+        .route("/admin/state", get(admin_state))
+        .route("/tasks/dead", get(dead_tasks))
+        .route("/tasks/dead/requeue", post(requeue_dead_tasks))
+        .route_layer(middleware::from_fn_with_state(app.clone(), require_admin));
+
+    // The global limit inside, the per-client one outside (MethodRouter layers wrap what is
+    // there: the last one is the outermost).
+    let users = get(get_user).route_layer(global.clone()).route_layer(per_client).route_layer(shed.clone());
+    let limited = Router::new()
+        .route("/inventory/{sku}", put(put_stock).get(get_stock))
+        .route("/inventory/{sku}/reserve", post(reserve).route_layer(reserve_lock))
+        .route("/tasks", post(post_task))
+        .route("/tasks/stats", get(task_stats))
+        .route("/tasks/{id}", get(task_status))
+        .route("/upstream/{name}", get(call_upstream))
+        .route("/", get(page))
+        .merge(admin)
+        .route_layer(ServiceBuilder::new().layer(shed.clone()).layer(global.clone()))
+        .route("/users/{id}", users)
+        .with_state(app.clone())
+        .merge(app.hub.router("/ws").route_layer(ServiceBuilder::new().layer(shed).layer(global)));
+
+    let api = Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .with_state(app.clone())
+        .merge(limited)
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(config.server.max_body_bytes));
+
+    Ok(api.layer(
+        ServiceBuilder::new()
+            .layer(SetRequestIdLayer::x_request_id(RandomRequestId))
+            .layer(TraceLayer::new_for_http())
+            .layer(PropagateRequestIdLayer::x_request_id())
+            .layer(HandleErrorLayer::new(timed_out))
+            .timeout(config.timeouts.http),
+    ))
+}
+
+/// Serves until `shutdown` fires, then lets in-flight requests finish (the caller bounds how
+/// long). hyper directly rather than `axum::serve`, for the limits `axum::serve` hides: a request
+/// head must arrive within `server.header_read_timeout` (so must the first bytes of a new
+/// connection, and the next request on an idle keep-alive one), and at most
+/// `server.max_connections` are open at once.
+pub(crate) async fn serve(listener: TcpListener, app: Arc<App>, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let router = router(app.clone())?;
+    let limits = app.config.server.clone();
+    let slots = Arc::new(Semaphore::new(limits.max_connections));
+    let graceful = GracefulShutdown::new();
+    loop {
+        let slot = tokio::select! {
+            slot = slots.clone().acquire_owned() => slot?,
+            () = shutdown.cancelled() => break,
+        };
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    // Out of descriptors, a connection reset before accept: not fatal.
+                    tracing::warn!(%error, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                }
+            },
+            () = shutdown.cancelled() => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let router = router.clone();
+        let service = hyper::service::service_fn(move |mut request: hyper::Request<hyper::body::Incoming>| {
+            request.extensions_mut().insert(ConnectInfo::<SocketAddr>(peer));
+            router.clone().oneshot(request.map(axum::body::Body::new))
+        });
+        let watcher = graceful.watcher();
+        let timeout = limits.header_read_timeout;
+        tokio::spawn(async move {
+            // A connection that sends nothing would hold its slot for ever: hyper only times the
+            // head once it has read the first bytes (to tell HTTP/1 from HTTP/2).
+            let mut first = [0u8; 1];
+            if !matches!(tokio::time::timeout(timeout, stream.peek(&mut first)).await, Ok(Ok(1..))) {
+                return;
+            }
+            let mut builder = auto::Builder::new(TokioExecutor::new());
+            builder.http1().timer(TokioTimer::new()).header_read_timeout(timeout);
+            builder.http2().timer(TokioTimer::new()).keep_alive_interval(timeout).keep_alive_timeout(timeout);
+            let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service).into_owned();
+            if let Err(error) = watcher.watch(connection).await {
+                tracing::debug!(%error, %peer, "connection ended with an error");
+            }
+            drop(slot);
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
+    Ok(())
+}
