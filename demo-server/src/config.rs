@@ -16,28 +16,28 @@ use tower_ratelimit::{FailurePolicy, PolicyConfig, QuotaConfig, adaptive::Adapti
 )]
 pub(crate) struct Cli {
     /// HTTP listen address (port 0 picks a free port) [default: 127.0.0.1:8080]
-    #[arg(long, env = "DEMO_HTTP_ADDR")]
+    #[arg(long, env = "DEMO_HTTP_ADDR", global = true)]
     http_addr: Option<SocketAddr>,
     /// gRPC listen address (port 0 picks a free port) [default: 127.0.0.1:50051]
-    #[arg(long, env = "DEMO_GRPC_ADDR")]
+    #[arg(long, env = "DEMO_GRPC_ADDR", global = true)]
     grpc_addr: Option<SocketAddr>,
     /// Redis URL for shared limits, task queue and hub fan-out; without it everything is in-process
-    #[arg(long, env = "REDIS_URL")]
+    #[arg(long, env = "REDIS_URL", global = true)]
     redis_url: Option<String>,
     /// Comma-separated node URLs of a Redis Cluster, instead of REDIS_URL (needs LOCK_NODES)
-    #[arg(long, env = "REDIS_CLUSTER", value_delimiter = ',')]
+    #[arg(long, env = "REDIS_CLUSTER", value_delimiter = ',', global = true)]
     redis_cluster: Option<Vec<String>>,
     /// Comma-separated Redis URLs of the lock's independent masters [default: the Redis URL]
-    #[arg(long, env = "LOCK_NODES", value_delimiter = ',')]
+    #[arg(long, env = "LOCK_NODES", value_delimiter = ',', global = true)]
     lock_nodes: Option<Vec<String>>,
     /// TOML file with any of the settings (see `--print-config` for every key)
-    #[arg(long, env = "DEMO_CONFIG")]
+    #[arg(long, env = "DEMO_CONFIG", global = true)]
     config: Option<PathBuf>,
-    /// Print the effective configuration as TOML and exit
-    #[arg(long)]
+    /// Print the effective configuration as TOML and exit (every knob; secrets redacted)
+    #[arg(long, global = true)]
     pub(crate) print_config: bool,
     /// Do not run task workers in this process (they run in `demo-server worker` processes)
-    #[arg(long)]
+    #[arg(long, global = true)]
     pub(crate) no_worker: bool,
     /// What to run (default: the servers, with workers unless --no-worker)
     #[command(subcommand)]
@@ -306,10 +306,7 @@ impl Config {
             Some(path) => {
                 let text = std::fs::read_to_string(path)
                     .with_context(|| format!("cannot read config file {}", path.display()))?;
-                // toml's message names the bad key and its line, e.g. "unknown field `htp_addr`".
-                toml::from_str(&text).map_err(|err| {
-                    anyhow::anyhow!("invalid config file {}: {}", path.display(), err.message().trim())
-                })?
+                parse(&text).with_context(|| format!("invalid config file {}", path.display()))?
             }
             None => Config::default(),
         };
@@ -403,10 +400,147 @@ impl Config {
         self.redis_url.is_some() || !self.redis_cluster.is_empty()
     }
 
-    /// The configuration as TOML, loadable again with `--config`.
+    /// The configuration as TOML, loadable again with `--config`: every knob, the optional ones
+    /// that are unset commented out with an example value under their table, and secrets (the
+    /// admin token, passwords in Redis URLs) redacted.
     pub(crate) fn to_toml(&self) -> anyhow::Result<String> {
-        toml::to_string(self).context("cannot print the configuration")
+        let mut shown = self.clone();
+        shown.admin_token = shown.admin_token.map(|_| "<redacted>".to_owned());
+        shown.redis_url = shown.redis_url.as_deref().map(redact_url);
+        shown.redis_cluster = shown.redis_cluster.iter().map(|u| redact_url(u)).collect();
+        shown.lock_nodes = shown.lock_nodes.iter().map(|u| redact_url(u)).collect();
+        let doc = toml::to_string(&shown).context("cannot print the configuration")?;
+        let set = toml::Value::try_from(&shown).context("cannot print the configuration")?;
+        let all = toml::Value::try_from(shown.with_examples()).context("cannot print the configuration")?;
+        let mut unset = Vec::new();
+        unset_knobs(&all, &set, &mut Vec::new(), &mut unset);
+        Ok(with_commented(doc, &unset))
     }
+
+    /// This configuration with every optional knob that is unset given an example value (what
+    /// `--print-config` shows commented out).
+    fn with_examples(&self) -> Self {
+        let mut c = self.clone();
+        c.redis_url.get_or_insert_with(|| "redis://127.0.0.1:6379".into());
+        c.admin_token.get_or_insert_with(|| "<a long random token>".into());
+        c.overload.upstream_limit.get_or_insert_with(AdaptiveConfig::default);
+        c.overload.cpu_shed.get_or_insert_with(ShedConfig::default);
+        c.breaker.slow_call_duration.get_or_insert(Duration::from_secs(2));
+        c.breaker.wait_growth.get_or_insert(tower_breaker::WaitGrowth {
+            multiplier: 2.0,
+            max: Duration::from_secs(60),
+            jitter: 0.1,
+        });
+        c.breaker.max_wait_in_half_open.get_or_insert(Duration::from_secs(60));
+        let w = &mut c.tasks.worker;
+        w.consumer.get_or_insert_with(|| "<host>-<pid>".into());
+        w.batch.get_or_insert(64);
+        w.dead_letter.get_or_insert_with(|| format!("{}:dead", c.tasks.stream));
+        w.idempotency_ttl.get_or_insert(Duration::from_secs(86_400));
+        w.trim_every.get_or_insert(Duration::from_secs(10));
+        w.status_ttl.get_or_insert(Duration::from_secs(3600));
+        c.tasks.status_ttl.get_or_insert(Duration::from_secs(3600));
+        c.lock.client.acquire_timeout.get_or_insert(Duration::from_secs(1));
+        c.lock.client.max_extensions.get_or_insert(100);
+        c
+    }
+}
+
+/// Parses a config file; an error names the key (`timeouts.http`), the line and what is wrong.
+fn parse(text: &str) -> anyhow::Result<Config> {
+    let deserializer = toml::Deserializer::parse(text).map_err(|err| anyhow::anyhow!("{}", err.to_string().trim()))?;
+    serde_path_to_error::deserialize(deserializer).map_err(|err| {
+        let path = err.path().to_string();
+        // toml's own message carries the line, the column and a caret under the value.
+        let inner = err.into_inner();
+        if path.is_empty() || path == "." {
+            anyhow::anyhow!("{}", inner.to_string().trim())
+        } else {
+            anyhow::anyhow!("at `{path}`: {}", inner.to_string().trim())
+        }
+    })
+}
+
+/// `redis://user:secret@host` → `redis://user:<redacted>@host`.
+fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else { return url.to_owned() };
+    let Some((userinfo, host)) = rest.rsplit_once('@') else { return url.to_owned() };
+    let user = userinfo.split_once(':').map_or(userinfo, |(user, _)| user);
+    format!("{scheme}://{user}:<redacted>@{host}")
+}
+
+/// Collects the knobs `all` has and `set` lacks: (table path, key, value).
+fn unset_knobs(
+    all: &toml::Value,
+    set: &toml::Value,
+    path: &mut Vec<String>,
+    out: &mut Vec<(String, String, toml::Value)>,
+) {
+    let (Some(all), Some(set)) = (all.as_table(), set.as_table()) else { return };
+    for (key, value) in all {
+        match set.get(key) {
+            None => out.push((path.join("."), key.clone(), value.clone())),
+            Some(inner) if value.is_table() => {
+                path.push(key.clone());
+                unset_knobs(value, inner, path, out);
+                path.pop();
+            }
+            Some(_) => {}
+        }
+    }
+}
+
+/// Inserts the unset knobs into `doc` as comments: keys under their table's header (top-level
+/// ones first), whole tables at the end.
+fn with_commented(doc: String, unset: &[(String, String, toml::Value)]) -> String {
+    let comment = |text: &str| text.lines().map(|l| format!("# {l}\n")).collect::<String>();
+    let line = |key: &str, value: &toml::Value| {
+        let mut table = toml::Table::new();
+        table.insert(key.to_owned(), value.clone());
+        toml::to_string(&table).unwrap_or_default()
+    };
+    let mut under: std::collections::BTreeMap<&str, String> = std::collections::BTreeMap::new();
+    let mut tables = String::new();
+    for (table, key, value) in unset {
+        if value.is_table() {
+            // Nested under its full path, so its own sub-tables get their full headers too.
+            let mut nested = value.clone();
+            for part in table.split('.').filter(|p| !p.is_empty()).chain([key.as_str()]).rev() {
+                let mut outer = toml::Table::new();
+                outer.insert(part.to_owned(), nested);
+                nested = toml::Value::Table(outer);
+            }
+            let text = toml::to_string(&nested).unwrap_or_default();
+            // The empty parent headers (`[overload]`) the document already has.
+            let body: String = text
+                .split("\n\n")
+                .filter(|block| block.lines().count() > 1)
+                .map(|block| format!("{block}\n"))
+                .collect();
+            tables.push_str(&comment(&body));
+        } else {
+            under.entry(table.as_str()).or_default().push_str(&comment(&line(key, value)));
+        }
+    }
+    let mut out = String::new();
+    out.push_str("# Optional knobs that are unset are shown commented out, with an example value.\n");
+    if let Some(top) = under.get("") {
+        out.push_str(top);
+    }
+    for l in doc.lines() {
+        out.push_str(l);
+        out.push('\n');
+        if let Some(name) = l.strip_prefix('[').and_then(|l| l.strip_suffix(']'))
+            && let Some(keys) = under.get(name)
+        {
+            out.push_str(keys);
+        }
+    }
+    if !tables.is_empty() {
+        out.push('\n');
+        out.push_str(&tables);
+    }
+    out
 }
 
 /// Whether `key` has a non-empty `{...}` hash tag.
@@ -453,6 +587,39 @@ mod tests {
         assert!(format!("{err:#}").contains("`tasks.stream`"), "{err:#}");
         let config = Config::load(&cli(&args[2..])).unwrap();
         assert!(config.redis().unwrap().unwrap().is_cluster());
+    }
+
+    /// Before: a type error lost toml's location (`[timeouts] http = 5` did not say where), and
+    /// `--print-config` dropped every unset optional knob and printed secrets.
+    #[test]
+    fn bad_values_name_their_key_and_print_config_shows_every_knob_without_secrets() {
+        for (text, key) in [("[timeouts]\nhttp = 5\n", "timeouts.http"), ("http_addr = \"nope\"\n", "http_addr")] {
+            let err = format!("{:#}", parse(text).unwrap_err());
+            assert!(err.contains(&format!("`{key}`")) && err.contains("line"), "{err}");
+        }
+        let config = Config {
+            admin_token: Some("s3cret-token".into()),
+            redis_url: Some("redis://app:hunter2@db:6379".into()),
+            ..Config::default()
+        };
+        let printed = config.to_toml().unwrap();
+        assert!(!printed.contains("s3cret") && !printed.contains("hunter2"), "{printed}");
+        for knob in
+            ["# slow_call_duration", "# idempotency_ttl", "# [overload.upstream_limit]", "# [overload.cpu_shed]"]
+        {
+            assert!(printed.contains(knob), "{knob} missing:\n{printed}");
+        }
+        // The printed file loads again, and uncommenting a knob puts it under its table.
+        assert_eq!(parse(&printed).unwrap().breaker, config.breaker);
+        let uncommented = printed.replace("# slow_call_duration", "slow_call_duration");
+        assert!(parse(&uncommented).unwrap().breaker.slow_call_duration.is_some());
+    }
+
+    #[test]
+    fn flags_work_after_the_worker_subcommand() {
+        let cli = Cli::try_parse_from(["demo-server", "worker", "--redis-url", "redis://127.0.0.1:1"]).unwrap();
+        assert_eq!(cli.command, Some(Command::Worker));
+        assert_eq!(Config::load(&cli).unwrap().redis_url.as_deref(), Some("redis://127.0.0.1:1"));
     }
 
     #[test]
