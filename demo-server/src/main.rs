@@ -118,8 +118,11 @@ async fn run(
     }
     shutdown.cancel();
     let grace = Duration::from_secs(grace_secs);
+    let hub = app.hub.clone();
     let drained = tokio::time::timeout(grace, async {
-        let (h, g) = tokio::join!(http, grpc);
+        // WebSocket clients get a 1001 close (the HTTP server no longer tracks upgraded
+        // connections), while requests and tasks in flight finish.
+        let (h, g, ()) = tokio::join!(http, grpc, hub.shutdown());
         h.context("HTTP server task failed")??;
         g.context("gRPC server task failed")??;
         if let Some(workers) = workers {
@@ -130,10 +133,10 @@ async fn run(
     .await;
     match drained {
         Ok(res) => res.map(|()| tracing::info!("stopped cleanly")),
-        Err(_) => {
-            tracing::warn!(?grace, "in-flight requests did not finish within the shutdown grace period");
-            Ok(())
-        }
+        // Work was cut: say so with the exit status, not only in a log line.
+        Err(_) => Err(anyhow::anyhow!(
+            "in-flight work (requests, tasks or WebSocket connections) did not finish within the shutdown grace period ({grace:?}) and was cut"
+        )),
     }
 }
 

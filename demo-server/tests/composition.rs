@@ -192,3 +192,37 @@ async fn slow_clients_are_closed_while_others_are_served() {
         }
     }
 }
+
+/// Before: at shutdown WebSocket clients got no close frame, and a grace period that ended with
+/// requests cut still exited 0. Now clients get 1001 and cut work makes the exit status fail.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_closes_websockets_with_1001_and_fails_when_work_is_cut() {
+    use futures_util::StreamExt;
+    use tokio_tungstenite::tungstenite::Message;
+    let (server, _dir) = start("", &[]);
+    let url = format!("ws://{}/ws?user_id=watcher", server.http);
+    let (mut ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+    let status = tokio::task::spawn_blocking(move || server.terminate());
+    let code = loop {
+        match tokio::time::timeout(Duration::from_secs(10), ws.next()).await.unwrap() {
+            Some(Ok(Message::Close(frame))) => break frame.map(|f| u16::from(f.code)),
+            Some(Ok(_)) => continue,
+            other => panic!("no close frame: {other:?}"),
+        }
+    };
+    assert_eq!(code, Some(1001));
+    assert!(status.await.unwrap().success(), "nothing was cut");
+
+    // A request longer than the grace period: cut, and the exit status says so.
+    let (server, _dir) = start("shutdown_grace_secs = 1\n", &[]);
+    let http = reqwest::Client::new();
+    let slow = json!({"fail_rate": 0.0, "latency_ms": 5_000});
+    let set = http.put(server.url("/admin/upstream/orders")).bearer_auth(TOKEN).json(&slow).send().await.unwrap();
+    assert_eq!(set.status(), 200);
+    let url = server.url("/upstream/orders");
+    let request = tokio::spawn(async move { http.get(url).send().await });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let status = tokio::task::spawn_blocking(move || server.terminate()).await.unwrap();
+    assert!(!status.success(), "work was cut: {status:?}");
+    let _ = request.await;
+}

@@ -85,6 +85,8 @@ pub(crate) struct HubInner {
     pub(crate) instance: Arc<str>,
     started: Instant,
     sweeper: OnceLock<()>,
+    /// Fired by [`Hub::shutdown`]: every connection closes with 1001 (going away).
+    pub(crate) closing: tokio_util::sync::CancellationToken,
     pub(crate) metrics: Metrics,
 }
 
@@ -174,6 +176,7 @@ impl Hub {
                 instance: format!("{:012x}", rand::random::<u64>() & 0xffff_ffff_ffff).into(),
                 started: Instant::now(),
                 sweeper: OnceLock::new(),
+                closing: tokio_util::sync::CancellationToken::new(),
                 metrics: Metrics {
                     connections: metrics::gauge!("rampart_hub_connections"),
                     subscriptions: metrics::gauge!("rampart_hub_subscriptions"),
@@ -200,6 +203,17 @@ impl Hub {
                 tracing::warn!("hub settings changed after the hub was shared; ignored");
                 Self { inner }
             }
+        }
+    }
+
+    /// Closes every connection with 1001 (going away) and refuses new ones (503), then waits
+    /// until they are gone (bound it with a timeout: a client that never reads its close frame
+    /// is dropped after `write_timeout`). For a server's graceful shutdown: its HTTP server
+    /// stops tracking a connection once it is upgraded to a WebSocket.
+    pub async fn shutdown(&self) {
+        self.inner.closing.cancel();
+        while self.inner.connections.load(Ordering::Acquire) > 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
 

@@ -66,6 +66,12 @@ pub async fn upgrade(
                 .into_response();
         }
     };
+    if hub.inner.closing.is_cancelled() {
+        return rampart_http::Problem::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable")
+            .detail("the server is shutting down")
+            .into_response()
+            .into_response();
+    }
     if hub.inner.connections.load(Ordering::Relaxed) as usize >= config.max_connections {
         return rampart_http::Problem::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable")
             .detail("too many connections")
@@ -224,6 +230,12 @@ async fn connection(hub: Hub, socket: WebSocket, user: String) {
             }
             () = sleep_until(deadline) => {
                 closing = Some((close_code::AWAY, "read deadline passed"));
+                break;
+            }
+            () = inner.closing.cancelled() => {
+                // Queued frames first (what was acked is delivered), then 1001.
+                let _ = tokio::time::timeout(config.write_timeout, flush(&hub, &conn, &mut tx)).await;
+                closing = Some((close_code::AWAY, "server shutting down"));
                 break;
             }
         }
