@@ -39,9 +39,21 @@ pub(crate) struct Cli {
     /// Do not run task workers in this process (they run in `demo-server worker` processes)
     #[arg(long, global = true)]
     pub(crate) no_worker: bool,
+    /// Log format on stderr: `text`, or `json` (one object per line)
+    #[arg(long, env = "DEMO_LOG_FORMAT", value_enum, default_value = "text", global = true)]
+    pub(crate) log_format: LogFormat,
     /// What to run (default: the servers, with workers unless --no-worker)
     #[command(subcommand)]
     pub(crate) command: Option<Command>,
+}
+
+/// Log formats.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
 }
 
 /// Subcommands.

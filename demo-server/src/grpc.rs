@@ -39,7 +39,13 @@ macro_rules! grpc_stack {
         let app: &crate::app::App = &$app;
         let limits = &app.config.limits;
         crate::limits::layer(app, &limits.grpc_global).and_then(|global| {
-            let per_method = crate::limits::layer(app, &limits.grpc_method)?.key(tower_ratelimit::GrpcMethod);
+            // Health checks are outside the limits (an orchestrator's probe never gets 429).
+            let global = global
+                .key(crate::grpc::NotHealth(tower_ratelimit::GlobalKey))
+                .on_missing_key(tower_ratelimit::MissingKey::Skip);
+            let per_method = crate::limits::layer(app, &limits.grpc_method)?
+                .key(crate::grpc::NotHealth(tower_ratelimit::GrpcMethod))
+                .on_missing_key(tower_ratelimit::MissingKey::Skip);
             anyhow::Ok(
                 tower::ServiceBuilder::new()
                     .layer(tower_ratelimit::adaptive::OverloadLayer::new(app.cpu_shed.clone()))
@@ -70,16 +76,42 @@ pub(crate) async fn serve(listener: TcpListener, app: Arc<App>, shutdown: Cancel
         .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
         .build_v1alpha()?;
     let stack = grpc_stack!(app)?;
+    // The standard health service: SERVING for the server ("") and UserService, NOT_SERVING once
+    // the shutdown starts (so a load balancer stops sending before the listener closes).
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_serving::<UserServiceServer<Users>>().await;
+    let draining = {
+        let (health, shutdown) = (health.clone(), shutdown.clone());
+        async move {
+            shutdown.cancelled().await;
+            health.set_not_serving::<UserServiceServer<Users>>().await;
+            health.set_service_status("", tonic_health::ServingStatus::NotServing).await;
+        }
+    };
+    tokio::spawn(draining);
     Server::builder()
         .max_concurrent_streams(MAX_CONCURRENT_STREAMS)
         .initial_stream_window_size(INITIAL_STREAM_WINDOW)
         .layer(stack)
+        .add_service(health_service)
         .add_service(UserServiceServer::new(Users))
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .serve_with_incoming_shutdown(tonic::transport::server::TcpIncoming::from(listener), shutdown.cancelled_owned())
         .await?;
     Ok(())
+}
+
+/// A key extractor that gives no key (so the limit skips the call) to the health service.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct NotHealth<K>(pub(crate) K);
+
+impl<K: tower_ratelimit::KeyExtractor<http::Request<B>>, B> tower_ratelimit::KeyExtractor<http::Request<B>>
+    for NotHealth<K>
+{
+    fn extract(&self, req: &http::Request<B>) -> Option<tower_ratelimit::Key> {
+        if req.uri().path().starts_with("/grpc.health.v1.Health/") { None } else { self.0.extract(req) }
+    }
 }
 
 /// The timeout's `Elapsed` as a trailers-only `DEADLINE_EXCEEDED` answer.

@@ -27,19 +27,30 @@ use crate::config::{Cli, Command, Config};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
-        .with_writer(std::io::stderr)
-        .init();
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let logs = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match cli.log_format {
+        config::LogFormat::Text => logs.init(),
+        config::LogFormat::Json => logs.json().flatten_event(true).init(),
+    }
     let result = Config::load(&cli).and_then(|config| {
         if cli.print_config {
             print!("{}", config.to_toml()?);
             return Ok(());
         }
         // Installed before any layer is built, so their metric handles record.
+        // Histograms with buckets (summaries cannot be aggregated across instances).
         let prometheus = metrics_exporter_prometheus::PrometheusBuilder::new()
+            .set_buckets(&[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0])
+            .context("invalid histogram buckets")?
             .install_recorder()
             .context("cannot install the Prometheus recorder")?;
+        // `# HELP` and units of every metric.
+        tower_ratelimit::describe_metrics();
+        tower_breaker::describe_metrics();
+        tower_redlock::describe_metrics();
+        streams_worker::describe_metrics();
+        ws_hub::describe_metrics();
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .build()

@@ -226,3 +226,60 @@ async fn shutdown_closes_websockets_with_1001_and_fails_when_work_is_cut() {
     assert!(!status.success(), "work was cut: {status:?}");
     let _ = request.await;
 }
+
+/// Operations (before: no readiness, no gRPC health service, Prometheus summaries without
+/// `# HELP`, an ERROR line for every intended 503, no JSON logs).
+#[tokio::test]
+async fn operations_health_histograms_and_json_access_logs() {
+    use std::io::BufRead;
+    use std::process::{Command, Stdio};
+    let mut child = Command::new(env!("CARGO_BIN_EXE_demo-server"))
+        .args(["--http-addr", "127.0.0.1:0", "--grpc-addr", "127.0.0.1:0", "--log-format", "json"])
+        .env_remove("REDIS_URL")
+        .env("RUST_LOG", "info")
+        .env("DEMO_ADMIN_TOKEN", TOKEN)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    stdout.read_line(&mut line).unwrap();
+    let addr = |name: &str| line.split_whitespace().find_map(|p| p.strip_prefix(name)).unwrap().to_owned();
+    let (http_addr, grpc_addr) = (addr("http="), addr("grpc="));
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+
+    // gRPC health: SERVING for the server and for UserService.
+    let channel =
+        tonic::transport::Channel::from_shared(format!("http://{grpc_addr}")).unwrap().connect().await.unwrap();
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+    for service in ["", "example.UserService"] {
+        let request = tonic_health::pb::HealthCheckRequest { service: service.into() };
+        let status = health.check(request).await.unwrap().into_inner().status;
+        assert_eq!(status, tonic_health::pb::health_check_response::ServingStatus::Serving as i32, "{service:?}");
+    }
+
+    let http = reqwest::Client::new();
+    assert_eq!(http.get(format!("http://{http_addr}/users/7")).send().await.unwrap().status(), 200);
+    let metrics = http.get(format!("http://{http_addr}/metrics")).send().await.unwrap().text().await.unwrap();
+    assert!(metrics.contains("# HELP rampart_ratelimit_requests_total"), "{metrics}");
+
+    // One JSON access-log line for the request, at info, with its status.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let access = loop {
+        let line = rx.recv_timeout(deadline.saturating_duration_since(Instant::now())).expect("no access log line");
+        let Ok(event) = serde_json::from_str::<Value>(&line) else { panic!("not JSON: {line}") };
+        if event["status"] == 200 && line.contains("/users/7") {
+            break event;
+        }
+    };
+    assert_eq!(access["level"], "INFO", "{access}");
+    let _ = child.kill();
+    let _ = child.wait();
+}

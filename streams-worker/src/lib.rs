@@ -121,3 +121,50 @@ pub use rampart_redis::{Conn, Redis};
 pub use stats::{LocalStats, Stats, stats};
 pub use status::{TaskStatus, task_status};
 pub use worker::Worker;
+
+/// Describes this crate's metrics (the `# HELP` and unit of each) to the installed `metrics`
+/// recorder. Call it once after installing one (the describing is the recorder's to keep).
+pub fn describe_metrics() {
+    metrics::describe_counter!(
+        "rampart_worker_processed_total",
+        metrics::Unit::Count,
+        "Tasks a worker ran to success."
+    );
+    metrics::describe_counter!(
+        "rampart_worker_failed_total",
+        metrics::Unit::Count,
+        "Task runs that failed (each is retried or dead-lettered)."
+    );
+    metrics::describe_counter!(
+        "rampart_worker_retried_total",
+        metrics::Unit::Count,
+        "Failed tasks scheduled for a retry."
+    );
+    metrics::describe_counter!(
+        "rampart_worker_dead_lettered_total",
+        metrics::Unit::Count,
+        "Tasks moved to the dead-letter stream."
+    );
+    metrics::describe_counter!(
+        "rampart_worker_reclaimed_total",
+        metrics::Unit::Count,
+        "Entries taken over from a consumer that stopped heartbeating."
+    );
+    metrics::describe_counter!(
+        "rampart_worker_lost_total",
+        metrics::Unit::Count,
+        "Entries another consumer took over while this one ran them (their handlers were stopped)."
+    );
+    metrics::describe_gauge!("rampart_worker_in_flight", metrics::Unit::Count, "Tasks running in this worker.");
+    metrics::describe_gauge!(
+        "rampart_worker_pending",
+        metrics::Unit::Count,
+        "Entries delivered to the group and not acknowledged."
+    );
+    metrics::describe_gauge!(
+        "rampart_worker_lag",
+        metrics::Unit::Count,
+        "Entries in the stream the group has not read yet."
+    );
+    metrics::describe_histogram!("rampart_worker_handler_seconds", metrics::Unit::Seconds, "Duration of a task run.");
+}

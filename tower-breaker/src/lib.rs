@@ -125,3 +125,33 @@ pub use window::WindowTotals;
 
 /// Boxed error of generic-mode services (as `tower::BoxError`).
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Describes this crate's metrics (the `# HELP` and unit of each) to the installed `metrics`
+/// recorder. Call it once after installing one (the describing is the recorder's to keep).
+pub fn describe_metrics() {
+    metrics::describe_counter!(
+        "rampart_breaker_calls_total",
+        metrics::Unit::Count,
+        "Calls a circuit breaker recorded, by breaker and outcome (success, failure, ignored)."
+    );
+    metrics::describe_counter!(
+        "rampart_breaker_rejections_total",
+        metrics::Unit::Count,
+        "Calls a circuit breaker (or adaptive throttle) refused."
+    );
+    metrics::describe_counter!(
+        "rampart_breaker_slow_calls_total",
+        metrics::Unit::Count,
+        "Calls slower than the slow_call_duration of their breaker."
+    );
+    metrics::describe_counter!(
+        "rampart_breaker_transitions_total",
+        metrics::Unit::Count,
+        "State transitions of a circuit breaker, by from and to state."
+    );
+    metrics::describe_gauge!(
+        "rampart_breaker_state",
+        metrics::Unit::Count,
+        "Current state of a circuit breaker (0 closed, 1 open, 2 half-open, 3 forced open, 4 disabled, 5 metrics-only)."
+    );
+}

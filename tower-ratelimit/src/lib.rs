@@ -140,3 +140,49 @@ pub use store::{
 
 /// Boxed error of generic-mode services (as `tower::BoxError`).
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Describes this crate's metrics (the `# HELP` and unit of each) to the installed `metrics`
+/// recorder. Call it once after installing one (the describing is the recorder's to keep).
+pub fn describe_metrics() {
+    metrics::describe_counter!(
+        "rampart_ratelimit_requests_total",
+        metrics::Unit::Count,
+        "Requests checked by a rate limit layer, by limiter and outcome (allowed, rejected, shadow_rejected)."
+    );
+    metrics::describe_counter!(
+        "rampart_ratelimit_evictions_total",
+        metrics::Unit::Count,
+        "Keys a memory store or leased store forgot before they were idle because it was full (each may over-admit once)."
+    );
+    metrics::describe_counter!(
+        "rampart_ratelimit_lease_fetches_total",
+        metrics::Unit::Count,
+        "Leases a leased store took from Redis."
+    );
+    metrics::describe_counter!(
+        "rampart_ratelimit_store_errors_total",
+        metrics::Unit::Count,
+        "Redis calls of a rate limit store that failed or timed out (the failure policy answered)."
+    );
+    metrics::describe_histogram!(
+        "rampart_ratelimit_store_seconds",
+        metrics::Unit::Seconds,
+        "Duration of a rate limit store script call to Redis."
+    );
+    metrics::describe_counter!(
+        "rampart_adaptive_rejections_total",
+        metrics::Unit::Count,
+        "Calls an adaptive concurrency limit refused."
+    );
+    metrics::describe_gauge!("rampart_adaptive_limit", metrics::Unit::Count, "Current adaptive concurrency limit.");
+    metrics::describe_gauge!(
+        "rampart_adaptive_in_flight",
+        metrics::Unit::Count,
+        "Calls in flight under an adaptive concurrency limit."
+    );
+    metrics::describe_counter!(
+        "rampart_shed_rejections_total",
+        metrics::Unit::Count,
+        "Calls the CPU load shedder refused."
+    );
+}

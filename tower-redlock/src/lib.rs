@@ -113,3 +113,33 @@ pub use layer::{
     Errors, Http, Lock, LockAnswer, LockKey, LockLayer, LockLost, LockRequest, Locked, MissingLockKey, Rejection,
     ResponseFuture, keys,
 };
+
+/// Describes this crate's metrics (the `# HELP` and unit of each) to the installed `metrics`
+/// recorder. Call it once after installing one (the describing is the recorder's to keep).
+pub fn describe_metrics() {
+    metrics::describe_counter!(
+        "rampart_lock_acquisitions_total",
+        metrics::Unit::Count,
+        "Lock acquisitions, by outcome (acquired, busy, unavailable)."
+    );
+    metrics::describe_counter!(
+        "rampart_lock_extensions_total",
+        metrics::Unit::Count,
+        "Watchdog extensions of held locks, by outcome (ok, failed)."
+    );
+    metrics::describe_counter!(
+        "rampart_lock_lost_total",
+        metrics::Unit::Count,
+        "Locks lost while held (the holder was told through lost())."
+    );
+    metrics::describe_counter!(
+        "rampart_lock_retries_total",
+        metrics::Unit::Count,
+        "Acquisition attempts retried after a busy or unavailable lock."
+    );
+    metrics::describe_histogram!(
+        "rampart_lock_acquire_seconds",
+        metrics::Unit::Seconds,
+        "Time to acquire a lock, retries included."
+    );
+}

@@ -95,3 +95,50 @@ pub use hub::{Hub, HubError, HubStats};
 pub use rampart_redis::Redis;
 pub use service::{HubService, Publish};
 pub use ws::upgrade;
+
+/// Describes this crate's metrics (the `# HELP` and unit of each) to the installed `metrics`
+/// recorder. Call it once after installing one (the describing is the recorder's to keep).
+pub fn describe_metrics() {
+    metrics::describe_gauge!("rampart_hub_connections", metrics::Unit::Count, "Open WebSocket connections.");
+    metrics::describe_gauge!("rampart_hub_subscriptions", metrics::Unit::Count, "Subscriptions of open connections.");
+    metrics::describe_gauge!(
+        "rampart_hub_channels",
+        metrics::Unit::Count,
+        "Channels with a subscriber on this instance."
+    );
+    metrics::describe_gauge!(
+        "rampart_hub_queued_bytes",
+        metrics::Unit::Bytes,
+        "Bytes queued to connections and not written yet."
+    );
+    metrics::describe_counter!(
+        "rampart_hub_messages_in_total",
+        metrics::Unit::Count,
+        "Messages published through this instance."
+    );
+    metrics::describe_counter!(
+        "rampart_hub_messages_out_total",
+        metrics::Unit::Count,
+        "Messages delivered to connections."
+    );
+    metrics::describe_counter!(
+        "rampart_hub_dropped_total",
+        metrics::Unit::Count,
+        "Messages dropped for slow consumers (drop_oldest), each announced to its client."
+    );
+    metrics::describe_counter!(
+        "rampart_hub_slow_disconnects_total",
+        metrics::Unit::Count,
+        "Connections closed as slow consumers."
+    );
+    metrics::describe_counter!(
+        "rampart_hub_bridge_shed_total",
+        metrics::Unit::Count,
+        "Messages from Redis shed past the bridge queue (recovered from the history)."
+    );
+    metrics::describe_counter!(
+        "rampart_hub_gaps_total",
+        metrics::Unit::Count,
+        "Gap frames sent (messages a client could not get back)."
+    );
+}

@@ -31,11 +31,13 @@ use tokio::{net::TcpListener, sync::Semaphore};
 use tokio_util::sync::CancellationToken;
 use tower::{ServiceBuilder, ServiceExt};
 use tower_http::{
+    LatencyUnit,
     request_id::{MakeRequestId, PropagateRequestIdLayer, RequestId, SetRequestIdLayer},
-    trace::TraceLayer,
+    trace::{DefaultMakeSpan, DefaultOnFailure, DefaultOnResponse, TraceLayer},
 };
 use tower_ratelimit::{ClientIp, GlobalKey, Key, KeyExtractor, MatchedRoute, PeerIp, adaptive::OverloadLayer};
 use tower_redlock::{LockLayer, keys::PathParam};
+use tracing::Level;
 
 use crate::{app::App, limits};
 
@@ -124,7 +126,14 @@ pub(crate) fn router(app: Arc<App>) -> anyhow::Result<Router> {
     Ok(api.layer(
         ServiceBuilder::new()
             .layer(SetRequestIdLayer::x_request_id(RandomRequestId))
-            .layer(TraceLayer::new_for_http())
+            // One access-log line per request at info (status, latency); refusals the layers
+            // make on purpose (429, 503 circuit_open) are not errors: debug.
+            .layer(
+                TraceLayer::new_for_http()
+                    .make_span_with(DefaultMakeSpan::new().level(Level::INFO))
+                    .on_response(DefaultOnResponse::new().level(Level::INFO).latency_unit(LatencyUnit::Micros))
+                    .on_failure(DefaultOnFailure::new().level(Level::DEBUG)),
+            )
             .layer(PropagateRequestIdLayer::x_request_id())
             .layer(HandleErrorLayer::new(timed_out))
             .timeout(config.timeouts.http),
