@@ -43,6 +43,10 @@ pub(crate) struct App {
     pub(crate) cpu_shed: Option<CpuShedder>,
     pub(crate) prometheus: PrometheusHandle,
     pub(crate) admin_token: String,
+    /// This instance's name (random per process).
+    pub(crate) instance: String,
+    /// Where this instance publishes its dashboard (admin only, read-only).
+    pub(crate) dashboard_channel: String,
 }
 
 impl App {
@@ -64,7 +68,15 @@ impl App {
         } else {
             RedLock::connect(&lock_nodes, config.lock.client.clone())?
         };
-        let hub = Hub::new(config.hub.clone());
+        let admin_token = config.admin_token.clone().unwrap_or_else(|| {
+            let token = format!("{:032x}", rand::random::<u128>());
+            tracing::warn!(%token, "DEMO_ADMIN_TOKEN not set: generated an admin token for this run");
+            token
+        });
+        let instance = format!("{:08x}", rand::random::<u32>());
+        let hub = Hub::new(config.hub.clone())
+            .with_authenticator(crate::dashboard::DemoAuth { admin_token: admin_token.clone() })
+            .with_permissions(crate::dashboard::DemoPermissions);
         let hub = match &deployment {
             Some(redis) => hub.with_redis_at(redis).await.context("cannot start the hub's Redis bridge")?,
             None => hub,
@@ -80,11 +92,6 @@ impl App {
             }
             None => (None, None, None),
         };
-        let admin_token = config.admin_token.clone().unwrap_or_else(|| {
-            let token = format!("{:032x}", rand::random::<u128>());
-            tracing::warn!(%token, "DEMO_ADMIN_TOKEN not set: generated an admin token for this run");
-            token
-        });
         let breakers = Arc::new(BreakerRegistry::new("upstream:", config.breaker.clone())?);
         let grpc_breakers = Arc::new(BreakerRegistry::new("grpc:", config.breaker.clone())?);
         let upstreams = Upstreams::new(
@@ -117,6 +124,8 @@ impl App {
             cpu_shed,
             prometheus,
             admin_token,
+            dashboard_channel: format!("dashboard:{instance}"),
+            instance,
             config,
         }))
     }

@@ -44,6 +44,8 @@ pub(crate) async fn snapshot(app: &App) -> Value {
         None => Value::Null,
     };
     json!({
+        "instance": app.instance,
+        "dashboard_channel": app.dashboard_channel,
         "limiters": limiter_counts(app),
         "breakers": breakers,
         "lock": {"nodes": app.lock.nodes(), "quorum": app.lock.quorum()},
@@ -60,7 +62,47 @@ pub(crate) async fn snapshot(app: &App) -> Value {
     })
 }
 
-/// Publishes a snapshot to the hub channel `dashboard` every second.
+/// Who may open the hub: `?admin_token=<DEMO_ADMIN_TOKEN>` connects as the user `admin` (the
+/// only one who may read the dashboard); anyone else as `?user_id=` says (the seed's demo scheme),
+/// except `admin`.
+pub(crate) struct DemoAuth {
+    pub(crate) admin_token: String,
+}
+
+/// The user id of a connection opened with the admin token.
+pub(crate) const ADMIN: &str = "admin";
+
+impl ws_hub::Authenticator for DemoAuth {
+    fn authenticate(&self, request: ws_hub::UpgradeRequest<'_>) -> Result<String, ws_hub::AuthError> {
+        if let Some(token) = request.query_param("admin_token") {
+            let expected = self.admin_token.as_bytes();
+            let ok = token.len() == expected.len()
+                && token.bytes().zip(expected).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0;
+            return if ok { Ok(ADMIN.to_owned()) } else { Err(ws_hub::AuthError("invalid admin_token".into())) };
+        }
+        let user = ws_hub::QueryUserId.authenticate(request)?;
+        if user == ADMIN {
+            return Err(ws_hub::AuthError("the user id `admin` is reserved: open the hub with ?admin_token=".into()));
+        }
+        Ok(user)
+    }
+}
+
+/// Dashboard channels (`dashboard:<instance>`) are read-only, for the admin only; every other
+/// channel is open to all.
+pub(crate) struct DemoPermissions;
+
+impl ws_hub::Permissions for DemoPermissions {
+    fn can_subscribe(&self, user: &str, channel: &str) -> bool {
+        !channel.starts_with("dashboard") || user == ADMIN
+    }
+
+    fn can_publish(&self, _user: &str, channel: &str) -> bool {
+        !channel.starts_with("dashboard")
+    }
+}
+
+/// Publishes a snapshot to this instance's dashboard channel every second.
 pub(crate) fn spawn_publisher(app: Arc<App>, shutdown: CancellationToken) {
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -70,7 +112,7 @@ pub(crate) fn spawn_publisher(app: Arc<App>, shutdown: CancellationToken) {
                 () = shutdown.cancelled() => return,
             }
             let state = snapshot(&app).await;
-            if let Err(error) = app.hub.publish("dashboard", &state, "server").await {
+            if let Err(error) = app.hub.publish(&app.dashboard_channel, &state, "server").await {
                 tracing::debug!(%error, "dashboard publish failed");
             }
         }

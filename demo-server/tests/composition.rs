@@ -283,3 +283,66 @@ async fn operations_health_histograms_and_json_access_logs() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+/// Before: the admin dashboard was published every second on the public hub channel
+/// `dashboard`: any anonymous `/ws?user_id=x` could read it, and publish fake frames the page
+/// rendered; with two instances the page flipped between them. Now it is this instance's
+/// `dashboard:<instance>` channel, which only a connection opened with the admin token may
+/// subscribe to, and no client may publish on.
+#[tokio::test]
+async fn the_dashboard_is_for_the_admin_only_and_read_only() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let (server, _dir) = start("", &[]);
+    let http = reqwest::Client::new();
+    let state: Value =
+        http.get(server.url("/admin/state")).bearer_auth(TOKEN).send().await.unwrap().json().await.unwrap();
+    let channel = state["dashboard_channel"].as_str().unwrap().to_owned();
+    assert!(channel.starts_with("dashboard:"), "{channel}");
+
+    async fn next_of(
+        ws: &mut (impl StreamExt<Item = Result<Message, tokio_tungstenite::tungstenite::Error>> + Unpin),
+        kind: &str,
+    ) -> Value {
+        loop {
+            let message = tokio::time::timeout(Duration::from_secs(10), ws.next()).await.unwrap().unwrap().unwrap();
+            if let Message::Text(text) = message {
+                let frame: Value = serde_json::from_str(&text).unwrap();
+                if frame["type"] == kind {
+                    return frame;
+                }
+            }
+        }
+    }
+    let frame = |kind: &str, channel: &str| {
+        Message::Text(json!({"type": kind, "channel": channel, "content": {"fake": true}}).to_string().into())
+    };
+
+    // Anonymous: cannot read it, cannot write it, cannot claim to be `admin`.
+    let (mut anon, _) =
+        tokio_tungstenite::connect_async(format!("ws://{}/ws?user_id=mallory", server.http)).await.unwrap();
+    for kind in ["subscribe", "message"] {
+        anon.send(frame(kind, &channel)).await.unwrap();
+        assert_eq!(next_of(&mut anon, "error").await["code"], "forbidden", "{kind}");
+    }
+    let claimed = http
+        .get(server.url("/ws?user_id=admin"))
+        .header("connection", "upgrade")
+        .header("upgrade", "websocket")
+        .header("sec-websocket-version", "13")
+        .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(claimed.status(), 401);
+    assert!(tokio_tungstenite::connect_async(format!("ws://{}/ws?admin_token=wrong", server.http)).await.is_err());
+
+    // The admin token: snapshots every second, and still no publishing.
+    let (mut admin, _) =
+        tokio_tungstenite::connect_async(format!("ws://{}/ws?admin_token={TOKEN}", server.http)).await.unwrap();
+    admin.send(frame("subscribe", &channel)).await.unwrap();
+    let snapshot = next_of(&mut admin, "message").await;
+    assert_eq!(snapshot["content"]["dashboard_channel"], channel.as_str());
+    admin.send(frame("message", &channel)).await.unwrap();
+    assert_eq!(next_of(&mut admin, "error").await["code"], "forbidden");
+}
