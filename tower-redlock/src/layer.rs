@@ -235,7 +235,9 @@ impl<Res, E: Into<BoxError>> LockAnswer<Res, E> for Errors {
 ///   readiness and call it, so waiting for a busy lock holds none of the inner service's capacity.
 /// * Contention: waits up to [`wait_timeout`](Self::wait_timeout) (default 5 s), then answers
 ///   409 (or 423, [`busy_status`](Self::busy_status)) with `Retry-After` and `lock_busy`; gRPC
-///   `ABORTED`.
+///   `ABORTED`. The wait it suggests is how long this layer's calls usually hold their lock (a
+///   smoothed average), within what is left of the holder's TTL: a handler that takes 300 ms
+///   under a 10 s TTL answers `Retry-After: 1`, not 10.
 /// * The inner call gets the [`FencingToken`] and a [`LockDeadline`] in its request extensions.
 /// * If the lock is lost during the call, the call is dropped (cancelled) and the client gets
 ///   503 `lock_lost` / `UNAVAILABLE`; a call that has finished when the loss is seen keeps its
@@ -277,6 +279,7 @@ pub struct LockLayer<K, M = Http> {
     namespace: Arc<str>,
     wait: Duration,
     mode: M,
+    hold: Arc<HoldTime>,
 }
 
 impl<K, M: Clone> Clone for LockLayer<K, M> {
@@ -287,7 +290,35 @@ impl<K, M: Clone> Clone for LockLayer<K, M> {
             namespace: self.namespace.clone(),
             wait: self.wait,
             mode: self.mode.clone(),
+            hold: self.hold.clone(),
         }
+    }
+}
+
+/// How long this layer's calls hold their lock, smoothed (an exponentially weighted average in
+/// nanoseconds; 0 before the first call): a busy answer's `Retry-After` says when the holder is
+/// likely done, not when its TTL would run out.
+#[derive(Debug, Default)]
+struct HoldTime(std::sync::atomic::AtomicU64);
+
+impl HoldTime {
+    fn record(&self, held: Duration) {
+        use std::sync::atomic::Ordering;
+        let sample = u64::try_from(held.as_nanos()).unwrap_or(u64::MAX);
+        let _ = self.0.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |old| {
+            Some(if old == 0 { sample } else { old - old / 5 + sample / 5 })
+        });
+    }
+
+    /// The expected wait for a busy lock: the smoothed hold time, within the holder's remaining
+    /// TTL (what the nodes said) when known.
+    fn retry_after(&self, ttl_left: Option<Duration>) -> Option<Duration> {
+        let typical = self.0.load(std::sync::atomic::Ordering::Relaxed);
+        if typical == 0 {
+            return ttl_left;
+        }
+        let typical = Duration::from_nanos(typical);
+        Some(ttl_left.map_or(typical, |left| left.min(typical)))
     }
 }
 
@@ -310,6 +341,7 @@ impl<K> LockLayer<K> {
             namespace: Arc::from(""),
             wait: Duration::from_secs(5),
             mode: Http { busy_status: StatusCode::CONFLICT },
+            hold: Arc::default(),
         }
     }
 
@@ -345,7 +377,14 @@ impl<K> LockLayer<K> {
     /// # tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap().block_on(demo()).unwrap();
     /// ```
     pub fn errors(self) -> LockLayer<K, Errors> {
-        LockLayer { lock: self.lock, key: self.key, namespace: self.namespace, wait: self.wait, mode: Errors }
+        LockLayer {
+            lock: self.lock,
+            key: self.key,
+            namespace: self.namespace,
+            wait: self.wait,
+            mode: Errors,
+            hold: self.hold,
+        }
     }
 }
 
@@ -407,8 +446,14 @@ where
     fn call(&mut self, req: Req) -> Self::Future {
         let grpc = M::is_grpc(&req);
         let mode = self.layer.mode.clone();
+        let hold = self.layer.hold.clone();
         let Some(key) = self.layer.key.key(&req).map(|k| format!("{}{k}", self.layer.namespace)) else {
-            return ResponseFuture { mode, grpc, state: State::Rejected { rejection: Some(Rejection::MissingKey) } };
+            return ResponseFuture {
+                mode,
+                grpc,
+                hold,
+                state: State::Rejected { rejection: Some(Rejection::MissingKey) },
+            };
         };
         let lock = self.layer.lock.clone();
         let wait = self.layer.wait;
@@ -416,6 +461,7 @@ where
         ResponseFuture {
             mode,
             grpc,
+            hold,
             state: State::Acquiring { acquire, req: Some(req), inner: Some(self.inner.clone()) },
         }
     }
@@ -435,6 +481,7 @@ pin_project! {
     {
         mode: M,
         grpc: bool,
+        hold: Arc<HoldTime>,
         #[pin]
         state: State<S, Req, S::Future>,
     }
@@ -445,13 +492,14 @@ pin_project! {
     enum State<S, Req, F> {
         Rejected { rejection: Option<Rejection> },
         Acquiring { acquire: Acquisition, req: Option<Req>, inner: Option<S> },
-        Readying { guard: Option<LockGuard>, req: Option<Req>, inner: S },
+        Readying { guard: Option<LockGuard>, req: Option<Req>, inner: S, since: tokio::time::Instant },
         Calling {
             #[pin]
             call: F,
             #[pin]
             lost: WaitForCancellationFutureOwned,
             guard: Option<LockGuard>,
+            since: tokio::time::Instant,
         },
         Done,
     }
@@ -490,11 +538,21 @@ where
                         return Poll::Pending;
                     };
                     match acquired {
-                        Ok(guard) => this.state.set(State::Readying { guard: Some(guard), req: Some(req), inner }),
+                        Ok(guard) => {
+                            let since = tokio::time::Instant::now();
+                            this.state.set(State::Readying { guard: Some(guard), req: Some(req), inner, since });
+                        }
+                        // Retry when the holder is likely done: its usual hold time, not the TTL.
+                        Err(LockError::Busy { key, retry_after }) => {
+                            let retry_after = this.hold.retry_after(retry_after);
+                            let busy = LockError::Busy { key, retry_after };
+                            this.state.set(State::Rejected { rejection: Some(Rejection::Lock(busy)) });
+                        }
                         Err(error) => this.state.set(State::Rejected { rejection: Some(Rejection::Lock(error)) }),
                     }
                 }
-                StateProj::Readying { guard, req, inner } => {
+                StateProj::Readying { guard, req, inner, since } => {
+                    let since = *since;
                     if let Err(error) = ready!(inner.poll_ready(cx)) {
                         this.state.set(State::Done);
                         return Poll::Ready(Err(M::error(error)));
@@ -513,15 +571,16 @@ where
                     };
                     let call = inner.call(M::wrap(req, token, guard.status()));
                     let lost = guard.lost();
-                    this.state.set(State::Calling { call, lost, guard: Some(guard) });
+                    this.state.set(State::Calling { call, lost, guard: Some(guard), since });
                 }
-                StateProj::Calling { call, lost, guard } => {
+                StateProj::Calling { call, lost, guard, since } => {
                     // The call first: a handler that has finished keeps its answer.
                     if let Poll::Ready(result) = call.poll(cx) {
                         // Lost, or past its deadline although the watchdog has not said so yet.
                         let was_lost = guard.as_ref().is_none_or(|g| g.is_lost() || g.validity().is_zero());
                         // Dropping the guard releases the lock in the background.
                         drop(guard.take());
+                        this.hold.record(since.elapsed());
                         this.state.set(State::Done);
                         return Poll::Ready(match result {
                             Ok(response) => Ok(this.mode.respond(response, was_lost)),

@@ -211,3 +211,24 @@ async fn path_param_keys_by_the_routes_parameter_name() {
     assert_eq!(call("a%2D1").await.unwrap().status(), 409, "percent-decoded as the router decodes it");
     held.release().await.unwrap();
 }
+
+/// Before: `lock_busy`'s `Retry-After` was the holder's remaining TTL (10 s) even when the
+/// holder's work took 300 ms. Now it is the layer's usual hold time, within that TTL.
+#[tokio::test]
+async fn a_busy_answer_suggests_the_usual_hold_time_not_the_ttl() {
+    let lock = RedLock::in_memory(LockConfig { ttl: Duration::from_secs(10), ..config() }).unwrap();
+    let svc = ServiceBuilder::new()
+        .layer(LockLayer::new(lock, |_: &Request<()>| Some("k".to_owned())).wait_timeout(Duration::from_millis(20)))
+        .service(tower::service_fn(|_: Request<()>| async {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            Ok::<_, Infallible>(Response::new(()))
+        }));
+    // One call teaches the layer how long its calls hold the lock.
+    assert_eq!(svc.clone().oneshot(Request::new(())).await.unwrap().status(), 200);
+    let holder = tokio::spawn(svc.clone().oneshot(Request::new(())));
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let busy = svc.clone().oneshot(Request::new(())).await.unwrap();
+    assert_eq!(busy.status(), 409);
+    assert_eq!(busy.headers()["retry-after"], "1", "300 ms holds: retry in a second, not in 10");
+    assert_eq!(holder.await.unwrap().unwrap().status(), 200);
+}
