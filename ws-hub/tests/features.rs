@@ -3,57 +3,15 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failure report
 
-use std::{net::SocketAddr, time::Duration};
+mod common;
 
-use futures_util::{SinkExt, StreamExt};
-use serde_json::{Value, json};
+use std::time::Duration;
+
+use common::*;
+use serde_json::json;
 use testkit::RedisServer;
-use tokio::net::TcpStream;
-use tokio_tungstenite::{
-    MaybeTlsStream, WebSocketStream, connect_async,
-    tungstenite::{Message, client::IntoClientRequest},
-};
+use tokio_tungstenite::{connect_async, tungstenite::client::IntoClientRequest};
 use ws_hub::{Hub, HubConfig, HubError};
-
-type Client = WebSocketStream<MaybeTlsStream<TcpStream>>;
-
-async fn serve(hub: &Hub) -> SocketAddr {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let app = hub.router("/ws");
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    addr
-}
-
-async fn client(addr: SocketAddr, user: &str) -> Client {
-    connect_async(format!("ws://{addr}/ws?user_id={user}")).await.unwrap().0
-}
-
-async fn send(c: &mut Client, value: Value) {
-    c.send(Message::Text(value.to_string().into())).await.unwrap();
-}
-
-async fn recv(c: &mut Client) -> Value {
-    loop {
-        let msg =
-            tokio::time::timeout(Duration::from_secs(5), c.next()).await.expect("a frame within 5 s").unwrap().unwrap();
-        match msg {
-            Message::Text(t) => return serde_json::from_str(&t).unwrap(),
-            Message::Ping(_) | Message::Pong(_) => continue,
-            other => panic!("unexpected {other:?}"),
-        }
-    }
-}
-
-/// The next frame of `kind`, skipping others.
-async fn next_of(c: &mut Client, kind: &str) -> Value {
-    loop {
-        let v = recv(c).await;
-        if v["type"] == kind {
-            return v;
-        }
-    }
-}
 
 #[tokio::test(start_paused = true)]
 async fn idle_channels_are_freed_and_their_number_is_bounded() {

@@ -4,50 +4,20 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, dead_code)] // test code: a panic is a failure report
 
+mod common;
+
 use std::{
-    net::SocketAddr,
     sync::{Arc, Mutex},
     time::Duration,
 };
 
-use futures_util::{SinkExt, StreamExt};
+use common::*;
+use futures_util::StreamExt;
 use metrics::{Counter, Gauge, GaugeFn, Histogram, Key, KeyName, Metadata, Recorder, SharedString, Unit};
 use serde_json::{Value, json};
 use testkit::RedisServer;
-use tokio::net::TcpStream;
-use tokio_tungstenite::{MaybeTlsStream, WebSocketStream, connect_async, tungstenite::Message};
+use tokio_tungstenite::tungstenite::Message;
 use ws_hub::{Hub, HubConfig};
-
-type Client = WebSocketStream<MaybeTlsStream<TcpStream>>;
-
-async fn serve(hub: &Hub) -> SocketAddr {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let app = hub.router("/ws");
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    addr
-}
-
-async fn client(addr: SocketAddr, user: &str) -> Client {
-    connect_async(format!("ws://{addr}/ws?user_id={user}")).await.unwrap().0
-}
-
-async fn send(c: &mut Client, value: Value) {
-    c.send(Message::Text(value.to_string().into())).await.unwrap();
-}
-
-/// The next JSON frame (skipping pings), within 5 s.
-async fn recv(c: &mut Client) -> Value {
-    loop {
-        let msg =
-            tokio::time::timeout(Duration::from_secs(5), c.next()).await.expect("a frame within 5 s").unwrap().unwrap();
-        match msg {
-            Message::Text(t) => return serde_json::from_str(&t).unwrap(),
-            Message::Ping(_) | Message::Pong(_) => continue,
-            other => panic!("unexpected {other:?}"),
-        }
-    }
-}
 
 /// Every JSON frame arriving within `limit`.
 async fn collect(c: &mut Client, limit: Duration) -> Vec<Value> {

@@ -4,6 +4,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failure report
 
+mod common;
+
 mod fill {
     // Adversarial probes of the bridge's hole filling (`deliver_from_redis` / `fill`): what a
     // subscriber sees when the instance has to read the history to fill a hole and that read fails,
@@ -17,18 +19,17 @@ mod fill {
 
     use std::{
         collections::{HashMap, HashSet},
-        net::SocketAddr,
         time::Duration,
     };
 
-    use futures_util::{SinkExt, StreamExt};
+    #[allow(unused_imports)]
+    use crate::common::*;
+    use futures_util::StreamExt;
     use serde_json::{Value, json};
     use testkit::{RedisCluster, RedisServer};
-    use tokio::{net::TcpStream, time::Instant};
-    use tokio_tungstenite::{MaybeTlsStream, WebSocketStream, connect_async, tungstenite::Message};
+    use tokio::time::Instant;
+    use tokio_tungstenite::tungstenite::Message;
     use ws_hub::{Hub, HubConfig, Redis};
-
-    type Client = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
     /// `ws-hub/src/bridge.rs` PUBLISH, verbatim.
     const PUBLISH: &str = r"
@@ -45,22 +46,6 @@ mod fill {
     redis.call(ARGV[4], ARGV[3], 'M' .. epoch .. ' ' .. ARGV[1] .. offset .. '}')
     return {offset, epoch}
     ";
-
-    async fn serve(hub: &Hub) -> SocketAddr {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let app = hub.router("/ws");
-        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-        addr
-    }
-
-    async fn client(addr: SocketAddr, user: &str) -> Client {
-        connect_async(format!("ws://{addr}/ws?user_id={user}")).await.unwrap().0
-    }
-
-    async fn send(c: &mut Client, value: Value) {
-        c.send(Message::Text(value.to_string().into())).await.unwrap();
-    }
 
     /// Every JSON frame arriving within `limit`.
     async fn collect(c: &mut Client, limit: Duration, into: &mut Vec<Value>) {
@@ -495,48 +480,14 @@ mod leak {
     // Adversarial probe: what a Redis error between the Redis SUBSCRIBE and the sequence read
     // leaves behind.
 
-    use std::{net::SocketAddr, time::Duration};
+    use std::time::Duration;
 
-    use futures_util::{SinkExt, StreamExt};
-    use serde_json::{Value, json};
+    use serde_json::json;
     use testkit::RedisServer;
-    use tokio::net::TcpStream;
-    use tokio_tungstenite::{MaybeTlsStream, WebSocketStream, connect_async, tungstenite::Message};
+
+    #[allow(unused_imports)]
+    use crate::common::*;
     use ws_hub::{Hub, HubConfig};
-
-    type Client = WebSocketStream<MaybeTlsStream<TcpStream>>;
-
-    async fn serve(hub: &Hub) -> SocketAddr {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let app = hub.router("/ws");
-        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-        addr
-    }
-
-    async fn client(addr: SocketAddr, user: &str) -> Client {
-        connect_async(format!("ws://{addr}/ws?user_id={user}")).await.unwrap().0
-    }
-
-    async fn send(c: &mut Client, value: Value) {
-        c.send(Message::Text(value.to_string().into())).await.unwrap();
-    }
-
-    /// The next JSON frame (skipping pings), within 5 s.
-    async fn recv(c: &mut Client) -> Value {
-        loop {
-            let msg = tokio::time::timeout(Duration::from_secs(5), c.next())
-                .await
-                .expect("a frame within 5 s")
-                .unwrap()
-                .unwrap();
-            match msg {
-                Message::Text(t) => return serde_json::from_str(&t).unwrap(),
-                Message::Ping(_) | Message::Pong(_) => continue,
-                other => panic!("unexpected {other:?}"),
-            }
-        }
-    }
 
     /// A subscribe whose sequence read fails (here: Redis stalls writes, scripts included, longer
     /// than the bridge's 2 s response timeout, while SUBSCRIBE still goes through) answers
@@ -568,31 +519,15 @@ mod leak {
 mod limits {
     // Adversarial probes of connection limits.
 
-    use std::{net::SocketAddr, time::Duration};
+    use std::time::Duration;
 
     use futures_util::{SinkExt, StreamExt};
-    use serde_json::{Value, json};
-    use tokio::net::TcpStream;
-    use tokio_tungstenite::{MaybeTlsStream, WebSocketStream, connect_async, tungstenite::Message};
+    use serde_json::json;
+
+    #[allow(unused_imports)]
+    use crate::common::*;
+    use tokio_tungstenite::tungstenite::Message;
     use ws_hub::{Hub, HubConfig};
-
-    type Client = WebSocketStream<MaybeTlsStream<TcpStream>>;
-
-    async fn serve(hub: &Hub) -> SocketAddr {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let app = hub.router("/ws");
-        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-        addr
-    }
-
-    async fn client(addr: SocketAddr, user: &str) -> Client {
-        connect_async(format!("ws://{addr}/ws?user_id={user}")).await.unwrap().0
-    }
-
-    async fn send(c: &mut Client, value: Value) {
-        c.send(Message::Text(value.to_string().into())).await.unwrap();
-    }
 
     /// "Every frame, binary ones too, counts against the message rate": WebSocket ping frames do
     /// not.
@@ -625,32 +560,16 @@ mod mixed {
     // Adversarial probe: instances sharing a Redis with different `history` settings (a rolling
     // configuration change).
 
-    use std::{net::SocketAddr, time::Duration};
+    use std::time::Duration;
 
-    use futures_util::{SinkExt, StreamExt};
+    use futures_util::StreamExt;
     use serde_json::{Value, json};
     use testkit::RedisServer;
-    use tokio::net::TcpStream;
-    use tokio_tungstenite::{MaybeTlsStream, WebSocketStream, connect_async, tungstenite::Message};
+
+    #[allow(unused_imports)]
+    use crate::common::*;
+    use tokio_tungstenite::tungstenite::Message;
     use ws_hub::{Hub, HubConfig};
-
-    type Client = WebSocketStream<MaybeTlsStream<TcpStream>>;
-
-    async fn serve(hub: &Hub) -> SocketAddr {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let app = hub.router("/ws");
-        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-        addr
-    }
-
-    async fn client(addr: SocketAddr, user: &str) -> Client {
-        connect_async(format!("ws://{addr}/ws?user_id={user}")).await.unwrap().0
-    }
-
-    async fn send(c: &mut Client, value: Value) {
-        c.send(Message::Text(value.to_string().into())).await.unwrap();
-    }
 
     /// Every JSON frame arriving within `limit`.
     async fn collect(c: &mut Client, limit: Duration) -> Vec<Value> {
@@ -695,48 +614,16 @@ mod mixed {
 mod tail {
     // Adversarial probe: the tail of a burst shed from a full bridge queue.
 
-    use std::{net::SocketAddr, time::Duration};
+    use std::time::Duration;
 
-    use futures_util::{SinkExt, StreamExt};
+    use futures_util::StreamExt;
     use serde_json::{Value, json};
     use testkit::RedisServer;
-    use tokio::net::TcpStream;
-    use tokio_tungstenite::{MaybeTlsStream, WebSocketStream, connect_async, tungstenite::Message};
+
+    #[allow(unused_imports)]
+    use crate::common::*;
+    use tokio_tungstenite::tungstenite::Message;
     use ws_hub::{Hub, HubConfig};
-
-    type Client = WebSocketStream<MaybeTlsStream<TcpStream>>;
-
-    async fn serve(hub: &Hub) -> SocketAddr {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let app = hub.router("/ws");
-        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-        addr
-    }
-
-    async fn client(addr: SocketAddr, user: &str) -> Client {
-        connect_async(format!("ws://{addr}/ws?user_id={user}")).await.unwrap().0
-    }
-
-    async fn send(c: &mut Client, value: Value) {
-        c.send(Message::Text(value.to_string().into())).await.unwrap();
-    }
-
-    /// The next JSON frame (skipping pings), within 5 s.
-    async fn recv(c: &mut Client) -> Value {
-        loop {
-            let msg = tokio::time::timeout(Duration::from_secs(5), c.next())
-                .await
-                .expect("a frame within 5 s")
-                .unwrap()
-                .unwrap();
-            match msg {
-                Message::Text(t) => return serde_json::from_str(&t).unwrap(),
-                Message::Ping(_) | Message::Pong(_) => continue,
-                other => panic!("unexpected {other:?}"),
-            }
-        }
-    }
 
     /// Every JSON frame arriving within `limit`.
     async fn collect(c: &mut Client, limit: Duration) -> Vec<Value> {
