@@ -30,16 +30,39 @@ pin_project! {
 
 impl<B> ResponseBody<B> {
     /// Wraps the inner service's body.
+    ///
+    /// ```
+    /// use rampart_http::ResponseBody;
+    ///
+    /// // What a layer does with the inner service's response when it lets it through.
+    /// let response = http::Response::new(String::from("hello")).map(ResponseBody::inner);
+    /// assert!(matches!(response.body(), ResponseBody::Inner { .. }));
+    /// ```
     pub fn inner(body: B) -> Self {
         Self::Inner { body }
     }
 
     /// A body made by the layer.
+    ///
+    /// ```
+    /// use http_body::Body as _;
+    /// use rampart_http::ResponseBody;
+    ///
+    /// let body = ResponseBody::<String>::local(r#"{"error":"rate_limited"}"#);
+    /// assert_eq!(body.size_hint().exact(), Some(24));
+    /// ```
     pub fn local(bytes: impl Into<Bytes>) -> Self {
         Self::Local { body: Full::new(bytes.into()) }
     }
 
-    /// An empty body made by the layer.
+    /// An empty body made by the layer (a trailers-only gRPC answer has one).
+    ///
+    /// ```
+    /// use http_body::Body as _;
+    /// use rampart_http::ResponseBody;
+    ///
+    /// assert!(ResponseBody::<String>::empty().is_end_stream());
+    /// ```
     pub fn empty() -> Self {
         Self::Local { body: Full::default() }
     }

@@ -12,6 +12,15 @@ use crate::ResponseBody;
 /// Whether a request (or response) is gRPC: `content-type: application/grpc` or
 /// `application/grpc+<codec>` / `application/grpc;...` (but not `application/grpc-web`, whose
 /// clients expect the status in the body).
+///
+/// ```
+/// use rampart_http::is_grpc;
+///
+/// let request = http::Request::builder().header("content-type", "application/grpc+proto").body(())?;
+/// assert!(is_grpc(request.headers()));
+/// assert!(!is_grpc(http::Request::new(()).headers()));
+/// # Ok::<(), http::Error>(())
+/// ```
 pub fn is_grpc(headers: &HeaderMap) -> bool {
     headers.get(header::CONTENT_TYPE).is_some_and(|ct| {
         let ct = ct.as_bytes();
@@ -23,6 +32,17 @@ pub fn is_grpc(headers: &HeaderMap) -> bool {
 /// `grpc-message`, an empty body, and `google.rpc.RetryInfo` in `grpc-status-details-bin` when
 /// `retry_after` is given (so clients that understand it back off for the right time), rounded
 /// as every Rampart answer rounds a wait ([`format_wait`](crate::format_wait)).
+///
+/// ```
+/// use std::time::Duration;
+/// use rampart_http::{GrpcCode, ResponseBody, grpc_response};
+///
+/// let response: http::Response<ResponseBody<()>> =
+///     grpc_response(GrpcCode::Unavailable, "circuit open", Some(Duration::from_secs(30)));
+/// assert_eq!(response.status(), 200); // gRPC statuses travel in the headers
+/// assert_eq!(response.headers()["grpc-status"], "14");
+/// assert!(response.headers().contains_key("grpc-status-details-bin"));
+/// ```
 pub fn grpc_response<B>(code: Code, message: &str, retry_after: Option<Duration>) -> http::Response<ResponseBody<B>> {
     let status = match retry_after {
         Some(delay) => {

@@ -30,6 +30,21 @@ pub struct Problem {
 
 impl Problem {
     /// A problem with the given status and stable error code, and no detail yet.
+    ///
+    /// ```
+    /// use http::StatusCode;
+    /// use rampart_http::Problem;
+    ///
+    /// let problem = Problem::new(StatusCode::CONFLICT, "lock_busy").detail("order 42 is being paid");
+    /// assert_eq!((problem.status, problem.title.as_str()), (409, "Conflict"));
+    /// assert_eq!(problem.type_uri, "about:blank");
+    ///
+    /// // Clients read it back from the body.
+    /// let body = problem.to_bytes();
+    /// let read: Problem = serde_json::from_slice(&body)?;
+    /// assert_eq!(read.error, "lock_busy");
+    /// # Ok::<(), serde_json::Error>(())
+    /// ```
     pub fn new(status: StatusCode, error: impl Into<String>) -> Self {
         Self {
             type_uri: "about:blank".to_owned(),

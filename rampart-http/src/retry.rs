@@ -6,6 +6,15 @@ use http::HeaderValue;
 
 /// Whole seconds for `Retry-After`: rounded **up** and never 0, so a client that waits that long
 /// is not refused again (governor-style rounding down tells clients to retry at once and fail).
+///
+/// ```
+/// use std::time::Duration;
+/// use rampart_http::{format_wait, retry_after_secs};
+///
+/// assert_eq!(retry_after_secs(Duration::from_millis(1001)), 2);
+/// assert_eq!(retry_after_secs(Duration::ZERO), 1);
+/// assert_eq!(format_wait(Duration::from_millis(1500)), "2 s");
+/// ```
 pub fn retry_after_secs(wait: Duration) -> u64 {
     let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
     secs.max(1)

@@ -31,7 +31,19 @@ use redis::{
 };
 use tokio::sync::mpsc::UnboundedSender;
 
-/// A Redis deployment to connect to.
+/// A Redis deployment to connect to: [`Redis::url`] for one server, [`Redis::cluster`] for a
+/// Redis Cluster. Either gives the same [`Conn`].
+///
+/// ```
+/// use rampart_redis::Redis;
+///
+/// let redis = match std::env::var("REDIS_CLUSTER_NODES") {
+///     Ok(nodes) => Redis::cluster(&nodes.split(',').collect::<Vec<_>>())?,
+///     Err(_) => Redis::url("redis://127.0.0.1:6379")?,
+/// };
+/// # let _ = redis;
+/// # Ok::<(), redis::RedisError>(())
+/// ```
 #[derive(Debug, Clone)]
 pub enum Redis {
     /// One server (`redis://host:port/db`).
@@ -41,6 +53,15 @@ pub enum Redis {
 }
 
 /// How a [`Conn`] connects and reconnects.
+///
+/// ```
+/// use std::time::Duration;
+/// use rampart_redis::Tuning;
+///
+/// // A connection for `XREADGROUP ... BLOCK 5000`: answers may take the whole block time.
+/// let blocking = Tuning { response_timeout: Duration::from_secs(6), ..Tuning::default() };
+/// assert_eq!(blocking.connect_timeout, Duration::from_secs(2));
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Tuning {
     /// Time allowed to open one connection.
@@ -71,12 +92,32 @@ impl Default for Tuning {
 }
 
 impl Redis {
-    /// One server.
+    /// One server (`redis://[user:password@]host[:port][/db]`). Only parses: nothing connects
+    /// before [`connect`](Self::connect).
+    ///
+    /// ```
+    /// use rampart_redis::Redis;
+    ///
+    /// let redis = Redis::url("redis://127.0.0.1:6379/0")?;
+    /// assert!(!redis.is_cluster());
+    /// assert!(Redis::url("not a url").is_err());
+    /// # Ok::<(), redis::RedisError>(())
+    /// ```
     pub fn url(url: &str) -> Result<Self, redis::RedisError> {
         Ok(Self::Single(Box::new(url.into_connection_info()?)))
     }
 
-    /// A cluster, from any of its nodes.
+    /// A cluster, from any of its nodes (at least one). Only parses: nothing connects before
+    /// [`connect`](Self::connect), which discovers the other nodes.
+    ///
+    /// ```
+    /// use rampart_redis::Redis;
+    ///
+    /// let redis = Redis::cluster(&["redis://10.0.0.1:7000", "redis://10.0.0.2:7000"])?;
+    /// assert!(redis.is_cluster());
+    /// assert!(Redis::cluster::<&str>(&[]).is_err());
+    /// # Ok::<(), redis::RedisError>(())
+    /// ```
     pub fn cluster<S: AsRef<str>>(nodes: &[S]) -> Result<Self, redis::RedisError> {
         if nodes.is_empty() {
             return Err((redis::ErrorKind::InvalidClientConfig, "a cluster needs at least one node").into());
@@ -90,12 +131,38 @@ impl Redis {
         matches!(self, Self::Cluster(_))
     }
 
-    /// A new auto-reconnecting connection with the default [`Tuning`].
+    /// A new auto-reconnecting connection with the default [`Tuning`]. Fails if the first
+    /// connection cannot be made within `connect_timeout`.
+    ///
+    /// ```no_run
+    /// use rampart_redis::Redis;
+    ///
+    /// # async fn demo() -> Result<(), redis::RedisError> {
+    /// let mut con = Redis::url("redis://127.0.0.1:6379")?.connect().await?;
+    /// let _: () = redis::cmd("SET").arg("greeting").arg("hello").query_async(&mut con).await?;
+    /// let greeting: String = redis::cmd("GET").arg("greeting").query_async(&mut con).await?;
+    /// # let _ = greeting;
+    /// # Ok(()) }
+    /// ```
     pub async fn connect(&self) -> Result<Conn, redis::RedisError> {
         self.connect_with(Tuning::default()).await
     }
 
     /// A new auto-reconnecting connection.
+    ///
+    /// ```no_run
+    /// use std::time::Duration;
+    /// use rampart_redis::{Redis, Tuning};
+    ///
+    /// # async fn demo() -> Result<(), redis::RedisError> {
+    /// let redis = Redis::url("redis://127.0.0.1:6379")?;
+    /// // Blocking reads of up to 5 s need a longer response timeout.
+    /// let tuning = Tuning { response_timeout: Duration::from_secs(6), ..Tuning::default() };
+    /// let mut reader = redis.connect_with(tuning).await?;
+    /// let popped: Option<(String, String)> = redis::cmd("BLPOP").arg("jobs").arg(5).query_async(&mut reader).await?;
+    /// # let _ = popped;
+    /// # Ok(()) }
+    /// ```
     pub async fn connect_with(&self, tuning: Tuning) -> Result<Conn, redis::RedisError> {
         self.open(tuning, None::<UnboundedSender<PushInfo>>).await
     }
@@ -105,6 +172,20 @@ impl Redis {
     /// after every reconnect, and each renewal is confirmed with a push.
     /// `pushes` is any [`AsyncPushSender`] (an unbounded `mpsc` sender, or a bounded one of
     /// your own that sheds). It must not block.
+    ///
+    /// ```no_run
+    /// use rampart_redis::{Redis, Tuning};
+    ///
+    /// # async fn demo() -> Result<(), redis::RedisError> {
+    /// let redis = Redis::url("redis://127.0.0.1:6379")?;
+    /// let (pushes, mut received) = tokio::sync::mpsc::unbounded_channel();
+    /// let mut con = redis.connect_push(Tuning::default(), pushes).await?;
+    /// con.subscribe("news").await?;
+    /// while let Some(push) = received.recv().await {
+    ///     println!("{:?}: {:?}", push.kind, push.data);
+    /// }
+    /// # Ok(()) }
+    /// ```
     pub async fn connect_push(
         &self,
         tuning: Tuning,
@@ -153,6 +234,21 @@ impl Redis {
 }
 
 /// A connection to either deployment. Cloning is cheap and shares the connection.
+///
+/// It implements [`redis::aio::ConnectionLike`]: commands, pipelines and scripts run on it as
+/// on any `redis` connection.
+///
+/// ```no_run
+/// use rampart_redis::Redis;
+///
+/// # async fn demo() -> Result<(), redis::RedisError> {
+/// let con = Redis::url("redis://127.0.0.1:6379")?.connect().await?;
+/// let mut a = con.clone(); // the same connection
+/// let (hits,): (u64,) =
+///     redis::pipe().incr("{page:1}:hits", 1).expire("{page:1}:hits", 3600).ignore().query_async(&mut a).await?;
+/// # let _ = hits;
+/// # Ok(()) }
+/// ```
 #[derive(Clone)]
 pub enum Conn {
     /// One server (reconnects by itself).

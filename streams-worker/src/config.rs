@@ -7,6 +7,19 @@ use serde::{Deserialize, Serialize};
 use crate::error::QueueError;
 
 /// How a worker reads, retries and stops. Serde-deserializable; durations as `"1s"`, `"250ms"`.
+///
+/// ```
+/// use std::time::Duration;
+/// use streams_worker::WorkerConfig;
+///
+/// let config: WorkerConfig = serde_json::from_str(
+///     r#"{ "concurrency": 16, "max_deliveries": 3, "retry_base": "500ms", "idempotency_ttl": "1h" }"#,
+/// )?;
+/// config.validate()?;
+/// assert_eq!(config.idempotency_ttl, Some(Duration::from_secs(3600)));
+/// assert_eq!(config.backoff(2), Duration::from_secs(1)); // 500 ms, doubled after the 2nd delivery
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct WorkerConfig {

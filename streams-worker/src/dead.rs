@@ -46,13 +46,38 @@ pub struct DeadLetters {
 }
 
 impl DeadLetters {
-    /// The dead letters of `stream`, in its default dead-letter stream.
+    /// The dead letters of `stream`, in its default dead-letter stream (`<stream>:dead`).
+    ///
+    /// ```no_run
+    /// use streams_worker::{DeadLetters, Redis};
+    ///
+    /// # async fn demo() -> Result<(), streams_worker::QueueError> {
+    /// let con = Redis::url("redis://127.0.0.1:6379")?.connect().await?;
+    /// let dead = DeadLetters::new(con, "tasks");
+    /// println!("{} dead letters", dead.len().await?);
+    /// # Ok(()) }
+    /// ```
     pub fn new(con: Conn, stream: impl Into<String>) -> Self {
         let stream = stream.into();
         Self { con, dead: keys::dead_letter(&stream), stream }
     }
 
-    /// With a dead-letter stream of another name.
+    /// With a dead-letter stream of another name (the workers'
+    /// [`WorkerConfig::dead_letter`](crate::WorkerConfig::dead_letter)).
+    ///
+    /// ```no_run
+    /// use streams_worker::{DeadLetters, Redis};
+    ///
+    /// # async fn demo() -> Result<(), streams_worker::QueueError> {
+    /// let con = Redis::url("redis://127.0.0.1:6379")?.connect().await?;
+    /// let dead = DeadLetters::new(con, "tasks").with_stream("tasks:failed");
+    /// for letter in dead.list(10).await? {
+    ///     if letter.reason.contains("timeout") {
+    ///         dead.requeue(&letter.id).await?;
+    ///     }
+    /// }
+    /// # Ok(()) }
+    /// ```
     pub fn with_stream(mut self, dead_letter: impl Into<String>) -> Self {
         self.dead = dead_letter.into();
         self

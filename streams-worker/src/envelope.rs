@@ -82,7 +82,41 @@ pub(crate) fn task_id(map: &HashMap<String, Value>) -> Option<String> {
     text(map, F_ID).ok()
 }
 
-/// One delivery of a task to a handler.
+/// One delivery of a task to a handler: what a [`Worker`](crate::Worker)'s service is called
+/// with. `T` is the payload type, decoded from the JSON the producer sent (an entry that does
+/// not decode goes to the dead-letter stream).
+///
+/// ```
+/// use std::{convert::Infallible, time::SystemTime};
+/// use serde::Deserialize;
+/// use streams_worker::Delivery;
+/// use tower::ServiceExt;
+///
+/// #[derive(Deserialize)]
+/// struct Email {
+///     to: String,
+/// }
+///
+/// let handler = tower::service_fn(|task: Delivery<Email>| async move {
+///     if task.deliveries > 1 {
+///         // A retry: the task id is the same on every delivery, for idempotent writes.
+///     }
+///     Ok::<_, Infallible>(format!("{} {} to {}", task.task_id, task.kind, task.payload.to))
+/// });
+///
+/// // A handler is a plain tower service: test it without Redis.
+/// # tokio::runtime::Builder::new_current_thread().build().unwrap().block_on(async {
+/// let task = Delivery {
+///     message_id: "1700000000000-0".into(),
+///     task_id: "t-1".into(),
+///     kind: "email".into(),
+///     payload: Email { to: "a@example.com".into() },
+///     enqueued_at: SystemTime::now(),
+///     deliveries: 1,
+/// };
+/// assert_eq!(handler.oneshot(task).await, Ok("t-1 email to a@example.com".to_owned()));
+/// # });
+/// ```
 #[derive(Debug, Clone, PartialEq)]
 pub struct Delivery<T> {
     /// The stream entry id (`1700000000000-0`); a retry is a new entry with a new id.

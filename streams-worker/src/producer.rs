@@ -61,11 +61,35 @@ fn millis(d: Duration) -> u64 {
 
 impl Producer {
     /// A producer for `stream` on its own connection.
+    ///
+    /// ```no_run
+    /// use streams_worker::{Producer, Redis};
+    ///
+    /// # async fn demo() -> Result<(), streams_worker::QueueError> {
+    /// let redis = Redis::cluster(&["redis://10.0.0.1:7000", "redis://10.0.0.2:7000"])?;
+    /// // On a cluster, a hash tag keeps the stream and its companion keys in one slot.
+    /// let producer = Producer::connect(&redis, "{tasks}").await?;
+    /// producer.send(&serde_json::json!({"order": 42})).await?;
+    /// # Ok(()) }
+    /// ```
     pub async fn connect(redis: &Redis, stream: impl Into<String>) -> Result<Self, QueueError> {
         Ok(Self::new(redis.connect().await?, stream))
     }
 
-    /// A producer on an existing connection.
+    /// A producer on an existing connection (clones of a [`Conn`] share it).
+    ///
+    /// ```no_run
+    /// use std::time::Duration;
+    /// use streams_worker::{Producer, Redis};
+    ///
+    /// # async fn demo() -> Result<(), streams_worker::QueueError> {
+    /// let con = Redis::url("redis://127.0.0.1:6379")?.connect().await?;
+    /// let emails = Producer::new(con.clone(), "emails").track_status(Duration::from_secs(3600));
+    /// let reports = Producer::new(con, "reports");
+    /// emails.send_kind("welcome", &serde_json::json!({"to": "a@example.com"})).await?;
+    /// reports.send_kind("monthly", &serde_json::json!({"month": "2024-06"})).await?;
+    /// # Ok(()) }
+    /// ```
     pub fn new(con: Conn, stream: impl Into<String>) -> Self {
         Self { con, stream: stream.into().into(), status_ttl: None }
     }

@@ -31,6 +31,31 @@ use crate::{
 /// acknowledged only after its handler succeeded (or it was moved to the dead-letter stream, or
 /// scheduled again after a failure); a live worker's entries stay its own (a heartbeat); a dead
 /// worker's are taken over. See the crate docs for the full behaviour.
+///
+/// Build it with [`Worker::new`], then [`run`](Self::run) it with a handler until a
+/// cancellation token fires.
+///
+/// ```no_run
+/// use std::convert::Infallible;
+/// use streams_worker::{Delivery, Redis, Worker, WorkerConfig};
+/// use tokio_util::sync::CancellationToken;
+///
+/// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+/// let worker = Worker::new(Redis::url("redis://127.0.0.1:6379")?, "tasks", "mailers", WorkerConfig::default())?;
+/// let handler = tower::service_fn(|task: Delivery<serde_json::Value>| async move {
+///     println!("{} {}", task.kind, task.payload);
+///     Ok::<_, Infallible>(())
+/// });
+/// let shutdown = CancellationToken::new();
+/// let running = tokio::spawn({
+///     let shutdown = shutdown.clone();
+///     async move { worker.run(handler, shutdown).await }
+/// });
+/// // ... at shutdown: stop reading, finish in-flight tasks, hand over the rest.
+/// shutdown.cancel();
+/// running.await??;
+/// # Ok(()) }
+/// ```
 pub struct Worker {
     redis: Redis,
     stream: Arc<str>,
@@ -52,7 +77,22 @@ impl fmt::Debug for Worker {
 }
 
 impl Worker {
-    /// A worker for `group` on `stream`.
+    /// A worker for `group` on `stream`. Checks `config` ([`WorkerConfig::validate`]); nothing
+    /// connects before [`run`](Self::run), which creates the group if needed.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use streams_worker::{Redis, Worker, WorkerConfig};
+    ///
+    /// let redis = Redis::url("redis://127.0.0.1:6379")?;
+    /// let config = WorkerConfig { concurrency: 16, claim_idle: Duration::from_secs(60), ..WorkerConfig::default() };
+    /// let worker = Worker::new(redis.clone(), "tasks", "mailers", config)?;
+    /// assert!(!worker.consumer().is_empty()); // `<host>-<pid>-<random>` unless configured
+    ///
+    /// let bad = WorkerConfig { concurrency: 0, ..WorkerConfig::default() };
+    /// assert!(Worker::new(redis, "tasks", "mailers", bad).is_err());
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn new(
         redis: Redis,
         stream: impl Into<String>,

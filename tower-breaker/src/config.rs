@@ -82,6 +82,25 @@ pub struct WaitGrowth {
 /// validates too.
 ///
 /// [`Breaker::new`]: crate::Breaker::new
+///
+/// ```
+/// use std::time::Duration;
+/// use tower_breaker::{BreakerConfig, SlidingWindow};
+///
+/// let config: BreakerConfig = toml::from_str(
+///     r#"
+///     window = { type = "time", seconds = 10 }
+///     minimum_calls = 5
+///     failure_rate_threshold = 40
+///     slow_call_duration = "2s"
+///     wait_in_open = "10s"
+///     "#,
+/// )?;
+/// config.validate()?;
+/// assert_eq!(config.window, SlidingWindow::Time { seconds: 10 });
+/// assert_eq!(config.half_open_permits, 3); // unset keys keep their defaults
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct BreakerConfig {
@@ -139,7 +158,28 @@ impl Default for BreakerConfig {
 }
 
 impl BreakerConfig {
-    /// Starts from the defaults.
+    /// Starts from the defaults; [`build`](BreakerConfigBuilder::build) validates.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tower_breaker::{Breaker, BreakerConfig};
+    ///
+    /// let config = BreakerConfig::builder()
+    ///     .time_window(60)
+    ///     .minimum_calls(20)
+    ///     .failure_rate_threshold(50.0)
+    ///     .slow_calls(Duration::from_secs(2), 80.0)
+    ///     .wait_in_open(Duration::from_secs(10))
+    ///     .wait_growth(2.0, Duration::from_secs(300), 0.1)
+    ///     .build()?;
+    /// let breaker = Breaker::new("payments", config)?;
+    /// # let _ = breaker;
+    ///
+    /// // A bad value is an error naming its key.
+    /// let bad = BreakerConfig::builder().half_open_permits(0).build();
+    /// assert_eq!(bad.map_err(|e| e.key()), Err("half_open_permits"));
+    /// # Ok::<(), tower_breaker::ConfigError>(())
+    /// ```
     pub fn builder() -> BreakerConfigBuilder {
         BreakerConfigBuilder { config: Self::default() }
     }

@@ -22,6 +22,27 @@ impl ConfigError {
 }
 
 /// The call was refused because the circuit is open (or half-open with its probes running).
+///
+/// What services in [`errors`](crate::CircuitBreakerLayer::errors) mode return, boxed; HTTP
+/// services get a 503 answer instead.
+///
+/// ```
+/// use tower::{ServiceBuilder, ServiceExt};
+/// use tower_breaker::{BoxError, Breaker, BreakerConfig, CircuitBreakerLayer, CircuitOpen};
+///
+/// # async fn demo() -> Result<(), BoxError> {
+/// let breaker = Breaker::new("payments", BreakerConfig::default())?;
+/// let svc = ServiceBuilder::new()
+///     .layer(CircuitBreakerLayer::new(breaker.clone()).errors())
+///     .service_fn(|amount: u64| async move { Ok::<_, BoxError>(amount) });
+/// breaker.force_open();
+/// let error = svc.oneshot(100).await.expect_err("the circuit is forced open");
+/// let open = error.downcast_ref::<CircuitOpen>().expect("a CircuitOpen");
+/// assert_eq!(open.breaker(), "payments");
+/// assert_eq!(open.retry_after(), None); // forced open: no probe is planned
+/// # Ok(()) }
+/// # tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap().block_on(demo()).unwrap();
+/// ```
 #[derive(Debug, Clone, PartialEq)]
 pub struct CircuitOpen {
     pub(crate) breaker: std::sync::Arc<str>,

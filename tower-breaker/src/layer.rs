@@ -113,6 +113,22 @@ impl<K> fmt::Debug for Keyed<K> {
 
 /// Derives the breaker key of a request. Closures `Fn(&Req) -> Option<String>` implement it;
 /// [`keys`] has ready ones for `http::Request`.
+///
+/// ```
+/// use std::sync::Arc;
+/// use http::Request;
+/// use tower_breaker::{BreakerConfig, BreakerKey, BreakerRegistry, CircuitBreakerLayer};
+///
+/// // One breaker per tenant, from a header; at most the registry's bound of them.
+/// let tenant = |req: &Request<()>| req.headers().get("x-tenant")?.to_str().ok().map(str::to_owned);
+/// let req = Request::builder().header("x-tenant", "acme").body(())?;
+/// assert_eq!(tenant.key(&req).as_deref(), Some("acme"));
+///
+/// let registry = Arc::new(BreakerRegistry::new("tenant:", BreakerConfig::default())?);
+/// let layer = CircuitBreakerLayer::keyed(registry, tenant);
+/// # let _ = layer;
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 pub trait BreakerKey<Req>: Send + Sync + 'static {
     /// The key of `req`, or `None` (the key `~none`).
     fn key(&self, req: &Req) -> Option<String>;
@@ -154,6 +170,17 @@ pub mod keys {
     }
 
     /// The upstream authority: the URI's, else the `Host` header.
+    ///
+    /// ```
+    /// use http::Request;
+    /// use tower_breaker::{BreakerKey, keys::Host};
+    ///
+    /// let req = Request::get("http://payments.internal:8080/charge").body(())?;
+    /// assert_eq!(Host.key(&req).as_deref(), Some("payments.internal:8080"));
+    /// let req = Request::get("/charge").header("host", "payments.internal").body(())?;
+    /// assert_eq!(Host.key(&req).as_deref(), Some("payments.internal"));
+    /// # Ok::<(), http::Error>(())
+    /// ```
     #[derive(Debug, Clone, Copy, Default)]
     pub struct Host;
 
@@ -201,6 +228,27 @@ pub struct Errors<C = ErrorsAreFailures> {
 
 /// Puts a circuit breaker (or one per key, or an adaptive throttle) in front of a service. See
 /// the [crate docs](crate).
+///
+/// HTTP services get 503 / gRPC `UNAVAILABLE` answers ([`new`](Self::new),
+/// [`keyed`](Self::keyed)); other services get [`CircuitOpen`] errors ([`errors`](Self::errors)),
+/// with a say in which errors count ([`classify_errors`](Self::classify_errors)):
+///
+/// ```
+/// use std::time::Duration;
+/// use tower::{ServiceBuilder, timeout::error::Elapsed};
+/// use tower_breaker::{BoxError, Breaker, BreakerConfig, CircuitBreakerLayer, Outcome};
+///
+/// let breaker = Breaker::new("search", BreakerConfig::default())?;
+/// let svc = ServiceBuilder::new()
+///     // Only timeouts count against the upstream; other errors are ignored.
+///     .layer(CircuitBreakerLayer::new(breaker).errors().classify_errors(|error: &BoxError| {
+///         if error.is::<Elapsed>() { Outcome::Failure } else { Outcome::Ignored }
+///     }))
+///     .timeout(Duration::from_secs(1))
+///     .service_fn(|query: String| async move { Ok::<_, BoxError>(query.len()) });
+/// # let _ = svc;
+/// # Ok::<(), tower_breaker::ConfigError>(())
+/// ```
 #[derive(Clone)]
 pub struct CircuitBreakerLayer<Sel, M = Http> {
     selector: Arc<Sel>,
@@ -214,7 +262,35 @@ impl<Sel, M> fmt::Debug for CircuitBreakerLayer<Sel, M> {
 }
 
 impl CircuitBreakerLayer<Breaker> {
-    /// Every request goes through `breaker`.
+    /// Every request goes through `breaker`: HTTP 503 / gRPC `UNAVAILABLE` while it is open.
+    /// [`errors`](Self::errors) for services that are not HTTP.
+    ///
+    /// ```
+    /// use std::convert::Infallible;
+    /// use http::{Request, Response, StatusCode};
+    /// use tower::{ServiceBuilder, ServiceExt};
+    /// use tower_breaker::{Breaker, BreakerConfig, CircuitBreakerLayer, State};
+    ///
+    /// # async fn demo() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    /// let breaker = Breaker::new("upstream", BreakerConfig::builder().count_window(2).minimum_calls(2).build()?)?;
+    /// let svc = ServiceBuilder::new()
+    ///     .layer(CircuitBreakerLayer::new(breaker.clone()))
+    ///     .service_fn(|_: Request<()>| async {
+    ///         let mut response = Response::new(String::new());
+    ///         *response.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
+    ///         Ok::<_, Infallible>(response)
+    ///     });
+    /// for _ in 0..2 {
+    ///     assert_eq!(svc.clone().oneshot(Request::new(())).await?.status(), StatusCode::INTERNAL_SERVER_ERROR);
+    /// }
+    /// // Two failures in two calls: open. The breaker answers by itself.
+    /// assert_eq!(breaker.state(), State::Open);
+    /// let refused = svc.oneshot(Request::new(())).await?;
+    /// assert_eq!(refused.status(), StatusCode::SERVICE_UNAVAILABLE);
+    /// assert!(refused.headers().contains_key("retry-after"));
+    /// # Ok(()) }
+    /// # tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap().block_on(demo()).unwrap();
+    /// ```
     pub fn new(breaker: Breaker) -> Self {
         Self { selector: Arc::new(breaker), mode: Http::default() }
     }
@@ -222,6 +298,21 @@ impl CircuitBreakerLayer<Breaker> {
 
 impl<K> CircuitBreakerLayer<Keyed<K>> {
     /// One breaker per key, from `registry`; `key` is a closure or one of [`keys`].
+    ///
+    /// ```
+    /// use std::sync::Arc;
+    /// use axum::{Router, routing::get};
+    /// use tower_breaker::{BreakerConfig, BreakerRegistry, CircuitBreakerLayer, keys::MatchedRoute};
+    ///
+    /// let registry = Arc::new(BreakerRegistry::new("route:", BreakerConfig::default())?);
+    /// let app: Router = Router::new()
+    ///     .route("/users/{id}", get(|| async { "user" }))
+    ///     .route("/orders", get(|| async { "orders" }))
+    ///     .route_layer(CircuitBreakerLayer::keyed(registry.clone(), MatchedRoute));
+    /// # let _ = app;
+    /// // Each route's breaker, e.g. for a dashboard: registry.get("/users/{id}").snapshot().
+    /// # Ok::<(), tower_breaker::ConfigError>(())
+    /// ```
     pub fn keyed(registry: Arc<BreakerRegistry>, key: K) -> Self {
         Self { selector: Arc::new(Keyed { registry, key }), mode: Http::default() }
     }
@@ -275,6 +366,17 @@ pub struct AdaptiveThrottleLayer<M = Http> {
 
 impl AdaptiveThrottleLayer {
     /// Every request goes through `throttle`.
+    ///
+    /// ```
+    /// use axum::{Router, routing::get};
+    /// use tower_breaker::{AdaptiveThrottle, AdaptiveThrottleLayer, ThrottleConfig};
+    ///
+    /// let throttle = AdaptiveThrottle::new("search", ThrottleConfig::default())?;
+    /// let app: Router =
+    ///     Router::new().route("/search", get(|| async { "results" })).layer(AdaptiveThrottleLayer::new(throttle));
+    /// # let _ = app;
+    /// # Ok::<(), tower_breaker::ConfigError>(())
+    /// ```
     pub fn new(throttle: AdaptiveThrottle) -> Self {
         Self { inner: CircuitBreakerLayer { selector: Arc::new(throttle), mode: Http::default() } }
     }

@@ -44,12 +44,32 @@ impl fmt::Debug for BreakerRegistry {
 }
 
 impl BreakerRegistry {
-    /// Breakers named `<prefix><key>`, at most 1000 keys.
+    /// Breakers named `<prefix><key>`, at most 1000 keys, each with `config`.
+    ///
+    /// ```
+    /// use tower_breaker::{BreakerConfig, BreakerRegistry};
+    ///
+    /// let registry = BreakerRegistry::new("upstream:", BreakerConfig::default())?;
+    /// let orders = registry.get("orders");
+    /// assert_eq!(orders.name(), "upstream:orders");
+    /// assert_eq!(registry.get("orders").name(), orders.name()); // the same breaker every time
+    /// # Ok::<(), tower_breaker::ConfigError>(())
+    /// ```
     pub fn new(prefix: impl Into<String>, config: BreakerConfig) -> Result<Self, ConfigError> {
         Self::with_limits(prefix, config, 1000)
     }
 
-    /// At most `max_keys` keys of their own (at least 1).
+    /// At most `max_keys` keys of their own (at least 1); later keys share `<prefix>other`.
+    ///
+    /// ```
+    /// use tower_breaker::{BreakerConfig, BreakerRegistry};
+    ///
+    /// let registry = BreakerRegistry::with_limits("host:", BreakerConfig::default(), 2)?;
+    /// assert_eq!(registry.get("a.example").name(), "host:a.example");
+    /// assert_eq!(registry.get("b.example").name(), "host:b.example");
+    /// assert_eq!(registry.get("c.example").name(), "host:other");
+    /// # Ok::<(), tower_breaker::ConfigError>(())
+    /// ```
     pub fn with_limits(prefix: impl Into<String>, config: BreakerConfig, max_keys: usize) -> Result<Self, ConfigError> {
         let prefix = prefix.into();
         let other = Breaker::new(format!("{prefix}other"), config.clone())?;

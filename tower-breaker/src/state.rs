@@ -310,7 +310,21 @@ impl Breaker {
         Self::with_event_capacity(name, config, 256)
     }
 
-    /// Like [`new`](Self::new), with room for `capacity` unread events per subscriber.
+    /// Like [`new`](Self::new), with room for `capacity` unread events per subscriber (default
+    /// 256); a subscriber that falls further behind misses the oldest.
+    ///
+    /// ```
+    /// use tower_breaker::{Breaker, BreakerConfig, Event, State};
+    ///
+    /// let breaker = Breaker::with_event_capacity("search", BreakerConfig::default(), 4096)?;
+    /// let mut events = breaker.subscribe();
+    /// breaker.force_open();
+    /// match events.try_recv() {
+    ///     Ok(Event::StateTransition(t)) => assert_eq!((t.from, t.to), (State::Closed, State::ForcedOpen)),
+    ///     other => panic!("unexpected {other:?}"),
+    /// }
+    /// # Ok::<(), tower_breaker::ConfigError>(())
+    /// ```
     pub fn with_event_capacity(
         name: impl Into<String>,
         config: BreakerConfig,

@@ -100,6 +100,20 @@ impl fmt::Debug for AdaptiveThrottle {
 
 impl AdaptiveThrottle {
     /// A throttle named `name` (metrics label).
+    ///
+    /// ```
+    /// use tower_breaker::{AdaptiveThrottle, AdaptiveThrottleLayer, SlidingWindow, ThrottleConfig};
+    ///
+    /// // SRE's settings: two minutes of calls, k = 2.
+    /// let config =
+    ///     ThrottleConfig { window: SlidingWindow::Time { seconds: 120 }, k: 2.0, ..ThrottleConfig::default() };
+    /// let throttle = AdaptiveThrottle::new("search", config)?;
+    /// assert_eq!(throttle.probability(), 0.0); // nothing refused before `minimum_calls`
+    /// let layer = AdaptiveThrottleLayer::new(throttle);
+    /// # let _ = layer;
+    /// assert!(AdaptiveThrottle::new("bad", ThrottleConfig { k: 0.5, ..ThrottleConfig::default() }).is_err());
+    /// # Ok::<(), tower_breaker::ConfigError>(())
+    /// ```
     pub fn new(name: impl Into<String>, config: ThrottleConfig) -> Result<Self, ConfigError> {
         config.validate()?;
         let name: Arc<str> = name.into().into();
@@ -121,6 +135,22 @@ impl AdaptiveThrottle {
 
     /// From a breaker configuration whose `trip` is `adaptive_throttling` (its window,
     /// `minimum_calls` and `k`); other keys mean nothing here.
+    ///
+    /// ```
+    /// use tower_breaker::{AdaptiveThrottle, BreakerConfig};
+    ///
+    /// let config: BreakerConfig = toml::from_str(
+    ///     r#"
+    ///     window = { type = "count", size = 200 }
+    ///     trip = { type = "adaptive_throttling", k = 1.5 }
+    ///     "#,
+    /// )?;
+    /// let throttle = AdaptiveThrottle::from_breaker_config("search", &config)?;
+    /// # let _ = throttle;
+    /// // Any other trip policy is a breaker's, not a throttle's.
+    /// assert!(AdaptiveThrottle::from_breaker_config("search", &BreakerConfig::default()).is_err());
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn from_breaker_config(name: impl Into<String>, config: &BreakerConfig) -> Result<Self, ConfigError> {
         let TripPolicy::AdaptiveThrottling { k } = config.trip else {
             return Err(ConfigError::new("trip", "is not adaptive_throttling"));

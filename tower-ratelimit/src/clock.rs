@@ -25,6 +25,19 @@ pub struct TokioClock {
 
 impl TokioClock {
     /// A clock whose epoch is now.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tower_ratelimit::{Clock, TokioClock};
+    ///
+    /// # let runtime = tokio::runtime::Builder::new_current_thread().enable_time().start_paused(true).build().unwrap();
+    /// # runtime.block_on(async {
+    /// // In a test with paused time, only `advance` moves it.
+    /// let clock = TokioClock::new();
+    /// tokio::time::advance(Duration::from_secs(2)).await;
+    /// assert_eq!(clock.now(), 2_000_000_000);
+    /// # });
+    /// ```
     pub fn new() -> Self {
         Self { epoch: tokio::time::Instant::now() }
     }
@@ -58,6 +71,15 @@ pub struct QuantaClock {
 #[cfg(feature = "quanta")]
 impl QuantaClock {
     /// A clock whose epoch is now.
+    ///
+    /// ```
+    /// use tower_ratelimit::{MemoryStore, Policy, QuantaClock, Quota};
+    ///
+    /// let policy = Policy::new("hot-path", Quota::per_second(1_000_000)?)?;
+    /// let store = MemoryStore::builder(policy).clock(QuantaClock::new()).build();
+    /// # let _ = store;
+    /// # Ok::<(), tower_ratelimit::ConfigError>(())
+    /// ```
     pub fn new() -> Self {
         let clock = quanta::Clock::new();
         let epoch = clock.raw();
@@ -79,7 +101,19 @@ impl Clock for QuantaClock {
     }
 }
 
-/// A clock that moves only when told to: for tests and simulations.
+/// A clock that moves only when told to: for tests and simulations. Clones share one time.
+///
+/// ```
+/// use std::time::Duration;
+/// use tower_ratelimit::{Clock, ManualClock};
+///
+/// let clock = ManualClock::new();
+/// let shared = clock.clone();
+/// clock.advance(Duration::from_millis(1500));
+/// assert_eq!(shared.now(), 1_500_000_000);
+/// clock.set(0);
+/// assert_eq!(shared.now(), 0);
+/// ```
 #[derive(Debug, Clone, Default)]
 pub struct ManualClock {
     now: Arc<AtomicU64>,
@@ -87,6 +121,12 @@ pub struct ManualClock {
 
 impl ManualClock {
     /// A clock at 0.
+    ///
+    /// ```
+    /// use tower_ratelimit::{Clock, ManualClock};
+    ///
+    /// assert_eq!(ManualClock::new().now(), 0);
+    /// ```
     pub fn new() -> Self {
         Self::default()
     }

@@ -34,6 +34,26 @@ pub enum CheckError {
 /// The request was refused by a rate limit (generic, non-HTTP services).
 ///
 /// HTTP services get a 429 response instead; see the crate docs.
+///
+/// ```
+/// use std::{convert::Infallible, time::Duration};
+/// use tower::{ServiceBuilder, ServiceExt};
+/// use tower_ratelimit::{BoxError, MemoryStore, Policy, Quota, RateLimitLayer, RateLimited};
+///
+/// # async fn demo() -> Result<(), BoxError> {
+/// let store = MemoryStore::new(Policy::new("jobs", Quota::per_second(1)?)?);
+/// let svc = ServiceBuilder::new()
+///     .layer(RateLimitLayer::new(store).errors())
+///     .service_fn(|job: u32| async move { Ok::<_, Infallible>(job) });
+/// assert_eq!(svc.clone().oneshot(1).await?, 1);
+///
+/// let error = svc.oneshot(2).await.expect_err("over the limit");
+/// let limited = error.downcast_ref::<RateLimited>().expect("a RateLimited");
+/// assert_eq!(limited.limiter(), "jobs");
+/// assert!(limited.retry_after().is_some_and(|wait| wait <= Duration::from_secs(1)));
+/// # Ok(()) }
+/// # tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap().block_on(demo()).unwrap();
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RateLimited {
     pub(crate) limiter: std::sync::Arc<str>,

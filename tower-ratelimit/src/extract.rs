@@ -17,6 +17,23 @@ use crate::{Key, error::ConfigError};
 
 /// Derives the rate-limit key of a request. `None` means "no key": the layer then applies its
 /// [`MissingKey`](crate::MissingKey) policy.
+///
+/// Closures `Fn(&Req) -> Option<Key>` implement it; pass one to
+/// [`RateLimitLayer::key`](crate::RateLimitLayer::key).
+///
+/// ```
+/// use http::Request;
+/// use tower_ratelimit::{Key, KeyExtractor, MemoryStore, Policy, Quota, RateLimitLayer};
+///
+/// // One quota per tenant, from a header an authenticating layer outside has checked.
+/// let tenant = |req: &Request<()>| req.headers().get("x-tenant").map(|v| Key::from_bytes(v.as_bytes()));
+/// let req = Request::builder().header("x-tenant", "acme").body(())?;
+/// assert_eq!(tenant.extract(&req), Some(Key::from("acme")));
+///
+/// let layer = RateLimitLayer::new(MemoryStore::new(Policy::new("tenant", Quota::per_second(50)?)?)).key(tenant);
+/// # let _ = layer;
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 pub trait KeyExtractor<Req>: Send + Sync + 'static {
     /// The key of `req`.
     fn extract(&self, req: &Req) -> Option<Key>;
@@ -49,7 +66,24 @@ impl<Req, A: KeyExtractor<Req>, B: KeyExtractor<Req>> KeyExtractor<Req> for (A, 
     }
 }
 
-/// The cost of a request in quota units (the seed's `AllowN`). Closures `Fn(&Req) -> u64` work.
+/// The cost of a request in quota units (the seed's `AllowN`). Closures `Fn(&Req) -> u64` work;
+/// pass one to [`RateLimitLayer::cost`](crate::RateLimitLayer::cost).
+///
+/// ```
+/// use http::Request;
+/// use tower_ratelimit::{Cost, MemoryStore, Policy, Quota, RateLimitLayer};
+///
+/// // A batch endpoint: one unit per item.
+/// let items = |req: &Request<()>| -> u64 {
+///     req.headers().get("x-batch-size").and_then(|v| v.to_str().ok()?.parse().ok()).unwrap_or(1)
+/// };
+/// let req = Request::builder().header("x-batch-size", "25").body(())?;
+/// assert_eq!(items.cost(&req), 25);
+///
+/// let layer = RateLimitLayer::new(MemoryStore::new(Policy::new("batch", Quota::per_second(100)?)?)).cost(items);
+/// # let _ = layer;
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 pub trait Cost<Req>: Send + Sync + 'static {
     /// Units `req` consumes.
     fn cost(&self, req: &Req) -> u64;
@@ -104,11 +138,37 @@ impl Default for PeerIp {
 
 impl PeerIp {
     /// Peer IP, IPv6 keyed by /64.
+    ///
+    /// ```
+    /// use std::net::SocketAddr;
+    /// use http::Request;
+    /// use tower_ratelimit::{Key, KeyExtractor, PeerIp};
+    ///
+    /// // axum records the peer as `ConnectInfo<SocketAddr>` (serve with
+    /// // `into_make_service_with_connect_info::<SocketAddr>()`); a plain `SocketAddr` works too.
+    /// let mut req = Request::new(());
+    /// req.extensions_mut().insert("[2001:db8::1:2]:4711".parse::<SocketAddr>()?);
+    /// assert_eq!(PeerIp::new().extract(&req), Some(Key::ip("2001:db8::".parse()?)));
+    /// assert_eq!(PeerIp::exact().extract(&req), Some(Key::ip("2001:db8::1:2".parse()?)));
+    ///
+    /// // No recorded peer, no key: the layer's `MissingKey` policy decides.
+    /// assert_eq!(PeerIp::new().extract(&Request::new(())), None);
+    /// # Ok::<(), std::net::AddrParseError>(())
+    /// ```
     pub fn new() -> Self {
         Self::default()
     }
 
     /// Peer IP, IPv6 keyed by the full address.
+    ///
+    /// ```
+    /// use tower_ratelimit::{MemoryStore, PeerIp, Policy, Quota, RateLimitLayer};
+    ///
+    /// let layer = RateLimitLayer::new(MemoryStore::new(Policy::new("per-client", Quota::per_second(10)?)?))
+    ///     .key(PeerIp::exact());
+    /// # let _ = layer;
+    /// # Ok::<(), tower_ratelimit::ConfigError>(())
+    /// ```
     pub fn exact() -> Self {
         Self { ipv6_prefix64: false }
     }
@@ -201,6 +261,30 @@ pub struct ClientIp {
 
 impl ClientIp {
     /// Trusts proxies in these CIDR ranges (a bare address is a /32 or /128).
+    ///
+    /// ```
+    /// use std::net::IpAddr;
+    /// use http::HeaderMap;
+    /// use tower_ratelimit::{ClientIp, MemoryStore, Policy, Quota, RateLimitLayer};
+    ///
+    /// let client_ip = ClientIp::trusting(["10.0.0.0/8", "fd00::/8"])?;
+    /// let mut headers = HeaderMap::new();
+    /// headers.insert("x-forwarded-for", "198.51.100.7, 10.0.0.3".parse()?);
+    ///
+    /// // From our proxy: the header is read from the right, past the trusted hops.
+    /// let proxy: IpAddr = "10.0.0.2".parse()?;
+    /// assert_eq!(client_ip.client_ip(proxy, &headers), "198.51.100.7".parse::<IpAddr>()?);
+    /// // From anyone else: the header is ignored and the peer is the client.
+    /// let stranger: IpAddr = "203.0.113.9".parse()?;
+    /// assert_eq!(client_ip.client_ip(stranger, &headers), stranger);
+    ///
+    /// assert!(ClientIp::trusting(["10.0.0.0/33"]).is_err());
+    ///
+    /// let policy = Policy::new("per-client", Quota::per_second(10)?)?;
+    /// let layer = RateLimitLayer::new(MemoryStore::new(policy)).key(client_ip);
+    /// # let _ = layer;
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn trusting<I, S>(cidrs: I) -> Result<Self, ConfigError>
     where
         I: IntoIterator<Item = S>,
@@ -308,6 +392,18 @@ pub struct HeaderKey {
 
 impl HeaderKey {
     /// Keys by header `name`.
+    ///
+    /// ```
+    /// use http::{HeaderName, Request};
+    /// use tower_ratelimit::{HeaderKey, Key, KeyExtractor};
+    ///
+    /// let api_key = HeaderKey::new(HeaderName::from_static("x-api-key"));
+    /// let req = Request::builder().header("x-api-key", "k-123").body(())?;
+    /// assert_eq!(api_key.extract(&req), Some(Key::from("k-123")));
+    /// // Without the header there is no key: the layer's `MissingKey` policy decides.
+    /// assert_eq!(api_key.extract(&Request::new(())), None);
+    /// # Ok::<(), http::Error>(())
+    /// ```
     pub fn new(name: HeaderName) -> Self {
         Self { name }
     }
@@ -322,6 +418,19 @@ impl<B> KeyExtractor<Request<B>> for HeaderKey {
 /// The matched route template (`/users/{id}`) from axum's `MatchedPath`, so every user id shares
 /// the route's quota. Only set once axum routed the request: add the layer with
 /// `Router::layer`/`route_layer`, not around the whole router.
+///
+/// ```
+/// use axum::{Router, routing::get};
+/// use tower_ratelimit::{MatchedRoute, MemoryStore, PeerIp, Policy, Quota, RateLimitLayer};
+///
+/// // Each client, on each route: 5 requests per second.
+/// let policy = Policy::new("per-route-client", Quota::per_second(5)?)?;
+/// let app: Router = Router::new()
+///     .route("/users/{id}", get(|| async { "user" }))
+///     .route_layer(RateLimitLayer::new(MemoryStore::new(policy)).key((MatchedRoute, PeerIp::new())));
+/// # let _ = app;
+/// # Ok::<(), tower_ratelimit::ConfigError>(())
+/// ```
 #[cfg(feature = "axum")]
 #[derive(Debug, Clone, Copy, Default)]
 pub struct MatchedRoute;

@@ -19,6 +19,22 @@ const INLINE: usize = 22;
 ///
 /// Bytes need not be UTF-8; longer than [`MAX_KEY_LEN`] they are hashed (SHA-256). Short keys are
 /// stored inline, so building and comparing them touches no heap memory.
+///
+/// Key extractors ([`KeyExtractor`](crate::KeyExtractor)) make keys from requests; stores take
+/// them directly.
+///
+/// ```
+/// use std::net::{IpAddr, Ipv4Addr};
+/// use tower_ratelimit::Key;
+///
+/// let client = Key::ip(IpAddr::V4(Ipv4Addr::new(192, 0, 2, 7)));
+/// assert_eq!(client.as_ip(), Some(IpAddr::V4(Ipv4Addr::new(192, 0, 2, 7))));
+///
+/// let api_key = Key::from("k-123"); // the same as Key::from_bytes("k-123")
+/// assert_eq!(api_key.as_bytes(), Some(&b"k-123"[..]));
+///
+/// assert!(Key::GLOBAL.is_global());
+/// ```
 #[derive(Clone, PartialEq, Eq)]
 pub struct Key(Repr);
 
@@ -51,11 +67,33 @@ impl Key {
     pub const GLOBAL: Key = Key(Repr::Global);
 
     /// A client address (extractors may have truncated an IPv6 one to its /64).
+    ///
+    /// ```
+    /// use std::net::IpAddr;
+    /// use tower_ratelimit::Key;
+    ///
+    /// let ip: IpAddr = "2001:db8::".parse()?;
+    /// assert_eq!(Key::ip(ip), Key::from(ip));
+    /// assert_eq!(Key::ip(ip).as_ip(), Some(ip));
+    /// # Ok::<(), std::net::AddrParseError>(())
+    /// ```
     pub fn ip(ip: IpAddr) -> Self {
         Self(Repr::Ip(ip))
     }
 
     /// A key from bytes, hashed when longer than [`MAX_KEY_LEN`].
+    ///
+    /// ```
+    /// use tower_ratelimit::Key;
+    ///
+    /// let tenant = Key::from_bytes(b"tenant-42");
+    /// assert_eq!(tenant, Key::from("tenant-42"));
+    ///
+    /// // Longer than MAX_KEY_LEN: `sha256:` and the 32-byte digest.
+    /// let long = Key::from_bytes(vec![b'x'; 1000]);
+    /// assert_eq!(long.as_bytes().map(<[u8]>::len), Some(7 + 32));
+    /// assert_eq!(long, Key::from_bytes(vec![b'x'; 1000]));
+    /// ```
     pub fn from_bytes(bytes: impl AsRef<[u8]>) -> Self {
         let bytes = bytes.as_ref();
         if bytes.len() <= INLINE {

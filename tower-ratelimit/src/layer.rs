@@ -51,6 +51,20 @@ pub(crate) struct Options {
 /// ([`Cost`](crate::Cost)), `M` the mode ([`Http`] responses or [`Errors`]). Every service the
 /// layer makes (axum calls `layer` once per route) shares the store's state, so cloning never
 /// escapes the limit — unlike `tower::limit::RateLimit`, whose state is per clone.
+///
+/// ```
+/// use axum::{Router, routing::get};
+/// use tower_ratelimit::{ClientIp, MemoryStore, Policy, Quota, RateLimitLayer};
+///
+/// let per_client = RateLimitLayer::new(MemoryStore::new(Policy::new("per-client", Quota::per_second(10)?)?))
+///     .key(ClientIp::trusting(["10.0.0.0/8"])?);
+/// let global = RateLimitLayer::new(MemoryStore::new(Policy::new("global", Quota::per_second(1000)?)?));
+/// // The last `.layer` is the outermost: the per-client limit decides first, so a request it
+/// // refuses spends nothing of the global quota.
+/// let app: Router = Router::new().route("/", get(|| async { "hello" })).layer(global).layer(per_client);
+/// # let _ = app;
+/// # Ok::<(), tower_ratelimit::ConfigError>(())
+/// ```
 pub struct RateLimitLayer<St, K = GlobalKey, C = UnitCost, M = Http> {
     store: St,
     key: K,
@@ -61,7 +75,32 @@ pub struct RateLimitLayer<St, K = GlobalKey, C = UnitCost, M = Http> {
 
 impl<St: Store + Clone> RateLimitLayer<St> {
     /// Limits every request against one global key of `store`'s policy, answering with HTTP
-    /// responses.
+    /// responses. Choose whom requests count for with [`key`](Self::key); [`errors`](Self::errors)
+    /// for services that are not HTTP.
+    ///
+    /// ```
+    /// use std::convert::Infallible;
+    /// use http::{Request, Response, StatusCode};
+    /// use tower::{ServiceBuilder, ServiceExt};
+    /// use tower_ratelimit::{MemoryStore, Policy, Quota, RateLimitLayer};
+    ///
+    /// # async fn demo() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    /// // Two requests per second for everyone together, then 429.
+    /// let store = MemoryStore::new(Policy::new("global", Quota::per_second(2)?)?);
+    /// let svc = ServiceBuilder::new()
+    ///     .layer(RateLimitLayer::new(store))
+    ///     .service_fn(|_: Request<()>| async { Ok::<_, Infallible>(Response::new(String::from("ok"))) });
+    /// for _ in 0..2 {
+    ///     let ok = svc.clone().oneshot(Request::new(())).await?;
+    ///     assert_eq!(ok.status(), StatusCode::OK);
+    ///     assert!(ok.headers().contains_key("ratelimit"));
+    /// }
+    /// let limited = svc.oneshot(Request::new(())).await?;
+    /// assert_eq!(limited.status(), StatusCode::TOO_MANY_REQUESTS);
+    /// assert_eq!(limited.headers()["retry-after"], "1");
+    /// # Ok(()) }
+    /// # tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap().block_on(demo()).unwrap();
+    /// ```
     pub fn new(store: St) -> Self {
         Self {
             store,

@@ -49,17 +49,72 @@ impl PartialEq for Policy {
 }
 
 impl Policy {
-    /// A policy of one quota.
+    /// A policy of one quota. The name (1 to 64 of `A-Z a-z 0-9 - _ . /`) labels metrics and
+    /// headers and is part of Redis keys.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tower_ratelimit::{MemoryStore, Policy, Quota, RateLimitLayer};
+    ///
+    /// let policy = Policy::new("login", Quota::sliding_log(5, Duration::from_secs(15 * 60))?)?;
+    /// assert_eq!((policy.name(), policy.capacity()), ("login", 5));
+    /// assert!(Policy::new("two words", Quota::per_second(1)?).is_err());
+    ///
+    /// let layer = RateLimitLayer::new(MemoryStore::new(policy));
+    /// # let _ = layer;
+    /// # Ok::<(), tower_ratelimit::ConfigError>(())
+    /// ```
     pub fn new(name: impl Into<String>, quota: Quota) -> Result<Self, ConfigError> {
         Self::builder(name).quota(quota).build()
     }
 
-    /// Starts a policy with several quotas.
+    /// Starts a policy with several quotas; a request consumes from all of them or from none.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tower_ratelimit::{Policy, Quota};
+    ///
+    /// // 2 per second *and* 3 per minute.
+    /// let policy = Policy::builder("api")
+    ///     .quota(Quota::per_second(2)?.named("second"))
+    ///     .quota(Quota::sliding_window(3, Duration::from_secs(60))?.named("minute"))
+    ///     .build()?;
+    /// let mut state = policy.new_state();
+    /// assert!(policy.check(&mut state, 0, 2)?.allowed());
+    /// // A second later the bucket holds 2 again, but the minute only 1: refused, nothing spent.
+    /// let verdict = policy.check(&mut state, 1_000_000_000, 2)?;
+    /// assert!(!verdict.allowed());
+    /// assert!(verdict.decisions()[0].allowed && !verdict.decisions()[1].allowed);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn builder(name: impl Into<String>) -> PolicyBuilder {
         PolicyBuilder { name: name.into(), quotas: Vec::new() }
     }
 
     /// Builds a policy from its serde form.
+    ///
+    /// ```
+    /// use tower_ratelimit::{Policy, PolicyConfig};
+    ///
+    /// let config: PolicyConfig = toml::from_str(
+    ///     r#"
+    ///     name = "users"
+    ///     [[quotas]]
+    ///     algorithm = "token_bucket"
+    ///     rate = 100
+    ///     period = "1s"
+    ///     burst = 200
+    ///     [[quotas]]
+    ///     algorithm = "sliding_window"
+    ///     limit = 10000
+    ///     window = "1h"
+    ///     "#,
+    /// )?;
+    /// let policy = Policy::from_config(&config)?;
+    /// assert_eq!(policy.quotas().len(), 2);
+    /// assert_eq!(policy.capacity(), 200);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn from_config(config: &PolicyConfig) -> Result<Self, ConfigError> {
         config
             .quotas

@@ -55,6 +55,17 @@ use crate::{
 };
 
 /// Settings of a [`CpuShedder`]. Serde-deserializable.
+///
+/// ```
+/// use std::time::Duration;
+/// use tower_ratelimit::shed::ShedConfig;
+///
+/// let config: ShedConfig = toml::from_str(r#"cpu_threshold = 0.9
+/// cool_down = "2s""#)?;
+/// config.validate()?;
+/// assert_eq!(config.cool_down, Duration::from_secs(2));
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ShedConfig {
@@ -107,7 +118,17 @@ pub trait CpuSource: Send + Sync + fmt::Debug + 'static {
     fn usage(&self) -> Option<f64>;
 }
 
-/// CPU usage set by hand (tests, or a value measured elsewhere). Starts unknown.
+/// CPU usage set by hand (tests, or a value measured elsewhere). Starts unknown. Clones share
+/// the value.
+///
+/// ```
+/// use tower_ratelimit::shed::{CpuSource, ManualCpu};
+///
+/// let cpu = ManualCpu::default();
+/// assert_eq!(cpu.usage(), None);
+/// cpu.clone().set(0.5);
+/// assert_eq!(cpu.usage(), Some(0.5));
+/// ```
 #[derive(Debug, Clone)]
 pub struct ManualCpu(Arc<AtomicU64>);
 
@@ -139,6 +160,18 @@ pub struct SystemCpu {
 
 impl SystemCpu {
     /// Starts sampling every `interval` (e.g. 250 ms) on the current tokio runtime.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tower_ratelimit::shed::{CpuShedder, CpuSource, ShedConfig, SystemCpu};
+    ///
+    /// # tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap().block_on(async {
+    /// let cpu = SystemCpu::spawn(Duration::from_millis(250));
+    /// assert_eq!(cpu.usage(), None); // unknown until two samples were taken
+    /// let shedder = CpuShedder::new("api", ShedConfig::default(), cpu)?;
+    /// # let _ = shedder;
+    /// # Ok::<(), tower_ratelimit::ConfigError>(()) }).unwrap();
+    /// ```
     pub fn spawn(interval: Duration) -> Self {
         let usage = Arc::new(AtomicU64::new(f64::NAN.to_bits()));
         tokio::spawn(sample(Arc::downgrade(&usage), interval.max(Duration::from_millis(10))));
@@ -309,11 +342,36 @@ impl fmt::Debug for CpuShedder {
 
 impl CpuShedder {
     /// A shedder named `name` reading `cpu`, on tokio's clock.
+    ///
+    /// ```
+    /// use tower_ratelimit::adaptive::{Admission, OverloadLayer};
+    /// use tower_ratelimit::shed::{CpuShedder, ManualCpu, ShedConfig};
+    ///
+    /// let cpu = ManualCpu::default();
+    /// let shedder = CpuShedder::new("api", ShedConfig { cpu_threshold: 0.9, ..ShedConfig::default() }, cpu.clone())?;
+    /// cpu.set(0.95);
+    /// // No call has completed yet, so there is no capacity estimate: nothing is refused.
+    /// assert!(shedder.admit().is_ok());
+    ///
+    /// let layer = OverloadLayer::new(shedder);
+    /// # let _ = layer;
+    /// # Ok::<(), tower_ratelimit::ConfigError>(())
+    /// ```
     pub fn new(name: impl Into<String>, config: ShedConfig, cpu: impl CpuSource) -> Result<Self, ConfigError> {
         Self::with_clock(name, config, cpu, TokioClock::new())
     }
 
     /// A shedder reading `clock` (e.g. a [`ManualClock`](crate::ManualClock) in tests).
+    ///
+    /// ```
+    /// use tower_ratelimit::ManualClock;
+    /// use tower_ratelimit::shed::{CpuShedder, ManualCpu, ShedConfig};
+    ///
+    /// let clock = ManualClock::new();
+    /// let shedder = CpuShedder::with_clock("test", ShedConfig::default(), ManualCpu::default(), clock.clone())?;
+    /// assert_eq!(shedder.max_in_flight(), None); // no completed call yet
+    /// # Ok::<(), tower_ratelimit::ConfigError>(())
+    /// ```
     pub fn with_clock(
         name: impl Into<String>,
         config: ShedConfig,

@@ -98,6 +98,20 @@ impl RedLock {
     /// A client over these independent masters. Connections are made lazily: a node that is
     /// down now is simply unreachable until it comes back. Errors only for no node, a bad URL
     /// or a bad configuration.
+    ///
+    /// Call it within a tokio runtime: each node's connection starts a task, and outside a
+    /// runtime this panics.
+    ///
+    /// ```
+    /// use tower_redlock::{LockConfig, RedLock};
+    ///
+    /// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+    /// let nodes = ["redis://10.0.0.1:6379", "redis://10.0.0.2:6379", "redis://10.0.0.3:6379"];
+    /// let lock = RedLock::connect(&nodes, LockConfig::default())?;
+    /// assert_eq!((lock.nodes(), lock.quorum()), (3, 2));
+    /// assert!(RedLock::connect(&["not a url"], LockConfig::default()).is_err());
+    /// # Ok::<(), tower_redlock::LockError>(()) }).unwrap();
+    /// ```
     pub fn connect<S: AsRef<str>>(urls: &[S], config: LockConfig) -> Result<Self, LockError> {
         config.validate()?;
         if urls.is_empty() {
@@ -119,6 +133,19 @@ impl RedLock {
     }
 
     /// The in-process backend with the same API: for a single instance and for tests.
+    ///
+    /// ```
+    /// use tower_redlock::{LockConfig, RedLock};
+    ///
+    /// # async fn demo() -> Result<(), tower_redlock::LockError> {
+    /// let lock = RedLock::in_memory(LockConfig::default())?;
+    /// assert_eq!((lock.nodes(), lock.quorum()), (1, 1));
+    /// let guard = lock.acquire("report:2024-06").await?;
+    /// // ... the work; the watchdog extends the lock meanwhile ...
+    /// guard.release().await?;
+    /// # Ok(()) }
+    /// # tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap().block_on(demo()).unwrap();
+    /// ```
     pub fn in_memory(config: LockConfig) -> Result<Self, ConfigError> {
         config.validate()?;
         Ok(Self::from_nodes(vec![Node::Memory(MemoryNode::default())], config))

@@ -8,6 +8,26 @@ use crate::error::ConfigError;
 
 /// How locks are taken and kept. Serde-deserializable; [`validate`](Self::validate) (also run
 /// by [`RedLock`](crate::RedLock)'s constructors) rejects impossible values.
+///
+/// ```
+/// use std::time::Duration;
+/// use tower_redlock::{LockConfig, RedLock};
+///
+/// let config = LockConfig {
+///     ttl: Duration::from_secs(30),
+///     node_timeout: Duration::from_millis(100),
+///     acquire_timeout: Some(Duration::from_secs(5)),
+///     ..LockConfig::default()
+/// };
+/// config.validate()?;
+/// // Each node's reply must take at most a tenth of the TTL.
+/// let bad = LockConfig { node_timeout: Duration::from_secs(5), ..config.clone() };
+/// assert_eq!(bad.validate().map_err(|e| e.key()), Err("node_timeout"));
+///
+/// let lock = RedLock::in_memory(config)?;
+/// # let _ = lock;
+/// # Ok::<(), tower_redlock::ConfigError>(())
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct LockConfig {

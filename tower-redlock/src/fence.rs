@@ -12,6 +12,10 @@ pub const FENCED_SET_LUA: &str = include_str!("scripts/fenced_set.lua");
 
 /// The key holding the highest token seen for `resource`: `<resource>:fence`. Give the resource
 /// a hash tag (e.g. `{stock:sku-1}`) and both land in one Cluster slot.
+///
+/// ```
+/// assert_eq!(tower_redlock::token_key("{stock:sku-1}"), "{stock:sku-1}:fence");
+/// ```
 pub fn token_key(resource: &str) -> String {
     format!("{resource}:fence")
 }

@@ -18,12 +18,73 @@ use crate::{client::RedLock, error::LockError, node::each_node};
 /// greater (see the crate docs for the exact guarantee). Pass it with every write to the
 /// protected resource and have the resource refuse older tokens ([`fenced_set`](crate::fenced_set)).
 ///
-/// ```
-/// use tower_redlock::FencingToken;
+/// Where to get it: [`LockGuard::fencing_token`]; behind a [`LockLayer`](crate::LockLayer), from
+/// the request extensions (`Extension<FencingToken>` in an axum handler,
+/// `req.extensions().get::<FencingToken>()` elsewhere), or [`Locked::token`](crate::Locked::token)
+/// in [`errors`](crate::LockLayer::errors) mode.
 ///
-/// let (earlier, later) = (FencingToken(41), FencingToken(42));
+/// What it implements:
+///
+/// * `.0` is the number (`u64`, public): store it or send it (a header, a database column), and
+///   rebuild the token with `FencingToken(n)`. There is no `FromStr` and no serde
+///   implementation: parse or serialize the `u64`.
+/// * `PartialOrd` and `Ord`: compare tokens directly (`later > earlier`). A resource keeps the
+///   highest token it accepted and refuses any lower one.
+/// * `Display` writes the number alone (`42`); `Debug` writes `FencingToken(42)`.
+/// * `Copy`, `Clone`, `PartialEq`, `Eq`, `Hash`: pass it by value, use it as a map key.
+/// * [`fenced_set`](crate::fenced_set) takes it by value and does the compare-and-write on a
+///   Redis key in one script; [`FENCED_SET_LUA`](crate::FENCED_SET_LUA) is that script, for
+///   variants of your own.
+///
+/// ```
+/// use tower_redlock::{FencingToken, LockConfig, RedLock};
+///
+/// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+/// let lock = RedLock::in_memory(LockConfig::default())?;
+/// let first = lock.acquire("stock:sku-1").await?;
+/// let earlier: FencingToken = first.fencing_token()?;
+/// first.release().await?;
+/// let second = lock.acquire("stock:sku-1").await?;
+/// let later = second.fencing_token()?;
+///
 /// assert!(later > earlier);
-/// assert_eq!(later.to_string(), "42");
+/// assert_eq!(later.to_string(), later.0.to_string());
+/// assert_eq!(format!("{earlier:?}"), format!("FencingToken({})", earlier.0));
+///
+/// // A resource of your own keeps the highest token it accepted and refuses lower ones.
+/// let mut highest = FencingToken(0);
+/// let mut write = |token: FencingToken| {
+///     if token < highest {
+///         return false;
+///     }
+///     highest = token;
+///     true
+/// };
+/// assert!(write(later));
+/// assert!(!write(earlier)); // e.g. the first holder, paused past its TTL, writing late
+///
+/// // Over the wire: send the number, rebuild the token.
+/// let sent = later.to_string();
+/// assert_eq!(FencingToken(sent.parse()?), later);
+/// # Ok(()) }
+/// # tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap().block_on(demo()).unwrap();
+/// ```
+///
+/// With the protected resource in Redis, [`fenced_set`](crate::fenced_set) does the comparison:
+///
+/// ```no_run
+/// use tower_redlock::{LockConfig, RedLock, fenced_set};
+///
+/// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+/// let lock = RedLock::connect(&["redis://10.0.0.1", "redis://10.0.0.2", "redis://10.0.0.3"], LockConfig::default())?;
+/// let guard = lock.acquire("stock:sku-1").await?;
+/// let token = guard.fencing_token()?;
+/// let mut con = redis::Client::open("redis://10.0.0.9")?.get_multiplexed_async_connection().await?;
+/// if !fenced_set(&mut con, "{stock:sku-1}", 41, token).await? {
+///     // Refused: a later holder has written with a greater token; our lock had expired.
+/// }
+/// guard.release().await?;
+/// # Ok(()) }
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct FencingToken(pub u64);
@@ -36,6 +97,26 @@ impl fmt::Display for FencingToken {
 
 /// A held lock. Dropping it stops the watchdog and releases the lock in the background (best
 /// effort); [`release`](Self::release) does it now and reports.
+///
+/// Get one from [`RedLock::acquire`]. While it is held the watchdog extends the lock; race the
+/// work against [`lost`](Self::lost), which fires when the lock can no longer be guaranteed.
+///
+/// ```
+/// use tower_redlock::{LockConfig, RedLock};
+///
+/// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+/// let lock = RedLock::in_memory(LockConfig::default())?;
+/// let guard = lock.acquire("nightly-report").await?;
+/// let token = guard.fencing_token()?;
+/// tokio::select! {
+///     _ = guard.lost() => return Err("lock lost: another instance may be running the report".into()),
+///     _ = async { /* the work, passing `token` with every write */ } => {}
+/// }
+/// guard.release().await?;
+/// # let _ = token;
+/// # Ok(()) }
+/// # tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap().block_on(demo()).unwrap();
+/// ```
 pub struct LockGuard {
     shared: Arc<Shared>,
     watchdog: Option<JoinHandle<()>>,

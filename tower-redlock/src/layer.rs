@@ -45,6 +45,16 @@ pub mod keys {
     /// The `n`-th segment of the path (0-based), percent-decoded as routers decode path
     /// parameters: `PathSegment(1)` of `/inventory/sku-1/reserve` (or `/inventory/sku%2D1/reserve`)
     /// is `sku-1`. A segment that does not decode to UTF-8 gives no key (400).
+    ///
+    /// ```
+    /// use http::Request;
+    /// use tower_redlock::{LockKey, keys::PathSegment};
+    ///
+    /// let req = Request::post("/inventory/sku%2D1/reserve").body(())?;
+    /// assert_eq!(PathSegment(1).key(&req).as_deref(), Some("sku-1"));
+    /// assert_eq!(PathSegment(5).key(&req), None);
+    /// # Ok::<(), http::Error>(())
+    /// ```
     #[derive(Debug, Clone, Copy)]
     pub struct PathSegment(pub usize);
 
@@ -89,7 +99,17 @@ pub mod keys {
         }
     }
 
-    /// A header's value.
+    /// A header's value (a value that is not visible ASCII gives no key: 400).
+    ///
+    /// ```
+    /// use http::{HeaderName, Request};
+    /// use tower_redlock::{LockKey, keys::Header};
+    ///
+    /// let by_account = Header(HeaderName::from_static("x-account-id"));
+    /// let req = Request::post("/transfer").header("x-account-id", "acc-7").body(())?;
+    /// assert_eq!(by_account.key(&req).as_deref(), Some("acc-7"));
+    /// # Ok::<(), http::Error>(())
+    /// ```
     #[derive(Debug, Clone)]
     pub struct Header(pub HeaderName);
 
@@ -333,7 +353,28 @@ impl<K, M: fmt::Debug> fmt::Debug for LockLayer<K, M> {
 }
 
 impl<K> LockLayer<K> {
-    /// Locks `key(request)` on `lock` around every call.
+    /// Locks `key(request)` on `lock` around every call. `key` is one of [`keys`] or a closure
+    /// `Fn(&Req) -> Option<String>`.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use axum::{Extension, Router, http::{HeaderName, StatusCode}, routing::put};
+    /// use tower_redlock::{FencingToken, LockConfig, LockLayer, RedLock, keys::Header};
+    ///
+    /// let lock = RedLock::in_memory(LockConfig::default())?;
+    /// // One lock per account, named by a header; 423 Locked after waiting 500 ms for it.
+    /// let layer = LockLayer::new(lock, Header(HeaderName::from_static("x-account-id")))
+    ///     .namespace("account:")
+    ///     .busy_status(StatusCode::LOCKED)
+    ///     .wait_timeout(Duration::from_millis(500));
+    /// let app: Router = Router::new().route(
+    ///     "/balance",
+    ///     put(|Extension(token): Extension<FencingToken>| async move { format!("written under token {token}") })
+    ///         .layer(layer),
+    /// );
+    /// # let _ = app;
+    /// # Ok::<(), tower_redlock::ConfigError>(())
+    /// ```
     pub fn new(lock: RedLock, key: K) -> Self {
         Self {
             lock,

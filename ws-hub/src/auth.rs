@@ -50,7 +50,32 @@ fn percent_decode(s: &str) -> String {
 #[error("{0}")]
 pub struct AuthError(pub String);
 
-/// Decides the user id of an upgrade request.
+/// Decides the user id of an upgrade request. Install one with
+/// [`Hub::with_authenticator`](crate::Hub::with_authenticator); a refusal is answered with 401
+/// before the upgrade.
+///
+/// ```
+/// use http::HeaderMap;
+/// use ws_hub::{AuthError, Authenticator, Hub, HubConfig, UpgradeRequest};
+///
+/// // Behind a gateway that authenticates users and sets `x-user-id`.
+/// struct GatewayUser;
+///
+/// impl Authenticator for GatewayUser {
+///     fn authenticate(&self, request: UpgradeRequest<'_>) -> Result<String, AuthError> {
+///         let user = request.headers.get("x-user-id").and_then(|v| v.to_str().ok());
+///         user.map(str::to_owned).ok_or_else(|| AuthError("no x-user-id header".into()))
+///     }
+/// }
+///
+/// let mut headers = HeaderMap::new();
+/// headers.insert("x-user-id", "alice".parse()?);
+/// assert_eq!(GatewayUser.authenticate(UpgradeRequest { headers: &headers, query: None }), Ok("alice".into()));
+///
+/// let hub = Hub::new(HubConfig::default()).with_authenticator(GatewayUser);
+/// # let _ = hub;
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 pub trait Authenticator: Send + Sync + 'static {
     /// The user id, or why not.
     fn authenticate(&self, request: UpgradeRequest<'_>) -> Result<String, AuthError>;
@@ -62,7 +87,18 @@ fn valid_user(user: &str) -> bool {
         && user.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b'@'))
 }
 
-/// The seed's `?user_id=alice`: **insecure** (anyone can claim any id), for demos only.
+/// The seed's `?user_id=alice`: **insecure** (anyone can claim any id), for demos only. The
+/// default of [`Hub::new`](crate::Hub::new); replace it with
+/// [`Hub::with_authenticator`](crate::Hub::with_authenticator).
+///
+/// ```
+/// use http::HeaderMap;
+/// use ws_hub::{Authenticator, QueryUserId, UpgradeRequest};
+///
+/// let headers = HeaderMap::new();
+/// let request = UpgradeRequest { headers: &headers, query: Some("user_id=alice") };
+/// assert_eq!(QueryUserId.authenticate(request), Ok("alice".to_owned()));
+/// ```
 #[derive(Debug, Clone, Copy, Default)]
 pub struct QueryUserId;
 
@@ -92,6 +128,22 @@ impl std::fmt::Debug for SignedToken {
 
 impl SignedToken {
     /// Verifies tokens signed with `secret`.
+    ///
+    /// ```
+    /// use http::HeaderMap;
+    /// use ws_hub::{Authenticator, Hub, HubConfig, SignedToken, UpgradeRequest};
+    ///
+    /// let tokens = SignedToken::new("a secret shared with the login server");
+    /// // The login server hands the client `?token=<user>.<tag>` for the WebSocket URL.
+    /// let query = format!("token={}", tokens.sign("alice"));
+    /// let headers = HeaderMap::new();
+    /// assert_eq!(tokens.authenticate(UpgradeRequest { headers: &headers, query: Some(&query) }), Ok("alice".into()));
+    /// let forged = UpgradeRequest { headers: &headers, query: Some("token=alice.00") };
+    /// assert!(tokens.authenticate(forged).is_err());
+    ///
+    /// let hub = Hub::new(HubConfig::default()).with_authenticator(tokens);
+    /// # let _ = hub;
+    /// ```
     pub fn new(secret: impl Into<Vec<u8>>) -> Self {
         Self { secret: secret.into() }
     }
@@ -121,7 +173,27 @@ impl Authenticator for SignedToken {
     }
 }
 
-/// Per-channel permission hook (default: everything allowed).
+/// Per-channel permission hook (default: everything allowed). Install one with
+/// [`Hub::with_permissions`](crate::Hub::with_permissions); a refused client gets the error
+/// `forbidden`.
+///
+/// ```
+/// use ws_hub::{Hub, HubConfig, Permissions};
+///
+/// // Anyone may subscribe; only `admin` may publish on `announcements`.
+/// struct Announcements;
+///
+/// impl Permissions for Announcements {
+///     fn can_publish(&self, user: &str, channel: &str) -> bool {
+///         channel != "announcements" || user == "admin"
+///     }
+/// }
+///
+/// assert!(!Announcements.can_publish("alice", "announcements"));
+/// assert!(Announcements.can_subscribe("alice", "announcements"));
+/// let hub = Hub::new(HubConfig::default()).with_permissions(Announcements);
+/// # let _ = hub;
+/// ```
 pub trait Permissions: Send + Sync + 'static {
     /// May `user` subscribe to `channel`?
     fn can_subscribe(&self, user: &str, channel: &str) -> bool {

@@ -342,6 +342,16 @@ impl AsyncPushSender for Pushes {
 impl Hub {
     /// Routes every publish through the Redis server at `url`, so subscribers on all instances
     /// sharing it get every message. Call before the hub is shared (cloned).
+    ///
+    /// ```no_run
+    /// use ws_hub::{Hub, HubConfig};
+    ///
+    /// # async fn demo() -> Result<(), redis::RedisError> {
+    /// let hub = Hub::new(HubConfig::default()).with_redis("redis://127.0.0.1:6379").await?;
+    /// let app: axum::Router = axum::Router::new().merge(hub.router("/ws"));
+    /// # let _ = app;
+    /// # Ok(()) }
+    /// ```
     pub async fn with_redis(self, url: &str) -> Result<Self, redis::RedisError> {
         self.with_redis_at(&Redis::url(url)?).await
     }
@@ -349,6 +359,16 @@ impl Hub {
     /// Routes every publish through `redis`: one server, or a Redis Cluster (sharded pub/sub,
     /// each channel's keys and pub/sub on the node owning its slot).
     /// Call before the hub is shared (cloned).
+    ///
+    /// ```no_run
+    /// use ws_hub::{Hub, HubConfig, Redis};
+    ///
+    /// # async fn demo() -> Result<(), redis::RedisError> {
+    /// let cluster = Redis::cluster(&["redis://10.0.0.1:7000", "redis://10.0.0.2:7000", "redis://10.0.0.3:7000"])?;
+    /// let hub = Hub::new(HubConfig::default()).with_redis_at(&cluster).await?;
+    /// # let _ = hub;
+    /// # Ok(()) }
+    /// ```
     pub async fn with_redis_at(self, redis: &Redis) -> Result<Self, redis::RedisError> {
         let config = self.config().clone();
         let (control_tx, control) = mpsc::unbounded_channel();

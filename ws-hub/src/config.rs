@@ -17,6 +17,26 @@ pub enum SlowConsumer {
 }
 
 /// Hub limits and timings; every field has a sane default. Serde-deserializable.
+///
+/// ```
+/// use std::time::Duration;
+/// use ws_hub::{Hub, HubConfig, SlowConsumer};
+///
+/// let config: HubConfig = serde_json::from_str(
+///     r#"{
+///         "history": 500,
+///         "history_ttl": "10m",
+///         "slow_consumer": "drop_oldest",
+///         "allowed_origins": ["https://app.example.com"]
+///     }"#,
+/// )?;
+/// assert_eq!(config.slow_consumer, SlowConsumer::DropOldest);
+/// assert_eq!(config.history_ttl, Duration::from_secs(600));
+/// assert_eq!(config.max_frame, 64 * 1024); // unset keys keep their defaults
+/// let hub = Hub::new(config);
+/// # let _ = hub;
+/// # Ok::<(), serde_json::Error>(())
+/// ```
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct HubConfig {

@@ -59,6 +59,30 @@ pub struct HubStats {
 }
 
 /// A WebSocket pub/sub hub. Cheap to clone (an `Arc`); see the crate docs.
+///
+/// Configure it ([`new`](Self::new), [`with_authenticator`](Self::with_authenticator),
+/// [`with_permissions`](Self::with_permissions), [`with_redis`](Self::with_redis)) before
+/// cloning it, serve it with [`router`](Self::router), publish from server code with
+/// [`publish`](Self::publish) or a [`HubService`](crate::HubService).
+///
+/// ```no_run
+/// use std::{future::Future, time::Duration};
+/// use ws_hub::{Hub, HubConfig, SignedToken};
+///
+/// # async fn demo(stop: impl Future<Output = ()> + Send + 'static) -> Result<(), Box<dyn std::error::Error>> {
+/// let hub = Hub::new(HubConfig::default()).with_authenticator(SignedToken::new("shared secret"));
+/// let app = axum::Router::new().merge(hub.router("/ws"));
+/// let listener = tokio::net::TcpListener::bind("0.0.0.0:8080").await?;
+/// let closing = hub.clone();
+/// axum::serve(listener, app)
+///     .with_graceful_shutdown(async move {
+///         stop.await;
+///         // Upgraded connections are no longer the HTTP server's: close them here (1001).
+///         let _ = tokio::time::timeout(Duration::from_secs(10), closing.shutdown()).await;
+///     })
+///     .await?;
+/// # Ok(()) }
+/// ```
 #[derive(Clone)]
 pub struct Hub {
     pub(crate) inner: Arc<HubInner>,
@@ -153,6 +177,19 @@ pub(crate) fn new_epoch() -> Arc<str> {
 
 impl Hub {
     /// A hub with the insecure demo authenticator (`?user_id=`) and no permission checks.
+    ///
+    /// ```
+    /// use ws_hub::{Hub, HubConfig};
+    ///
+    /// # tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap().block_on(async {
+    /// let hub = Hub::new(HubConfig { history: 1000, ..HubConfig::default() });
+    /// let app: axum::Router = axum::Router::new().merge(hub.router("/ws"));
+    /// // Server code publishes too; offsets count from 1 in each channel.
+    /// assert_eq!(hub.publish("news", &serde_json::json!({"title": "hello"}), "system").await?, 1);
+    /// assert_eq!(hub.publish("news", &serde_json::json!({"title": "again"}), "system").await?, 2);
+    /// # let _ = app;
+    /// # Ok::<(), ws_hub::HubError>(()) }).unwrap();
+    /// ```
     pub fn new(config: HubConfig) -> Self {
         let rate = config.messages_per_second.clamp(1, 1_000_000);
         let limiter = tower_ratelimit::Quota::token_bucket(rate, Duration::from_secs(1), rate * 2)
@@ -217,12 +254,37 @@ impl Hub {
         }
     }
 
-    /// Decides user ids with `auth` instead of `?user_id=`.
+    /// Decides user ids with `auth` instead of `?user_id=`. Call before the hub is shared
+    /// (cloned): a shared hub ignores it, with a warning.
+    ///
+    /// ```
+    /// use ws_hub::{Hub, HubConfig, SignedToken};
+    ///
+    /// let hub = Hub::new(HubConfig::default()).with_authenticator(SignedToken::new("shared secret"));
+    /// # let _ = hub;
+    /// ```
     pub fn with_authenticator(self, auth: impl Authenticator) -> Self {
         self.map_inner(|i| i.auth = Arc::new(auth))
     }
 
-    /// Checks every subscribe, publish and presence query with `perms`.
+    /// Checks every subscribe, publish and presence query with `perms`. Call before the hub is
+    /// shared (cloned): a shared hub ignores it, with a warning.
+    ///
+    /// ```
+    /// use ws_hub::{Hub, HubConfig, Permissions};
+    ///
+    /// // Users may only subscribe to their own channel, `user:<id>`.
+    /// struct OwnChannel;
+    ///
+    /// impl Permissions for OwnChannel {
+    ///     fn can_subscribe(&self, user: &str, channel: &str) -> bool {
+    ///         channel.strip_prefix("user:") == Some(user)
+    ///     }
+    /// }
+    ///
+    /// let hub = Hub::new(HubConfig::default()).with_permissions(OwnChannel);
+    /// # let _ = hub;
+    /// ```
     pub fn with_permissions(self, perms: impl Permissions) -> Self {
         self.map_inner(|i| i.perms = Arc::new(perms))
     }

@@ -30,6 +30,19 @@ pub struct HubService {
 
 impl HubService {
     /// Publishes into `hub`.
+    ///
+    /// ```
+    /// use serde_json::json;
+    /// use tower::ServiceExt;
+    /// use ws_hub::{Hub, HubConfig, HubService, Publish};
+    ///
+    /// # tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap().block_on(async {
+    /// let publisher = HubService::new(Hub::new(HubConfig::default()));
+    /// let alert = |content| Publish { channel: "alerts".into(), content, user_id: "system".into() };
+    /// assert_eq!(publisher.clone().oneshot(alert(json!("disk full"))).await?, 1);
+    /// assert_eq!(publisher.oneshot(alert(json!("disk ok"))).await?, 2);
+    /// # Ok::<(), ws_hub::HubError>(()) }).unwrap();
+    /// ```
     pub fn new(hub: Hub) -> Self {
         Self { hub }
     }

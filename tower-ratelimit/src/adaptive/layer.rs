@@ -86,6 +86,27 @@ pub struct OverloadErrors;
 
 /// Puts an [`Admission`] in front of a service. `.layer(...)` it on axum routers and tonic
 /// servers; [`errors`](Self::errors) for other services.
+///
+/// ```
+/// use std::convert::Infallible;
+/// use tower::{ServiceBuilder, ServiceExt};
+/// use tower_ratelimit::BoxError;
+/// use tower_ratelimit::adaptive::{AdaptiveConfig, AdaptiveLimit, OverloadLayer, Overloaded};
+///
+/// # async fn demo() -> Result<(), BoxError> {
+/// let limit = AdaptiveLimit::new("db", AdaptiveConfig { initial_limit: 1, ..AdaptiveConfig::default() })?;
+/// let svc = ServiceBuilder::new()
+///     .layer(OverloadLayer::new(limit.clone()).errors())
+///     .service_fn(|query: &'static str| async move { Ok::<_, Infallible>(query.len()) });
+///
+/// let held = limit.try_acquire()?; // the only slot
+/// let error = svc.clone().oneshot("select 1").await.expect_err("over the limit");
+/// assert!(error.is::<Overloaded>());
+/// drop(held);
+/// assert_eq!(svc.oneshot("select 1").await?, 8);
+/// # Ok(()) }
+/// # tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap().block_on(demo()).unwrap();
+/// ```
 pub struct OverloadLayer<A, M = OverloadHttp> {
     admission: A,
     mode: PhantomData<fn() -> M>,
@@ -108,6 +129,23 @@ pub type AdaptiveLimitLayer<M = OverloadHttp> = OverloadLayer<AdaptiveLimit, M>;
 
 impl<A: Admission> OverloadLayer<A> {
     /// HTTP/gRPC answers to refusals.
+    ///
+    /// ```
+    /// use axum::{Router, routing::get};
+    /// use tower_ratelimit::adaptive::{AdaptiveConfig, AdaptiveLimit, OverloadLayer};
+    /// use tower_ratelimit::shed::{CpuShedder, ShedConfig, SystemCpu};
+    ///
+    /// # tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap().block_on(async {
+    /// let limit = AdaptiveLimit::new("api", AdaptiveConfig::default())?;
+    /// let cpu = SystemCpu::spawn(std::time::Duration::from_millis(250)); // needs a tokio runtime
+    /// let shedder = CpuShedder::new("api", ShedConfig::default(), cpu)?;
+    /// let app: Router = Router::new()
+    ///     .route("/", get(|| async { "hello" }))
+    ///     .layer(OverloadLayer::new(limit)) // 429 beyond the in-flight limit
+    ///     .layer(OverloadLayer::new(shedder)); // 503 while the CPU is overloaded (outermost)
+    /// # let _ = app;
+    /// # Ok::<(), tower_ratelimit::ConfigError>(()) }).unwrap();
+    /// ```
     pub fn new(admission: A) -> Self {
         Self { admission, mode: PhantomData }
     }

@@ -135,6 +135,23 @@ pub enum RejectWith {
 
 /// An adaptive limit's settings. Serde-deserializable; [`validate`](Self::validate) names a bad
 /// key.
+///
+/// ```
+/// use tower_ratelimit::adaptive::{AdaptiveConfig, AdaptiveLimit, LimitAlgorithm};
+///
+/// let config: AdaptiveConfig = toml::from_str(
+///     r#"
+///     max_limit = 500
+///     algorithm = { type = "aimd", backoff = 0.7 }
+///     reject_with = "unavailable"
+///     "#,
+/// )?;
+/// assert!(matches!(config.algorithm, LimitAlgorithm::Aimd { .. }));
+/// assert_eq!(config.initial_limit, 20); // unset keys keep their defaults
+/// let limit = AdaptiveLimit::new("upstream", config)?;
+/// # let _ = limit;
+/// # Ok::<(), Box<dyn std::error::Error>>(())
+/// ```
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct AdaptiveConfig {
@@ -244,6 +261,22 @@ pub struct LimitCore {
 
 impl LimitCore {
     /// A core at `config.initial_limit`.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tower_ratelimit::adaptive::{AdaptiveConfig, LimitAlgorithm, LimitCore};
+    ///
+    /// let mut core = LimitCore::new(AdaptiveConfig {
+    ///     algorithm: LimitAlgorithm::Aimd { backoff: 0.5, timeout: Duration::from_secs(1) },
+    ///     initial_limit: 10,
+    ///     min_window_samples: 1,
+    ///     ..AdaptiveConfig::default()
+    /// })?;
+    /// assert_eq!(core.on_sample(0, Duration::from_millis(5), 10, false), None); // window still open
+    /// // 100 ms later a drop closes the window: AIMD halves the limit.
+    /// assert_eq!(core.on_sample(100_000_000, Duration::from_millis(5), 10, true), Some(5));
+    /// # Ok::<(), tower_ratelimit::ConfigError>(())
+    /// ```
     pub fn new(config: AdaptiveConfig) -> Result<Self, ConfigError> {
         config.validate()?;
         Ok(Self {
@@ -416,11 +449,37 @@ impl fmt::Debug for AdaptiveLimit {
 
 impl AdaptiveLimit {
     /// A limit named `name` (metrics label, rejections) on tokio's clock.
+    ///
+    /// ```
+    /// use tower_ratelimit::adaptive::{AdaptiveConfig, AdaptiveLimit, Completion, Ticket};
+    ///
+    /// let limit = AdaptiveLimit::new("upstream", AdaptiveConfig { initial_limit: 2, ..AdaptiveConfig::default() })?;
+    /// let first = limit.try_acquire()?;
+    /// let second = limit.try_acquire()?;
+    /// assert!(limit.try_acquire().is_err()); // at the limit: refused at once, never queued
+    /// first.finish(Completion::Success); // frees its slot, gives a latency sample
+    /// drop(second); // frees its slot, no sample (a cancelled call)
+    /// assert_eq!(limit.in_flight(), 0);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn new(name: impl Into<String>, config: AdaptiveConfig) -> Result<Self, ConfigError> {
         Self::with_clock(name, config, TokioClock::new())
     }
 
     /// A limit reading `clock` (e.g. a [`ManualClock`](crate::ManualClock) in tests).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tower_ratelimit::{ManualClock, adaptive::{AdaptiveConfig, AdaptiveLimit, Completion, Ticket}};
+    ///
+    /// let clock = ManualClock::new();
+    /// let limit = AdaptiveLimit::with_clock("test", AdaptiveConfig::default(), clock.clone())?;
+    /// let permit = limit.try_acquire()?;
+    /// clock.advance(Duration::from_millis(20));
+    /// permit.finish(Completion::Success); // a 20 ms sample
+    /// assert_eq!(limit.limit(), 20); // unchanged until a window of samples closes
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn with_clock(name: impl Into<String>, config: AdaptiveConfig, clock: impl Clock) -> Result<Self, ConfigError> {
         let name: Arc<str> = name.into().into();
         let reject_with = config.reject_with;

@@ -29,6 +29,20 @@ pub struct TokenBucket {
 ///
 /// At `t` into the ramp the bucket behaves as one of rate `rate × φ(t)` and burst
 /// `max(1, ⌊burst × φ(t)⌋)`, with `φ(t) = min(1, 1/cold_factor + (1 − 1/cold_factor) × t / period)`.
+///
+/// Add it to a token bucket with [`Quota::warm_up`](crate::Quota::warm_up); in configuration
+/// files, `warm_up = { period = "30s", cold_factor = 3 }` ([`WarmUpConfig`](crate::WarmUpConfig)).
+///
+/// ```
+/// use std::time::Duration;
+/// use tower_ratelimit::{Policy, Quota, WarmUp};
+///
+/// // Cold, the bucket admits 100 / 3 per second, rising to 100 per second over 30 s.
+/// let ramp = WarmUp::new(Duration::from_secs(30), 3)?;
+/// let policy = Policy::new("search", Quota::per_second(100)?.warm_up(ramp)?)?;
+/// # let _ = policy;
+/// # Ok::<(), tower_ratelimit::ConfigError>(())
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct WarmUp {
     period: Duration,
@@ -38,12 +52,35 @@ pub struct WarmUp {
 
 impl WarmUp {
     /// A ramp over `period` from `1 / cold_factor` of the rate (Sentinel's default factor is 3),
-    /// starting again after the bucket sat full for `period`.
+    /// starting again after the bucket sat full for `period`. `period` must be longer than zero
+    /// and `cold_factor` within `2..=100`.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tower_ratelimit::WarmUp;
+    ///
+    /// let ramp = WarmUp::new(Duration::from_secs(30), 3)?;
+    /// assert_eq!(ramp.idle(), Duration::from_secs(30));
+    /// assert_eq!(ramp.fraction(0), 1.0 / 3.0); // a third of the rate at the start
+    /// assert_eq!(ramp.fraction(30_000_000_000), 1.0); // the whole rate after `period`
+    /// assert!(WarmUp::new(Duration::from_secs(30), 1).is_err());
+    /// # Ok::<(), tower_ratelimit::ConfigError>(())
+    /// ```
     pub fn new(period: Duration, cold_factor: u32) -> Result<Self, ConfigError> {
         Self::with_idle(period, cold_factor, period)
     }
 
     /// Like [`new`](Self::new), going cold again after `idle` full.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tower_ratelimit::WarmUp;
+    ///
+    /// // A 30 s ramp, but only after the bucket sat full (unused) for 5 minutes.
+    /// let ramp = WarmUp::with_idle(Duration::from_secs(30), 3, Duration::from_secs(300))?;
+    /// assert_eq!((ramp.period(), ramp.idle()), (Duration::from_secs(30), Duration::from_secs(300)));
+    /// # Ok::<(), tower_ratelimit::ConfigError>(())
+    /// ```
     pub fn with_idle(period: Duration, cold_factor: u32, idle: Duration) -> Result<Self, ConfigError> {
         if period.is_zero() || nanos(period) > u128::from(MAX_SPAN) {
             return Err(ConfigError::new("warm-up period must be longer than zero and at most 100 years"));

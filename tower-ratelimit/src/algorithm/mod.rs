@@ -42,7 +42,33 @@ pub struct Decision {
 
 /// One quota of a [`Policy`](crate::Policy): a token bucket, a sliding window or a sliding log.
 ///
-/// Constructors validate their numbers and return [`ConfigError`] instead of panicking.
+/// Constructors validate their numbers and return [`ConfigError`] instead of panicking:
+/// [`token_bucket`](Self::token_bucket) and its shorthand [`per_second`](Self::per_second),
+/// [`sliding_window`](Self::sliding_window) (and
+/// [`sliding_window_with_precision`](Self::sliding_window_with_precision)), and
+/// [`sliding_log`](Self::sliding_log).
+///
+/// A quota's decisions are pure functions of its state and `now` (nanoseconds since any epoch):
+/// the stores call [`evaluate`](Self::evaluate) and [`consume`](Self::consume) for you, but they
+/// work on their own too.
+///
+/// ```
+/// use std::time::Duration;
+/// use tower_ratelimit::{Policy, Quota};
+///
+/// let quota = Quota::sliding_window(2, Duration::from_secs(1))?;
+/// let mut state = quota.new_state();
+/// for _ in 0..2 {
+///     assert!(quota.evaluate(&mut state, 0, 1).allowed);
+///     quota.consume(&mut state, 0, 1);
+/// }
+/// assert!(!quota.evaluate(&mut state, 0, 1).allowed);
+///
+/// // In a service, a quota goes into a policy, and the policy into a store.
+/// let policy = Policy::new("api", quota)?;
+/// # let _ = policy;
+/// # Ok::<(), tower_ratelimit::ConfigError>(())
+/// ```
 #[derive(Debug, Clone, PartialEq)]
 pub struct Quota {
     name: Option<String>,
@@ -59,35 +85,131 @@ pub(crate) enum QuotaKind {
 impl Quota {
     /// A GCRA token bucket: `rate` tokens per `period`, holding at most `burst` tokens.
     ///
-    /// A fresh bucket admits `burst` requests at once, then one every `period / rate`.
+    /// A fresh bucket admits `burst` requests at once, then one every `period / rate`. `rate`
+    /// and `burst` must be at least 1, `period` longer than zero, the rate at most one token
+    /// per nanosecond and the refill time (`burst × period / rate`) at most 100 years.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tower_ratelimit::{MemoryStore, Policy, Quota};
+    ///
+    /// // 100 requests per minute, at most 20 at once: one token every 600 ms.
+    /// let quota = Quota::token_bucket(100, Duration::from_secs(60), 20)?;
+    /// assert_eq!(quota.capacity(), 20);
+    /// assert_eq!(quota.window(), Duration::from_secs(12)); // an empty bucket refills in 20 × 600 ms
+    ///
+    /// // A fresh bucket admits its burst at once; the next token comes 600 ms later.
+    /// let mut state = quota.new_state();
+    /// for _ in 0..20 {
+    ///     assert!(quota.evaluate(&mut state, 0, 1).allowed);
+    ///     quota.consume(&mut state, 0, 1);
+    /// }
+    /// let refused = quota.evaluate(&mut state, 0, 1);
+    /// assert!(!refused.allowed);
+    /// assert_eq!(refused.retry_after, Duration::from_millis(600));
+    ///
+    /// assert!(Quota::token_bucket(0, Duration::from_secs(60), 20).is_err());
+    ///
+    /// let store = MemoryStore::new(Policy::new("per-client", quota)?);
+    /// # let _ = store;
+    /// # Ok::<(), tower_ratelimit::ConfigError>(())
+    /// ```
     pub fn token_bucket(rate: u64, period: Duration, burst: u64) -> Result<Self, ConfigError> {
         Ok(Self::from_kind(QuotaKind::Gcra(TokenBucket::new(rate, period, burst)?)))
     }
 
     /// `rate` requests per second with a burst of the same size (the seed's token bucket).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tower_ratelimit::Quota;
+    ///
+    /// let quota = Quota::per_second(10)?;
+    /// assert_eq!(quota, Quota::token_bucket(10, Duration::from_secs(1), 10)?);
+    /// assert!(Quota::per_second(0).is_err());
+    /// # Ok::<(), tower_ratelimit::ConfigError>(())
+    /// ```
     pub fn per_second(rate: u64) -> Result<Self, ConfigError> {
         Self::token_bucket(rate, Duration::from_secs(1), rate)
     }
 
     /// A rolling-counter sliding window: at most `limit` units in any `window`, counted over 10
     /// sub-windows. See [`SlidingWindow`] for the exact bound.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tower_ratelimit::Quota;
+    ///
+    /// // At most 100 units in any minute, counted over ten 6-second sub-windows.
+    /// let quota = Quota::sliding_window(100, Duration::from_secs(60))?;
+    /// let mut state = quota.new_state();
+    /// assert!(quota.evaluate(&mut state, 0, 100).allowed);
+    /// quota.consume(&mut state, 0, 100);
+    /// // Still counted a minute later; gone once a whole sub-window more has passed.
+    /// assert!(!quota.evaluate(&mut state, 60_000_000_000, 1).allowed);
+    /// assert!(quota.evaluate(&mut state, 66_000_000_000, 1).allowed);
+    /// # Ok::<(), tower_ratelimit::ConfigError>(())
+    /// ```
     pub fn sliding_window(limit: u64, window: Duration) -> Result<Self, ConfigError> {
         Self::sliding_window_with_precision(limit, window, SlidingWindow::DEFAULT_PRECISION)
     }
 
     /// A rolling-counter sliding window with `precision` sub-windows (more = closer to exact,
-    /// more memory: one counter per sub-window and key).
+    /// more memory: one counter per sub-window and key). `precision` is within
+    /// `1..=`[`SlidingWindow::MAX_PRECISION`].
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tower_ratelimit::Quota;
+    ///
+    /// // 1000 per hour over 60 one-minute sub-windows: never more than 1000 in any hour, and
+    /// // refusals last at most a minute longer than an exact window's would.
+    /// let quota = Quota::sliding_window_with_precision(1000, Duration::from_secs(3600), 60)?;
+    /// assert_eq!(quota.capacity(), 1000);
+    /// assert!(Quota::sliding_window_with_precision(1000, Duration::from_secs(3600), 0).is_err());
+    /// # Ok::<(), tower_ratelimit::ConfigError>(())
+    /// ```
     pub fn sliding_window_with_precision(limit: u64, window: Duration, precision: u32) -> Result<Self, ConfigError> {
         Ok(Self::from_kind(QuotaKind::Window(SlidingWindow::new(limit, window, precision)?)))
     }
 
     /// An exact sliding log: at most `limit` units in any `window`, keeping one timestamp per
     /// admitted request (so for small limits only: at most [`SlidingLog::MAX_LIMIT`]).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tower_ratelimit::{Quota, SlidingLog};
+    ///
+    /// // Exactly 5 attempts in any 15 minutes.
+    /// let quota = Quota::sliding_log(5, Duration::from_secs(15 * 60))?;
+    /// let mut state = quota.new_state();
+    /// for _ in 0..5 {
+    ///     assert!(quota.evaluate(&mut state, 0, 1).allowed);
+    ///     quota.consume(&mut state, 0, 1);
+    /// }
+    /// let refused = quota.evaluate(&mut state, 60_000_000_000, 1); // a minute later
+    /// assert!(!refused.allowed);
+    /// assert_eq!(refused.retry_after, Duration::from_secs(14 * 60));
+    ///
+    /// assert!(Quota::sliding_log(SlidingLog::MAX_LIMIT + 1, Duration::from_secs(1)).is_err());
+    /// # Ok::<(), tower_ratelimit::ConfigError>(())
+    /// ```
     pub fn sliding_log(limit: u64, window: Duration) -> Result<Self, ConfigError> {
         Ok(Self::from_kind(QuotaKind::Log(SlidingLog::new(limit, window)?)))
     }
 
     /// Adds a warm-up ramp to a token bucket (see [`WarmUp`]); other quotas refuse it.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tower_ratelimit::{Quota, WarmUp};
+    ///
+    /// let ramp = WarmUp::new(Duration::from_secs(30), 3)?;
+    /// let quota = Quota::per_second(100)?.warm_up(ramp)?;
+    /// # let _ = quota;
+    /// assert!(Quota::sliding_window(100, Duration::from_secs(1))?.warm_up(ramp).is_err());
+    /// # Ok::<(), tower_ratelimit::ConfigError>(())
+    /// ```
     pub fn warm_up(self, warm_up: WarmUp) -> Result<Self, ConfigError> {
         match self.kind {
             QuotaKind::Gcra(tb) => Ok(Self { name: self.name, kind: QuotaKind::Gcra(tb.with_warm_up(warm_up)) }),
@@ -247,12 +369,53 @@ pub struct Verdict {
 }
 
 impl Verdict {
-    /// A verdict from per-quota decisions, in the policy's order.
+    /// A verdict from per-quota decisions, in the policy's order (for [`Store`](crate::Store)
+    /// implementations; [`Policy::check`](crate::Policy::check) builds them for you).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tower_ratelimit::{Decision, Verdict};
+    ///
+    /// let burst = Decision {
+    ///     allowed: true,
+    ///     limit: 10,
+    ///     remaining: 3,
+    ///     reset_after: Duration::from_millis(100),
+    ///     retry_after: Duration::ZERO,
+    /// };
+    /// let daily = Decision {
+    ///     allowed: false,
+    ///     limit: 1000,
+    ///     remaining: 0,
+    ///     reset_after: Duration::from_secs(60),
+    ///     retry_after: Duration::from_secs(60),
+    /// };
+    /// let verdict = Verdict::new([burst, daily]);
+    /// assert!(!verdict.allowed());
+    /// assert_eq!(verdict.retry_after(), Duration::from_secs(60));
+    /// assert_eq!(verdict.binding(), Some(&daily));
+    /// ```
     pub fn new(decisions: impl IntoIterator<Item = Decision>) -> Self {
         Self { decisions: decisions.into_iter().collect() }
     }
 
     /// The verdict of a single-quota policy.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tower_ratelimit::{Decision, Verdict};
+    ///
+    /// let decision = Decision {
+    ///     allowed: true,
+    ///     limit: 5,
+    ///     remaining: 4,
+    ///     reset_after: Duration::ZERO,
+    ///     retry_after: Duration::ZERO,
+    /// };
+    /// let verdict = Verdict::single(decision);
+    /// assert!(verdict.allowed());
+    /// assert_eq!(verdict.decisions(), &[decision]);
+    /// ```
     pub fn single(decision: Decision) -> Self {
         let mut decisions = SmallVec::new();
         decisions.push(decision);
@@ -260,6 +423,14 @@ impl Verdict {
     }
 
     /// An admission without decisions (a fail-open store answering while its backend is down).
+    ///
+    /// ```
+    /// use tower_ratelimit::Verdict;
+    ///
+    /// let verdict = Verdict::unlimited();
+    /// assert!(verdict.allowed());
+    /// assert!(verdict.decisions().is_empty()); // no `RateLimit` headers to send
+    /// ```
     pub fn unlimited() -> Self {
         Self::default()
     }

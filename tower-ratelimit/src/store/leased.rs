@@ -22,6 +22,15 @@ use crate::{
 };
 
 /// How leases are sized and how long they live.
+///
+/// ```
+/// use std::time::Duration;
+/// use tower_ratelimit::LeaseConfig;
+///
+/// let config: LeaseConfig = toml::from_str(r#"ttl = "50ms""#)?;
+/// assert_eq!(config, LeaseConfig { ttl: Duration::from_millis(50), ..LeaseConfig::default() });
+/// # Ok::<(), toml::de::Error>(())
+/// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct LeaseConfig {
@@ -165,6 +174,20 @@ impl Local {
 
 impl<C: RedisConnection> LeasedStore<C> {
     /// Leases from `redis` with the given configuration.
+    ///
+    /// ```no_run
+    /// use std::time::Duration;
+    /// use tower_ratelimit::{LeaseConfig, LeasedStore, Policy, Quota, RateLimitLayer, RedisStore};
+    ///
+    /// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+    /// let con = RedisStore::connect("redis://127.0.0.1:6379").await?;
+    /// let redis = RedisStore::new(Policy::new("api", Quota::per_second(10_000)?)?, con);
+    /// // All instances together admit at most 10,000/s × 50 ms = 500 more than the quota.
+    /// let store = LeasedStore::new(redis, LeaseConfig { ttl: Duration::from_millis(50), ..LeaseConfig::default() });
+    /// let layer = RateLimitLayer::new(store);
+    /// # let _ = layer;
+    /// # Ok(()) }
+    /// ```
     pub fn new(redis: RedisStore<C>, config: LeaseConfig) -> Self {
         let policy = redis.policy().clone();
         let max_lease = config.max_lease.unwrap_or(policy.capacity() / 10).clamp(1, policy.capacity().max(1));

@@ -130,11 +130,45 @@ impl Cell {
 
 impl MemoryStore<TokioClock> {
     /// A store for `policy` with the defaults (tokio clock, [`DEFAULT_MAX_KEYS`]).
+    ///
+    /// ```
+    /// use tower_ratelimit::{Key, MemoryStore, Policy, Quota, RateLimitLayer};
+    ///
+    /// let store = MemoryStore::new(Policy::new("api", Quota::per_second(10)?)?);
+    /// let verdict = store.check_sync(&Key::from("alice"), 1)?;
+    /// assert!(verdict.allowed());
+    /// assert_eq!(verdict.decisions()[0].remaining, 9);
+    /// assert_eq!(store.len(), 1);
+    ///
+    /// // A layer shares the store's state with every clone of it.
+    /// let layer = RateLimitLayer::new(store.clone());
+    /// # let _ = layer;
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn new(policy: Policy) -> Self {
         Self::builder(policy).build()
     }
 
-    /// Configures a store for `policy`.
+    /// Configures a store for `policy`: [`max_keys`](MemoryStoreBuilder::max_keys),
+    /// [`max_bytes`](MemoryStoreBuilder::max_bytes), [`clock`](MemoryStoreBuilder::clock).
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tower_ratelimit::{Key, ManualClock, MemoryStore, Policy, Quota};
+    ///
+    /// let clock = ManualClock::new();
+    /// let store = MemoryStore::builder(Policy::new("api", Quota::per_second(1)?)?)
+    ///     .max_keys(10_000)
+    ///     .clock(clock.clone())
+    ///     .build();
+    /// let alice = Key::from("alice");
+    /// assert!(store.check_sync(&alice, 1)?.allowed());
+    /// assert!(!store.check_sync(&alice, 1)?.allowed());
+    /// assert!(store.check_sync(&Key::from("bob"), 1)?.allowed()); // each key has its own quota
+    /// clock.advance(Duration::from_secs(1));
+    /// assert!(store.check_sync(&alice, 1)?.allowed());
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     pub fn builder(policy: Policy) -> MemoryStoreBuilder<TokioClock> {
         MemoryStoreBuilder {
             policy,

@@ -295,6 +295,16 @@ impl Drop for ProbeGuard<'_> {
 impl RedisStore<redis::aio::ConnectionManager> {
     /// A `ConnectionManager` tuned for rate limiting: 250 ms connect timeout and fast reconnects
     /// (20 ms to 250 ms apart), so the store notices a returning Redis within a second.
+    ///
+    /// ```no_run
+    /// use tower_ratelimit::{Policy, Quota, RedisStore};
+    ///
+    /// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+    /// let con = RedisStore::connect("redis://127.0.0.1:6379").await?;
+    /// let store = RedisStore::new(Policy::new("api", Quota::per_second(100)?)?, con);
+    /// # let _ = store;
+    /// # Ok(()) }
+    /// ```
     pub async fn connect(url: &str) -> Result<redis::aio::ConnectionManager, redis::RedisError> {
         let client = redis::Client::open(url)?;
         let config = redis::aio::ConnectionManagerConfig::new()
@@ -307,12 +317,42 @@ impl RedisStore<redis::aio::ConnectionManager> {
 }
 
 impl<C: RedisConnection> RedisStore<C> {
-    /// A store for `policy` on `con` with the defaults.
+    /// A store for `policy` on `con` with the defaults: keys prefixed `rl:`, 50 ms per call,
+    /// [`FailurePolicy::Local`] while Redis fails. `con` is a connection from
+    /// [`connect`](Self::connect), or any [`RedisConnection`], e.g. a Redis Cluster connection:
+    ///
+    /// ```no_run
+    /// use tower_ratelimit::{Policy, Quota, RateLimitLayer, RedisStore};
+    ///
+    /// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+    /// let nodes = ["redis://10.0.0.1:7000", "redis://10.0.0.2:7000", "redis://10.0.0.3:7000"];
+    /// let con = redis::cluster::ClusterClient::new(nodes.to_vec())?.get_async_connection().await?;
+    /// let store = RedisStore::new(Policy::new("api", Quota::per_second(100)?)?, con);
+    /// let layer = RateLimitLayer::new(store);
+    /// # let _ = layer;
+    /// # Ok(()) }
+    /// ```
     pub fn new(policy: Policy, con: C) -> Self {
         Self::builder(policy, con).build()
     }
 
-    /// Configures a store.
+    /// Configures a store (see [`RedisStoreBuilder`]).
+    ///
+    /// ```no_run
+    /// use std::time::Duration;
+    /// use tower_ratelimit::{FailurePolicy, Policy, Quota, RedisStore};
+    ///
+    /// # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+    /// let con = RedisStore::connect("redis://127.0.0.1:6379").await?;
+    /// let store = RedisStore::builder(Policy::new("api", Quota::per_second(100)?)?, con)
+    ///     .prefix("shop:rl:")
+    ///     .key_secret(std::env::var("RATELIMIT_KEY_SECRET")?)
+    ///     .timeout(Duration::from_millis(20))
+    ///     .on_failure(FailurePolicy::Closed)
+    ///     .build();
+    /// # let _ = store;
+    /// # Ok(()) }
+    /// ```
     pub fn builder(policy: Policy, con: C) -> RedisStoreBuilder<C> {
         RedisStoreBuilder {
             policy,
