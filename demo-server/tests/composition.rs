@@ -346,3 +346,30 @@ async fn the_dashboard_is_for_the_admin_only_and_read_only() {
     admin.send(frame("message", &channel)).await.unwrap();
     assert_eq!(next_of(&mut admin, "error").await["code"], "forbidden");
 }
+
+/// Before: `tower_ratelimit::GrpcMethod` and `tower_breaker::keys::GrpcMethod` (and the two
+/// `MatchedRoute`s) implemented different traits; swapping them failed at `.serve(...)`. Now one
+/// key trait and one set of extractors serve every keyed layer: the same values below key a rate
+/// limit, a breaker registry and a lock.
+#[tokio::test]
+async fn one_set_of_key_types_for_every_keyed_layer() {
+    use axum::{Router, routing::post};
+    use std::sync::Arc;
+    use tower::ServiceExt;
+    use tower_breaker::{BreakerConfig, BreakerRegistry, CircuitBreakerLayer};
+    use tower_ratelimit::{MatchedRoute, MemoryStore, PathParam, Policy, Quota, RateLimitLayer};
+    use tower_redlock::{LockConfig, LockLayer, RedLock};
+
+    let limit =
+        RateLimitLayer::new(MemoryStore::new(Policy::new("per-route", Quota::per_second(100).unwrap()).unwrap()))
+            .key(MatchedRoute);
+    let registry = Arc::new(BreakerRegistry::new("route:", BreakerConfig::default()).unwrap());
+    let breaker = CircuitBreakerLayer::keyed(registry.clone(), MatchedRoute);
+    let lock = LockLayer::new(RedLock::in_memory(LockConfig::default()).unwrap(), PathParam("id"));
+    let app: Router = Router::new()
+        .route("/orders/{id}/pay", post(|| async { "paid" }).route_layer(lock).route_layer(breaker).route_layer(limit));
+    let request = http::Request::post("/orders/7/pay").body(axum::body::Body::empty()).unwrap();
+    assert_eq!(app.oneshot(request).await.unwrap().status(), 200);
+    let keys: Vec<String> = registry.breakers().into_iter().map(|(key, _)| key).collect();
+    assert!(keys.contains(&"/orders/{id}/pay".to_owned()), "{keys:?}");
+}

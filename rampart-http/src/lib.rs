@@ -28,6 +28,7 @@
 
 mod body;
 mod grpc;
+pub mod keys;
 mod problem;
 mod reject;
 mod retry;

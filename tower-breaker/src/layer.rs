@@ -2,7 +2,7 @@
 
 use std::{fmt, sync::Arc};
 
-use http::Request;
+use rampart_http::keys::KeyExtractor;
 use tower_http::classify::SharedClassifier;
 use tower_layer::Layer;
 
@@ -111,100 +111,22 @@ impl<K> fmt::Debug for Keyed<K> {
     }
 }
 
-/// Derives the breaker key of a request. Closures `Fn(&Req) -> Option<String>` implement it;
-/// [`keys`] has ready ones for `http::Request`.
-///
-/// ```
-/// use std::sync::Arc;
-/// use http::Request;
-/// use tower_breaker::{BreakerConfig, BreakerKey, BreakerRegistry, CircuitBreakerLayer};
-///
-/// // One breaker per tenant, from a header; at most the registry's bound of them.
-/// let tenant = |req: &Request<()>| req.headers().get("x-tenant")?.to_str().ok().map(str::to_owned);
-/// let req = Request::builder().header("x-tenant", "acme").body(())?;
-/// assert_eq!(tenant.key(&req).as_deref(), Some("acme"));
-///
-/// let registry = Arc::new(BreakerRegistry::new("tenant:", BreakerConfig::default())?);
-/// let layer = CircuitBreakerLayer::keyed(registry, tenant);
-/// # let _ = layer;
-/// # Ok::<(), Box<dyn std::error::Error>>(())
-/// ```
-pub trait BreakerKey<Req>: Send + Sync + 'static {
-    /// The key of `req`, or `None` (the key `~none`).
-    fn key(&self, req: &Req) -> Option<String>;
-}
-
-impl<Req, F> BreakerKey<Req> for F
-where
-    F: Fn(&Req) -> Option<String> + Send + Sync + 'static,
-{
-    fn key(&self, req: &Req) -> Option<String> {
-        self(req)
-    }
-}
-
-impl<Req, K: BreakerKey<Req>> Selector<Req> for Keyed<K> {
+impl<Req, K: KeyExtractor<Req>> Selector<Req> for Keyed<K> {
     type Guard = Breaker;
 
     fn select(&self, req: &Req) -> Breaker {
-        match self.key.key(req) {
-            Some(key) => self.registry.get(&key),
+        match self.key.extract(req) {
+            Some(key) => self.registry.get(&key.name()),
             None => self.registry.get("~none"),
         }
     }
 }
 
-/// Ready keys for `http::Request`s. A key space that comes from requests is bounded by the
-/// registry ([`BreakerRegistry::with_limits`], [`BreakerRegistry::only`]).
+/// Ready keys: the workspace's one set ([`rampart_http::keys`]), the same a rate limit or a
+/// lock layer takes. A key space that comes from requests is bounded by the registry
+/// ([`BreakerRegistry::with_limits`], [`BreakerRegistry::only`]).
 pub mod keys {
-    use super::{BreakerKey, Request};
-
-    /// The gRPC method (`/package.Service/Method`), or any request's path.
-    #[derive(Debug, Clone, Copy, Default)]
-    pub struct GrpcMethod;
-
-    impl<B> BreakerKey<Request<B>> for GrpcMethod {
-        fn key(&self, req: &Request<B>) -> Option<String> {
-            Some(req.uri().path().to_owned())
-        }
-    }
-
-    /// The upstream authority: the URI's, else the `Host` header.
-    ///
-    /// ```
-    /// use http::Request;
-    /// use tower_breaker::{BreakerKey, keys::Host};
-    ///
-    /// let req = Request::get("http://payments.internal:8080/charge").body(())?;
-    /// assert_eq!(Host.key(&req).as_deref(), Some("payments.internal:8080"));
-    /// let req = Request::get("/charge").header("host", "payments.internal").body(())?;
-    /// assert_eq!(Host.key(&req).as_deref(), Some("payments.internal"));
-    /// # Ok::<(), http::Error>(())
-    /// ```
-    #[derive(Debug, Clone, Copy, Default)]
-    pub struct Host;
-
-    impl<B> BreakerKey<Request<B>> for Host {
-        fn key(&self, req: &Request<B>) -> Option<String> {
-            req.uri()
-                .authority()
-                .map(|a| a.as_str().to_owned())
-                .or_else(|| req.headers().get(http::header::HOST)?.to_str().ok().map(str::to_owned))
-        }
-    }
-
-    /// axum's matched route template (`/users/{id}`), once axum has routed the request (use the
-    /// layer through `Router::layer` / `route_layer`).
-    #[cfg(feature = "axum")]
-    #[derive(Debug, Clone, Copy, Default)]
-    pub struct MatchedRoute;
-
-    #[cfg(feature = "axum")]
-    impl<B> BreakerKey<Request<B>> for MatchedRoute {
-        fn key(&self, req: &Request<B>) -> Option<String> {
-            req.extensions().get::<axum::extract::MatchedPath>().map(|p| p.as_str().to_owned())
-        }
-    }
+    pub use rampart_http::keys::*;
 }
 
 /// Rejections as HTTP 503 / gRPC `UNAVAILABLE` responses, outcomes from the response through a

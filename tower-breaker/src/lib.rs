@@ -116,7 +116,8 @@ pub use classify::{BreakerOutcome, ClassifyError, DefaultClassifier, ErrorsAreFa
 pub use config::{BreakerConfig, BreakerConfigBuilder, SlidingWindow, SlowCallMeasure, TripPolicy, WaitGrowth};
 pub use error::{CircuitOpen, ConfigError};
 pub use future::{ErrorFuture, ResponseFuture};
-pub use layer::{AdaptiveThrottleLayer, BreakerKey, CircuitBreakerLayer, Errors, Guard, Http, Keyed, Selector, keys};
+pub use layer::{AdaptiveThrottleLayer, CircuitBreakerLayer, Errors, Guard, Http, Keyed, Selector, keys};
+pub use rampart_http::keys::{Key, KeyExtractor};
 pub use registry::BreakerRegistry;
 pub use service::CircuitBreaker;
 pub use state::{Breaker, Event, Outcome, Permit, Reason, Snapshot, State, Transition};

@@ -15,6 +15,14 @@ impl ConfigError {
     }
 }
 
+/// A bad trusted-proxy range is a configuration error too (`ClientIp::trusting(...)?` in a
+/// function returning `ConfigError`).
+impl From<rampart_http::keys::InvalidCidr> for ConfigError {
+    fn from(error: rampart_http::keys::InvalidCidr) -> Self {
+        Self::new(error.to_string())
+    }
+}
+
 /// Why a store could not give a verdict.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum CheckError {

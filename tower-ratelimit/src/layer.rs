@@ -6,9 +6,9 @@ use serde::{Deserialize, Serialize};
 use tower_layer::Layer;
 
 use crate::{
-    Key, Verdict,
+    GlobalKey, Key, Verdict,
     error::CheckError,
-    extract::{GlobalKey, UnitCost},
+    extract::UnitCost,
     response::{Headers, Rejection},
     service::RateLimit,
     store::Store,

@@ -107,7 +107,6 @@ mod clock;
 mod error;
 mod extract;
 mod future;
-mod key;
 mod layer;
 mod policy;
 mod response;
@@ -122,15 +121,17 @@ pub use algorithm::{
 pub use clock::QuantaClock;
 pub use clock::{Clock, ManualClock, TokioClock};
 pub use error::{CheckError, ConfigError, MissingRateLimitKey, RateLimited, StoreUnavailable};
-#[cfg(feature = "axum")]
-pub use extract::MatchedRoute;
-pub use extract::{
-    ClientIp, Cost, ForwardedHeader, GlobalKey, GrpcMethod, HeaderKey, KeyExtractor, PeerIp, UnitCost, peer_addr,
-};
+pub use extract::{Cost, UnitCost};
 pub use future::{ErrorFuture, ResponseFuture};
-pub use key::{Key, MAX_KEY_LEN};
 pub use layer::{Errors, Http, MissingKey, RateLimitLayer};
 pub use policy::{Policy, PolicyBuilder, PolicyConfig, PolicyState};
+pub use rampart_http::keys::{
+    ClientIp, ForwardedHeader, GlobalKey, GrpcMethod, HeaderKey, Host, InvalidCidr, Key, KeyExtractor, MAX_KEY_LEN,
+    PathSegment, PeerIp, peer_addr,
+};
+/// The workspace's key types ([`rampart_http::keys`]), the same for every keyed layer.
+#[cfg(feature = "axum")]
+pub use rampart_http::keys::{MatchedRoute, PathParam};
 pub use response::{RATELIMIT, RATELIMIT_POLICY};
 pub use service::RateLimit;
 pub use store::{

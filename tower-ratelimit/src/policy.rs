@@ -119,7 +119,7 @@ impl Policy {
         config
             .quotas
             .iter()
-            .try_fold(Self::builder(config.name.clone()), |b, q| Ok(b.quota(Quota::try_from(q)?)))?
+            .try_fold(Self::builder(config.name.clone()), |b, q| Ok::<_, ConfigError>(b.quota(Quota::try_from(q)?)))?
             .build()
     }
 

@@ -12,9 +12,9 @@ use rampart_http::ResponseBody;
 use tower_service::Service;
 
 use crate::{
-    BoxError,
+    BoxError, KeyExtractor,
     error::{MissingRateLimitKey, RateLimited, StoreUnavailable},
-    extract::{Cost, KeyExtractor},
+    extract::Cost,
     future::{ErrorFuture, ResponseFuture},
     layer::{Errors, Http, Shared},
     response::Rejection,

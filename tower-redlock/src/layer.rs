@@ -13,111 +13,23 @@ use std::{
     time::Duration,
 };
 
-use http::{HeaderName, Request, Response, StatusCode};
+use http::{Request, Response, StatusCode};
 use pin_project_lite::pin_project;
 use rampart_http::{GrpcCode, ResponseBody};
 use tokio_util::sync::WaitForCancellationFutureOwned;
 use tower_layer::Layer;
 use tower_service::Service;
 
+use rampart_http::keys::KeyExtractor;
+
 use crate::{FencingToken, LockDeadline, LockGuard, RedLock, error::LockError};
 
-/// Derives the lock key of a request (`None`: the request is refused, 400 over HTTP). Closures
-/// `Fn(&Req) -> Option<String>` implement it; [`keys`] has ready ones.
-pub trait LockKey<Req>: Send + Sync + 'static {
-    /// The key of `req`.
-    fn key(&self, req: &Req) -> Option<String>;
-}
-
-impl<Req, F> LockKey<Req> for F
-where
-    F: Fn(&Req) -> Option<String> + Send + Sync + 'static,
-{
-    fn key(&self, req: &Req) -> Option<String> {
-        self(req)
-    }
-}
-
-/// Ready keys for `http::Request`s.
+/// Ready keys: the workspace's one set ([`rampart_http::keys`]), the same a rate limit or a
+/// breaker takes. A request without a key is refused (400 over HTTP). Lock names are the layer's
+/// namespace followed by the key's [`name`](rampart_http::keys::Key::name): `PathParam("sku")` on
+/// `/inventory/{sku}/reserve` locks `inventory:sku-1` for `/inventory/sku-1/reserve`.
 pub mod keys {
-    use super::{HeaderName, LockKey, Request};
-
-    /// The `n`-th segment of the path (0-based), percent-decoded as routers decode path
-    /// parameters: `PathSegment(1)` of `/inventory/sku-1/reserve` (or `/inventory/sku%2D1/reserve`)
-    /// is `sku-1`. A segment that does not decode to UTF-8 gives no key (400).
-    ///
-    /// ```
-    /// use http::Request;
-    /// use tower_redlock::{LockKey, keys::PathSegment};
-    ///
-    /// let req = Request::post("/inventory/sku%2D1/reserve").body(())?;
-    /// assert_eq!(PathSegment(1).key(&req).as_deref(), Some("sku-1"));
-    /// assert_eq!(PathSegment(5).key(&req), None);
-    /// # Ok::<(), http::Error>(())
-    /// ```
-    #[derive(Debug, Clone, Copy)]
-    pub struct PathSegment(pub usize);
-
-    impl<B> LockKey<Request<B>> for PathSegment {
-        fn key(&self, req: &Request<B>) -> Option<String> {
-            let segment = req.uri().path().split('/').filter(|s| !s.is_empty()).nth(self.0)?;
-            percent_encoding::percent_decode_str(segment).decode_utf8().ok().map(|s| s.into_owned())
-        }
-    }
-
-    /// A route parameter by name, from axum's matched route: `PathParam("sku")` on the route
-    /// `/inventory/{sku}/reserve` keys `/inventory/sku-1/reserve` by `sku-1` (percent-decoded).
-    /// Unlike [`PathSegment`], a route change cannot make it key by the wrong segment. No key
-    /// (400) outside an axum route, or when the route has no such parameter.
-    ///
-    /// ```
-    /// use std::time::Duration;
-    /// use axum::{Router, routing::post};
-    /// use tower_redlock::{LockConfig, LockLayer, RedLock, keys::PathParam};
-    ///
-    /// # fn demo() -> Result<(), tower_redlock::ConfigError> {
-    /// let lock = RedLock::in_memory(LockConfig::default())?;
-    /// let app: Router = Router::new().route(
-    ///     "/orders/{id}/pay",
-    ///     post(|| async { "paid" }).route_layer(LockLayer::new(lock, PathParam("id")).wait_timeout(Duration::from_secs(1))),
-    /// );
-    /// # Ok(()) }
-    /// ```
-    #[cfg(feature = "axum")]
-    #[derive(Debug, Clone, Copy)]
-    pub struct PathParam(pub &'static str);
-
-    #[cfg(feature = "axum")]
-    impl<B> LockKey<Request<B>> for PathParam {
-        fn key(&self, req: &Request<B>) -> Option<String> {
-            let route = req.extensions().get::<axum::extract::MatchedPath>()?.as_str();
-            let index = route.split('/').position(|segment| {
-                segment.strip_prefix('{').and_then(|s| s.strip_suffix('}')).is_some_and(|name| name == self.0)
-            })?;
-            let segment = req.uri().path().split('/').nth(index)?;
-            percent_encoding::percent_decode_str(segment).decode_utf8().ok().map(|s| s.into_owned())
-        }
-    }
-
-    /// A header's value (a value that is not visible ASCII gives no key: 400).
-    ///
-    /// ```
-    /// use http::{HeaderName, Request};
-    /// use tower_redlock::{LockKey, keys::Header};
-    ///
-    /// let by_account = Header(HeaderName::from_static("x-account-id"));
-    /// let req = Request::post("/transfer").header("x-account-id", "acc-7").body(())?;
-    /// assert_eq!(by_account.key(&req).as_deref(), Some("acc-7"));
-    /// # Ok::<(), http::Error>(())
-    /// ```
-    #[derive(Debug, Clone)]
-    pub struct Header(pub HeaderName);
-
-    impl<B> LockKey<Request<B>> for Header {
-        fn key(&self, req: &Request<B>) -> Option<String> {
-            req.headers().get(&self.0)?.to_str().ok().map(str::to_owned)
-        }
-    }
+    pub use rampart_http::keys::*;
 }
 
 /// Marks a response whose handler finished after its lock was lost (in the response
@@ -354,16 +266,16 @@ impl<K, M: fmt::Debug> fmt::Debug for LockLayer<K, M> {
 
 impl<K> LockLayer<K> {
     /// Locks `key(request)` on `lock` around every call. `key` is one of [`keys`] or a closure
-    /// `Fn(&Req) -> Option<String>`.
+    /// `Fn(&Req) -> Option<Key>` ([`Key`](crate::Key)`::from("...")` from a string).
     ///
     /// ```
     /// use std::time::Duration;
     /// use axum::{Extension, Router, http::{HeaderName, StatusCode}, routing::put};
-    /// use tower_redlock::{FencingToken, LockConfig, LockLayer, RedLock, keys::Header};
+    /// use tower_redlock::{FencingToken, LockConfig, LockLayer, RedLock, keys::HeaderKey};
     ///
     /// let lock = RedLock::in_memory(LockConfig::default())?;
     /// // One lock per account, named by a header; 423 Locked after waiting 500 ms for it.
-    /// let layer = LockLayer::new(lock, Header(HeaderName::from_static("x-account-id")))
+    /// let layer = LockLayer::new(lock, HeaderKey::new(HeaderName::from_static("x-account-id")))
     ///     .namespace("account:")
     ///     .busy_status(StatusCode::LOCKED)
     ///     .wait_timeout(Duration::from_millis(500));
@@ -398,14 +310,14 @@ impl<K> LockLayer<K> {
     /// ```
     /// use std::{convert::Infallible, time::Duration};
     /// use tower::{ServiceBuilder, ServiceExt};
-    /// use tower_redlock::{LockConfig, LockError, LockLayer, Locked, RedLock};
+    /// use tower_redlock::{Key, LockConfig, LockError, LockLayer, Locked, RedLock};
     ///
     /// struct Job { account: u64 }
     ///
     /// # async fn demo() -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     /// let lock = RedLock::in_memory(LockConfig::default())?;
     /// let svc = ServiceBuilder::new()
-    ///     .layer(LockLayer::new(lock.clone(), |job: &Job| Some(format!("account:{}", job.account)))
+    ///     .layer(LockLayer::new(lock.clone(), |job: &Job| Some(Key::from(format!("account:{}", job.account))))
     ///         .wait_timeout(Duration::from_millis(20))
     ///         .errors())
     ///     .service_fn(|locked: Locked<Job>| async move { Ok::<_, Infallible>(locked.token.0) });
@@ -473,7 +385,7 @@ impl<S, K, M, Req> Service<Req> for Lock<S, K, M>
 where
     M: LockRequest<Req> + LockAnswer<S::Response, S::Error> + Clone,
     S: Service<M::Inner> + Clone,
-    K: LockKey<Req>,
+    K: KeyExtractor<Req>,
 {
     type Response = <M as LockAnswer<S::Response, S::Error>>::Response;
     type Error = <M as LockAnswer<S::Response, S::Error>>::Error;
@@ -488,7 +400,7 @@ where
         let grpc = M::is_grpc(&req);
         let mode = self.layer.mode.clone();
         let hold = self.layer.hold.clone();
-        let Some(key) = self.layer.key.key(&req).map(|k| format!("{}{k}", self.layer.namespace)) else {
+        let Some(key) = self.layer.key.extract(&req).map(|k| format!("{}{}", self.layer.namespace, k.name())) else {
             return ResponseFuture {
                 mode,
                 grpc,

@@ -110,9 +110,10 @@ pub use error::{ConfigError, LockError};
 pub use fence::{FENCED_SET_LUA, fenced_set, token_key};
 pub use guard::{FencingToken, LockDeadline, LockGuard};
 pub use layer::{
-    Errors, Http, Lock, LockAnswer, LockKey, LockLayer, LockLost, LockRequest, Locked, MissingLockKey, Rejection,
+    Errors, Http, Lock, LockAnswer, LockLayer, LockLost, LockRequest, Locked, MissingLockKey, Rejection,
     ResponseFuture, keys,
 };
+pub use rampart_http::keys::{Key, KeyExtractor};
 
 /// Describes this crate's metrics (the `# HELP` and unit of each) to the installed `metrics`
 /// recorder. Call it once after installing one (the describing is the recorder's to keep).

@@ -92,7 +92,7 @@ async fn busy_lock_answers_409_or_423_with_retry_after() {
             "/docs/{id}",
             handler.clone().layer(
                 LockLayer::new(lock.clone(), |req: &http::Request<axum::body::Body>| {
-                    Some(format!("doc:{}", req.uri().path().rsplit('/').next()?))
+                    Some(tower_redlock::Key::from(format!("doc:{}", req.uri().path().rsplit('/').next()?)))
                 })
                 .wait_timeout(Duration::from_millis(100)),
             ),
@@ -101,7 +101,7 @@ async fn busy_lock_answers_409_or_423_with_retry_after() {
             "/locked/{id}",
             handler.layer(
                 LockLayer::new(lock.clone(), |req: &http::Request<axum::body::Body>| {
-                    Some(format!("doc:{}", req.uri().path().rsplit('/').next()?))
+                    Some(tower_redlock::Key::from(format!("doc:{}", req.uri().path().rsplit('/').next()?)))
                 })
                 .wait_timeout(Duration::from_millis(100))
                 .busy_status(StatusCode::LOCKED),

@@ -111,8 +111,10 @@ async fn waiting_for_a_busy_lock_does_not_hold_the_inner_service() {
     });
     let svc = ServiceBuilder::new()
         .layer(
-            LockLayer::new(lock, |req: &Request<()>| Some(req.uri().path().trim_start_matches('/').to_owned()))
-                .wait_timeout(Duration::from_secs(3)),
+            LockLayer::new(lock, |req: &Request<()>| {
+                Some(tower_redlock::Key::from(req.uri().path().trim_start_matches('/')))
+            })
+            .wait_timeout(Duration::from_secs(3)),
         )
         .concurrency_limit(1)
         .service(handler);
@@ -138,8 +140,9 @@ async fn a_handler_done_when_the_loss_is_seen_keeps_its_answer() {
         status.lost().await;
         Ok::<_, Infallible>(Response::new("charged"))
     });
-    let svc =
-        ServiceBuilder::new().layer(LockLayer::new(lock, |_: &Request<()>| Some("k".to_owned()))).service(handler);
+    let svc = ServiceBuilder::new()
+        .layer(LockLayer::new(lock, |_: &Request<()>| Some(tower_redlock::Key::from("k"))))
+        .service(handler);
     let response = svc.oneshot(Request::post("/pay").body(()).unwrap()).await.unwrap();
     assert_eq!(response.status(), 200);
     assert!(response.extensions().get::<LockLost>().is_some(), "flagged: its writes needed the fence");
@@ -158,8 +161,9 @@ async fn the_deadline_in_the_request_follows_extensions_and_loss() {
         assert!(status.validity() > Duration::from_millis(1500));
         Ok::<_, Infallible>(Response::new(()))
     });
-    let svc =
-        ServiceBuilder::new().layer(LockLayer::new(lock, |_: &Request<()>| Some("k".to_owned()))).service(handler);
+    let svc = ServiceBuilder::new()
+        .layer(LockLayer::new(lock, |_: &Request<()>| Some(tower_redlock::Key::from("k"))))
+        .service(handler);
     assert_eq!(svc.oneshot(Request::post("/").body(()).unwrap()).await.unwrap().status(), 200);
 
     let lock = RedLock::in_memory(LockConfig { auto_extend: false, ..config() }).unwrap();
@@ -218,7 +222,10 @@ async fn path_param_keys_by_the_routes_parameter_name() {
 async fn a_busy_answer_suggests_the_usual_hold_time_not_the_ttl() {
     let lock = RedLock::in_memory(LockConfig { ttl: Duration::from_secs(10), ..config() }).unwrap();
     let svc = ServiceBuilder::new()
-        .layer(LockLayer::new(lock, |_: &Request<()>| Some("k".to_owned())).wait_timeout(Duration::from_millis(20)))
+        .layer(
+            LockLayer::new(lock, |_: &Request<()>| Some(tower_redlock::Key::from("k")))
+                .wait_timeout(Duration::from_millis(20)),
+        )
         .service(tower::service_fn(|_: Request<()>| async {
             tokio::time::sleep(Duration::from_millis(300)).await;
             Ok::<_, Infallible>(Response::new(()))

@@ -163,7 +163,7 @@ mod layer {
             }
         });
         let svc = ServiceBuilder::new()
-            .layer(LockLayer::new(lock.clone(), |_: &Request<()>| Some("k".to_owned())))
+            .layer(LockLayer::new(lock.clone(), |_: &Request<()>| Some(tower_redlock::Key::from("k"))))
             .service(handler);
         let response = svc.oneshot(Request::post("/pay").body(()).unwrap()).await.unwrap();
         let (validity, lost) = seen.lock().unwrap().unwrap();
@@ -192,8 +192,9 @@ mod layer {
                 Ok::<_, Infallible>(Response::new("charged"))
             }
         });
-        let svc =
-            ServiceBuilder::new().layer(LockLayer::new(lock, |_: &Request<()>| Some("k".to_owned()))).service(handler);
+        let svc = ServiceBuilder::new()
+            .layer(LockLayer::new(lock, |_: &Request<()>| Some(tower_redlock::Key::from("k"))))
+            .service(handler);
         let response = svc.oneshot(Request::post("/pay").body(()).unwrap()).await.unwrap();
         let validity = seen.lock().unwrap().unwrap();
         assert_eq!(validity, Duration::ZERO);
@@ -218,7 +219,7 @@ mod layer {
             async { Ok::<_, Infallible>(Response::new(())) }
         });
         let svc = ServiceBuilder::new()
-            .layer(LockLayer::new(lock.clone(), |_: &Request<()>| Some("k".to_owned())))
+            .layer(LockLayer::new(lock.clone(), |_: &Request<()>| Some(tower_redlock::Key::from("k"))))
             .service(handler);
         assert_eq!(svc.oneshot(Request::post("/").body(()).unwrap()).await.unwrap().status(), 200);
         tokio::task::yield_now().await;
@@ -306,7 +307,10 @@ mod layer {
             held.release().await.unwrap();
         });
         let svc = ServiceBuilder::new()
-            .layer(LockLayer::new(lock, |_: &Request<()>| Some("k".to_owned())).wait_timeout(Duration::from_millis(80)))
+            .layer(
+                LockLayer::new(lock, |_: &Request<()>| Some(tower_redlock::Key::from("k")))
+                    .wait_timeout(Duration::from_millis(80)),
+            )
             .service(tower::service_fn(|_: Request<()>| async { Ok::<_, Infallible>(Response::new(())) }));
         let started = Instant::now();
         let res = svc.oneshot(Request::post("/").body(()).unwrap()).await.unwrap();
@@ -349,7 +353,9 @@ mod wait_forever {
     async fn a_layer_that_waits_forever_does_not_panic() {
         let lock = RedLock::in_memory(LockConfig::default()).unwrap();
         let svc = ServiceBuilder::new()
-            .layer(LockLayer::new(lock, |_: &Request<()>| Some("k".to_owned())).wait_timeout(Duration::MAX))
+            .layer(
+                LockLayer::new(lock, |_: &Request<()>| Some(tower_redlock::Key::from("k"))).wait_timeout(Duration::MAX),
+            )
             .service(tower::service_fn(|_: Request<()>| async { Ok::<_, Infallible>(Response::new(())) }));
         let outcome =
             std::panic::AssertUnwindSafe(svc.oneshot(Request::post("/").body(()).unwrap())).catch_unwind().await;
