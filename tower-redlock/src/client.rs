@@ -132,7 +132,8 @@ impl RedLock {
         Ok(Self::from_nodes(nodes, config))
     }
 
-    /// The in-process backend with the same API: for a single instance and for tests.
+    /// The in-process backend with the same API: for a single instance and for tests. Errors
+    /// (a bad configuration) are [`LockError`]s, as [`connect`](Self::connect)'s.
     ///
     /// ```
     /// use tower_redlock::{LockConfig, RedLock};
@@ -146,7 +147,7 @@ impl RedLock {
     /// # Ok(()) }
     /// # tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap().block_on(demo()).unwrap();
     /// ```
-    pub fn in_memory(config: LockConfig) -> Result<Self, ConfigError> {
+    pub fn in_memory(config: LockConfig) -> Result<Self, LockError> {
         config.validate()?;
         Ok(Self::from_nodes(vec![Node::Memory(MemoryNode::default())], config))
     }
@@ -178,7 +179,7 @@ impl RedLock {
     /// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
     /// let lock = tower_redlock::RedLock::in_memory(Default::default())?;
     /// assert!(lock.reachable().await >= lock.quorum());
-    /// # Ok::<(), tower_redlock::ConfigError>(()) }).unwrap();
+    /// # Ok::<(), tower_redlock::LockError>(()) }).unwrap();
     /// ```
     pub async fn reachable(&self) -> usize {
         let config = &self.inner.config;

@@ -26,7 +26,7 @@ use crate::error::ConfigError;
 ///
 /// let lock = RedLock::in_memory(config)?;
 /// # let _ = lock;
-/// # Ok::<(), tower_redlock::ConfigError>(())
+/// # Ok::<(), tower_redlock::LockError>(())
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]

@@ -285,7 +285,7 @@ impl<K> LockLayer<K> {
     ///         .layer(layer),
     /// );
     /// # let _ = app;
-    /// # Ok::<(), tower_redlock::ConfigError>(())
+    /// # Ok::<(), tower_redlock::LockError>(())
     /// ```
     pub fn new(lock: RedLock, key: K) -> Self {
         Self {
