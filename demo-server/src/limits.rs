@@ -43,6 +43,14 @@ impl Store for AnyStore {
             Self::Leased(s) => s.check_now(key, cost),
         }
     }
+
+    fn refund(&self, key: &Key, cost: u64) -> BoxFuture<'static, ()> {
+        match self {
+            Self::Memory(s) => s.refund(key, cost),
+            Self::Redis(s) => s.refund(key, cost),
+            Self::Leased(s) => s.refund(key, cost),
+        }
+    }
 }
 
 /// The store for a policy.

@@ -151,6 +151,13 @@ impl<St, K, C, M> RateLimitLayer<St, K, C, M> {
     }
 }
 
+impl<St: Store, K, C> RateLimitLayer<St, K, C, Http> {
+    /// What every service of this layer shares (for [`AllOf`](crate::AllOf)).
+    pub(crate) fn into_shared(self) -> Shared<St, K, C> {
+        Shared::new(self.store, self.key, self.cost, self.options)
+    }
+}
+
 impl<St: Clone, K: Clone, C: Clone, M> Clone for RateLimitLayer<St, K, C, M> {
     fn clone(&self) -> Self {
         Self {

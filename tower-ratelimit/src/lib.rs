@@ -103,6 +103,7 @@
 
 pub mod adaptive;
 pub mod algorithm;
+mod all;
 mod clock;
 mod error;
 mod extract;
@@ -117,6 +118,7 @@ mod store;
 pub use algorithm::{
     Decision, Quota, QuotaConfig, SlidingLog, SlidingWindow, TokenBucket, Verdict, WarmUp, WarmUpConfig,
 };
+pub use all::{AllOf, AllOfService};
 #[cfg(feature = "quanta")]
 pub use clock::QuantaClock;
 pub use clock::{Clock, ManualClock, TokioClock};

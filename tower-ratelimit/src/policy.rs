@@ -192,6 +192,14 @@ impl Policy {
         Ok(verdict)
     }
 
+    /// Gives back `cost` units a successful [`check`](Self::check) took, from every quota.
+    pub fn refund(&self, states: &mut PolicyState, now: Nanos, cost: u64) {
+        self.ensure_shape(states);
+        for (q, s) in self.inner.quotas.iter().zip(states.iter_mut()) {
+            q.refund(s, now, cost);
+        }
+    }
+
     /// Takes as many units as available, up to `max`, if at least `min` are: the lease of the
     /// leased store. Returns the units taken (0 when fewer than `min` were available) and the
     /// verdict for what was taken (or, when nothing was, the denial of `min`).

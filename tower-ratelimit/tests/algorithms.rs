@@ -136,3 +136,41 @@ proptest! {
         }
     }
 }
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(300))]
+
+    /// A refund gives back exactly what a consume at the same instant took: the quota then
+    /// decides every later request as if the refunded request had never come (for a token
+    /// bucket, a full bucket stays full), and never better.
+    #[test]
+    fn a_refund_undoes_a_consume(arrivals in arrivals(3), refund_every in 2usize..5, kind in 0usize..3) {
+        let quota = match kind {
+            0 => Quota::token_bucket(50, Duration::from_secs(1), 8).unwrap(),
+            1 => Quota::sliding_window_with_precision(12, Duration::from_millis(200), 4).unwrap(),
+            _ => Quota::sliding_log(9, Duration::from_millis(150)).unwrap(),
+        };
+        // Two runs over the same arrivals: one never sees the refunded requests, one consumes
+        // them and gives them back at once.
+        let (mut with, mut without) = (quota.new_state(), quota.new_state());
+        let mut now = 0u64;
+        for (i, &(gap_us, cost)) in arrivals.iter().enumerate() {
+            now += gap_us * 1000;
+            let refunded = i % refund_every == 0;
+            let d = quota.evaluate(&mut with, now, cost);
+            if d.allowed {
+                quota.consume(&mut with, now, cost);
+                if refunded {
+                    quota.refund(&mut with, now, cost);
+                }
+            }
+            if !refunded {
+                let e = quota.evaluate(&mut without, now, cost);
+                if e.allowed {
+                    quota.consume(&mut without, now, cost);
+                }
+                prop_assert_eq!((d.allowed, d.remaining), (e.allowed, e.remaining), "request {} at {} ns", i, now);
+            }
+        }
+    }
+}

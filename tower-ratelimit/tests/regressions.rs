@@ -345,3 +345,77 @@ async fn an_adaptive_limit_ignores_the_rate_limiters_own_refusals() {
     assert!(refused >= 190, "the rate limit refused the flood ({refused})");
     assert!(limit.limit() >= 64, "the limiter's own 429s shrank the adaptive limit to {}", limit.limit());
 }
+
+/// Refunds (for `AllOf`) decide alike in memory and in Redis: a seeded sequence of checks, some
+/// given back at once, over every algorithm, both stores on one clock.
+#[tokio::test]
+async fn refunds_decide_alike_in_memory_and_in_redis() {
+    let server = RedisServer::start().unwrap();
+    let con = RedisStore::connect(&server.url()).await.unwrap();
+    let policies = [
+        Policy::new("tb", Quota::token_bucket(10, Duration::from_secs(1), 5).unwrap()).unwrap(),
+        Policy::new("win", Quota::sliding_window_with_precision(20, Duration::from_secs(2), 4).unwrap()).unwrap(),
+        Policy::new("log", Quota::sliding_log(8, Duration::from_secs(1)).unwrap()).unwrap(),
+        warm_policy(),
+    ];
+    for policy in policies {
+        let clock = ManualClock::new();
+        clock.set(1_763_000_000_000_000_000);
+        let memory = MemoryStore::builder(policy.clone()).clock(clock.clone()).build();
+        let redis = RedisStore::builder(policy.clone(), con.clone())
+            .time_source(TimeSource::Client(Arc::new(clock.clone())))
+            .timeout(Duration::from_secs(2))
+            .build();
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = |n: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % n
+        };
+        for step in 0..300 {
+            clock.advance(Duration::from_millis(if next(4) == 0 { next(300) } else { next(20) }));
+            let cost = 1 + next(3);
+            let key = Key::from("k");
+            let m = memory.check_sync(&key, cost).unwrap();
+            let r = redis.check(&key, cost).await.unwrap();
+            assert_eq!(
+                (m.allowed(), m.decisions()[0].remaining),
+                (r.allowed(), r.decisions()[0].remaining),
+                "policy {} step {step}",
+                policy.name()
+            );
+            if m.allowed() && next(3) == 0 {
+                memory.refund_sync(&key, cost);
+                redis.refund(&key, cost).await;
+            }
+        }
+    }
+}
+
+/// `AllOf` over Redis stores: a refusal by the second limit gives the first one's unit back.
+#[tokio::test]
+async fn all_of_gives_back_what_the_earlier_limits_took() {
+    use tower::ServiceExt;
+    let server = RedisServer::start().unwrap();
+    let con = RedisStore::connect(&server.url()).await.unwrap();
+    let store = |name: &str, burst: u64| {
+        RedisStore::new(
+            Policy::new(name, Quota::token_bucket(1, Duration::from_secs(3600), burst).unwrap()).unwrap(),
+            con.clone(),
+        )
+    };
+    let (first, second) = (store("first", 3), store("second", 1));
+    let all = tower_ratelimit::AllOf::new()
+        .with(tower_ratelimit::RateLimitLayer::new(first.clone()))
+        .with(tower_ratelimit::RateLimitLayer::new(second));
+    let app = axum::Router::new().route("/", axum::routing::get(|| async { "ok" })).layer(all);
+    let call = || app.clone().oneshot(http::Request::get("/").body(axum::body::Body::empty()).unwrap());
+    assert_eq!(call().await.unwrap().status(), 200);
+    for _ in 0..5 {
+        assert_eq!(call().await.unwrap().status(), 429, "the second limit is spent");
+    }
+    // The first limit only lost the one unit of the admitted request: two left.
+    let left = first.check(&Key::GLOBAL, 0).await.unwrap().decisions()[0].remaining;
+    assert_eq!(left, 2);
+}

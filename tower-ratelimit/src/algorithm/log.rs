@@ -102,6 +102,22 @@ impl SlidingLog {
         }
     }
 
+    /// Takes `cost` units out of the newest entries (where a consume just put them).
+    pub(crate) fn refund(&self, state: &mut LogState, now: Nanos, cost: u64) {
+        self.expire(state, now);
+        let mut left = cost;
+        while left > 0 {
+            let Some((_, units)) = state.entries.back_mut() else { break };
+            let take = (*units).min(left);
+            *units -= take;
+            state.total -= take;
+            left -= take;
+            if *units == 0 {
+                state.entries.pop_back();
+            }
+        }
+    }
+
     pub(crate) fn consume(&self, state: &mut LogState, now: Nanos, cost: u64) {
         self.expire(state, now);
         if cost == 0 {

@@ -323,6 +323,21 @@ impl Quota {
         }
     }
 
+    /// Gives back `cost` units a [`consume`](Self::consume) took (an all-or-nothing check over
+    /// several stores undoing its part). Never gives back more than was taken: a token bucket's
+    /// TAT moves back by `cost` intervals (the warm-up ramp's full-rate interval, the smallest),
+    /// a window or a log loses `cost` units from its newest sub-windows or entries.
+    pub fn refund(&self, state: &mut QuotaState, now: Nanos, cost: u64) {
+        match (&self.kind, state) {
+            (QuotaKind::Gcra(q), QuotaState::Gcra(tat) | QuotaState::WarmGcra { tat, .. }) => {
+                *tat = tat.saturating_sub(cost.saturating_mul(q.interval_nanos()));
+            }
+            (QuotaKind::Window(q), QuotaState::Window(s)) => q.refund(s, now, cost),
+            (QuotaKind::Log(q), QuotaState::Log(s)) => q.refund(s, now, cost),
+            _ => {}
+        }
+    }
+
     /// Units that could be consumed at `now` in one go.
     pub fn available(&self, state: &mut QuotaState, now: Nanos) -> u64 {
         self.evaluate(state, now, 0).remaining

@@ -168,6 +168,22 @@ impl SlidingWindow {
         }
     }
 
+    /// Takes `cost` units out of the newest sub-windows (where a consume just put them).
+    pub(crate) fn refund(&self, state: &mut WindowState, now: Nanos, cost: u64) {
+        let cur = self.advance(state, now);
+        let mut left = cost;
+        for j in 0..self.slots() {
+            if left == 0 || j > cur {
+                break;
+            }
+            let slot = self.slot(cur - j);
+            let take = u64::from(state.counts[slot]).min(left);
+            // Lossless: `take` is at most the slot's own count.
+            state.counts[slot] -= take as u32;
+            left -= take;
+        }
+    }
+
     pub(crate) fn consume(&self, state: &mut WindowState, now: Nanos, cost: u64) {
         let cur = self.advance(state, now);
         let slot = self.slot(cur);

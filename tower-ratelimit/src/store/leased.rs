@@ -349,4 +349,17 @@ impl<C: RedisConnection> Store for LeasedStore<C> {
         let mut local = lease.local.lock().unwrap_or_else(PoisonError::into_inner);
         local.try_spend(now, cost, inner.deny_floor).map(Ok)
     }
+
+    /// Units go back to the key's live lease (they were spent from it); an expired lease's are
+    /// lost, as its unspent ones are.
+    fn refund(&self, key: &Key, cost: u64) -> BoxFuture<'static, ()> {
+        let inner = &*self.inner;
+        let now = inner.clock.now();
+        let lease = self.lease(key, now);
+        let mut local = lease.local.lock().unwrap_or_else(PoisonError::into_inner);
+        if now < local.expires_at {
+            local.units = local.units.saturating_add(cost);
+        }
+        Box::pin(std::future::ready(()))
+    }
 }

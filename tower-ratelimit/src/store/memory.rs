@@ -97,6 +97,22 @@ impl Cell {
         }
     }
 
+    fn refund(&self, policy: &Policy, now: Nanos, cost: u64) {
+        match self {
+            Self::Tat(atomic) => {
+                if let Some(bucket) = policy.single_gcra() {
+                    let back = cost.saturating_mul(bucket.interval_nanos());
+                    let _ = atomic.fetch_update(Ordering::AcqRel, Ordering::Acquire, |t| Some(t.saturating_sub(back)));
+                }
+            }
+            Self::States(cell) => {
+                let mut states = cell.states.lock().unwrap_or_else(PoisonError::into_inner);
+                policy.refund(&mut states, now, cost);
+                cell.idle_at.store(policy.idle_at(&states), Ordering::Relaxed);
+            }
+        }
+    }
+
     fn check(&self, policy: &Policy, now: Nanos, cost: u64) -> Result<Verdict, CheckError> {
         match self {
             Self::Tat(atomic) => {
@@ -212,6 +228,18 @@ impl<C: Clock> MemoryStore<C> {
     }
 }
 
+impl<C: Clock> MemoryStore<C> {
+    /// [`Store::refund`], synchronously.
+    pub fn refund_sync(&self, key: &Key, cost: u64) {
+        let inner = &*self.inner;
+        let now = inner.clock.now();
+        if key.is_global() {
+            return inner.global.refund(&inner.policy, now, cost);
+        }
+        inner.keys.with(key, now, || Cell::new(&inner.policy), |cell| cell.refund(&inner.policy, now, cost));
+    }
+}
+
 impl<C: Clock> Store for MemoryStore<C> {
     type Future = Ready<Result<Verdict, CheckError>>;
 
@@ -225,6 +253,11 @@ impl<C: Clock> Store for MemoryStore<C> {
 
     fn check_now(&self, key: &Key, cost: u64) -> Option<Result<Verdict, CheckError>> {
         Some(self.check_sync(key, cost))
+    }
+
+    fn refund(&self, key: &Key, cost: u64) -> futures_util::future::BoxFuture<'static, ()> {
+        self.refund_sync(key, cost);
+        Box::pin(std::future::ready(()))
     }
 }
 

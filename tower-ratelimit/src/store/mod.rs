@@ -16,6 +16,8 @@ mod shards;
 
 use std::future::Future;
 
+use futures_util::future::BoxFuture;
+
 pub use self::leased::{LeaseConfig, LeasedStore};
 pub use self::memory::{DEFAULT_MAX_BYTES, DEFAULT_MAX_KEYS, MemoryStore, MemoryStoreBuilder};
 pub use self::redis::{FailurePolicy, RedisConnection, RedisStore, RedisStoreBuilder, TimeSource};
@@ -40,6 +42,15 @@ pub trait Store: Send + Sync + 'static {
         let _ = (key, cost);
         None
     }
+
+    /// Gives back `cost` units an allowed check of `key` consumed: what an all-or-nothing check
+    /// over several stores ([`AllOf`](crate::AllOf)) does when a later one refuses. Never gives
+    /// back more than was taken; a store that cannot (the default) leaves the units spent, which
+    /// only ever makes it stricter.
+    fn refund(&self, key: &Key, cost: u64) -> BoxFuture<'static, ()> {
+        let _ = (key, cost);
+        Box::pin(std::future::ready(()))
+    }
 }
 
 impl<S: Store> Store for std::sync::Arc<S> {
@@ -55,5 +66,9 @@ impl<S: Store> Store for std::sync::Arc<S> {
 
     fn check_now(&self, key: &Key, cost: u64) -> Option<Result<Verdict, CheckError>> {
         (**self).check_now(key, cost)
+    }
+
+    fn refund(&self, key: &Key, cost: u64) -> BoxFuture<'static, ()> {
+        (**self).refund(key, cost)
     }
 }

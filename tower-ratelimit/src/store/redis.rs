@@ -23,6 +23,9 @@ use crate::{
 static SCRIPT: std::sync::LazyLock<redis::Script> =
     std::sync::LazyLock::new(|| redis::Script::new(include_str!("ratelimit.lua")));
 
+static REFUND: std::sync::LazyLock<redis::Script> =
+    std::sync::LazyLock::new(|| redis::Script::new(include_str!("refund.lua")));
+
 /// A Redis connection the stores can use: a [`redis::aio::ConnectionManager`] (auto-reconnect)
 /// for one server, or a [`redis::cluster_async::ClusterConnection`] for a Redis Cluster.
 pub trait RedisConnection: redis::aio::ConnectionLike + Clone + Send + Sync + 'static {}
@@ -454,6 +457,29 @@ impl<C: RedisConnection> RedisStore<C> {
             .ok_or_else(|| CheckError::Unavailable(format!("unexpected script reply {values:?}")))
     }
 
+    /// Gives back `cost` units of `key` (see [`Store::refund`]). A failure leaves them spent
+    /// (stricter, never looser); it is logged and counted.
+    async fn refund_units(self, key: Key, cost: u64) {
+        let inner = &*self.inner;
+        if inner.health.pausing() {
+            return;
+        }
+        let mut invocation = REFUND.prepare_invoke();
+        for k in self.redis_keys(&key) {
+            invocation.key(k);
+        }
+        invocation.arg(cost).arg(inner.quota_args.len());
+        for q in &inner.quota_args {
+            invocation.arg(q.kind).arg(&q.a).arg(&q.b);
+        }
+        let mut con = inner.con.clone();
+        match tokio::time::timeout(inner.timeout, invocation.invoke_async::<i64>(&mut con)).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(error)) => self.record_error(&format!("refund failed: {error}")),
+            Err(_) => self.record_error(&format!("refund: no answer within {:?}", inner.timeout)),
+        }
+    }
+
     /// A check with the failure policy applied.
     async fn check_with_policy(self, key: Key, cost: u64) -> Result<Verdict, CheckError> {
         let inner = &*self.inner;
@@ -528,6 +554,10 @@ impl<C: RedisConnection> Store for RedisStore<C> {
         // While Redis is being skipped, the failure policy answers without I/O (once the pause
         // is over, the async path picks the probe).
         self.inner.health.pausing().then(|| self.fallback(key, cost))
+    }
+
+    fn refund(&self, key: &Key, cost: u64) -> BoxFuture<'static, ()> {
+        Box::pin(self.clone().refund_units(key.clone(), cost))
     }
 }
 
