@@ -99,18 +99,17 @@ impl RedLock {
     /// down now is simply unreachable until it comes back. Errors only for no node, a bad URL
     /// or a bad configuration.
     ///
-    /// Call it within a tokio runtime: each node's connection starts a task, and outside a
-    /// runtime this panics.
+    /// It may be called outside a tokio runtime (each node's connection is made on its first
+    /// use, inside one).
     ///
     /// ```
     /// use tower_redlock::{LockConfig, RedLock};
     ///
-    /// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
     /// let nodes = ["redis://10.0.0.1:6379", "redis://10.0.0.2:6379", "redis://10.0.0.3:6379"];
     /// let lock = RedLock::connect(&nodes, LockConfig::default())?;
     /// assert_eq!((lock.nodes(), lock.quorum()), (3, 2));
     /// assert!(RedLock::connect(&["not a url"], LockConfig::default()).is_err());
-    /// # Ok::<(), tower_redlock::LockError>(()) }).unwrap();
+    /// # Ok::<(), tower_redlock::LockError>(())
     /// ```
     pub fn connect<S: AsRef<str>>(urls: &[S], config: LockConfig) -> Result<Self, LockError> {
         config.validate()?;

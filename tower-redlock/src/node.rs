@@ -23,8 +23,28 @@ pub(crate) enum Grant {
 }
 
 pub(crate) enum Node {
-    Redis { url: String, con: redis::aio::ConnectionManager },
+    Redis { url: String, con: Box<LazyConnection> },
     Memory(MemoryNode),
+}
+
+/// A node's connection manager, made on first use: making one needs a tokio runtime, and
+/// [`RedLock::connect`](crate::RedLock::connect) may run outside one.
+pub(crate) struct LazyConnection {
+    client: redis::Client,
+    config: redis::aio::ConnectionManagerConfig,
+    con: std::sync::OnceLock<redis::aio::ConnectionManager>,
+}
+
+impl LazyConnection {
+    /// The connection (cheap to clone); made now if this is the first use.
+    fn get(&self) -> Result<redis::aio::ConnectionManager, String> {
+        if let Some(con) = self.con.get() {
+            return Ok(con.clone());
+        }
+        let con = redis::aio::ConnectionManager::new_lazy_with_config(self.client.clone(), self.config.clone())
+            .map_err(|e| e.to_string())?;
+        Ok(self.con.get_or_init(|| con).clone())
+    }
 }
 
 impl std::fmt::Debug for Node {
@@ -50,8 +70,10 @@ impl Node {
             .set_min_delay(Duration::from_millis(10))
             .set_max_delay(Duration::from_millis(200))
             .set_number_of_retries(1);
-        let con = redis::aio::ConnectionManager::new_lazy_with_config(client, config)?;
-        Ok(Node::Redis { url: url.to_owned(), con })
+        Ok(Node::Redis {
+            url: url.to_owned(),
+            con: Box::new(LazyConnection { client, config, con: std::sync::OnceLock::new() }),
+        })
     }
 
     /// `SET NX PX` and, only if granted, `INCR` of the node's fencing counter: one script.
@@ -63,7 +85,7 @@ impl Node {
                     .key(fence)
                     .arg(token)
                     .arg(ms(ttl))
-                    .invoke_async(&mut con.clone())
+                    .invoke_async(&mut con.get()?)
                     .await
                     .map_err(|e| e.to_string())?;
                 Ok(if granted == 1 {
@@ -85,7 +107,7 @@ impl Node {
                     .key(fence)
                     .arg(token)
                     .arg(value)
-                    .invoke_async(&mut con.clone())
+                    .invoke_async(&mut con.get()?)
                     .await
                     .map_err(|e| e.to_string())?;
                 Ok(confirmed == 1)
@@ -98,7 +120,8 @@ impl Node {
     pub(crate) async fn ping(&self) -> bool {
         match self {
             Node::Redis { con, .. } => {
-                redis::cmd("PING").query_async::<String>(&mut con.clone()).await.is_ok_and(|pong| pong == "PONG")
+                let Ok(mut con) = con.get() else { return false };
+                redis::cmd("PING").query_async::<String>(&mut con).await.is_ok_and(|pong| pong == "PONG")
             }
             Node::Memory(_) => true,
         }
@@ -111,7 +134,7 @@ impl Node {
                     .key(key)
                     .arg(token)
                     .arg(ms(ttl))
-                    .invoke_async(&mut con.clone())
+                    .invoke_async(&mut con.get()?)
                     .await
                     .map_err(|e| e.to_string())?;
                 Ok(extended == 1)
@@ -123,6 +146,7 @@ impl Node {
     pub(crate) async fn release(&self, key: &str, token: &str) -> Result<bool, String> {
         match self {
             Node::Redis { con, .. } => {
+                let con = con.get()?;
                 let release = || async { RELEASE.key(key).arg(token).invoke_async::<i64>(&mut con.clone()).await };
                 let deleted = match release().await {
                     // A node restarted since our last command: the first one on the stale
