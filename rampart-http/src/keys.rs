@@ -426,6 +426,13 @@ pub struct ClientIp {
     ipv6_prefix64: bool,
 }
 
+impl Default for ClientIp {
+    /// Trusts no proxy: the peer is the client.
+    fn default() -> Self {
+        Self { trusted: Vec::new(), header: ForwardedHeader::XForwardedFor, ipv6_prefix64: true }
+    }
+}
+
 impl ClientIp {
     /// Trusts proxies in these CIDR ranges (a bare address is a /32 or /128).
     ///
@@ -475,6 +482,21 @@ impl ClientIp {
     pub fn exact(mut self) -> Self {
         self.ipv6_prefix64 = false;
         self
+    }
+
+    /// Whether `ip` is one of the trusted proxies (an IPv4-mapped IPv6 address as its IPv4).
+    ///
+    /// ```
+    /// use rampart_http::keys::ClientIp;
+    ///
+    /// let client_ip = ClientIp::trusting(["10.0.0.0/8"])?;
+    /// assert!(client_ip.trusts("10.1.2.3".parse()?));
+    /// assert!(client_ip.trusts("::ffff:10.1.2.3".parse()?));
+    /// assert!(!client_ip.trusts("192.0.2.1".parse()?));
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn trusts(&self, ip: IpAddr) -> bool {
+        self.is_trusted(ip)
     }
 
     fn is_trusted(&self, ip: IpAddr) -> bool {
