@@ -11,5 +11,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let out_dir = PathBuf::from(env::var("OUT_DIR")?);
     std::fs::write(out_dir.join("example_descriptor.bin"), fds.encode_to_vec())?;
     tonic_prost_build::configure().compile_fds(fds)?;
+    // The streaming test service, kept out of the demo's reflection descriptor.
+    println!("cargo:rerun-if-changed=feed.proto");
+    tonic_prost_build::configure().compile_fds(protox::compile(["feed.proto"], ["."])?)?;
     Ok(())
 }

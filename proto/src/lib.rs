@@ -10,6 +10,13 @@ pub mod example {
     tonic::include_proto!("example");
 }
 
+/// A streaming service for tests of proxies (`proto/feed.proto`): server streaming and
+/// bidirectional calls.
+#[allow(missing_docs, unreachable_pub, missing_debug_implementations, clippy::all)]
+pub mod feed {
+    tonic::include_proto!("feed");
+}
+
 /// Encoded `FileDescriptorSet` of `example.proto`, for gRPC server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("example_descriptor");
 

@@ -546,6 +546,9 @@ async fn health_checks(
             } else if !healthy && *ok >= health.healthy_after {
                 endpoint.healthy.store(true, Ordering::Relaxed);
                 endpoint.ejection.reset();
+                // Its latency from before it went down says nothing of it now.
+                *endpoint.ewma.lock().unwrap_or_else(PoisonError::into_inner) =
+                    Ewma { nanos: DEFAULT_RTT.as_nanos() as f64, at: Instant::now() };
                 tracing::info!(upstream = %name, endpoint = %endpoint.label, "health check: healthy again");
             }
         }
