@@ -70,7 +70,7 @@ pub enum Balance {
 pub struct UpstreamConfig {
     /// `[A-Za-z0-9_-]{1,64}`.
     pub name: String,
-    /// Base URLs, `http://host:port` (no path).
+    /// Base URLs, `http://host:port` or `https://host:port` (no path).
     pub endpoints: Vec<String>,
     /// `http1` (default) or `h2c`.
     #[serde(default)]
@@ -98,6 +98,18 @@ pub struct UpstreamConfig {
     /// 429 `overloaded`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub adaptive_limit: Option<tower_ratelimit::adaptive::AdaptiveConfig>,
+    /// TLS to `https://` endpoints (default: the system's root certificates).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<UpstreamTls>,
+}
+
+/// TLS settings of an upstream's `https://` endpoints.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamTls {
+    /// PEM file of the CA certificates to trust instead of the system's roots.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca: Option<std::path::PathBuf>,
 }
 
 fn default_timeout() -> Duration {
@@ -353,11 +365,15 @@ pub(crate) fn parse_methods(methods: &[String]) -> Result<Vec<Method>, String> {
         .collect()
 }
 
-/// An endpoint's base URL: `http://host:port`, no path, query or user info.
+/// An endpoint's base URL: `http://host:port` (or `https://` with the `tls` feature), no
+/// path, query or user info.
 pub(crate) fn parse_endpoint(endpoint: &str) -> Result<Uri, String> {
     let uri: Uri = endpoint.parse().map_err(|e| format!("invalid URL {endpoint:?}: {e}"))?;
-    if uri.scheme() != Some(&Scheme::HTTP) {
-        return Err(format!("{endpoint:?}: the scheme must be http://"));
+    let https = cfg!(feature = "tls") && uri.scheme() == Some(&Scheme::HTTPS);
+    if uri.scheme() != Some(&Scheme::HTTP) && !https {
+        let schemes =
+            if cfg!(feature = "tls") { "http:// or https://" } else { "http:// (https:// needs the `tls` feature)" };
+        return Err(format!("{endpoint:?}: the scheme must be {schemes}"));
     }
     let Some(authority) = uri.authority() else { return Err(format!("{endpoint:?} has no host")) };
     if authority.as_str().contains('@') {

@@ -35,12 +35,14 @@ mod gateway;
 mod headers;
 mod proxy;
 mod route;
+#[cfg(feature = "tls")]
+pub mod tls;
 mod upstream;
 
 pub use body::{Body, BoxError, boxed};
 pub use config::{
     Balance, ByteSize, EjectionConfig, GatewayConfig, HealthConfig, Protocol, RetryConfig, RouteConfig, RouteLimit,
-    RouteLock, UpstreamConfig,
+    RouteLock, UpstreamConfig, UpstreamTls,
 };
 pub use error::ConfigError;
 pub use gateway::{Gateway, GatewayBuilder, GatewayState, RouteState, UpstreamInfo};

@@ -15,6 +15,33 @@ use hyper_util::{
     client::legacy::{Client, connect::HttpConnector},
     rt::{TokioExecutor, TokioTimer},
 };
+
+/// How endpoints are reached: plain TCP, and TLS for `https://` ones with the `tls` feature.
+#[cfg(feature = "tls")]
+type Connector = hyper_rustls::HttpsConnector<HttpConnector>;
+#[cfg(not(feature = "tls"))]
+type Connector = HttpConnector;
+
+fn connector(config: &UpstreamConfig, http: HttpConnector) -> Result<Connector, ConfigError> {
+    #[cfg(feature = "tls")]
+    {
+        let mut http = http;
+        http.enforce_http(false);
+        let ca = config.tls.as_ref().and_then(|tls| tls.ca.as_deref());
+        let tls = crate::tls::client_config(ca)
+            .map_err(|e| ConfigError::new(format!("upstream {:?}: tls", config.name), e.to_string()))?;
+        let builder = hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(tls).https_or_http();
+        Ok(match config.protocol {
+            Protocol::Http1 => builder.enable_http1().wrap_connector(http),
+            Protocol::H2c => builder.enable_http2().wrap_connector(http),
+        })
+    }
+    #[cfg(not(feature = "tls"))]
+    {
+        let _ = config;
+        Ok(http)
+    }
+}
 use serde::Serialize;
 use tower::{Layer as _, ServiceExt as _, retry::budget::Budget as _, util::BoxCloneSyncService};
 use tower_breaker::{Breaker, BreakerConfig, CircuitBreakerLayer, State, TripPolicy, WaitGrowth};
@@ -244,16 +271,16 @@ impl Upstream {
         let at = |key: &str| format!("upstream {:?}: {key}", config.name);
         let one = crate::GatewayConfig { upstreams: vec![config.clone()], routes: Vec::new() };
         one.validate()?;
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        connector.set_connect_timeout(Some(config.timeout));
-        connector.set_keepalive(Some(Duration::from_secs(60)));
+        let mut http = HttpConnector::new();
+        http.set_nodelay(true);
+        http.set_connect_timeout(Some(config.timeout));
+        http.set_keepalive(Some(Duration::from_secs(60)));
         let mut builder = Client::builder(TokioExecutor::new());
         builder.pool_idle_timeout(Duration::from_secs(60)).pool_timer(TokioTimer::new()).timer(TokioTimer::new());
         if config.protocol == Protocol::H2c {
             builder.http2_only(true);
         }
-        let client: Client<HttpConnector, Body> = builder.build(connector);
+        let client: Client<Connector, Body> = builder.build(connector(config, http)?);
         let ejection = ejection_config(config);
         let mut endpoints = Vec::with_capacity(config.endpoints.len());
         for (i, url) in config.endpoints.iter().enumerate() {
@@ -469,7 +496,7 @@ fn is_idempotent(method: &Method) -> bool {
 /// gRPC status in the trailers) in front of the pooled client, with the attempt's timeout
 /// inside, so a timeout counts as a failure.
 fn endpoint_service(
-    client: Client<HttpConnector, Body>,
+    client: Client<Connector, Body>,
     timeout: Duration,
     breaker: Breaker,
 ) -> BoxCloneSyncService<Request<Body>, Response<Body>, AttemptError> {
@@ -505,7 +532,7 @@ fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
 /// Checks every endpoint each interval; marks one unhealthy after `unhealthy_after` failed
 /// checks in a row, healthy after `healthy_after` passed ones — which also ends an ejection.
 async fn health_checks(
-    client: Client<HttpConnector, Body>,
+    client: Client<Connector, Body>,
     endpoints: Arc<[Arc<Endpoint>]>,
     health: HealthConfig,
     name: String,

@@ -27,7 +27,7 @@ use hyper_util::{
     server::conn::auto,
     service::TowerToHyperService,
 };
-use rampart_gateway::{Gateway, GatewayConfig};
+use rampart_gateway::{Gateway, GatewayConfig, tls::TlsAcceptor};
 use serde_json::{Value, json};
 use tokio::{net::TcpListener, task::JoinHandle};
 use tower::ServiceExt as _;
@@ -64,7 +64,26 @@ impl TestServer {
         panic!("could not bind {addr} again");
     }
 
+    /// Serves `app` over TLS (ALPN h2 and http/1.1) on a free port; requests carry
+    /// `ClientScheme::Https`.
+    pub(crate) async fn start_tls<S>(app: S, tls: Arc<TlsAcceptor>) -> Self
+    where
+        S: tower::Service<Request, Response = Response, Error = Infallible> + Clone + Send + Sync + 'static,
+        S::Future: Send,
+    {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        Self::serve_with(listener, app, Some(tls))
+    }
+
     fn serve<S>(listener: TcpListener, app: S) -> Self
+    where
+        S: tower::Service<Request, Response = Response, Error = Infallible> + Clone + Send + Sync + 'static,
+        S::Future: Send,
+    {
+        Self::serve_with(listener, app, None)
+    }
+
+    fn serve_with<S>(listener: TcpListener, app: S, tls: Option<Arc<TlsAcceptor>>) -> Self
     where
         S: tower::Service<Request, Response = Response, Error = Infallible> + Clone + Send + Sync + 'static,
         S::Future: Send,
@@ -75,15 +94,27 @@ impl TestServer {
             loop {
                 let Ok((stream, peer)) = listener.accept().await else { continue };
                 let _ = stream.set_nodelay(true);
-                let app = app.clone();
+                let (app, tls) = (app.clone(), tls.clone());
                 connections.spawn(async move {
+                    let https = tls.is_some();
                     let service = tower::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
                         req.extensions_mut().insert(ConnectInfo(peer));
+                        if https {
+                            req.extensions_mut().insert(rampart_gateway::ClientScheme::Https);
+                        }
                         app.clone().oneshot(req.map(axum::body::Body::new))
                     });
-                    let _ = auto::Builder::new(TokioExecutor::new())
-                        .serve_connection_with_upgrades(TokioIo::new(stream), TowerToHyperService::new(service))
-                        .await;
+                    let builder = auto::Builder::new(TokioExecutor::new());
+                    let service = TowerToHyperService::new(service);
+                    match tls {
+                        Some(tls) => {
+                            let Ok(stream) = tls.accept(stream).await else { return };
+                            let _ = builder.serve_connection_with_upgrades(TokioIo::new(stream), service).await;
+                        }
+                        None => {
+                            let _ = builder.serve_connection_with_upgrades(TokioIo::new(stream), service).await;
+                        }
+                    }
                 });
                 while connections.try_join_next().is_some() {}
             }
