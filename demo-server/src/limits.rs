@@ -3,8 +3,8 @@
 
 use futures_util::future::BoxFuture;
 use tower_ratelimit::{
-    CheckError, Key, LeaseConfig, LeasedStore, MemoryStore, Policy, PolicyConfig, RateLimitLayer, RedisStore, Store,
-    Verdict,
+    CheckError, Key, LeaseConfig, LeasedStore, MemoryStore, Policy, PolicyConfig, RateLimitLayer, Receipt, RedisStore,
+    Store, Verdict,
 };
 
 use crate::{app::App, config::SharedStore};
@@ -44,11 +44,11 @@ impl Store for AnyStore {
         }
     }
 
-    fn refund(&self, key: &Key, cost: u64) -> BoxFuture<'static, ()> {
+    fn refund(&self, key: &Key, receipt: Receipt) -> BoxFuture<'static, ()> {
         match self {
-            Self::Memory(s) => s.refund(key, cost),
-            Self::Redis(s) => s.refund(key, cost),
-            Self::Leased(s) => s.refund(key, cost),
+            Self::Memory(s) => s.refund(key, receipt),
+            Self::Redis(s) => s.refund(key, receipt),
+            Self::Leased(s) => s.refund(key, receipt),
         }
     }
 }

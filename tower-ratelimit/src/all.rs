@@ -4,7 +4,7 @@ use std::{
     fmt,
     marker::PhantomData,
     sync::Arc,
-    task::{Context, Poll},
+    task::{Context, Poll, Waker},
 };
 
 use futures_util::future::BoxFuture;
@@ -14,7 +14,7 @@ use tower_layer::Layer;
 use tower_service::Service;
 
 use crate::{
-    CheckError, Key, KeyExtractor, RateLimitLayer, Verdict,
+    CheckError, Key, KeyExtractor, RateLimitLayer, Receipt, Verdict,
     extract::Cost,
     layer::{Http, Shared},
     response::{Headers, Rejection},
@@ -26,7 +26,7 @@ trait Limit<B>: Send + Sync {
     fn key(&self, req: &Request<B>) -> Result<Option<(Key, u64)>, Rejection>;
     fn check(&self, key: &Key, cost: u64) -> BoxFuture<'static, Result<Verdict, CheckError>>;
     fn decide(&self, result: Result<Verdict, CheckError>) -> Result<Option<Verdict>, Rejection>;
-    fn refund(&self, key: &Key, cost: u64) -> BoxFuture<'static, ()>;
+    fn refund(&self, key: &Key, receipt: Receipt) -> BoxFuture<'static, ()>;
     fn name(&self) -> &Arc<str>;
     fn headers(&self) -> &Headers;
 }
@@ -52,8 +52,8 @@ where
         Shared::decide(self, result)
     }
 
-    fn refund(&self, key: &Key, cost: u64) -> BoxFuture<'static, ()> {
-        self.store.refund(key, cost)
+    fn refund(&self, key: &Key, receipt: Receipt) -> BoxFuture<'static, ()> {
+        self.store.refund(key, receipt)
     }
 
     fn name(&self) -> &Arc<str> {
@@ -70,11 +70,15 @@ where
 /// where no stacking order is right (a per-client limit and a per-route limit: whichever is
 /// outside would spend a unit for a request the inside one then refuses).
 ///
-/// The limits are checked in order; when one refuses, the units the earlier ones took are given
-/// back ([`Store::refund`]) and the refusal is answered as that limit's. Between the check and
-/// the refund another request may find those units taken: under contention an `AllOf` can be
-/// briefly stricter than its parts, never looser. Allowed responses carry every limit's
-/// `RateLimit` items.
+/// The limits are checked in order; when one refuses, what the earlier ones took is given back
+/// ([`Store::refund`], with each check's [`Receipt`]: exactly what that check consumed, from the
+/// backend that consumed it) and the refusal is answered as that limit's. The same happens when
+/// the request is dropped before the inner service is called (a client gone, a timeout outside):
+/// the refunds are then made at once for in-process stores, in a spawned task for Redis (when
+/// dropped inside a tokio runtime; else they are lost, which only makes the limits stricter).
+/// Between the check and the refund another request may find those units taken: under
+/// contention an `AllOf` can be briefly stricter than its parts, never looser. Allowed responses
+/// carry every limit's `RateLimit` items.
 ///
 /// ```
 /// use axum::{Router, routing::get};
@@ -192,17 +196,25 @@ where
         let limits = self.limits.clone();
         Box::pin(async move {
             let grpc = rampart_http::is_grpc(req.headers());
-            // (limit, key, cost, whether it took units, headers to add)
-            let mut taken: Vec<(usize, Key, u64, bool, Option<Verdict>)> = Vec::with_capacity(limits.len());
+            // What the limits took, given back if the request does not reach the inner service.
+            let mut taken = Refunds { limits: limits.clone(), receipts: Vec::with_capacity(limits.len()) };
+            // Headers to add: (limit, its verdict).
+            let mut headers: Vec<(usize, Verdict)> = Vec::with_capacity(limits.len());
             for (i, limit) in limits.iter().enumerate() {
                 let refusal = match limit.key(&req) {
                     Ok(None) => continue,
                     Ok(Some((key, cost))) => {
-                        let result = limit.check(&key, cost).await;
-                        let consumed = matches!(&result, Ok(verdict) if verdict.allowed());
+                        let mut result = limit.check(&key, cost).await;
+                        let receipt = match &mut result {
+                            Ok(verdict) if verdict.allowed() => verdict.take_receipt(),
+                            _ => Receipt::default(),
+                        };
+                        if !receipt.is_empty() {
+                            taken.receipts.push((i, key, receipt));
+                        }
                         match limit.decide(result) {
                             Ok(verdict) => {
-                                taken.push((i, key, cost, consumed, verdict));
+                                headers.extend(verdict.map(|v| (i, v)));
                                 continue;
                             }
                             Err(rejection) => rejection,
@@ -211,21 +223,46 @@ where
                     Err(rejection) => rejection,
                 };
                 // All or nothing: what the earlier limits took goes back.
-                for (j, key, cost, consumed, _) in &taken {
-                    if *consumed {
-                        limits[*j].refund(key, *cost).await;
-                    }
-                }
+                taken.refund().await;
                 return Ok(refusal.into_response(limit.name(), limit.headers(), grpc));
             }
+            // Admitted by every limit: the units are spent whatever becomes of the call.
+            taken.receipts.clear();
             let response = inner.call(req).await?;
             let mut response = response.map(ResponseBody::inner);
-            for (i, _, _, _, verdict) in &taken {
-                if let Some(verdict) = verdict {
-                    limits[*i].headers().apply(response.headers_mut(), verdict);
-                }
+            for (i, verdict) in &headers {
+                limits[*i].headers().apply(response.headers_mut(), verdict);
             }
             Ok(response)
         })
+    }
+}
+
+/// The receipts of the limits that consumed for a request the inner service has not been called
+/// with yet. Dropped with receipts left (the request's future dropped), it gives them back.
+struct Refunds<B> {
+    limits: Arc<[Arc<dyn Limit<B>>]>,
+    receipts: Vec<(usize, Key, Receipt)>,
+}
+
+impl<B> Refunds<B> {
+    /// Gives everything back, waiting for each store.
+    async fn refund(mut self) {
+        while let Some((i, key, receipt)) = self.receipts.pop() {
+            self.limits[i].refund(&key, receipt).await;
+        }
+    }
+}
+
+impl<B> Drop for Refunds<B> {
+    fn drop(&mut self) {
+        for (i, key, receipt) in self.receipts.drain(..) {
+            // In-process stores refund when asked; a Redis refund is a future to run.
+            let mut refund = self.limits[i].refund(&key, receipt);
+            let Ok(runtime) = tokio::runtime::Handle::try_current() else { continue };
+            if refund.as_mut().poll(&mut Context::from_waker(Waker::noop())).is_pending() {
+                drop(runtime.spawn(refund));
+            }
+        }
     }
 }

@@ -129,17 +129,20 @@ impl<St, K, C, M> RateLimitLayer<St, K, C, M> {
         self
     }
 
-    /// Shadow mode: count and set headers but never refuse (for dark launches). Would-be
-    /// rejections (a request over the limit, a request without a key under
-    /// [`MissingKey::Reject`], a store down and fail-closed) are let through without
-    /// `RateLimit` headers and counted as `outcome="shadow_rejected"`.
+    /// Shadow mode: count but never refuse (for dark launches). Would-be rejections (a request
+    /// over the limit, a request without a key under [`MissingKey::Reject`], a store down and
+    /// fail-closed) are let through and counted as `outcome="shadow_rejected"`.
+    ///
+    /// No response of a shadow layer carries `RateLimit-Policy` / `RateLimit` headers, whatever
+    /// [`headers`](Self::headers) says: a draft-aware client told `r=0` (as the request taking
+    /// the last unit would be) would slow down for a limit that is not enforced.
     pub fn shadow(mut self, shadow: bool) -> Self {
         self.options.shadow = shadow;
         self
     }
 
     /// Whether allowed responses carry `RateLimit-Policy` / `RateLimit` (default true;
-    /// rejections always do).
+    /// rejections always do; a [`shadow`](Self::shadow) layer never sends them).
     pub fn headers(mut self, headers: bool) -> Self {
         self.options.headers = headers;
         self
@@ -242,9 +245,10 @@ impl<St: Store, K, C> Shared<St, K, C> {
         let rejection = match result {
             Ok(verdict) if verdict.allowed() => {
                 self.allowed.increment(1);
-                return Ok(self.options.headers.then_some(verdict));
+                // A shadow layer sends no headers at all (its limit is not enforced).
+                return Ok((self.options.headers && !self.options.shadow).then_some(verdict));
             }
-            Ok(verdict) => Rejection::Limited(verdict),
+            Ok(verdict) => Rejection::Limited(Box::new(verdict)),
             Err(CheckError::CostExceedsCapacity { cost, capacity }) => Rejection::TooCostly { cost, capacity },
             Err(CheckError::Unavailable(reason)) => Rejection::Unavailable(reason),
         };

@@ -42,8 +42,11 @@
 //! | cost over the capacity (can never pass) | 413 `"error":"cost_exceeds_capacity"`, no `Retry-After` | `INVALID_ARGUMENT` |
 //!
 //! `r` is what the quota holds after this request (on a refusal: what it holds, nothing being
-//! spent); `t` the seconds, rounded up, until it holds more (never past a 429's `Retry-After`);
-//! `w` the window in whole seconds, left out when the window is not a whole number of seconds.
+//! spent); `t` the seconds, rounded up, until it holds more; `w` the window in whole seconds,
+//! left out when the window is not a whole number of seconds. On a 429, the `t` of the quota(s)
+//! that refused is never past `Retry-After`; a quota of the same policy that would have allowed
+//! the request reports its own `t` (when it next holds more, as draft-10 defines it), which may
+//! be later. A [shadow](RateLimitLayer::shadow) layer sends no `RateLimit` headers at all.
 //!
 //! Non-HTTP services use [`RateLimitLayer::errors`]: rejections are [`RateLimited`] errors.
 //!
@@ -110,13 +113,14 @@ mod extract;
 mod future;
 mod layer;
 mod policy;
+mod receipt;
 mod response;
 mod service;
 pub mod shed;
 mod store;
 
 pub use algorithm::{
-    Decision, Quota, QuotaConfig, SlidingLog, SlidingWindow, TokenBucket, Verdict, WarmUp, WarmUpConfig,
+    Decision, Quota, QuotaConfig, QuotaReceipt, SlidingLog, SlidingWindow, TokenBucket, Verdict, WarmUp, WarmUpConfig,
 };
 pub use all::{AllOf, AllOfService};
 #[cfg(feature = "quanta")]
@@ -134,6 +138,7 @@ pub use rampart_http::keys::{
 /// The workspace's key types ([`rampart_http::keys`]), the same for every keyed layer.
 #[cfg(feature = "axum")]
 pub use rampart_http::keys::{MatchedRoute, PathParam};
+pub use receipt::Receipt;
 pub use response::{RATELIMIT, RATELIMIT_POLICY};
 pub use service::RateLimit;
 pub use store::{

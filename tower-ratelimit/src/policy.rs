@@ -8,6 +8,7 @@ use smallvec::SmallVec;
 use crate::{
     algorithm::{Decision, Nanos, Quota, QuotaConfig, QuotaKind, QuotaState, Verdict},
     error::{CheckError, ConfigError},
+    receipt::Receipt,
 };
 
 /// The states of a policy's quotas for one key.
@@ -164,7 +165,8 @@ impl Policy {
     }
 
     /// Checks `cost` units at `now` against every quota; consumes from all of them only if all
-    /// allow it.
+    /// allow it. An allowed verdict carries the [`Receipt`] of what it consumed, for
+    /// [`refund`](Self::refund).
     pub fn check(&self, states: &mut PolicyState, now: Nanos, cost: u64) -> Result<Verdict, CheckError> {
         self.ensure_shape(states);
         if cost > self.inner.capacity {
@@ -181,9 +183,8 @@ impl Policy {
                 ));
         }
         if verdict.allowed() {
-            for (q, s) in self.inner.quotas.iter().zip(states.iter_mut()) {
-                q.consume(s, now, cost);
-            }
+            let taken = self.inner.quotas.iter().zip(states.iter_mut()).map(|(q, s)| q.consume(s, now, cost)).collect();
+            *verdict.receipt_mut() = Receipt::memory(taken);
         } else {
             for (q, s) in self.inner.quotas.iter().zip(states.iter_mut()) {
                 q.touch(s, now);
@@ -192,11 +193,28 @@ impl Policy {
         Ok(verdict)
     }
 
-    /// Gives back `cost` units a successful [`check`](Self::check) took, from every quota.
-    pub fn refund(&self, states: &mut PolicyState, now: Nanos, cost: u64) {
-        self.ensure_shape(states);
-        for (q, s) in self.inner.quotas.iter().zip(states.iter_mut()) {
-            q.refund(s, now, cost);
+    /// Gives back what an allowed [`check`](Self::check) of these states took, as its verdict's
+    /// [`Receipt`] records, as far as it still counts at `now` (see [`Quota::refund`]). A receipt
+    /// that did not come from a check of this policy's states gives nothing.
+    ///
+    /// ```
+    /// use tower_ratelimit::{Policy, Quota};
+    ///
+    /// let policy = Policy::new("api", Quota::per_second(2)?)?;
+    /// let mut state = policy.new_state();
+    /// let verdict = policy.check(&mut state, 0, 2)?;
+    /// assert!(!policy.check(&mut state, 0, 1)?.allowed());
+    /// policy.refund(&mut state, 0, verdict.receipt());
+    /// assert!(policy.check(&mut state, 0, 2)?.allowed());
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn refund(&self, states: &mut PolicyState, now: Nanos, receipt: &Receipt) {
+        let Some(taken) = receipt.memory_quotas(None) else { return };
+        if taken.len() != self.inner.quotas.len() || states.len() != taken.len() {
+            return;
+        }
+        for ((q, s), r) in self.inner.quotas.iter().zip(states.iter_mut()).zip(taken) {
+            q.refund(s, now, r);
         }
     }
 

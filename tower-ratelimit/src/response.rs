@@ -17,7 +17,7 @@ pub static RATELIMIT: HeaderName = HeaderName::from_static("ratelimit");
 #[derive(Debug, Clone)]
 pub(crate) enum Rejection {
     /// A quota refused the request.
-    Limited(Verdict),
+    Limited(Box<Verdict>),
     /// The request costs more than a quota holds.
     TooCostly { cost: u64, capacity: u64 },
     /// The store is down and fail-closed.
@@ -76,7 +76,7 @@ impl Headers {
 
     /// `RateLimit`: `"name";r=<remaining>;t=<seconds until more units>` per quota. `t` is
     /// [`Decision::reset_after`](crate::Decision::reset_after) rounded up: a client with `r=0`
-    /// waits for its next unit, never past the `Retry-After` of a 429.
+    /// waits for its next unit; on a 429 a refusing quota's `t` is never past `Retry-After`.
     fn ratelimit(&self, verdict: &Verdict) -> Option<HeaderValue> {
         let mut value = Vec::with_capacity(32 * verdict.decisions().len());
         let mut digits = itoa::Buffer::new();

@@ -159,9 +159,9 @@ proptest! {
             let refunded = i % refund_every == 0;
             let d = quota.evaluate(&mut with, now, cost);
             if d.allowed {
-                quota.consume(&mut with, now, cost);
+                let receipt = quota.consume(&mut with, now, cost);
                 if refunded {
-                    quota.refund(&mut with, now, cost);
+                    quota.refund(&mut with, now, &receipt);
                 }
             }
             if !refunded {

@@ -386,8 +386,8 @@ async fn refunds_decide_alike_in_memory_and_in_redis() {
                 policy.name()
             );
             if m.allowed() && next(3) == 0 {
-                memory.refund_sync(&key, cost);
-                redis.refund(&key, cost).await;
+                memory.refund_sync(&key, m.receipt());
+                redis.refund(&key, r.receipt().clone()).await;
             }
         }
     }

@@ -236,6 +236,18 @@ impl TokenBucket {
         tat.max(now).saturating_add(cost.saturating_mul(self.interval))
     }
 
+    /// The TAT after giving back `units` a consume took that left the TAT at `taken_to`: what of
+    /// them has not come back by itself at `now`, `min(units × interval, taken_to − now)`.
+    ///
+    /// The consume moved the TAT `units × interval` later; every later request or instant at
+    /// which the TAT had fallen behind the clock absorbed part of that, and the TAT never falls
+    /// below `taken_to` but by refunds, so what is left of it is at least this. (A warm-up bucket
+    /// uses its full-rate interval: the smallest it ever spends per token.)
+    pub(crate) fn refund(&self, tat: Nanos, now: Nanos, taken_to: Nanos, units: u64) -> Nanos {
+        let back = units.saturating_mul(self.interval).min(taken_to.saturating_sub(now));
+        tat.saturating_sub(back)
+    }
+
     /// Where the ramp of a warm-up bucket started, seen at `now`: a bucket never used, or full
     /// for its idle time, starts a new ramp now.
     pub(crate) fn ramp_start(warm: &WarmUp, tat: Nanos, warm_start: Option<Nanos>, now: Nanos) -> Nanos {

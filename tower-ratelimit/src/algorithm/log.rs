@@ -25,6 +25,11 @@ pub struct LogState {
     total: u64,
 }
 
+impl LogState {
+    /// Bytes of one entry.
+    pub(crate) const ENTRY_BYTES: u64 = std::mem::size_of::<(Nanos, u64)>() as u64;
+}
+
 impl SlidingLog {
     /// Largest limit a sliding log accepts: memory is one entry per admission (16 bytes in
     /// process, a sorted-set member in Redis), and forgetting expired entries reads them, so a
@@ -102,33 +107,55 @@ impl SlidingLog {
         }
     }
 
-    /// Takes `cost` units out of the newest entries (where a consume just put them).
-    pub(crate) fn refund(&self, state: &mut LogState, now: Nanos, cost: u64) {
+    /// Takes back `units` logged in the entry of time `at`, unless it expired.
+    pub(crate) fn refund(&self, state: &mut LogState, now: Nanos, at: Nanos, units: u64) {
         self.expire(state, now);
-        let mut left = cost;
-        while left > 0 {
-            let Some((_, units)) = state.entries.back_mut() else { break };
-            let take = (*units).min(left);
-            *units -= take;
-            state.total -= take;
-            left -= take;
-            if *units == 0 {
-                state.entries.pop_back();
-            }
+        let i = state.entries.partition_point(|&(t, _)| t < at);
+        let Some((t, held)) = state.entries.get_mut(i) else { return };
+        if *t != at {
+            return;
+        }
+        let take = (*held).min(units);
+        *held -= take;
+        state.total -= take;
+        if *held == 0 {
+            state.entries.remove(i);
         }
     }
 
-    pub(crate) fn consume(&self, state: &mut LogState, now: Nanos, cost: u64) {
+    /// Logs `cost` units at `now`; returns the time of the entry that holds them (none for a
+    /// cost of zero).
+    pub(crate) fn consume(&self, state: &mut LogState, now: Nanos, cost: u64) -> Option<Nanos> {
         self.expire(state, now);
         if cost == 0 {
-            return;
+            return None;
         }
         state.total += cost;
         match state.entries.back_mut() {
             // A clock that goes back appends to the newest entry, keeping the log sorted.
-            Some((t, units)) if *t >= now => *units += cost,
-            _ => state.entries.push_back((now, cost)),
+            Some((t, units)) if *t >= now => {
+                *units += cost;
+                Some(*t)
+            }
+            _ => {
+                self.reserve_one(&mut state.entries);
+                state.entries.push_back((now, cost));
+                Some(now)
+            }
         }
+    }
+
+    /// Makes room for one more entry, growing the buffer geometrically but never past the limit:
+    /// every entry holds a unit or more, so a log never has more entries than its limit, and
+    /// [`Quota::max_state_bytes`](super::Quota::max_state_bytes) counts exactly that many.
+    /// (`push_back` alone doubles the buffer: a log of limit 1,000 could hold room for 1,024.)
+    fn reserve_one(&self, entries: &mut VecDeque<(Nanos, u64)>) {
+        if entries.len() < entries.capacity() {
+            return;
+        }
+        let limit = usize::try_from(self.limit).unwrap_or(usize::MAX);
+        let target = entries.capacity().saturating_mul(2).max(4).min(limit).max(entries.len() + 1);
+        entries.reserve_exact(target - entries.len());
     }
 
     pub(crate) fn idle_at(&self, state: &LogState) -> Nanos {
@@ -155,5 +182,36 @@ mod tests {
         assert!(q.evaluate(&mut s, 110 * MS, 1).allowed);
         // Cost 2 needs both entries gone: at 160 ms.
         assert_eq!(q.evaluate(&mut s, 110 * MS, 2).retry_after, Duration::from_millis(50));
+    }
+
+    #[test]
+    fn the_buffer_never_grows_past_the_limit() {
+        for limit in [1, 3, 5, 17, 1000] {
+            let q = SlidingLog::new(limit, Duration::from_secs(3600)).unwrap();
+            let mut s = LogState::default();
+            for t in 0..limit {
+                assert!(q.evaluate(&mut s, t, 1).allowed);
+                q.consume(&mut s, t, 1);
+            }
+            assert_eq!(s.entries.len() as u64, limit);
+            assert!(s.entries.capacity() as u64 <= limit, "limit {limit}: room for {}", s.entries.capacity());
+        }
+    }
+
+    #[test]
+    fn a_refund_takes_its_own_entry_only() {
+        let q = SlidingLog::new(2, Duration::from_millis(100)).unwrap();
+        let mut s = LogState::default();
+        let mine = q.consume(&mut s, 0, 1).unwrap();
+        q.consume(&mut s, 50 * MS, 1);
+        q.refund(&mut s, 60 * MS, mine, 1);
+        // The entry of 50 ms is left: one unit until 150 ms.
+        assert_eq!(q.evaluate(&mut s, 100 * MS, 1).remaining, 0);
+        assert!(!q.evaluate(&mut s, 100 * MS, 2).allowed);
+        assert!(q.evaluate(&mut s, 150 * MS, 2).allowed);
+        // An expired entry gives nothing back.
+        let old = q.consume(&mut s, 150 * MS, 1).unwrap();
+        q.refund(&mut s, 250 * MS, old, 1);
+        assert_eq!(s.total, 0);
     }
 }

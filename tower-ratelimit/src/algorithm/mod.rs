@@ -17,7 +17,7 @@ pub use gcra::{TokenBucket, WarmUp};
 pub use log::SlidingLog;
 pub use window::SlidingWindow;
 
-use crate::error::ConfigError;
+use crate::{error::ConfigError, receipt::Receipt};
 
 /// Nanoseconds since a store's epoch.
 pub type Nanos = u64;
@@ -38,6 +38,32 @@ pub struct Decision {
     /// When denied: the earliest time after which the same request could be admitted if nothing
     /// else consumed the quota meanwhile. Zero when allowed.
     pub retry_after: Duration,
+}
+
+/// What one [`Quota::consume`] took, exactly: [`Quota::refund`] gives back that and no more.
+///
+/// Opaque; a store keeps one per quota in the [`Receipt`](crate::Receipt) of an allowed check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct QuotaReceipt(pub(crate) Consumed);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(crate) enum Consumed {
+    /// Nothing (a cost of zero, a state that did not match the quota).
+    #[default]
+    Nothing,
+    /// A token bucket: its TAT right after the consume, and the units taken.
+    Bucket { tat: Nanos, units: u64 },
+    /// A sliding window: the sub-window the units were counted in.
+    Window { index: u64, units: u64 },
+    /// A sliding log: the time of the entry that holds the units.
+    Log { at: Nanos, units: u64 },
+}
+
+impl QuotaReceipt {
+    /// Whether the consume took nothing (nothing to give back).
+    pub fn is_empty(&self) -> bool {
+        self.0 == Consumed::Nothing
+    }
 }
 
 /// One quota of a [`Policy`](crate::Policy): a token bucket, a sliding window or a sliding log.
@@ -255,15 +281,16 @@ impl Quota {
         }
     }
 
-    /// The most memory one key's state of this quota can take, in bytes (a sliding log holds
-    /// one 16-byte entry per admission in its window, at most its limit).
+    /// The most memory one key's state of this quota can take, in bytes: the state itself and
+    /// what it allocates (a sliding window's `S + 1` counters; a sliding log's entries, 16 bytes
+    /// each, one per admission in its window: its buffer never grows past its limit).
     pub fn max_state_bytes(&self) -> usize {
-        let bytes = match &self.kind {
-            QuotaKind::Gcra(_) => 16,
-            QuotaKind::Window(q) => 16 + 4 * (u64::from(q.precision()) + 1),
-            QuotaKind::Log(q) => 32 + 16 * q.limit(),
+        let heap = match &self.kind {
+            QuotaKind::Gcra(_) => 0,
+            QuotaKind::Window(q) => 4 * (u64::from(q.precision()) + 1),
+            QuotaKind::Log(q) => log::LogState::ENTRY_BYTES * q.limit(),
         };
-        usize::try_from(bytes).unwrap_or(usize::MAX)
+        usize::try_from(heap).unwrap_or(usize::MAX).saturating_add(std::mem::size_of::<QuotaState>())
     }
 
     /// A fresh state: the quota entirely available.
@@ -293,20 +320,31 @@ impl Quota {
         }
     }
 
-    /// Consumes `cost` units at `now` (after [`evaluate`](Self::evaluate) allowed it).
-    pub fn consume(&self, state: &mut QuotaState, now: Nanos, cost: u64) {
-        match (&self.kind, state) {
-            (QuotaKind::Gcra(q), QuotaState::WarmGcra { tat, warm_start }) => {
-                if let Some(w) = q.warm_up() {
+    /// Consumes `cost` units at `now` (after [`evaluate`](Self::evaluate) allowed it), and
+    /// returns what exactly it took: what [`refund`](Self::refund) needs to give it back.
+    pub fn consume(&self, state: &mut QuotaState, now: Nanos, cost: u64) -> QuotaReceipt {
+        let consumed = match (&self.kind, state) {
+            (QuotaKind::Gcra(q), QuotaState::WarmGcra { tat, warm_start }) => match q.warm_up() {
+                Some(w) => {
                     let (_, new_tat, start) = q.evaluate_warm(w, *tat, *warm_start, now, cost);
                     (*tat, *warm_start) = (new_tat, Some(start));
+                    Consumed::Bucket { tat: new_tat, units: cost }
                 }
+                None => Consumed::Nothing,
+            },
+            (QuotaKind::Gcra(q), QuotaState::Gcra(tat)) => {
+                *tat = q.consume(*tat, now, cost);
+                Consumed::Bucket { tat: *tat, units: cost }
             }
-            (QuotaKind::Gcra(q), QuotaState::Gcra(tat)) => *tat = q.consume(*tat, now, cost),
-            (QuotaKind::Window(q), QuotaState::Window(s)) => q.consume(s, now, cost),
-            (QuotaKind::Log(q), QuotaState::Log(s)) => q.consume(s, now, cost),
-            _ => {}
-        }
+            (QuotaKind::Window(q), QuotaState::Window(s)) => {
+                Consumed::Window { index: q.consume(s, now, cost), units: cost }
+            }
+            (QuotaKind::Log(q), QuotaState::Log(s)) => {
+                q.consume(s, now, cost).map_or(Consumed::Nothing, |at| Consumed::Log { at, units: cost })
+            }
+            _ => Consumed::Nothing,
+        };
+        QuotaReceipt(if cost == 0 { Consumed::Nothing } else { consumed })
     }
 
     /// Notes a request this quota's policy refused at `now`. Only a warm-up bucket cares: its ramp
@@ -323,17 +361,40 @@ impl Quota {
         }
     }
 
-    /// Gives back `cost` units a [`consume`](Self::consume) took (an all-or-nothing check over
-    /// several stores undoing its part). Never gives back more than was taken: a token bucket's
-    /// TAT moves back by `cost` intervals (the warm-up ramp's full-rate interval, the smallest),
-    /// a window or a log loses `cost` units from its newest sub-windows or entries.
-    pub fn refund(&self, state: &mut QuotaState, now: Nanos, cost: u64) {
-        match (&self.kind, state) {
-            (QuotaKind::Gcra(q), QuotaState::Gcra(tat) | QuotaState::WarmGcra { tat, .. }) => {
-                *tat = tat.saturating_sub(cost.saturating_mul(q.interval_nanos()));
+    /// Gives back what the [`consume`](Self::consume) that returned `receipt` took, as far as it
+    /// still counts at `now` — never more, whatever happened since (time passing, other
+    /// requests consuming or being refunded):
+    ///
+    /// * a token bucket gets back only the part of the consume that has not come back by itself:
+    ///   its TAT moves back by `min(units × interval, receipt_tat − now)` (nothing once the
+    ///   receipt's TAT has passed; the warm-up ramp's full-rate interval, the smallest);
+    /// * a sliding window loses the units from the sub-window they were counted in, if that is
+    ///   still in the counted range (else they have left already);
+    /// * a sliding log loses the units from the entry they were logged in, unless it expired.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tower_ratelimit::Quota;
+    ///
+    /// let quota = Quota::token_bucket(10, Duration::from_secs(1), 2)?; // a token every 100 ms
+    /// let mut state = quota.new_state();
+    /// let receipt = quota.consume(&mut state, 0, 1);
+    /// // 150 ms later the token came back by itself: the refund gives nothing more.
+    /// quota.refund(&mut state, 150_000_000, &receipt);
+    /// assert_eq!(quota.available(&mut state, 150_000_000), 2);
+    /// # Ok::<(), tower_ratelimit::ConfigError>(())
+    /// ```
+    pub fn refund(&self, state: &mut QuotaState, now: Nanos, receipt: &QuotaReceipt) {
+        match (&self.kind, state, receipt.0) {
+            (
+                QuotaKind::Gcra(q),
+                QuotaState::Gcra(tat) | QuotaState::WarmGcra { tat, .. },
+                Consumed::Bucket { tat: taken_to, units },
+            ) => *tat = q.refund(*tat, now, taken_to, units),
+            (QuotaKind::Window(q), QuotaState::Window(s), Consumed::Window { index, units }) => {
+                q.refund(s, now, index, units)
             }
-            (QuotaKind::Window(q), QuotaState::Window(s)) => q.refund(s, now, cost),
-            (QuotaKind::Log(q), QuotaState::Log(s)) => q.refund(s, now, cost),
+            (QuotaKind::Log(q), QuotaState::Log(s), Consumed::Log { at, units }) => q.refund(s, now, at, units),
             _ => {}
         }
     }
@@ -377,10 +438,12 @@ pub enum QuotaState {
     Log(log::LogState),
 }
 
-/// The decisions of every quota of a policy on one request: allowed only if all allow.
+/// The decisions of every quota of a policy on one request: allowed only if all allow; and, for
+/// an allowed check of a store, the [`Receipt`] of what it consumed.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Verdict {
     decisions: SmallVec<[Decision; 2]>,
+    receipt: Receipt,
 }
 
 impl Verdict {
@@ -411,7 +474,7 @@ impl Verdict {
     /// assert_eq!(verdict.binding(), Some(&daily));
     /// ```
     pub fn new(decisions: impl IntoIterator<Item = Decision>) -> Self {
-        Self { decisions: decisions.into_iter().collect() }
+        Self { decisions: decisions.into_iter().collect(), receipt: Receipt::default() }
     }
 
     /// The verdict of a single-quota policy.
@@ -434,7 +497,7 @@ impl Verdict {
     pub fn single(decision: Decision) -> Self {
         let mut decisions = SmallVec::new();
         decisions.push(decision);
-        Self { decisions }
+        Self { decisions, receipt: Receipt::default() }
     }
 
     /// An admission without decisions (a fail-open store answering while its backend is down).
@@ -473,6 +536,28 @@ impl Verdict {
         } else {
             self.decisions.iter().filter(|d| !d.allowed).max_by_key(|d| d.retry_after)
         }
+    }
+
+    /// What the check consumed, and where (empty unless a store's check allowed it and spent
+    /// something): give it to [`Store::refund`](crate::Store::refund) to undo the check.
+    pub fn receipt(&self) -> &Receipt {
+        &self.receipt
+    }
+
+    /// Takes the [`receipt`](Self::receipt) out, leaving an empty one.
+    pub fn take_receipt(&mut self) -> Receipt {
+        std::mem::take(&mut self.receipt)
+    }
+
+    /// The verdict with `receipt` (for [`Store`](crate::Store) implementations that can refund:
+    /// see [`Receipt::custom`]).
+    pub fn with_receipt(mut self, receipt: Receipt) -> Self {
+        self.receipt = receipt;
+        self
+    }
+
+    pub(crate) fn receipt_mut(&mut self) -> &mut Receipt {
+        &mut self.receipt
     }
 }
 

@@ -106,12 +106,15 @@ impl SlidingWindow {
     }
 
     /// Moves the ring to the sub-window of `now`, zeroing the sub-windows that fell out.
-    /// A clock that goes back stays in the newest sub-window.
+    /// A clock that goes back stays in the newest sub-window; a newest sub-window over a whole
+    /// ring ahead of `now` cannot come from this quota's clock (another width, a clock far
+    /// ahead): the state starts afresh.
     fn advance(&self, state: &mut WindowState, now: Nanos) -> u64 {
-        if state.counts.len() as u64 != self.slots() {
+        let index = now / self.width;
+        if state.counts.len() as u64 != self.slots() || state.head > index.saturating_add(self.slots()) {
             *state = self.new_state();
         }
-        let cur = (now / self.width).max(state.head);
+        let cur = index.max(state.head);
         let gap = cur - state.head;
         if gap >= self.slots() {
             state.counts.iter_mut().for_each(|c| *c = 0);
@@ -168,27 +171,26 @@ impl SlidingWindow {
         }
     }
 
-    /// Takes `cost` units out of the newest sub-windows (where a consume just put them).
-    pub(crate) fn refund(&self, state: &mut WindowState, now: Nanos, cost: u64) {
+    /// Takes back `units` counted in sub-window `index`, if it is still in the counted range
+    /// (else they have left the count already).
+    pub(crate) fn refund(&self, state: &mut WindowState, now: Nanos, index: u64, units: u64) {
         let cur = self.advance(state, now);
-        let mut left = cost;
-        for j in 0..self.slots() {
-            if left == 0 || j > cur {
-                break;
-            }
-            let slot = self.slot(cur - j);
-            let take = u64::from(state.counts[slot]).min(left);
-            // Lossless: `take` is at most the slot's own count.
-            state.counts[slot] -= take as u32;
-            left -= take;
+        if index > cur || cur - index >= self.slots() {
+            return;
         }
+        let slot = self.slot(index);
+        let take = u64::from(state.counts[slot]).min(units);
+        // Lossless: `take` is at most the slot's own count.
+        state.counts[slot] -= take as u32;
     }
 
-    pub(crate) fn consume(&self, state: &mut WindowState, now: Nanos, cost: u64) {
+    /// Counts `cost` units in the sub-window of `now`; returns that sub-window's index.
+    pub(crate) fn consume(&self, state: &mut WindowState, now: Nanos, cost: u64) -> u64 {
         let cur = self.advance(state, now);
         let slot = self.slot(cur);
         let cost = u32::try_from(cost).unwrap_or(u32::MAX);
         state.counts[slot] = state.counts[slot].saturating_add(cost);
+        cur
     }
 
     /// The newest sub-window at or before `cur` that holds units.

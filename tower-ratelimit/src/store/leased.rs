@@ -2,7 +2,10 @@
 
 use std::{
     fmt,
-    sync::{Arc, Mutex, PoisonError},
+    sync::{
+        Arc, Mutex, PoisonError,
+        atomic::{AtomicU64, Ordering},
+    },
     time::Duration,
 };
 
@@ -14,6 +17,7 @@ use crate::{
     algorithm::{Decision, Nanos},
     clock::{Clock, TokioClock},
     error::CheckError,
+    receipt::{Receipt, Taken, next_store_id},
     store::{
         RedisConnection, RedisStore, Store,
         redis::{Gate, ProbeGuard},
@@ -102,6 +106,10 @@ impl<C> fmt::Debug for LeasedStore<C> {
 }
 
 struct Inner<C> {
+    /// Tells this store's receipts from others'.
+    id: u64,
+    /// Numbers the leases taken, so a refund finds the lease it was spent from.
+    leases_taken: AtomicU64,
     redis: RedisStore<C>,
     config: LeaseConfig,
     ttl: Nanos,
@@ -121,6 +129,8 @@ struct Lease {
 
 #[derive(Debug)]
 struct Local {
+    /// The current lease's number (0: none yet).
+    lease: u64,
     /// Leased units not spent yet.
     units: u64,
     /// The lease's end: unspent units are dropped then.
@@ -146,14 +156,22 @@ impl Idle for Arc<Lease> {
 }
 
 impl Local {
+    /// The verdict of spending `cost` units of the current lease, whose last grant said
+    /// `decisions`, with its receipt.
+    fn spent(&self, decisions: &[Decision], cost: u64, store: u64) -> Verdict {
+        let units = self.units;
+        let verdict = Verdict::new(decisions.iter().map(|d| Decision { remaining: d.remaining + units, ..*d }));
+        if cost == 0 {
+            return verdict;
+        }
+        verdict.with_receipt(Receipt { taken: Taken::Lease { store, lease: self.lease, units: cost } })
+    }
+
     /// Answers from the lease, or repeats a recent refusal, if it can.
-    fn try_spend(&mut self, now: Nanos, cost: u64, deny_floor: Nanos) -> Option<Verdict> {
+    fn try_spend(&mut self, now: Nanos, cost: u64, deny_floor: Nanos, store: u64) -> Option<Verdict> {
         if now < self.expires_at && self.units >= cost {
             self.units -= cost;
-            let units = self.units;
-            return Some(Verdict::new(
-                self.last.decisions().iter().map(|d| Decision { remaining: d.remaining + units, ..*d }),
-            ));
+            return Some(self.spent(self.last.decisions(), cost, store));
         }
         // After a refusal, or a lease that emptied the shared quota, let units accumulate in
         // Redis before asking again.
@@ -197,6 +215,8 @@ impl<C: RedisConnection> LeasedStore<C> {
         let deny_floor = nanos(config.target_interval.min(shortest_window / 2));
         Self {
             inner: Arc::new(Inner {
+                id: next_store_id(),
+                leases_taken: AtomicU64::new(0),
                 ttl: nanos(config.ttl),
                 target: nanos(config.target_interval),
                 deny_floor,
@@ -230,6 +250,7 @@ impl<C: RedisConnection> LeasedStore<C> {
             || {
                 Arc::new(Lease {
                     local: Mutex::new(Local {
+                        lease: 0,
                         units: 0,
                         expires_at: 0,
                         denied_until: 0,
@@ -257,7 +278,7 @@ impl<C: RedisConnection> LeasedStore<C> {
         let size = {
             let mut local = lease.local.lock().unwrap_or_else(PoisonError::into_inner);
             let now = inner.clock.now();
-            if let Some(verdict) = local.try_spend(now, cost, inner.deny_floor) {
+            if let Some(verdict) = local.try_spend(now, cost, inner.deny_floor, inner.id) {
                 return Ok(verdict);
             }
             self.next_size(&mut local, now).max(cost)
@@ -287,13 +308,16 @@ impl<C: RedisConnection> LeasedStore<C> {
         local.fetched_at = now;
         local.fetched = taken;
         local.drained = verdict.decisions().iter().any(|d| d.remaining == 0);
+        // What Redis took is now the lease's (the receipt of a check is the lease's).
+        let verdict = Verdict::new(verdict.decisions().iter().copied());
         if taken >= cost && taken > 0 {
+            local.lease = inner.leases_taken.fetch_add(1, Ordering::Relaxed) + 1;
             local.units = taken - cost;
             local.expires_at = now.saturating_add(inner.ttl);
             local.denied_until = 0;
-            let units = local.units;
-            local.last = verdict.clone();
-            Ok(Verdict::new(verdict.decisions().iter().map(|d| Decision { remaining: d.remaining + units, ..*d })))
+            let spent = local.spent(verdict.decisions(), cost, inner.id);
+            local.last = verdict;
+            Ok(spent)
         } else {
             local.units = 0;
             local.denied_until =
@@ -347,19 +371,29 @@ impl<C: RedisConnection> Store for LeasedStore<C> {
         let now = inner.clock.now();
         let lease = self.lease(key, now);
         let mut local = lease.local.lock().unwrap_or_else(PoisonError::into_inner);
-        local.try_spend(now, cost, inner.deny_floor).map(Ok)
+        local.try_spend(now, cost, inner.deny_floor, inner.id).map(Ok)
     }
 
-    /// Units go back to the key's live lease (they were spent from it); an expired lease's are
-    /// lost, as its unspent ones are.
-    fn refund(&self, key: &Key, cost: u64) -> BoxFuture<'static, ()> {
+    /// Units spent from a lease go back to that lease while it lives (an expired or replaced
+    /// lease's are lost, as its unspent ones are); units the failure policy's in-process
+    /// fallback took (while Redis failed) go back to the fallback; an admission of a fail-open
+    /// store took nothing.
+    fn refund(&self, key: &Key, receipt: Receipt) -> BoxFuture<'static, ()> {
         let inner = &*self.inner;
-        let now = inner.clock.now();
-        let lease = self.lease(key, now);
-        let mut local = lease.local.lock().unwrap_or_else(PoisonError::into_inner);
-        if now < local.expires_at {
-            local.units = local.units.saturating_add(cost);
+        match receipt.taken {
+            Taken::Lease { store, lease, units } if store == inner.id => {
+                let now = inner.clock.now();
+                inner.leases.get(key, |held| {
+                    let mut local = held.local.lock().unwrap_or_else(PoisonError::into_inner);
+                    if local.lease == lease && now < local.expires_at {
+                        local.units = local.units.saturating_add(units);
+                    }
+                });
+                Box::pin(std::future::ready(()))
+            }
+            Taken::Lease { .. } => Box::pin(std::future::ready(())),
+            // The wrapped Redis store's fallback (it ignores receipts it did not issue).
+            _ => inner.redis.refund(key, receipt),
         }
-        Box::pin(std::future::ready(()))
     }
 }

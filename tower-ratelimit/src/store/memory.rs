@@ -10,11 +10,12 @@ use std::{
 };
 
 use crate::{
-    Key, Policy, Quota, Verdict,
-    algorithm::Nanos,
+    Key, Policy, Quota, QuotaReceipt, Verdict,
+    algorithm::{Consumed, Nanos},
     clock::{Clock, TokioClock},
     error::CheckError,
     policy::PolicyState,
+    receipt::{Receipt, next_store_id},
     store::{
         Store,
         shards::{Idle, ShardedMap},
@@ -58,6 +59,8 @@ impl<C> Clone for MemoryStore<C> {
 
 #[derive(Debug)]
 struct Inner<C> {
+    /// Tells this store's receipts from others'.
+    id: u64,
     policy: Policy,
     clock: C,
     // Padded: its CAS must not invalidate the line holding `policy` and `clock` for readers.
@@ -97,17 +100,20 @@ impl Cell {
         }
     }
 
-    fn refund(&self, policy: &Policy, now: Nanos, cost: u64) {
+    fn refund(&self, policy: &Policy, now: Nanos, receipt: &Receipt) {
         match self {
             Self::Tat(atomic) => {
-                if let Some(bucket) = policy.single_gcra() {
-                    let back = cost.saturating_mul(bucket.interval_nanos());
-                    let _ = atomic.fetch_update(Ordering::AcqRel, Ordering::Acquire, |t| Some(t.saturating_sub(back)));
+                if let (Some(bucket), Some([taken])) = (policy.single_gcra(), receipt.memory_quotas(None))
+                    && let Consumed::Bucket { tat: taken_to, units } = taken.0
+                {
+                    let _ = atomic.fetch_update(Ordering::AcqRel, Ordering::Acquire, |t| {
+                        Some(bucket.refund(t, now, taken_to, units))
+                    });
                 }
             }
             Self::States(cell) => {
                 let mut states = cell.states.lock().unwrap_or_else(PoisonError::into_inner);
-                policy.refund(&mut states, now, cost);
+                policy.refund(&mut states, now, receipt);
                 cell.idle_at.store(policy.idle_at(&states), Ordering::Relaxed);
             }
         }
@@ -129,7 +135,11 @@ impl Cell {
                         return Ok(Verdict::single(decision));
                     }
                     match atomic.compare_exchange_weak(tat, new_tat, Ordering::AcqRel, Ordering::Acquire) {
-                        Ok(_) => return Ok(Verdict::single(decision)),
+                        Ok(_) => {
+                            let taken = QuotaReceipt(Consumed::Bucket { tat: new_tat, units: cost });
+                            let receipt = Receipt::memory(std::iter::once(taken).collect());
+                            return Ok(Verdict::single(decision).with_receipt(receipt));
+                        }
                         Err(current) => tat = current,
                     }
                 }
@@ -221,22 +231,48 @@ impl<C: Clock> MemoryStore<C> {
     pub fn check_sync(&self, key: &Key, cost: u64) -> Result<Verdict, CheckError> {
         let inner = &*self.inner;
         let now = inner.clock.now();
-        if key.is_global() {
-            return inner.global.check(&inner.policy, now, cost);
-        }
-        inner.keys.with(key, now, || Cell::new(&inner.policy), |cell| cell.check(&inner.policy, now, cost))
+        let mut verdict = if key.is_global() {
+            inner.global.check(&inner.policy, now, cost)
+        } else {
+            inner.keys.with(key, now, || Cell::new(&inner.policy), |cell| cell.check(&inner.policy, now, cost))
+        }?;
+        verdict.receipt_mut().issued_by(inner.id);
+        Ok(verdict)
     }
-}
 
-impl<C: Clock> MemoryStore<C> {
-    /// [`Store::refund`], synchronously.
-    pub fn refund_sync(&self, key: &Key, cost: u64) {
+    /// [`Store::refund`], synchronously: gives back what the check that issued `receipt` took
+    /// (see [`Quota::refund`] for what of it still counts). A receipt of another store, or of a
+    /// key no longer resident (it went idle: nothing it took still counts), gives nothing.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use tower_ratelimit::{Key, ManualClock, MemoryStore, Policy, Quota};
+    ///
+    /// let clock = ManualClock::new();
+    /// let store = MemoryStore::builder(Policy::new("api", Quota::sliding_log(2, Duration::from_secs(1))?)?)
+    ///     .clock(clock.clone())
+    ///     .build();
+    /// let key = Key::from("alice");
+    /// let first = store.check_sync(&key, 1)?;
+    /// clock.advance(Duration::from_millis(500));
+    /// let _second = store.check_sync(&key, 1)?;
+    /// // The first request's own entry goes, not the newest one...
+    /// store.refund_sync(&key, first.receipt());
+    /// // ...so the second still counts until 1.5 s.
+    /// clock.advance(Duration::from_millis(600));
+    /// assert_eq!(store.check_sync(&key, 0)?.decisions()[0].remaining, 1);
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
+    pub fn refund_sync(&self, key: &Key, receipt: &Receipt) {
         let inner = &*self.inner;
+        if receipt.memory_quotas(Some(inner.id)).is_none() {
+            return;
+        }
         let now = inner.clock.now();
         if key.is_global() {
-            return inner.global.refund(&inner.policy, now, cost);
+            return inner.global.refund(&inner.policy, now, receipt);
         }
-        inner.keys.with(key, now, || Cell::new(&inner.policy), |cell| cell.refund(&inner.policy, now, cost));
+        inner.keys.get(key, |cell| cell.refund(&inner.policy, now, receipt));
     }
 }
 
@@ -255,8 +291,8 @@ impl<C: Clock> Store for MemoryStore<C> {
         Some(self.check_sync(key, cost))
     }
 
-    fn refund(&self, key: &Key, cost: u64) -> futures_util::future::BoxFuture<'static, ()> {
-        self.refund_sync(key, cost);
+    fn refund(&self, key: &Key, receipt: Receipt) -> futures_util::future::BoxFuture<'static, ()> {
+        self.refund_sync(key, &receipt);
         Box::pin(std::future::ready(()))
     }
 }
@@ -323,6 +359,7 @@ impl<C: Clock> MemoryStoreBuilder<C> {
         }
         MemoryStore {
             inner: Arc::new(Inner {
+                id: next_store_id(),
                 global: CachePadded::new(Cell::new(&self.policy)),
                 keys: ShardedMap::new(max_keys, evictions),
                 policy: self.policy,

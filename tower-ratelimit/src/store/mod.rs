@@ -22,7 +22,7 @@ pub use self::leased::{LeaseConfig, LeasedStore};
 pub use self::memory::{DEFAULT_MAX_BYTES, DEFAULT_MAX_KEYS, MemoryStore, MemoryStoreBuilder};
 pub use self::redis::{FailurePolicy, RedisConnection, RedisStore, RedisStoreBuilder, TimeSource};
 
-use crate::{Key, Policy, Verdict, error::CheckError};
+use crate::{Key, Policy, Receipt, Verdict, error::CheckError};
 
 /// A keyed store of quota state that checks and consumes atomically.
 pub trait Store: Send + Sync + 'static {
@@ -43,12 +43,19 @@ pub trait Store: Send + Sync + 'static {
         None
     }
 
-    /// Gives back `cost` units an allowed check of `key` consumed: what an all-or-nothing check
-    /// over several stores ([`AllOf`](crate::AllOf)) does when a later one refuses. Never gives
-    /// back more than was taken; a store that cannot (the default) leaves the units spent, which
-    /// only ever makes it stricter.
-    fn refund(&self, key: &Key, cost: u64) -> BoxFuture<'static, ()> {
-        let _ = (key, cost);
+    /// Gives back what an allowed check of `key` consumed, as the [`Receipt`] of its verdict
+    /// records ([`Verdict::take_receipt`]): what an all-or-nothing check over several stores
+    /// ([`AllOf`](crate::AllOf)) does when a later one refuses or the request is dropped.
+    ///
+    /// Exactly what that check took and no more, whatever happened since: a token bucket gets
+    /// back only the part not already refilled by time, a sliding window only from the
+    /// sub-window the check counted in (nothing once it left the window), a sliding log only
+    /// that check's own entry (nothing once it expired); and only to the backend that took it
+    /// (Redis, a lease, the in-process fallback; nothing for an admission nothing counted). A
+    /// receipt issued by another store gives nothing. A store that cannot refund (the default)
+    /// leaves the units spent, which only ever makes it stricter.
+    fn refund(&self, key: &Key, receipt: Receipt) -> BoxFuture<'static, ()> {
+        let _ = (key, receipt);
         Box::pin(std::future::ready(()))
     }
 }
@@ -68,7 +75,7 @@ impl<S: Store> Store for std::sync::Arc<S> {
         (**self).check_now(key, cost)
     }
 
-    fn refund(&self, key: &Key, cost: u64) -> BoxFuture<'static, ()> {
-        (**self).refund(key, cost)
+    fn refund(&self, key: &Key, receipt: Receipt) -> BoxFuture<'static, ()> {
+        (**self).refund(key, receipt)
     }
 }

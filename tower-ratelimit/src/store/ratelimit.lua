@@ -11,7 +11,10 @@
 -- KEYS: one per quota, two for a sliding log (its zset, then its meta hash).
 -- min == max: a check of `min` units, all quotas or none.
 -- min <  max: a lease, taking as many units as available up to max, if at least min.
--- Returns {taken, then per quota: allowed, limit, remaining, reset_after_us, retry_after_us}.
+-- Returns { {taken, then per quota: allowed, limit, remaining, reset_after_us, retry_after_us},
+--           {per quota: its receipt, '' when nothing was taken} }.
+-- A receipt says exactly what the consume took, for refund.lua: a token bucket's TAT right
+-- after it, a window's sub-window index, a log's member.
 
 local EPS = 1e-9
 local function fmt(x) return string.format('%.17g', x) end
@@ -68,7 +71,14 @@ for i = 1, n do
     local head = tonumber(vals[1] or '0') or 0
     local counts = {}
     for s = 0, slots - 1 do counts[s] = tonumber(vals[s + 2] or '0') or 0 end
-    local cur = math.max(math.floor(now / q.a), head)
+    local index = math.floor(now / q.a)
+    -- A newest sub-window over a whole ring ahead of now cannot come from this clock (another
+    -- width, a clock far ahead): start afresh (SlidingWindow::advance).
+    if head > index + slots then
+      head = 0
+      for s = 0, slots - 1 do counts[s] = 0 end
+    end
+    local cur = math.max(index, head)
     local gap = cur - head
     if gap >= slots then
       for s = 0, slots - 1 do counts[s] = 0 end
@@ -184,14 +194,17 @@ local function evaluate(q, cost)
   end
 end
 
+-- Consumes `cost` units; returns the receipt.
 local function consume(q, cost)
-  if cost <= 0 then return end
+  if cost <= 0 then return '' end
   if q.warm then
     local new_tat = q.tat + cost * q.a
     redis.call('SET', q.key, fmt(new_tat) .. ':' .. fmt(q.start), 'PX', ceil_ms(new_tat - now + q.f))
+    return fmt(new_tat)
   elseif q.kind == 'g' then
     local new_tat = q.tat + cost * q.a
     redis.call('SET', q.key, fmt(new_tat), 'PX', ceil_ms(new_tat - now))
+    return fmt(new_tat)
   elseif q.kind == 'w' then
     local slots = q.b
     q.counts[q.cur % slots] = q.counts[q.cur % slots] + cost
@@ -202,12 +215,15 @@ local function consume(q, cost)
     end
     redis.call('HSET', q.key, unpack(args))
     redis.call('PEXPIRE', q.key, ceil_ms((q.cur + slots) * q.a - now))
+    return fmt(q.cur)
   else
     local seq = redis.call('HINCRBY', q.meta, 'seq', 1)
-    redis.call('ZADD', q.key, fmt(now), seq .. ':' .. cost)
+    local member = seq .. ':' .. cost
+    redis.call('ZADD', q.key, fmt(now), member)
     redis.call('HINCRBY', q.meta, 'total', cost)
     redis.call('PEXPIRE', q.key, ceil_ms(q.a))
     redis.call('PEXPIRE', q.meta, ceil_ms(q.a))
+    return member
   end
 end
 
@@ -235,8 +251,10 @@ if not all and n > 1 then
   end
 end
 local taken = 0
+local receipts = {}
+for i = 1, n do receipts[i] = '' end
 if all then
-  for i = 1, n do consume(quotas[i], take) end
+  for i = 1, n do receipts[i] = consume(quotas[i], take) end
   taken = take
 else
   -- Quota::touch: a warm-up ramp starts with the first request, admitted or not.
@@ -257,4 +275,4 @@ for i = 1, n do
   out[#out + 1] = math.ceil(d[4])
   out[#out + 1] = math.ceil(d[5])
 end
-return out
+return { out, receipts }

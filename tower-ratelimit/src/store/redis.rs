@@ -17,6 +17,7 @@ use crate::{
     algorithm::{Decision, QuotaKind},
     clock::{Clock, TokioClock},
     error::CheckError,
+    receipt::{Receipt, RedisTaken, Taken, next_store_id},
     store::{MemoryStore, Store},
 };
 
@@ -68,9 +69,13 @@ pub enum TimeSource {
 
 /// Quota state in Redis, shared by every instance; one atomic script call (EVALSHA) per decision.
 ///
-/// * Keys are `<prefix>{<policy>:<key>}:<quota><kind>`: the hash tag keeps all quotas of a key
-///   in one slot, so multi-quota policies work on Redis Cluster; the algorithm's letter in the
-///   name lets a policy change algorithm under the same name without meeting its old state.
+/// * Keys are `<prefix>{<policy>:<key>}:<quota><kind>[<params>]`: the hash tag keeps all quotas
+///   of a key in one slot, so multi-quota policies work on Redis Cluster; the algorithm's letter
+///   in the name lets a policy change algorithm under the same name without meeting its old
+///   state, and a sliding window's name also carries a short hash of its sub-window width and
+///   count (what its stored sub-window index and ring mean): changing its window or precision
+///   starts it afresh instead of misreading the old state. (A changed limit, a token bucket's
+///   or a log's new parameters read the old state correctly, and keep it.)
 ///   They expire by TTL when idle. A byte key (an API key, a route) appears only as its keyed
 ///   HMAC-SHA-256 (`h:<32 hex digits>`, keyed by [`key_secret`](RedisStoreBuilder::key_secret)),
 ///   so no secret from a request lands in the Redis keyspace; IP keys stay readable (`ip:...`).
@@ -89,6 +94,8 @@ impl<C> Clone for RedisStore<C> {
 }
 
 struct Inner<C> {
+    /// Tells this store's receipts from others'.
+    id: u64,
     policy: Policy,
     con: C,
     prefix: String,
@@ -124,6 +131,18 @@ struct QuotaArgs {
     /// Warm-up only: ramp period (µs), cold factor, idle time (µs); "0" otherwise.
     warm: [String; 3],
     log: bool,
+    /// Appended to the key name after the kind: a sliding window's stored sub-window index and
+    /// ring only mean something for its width and sub-window count, so they name its key (a
+    /// short hash of them); empty for the other kinds, whose state reads alike whatever their
+    /// parameters.
+    tag: String,
+}
+
+/// Eight hex digits of SHA-256 of `params`.
+fn short_hash(params: &str) -> String {
+    use sha2::Digest as _;
+    let digest = sha2::Sha256::digest(params.as_bytes());
+    digest[..4].iter().map(|b| format!("{b:02x}")).collect()
 }
 
 fn micros(ns: u64) -> String {
@@ -147,6 +166,7 @@ impl QuotaArgs {
                     [micros(w.period_nanos()), w.cold_factor().to_string(), micros(w.idle_nanos())]
                 }),
                 log: false,
+                tag: String::new(),
             },
             QuotaKind::Window(w) => Self {
                 kind: "w",
@@ -155,6 +175,7 @@ impl QuotaArgs {
                 c: w.limit().to_string(),
                 warm: no_warm_up(),
                 log: false,
+                tag: short_hash(&format!("w:{}:{}", w.width_nanos(), u64::from(w.precision()) + 1)),
             },
             QuotaKind::Log(l) => Self {
                 kind: "l",
@@ -163,6 +184,7 @@ impl QuotaArgs {
                 c: "0".to_owned(),
                 warm: no_warm_up(),
                 log: true,
+                tag: String::new(),
             },
         }
     }
@@ -399,7 +421,7 @@ impl<C: RedisConnection> RedisStore<C> {
         let mut keys = Vec::new();
         for (i, q) in self.inner.quota_args.iter().enumerate() {
             let mut k = base.clone();
-            k.extend_from_slice(format!(":{i}{}", q.kind).as_bytes());
+            k.extend_from_slice(format!(":{i}{}{}", q.kind, q.tag).as_bytes());
             if q.log {
                 let mut meta = k.clone();
                 meta.extend_from_slice(b"m");
@@ -446,31 +468,42 @@ impl<C: RedisConnection> RedisStore<C> {
         }
         let mut con = inner.con.clone();
         let started = std::time::Instant::now();
-        let reply = tokio::time::timeout(inner.timeout, invocation.invoke_async::<Vec<i64>>(&mut con)).await;
+        let reply =
+            tokio::time::timeout(inner.timeout, invocation.invoke_async::<(Vec<i64>, Vec<String>)>(&mut con)).await;
         inner.latency.record(started.elapsed().as_secs_f64());
-        let values = match reply {
-            Ok(Ok(values)) => values,
+        let (values, receipts) = match reply {
+            Ok(Ok(reply)) => reply,
             Ok(Err(err)) => return Err(CheckError::Unavailable(err.to_string())),
             Err(_) => return Err(CheckError::Unavailable(format!("no answer within {:?}", inner.timeout))),
         };
-        parse_reply(&values, inner.quota_args.len())
-            .ok_or_else(|| CheckError::Unavailable(format!("unexpected script reply {values:?}")))
+        let (taken, verdict) = parse_reply(&values, inner.quota_args.len())
+            .filter(|_| receipts.len() == inner.quota_args.len())
+            .ok_or_else(|| CheckError::Unavailable(format!("unexpected script reply {values:?} {receipts:?}")))?;
+        if taken == 0 {
+            return Ok((taken, verdict));
+        }
+        let receipt = RedisTaken { store: inner.id, units: taken, quotas: receipts.into() };
+        Ok((taken, verdict.with_receipt(Receipt { taken: Taken::Redis(Arc::new(receipt)) })))
     }
 
-    /// Gives back `cost` units of `key` (see [`Store::refund`]). A failure leaves them spent
-    /// (stricter, never looser); it is logged and counted.
-    async fn refund_units(self, key: Key, cost: u64) {
+    /// Gives back in Redis what a script call took (see [`Store::refund`]). A failure leaves
+    /// the units spent (stricter, never looser); it is logged and counted.
+    async fn refund_units(self, key: Key, taken: Arc<RedisTaken>) {
         let inner = &*self.inner;
         if inner.health.pausing() {
             return;
         }
+        let now = match &inner.time {
+            TimeSource::Server => String::new(),
+            TimeSource::Client(clock) => micros(clock.now()),
+        };
         let mut invocation = REFUND.prepare_invoke();
         for k in self.redis_keys(&key) {
             invocation.key(k);
         }
-        invocation.arg(cost).arg(inner.quota_args.len());
-        for q in &inner.quota_args {
-            invocation.arg(q.kind).arg(&q.a).arg(&q.b);
+        invocation.arg(now).arg(taken.units).arg(inner.quota_args.len());
+        for (q, receipt) in inner.quota_args.iter().zip(taken.quotas.iter()) {
+            invocation.arg(q.kind).arg(&q.a).arg(&q.b).arg(receipt);
         }
         let mut con = inner.con.clone();
         match tokio::time::timeout(inner.timeout, invocation.invoke_async::<i64>(&mut con)).await {
@@ -556,8 +589,19 @@ impl<C: RedisConnection> Store for RedisStore<C> {
         self.inner.health.pausing().then(|| self.fallback(key, cost))
     }
 
-    fn refund(&self, key: &Key, cost: u64) -> BoxFuture<'static, ()> {
-        Box::pin(self.clone().refund_units(key.clone(), cost))
+    /// What Redis took goes back to Redis; what the local fallback took (while Redis failed)
+    /// goes back to the fallback; an admission of a fail-open store took nothing.
+    fn refund(&self, key: &Key, receipt: Receipt) -> BoxFuture<'static, ()> {
+        match receipt.taken {
+            Taken::Redis(taken) if taken.store == self.inner.id && taken.units > 0 => {
+                Box::pin(self.clone().refund_units(key.clone(), taken))
+            }
+            Taken::Memory { .. } => {
+                self.inner.fallback.refund_sync(key, &receipt);
+                Box::pin(std::future::ready(()))
+            }
+            _ => Box::pin(std::future::ready(())),
+        }
     }
 }
 
@@ -612,6 +656,7 @@ impl<C: RedisConnection> RedisStoreBuilder<C> {
         let quota_args = self.policy.quotas().iter().map(|q| QuotaArgs::new(q.kind())).collect();
         RedisStore {
             inner: Arc::new(Inner {
+                id: next_store_id(),
                 fallback: MemoryStore::new(self.policy.clone()),
                 policy: self.policy,
                 con: self.con,

@@ -1,61 +1,71 @@
--- Rampart rate limit refund: gives back `cost` units an allowed check of a key took, from every
--- quota (an all-or-nothing check over several limits undoing its part). Never gives back more
--- than there is: a token bucket's TAT moves back by `cost` intervals, a window or a log loses
--- `cost` units from its newest sub-windows or entries.
+-- Rampart rate limit refund: gives back what one allowed check of a key took, from every quota
+-- (an all-or-nothing check over several limits undoing its part), as the receipts ratelimit.lua
+-- returned for it say, and only what of it still counts now (Quota::refund):
+--   * a token bucket's TAT moves back by min(units x interval, receipt_tat - now): the part of
+--     the consume that has not come back by itself (nothing once the receipt's TAT has passed);
+--   * a window loses the units from the sub-window the check counted them in, if it is still in
+--     the counted range (else they have left already);
+--   * a log loses the check's own member, unless it expired (then it is gone already).
 --
--- ARGV: cost, n, then per quota: kind, a, b (as ratelimit.lua: a = interval_us for 'g'/'h',
--- width_us for 'w'; b = slots for 'w')
+-- ARGV: now_us|'', units, n, then per quota: kind, a, b, receipt (as ratelimit.lua: a =
+-- interval_us for 'g'/'h' (the full-rate one), width_us for 'w'; b = slots for 'w')
 -- KEYS: as ratelimit.lua (two for a sliding log: its zset, then its meta hash).
 
 local function fmt(x) return string.format('%.17g', x) end
 
-local cost = tonumber(ARGV[1])
-local n = tonumber(ARGV[2])
+local now
+if ARGV[1] ~= '' then
+  now = tonumber(ARGV[1])
+else
+  local t = redis.call('TIME')
+  now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+end
+local units = tonumber(ARGV[2])
+local n = tonumber(ARGV[3])
 local k = 1
 for i = 1, n do
-  local base = 2 + (i - 1) * 3
-  local kind, a, b = ARGV[base + 1], tonumber(ARGV[base + 2]), tonumber(ARGV[base + 3])
+  local base = 3 + (i - 1) * 4
+  local kind, a, b, receipt = ARGV[base + 1], tonumber(ARGV[base + 2]), tonumber(ARGV[base + 3]), ARGV[base + 4]
   local key = KEYS[k]
   k = k + 1
-  if kind == 'g' then
-    local tat = tonumber(redis.call('GET', key) or '')
-    if tat then redis.call('SET', key, fmt(math.max(0, tat - cost * a)), 'KEEPTTL') end
-  elseif kind == 'h' then
-    local raw = redis.call('GET', key)
-    if raw then
-      local t, s = string.match(raw, '^([^:]+):(.+)$')
-      t = tonumber(t)
-      if t then redis.call('SET', key, fmt(math.max(0, t - cost * a)) .. ':' .. s, 'KEEPTTL') end
+  if kind == 'g' or kind == 'h' then
+    local taken_to = tonumber(receipt)
+    local back = 0
+    if taken_to then back = math.min(units * a, taken_to - now) end
+    if back > 0 then
+      local raw = redis.call('GET', key)
+      if raw and kind == 'g' then
+        local tat = tonumber(raw)
+        if tat then redis.call('SET', key, fmt(math.max(0, tat - back)), 'KEEPTTL') end
+      elseif raw then
+        local t, s = string.match(raw, '^([^:]+):(.+)$')
+        t = tonumber(t)
+        if t then redis.call('SET', key, fmt(math.max(0, t - back)) .. ':' .. s, 'KEEPTTL') end
+      end
     end
   elseif kind == 'w' then
+    local index = tonumber(receipt)
     local head = tonumber(redis.call('HGET', key, 'h') or '')
-    if head then
-      local left = cost
-      for j = 0, b - 1 do
-        if left <= 0 or j > head then break end
-        local slot = tostring((head - j) % b)
-        local count = tonumber(redis.call('HGET', key, slot) or '0') or 0
-        local take = math.min(count, left)
-        if take > 0 then
-          redis.call('HSET', key, slot, fmt(count - take))
-          left = left - take
+    if index and head then
+      local now_index = math.floor(now / a)
+      -- An impossible head (ratelimit.lua resets it on the next check) holds nothing of ours.
+      if head <= now_index + b then
+        local cur = math.max(now_index, head)
+        if index <= head and cur - index < b then
+          local slot = tostring(index % b)
+          local count = tonumber(redis.call('HGET', key, slot) or '0') or 0
+          local take = math.min(count, units)
+          if take > 0 then redis.call('HSET', key, slot, fmt(count - take)) end
         end
       end
     end
   else
     local meta = KEYS[k]
     k = k + 1
-    local left = cost
-    while left > 0 do
-      local newest = redis.call('ZRANGE', key, -1, -1, 'WITHSCORES')
-      if not newest[1] then break end
-      local seq, units = string.match(newest[1], '^(%d+):(%d+)$')
-      units = tonumber(units) or 0
-      local take = math.min(units, left)
-      redis.call('ZREM', key, newest[1])
-      if units > take then redis.call('ZADD', key, newest[2], seq .. ':' .. (units - take)) end
-      redis.call('HINCRBY', meta, 'total', -take)
-      left = left - take
+    -- The member is this check's own (`seq:units`): gone if it expired (and was counted out).
+    if receipt ~= '' and redis.call('ZREM', key, receipt) == 1 then
+      local held = tonumber(string.match(receipt, ':(%d+)$')) or 0
+      redis.call('HINCRBY', meta, 'total', -held)
     end
   end
 end

@@ -82,6 +82,14 @@ impl<V: Idle> ShardedMap<V> {
         f(&inserted.get().1)
     }
 
+    /// Runs `f` on the entry of `key` if there is one.
+    pub(crate) fn get<R>(&self, key: &Key, f: impl FnOnce(&V) -> R) -> Option<R> {
+        let hash = self.hasher.hash_one(key);
+        let shard = &self.shards[(hash >> 40) as usize % self.shards.len()];
+        let read = shard.read().unwrap_or_else(PoisonError::into_inner);
+        read.table.find(hash, |(k, _)| k == key).map(|(_, entry)| f(entry))
+    }
+
     /// Removes the entries of `shard` that `keep` refuses; returns how many.
     fn remove(&self, shard: &mut Shard<V>, mut keep: impl FnMut(&V) -> bool) -> usize {
         let before = shard.table.len();
