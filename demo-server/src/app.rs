@@ -93,7 +93,9 @@ impl App {
             None => (None, None, None),
         };
         let breakers = Arc::new(BreakerRegistry::new("upstream:", config.breaker.clone())?);
-        let grpc_breakers = Arc::new(BreakerRegistry::new("grpc:", config.breaker.clone())?);
+        // Only the methods the server has: a call to any other path must not create a breaker.
+        let grpc_breakers =
+            Arc::new(BreakerRegistry::new("grpc:", config.breaker.clone())?.only(crate::grpc::METHODS.iter().copied()));
         let upstreams = Upstreams::new(
             &config.upstreams,
             breakers.clone(),

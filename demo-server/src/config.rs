@@ -83,6 +83,7 @@ pub(crate) struct Config {
     /// How long in-flight requests may take to finish after SIGINT/SIGTERM.
     pub(crate) shutdown_grace_secs: u64,
     /// Bearer token of the admin routes (env `DEMO_ADMIN_TOKEN`; random and logged if unset).
+    /// An empty token, or a placeholder such as `--print-config`'s `<redacted>`, is an error.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub(crate) admin_token: Option<String>,
     /// Rate limits.
@@ -213,7 +214,7 @@ impl Default for Timeouts {
 pub(crate) struct Server {
     /// Longest time to receive a request head, and to wait for the next one on an idle
     /// keep-alive connection (or for the first bytes of a new one); the connection is closed
-    /// past it.
+    /// past it. An HTTP/2 connection with no request open for as long is closed too (GOAWAY).
     #[serde(with = "humantime_serde")]
     pub(crate) header_read_timeout: Duration,
     /// Most open HTTP connections; past it new ones wait in the listen backlog.
@@ -356,6 +357,18 @@ impl Config {
         ] {
             tower_ratelimit::Policy::from_config(policy).with_context(|| format!("invalid `{key}`"))?;
         }
+        if let Some(token) = &self.admin_token {
+            if token.trim().is_empty() {
+                anyhow::bail!(
+                    "invalid `admin_token`: empty (leave it out for a random token logged at start, or set DEMO_ADMIN_TOKEN)"
+                );
+            }
+            if token.starts_with('<') && token.ends_with('>') {
+                anyhow::bail!(
+                    "invalid `admin_token`: {token:?} is a placeholder (`--print-config` never prints the token): set the real token, or leave it out"
+                );
+            }
+        }
         self.breaker.validate().context("invalid `breaker`")?;
         if self.server.header_read_timeout.is_zero() {
             anyhow::bail!("invalid `server.header_read_timeout`: must be longer than zero");
@@ -413,20 +426,32 @@ impl Config {
     }
 
     /// The configuration as TOML, loadable again with `--config`: every knob, the optional ones
-    /// that are unset commented out with an example value under their table, and secrets (the
-    /// admin token, passwords in Redis URLs) redacted.
+    /// that are unset commented out with an example value under their table, and secrets
+    /// redacted: the admin token is never printed (its line is commented out, so the printed
+    /// file does not make a placeholder the token), nor are passwords in Redis URLs.
     pub(crate) fn to_toml(&self) -> anyhow::Result<String> {
         let mut shown = self.clone();
-        shown.admin_token = shown.admin_token.map(|_| "<redacted>".to_owned());
+        let token_set = shown.admin_token.take().is_some();
         shown.redis_url = shown.redis_url.as_deref().map(redact_url);
         shown.redis_cluster = shown.redis_cluster.iter().map(|u| redact_url(u)).collect();
         shown.lock_nodes = shown.lock_nodes.iter().map(|u| redact_url(u)).collect();
         let doc = toml::to_string(&shown).context("cannot print the configuration")?;
         let set = toml::Value::try_from(&shown).context("cannot print the configuration")?;
-        let all = toml::Value::try_from(shown.with_examples()).context("cannot print the configuration")?;
+        let mut examples = shown.with_examples();
+        if token_set {
+            examples.admin_token = Some("<redacted>".into());
+        }
+        let all = toml::Value::try_from(examples).context("cannot print the configuration")?;
         let mut unset = Vec::new();
         unset_knobs(&all, &set, &mut Vec::new(), &mut unset);
-        Ok(with_commented(doc, &unset))
+        let printed = with_commented(doc, &unset);
+        Ok(if token_set {
+            format!(
+                "# `admin_token` is set but never printed: write the real token there, or use DEMO_ADMIN_TOKEN.\n{printed}"
+            )
+        } else {
+            printed
+        })
     }
 
     /// This configuration with every optional knob that is unset given an example value (what
@@ -463,6 +488,9 @@ fn parse(text: &str) -> anyhow::Result<Config> {
     let deserializer = toml::Deserializer::parse(text).map_err(|err| anyhow::anyhow!("{}", err.to_string().trim()))?;
     serde_path_to_error::deserialize(deserializer).map_err(|err| {
         let path = err.path().to_string();
+        if let Some(located) = locate_in_table(text, err.path(), err.inner().message()) {
+            return located;
+        }
         // toml's own message carries the line, the column and a caret under the value.
         let inner = err.into_inner();
         if path.is_empty() || path == "." {
@@ -473,12 +501,151 @@ fn parse(text: &str) -> anyhow::Result<Config> {
     })
 }
 
-/// `redis://user:secret@host` → `redis://user:<redacted>@host`.
+/// One step of a path into the document.
+enum Step {
+    Key(String),
+    Index(usize),
+}
+
+/// The table at `steps` in `table`.
+fn table_at<'a, 'i>(table: &'a mut toml::de::DeTable<'i>, steps: &[Step]) -> Option<&'a mut toml::de::DeTable<'i>> {
+    use toml::de::DeValue;
+    let Some((Step::Key(key), mut rest)) = steps.split_first() else {
+        return steps.is_empty().then_some(table);
+    };
+    let mut value = table.get_mut(key.as_str())?.get_mut();
+    while let Some((Step::Index(index), after)) = rest.split_first() {
+        let DeValue::Array(array) = value else { return None };
+        value = array.get_mut(*index)?.get_mut();
+        rest = after;
+    }
+    match value {
+        DeValue::Table(inner) => table_at(inner, rest),
+        _ => None,
+    }
+}
+
+/// The message of deserializing `doc` with the table at `steps` cut down to the keys `kept`
+/// (`None`: no error).
+fn error_with(doc: &toml::Spanned<toml::de::DeTable<'_>>, steps: &[Step], kept: &[String]) -> Option<String> {
+    let mut doc = doc.clone();
+    let table = table_at(doc.get_mut(), steps)?;
+    let cut: Vec<String> = table.keys().map(|k| k.get_ref().to_string()).filter(|k| !kept.contains(k)).collect();
+    for key in cut {
+        table.remove(key.as_str());
+    }
+    Config::deserialize(toml::Deserializer::from(doc)).err().map(|err| err.message().to_owned())
+}
+
+/// Which key of the table at `steps` the error `message` is about. Cut down to some of its
+/// keys, the table gives that error again as soon as the key is back: keys are put back one by
+/// one in the file's order, except that a key the table reports missing (its tag, a required
+/// field) goes back first.
+fn culprit(doc: &toml::Spanned<toml::de::DeTable<'_>>, steps: &[Step], message: &str) -> Option<String> {
+    let mut copy = doc.clone();
+    let mut keys: Vec<(usize, String)> =
+        table_at(copy.get_mut(), steps)?.iter().map(|(k, _)| (k.span().start, k.get_ref().to_string())).collect();
+    keys.sort();
+    let keys: Vec<String> = keys.into_iter().map(|(_, k)| k).collect();
+    let mut kept: Vec<String> = Vec::new();
+    loop {
+        let error = error_with(doc, steps, &kept);
+        if error.as_deref() == Some(message) {
+            return kept.last().cloned();
+        }
+        let missing = error
+            .as_deref()
+            .and_then(|m| m.strip_prefix("missing field `"))
+            .and_then(|m| m.split_once('`'))
+            .map(|(key, _)| key)
+            .filter(|key| keys.iter().any(|k| k == key) && !kept.iter().any(|k| k == key));
+        let next = match missing {
+            Some(key) => key.to_owned(),
+            None => keys.iter().find(|k| !kept.contains(k))?.clone(),
+        };
+        kept.push(next);
+    }
+}
+
+/// serde reads an internally tagged table (a quota, `breaker.window`) whole before it picks its
+/// variant, so an error inside it is reported at the table's header, naming neither the key
+/// nor its line. This finds the key ([`culprit`], again inside its value when that is a table)
+/// and reports the error there, as toml would: `at `limits.global.quotas[0].rate`: TOML parse
+/// error at line 5, column 8`, the line with a caret under the value, and the message.
+fn locate_in_table(text: &str, path: &serde_path_to_error::Path, message: &str) -> Option<anyhow::Error> {
+    use serde_path_to_error::Segment;
+    if message.starts_with("missing field") {
+        return None; // names its key already
+    }
+    let mut steps = path
+        .iter()
+        .map(|segment| match segment {
+            Segment::Map { key } => Some(Step::Key(key.clone())),
+            Segment::Seq { index } => Some(Step::Index(*index)),
+            _ => None,
+        })
+        .collect::<Option<Vec<_>>>()?;
+    let doc = toml::de::DeTable::parse(text).ok()?;
+    let mut shown = path.to_string();
+    let mut found = None;
+    while let Some(key) = culprit(&doc, &steps, message) {
+        let mut copy = doc.clone();
+        let table = table_at(copy.get_mut(), &steps)?;
+        let (k, v) = table.get_key_value(key.as_str())?;
+        found = Some((k.span(), v.span()));
+        shown = format!("{shown}.{key}");
+        let nested = v.get_ref().is_table();
+        steps.push(Step::Key(key));
+        if !nested {
+            break;
+        }
+    }
+    let (key_span, value_span) = found?;
+    let line_start = text[..key_span.start].rfind('\n').map_or(0, |i| i + 1);
+    let line_end = text[line_start..].find('\n').map_or(text.len(), |i| line_start + i);
+    let line = text[..key_span.start].matches('\n').count() + 1;
+    let source = text[line_start..line_end].trim_end_matches('\r');
+    // The caret under the value when it is on the key's line (and the key is not the error
+    // itself), else under the key.
+    let span =
+        if value_span.start <= line_end && !message.starts_with("unknown field") { value_span } else { key_span };
+    let column = text[line_start..span.start].chars().count() + 1;
+    let width = text[span.start..span.end.min(line_end)].chars().count().max(1);
+    let gutter = " ".repeat(line.to_string().len());
+    Some(anyhow::anyhow!(
+        "at `{shown}`: TOML parse error at line {line}, column {column}\n{gutter} |\n{line} | {source}\n{gutter} | {}{}\n{message}",
+        " ".repeat(column - 1),
+        "^".repeat(width),
+    ))
+}
+
+/// `redis://user:secret@host` → `redis://user:<redacted>@host`, and the password redis-rs reads
+/// from the query of a Unix-socket URL: `redis+unix:///run/redis.sock?pass=secret` →
+/// `...?pass=<redacted>` (`password=` too).
 fn redact_url(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else { return url.to_owned() };
-    let Some((userinfo, host)) = rest.rsplit_once('@') else { return url.to_owned() };
-    let user = userinfo.split_once(':').map_or(userinfo, |(user, _)| user);
-    format!("{scheme}://{user}:<redacted>@{host}")
+    let url = match url.split_once("://") {
+        Some((scheme, rest)) => match rest.rsplit_once('@') {
+            Some((userinfo, host)) => {
+                let user = userinfo.split_once(':').map_or(userinfo, |(user, _)| user);
+                format!("{scheme}://{user}:<redacted>@{host}")
+            }
+            None => url.to_owned(),
+        },
+        None => url.to_owned(),
+    };
+    let Some((base, query)) = url.split_once('?') else { return url };
+    let (query, fragment) = query.split_once('#').map_or((query, None), |(q, f)| (q, Some(f)));
+    let query: Vec<String> = query
+        .split('&')
+        .map(|pair| match pair.split_once('=') {
+            Some((key, _)) if key.eq_ignore_ascii_case("pass") || key.eq_ignore_ascii_case("password") => {
+                format!("{key}=<redacted>")
+            }
+            _ => pair.to_owned(),
+        })
+        .collect();
+    let fragment = fragment.map(|f| format!("#{f}")).unwrap_or_default();
+    format!("{base}?{}{fragment}", query.join("&"))
 }
 
 /// Collects the knobs `all` has and `set` lacks: (table path, key, value).
@@ -632,6 +799,55 @@ mod tests {
         let cli = Cli::try_parse_from(["demo-server", "worker", "--redis-url", "redis://127.0.0.1:1"]).unwrap();
         assert_eq!(cli.command, Some(Command::Worker));
         assert_eq!(Config::load(&cli).unwrap().redis_url.as_deref(), Some("redis://127.0.0.1:1"));
+    }
+
+    /// Before: `redis+unix://…?pass=` printed its password, `--print-config` wrote
+    /// `admin_token = "<redacted>"` (which then loaded as the token), and `admin_token = ""`
+    /// was taken as the token.
+    #[test]
+    fn socket_passwords_are_redacted_and_placeholder_or_empty_tokens_refused() {
+        for (url, shown) in [
+            ("redis+unix:///tmp/r.sock?db=0&pass=hunter2", "redis+unix:///tmp/r.sock?db=0&pass=<redacted>"),
+            ("unix:///tmp/r.sock?password=a@b#x", "unix:///tmp/r.sock?password=<redacted>#x"),
+            ("redis://u:hunter2@db:6379/0?pass=x", "redis://u:<redacted>@db:6379/0?pass=<redacted>"),
+            ("redis://db:6379", "redis://db:6379"),
+        ] {
+            assert_eq!(redact_url(url), shown);
+        }
+        let config = Config { admin_token: Some("s3cret-token".into()), ..Config::default() };
+        let printed = config.to_toml().unwrap();
+        assert!(printed.contains("\n# admin_token = \"<redacted>\"\n"), "{printed}");
+        assert_eq!(parse(&printed).unwrap().admin_token, None);
+        for token in ["", " ", "<redacted>", "<a long random token>"] {
+            let config = Config { admin_token: Some(token.into()), ..Config::default() };
+            let err = format!("{:#}", config.validate().unwrap_err());
+            assert!(err.contains("`admin_token`"), "{token:?}: {err}");
+        }
+    }
+
+    /// Before: an error inside an internally tagged table (a quota, `breaker.window`) was
+    /// reported at the table's header, naming neither the key nor its line.
+    #[test]
+    fn errors_inside_tagged_tables_name_the_key_and_its_line() {
+        for (text, key, line) in [
+            (
+                "[limits.global]\nname = \"g\"\n[[limits.global.quotas]]\nalgorithm = \"token_bucket\"\nrate = \"fast\"\nperiod = \"1s\"\n",
+                "limits.global.quotas[0].rate",
+                5,
+            ),
+            // The tag after the faulty key.
+            (
+                "[[limits.users.quotas]]\nlimit = 1\nwindow = 5\nalgorithm = \"sliding_window\"\n",
+                "limits.users.quotas[0].window",
+                3,
+            ),
+            ("[breaker.window]\ntype = \"count\"\nsize = \"x\"\n", "breaker.window.size", 3),
+            ("[breaker.window]\ntype = \"cnt\"\nsize = 3\n", "breaker.window.type", 2),
+            ("[breaker.window]\ntype = \"count\"\nsise = 3\n", "breaker.window.sise", 3),
+        ] {
+            let err = format!("{:#}", parse(text).unwrap_err());
+            assert!(err.contains(&format!("`{key}`")) && err.contains(&format!("line {line},")), "{text}\n{err}");
+        }
     }
 
     #[test]

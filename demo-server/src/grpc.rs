@@ -44,7 +44,7 @@ macro_rules! grpc_stack {
                 .key(crate::grpc::NotHealth(tower_ratelimit::GlobalKey))
                 .on_missing_key(tower_ratelimit::MissingKey::Skip);
             let per_method = crate::limits::layer(app, &limits.grpc_method)?
-                .key(crate::grpc::NotHealth(tower_ratelimit::GrpcMethod))
+                .key(crate::grpc::NotHealth(crate::grpc::KnownMethod))
                 .on_missing_key(tower_ratelimit::MissingKey::Skip);
             anyhow::Ok(
                 tower::ServiceBuilder::new()
@@ -100,6 +100,29 @@ pub(crate) async fn serve(listener: TcpListener, app: Arc<App>, shutdown: Cancel
         .serve_with_incoming_shutdown(tonic::transport::server::TcpIncoming::from(listener), shutdown.cancelled_owned())
         .await?;
     Ok(())
+}
+
+/// The methods this server serves. Each has a breaker (`grpc:<method>`) and a per-method limit
+/// of its own; any other path (answered `UNIMPLEMENTED`) shares the breaker `grpc:other` and
+/// meets only the global limit, so calls to made-up methods create no breaker, limit key or
+/// metric series.
+pub(crate) const METHODS: &[&str] = &[
+    "/example.UserService/GetUser",
+    "/grpc.health.v1.Health/Check",
+    "/grpc.health.v1.Health/Watch",
+    "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+    "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+];
+
+/// The method of a call to one of [`METHODS`]; no key for any other path.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct KnownMethod;
+
+impl<B> tower_ratelimit::KeyExtractor<http::Request<B>> for KnownMethod {
+    fn extract(&self, req: &http::Request<B>) -> Option<tower_ratelimit::Key> {
+        let path = req.uri().path();
+        METHODS.contains(&path).then(|| tower_ratelimit::Key::from_bytes(path))
+    }
 }
 
 /// A key extractor that gives no key (so the limit skips the call) to the health service.

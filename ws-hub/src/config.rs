@@ -81,10 +81,11 @@ pub struct HubConfig {
     /// Protocol violations (rate limit, subscription flood) tolerated before closing with 1008
     /// (default 20).
     pub max_violations: u32,
-    /// Allowed `Origin` values of browser upgrades. Empty (the default): same origin only —
-    /// the `Origin` header's host must be the request's `Host` — so a page on another site
-    /// cannot connect with its visitors' credentials (cross-site WebSocket hijacking). `"*"`:
-    /// any origin. Requests without `Origin` (non-browser clients) are always allowed.
+    /// `Origin` values of browser upgrades allowed besides the same origin. The same origin —
+    /// the `Origin` header's host is the request's `Host` — is always allowed; any other only
+    /// when listed (empty, the default: none), so a page on another site cannot connect with
+    /// its visitors' credentials (cross-site WebSocket hijacking). `"*"`: any origin. Requests
+    /// without `Origin` (non-browser clients) are always allowed.
     pub allowed_origins: Vec<String>,
     /// Connections at once (default 100,000).
     pub max_connections: usize,

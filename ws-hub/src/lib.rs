@@ -49,8 +49,8 @@
 //! under the disconnect policy, or a write that takes longer than `write_timeout` → 1008. Every
 //! frame, binary ones too, counts against the message rate. Publishing does not require
 //! subscribing; a subscribed sender receives its own message. Presence needs the permission to
-//! subscribe. Browser upgrades are accepted from the same origin only unless `allowed_origins`
-//! lists others (or `"*"`).
+//! subscribe. Browser upgrades are accepted from the same origin, and from the origins
+//! `allowed_origins` lists besides it (or any, with `"*"`).
 //!
 //! # Metrics
 //!

@@ -90,16 +90,13 @@ pub async fn upgrade(
         .on_upgrade(move |socket| connection(hub, socket, user))
 }
 
-/// Same origin unless listed: the `Origin`'s host (and port) must be the request's `Host`;
-/// `"*"` allows any; no `Origin` (not a browser) is allowed.
+/// The same origin (the `Origin`'s host and port are the request's `Host`), plus any listed
+/// one; `"*"` allows any; no `Origin` (not a browser) is allowed.
 fn origin_allowed(allowed: &[String], headers: &HeaderMap) -> bool {
     let Some(origin) = headers.get(ORIGIN) else { return true };
     let Ok(origin) = origin.to_str() else { return false };
     if allowed.iter().any(|a| a == "*" || a == origin) {
         return true;
-    }
-    if !allowed.is_empty() {
-        return false;
     }
     let host = headers.get(http::header::HOST).and_then(|h| h.to_str().ok());
     let origin_host = origin.split_once("://").map(|(_, rest)| rest.trim_end_matches('/'));

@@ -140,4 +140,12 @@ async fn only_the_same_origin_may_connect_unless_configured() {
     let mut request = format!("ws://{addr}/ws?user_id=u").into_client_request().unwrap();
     request.headers_mut().insert("origin", "https://app.example".parse().unwrap());
     assert!(connect_async(request).await.is_ok(), "listed origin");
+    // The list adds to the same origin, it does not replace it.
+    let with_origin = |origin: &str| {
+        let mut request = format!("ws://{addr}/ws?user_id=u").into_client_request().unwrap();
+        request.headers_mut().insert("origin", origin.parse().unwrap());
+        request
+    };
+    assert!(connect_async(with_origin(&format!("http://{addr}"))).await.is_ok(), "same origin, with a list");
+    assert!(connect_async(with_origin("https://evil.example")).await.is_err(), "unlisted origin, with a list");
 }

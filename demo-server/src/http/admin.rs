@@ -18,15 +18,21 @@ use super::{
 };
 use crate::{app::App, upstreams::Behaviour};
 
-/// Whether `given` is the admin token, compared in constant time.
+/// Whether `given` is the admin token, compared in constant time (an empty token is never one).
 pub(crate) fn is_admin_token(app: &App, given: &str) -> bool {
-    let expected = app.admin_token.as_bytes();
-    given.len() == expected.len() && given.bytes().zip(expected).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
+    crate::dashboard::same_token(given, &app.admin_token)
+}
+
+/// The token of an `Authorization: Bearer <token>` header; the scheme is case-insensitive
+/// (RFC 9110 §11.1).
+fn bearer_token(value: &str) -> Option<&str> {
+    let (scheme, token) = value.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim_start_matches(' '))
 }
 
 pub(crate) async fn require_admin(State(app): State<Arc<App>>, request: Request, next: Next) -> Response {
     let given = request.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok());
-    let ok = given.and_then(|g| g.strip_prefix("Bearer ")).is_some_and(|token| is_admin_token(&app, token));
+    let ok = given.and_then(bearer_token).is_some_and(|token| is_admin_token(&app, token));
     if ok { next.run(request).await } else { ApiError::Unauthorized.into_response() }
 }
 

@@ -2,11 +2,12 @@
 //! against slow clients.
 //!
 //! Read top to bottom, a request meets: request id + trace → timeout → (API routes) CPU shedding
-//! (if configured) → per-client limits (on `/users/{id}`) → the global limit → the route: the
-//! inventory lock, or an upstream's own stack (circuit breaker → adaptive limit → timeout) →
-//! handler. Per-client limits sit outside the global one, so a request refused for its client
-//! spends nothing of the global quota (one client cannot drain it). `/healthz`, `/readyz` and
-//! `/metrics` are outside the limits and the shedder: a flood never fails a probe or a scrape.
+//! (if configured) → the global limit (on `/users/{id}`: the per-client limit and the global one
+//! decided together, an `AllOf`) → the route: the inventory lock, or an upstream's own stack
+//! (circuit breaker → adaptive limit → timeout) → handler. On `/users/{id}` a request refused by
+//! either limit spends nothing of the other: one client cannot drain the global quota, and a
+//! global refusal does not use up the client's own. `/healthz`, `/readyz` and `/metrics` are
+//! outside the limits and the shedder: a flood never fails a probe or a scrape.
 
 pub(crate) mod admin;
 pub(crate) mod error;
@@ -25,17 +26,17 @@ use axum::{
 };
 use hyper_util::{
     rt::{TokioExecutor, TokioIo, TokioTimer},
-    server::{conn::auto, graceful::GracefulShutdown},
+    server::conn::auto,
 };
 use tokio::{net::TcpListener, sync::Semaphore};
-use tokio_util::sync::CancellationToken;
+use tokio_util::{sync::CancellationToken, task::TaskTracker};
 use tower::{ServiceBuilder, ServiceExt};
 use tower_http::{
     LatencyUnit,
     request_id::{MakeRequestId, PropagateRequestIdLayer, RequestId, SetRequestIdLayer},
-    trace::{DefaultMakeSpan, DefaultOnFailure, DefaultOnResponse, TraceLayer},
+    trace::{DefaultOnFailure, DefaultOnResponse, MakeSpan, TraceLayer},
 };
-use tower_ratelimit::{ClientIp, GlobalKey, Key, KeyExtractor, MatchedRoute, PeerIp, adaptive::OverloadLayer};
+use tower_ratelimit::{AllOf, ClientIp, GlobalKey, Key, KeyExtractor, MatchedRoute, PeerIp, adaptive::OverloadLayer};
 use tower_redlock::{LockLayer, keys::PathParam};
 use tracing::Level;
 
@@ -53,6 +54,23 @@ impl MakeRequestId for RandomRequestId {
         let mut buf = [0u8; uuid::fmt::Hyphenated::LENGTH];
         let text = uuid.hyphenated().encode_lower(&mut buf);
         HeaderValue::from_str(text).ok().map(RequestId::new)
+    }
+}
+
+/// The access log's span, at info: method, path and version. The path only, not the query: a
+/// query may carry a secret (the dashboard opens `/ws?admin_token=<token>`), and tower-http's
+/// `DefaultMakeSpan` would log the whole URI.
+#[derive(Clone, Copy, Debug)]
+struct AccessSpan;
+
+impl<B> MakeSpan<B> for AccessSpan {
+    fn make_span(&mut self, request: &http::Request<B>) -> tracing::Span {
+        tracing::info_span!(
+            "request",
+            method = %request.method(),
+            path = %request.uri().path(),
+            version = ?request.version(),
+        )
     }
 }
 
@@ -96,9 +114,10 @@ pub(crate) fn router(app: Arc<App>) -> anyhow::Result<Router> {
         .route("/tasks/dead/requeue", post(requeue_dead_tasks))
         .route_layer(middleware::from_fn_with_state(app.clone(), require_admin));
 
-    // The global limit inside, the per-client one outside (MethodRouter layers wrap what is
-    // there: the last one is the outermost).
-    let users = get(get_user).route_layer(global.clone()).route_layer(per_client).route_layer(shed.clone());
+    // The per-client and the global limit as one decision: all consume or none does (a refusal
+    // by either gives back what the other took).
+    let users_limits = AllOf::new().with(per_client).with(global.clone());
+    let users = get(get_user).route_layer(users_limits).route_layer(shed.clone());
     let limited = Router::new()
         .route("/inventory/{sku}", put(put_stock).get(get_stock))
         .route("/inventory/{sku}/reserve", post(reserve).route_layer(reserve_lock))
@@ -130,7 +149,7 @@ pub(crate) fn router(app: Arc<App>) -> anyhow::Result<Router> {
             // make on purpose (429, 503 circuit_open) are not errors: debug.
             .layer(
                 TraceLayer::new_for_http()
-                    .make_span_with(DefaultMakeSpan::new().level(Level::INFO))
+                    .make_span_with(AccessSpan)
                     .on_response(DefaultOnResponse::new().level(Level::INFO).latency_unit(LatencyUnit::Micros))
                     .on_failure(DefaultOnFailure::new().level(Level::DEBUG)),
             )
@@ -143,13 +162,14 @@ pub(crate) fn router(app: Arc<App>) -> anyhow::Result<Router> {
 /// Serves until `shutdown` fires, then lets in-flight requests finish (the caller bounds how
 /// long). hyper directly rather than `axum::serve`, for the limits `axum::serve` hides: a request
 /// head must arrive within `server.header_read_timeout` (so must the first bytes of a new
-/// connection, and the next request on an idle keep-alive one), and at most
-/// `server.max_connections` are open at once.
+/// connection, and the next request on an idle keep-alive one), an HTTP/2 connection with no
+/// request open for as long is closed (GOAWAY), and at most `server.max_connections` are open
+/// at once.
 pub(crate) async fn serve(listener: TcpListener, app: Arc<App>, shutdown: CancellationToken) -> anyhow::Result<()> {
     let router = router(app.clone())?;
     let limits = app.config.server.clone();
     let slots = Arc::new(Semaphore::new(limits.max_connections));
-    let graceful = GracefulShutdown::new();
+    let connections = TaskTracker::new();
     loop {
         let slot = tokio::select! {
             slot = slots.clone().acquire_owned() => slot?,
@@ -169,30 +189,139 @@ pub(crate) async fn serve(listener: TcpListener, app: Arc<App>, shutdown: Cancel
         };
         let _ = stream.set_nodelay(true);
         let router = router.clone();
-        let service = hyper::service::service_fn(move |mut request: hyper::Request<hyper::body::Incoming>| {
-            request.extensions_mut().insert(ConnectInfo::<SocketAddr>(peer));
-            router.clone().oneshot(request.map(axum::body::Body::new))
-        });
-        let watcher = graceful.watcher();
+        let shutdown = shutdown.clone();
         let timeout = limits.header_read_timeout;
-        tokio::spawn(async move {
+        connections.spawn(async move {
             // A connection that sends nothing would hold its slot for ever: hyper only times the
             // head once it has read the first bytes (to tell HTTP/1 from HTTP/2).
-            let mut first = [0u8; 1];
-            if !matches!(tokio::time::timeout(timeout, stream.peek(&mut first)).await, Ok(Ok(1..))) {
-                return;
-            }
+            let mut first = [0u8; H2_PREFACE.len()];
+            let read = match tokio::time::timeout(timeout, stream.peek(&mut first)).await {
+                Ok(Ok(read @ 1..)) => read,
+                _ => return,
+            };
+            // Open requests are counted on HTTP/2 connections only (see `idle` below).
+            let in_flight = H2_PREFACE.starts_with(&first[..read]).then(InFlight::default);
+            let service = {
+                let in_flight = in_flight.clone();
+                hyper::service::service_fn(move |mut request: hyper::Request<hyper::body::Incoming>| {
+                    request.extensions_mut().insert(ConnectInfo::<SocketAddr>(peer));
+                    let guard = in_flight.as_ref().map(InFlight::start);
+                    let response = router.clone().oneshot(request.map(axum::body::Body::new));
+                    async move {
+                        let response = response.await?;
+                        Ok::<_, std::convert::Infallible>(match guard {
+                            Some(guard) => response.map(|body| guard.hold(body)),
+                            None => response,
+                        })
+                    }
+                })
+            };
             let mut builder = auto::Builder::new(TokioExecutor::new());
             builder.http1().timer(TokioTimer::new()).header_read_timeout(timeout);
             builder.http2().timer(TokioTimer::new()).keep_alive_interval(timeout).keep_alive_timeout(timeout);
-            let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service).into_owned();
-            if let Err(error) = watcher.watch(connection).await {
+            let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+            tokio::pin!(connection);
+            // hyper closes an idle HTTP/1 connection itself (`header_read_timeout`), but not an
+            // HTTP/2 one: its keep-alive pings only find dead peers, so a client that opens one
+            // and sends nothing else would hold its slot for ever. With no request open for
+            // `timeout`, it gets a GOAWAY, and is dropped if it does not close within `timeout`.
+            let idle = async {
+                match &in_flight {
+                    Some(in_flight) => in_flight.idle_for(timeout).await,
+                    None => std::future::pending().await,
+                }
+            };
+            let result = tokio::select! {
+                result = connection.as_mut() => result,
+                () = shutdown.cancelled() => {
+                    connection.as_mut().graceful_shutdown();
+                    connection.await
+                }
+                () = idle => {
+                    connection.as_mut().graceful_shutdown();
+                    tokio::time::timeout(timeout, connection).await.unwrap_or(Ok(()))
+                }
+            };
+            if let Err(error) = result {
                 tracing::debug!(%error, %peer, "connection ended with an error");
             }
             drop(slot);
         });
     }
     drop(listener);
-    graceful.shutdown().await;
+    connections.close();
+    connections.wait().await;
     Ok(())
+}
+
+/// What an HTTP/2 client sends first (RFC 9113 §3.4).
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+/// How many requests are open on one connection: from the call until the response body is
+/// sent (or dropped).
+#[derive(Clone, Default)]
+struct InFlight(Arc<tokio::sync::watch::Sender<usize>>);
+
+impl InFlight {
+    fn start(&self) -> InFlightGuard {
+        self.0.send_modify(|n| *n += 1);
+        InFlightGuard(self.0.clone())
+    }
+
+    /// Resolves once no request has been open for `timeout`.
+    async fn idle_for(&self, timeout: Duration) {
+        let mut open = self.0.subscribe();
+        loop {
+            if open.wait_for(|n| *n == 0).await.is_err() {
+                return std::future::pending().await;
+            }
+            match tokio::time::timeout(timeout, open.changed()).await {
+                Err(_) => return,
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => return std::future::pending().await,
+            }
+        }
+    }
+}
+
+/// One open request; dropped with its response body.
+struct InFlightGuard(Arc<tokio::sync::watch::Sender<usize>>);
+
+impl InFlightGuard {
+    /// The response body, holding the request open until it is dropped.
+    fn hold(self, body: axum::body::Body) -> axum::body::Body {
+        axum::body::Body::new(Held { body, _guard: self })
+    }
+}
+
+impl Drop for InFlightGuard {
+    fn drop(&mut self) {
+        self.0.send_modify(|n| *n = n.saturating_sub(1));
+    }
+}
+
+/// A response body with its [`InFlightGuard`].
+struct Held {
+    body: axum::body::Body,
+    _guard: InFlightGuard,
+}
+
+impl axum::body::HttpBody for Held {
+    type Data = axum::body::Bytes;
+    type Error = axum::Error;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Self::Data>, Self::Error>>> {
+        std::pin::Pin::new(&mut self.get_mut().body).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
+    }
 }
