@@ -19,18 +19,18 @@ use std::{
     net::SocketAddr,
     path::PathBuf,
     process::{Child, Command, Stdio},
-    sync::{Arc, Mutex},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
-use benches::{Row, Scenario, median, record};
-use bytes::Bytes;
-use http_body_util::{BodyExt, Empty};
-use hyper_util::rt::TokioIo;
-use proto::{GetUserRequest, user_service_client::UserServiceClient};
+use benches::{
+    Row, Scenario,
+    load::{Load, Window, grpc_load, http_load, medians},
+    record,
+};
 
 const WARMUP: Duration = Duration::from_secs(1);
 const MEASURE: Duration = Duration::from_secs(4);
+const WINDOW: Window = Window { warmup: WARMUP, measure: MEASURE };
 const ROUNDS: usize = 3;
 const HTTP_CONNECTIONS: usize = 64;
 const GRPC_CALLS: usize = 100;
@@ -134,115 +134,6 @@ fn demo(config: &str) -> Server {
     Server { child, http, grpc, _dir: Some(dir) }
 }
 
-/// What one load run measured.
-#[derive(Default, Clone)]
-struct Load {
-    per_second: f64,
-    p50_ms: f64,
-    p99_ms: f64,
-    /// Answers with the status the run expected (200 / OK, or 429 / RESOURCE_EXHAUSTED).
-    expected: u64,
-    other: u64,
-}
-
-fn summarize(samples: Vec<(u32, bool)>) -> Load {
-    let expected = samples.iter().filter(|s| s.1).count() as u64;
-    let other = samples.len() as u64 - expected;
-    let mut latencies: Vec<u32> = samples.into_iter().map(|s| s.0).collect();
-    latencies.sort_unstable();
-    let pct = |q: f64| {
-        if latencies.is_empty() {
-            0.0
-        } else {
-            f64::from(latencies[((latencies.len() - 1) as f64 * q).round() as usize]) / 1000.0
-        }
-    };
-    Load {
-        per_second: (expected + other) as f64 / MEASURE.as_secs_f64(),
-        p50_ms: pct(0.5),
-        p99_ms: pct(0.99),
-        expected,
-        other,
-    }
-}
-
-/// `connections` closed-loop HTTP/1.1 clients on `path` for WARMUP + MEASURE.
-async fn http_load(addr: SocketAddr, path: &'static str, connections: usize, expect: u16) -> Load {
-    let samples = Arc::new(Mutex::new(Vec::new()));
-    let start = Instant::now();
-    let tasks: Vec<_> = (0..connections)
-        .map(|_| {
-            let samples = samples.clone();
-            tokio::spawn(async move {
-                let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-                stream.set_nodelay(true).unwrap();
-                let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.unwrap();
-                tokio::spawn(conn);
-                let mut mine = Vec::with_capacity(100_000);
-                loop {
-                    let request =
-                        http::Request::get(path).header("host", "127.0.0.1").body(Empty::<Bytes>::new()).unwrap();
-                    let t = Instant::now();
-                    let response = sender.send_request(request).await.unwrap();
-                    let ok = response.status().as_u16() == expect;
-                    response.into_body().collect().await.unwrap();
-                    let elapsed = start.elapsed();
-                    if elapsed >= WARMUP + MEASURE {
-                        break;
-                    }
-                    if elapsed >= WARMUP {
-                        mine.push((t.elapsed().as_micros() as u32, ok));
-                    }
-                }
-                samples.lock().unwrap().extend(mine);
-            })
-        })
-        .collect();
-    for t in tasks {
-        t.await.unwrap();
-    }
-    summarize(std::mem::take(&mut *samples.lock().unwrap()))
-}
-
-/// `calls` concurrent closed-loop GetUser callers spread over `connections` HTTP/2 connections.
-async fn grpc_load(addr: SocketAddr, connections: usize, calls: usize, expect: tonic::Code) -> Load {
-    let mut channels = Vec::new();
-    for _ in 0..connections {
-        let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}")).unwrap().tcp_nodelay(true);
-        channels.push(endpoint.connect().await.unwrap());
-    }
-    let samples = Arc::new(Mutex::new(Vec::new()));
-    let start = Instant::now();
-    let tasks: Vec<_> = (0..calls)
-        .map(|i| {
-            let (samples, channel) = (samples.clone(), channels[i % connections].clone());
-            tokio::spawn(async move {
-                let mut client = UserServiceClient::new(channel);
-                let mut mine = Vec::with_capacity(100_000);
-                loop {
-                    let t = Instant::now();
-                    let code = match client.get_user(GetUserRequest { user_id: 1 }).await {
-                        Ok(_) => tonic::Code::Ok,
-                        Err(status) => status.code(),
-                    };
-                    let elapsed = start.elapsed();
-                    if elapsed >= WARMUP + MEASURE {
-                        break;
-                    }
-                    if elapsed >= WARMUP {
-                        mine.push((t.elapsed().as_micros() as u32, code == expect));
-                    }
-                }
-                samples.lock().unwrap().extend(mine);
-            })
-        })
-        .collect();
-    for t in tasks {
-        t.await.unwrap();
-    }
-    summarize(std::mem::take(&mut *samples.lock().unwrap()))
-}
-
 /// One workload: how to load a server.
 #[derive(Clone, Copy)]
 enum Workload {
@@ -252,20 +143,8 @@ enum Workload {
 
 async fn load(server: &Server, workload: Workload) -> Load {
     match workload {
-        Workload::Http(path, expect) => http_load(server.http, path, HTTP_CONNECTIONS, expect).await,
-        Workload::Grpc(connections, expect) => grpc_load(server.grpc, connections, GRPC_CALLS, expect).await,
-    }
-}
-
-/// Medians over rounds of each field.
-fn medians(runs: &[Load]) -> Load {
-    let m = |f: fn(&Load) -> f64| median(&mut runs.iter().map(f).collect::<Vec<_>>());
-    Load {
-        per_second: m(|l| l.per_second),
-        p50_ms: m(|l| l.p50_ms),
-        p99_ms: m(|l| l.p99_ms),
-        expected: runs.iter().map(|l| l.expected).sum(),
-        other: runs.iter().map(|l| l.other).sum(),
+        Workload::Http(path, expect) => http_load(server.http, path, HTTP_CONNECTIONS, expect, WINDOW).await,
+        Workload::Grpc(connections, expect) => grpc_load(server.grpc, connections, GRPC_CALLS, expect, WINDOW).await,
     }
 }
 

@@ -6,6 +6,7 @@
 //! file per scenario under `target/rampart-bench/`.
 
 pub mod chart;
+pub mod load;
 
 use std::path::PathBuf;
 

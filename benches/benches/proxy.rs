@@ -1,0 +1,312 @@
+//! Rampart's reverse proxy against nginx and HAProxy, in one run on one machine, same upstream,
+//! alternating rounds: direct to the upstream; Rampart `Proxy` alone; Rampart `Gateway` route
+//! with a per-IP limit and the upstream's breaker; nginx (`proxy_pass`, keepalive upstream, 2
+//! workers); nginx + `limit_req`; HAProxy (2 threads). Then gRPC unary through Rampart vs nginx
+//! `grpc_pass`. Each server is its own process; the closed-loop load comes from this process.
+//! Loopback only, bounded in time (about 2.5 minutes).
+//!
+//! Needs nginx and haproxy on the PATH (scripts/bench installs them with apt when missing).
+
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+use std::{
+    io::{BufRead, BufReader},
+    net::{SocketAddr, TcpListener, TcpStream},
+    path::Path,
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use benches::{
+    Row, Scenario,
+    load::{Load, Window, grpc_load, http_load, medians},
+    record,
+};
+
+const WINDOW: Window = Window { warmup: Duration::from_secs(1), measure: Duration::from_secs(4) };
+const ROUNDS: usize = 3;
+const CONNECTIONS: usize = 64;
+const GRPC_CONNECTIONS: usize = 8;
+const GRPC_CALLS: usize = 100;
+const PATH: &str = "/users/1";
+
+/// A server process, killed when dropped.
+struct Proc {
+    child: Child,
+    _dir: Option<tempfile::TempDir>,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn first_line(child: &mut Child) -> String {
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    line
+}
+
+fn field(line: &str, name: &str) -> SocketAddr {
+    let start = line.find(&format!("{name}=")).unwrap() + name.len() + 1;
+    line[start..].split_whitespace().next().unwrap().parse().unwrap()
+}
+
+/// The upstream: the gateway benchmark's bare axum + tonic server. Returns (http, grpc).
+fn upstream() -> (Proc, SocketAddr, SocketAddr) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_bare_server")).stdout(Stdio::piped()).spawn().unwrap();
+    let line = first_line(&mut child);
+    (Proc { child, _dir: None }, field(&line, "http"), field(&line, "grpc"))
+}
+
+fn rampart(args: &[&str]) -> (Proc, SocketAddr) {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_proxy_server"))
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let line = first_line(&mut child);
+    (Proc { child, _dir: None }, field(&line, "http"))
+}
+
+fn free_port() -> SocketAddr {
+    TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap()
+}
+
+fn wait_listening(addr: SocketAddr) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while TcpStream::connect(addr).is_err() {
+        assert!(Instant::now() < deadline, "nothing listens on {addr}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// nginx with three servers: plain `proxy_pass`, the same with `limit_req` per IP, `grpc_pass`.
+fn nginx(upstream: SocketAddr, grpc: SocketAddr) -> (Proc, [SocketAddr; 3]) {
+    let dir = tempfile::tempdir().unwrap();
+    let ports = [free_port(), free_port(), free_port()];
+    let d = dir.path().display();
+    let conf = format!(
+        r#"
+worker_processes 2;
+pid {d}/nginx.pid;
+error_log {d}/error.log warn;
+daemon off;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    keepalive_requests 10000000;
+    keepalive_timeout 300s;
+    http2_max_requests 10000000;
+    client_body_temp_path {d}/body;
+    proxy_temp_path {d}/proxy;
+    limit_req_zone $binary_remote_addr zone=perip:1m rate=1000000r/s;
+    upstream up {{ server {upstream}; keepalive 128; keepalive_requests 10000000; }}
+    upstream grpcup {{ server {grpc}; keepalive 64; keepalive_requests 10000000; }}
+    server {{
+        listen {p0};
+        location / {{ proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection ""; }}
+    }}
+    server {{
+        listen {p1};
+        location / {{
+            limit_req zone=perip burst=1000000 nodelay;
+            proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection "";
+        }}
+    }}
+    server {{
+        listen {p2} http2;
+        location / {{ grpc_pass grpc://grpcup; }}
+    }}
+}}
+"#,
+        p0 = ports[0],
+        p1 = ports[1],
+        p2 = ports[2],
+    );
+    let path = dir.path().join("nginx.conf");
+    std::fs::write(&path, conf).unwrap();
+    let child = Command::new("nginx").args(["-p", &d.to_string(), "-c", path.to_str().unwrap()]).spawn().unwrap();
+    for port in ports {
+        wait_listening(port);
+    }
+    (Proc { child, _dir: Some(dir) }, ports)
+}
+
+fn haproxy(upstream: SocketAddr) -> (Proc, SocketAddr) {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let cfg = format!(
+        r#"
+global
+    nbthread 2
+    maxconn 8000
+defaults
+    mode http
+    timeout connect 5s
+    timeout client 30s
+    timeout server 30s
+    option http-keep-alive
+    http-reuse always
+frontend fe
+    bind {port}
+    default_backend be
+backend be
+    server s1 {upstream} maxconn 1000
+"#
+    );
+    let path = dir.path().join("haproxy.cfg");
+    std::fs::write(&path, cfg).unwrap();
+    let child = Command::new("haproxy").args(["-db", "-f", path.to_str().unwrap()]).spawn().unwrap();
+    wait_listening(port);
+    (Proc { child, _dir: Some(dir) }, port)
+}
+
+fn gateway_config(dir: &Path, upstream: SocketAddr) -> String {
+    let config = format!(
+        r#"
+[[upstreams]]
+name = "bench"
+endpoints = ["http://{upstream}"]
+
+[[routes]]
+name = "all"
+path_prefix = "/"
+upstream = "bench"
+limits = [ {{ name = "per-ip", key = "client_ip", quotas = [ {{ algorithm = "token_bucket", rate = 100000000, period = "1s" }} ] }} ]
+"#
+    );
+    let path = dir.join("gateway.toml");
+    std::fs::write(&path, config).unwrap();
+    path.to_str().unwrap().to_owned()
+}
+
+fn installed(tool: &str) -> bool {
+    Command::new(tool).arg("-v").stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok_and(|s| s.success())
+}
+
+fn main() {
+    assert!(installed("nginx") && installed("haproxy"), "nginx and haproxy must be installed (scripts/bench does it)");
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    runtime.block_on(async {
+        let (_upstream, http, grpc) = upstream();
+        let dir = tempfile::tempdir().unwrap();
+        let (_proxy, proxy) = rampart(&["proxy", &format!("http://{http}")]);
+        let (_gateway, gateway) = rampart(&["gateway", &gateway_config(dir.path(), http)]);
+        let (_grpc_proxy, grpc_proxy) = rampart(&["proxy", &format!("http://{grpc}"), "h2c"]);
+        let (_nginx, [nginx, nginx_limited, nginx_grpc]) = nginx(http, grpc);
+        let (_haproxy, haproxy) = haproxy(http);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+
+        let targets: [(&str, SocketAddr); 6] = [
+            ("direct to the upstream", http),
+            ("Rampart Proxy", proxy),
+            ("Rampart Gateway route: per-IP limit + breaker", gateway),
+            ("nginx proxy_pass", nginx),
+            ("nginx proxy_pass + limit_req", nginx_limited),
+            ("HAProxy", haproxy),
+        ];
+        let mut runs: Vec<Vec<Load>> = vec![Vec::new(); targets.len()];
+        for _ in 0..ROUNDS {
+            for ((_, addr), runs) in targets.iter().zip(runs.iter_mut()) {
+                runs.push(http_load(*addr, PATH, CONNECTIONS, 200, WINDOW).await);
+            }
+        }
+        let loads: Vec<Load> = runs.iter().map(|r| medians(r)).collect();
+        let mut rows = Vec::new();
+        for (metric, unit, value) in [
+            ("throughput", "req/s", (|l: &Load| l.per_second) as fn(&Load) -> f64),
+            ("p50", "ms", |l: &Load| l.p50_ms),
+            ("p99", "ms", |l: &Load| l.p99_ms),
+        ] {
+            let base = format!("{} {metric}", targets[0].0);
+            for ((name, _), load) in targets.iter().zip(&loads) {
+                rows.push(Row::new(format!("{name} {metric}"), value(load), unit).against(&base));
+            }
+        }
+        let by = |i: usize| &loads[i];
+        let verdict = |ok: bool| if ok { "met" } else { "NOT met" };
+        let (proxy_vs_haproxy, gateway_vs_nginx) =
+            (by(1).per_second / by(5).per_second, by(2).per_second / by(4).per_second);
+        let (p99_proxy, p99_gateway) = (by(1).p99_ms / by(5).p99_ms, by(2).p99_ms / by(4).p99_ms);
+        let unexpected: Vec<String> = loads.iter().map(|l| l.other.to_string()).collect();
+        let notes = vec![
+            format!(
+                "Median of {ROUNDS} alternating rounds of {:?} after {:?} warm-up, {CONNECTIONS} closed-loop HTTP/1.1 keep-alive connections from the benchmark process; `GET {PATH}` answered by the same upstream (plain axum) for every row. Client, proxy and upstream share the 2 cores.",
+                WINDOW.measure, WINDOW.warmup
+            ),
+            format!(
+                "Rampart Proxy vs HAProxy: {:.2}x the req/s (goal >= 1.0: {}), p99 {:.2}x (goal <= 1.0: {}).",
+                proxy_vs_haproxy,
+                verdict(proxy_vs_haproxy >= 1.0),
+                p99_proxy,
+                verdict(p99_proxy <= 1.0)
+            ),
+            format!(
+                "Rampart with per-IP limit + breaker vs nginx + limit_req: {:.2}x the req/s (goal >= 1.0: {}), p99 {:.2}x (goal <= 1.0: {}).",
+                gateway_vs_nginx,
+                verdict(gateway_vs_nginx >= 1.0),
+                p99_gateway,
+                verdict(p99_gateway <= 1.0)
+            ),
+            "Settings: Rampart on axum's server with tokio's default multi-thread runtime (2 workers), pooled hyper client, p2c balancing over one endpoint, request id generated, X-Forwarded-* set; the Gateway row adds the route table, a per-IP token bucket (in-process), the upstream's circuit breaker and the endpoint's ejection breaker. nginx 1.22: 2 workers, `keepalive 128` upstream, keep-alive requests unbounded both ways, access log off; `limit_req` per $binary_remote_addr at 1M r/s with a burst of 1M, nodelay. HAProxy 2.6: `nbthread 2`, `http-reuse always`, no logging.".into(),
+            format!("Unexpected answers per row: {}.", unexpected.join(" / ")),
+        ];
+        record(
+            "proxy_1_http",
+            &Scenario {
+                title: "Reverse proxy: Rampart vs nginx vs HAProxy (HTTP/1.1, 64 connections)".into(),
+                command: "cargo bench -p benches --bench proxy".into(),
+                rows,
+                notes,
+                series: Vec::new(),
+            },
+        )
+        .unwrap();
+
+        let grpc_targets = [("direct to the upstream", grpc), ("Rampart Proxy (h2c)", grpc_proxy), ("nginx grpc_pass", nginx_grpc)];
+        let mut runs: Vec<Vec<Load>> = vec![Vec::new(); grpc_targets.len()];
+        for _ in 0..ROUNDS {
+            for ((_, addr), runs) in grpc_targets.iter().zip(runs.iter_mut()) {
+                runs.push(grpc_load(*addr, GRPC_CONNECTIONS, GRPC_CALLS, tonic::Code::Ok, WINDOW).await);
+            }
+        }
+        let loads: Vec<Load> = runs.iter().map(|r| medians(r)).collect();
+        let mut rows = Vec::new();
+        for (metric, unit, value) in [
+            ("throughput", "calls/s", (|l: &Load| l.per_second) as fn(&Load) -> f64),
+            ("p50", "ms", |l: &Load| l.p50_ms),
+            ("p99", "ms", |l: &Load| l.p99_ms),
+        ] {
+            let base = format!("{} {metric}", grpc_targets[0].0);
+            for ((name, _), load) in grpc_targets.iter().zip(&loads) {
+                rows.push(Row::new(format!("{name} {metric}"), value(load), unit).against(&base));
+            }
+        }
+        let ratio = loads[1].per_second / loads[2].per_second;
+        let unexpected: Vec<String> = loads.iter().map(|l| l.other.to_string()).collect();
+        record(
+            "proxy_2_grpc",
+            &Scenario {
+                title: "gRPC unary through a proxy: Rampart vs nginx grpc_pass".into(),
+                command: "cargo bench -p benches --bench proxy".into(),
+                rows,
+                notes: vec![
+                    format!(
+                        "Median of {ROUNDS} alternating rounds; {GRPC_CALLS} concurrent closed-loop GetUser calls over {GRPC_CONNECTIONS} HTTP/2 connections from the benchmark process; same tonic upstream for every row."
+                    ),
+                    format!(
+                        "Rampart at {ratio:.2}x nginx grpc_pass's calls/s, p99 {:.2}x. Unexpected answers per row: {}.",
+                        loads[1].p99_ms / loads[2].p99_ms,
+                        unexpected.join(" / ")
+                    ),
+                ],
+                series: Vec::new(),
+            },
+        )
+        .unwrap();
+    });
+}

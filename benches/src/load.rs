@@ -1,0 +1,158 @@
+//! Closed-loop load clients (HTTP/1.1 on hyper, gRPC on tonic) shared by the load scenarios.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::{
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Empty};
+use hyper_util::rt::TokioIo;
+use proto::{GetUserRequest, user_service_client::UserServiceClient};
+
+use crate::median;
+
+/// How long a run warms up, then measures.
+#[derive(Debug, Clone, Copy)]
+pub struct Window {
+    /// Not measured.
+    pub warmup: Duration,
+    /// Measured.
+    pub measure: Duration,
+}
+
+/// What one load run measured.
+#[derive(Debug, Default, Clone)]
+pub struct Load {
+    /// Answers per second.
+    pub per_second: f64,
+    /// Median latency.
+    pub p50_ms: f64,
+    /// 99th percentile latency.
+    pub p99_ms: f64,
+    /// Answers with the status the run expected (200 / OK, or 429 / RESOURCE_EXHAUSTED).
+    pub expected: u64,
+    /// Other answers.
+    pub other: u64,
+}
+
+fn summarize(samples: Vec<(u32, bool)>, measure: Duration) -> Load {
+    let expected = samples.iter().filter(|s| s.1).count() as u64;
+    let other = samples.len() as u64 - expected;
+    let mut latencies: Vec<u32> = samples.into_iter().map(|s| s.0).collect();
+    latencies.sort_unstable();
+    let pct = |q: f64| {
+        if latencies.is_empty() {
+            0.0
+        } else {
+            f64::from(latencies[((latencies.len() - 1) as f64 * q).round() as usize]) / 1000.0
+        }
+    };
+    Load {
+        per_second: (expected + other) as f64 / measure.as_secs_f64(),
+        p50_ms: pct(0.5),
+        p99_ms: pct(0.99),
+        expected,
+        other,
+    }
+}
+
+/// `connections` closed-loop HTTP/1.1 clients on `path` for warmup + measure.
+pub async fn http_load(addr: SocketAddr, path: &'static str, connections: usize, expect: u16, window: Window) -> Load {
+    let Window { warmup, measure } = window;
+    let samples = Arc::new(Mutex::new(Vec::new()));
+    let start = Instant::now();
+    let tasks: Vec<_> = (0..connections)
+        .map(|_| {
+            let samples = samples.clone();
+            tokio::spawn(async move {
+                let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+                stream.set_nodelay(true).unwrap();
+                let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.unwrap();
+                tokio::spawn(conn);
+                let mut mine = Vec::with_capacity(100_000);
+                loop {
+                    let request =
+                        http::Request::get(path).header("host", "127.0.0.1").body(Empty::<Bytes>::new()).unwrap();
+                    let t = Instant::now();
+                    let response = sender.send_request(request).await.unwrap();
+                    let ok = response.status().as_u16() == expect;
+                    response.into_body().collect().await.unwrap();
+                    let elapsed = start.elapsed();
+                    if elapsed >= warmup + measure {
+                        break;
+                    }
+                    if elapsed >= warmup {
+                        mine.push((t.elapsed().as_micros() as u32, ok));
+                    }
+                }
+                samples.lock().unwrap().extend(mine);
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    summarize(std::mem::take(&mut *samples.lock().unwrap()), measure)
+}
+
+/// `calls` concurrent closed-loop GetUser callers spread over `connections` HTTP/2 connections.
+pub async fn grpc_load(
+    addr: SocketAddr,
+    connections: usize,
+    calls: usize,
+    expect: tonic::Code,
+    window: Window,
+) -> Load {
+    let Window { warmup, measure } = window;
+    let mut channels = Vec::new();
+    for _ in 0..connections {
+        let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}")).unwrap().tcp_nodelay(true);
+        channels.push(endpoint.connect().await.unwrap());
+    }
+    let samples = Arc::new(Mutex::new(Vec::new()));
+    let start = Instant::now();
+    let tasks: Vec<_> = (0..calls)
+        .map(|i| {
+            let (samples, channel) = (samples.clone(), channels[i % connections].clone());
+            tokio::spawn(async move {
+                let mut client = UserServiceClient::new(channel);
+                let mut mine = Vec::with_capacity(100_000);
+                loop {
+                    let t = Instant::now();
+                    let code = match client.get_user(GetUserRequest { user_id: 1 }).await {
+                        Ok(_) => tonic::Code::Ok,
+                        Err(status) => status.code(),
+                    };
+                    let elapsed = start.elapsed();
+                    if elapsed >= warmup + measure {
+                        break;
+                    }
+                    if elapsed >= warmup {
+                        mine.push((t.elapsed().as_micros() as u32, code == expect));
+                    }
+                }
+                samples.lock().unwrap().extend(mine);
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    summarize(std::mem::take(&mut *samples.lock().unwrap()), measure)
+}
+
+/// Medians over rounds of each field.
+pub fn medians(runs: &[Load]) -> Load {
+    let m = |f: fn(&Load) -> f64| median(&mut runs.iter().map(f).collect::<Vec<_>>());
+    Load {
+        per_second: m(|l| l.per_second),
+        p50_ms: m(|l| l.p50_ms),
+        p99_ms: m(|l| l.p99_ms),
+        expected: runs.iter().map(|l| l.expected).sum(),
+        other: runs.iter().map(|l| l.other).sum(),
+    }
+}
