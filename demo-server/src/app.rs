@@ -35,6 +35,8 @@ pub(crate) struct App {
     pub(crate) queue_con: Option<streams_worker::Conn>,
     pub(crate) hub: Hub,
     pub(crate) upstreams: Upstreams,
+    /// The route table of `[[upstreams]]` and `[[routes]]` (reloaded on SIGHUP).
+    pub(crate) gateway: rampart_gateway::Gateway,
     /// The upstreams' breakers (`upstream:<name>`).
     pub(crate) breakers: Arc<BreakerRegistry>,
     /// The gRPC methods' breakers (`grpc:<method>`).
@@ -97,11 +99,22 @@ impl App {
         let grpc_breakers =
             Arc::new(BreakerRegistry::new("grpc:", config.breaker.clone())?.only(crate::grpc::METHODS.iter().copied()));
         let upstreams = Upstreams::new(
-            &config.upstreams,
+            &config.simulated_upstreams,
             breakers.clone(),
             config.overload.upstream_limit.clone(),
             config.timeouts.upstream,
         )?;
+        let gateway = {
+            let (redis, limits) = (redis.clone(), config.limits.clone());
+            let mut builder = rampart_gateway::Gateway::builder()
+                .breaker_defaults(config.breaker.clone())
+                .lock(lock.clone())
+                .limit_store(move |policy| crate::limits::store_for(policy, redis.as_ref(), &limits));
+            if !config.limits.trusted_proxies.is_empty() {
+                builder = builder.trusted_proxies(tower_ratelimit::ClientIp::trusting(&config.limits.trusted_proxies)?);
+            }
+            builder.build(&config.gateway()).map_err(|e| anyhow::anyhow!("invalid `{}`: {}", e.key(), e.message()))?
+        };
         let cpu_shed = match &config.overload.cpu_shed {
             Some(c) => Some(
                 CpuShedder::new("cpu", c.clone(), SystemCpu::spawn(Duration::from_millis(250)))
@@ -121,6 +134,7 @@ impl App {
             queue_con,
             hub,
             upstreams,
+            gateway,
             breakers,
             grpc_breakers,
             cpu_shed,

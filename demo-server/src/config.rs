@@ -90,7 +90,13 @@ pub(crate) struct Config {
     pub(crate) limits: Limits,
     /// The simulated upstreams behind `/upstream/{name}`; any other name answers 404 (an admin
     /// may add names with `PUT /admin/upstream/{name}`, 32 in all at most).
-    pub(crate) upstreams: Vec<String>,
+    pub(crate) simulated_upstreams: Vec<String>,
+    /// The gateway's real upstreams (`[[upstreams]]` tables, see rampart-gateway's
+    /// `UpstreamConfig`), reloaded on SIGHUP.
+    pub(crate) upstreams: Vec<rampart_gateway::UpstreamConfig>,
+    /// The gateway's routes (`[[routes]]` tables, see rampart-gateway's `RouteConfig`): requests
+    /// no built-in route takes go to the route table; reloaded on SIGHUP.
+    pub(crate) routes: Vec<rampart_gateway::RouteConfig>,
     /// Circuit breakers of the simulated upstreams and of gRPC methods.
     pub(crate) breaker: tower_breaker::BreakerConfig,
     /// Request timeouts.
@@ -295,7 +301,9 @@ impl Default for Config {
             shutdown_grace_secs: 30,
             admin_token: None,
             limits: Limits::default(),
-            upstreams: ["orders", "payments", "inventory"].map(String::from).to_vec(),
+            simulated_upstreams: ["orders", "payments", "inventory"].map(String::from).to_vec(),
+            upstreams: Vec::new(),
+            routes: Vec::new(),
             breaker: tower_breaker::BreakerConfig {
                 window: tower_breaker::SlidingWindow::Count { size: 20 },
                 minimum_calls: 5,
@@ -312,7 +320,26 @@ impl Default for Config {
     }
 }
 
+/// The demo's own routes: a gateway route may not take a path under their first segment (a
+/// `path_prefix` of `/` takes every path none of them takes).
+pub(crate) const BUILT_IN_ROUTES: &[&str] = &[
+    "/users/{id}",
+    "/upstream/{name}",
+    "/inventory/{sku}",
+    "/tasks",
+    "/admin/state",
+    "/healthz",
+    "/readyz",
+    "/metrics",
+    "/ws",
+];
+
 impl Config {
+    /// The gateway's tables.
+    pub(crate) fn gateway(&self) -> rampart_gateway::GatewayConfig {
+        rampart_gateway::GatewayConfig { upstreams: self.upstreams.clone(), routes: self.routes.clone() }
+    }
+
     /// Merges defaults, the `--config` file, environment and flags (later wins).
     pub(crate) fn load(cli: &Cli) -> anyhow::Result<Self> {
         let mut config = match &cli.config {
@@ -376,11 +403,24 @@ impl Config {
         if self.server.max_connections == 0 {
             anyhow::bail!("invalid `server.max_connections`: must be at least 1");
         }
-        if self.upstreams.len() > crate::upstreams::MAX_UPSTREAMS {
-            anyhow::bail!("invalid `upstreams`: at most {} names", crate::upstreams::MAX_UPSTREAMS);
+        if self.simulated_upstreams.len() > crate::upstreams::MAX_UPSTREAMS {
+            anyhow::bail!("invalid `simulated_upstreams`: at most {} names", crate::upstreams::MAX_UPSTREAMS);
         }
-        if let Some(name) = self.upstreams.iter().find(|n| !crate::app::valid_name(n)) {
-            anyhow::bail!("invalid `upstreams`: {name:?} is not 1 to 64 of A-Z a-z 0-9 _ -");
+        if let Some(name) = self.simulated_upstreams.iter().find(|n| !crate::app::valid_name(n)) {
+            anyhow::bail!("invalid `simulated_upstreams`: {name:?} is not 1 to 64 of A-Z a-z 0-9 _ -");
+        }
+        self.gateway().validate().map_err(|e| anyhow::anyhow!("invalid `{}`: {}", e.key(), e.message()))?;
+        for (i, route) in self.routes.iter().enumerate() {
+            let first = route.path_prefix.trim_start_matches('/').split('/').next().unwrap_or_default();
+            if let Some(builtin) =
+                BUILT_IN_ROUTES.iter().find(|r| r.trim_start_matches('/').split('/').next() == Some(first))
+            {
+                anyhow::bail!(
+                    "invalid `routes[{i}].path_prefix`: route {:?} ({:?}) shadows the built-in route {builtin}",
+                    route.name,
+                    route.path_prefix
+                );
+            }
         }
         if let Some(limit) = &self.overload.upstream_limit {
             limit.validate().context("invalid `overload.upstream_limit`")?;

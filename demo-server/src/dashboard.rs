@@ -59,6 +59,7 @@ pub(crate) async fn snapshot(app: &App) -> Value {
             "cpu_shed": app.cpu_shed.as_ref().map(|s| json!({"in_flight": s.in_flight(), "max_in_flight": s.max_in_flight()})),
         },
         "redis": app.redis.is_some(),
+        "gateway": app.gateway.state(),
     })
 }
 

@@ -7,7 +7,10 @@ use tower_ratelimit::{
     Store, Verdict,
 };
 
-use crate::{app::App, config::SharedStore};
+use crate::{
+    app::App,
+    config::{Limits, SharedStore},
+};
 
 /// One of the three stores.
 #[derive(Clone, Debug)]
@@ -55,9 +58,12 @@ impl Store for AnyStore {
 
 /// The store for a policy.
 pub(crate) fn store(app: &App, config: &PolicyConfig) -> anyhow::Result<AnyStore> {
-    let policy = Policy::from_config(config)?;
-    let limits = &app.config.limits;
-    Ok(match &app.redis {
+    Ok(store_for(Policy::from_config(config)?, app.redis.as_ref(), &app.config.limits))
+}
+
+/// The store for a policy on this deployment: in memory without Redis, else as `limits` says.
+pub(crate) fn store_for(policy: Policy, redis: Option<&rampart_redis::Conn>, limits: &Limits) -> AnyStore {
+    match redis {
         None => AnyStore::Memory(MemoryStore::new(policy)),
         Some(con) => {
             let redis = RedisStore::builder(policy, con.clone()).on_failure(limits.on_redis_failure).build();
@@ -66,7 +72,7 @@ pub(crate) fn store(app: &App, config: &PolicyConfig) -> anyhow::Result<AnyStore
                 SharedStore::Leased => AnyStore::Leased(LeasedStore::new(redis, LeaseConfig::default())),
             }
         }
-    })
+    }
 }
 
 /// A layer for a policy, keyed globally until `.key(...)` says otherwise.

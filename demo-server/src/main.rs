@@ -51,13 +51,14 @@ fn main() -> ExitCode {
         tower_redlock::describe_metrics();
         streams_worker::describe_metrics();
         ws_hub::describe_metrics();
+        rampart_gateway::describe_metrics();
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .build()
             .context("cannot start the tokio runtime")?;
         match cli.command {
             Some(Command::Worker) => runtime.block_on(run_worker(config, prometheus)),
-            None => runtime.block_on(run(config, prometheus, !cli.no_worker)),
+            None => runtime.block_on(run(&cli, config, prometheus, !cli.no_worker)),
         }
     });
     match result {
@@ -89,6 +90,7 @@ async fn run_worker(config: Config, prometheus: metrics_exporter_prometheus::Pro
 }
 
 async fn run(
+    cli: &Cli,
     config: Config,
     prometheus: metrics_exporter_prometheus::PrometheusHandle,
     with_worker: bool,
@@ -123,6 +125,7 @@ async fn run(
 
     tokio::select! {
         () = shutdown_signal() => tracing::info!("shutdown signal received; draining in-flight requests"),
+        () = reload_on_sighup(cli, &app) => {}
         // A server only stops after the token fires: stopping on its own is an error.
         res = &mut http => return Err(stopped_early("HTTP", res)),
         res = &mut grpc => return Err(stopped_early("gRPC", res)),
@@ -149,6 +152,47 @@ async fn run(
             "in-flight work (requests, tasks or WebSocket connections) did not finish within the shutdown grace period ({grace:?}) and was cut"
         )),
     }
+}
+
+/// SIGHUP: reads the configuration again and swaps in the gateway's new route table (new requests
+/// see it at once, requests in flight finish on the old one). An invalid file keeps the old
+/// table and logs the error naming the key. Only `[[upstreams]]` and `[[routes]]` are reloaded;
+/// other changes need a restart (logged).
+async fn reload_on_sighup(cli: &Cli, app: &app::App) {
+    #[cfg(unix)]
+    {
+        let Ok(mut hangups) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else {
+            tracing::warn!("cannot listen for SIGHUP: no reloads");
+            return std::future::pending().await;
+        };
+        while hangups.recv().await.is_some() {
+            let config = match Config::load(cli) {
+                Ok(config) => config,
+                Err(error) => {
+                    tracing::error!("reload refused, the route table stays as it was: {error:#}");
+                    continue;
+                }
+            };
+            match app.gateway.reload(&config.gateway()) {
+                Ok(generation) => tracing::info!(generation, "reloaded the gateway's upstreams and routes"),
+                Err(error) => {
+                    tracing::error!(key = error.key(), "reload refused, the route table stays as it was: {error}");
+                    continue;
+                }
+            }
+            let mut rest = config;
+            rest.upstreams.clone_from(&app.config.upstreams);
+            rest.routes.clone_from(&app.config.routes);
+            if rest != app.config {
+                tracing::warn!(
+                    "the file changed more than [[upstreams]] and [[routes]]: those other changes need a restart"
+                );
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = (cli, app);
+    std::future::pending().await
 }
 
 fn stopped_early(which: &str, res: Result<anyhow::Result<()>, tokio::task::JoinError>) -> anyhow::Error {

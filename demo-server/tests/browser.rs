@@ -129,7 +129,8 @@ async fn the_dashboard_and_hub_client_work_in_a_real_browser() {
     let config = dir.path().join("demo.toml");
     std::fs::write(
         &config,
-        "[breaker]\nwindow = { type = \"count\", size = 10 }\nminimum_calls = 4\nwait_in_open = \"60s\"\n",
+        "[breaker]\nwindow = { type = \"count\", size = 10 }\nminimum_calls = 4\nwait_in_open = \"60s\"\n\
+         [[upstreams]]\nname = \"users-svc\"\nendpoints = [\"http://127.0.0.1:9\"]\n",
     )
     .unwrap();
     let server = DemoServer::start(&["--config", config.to_str().unwrap()], &[("DEMO_ADMIN_TOKEN", TOKEN)]);
@@ -171,4 +172,10 @@ async fn the_dashboard_and_hub_client_work_in_a_real_browser() {
     .await;
     let statuses = page.eval("document.getElementById('calls').textContent").await;
     assert!(statuses.as_str().unwrap().contains("503"), "the breaker answered 503s: {statuses}");
+    // The gateway's upstreams, with their endpoints.
+    page.wait_for(
+        "the gateway's upstream",
+        "(document.querySelector('#gateway tr[data-upstream=\"users-svc\"]') || {textContent: ''}).textContent.includes('http://127.0.0.1:9')",
+    )
+    .await;
 }

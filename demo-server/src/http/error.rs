@@ -75,10 +75,6 @@ pub(crate) async fn timed_out(error: BoxError) -> ApiError {
     if error.is::<tower::timeout::error::Elapsed>() { ApiError::Timeout } else { ApiError::Internal(error.to_string()) }
 }
 
-pub(crate) async fn not_found() -> ApiError {
-    ApiError::NotFound("no such route".into())
-}
-
 pub(crate) async fn method_not_allowed() -> ApiError {
     ApiError::MethodNotAllowed
 }

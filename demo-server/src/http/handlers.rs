@@ -159,7 +159,7 @@ pub(crate) async fn call_upstream(
     request: Request,
 ) -> Result<Response, ApiError> {
     let upstream = app.upstreams.get(&name).ok_or_else(|| {
-        ApiError::NotFound(format!("no upstream {name:?} (configured: `upstreams`; an admin may add one)"))
+        ApiError::NotFound(format!("no upstream {name:?} (configured: `simulated_upstreams`; an admin may add one)"))
     })?;
     Ok(upstream.call(request).await)
 }

@@ -104,6 +104,7 @@ pub(crate) fn router(app: Arc<App>) -> anyhow::Result<Router> {
     let per_client = limits::layer(&app, &config.limits.users)?.key((MatchedRoute, client_key));
     let global = limits::layer(&app, &config.limits.global)?.key(GlobalKey);
     let shed = OverloadLayer::new(app.cpu_shed.clone());
+    let (shed_all, global_all) = (shed.clone(), global.clone());
     let reserve_lock =
         LockLayer::new(app.lock.clone(), PathParam("sku")).namespace("inventory:").wait_timeout(config.lock.wait);
 
@@ -138,7 +139,9 @@ pub(crate) fn router(app: Arc<App>) -> anyhow::Result<Router> {
         .route("/metrics", get(metrics))
         .with_state(app.clone())
         .merge(limited)
-        .fallback(not_found)
+        // What no built-in route takes goes to the gateway's route table (its own 404
+        // `not_found` when no route takes it either), behind the same shedding and global limit.
+        .fallback_service(ServiceBuilder::new().layer(shed_all).layer(global_all).service(app.gateway.clone()))
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(config.server.max_body_bytes));
 
