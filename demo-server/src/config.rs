@@ -225,13 +225,35 @@ pub(crate) struct Server {
     pub(crate) header_read_timeout: Duration,
     /// Most open HTTP connections; past it new ones wait in the listen backlog.
     pub(crate) max_connections: usize,
-    /// Largest request body, in bytes (413 `payload_too_large` past it).
+    /// Largest request body, in bytes (413 `payload_too_large` past it), for the built-in
+    /// routes; gateway routes have their own `max_body`.
     pub(crate) max_body_bytes: usize,
+    /// An HTTPS listener beside the HTTP one, with the same routes (`[server.tls]`: `addr`,
+    /// `cert` and `key`, PEM files re-read on SIGHUP). ALPN h2 and http/1.1.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub(crate) tls: Option<Tls>,
+}
+
+/// The HTTPS listener.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct Tls {
+    /// Listen address (port 0 picks a free port).
+    pub(crate) addr: SocketAddr,
+    /// PEM certificate chain.
+    pub(crate) cert: PathBuf,
+    /// PEM private key.
+    pub(crate) key: PathBuf,
 }
 
 impl Default for Server {
     fn default() -> Self {
-        Self { header_read_timeout: Duration::from_secs(10), max_connections: 10_000, max_body_bytes: 1 << 20 }
+        Self {
+            header_read_timeout: Duration::from_secs(10),
+            max_connections: 10_000,
+            max_body_bytes: 1 << 20,
+            tls: None,
+        }
     }
 }
 

@@ -103,6 +103,16 @@ async fn run(
         .await
         .with_context(|| format!("cannot bind gRPC address {}", config.grpc_addr))?;
     let http_addr = http_listener.local_addr()?;
+    let https = match &config.server.tls {
+        Some(tls) => {
+            let acceptor = rampart_gateway::tls::TlsAcceptor::from_pem_files(&tls.cert, &tls.key)
+                .context("invalid `server.tls`")?;
+            let listener =
+                TcpListener::bind(tls.addr).await.with_context(|| format!("cannot bind HTTPS address {}", tls.addr))?;
+            Some((listener, std::sync::Arc::new(acceptor)))
+        }
+        None => None,
+    };
     let grpc_addr = grpc_listener.local_addr()?;
 
     match config.uses_redis() {
@@ -117,15 +127,29 @@ async fn run(
     let shutdown = CancellationToken::new();
     let workers = if with_worker { tasks::spawn_workers(&app, shutdown.clone()) } else { None };
     dashboard::spawn_publisher(app.clone(), shutdown.clone());
-    let mut http = tokio::spawn(http::serve(http_listener, app.clone(), shutdown.clone()));
+    let mut http = tokio::spawn(http::serve(http_listener, app.clone(), shutdown.clone(), None));
+    let (mut https_server, https_addr, tls) = match https {
+        Some((listener, acceptor)) => {
+            let addr = listener.local_addr()?;
+            let server = tokio::spawn(http::serve(listener, app.clone(), shutdown.clone(), Some(acceptor.clone())));
+            (Some(server), Some(addr), Some(acceptor))
+        }
+        None => (None, None, None),
+    };
     let mut grpc = tokio::spawn(grpc::serve(grpc_listener, app.clone(), shutdown.clone()));
 
     tracing::info!(%http_addr, %grpc_addr, "listening");
-    println!("demo-server listening http={http_addr} grpc={grpc_addr}");
+    match https_addr {
+        Some(https_addr) => println!("demo-server listening http={http_addr} grpc={grpc_addr} https={https_addr}"),
+        None => println!("demo-server listening http={http_addr} grpc={grpc_addr}"),
+    }
 
     tokio::select! {
         () = shutdown_signal() => tracing::info!("shutdown signal received; draining in-flight requests"),
-        () = reload_on_sighup(cli, &app) => {}
+        () = reload_on_sighup(cli, &app, tls.as_deref()) => {}
+        res = async { match &mut https_server { Some(server) => server.await, None => std::future::pending().await } } => {
+            return Err(stopped_early("HTTPS", res));
+        }
         // A server only stops after the token fires: stopping on its own is an error.
         res = &mut http => return Err(stopped_early("HTTP", res)),
         res = &mut grpc => return Err(stopped_early("gRPC", res)),
@@ -136,8 +160,15 @@ async fn run(
     let drained = tokio::time::timeout(grace, async {
         // WebSocket clients get a 1001 close (the HTTP server no longer tracks upgraded
         // connections), while requests and tasks in flight finish.
-        let (h, g, ()) = tokio::join!(http, grpc, hub.shutdown());
+        let https = async {
+            match https_server {
+                Some(server) => server.await.context("HTTPS server task failed")?,
+                None => Ok(()),
+            }
+        };
+        let (h, g, s, ()) = tokio::join!(http, grpc, https, hub.shutdown());
         h.context("HTTP server task failed")??;
+        s?;
         g.context("gRPC server task failed")??;
         if let Some(workers) = workers {
             workers.await.context("worker task failed")?;
@@ -158,7 +189,7 @@ async fn run(
 /// see it at once, requests in flight finish on the old one). An invalid file keeps the old
 /// table and logs the error naming the key. Only `[[upstreams]]` and `[[routes]]` are reloaded;
 /// other changes need a restart (logged).
-async fn reload_on_sighup(cli: &Cli, app: &app::App) {
+async fn reload_on_sighup(cli: &Cli, app: &app::App, tls: Option<&rampart_gateway::tls::TlsAcceptor>) {
     #[cfg(unix)]
     {
         let Ok(mut hangups) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else {
@@ -166,6 +197,12 @@ async fn reload_on_sighup(cli: &Cli, app: &app::App) {
             return std::future::pending().await;
         };
         while hangups.recv().await.is_some() {
+            if let Some(tls) = tls {
+                match tls.reload() {
+                    Ok(()) => tracing::info!("reloaded the HTTPS certificate"),
+                    Err(error) => tracing::error!("HTTPS certificate not reloaded, the old one stays: {error}"),
+                }
+            }
             let config = match Config::load(cli) {
                 Ok(config) => config,
                 Err(error) => {
@@ -191,7 +228,7 @@ async fn reload_on_sighup(cli: &Cli, app: &app::App) {
         }
     }
     #[cfg(not(unix))]
-    let _ = (cli, app);
+    let _ = (cli, app, tls);
     std::future::pending().await
 }
 

@@ -14,8 +14,13 @@ use serde_json::Value;
 /// An upstream on a free port answering every path with its name and what it was asked.
 async fn upstream(name: &'static str) -> std::net::SocketAddr {
     let app = axum::Router::new().fallback(move |req: axum::extract::Request| async move {
-        let forwarded = req.headers().get("x-forwarded-for").map(|v| v.to_str().unwrap_or_default().to_owned());
-        axum::Json(serde_json::json!({"upstream": name, "path": req.uri().path(), "forwarded_for": forwarded}))
+        let header = |name: &str| req.headers().get(name).map(|v| v.to_str().unwrap_or_default().to_owned());
+        axum::Json(serde_json::json!({
+            "upstream": name,
+            "path": req.uri().path(),
+            "forwarded_for": header("x-forwarded-for"),
+            "forwarded_proto": header("x-forwarded-proto"),
+        }))
     });
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -150,4 +155,76 @@ async fn sighup_reloads_the_table_and_an_invalid_file_keeps_it() {
     assert_eq!(admin_state(&demo).await["gateway"]["generation"], 2);
     assert_eq!(client.get(demo.url("/healthz")).send().await.unwrap().status(), 200, "still serving");
     drop(dir);
+}
+
+/// A CA-signed certificate for `localhost` written to `dir` (`server.pem`, `server.key`), and
+/// the client configuration trusting its CA.
+fn issue(
+    dir: &std::path::Path,
+    issuer: &rcgen::CertifiedIssuer<'static, rcgen::KeyPair>,
+) -> rustls::pki_types::CertificateDer<'static> {
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = rcgen::CertificateParams::new(vec!["localhost".to_owned()]).unwrap().signed_by(&key, issuer).unwrap();
+    std::fs::write(dir.join("server.pem"), cert.pem()).unwrap();
+    std::fs::write(dir.join("server.key"), key.serialize_pem()).unwrap();
+    cert.der().clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_https_listener_serves_the_same_routes_and_reloads_its_certificate() {
+    use http_body_util::BodyExt as _;
+
+    let certs = tempfile::tempdir().unwrap();
+    let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let issuer = rcgen::CertifiedIssuer::self_signed(params, rcgen::KeyPair::generate().unwrap()).unwrap();
+    let first = issue(certs.path(), &issuer);
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(issuer.der().clone()).unwrap();
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+
+    let (a, b) = (upstream("a").await, upstream("b").await);
+    let toml = format!(
+        "{}\n[server.tls]\naddr = \"127.0.0.1:0\"\ncert = {:?}\nkey = {:?}\n",
+        tables(a, b, "a"),
+        certs.path().join("server.pem").display(),
+        certs.path().join("server.key").display()
+    );
+    let (demo, _dir) = start(&toml, &[]);
+    let https = demo.https.expect("an https= address");
+
+    for h2 in [false, true] {
+        let builder = hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(tls.clone()).https_only();
+        let connector = if h2 { builder.enable_http2().build() } else { builder.enable_http1().build() };
+        let mut client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new());
+        client.http2_only(h2);
+        let client = client.build::<_, http_body_util::Empty<bytes::Bytes>>(connector);
+        let response = client.get(format!("https://localhost:{}/api/x", https.port()).parse().unwrap()).await.unwrap();
+        assert_eq!(response.status(), 200);
+        assert_eq!(response.version(), if h2 { http::Version::HTTP_2 } else { http::Version::HTTP_11 });
+        let body: Value = serde_json::from_slice(&response.into_body().collect().await.unwrap().to_bytes()).unwrap();
+        assert_eq!(body["forwarded_proto"], "https");
+    }
+
+    // SIGHUP re-reads the certificate: new connections get the new one.
+    let served = || async {
+        let tcp = tokio::net::TcpStream::connect(https).await.unwrap();
+        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        let stream =
+            tokio_rustls::TlsConnector::from(std::sync::Arc::new(tls.clone())).connect(name, tcp).await.unwrap();
+        stream.get_ref().1.peer_certificates().unwrap()[0].clone().into_owned()
+    };
+    assert_eq!(served().await, first);
+    let second = issue(certs.path(), &issuer);
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(demo.pid()), nix::sys::signal::Signal::SIGHUP).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while served().await != second {
+        assert!(std::time::Instant::now() < deadline, "the new certificate was not served");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }

@@ -168,7 +168,15 @@ pub(crate) fn router(app: Arc<App>) -> anyhow::Result<Router> {
 /// connection, and the next request on an idle keep-alive one), an HTTP/2 connection with no
 /// request open for as long is closed (GOAWAY), and at most `server.max_connections` are open
 /// at once.
-pub(crate) async fn serve(listener: TcpListener, app: Arc<App>, shutdown: CancellationToken) -> anyhow::Result<()> {
+///
+/// With `tls`, connections are TLS (ALPN h2 and http/1.1) and requests carry
+/// `ClientScheme::Https` (the gateway's `X-Forwarded-Proto`).
+pub(crate) async fn serve(
+    listener: TcpListener,
+    app: Arc<App>,
+    shutdown: CancellationToken,
+    tls: Option<Arc<rampart_gateway::tls::TlsAcceptor>>,
+) -> anyhow::Result<()> {
     let router = router(app.clone())?;
     let limits = app.config.server.clone();
     let slots = Arc::new(Semaphore::new(limits.max_connections));
@@ -194,59 +202,38 @@ pub(crate) async fn serve(listener: TcpListener, app: Arc<App>, shutdown: Cancel
         let router = router.clone();
         let shutdown = shutdown.clone();
         let timeout = limits.header_read_timeout;
+        let tls = tls.clone();
         connections.spawn(async move {
-            // A connection that sends nothing would hold its slot for ever: hyper only times the
-            // head once it has read the first bytes (to tell HTTP/1 from HTTP/2).
-            let mut first = [0u8; H2_PREFACE.len()];
-            let read = match tokio::time::timeout(timeout, stream.peek(&mut first)).await {
-                Ok(Ok(read @ 1..)) => read,
-                _ => return,
-            };
-            // Open requests are counted on HTTP/2 connections only (see `idle` below).
-            let in_flight = H2_PREFACE.starts_with(&first[..read]).then(InFlight::default);
-            let service = {
-                let in_flight = in_flight.clone();
-                hyper::service::service_fn(move |mut request: hyper::Request<hyper::body::Incoming>| {
-                    request.extensions_mut().insert(ConnectInfo::<SocketAddr>(peer));
-                    let guard = in_flight.as_ref().map(InFlight::start);
-                    let response = router.clone().oneshot(request.map(axum::body::Body::new));
-                    async move {
-                        let response = response.await?;
-                        Ok::<_, std::convert::Infallible>(match guard {
-                            Some(guard) => response.map(|body| guard.hold(body)),
-                            None => response,
-                        })
-                    }
-                })
-            };
-            let mut builder = auto::Builder::new(TokioExecutor::new());
-            builder.http1().timer(TokioTimer::new()).header_read_timeout(timeout);
-            builder.http2().timer(TokioTimer::new()).keep_alive_interval(timeout).keep_alive_timeout(timeout);
-            let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-            tokio::pin!(connection);
-            // hyper closes an idle HTTP/1 connection itself (`header_read_timeout`), but not an
-            // HTTP/2 one: its keep-alive pings only find dead peers, so a client that opens one
-            // and sends nothing else would hold its slot for ever. With no request open for
-            // `timeout`, it gets a GOAWAY, and is dropped if it does not close within `timeout`.
-            let idle = async {
-                match &in_flight {
-                    Some(in_flight) => in_flight.idle_for(timeout).await,
-                    None => std::future::pending().await,
+            match tls {
+                None => {
+                    // A connection that sends nothing would hold its slot for ever: hyper only
+                    // times the head once it has read the first bytes (to tell HTTP/1 from HTTP/2).
+                    let mut first = [0u8; H2_PREFACE.len()];
+                    let read = match tokio::time::timeout(timeout, stream.peek(&mut first)).await {
+                        Ok(Ok(read @ 1..)) => read,
+                        _ => return,
+                    };
+                    let h2 = H2_PREFACE.starts_with(&first[..read]);
+                    serve_connection(
+                        TokioIo::new(stream),
+                        Connection { peer, h2, https: false, timeout },
+                        router,
+                        shutdown,
+                    )
+                    .await;
                 }
-            };
-            let result = tokio::select! {
-                result = connection.as_mut() => result,
-                () = shutdown.cancelled() => {
-                    connection.as_mut().graceful_shutdown();
-                    connection.await
+                Some(tls) => {
+                    // The handshake within the same time as a request head.
+                    let Ok(Ok(stream)) = tokio::time::timeout(timeout, tls.accept(stream)).await else { return };
+                    let h2 = stream.get_ref().1.alpn_protocol() == Some(b"h2");
+                    serve_connection(
+                        TokioIo::new(stream),
+                        Connection { peer, h2, https: true, timeout },
+                        router,
+                        shutdown,
+                    )
+                    .await;
                 }
-                () = idle => {
-                    connection.as_mut().graceful_shutdown();
-                    tokio::time::timeout(timeout, connection).await.unwrap_or(Ok(()))
-                }
-            };
-            if let Err(error) = result {
-                tracing::debug!(%error, %peer, "connection ended with an error");
             }
             drop(slot);
         });
@@ -255,6 +242,74 @@ pub(crate) async fn serve(listener: TcpListener, app: Arc<App>, shutdown: Cancel
     connections.close();
     connections.wait().await;
     Ok(())
+}
+
+/// One accepted connection.
+struct Connection {
+    peer: SocketAddr,
+    /// HTTP/2 (the preface, or ALPN `h2`).
+    h2: bool,
+    https: bool,
+    /// `server.header_read_timeout`.
+    timeout: Duration,
+}
+
+/// Serves one connection until it ends, `shutdown` fires (graceful), or an HTTP/2 connection
+/// stays idle for the timeout.
+async fn serve_connection<I>(io: TokioIo<I>, conn: Connection, router: Router, shutdown: CancellationToken)
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let Connection { peer, h2, https, timeout } = conn;
+    // Open requests are counted on HTTP/2 connections only (see `idle` below).
+    let in_flight = h2.then(InFlight::default);
+    let service = {
+        let in_flight = in_flight.clone();
+        hyper::service::service_fn(move |mut request: hyper::Request<hyper::body::Incoming>| {
+            request.extensions_mut().insert(ConnectInfo::<SocketAddr>(peer));
+            if https {
+                request.extensions_mut().insert(rampart_gateway::ClientScheme::Https);
+            }
+            let guard = in_flight.as_ref().map(InFlight::start);
+            let response = router.clone().oneshot(request.map(axum::body::Body::new));
+            async move {
+                let response = response.await?;
+                Ok::<_, std::convert::Infallible>(match guard {
+                    Some(guard) => response.map(|body| guard.hold(body)),
+                    None => response,
+                })
+            }
+        })
+    };
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder.http1().timer(TokioTimer::new()).header_read_timeout(timeout);
+    builder.http2().timer(TokioTimer::new()).keep_alive_interval(timeout).keep_alive_timeout(timeout);
+    let connection = builder.serve_connection_with_upgrades(io, service);
+    tokio::pin!(connection);
+    // hyper closes an idle HTTP/1 connection itself (`header_read_timeout`), but not an HTTP/2
+    // one: its keep-alive pings only find dead peers, so a client that opens one and sends
+    // nothing else would hold its slot for ever. With no request open for `timeout`, it gets a
+    // GOAWAY, and is dropped if it does not close within `timeout`.
+    let idle = async {
+        match &in_flight {
+            Some(in_flight) => in_flight.idle_for(timeout).await,
+            None => std::future::pending().await,
+        }
+    };
+    let result = tokio::select! {
+        result = connection.as_mut() => result,
+        () = shutdown.cancelled() => {
+            connection.as_mut().graceful_shutdown();
+            connection.await
+        }
+        () = idle => {
+            connection.as_mut().graceful_shutdown();
+            tokio::time::timeout(timeout, connection).await.unwrap_or(Ok(()))
+        }
+    };
+    if let Err(error) = result {
+        tracing::debug!(%error, %peer, "connection ended with an error");
+    }
 }
 
 /// What an HTTP/2 client sends first (RFC 9113 §3.4).

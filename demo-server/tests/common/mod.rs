@@ -15,6 +15,8 @@ pub(crate) struct DemoServer {
     child: Child,
     pub(crate) http: SocketAddr,
     pub(crate) grpc: SocketAddr,
+    /// The HTTPS listener's address, when `[server.tls]` is set.
+    pub(crate) https: Option<SocketAddr>,
 }
 
 impl DemoServer {
@@ -48,7 +50,8 @@ impl DemoServer {
                 .unwrap()
         };
         let (http, grpc) = (field("http="), field("grpc="));
-        Self { child, http, grpc }
+        let https = line.split_whitespace().find_map(|part| part.strip_prefix("https=")).map(|a| a.parse().unwrap());
+        Self { child, http, grpc, https }
     }
 
     pub(crate) fn url(&self, path: &str) -> String {
