@@ -56,3 +56,23 @@ ensure_chromium() {
       ;;
   esac
 }
+
+# nginx and HAProxy, the proxy benchmark's peers.
+ensure_proxies() {
+  if command -v nginx >/dev/null 2>&1 && command -v haproxy >/dev/null 2>&1; then
+    return
+  fi
+  case "$(uname -s)" in
+    Darwin) log "installing nginx and haproxy with Homebrew"; brew install nginx haproxy ;;
+    Linux)
+      if command -v apt-get >/dev/null 2>&1; then
+        apt_install nginx-light haproxy
+        # The package starts a system nginx on port 80; the benchmark runs its own.
+        as_root service nginx stop >/dev/null 2>&1 || true
+      else
+        log "nginx/haproxy are missing and this is not a Debian/Ubuntu system: install them and rerun"
+        exit 1
+      fi
+      ;;
+  esac
+}

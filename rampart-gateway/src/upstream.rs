@@ -369,21 +369,22 @@ impl Upstream {
         }
     }
 
-    /// Picks an available endpoint not in `tried`.
+    /// Picks an available endpoint not in `tried` (no allocation: the candidates are counted,
+    /// then the chosen ones found by rank).
     fn pick(&self, tried: &[usize]) -> Option<usize> {
         let endpoints = &self.inner.endpoints;
-        let candidates: Vec<usize> =
-            (0..endpoints.len()).filter(|i| !tried.contains(i) && endpoints[*i].available()).collect();
-        match candidates.len() {
+        let candidate = |i: &usize| !tried.contains(i) && endpoints[*i].available();
+        let nth = |rank: usize| (0..endpoints.len()).filter(candidate).nth(rank);
+        match (0..endpoints.len()).filter(candidate).count() {
             0 => None,
-            1 => Some(candidates[0]),
+            1 => nth(0),
             n => match self.inner.balance {
-                Balance::RoundRobin => Some(candidates[self.inner.next.fetch_add(1, Ordering::Relaxed) % n]),
+                Balance::RoundRobin => nth(self.inner.next.fetch_add(1, Ordering::Relaxed) % n),
                 Balance::P2c => {
                     let a = rand::random_range(0..n);
                     let b = (a + rand::random_range(1..n)) % n;
                     let now = Instant::now();
-                    let (a, b) = (candidates[a], candidates[b]);
+                    let (a, b) = (nth(a)?, nth(b)?);
                     Some(if endpoints[a].load(now) <= endpoints[b].load(now) { a } else { b })
                 }
             },
@@ -402,6 +403,10 @@ impl Upstream {
         let mut tried: Vec<usize> = Vec::with_capacity(2);
         let mut attempts = 0;
         let mut last = Failure::NoHealthy;
+        // With one endpoint no other attempt can follow (retries go to other endpoints): the
+        // headers go to it as they are; else each attempt gets a copy.
+        let single = inner.endpoints.len() == 1;
+        let mut headers = Some(std::mem::take(&mut parts.headers));
         while attempts < inner.retry.attempts {
             let Some(index) = self.pick(&tried) else { break };
             tried.push(index);
@@ -409,7 +414,11 @@ impl Upstream {
             let mut request = Request::new(replay.attempt());
             *request.method_mut() = parts.method.clone();
             *request.version_mut() = parts.version;
-            *request.headers_mut() = parts.headers.clone();
+            *request.headers_mut() = match (single, &headers) {
+                (true, _) => headers.take().unwrap_or_default(),
+                (false, Some(headers)) => headers.clone(),
+                (false, None) => http::HeaderMap::new(),
+            };
             *request.uri_mut() = endpoint_uri(&endpoint.base, &path);
             let started = Instant::now();
             endpoint.in_flight.fetch_add(1, Ordering::Relaxed);
@@ -504,7 +513,7 @@ fn endpoint_service(
         let future = client.request(req);
         async move {
             match tokio::time::timeout(timeout, future).await {
-                Ok(Ok(response)) => Ok(response.map(boxed)),
+                Ok(Ok(response)) => Ok(response),
                 Ok(Err(error)) if error.is_connect() => Err(AttemptError::Connect(error_chain(&error))),
                 Ok(Err(error)) => {
                     let too_large = is_length_limit(&error);
