@@ -253,3 +253,41 @@ async fn lock_busy_on_one_resource_only() {
     assert_eq!(client().get(gw.url("/sleep/1500")).send().await.unwrap().status(), 200);
     assert_eq!(holder.await.unwrap(), 200);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstreams_adaptive_limit_refuses_past_it_and_the_breaker_ignores_that() {
+    let (upstream, hits) = echo("u").await;
+    let (gw, gateway) = gateway(&format!(
+        r#"
+        [[upstreams]]
+        name = "u"
+        endpoints = ["http://{}"]
+        adaptive_limit = {{ initial_limit = 1, min_limit = 1, max_limit = 1, slow_start = false }}
+        breaker = {{ minimum_calls = 2, window = {{ type = "count", size = 2 }} }}
+        [[routes]]
+        name = "r"
+        path_prefix = "/"
+        upstream = "u"
+        "#,
+        upstream.addr
+    ))
+    .await;
+    let client = client();
+    let calls = (0..6).map(|_| {
+        let (client, url) = (client.clone(), gw.url("/sleep/800"));
+        async move { client.get(url).send().await.unwrap() }
+    });
+    let mut statuses = Vec::new();
+    for response in futures_util::future::join_all(calls).await {
+        let status = response.status().as_u16();
+        if status == 429 {
+            assert_eq!(problem_code(response).await, "overloaded");
+        }
+        statuses.push(status);
+    }
+    assert!(statuses.contains(&200) && statuses.contains(&429), "{statuses:?}");
+    assert_eq!(hits.get(), 0, "the sleep route does not count as a fallback hit");
+    let state = gateway.state();
+    assert_eq!(state.upstreams[0].breaker, "closed", "its own refusals are not the upstream's failures");
+    assert_eq!(state.upstreams[0].adaptive_limit, Some((1, 0)));
+}
