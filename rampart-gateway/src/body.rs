@@ -97,11 +97,59 @@ impl http_body::Body for Attempt {
     }
 }
 
+/// A request body cut at a route's limit: past `remaining` bytes it fails and sets the flag the
+/// upstream checks (an h2 stream reset does not carry the reason back).
+pub(crate) struct Capped {
+    inner: Body,
+    remaining: u64,
+    flag: crate::upstream::BodyLimitHit,
+}
+
+impl Capped {
+    pub(crate) fn new(inner: Body, limit: u64, flag: crate::upstream::BodyLimitHit) -> Self {
+        Self { inner, remaining: limit, flag }
+    }
+}
+
+/// A request body over its route's limit.
+#[derive(Debug, thiserror::Error)]
+#[error("the request body is over its route's limit")]
+pub(crate) struct OverLimit;
+
+impl http_body::Body for Capped {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                let len = frame.data_ref().map_or(0, |data| data.len() as u64);
+                if len > this.remaining {
+                    this.flag.set();
+                    return Poll::Ready(Some(Err(Box::new(OverLimit))));
+                }
+                this.remaining -= len;
+                Poll::Ready(Some(Ok(frame)))
+            }
+            other => other,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
 /// Whether `error`, or any error in its chain, is a body over its size limit.
 pub(crate) fn is_length_limit(error: &(dyn std::error::Error + 'static)) -> bool {
     let mut current = Some(error);
     while let Some(e) = current {
-        if e.is::<http_body_util::LengthLimitError>() {
+        if e.is::<http_body_util::LengthLimitError>() || e.is::<OverLimit>() {
             return true;
         }
         current = e.source();

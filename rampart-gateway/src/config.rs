@@ -379,10 +379,21 @@ pub(crate) fn parse_endpoint(endpoint: &str) -> Result<Uri, String> {
     if authority.as_str().contains('@') {
         return Err(format!("{endpoint:?}: user info is not supported"));
     }
+    if has_port(authority.as_str()) && authority.port_u16().is_none() {
+        return Err(format!("{endpoint:?}: the port must be 0 to 65535"));
+    }
     if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
         return Err(format!("{endpoint:?}: an endpoint is a base URL without path or query"));
     }
     Ok(uri)
+}
+
+/// Whether an authority names a port (`host:port`, `[v6]:port`).
+fn has_port(authority: &str) -> bool {
+    match authority.strip_prefix('[') {
+        Some(rest) => rest.contains("]:"),
+        None => authority.contains(':'),
+    }
 }
 
 /// A path prefix: starts with `/`, no query, no trailing `/` (but `/` itself).
@@ -410,7 +421,18 @@ impl GatewayConfig {
             upstream.validate_at(&at)?;
         }
         let mut routes = HashSet::new();
+        let mut quotas_seen: std::collections::HashMap<&str, &Vec<QuotaConfig>> = std::collections::HashMap::new();
         for (i, route) in self.routes.iter().enumerate() {
+            for (j, limit) in route.limits.iter().enumerate() {
+                if let Some(quotas) = quotas_seen.insert(&limit.name, &limit.quotas)
+                    && *quotas != limit.quotas
+                {
+                    return Err(ConfigError::new(
+                        format!("routes[{i}].limits[{j}].quotas"),
+                        format!("limit {:?} is defined elsewhere with other quotas (one name, one limit)", limit.name),
+                    ));
+                }
+            }
             let at = |key: &str| format!("routes[{i}].{key}");
             if !valid_name(&route.name) {
                 return Err(ConfigError::new(at("name"), format!("{:?} must be [A-Za-z0-9_-]{{1,64}}", route.name)));
@@ -475,6 +497,9 @@ impl UpstreamConfig {
         if let Some(limit) = &self.adaptive_limit {
             limit.validate().map_err(|e| ConfigError::new(at("adaptive_limit"), e.to_string()))?;
         }
+        // Over the default breaker settings; the gateway checks again over its own defaults.
+        crate::gateway::merged_breaker(&tower_breaker::BreakerConfig::default(), self.breaker.as_ref())
+            .map_err(|e| ConfigError::new(at("breaker"), e))?;
         Ok(())
     }
 }
@@ -501,10 +526,17 @@ impl RouteConfig {
             }
             parse_methods(methods).map_err(|e| ConfigError::new(at("methods"), e))?;
         }
-        if let Some(host) = &self.host
-            && (host.is_empty() || host.parse::<http::uri::Authority>().is_err())
-        {
-            return Err(ConfigError::new(at("host"), format!("{host:?} is not a host name")));
+        if let Some(host) = &self.host {
+            match host.parse::<http::uri::Authority>() {
+                Ok(authority) if !host.is_empty() && !has_port(authority.as_str()) => {}
+                Ok(_) if !host.is_empty() => {
+                    return Err(ConfigError::new(
+                        at("host"),
+                        format!("{host:?}: a route's host has no port (requests match on the host alone)"),
+                    ));
+                }
+                _ => return Err(ConfigError::new(at("host"), format!("{host:?} is not a host name"))),
+            }
         }
         if self.timeout.is_some_and(|t| t.is_zero()) {
             return Err(ConfigError::new(at("timeout"), "must be above zero"));

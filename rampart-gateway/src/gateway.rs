@@ -17,7 +17,6 @@ use arc_swap::ArcSwap;
 use bytes::Bytes;
 use futures_util::future::BoxFuture;
 use http::{HeaderValue, Method, Request, Response, StatusCode, header::CONTENT_LENGTH};
-use http_body_util::Limited;
 use rampart_http::keys::{ClientIp, HeaderKey, Key, KeyExtractor, PathSegment};
 use serde::Serialize;
 use tower::{Layer as _, Service, ServiceExt as _, util::BoxCloneSyncService};
@@ -30,13 +29,13 @@ use tower_redlock::{LockConfig, LockLayer, RedLock};
 
 use crate::{
     answer,
-    body::{Body, BoxError, boxed},
+    body::{Body, BoxError, Capped, boxed},
     config::{GatewayConfig, LimitKeyKind, RouteConfig, UpstreamConfig, parse_methods, parse_segment_key},
     error::ConfigError,
     headers::X_REQUEST_ID,
     proxy::{Proxy, ensure_request_id},
     route::{Found, Matcher, find, request_host},
-    upstream::{Upstream, UpstreamState},
+    upstream::{BodyLimitHit, Deadline, Upstream, UpstreamState},
 };
 
 type RouteService = BoxCloneSyncService<Request<Body>, Response<Body>, Infallible>;
@@ -332,19 +331,6 @@ impl Gateway {
             };
             upstreams.insert(upstream.name.clone(), entry);
         }
-        let mut quotas_seen: HashMap<&str, &Vec<QuotaConfig>> = HashMap::new();
-        for (i, route) in config.routes.iter().enumerate() {
-            for (j, limit) in route.limits.iter().enumerate() {
-                if let Some(quotas) = quotas_seen.insert(&limit.name, &limit.quotas)
-                    && *quotas != limit.quotas
-                {
-                    return Err(ConfigError::new(
-                        format!("routes[{i}].limits[{j}].quotas"),
-                        format!("limit {:?} is defined elsewhere with other quotas (one name, one limit)", limit.name),
-                    ));
-                }
-            }
-        }
         let mut routes = Vec::with_capacity(config.routes.len());
         for (i, route) in config.routes.iter().enumerate() {
             let Some(entry) = upstreams.get(&route.upstream) else {
@@ -396,8 +382,8 @@ impl Gateway {
                 .wait_timeout(lock.wait);
             let locked = boxed_service(layer.layer(service.clone()));
             let methods = match &lock.methods {
-                Some(methods) => parse_methods(methods).map_err(|e| ConfigError::new(at("lock.methods"), e))?,
-                None => [Method::POST, Method::PUT, Method::PATCH, Method::DELETE].to_vec(),
+                Some(methods) => Some(parse_methods(methods).map_err(|e| ConfigError::new(at("lock.methods"), e))?),
+                None => None,
             };
             service = lock_by_method(locked, service, methods);
         }
@@ -505,7 +491,7 @@ fn upstream_entry(
 }
 
 /// `defaults` with the keys of `overrides` replaced.
-fn merged_breaker(
+pub(crate) fn merged_breaker(
     defaults: &BreakerConfig,
     overrides: Option<&serde_json::Map<String, serde_json::Value>>,
 ) -> Result<BreakerConfig, String> {
@@ -523,12 +509,15 @@ fn merged_breaker(
 
 /// The route's overall timeout (retries included): 504 `timeout` past it.
 fn with_timeout(inner: RouteService, timeout: Duration) -> RouteService {
-    BoxCloneSyncService::new(tower::service_fn(move |req: Request<Body>| {
+    BoxCloneSyncService::new(tower::service_fn(move |mut req: Request<Body>| {
         let grpc = rampart_http::is_grpc(req.headers());
         let id = req.headers().get(X_REQUEST_ID).cloned().unwrap_or(HeaderValue::from_static("-"));
+        // The upstream fits its attempts within the deadline, so a hanging endpoint times out
+        // by itself (a failure to its breaker); this timer is the backstop, a little later.
+        req.extensions_mut().insert(Deadline(Instant::now() + timeout));
         let call = call_route(inner.clone(), req);
         async move {
-            match tokio::time::timeout(timeout, call).await {
+            match tokio::time::timeout(timeout.saturating_add(DEADLINE_GRACE), call).await {
                 Ok(response) => response,
                 Err(_) => Ok(answer::route_timeout(grpc, &id)),
             }
@@ -536,11 +525,18 @@ fn with_timeout(inner: RouteService, timeout: Duration) -> RouteService {
     }))
 }
 
-/// The lock only for `methods` (mutating calls by default); other requests go around it.
-fn lock_by_method(locked: RouteService, plain: RouteService, methods: Vec<Method>) -> RouteService {
+/// How much later than a route's deadline its backstop timer fires.
+const DEADLINE_GRACE: Duration = Duration::from_millis(100);
+
+/// The lock only for `methods` (by default every method that is not safe: all but GET, HEAD,
+/// OPTIONS and TRACE, extension methods included); other requests go around it.
+fn lock_by_method(locked: RouteService, plain: RouteService, methods: Option<Vec<Method>>) -> RouteService {
     BoxCloneSyncService::new(tower::service_fn(move |req: Request<Body>| {
-        let service = if methods.contains(req.method()) { locked.clone() } else { plain.clone() };
-        call_route(service, req)
+        let lock = match &methods {
+            Some(methods) => methods.contains(req.method()),
+            None => !matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE),
+        };
+        call_route(if lock { locked.clone() } else { plain.clone() }, req)
     }))
 }
 
@@ -551,14 +547,16 @@ fn with_body_limit(inner: RouteService, max: u64) -> RouteService {
         let declared =
             req.headers().get(CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.trim().parse::<u64>().ok());
         let inner = inner.clone();
-        let limit = usize::try_from(max).unwrap_or(usize::MAX);
         async move {
             if declared.is_some_and(|len| len > max) {
                 let grpc = rampart_http::is_grpc(req.headers());
                 let id = req.headers().get(X_REQUEST_ID).cloned().unwrap_or(HeaderValue::from_static("-"));
                 return Ok(answer::payload_too_large(max, grpc, &id));
             }
-            call_route(inner, req.map(|body| boxed(Limited::new(body, limit)))).await
+            let flag = BodyLimitHit::default();
+            let mut req = req.map(|body| boxed(Capped::new(body, max, flag.clone())));
+            req.extensions_mut().insert(flag);
+            call_route(inner, req).await
         }
     }))
 }
@@ -578,6 +576,17 @@ where
 
     fn call(&mut self, mut req: Request<B>) -> Self::Future {
         let request_id = ensure_request_id(req.headers_mut());
+        if let Some(path) = crate::route::remove_dot_segments(req.uri().path()) {
+            let path_and_query = match req.uri().query() {
+                Some(query) => format!("{path}?{query}"),
+                None => path,
+            };
+            let mut parts = req.uri().clone().into_parts();
+            parts.path_and_query = path_and_query.parse().ok();
+            if let Ok(uri) = http::Uri::from_parts(parts) {
+                *req.uri_mut() = uri;
+            }
+        }
         let table = self.shared.table.load();
         let host = request_host(&req);
         let found = find(table.routes.iter().map(|r| &r.matcher), host.as_deref(), req.method(), req.uri().path());

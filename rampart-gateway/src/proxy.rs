@@ -118,6 +118,13 @@ where
         let grpc = rampart_http::is_grpc(req.headers());
         let upgrade = is_upgrade(req.version(), req.headers());
         let client_upgrade = upgrade.then(|| hyper::upgrade::on(&mut req));
+        // Hop-by-hop headers go first, so a `Connection` header cannot remove the headers the
+        // gateway sets below (its request id, the forwarding headers).
+        let incoming_id = req.headers().get(X_REQUEST_ID).cloned();
+        strip_hop_by_hop(req.headers_mut(), upgrade);
+        if let Some(id) = incoming_id {
+            req.headers_mut().insert(X_REQUEST_ID, id);
+        }
         let request_id = ensure_request_id(req.headers_mut());
         let peer = peer_addr(&req).map(|addr| addr.ip());
         let trusted = match (&self.trusted, peer) {
@@ -129,7 +136,6 @@ where
             _ => "http",
         };
         set_forwarded(&mut req, peer, trusted, scheme);
-        strip_hop_by_hop(req.headers_mut(), upgrade);
         let path = req.uri().path_and_query().map_or("/", PathAndQuery::as_str);
         let path = match &self.strip_prefix {
             Some(prefix) => strip_path_prefix(path, prefix),

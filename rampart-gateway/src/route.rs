@@ -25,6 +25,40 @@ pub(crate) fn strip_path_prefix(path_and_query: &str, prefix: &str) -> String {
     format!("{rest}{query}")
 }
 
+/// `path` with its dot segments removed (RFC 3986 §5.2.4; `%2e` counts as `.`), or `None` when
+/// it has none: a request is routed and forwarded under one reading of its path, so
+/// `/public/../admin` cannot pass a `/public` route's stack and reach `/admin` upstream.
+pub(crate) fn remove_dot_segments(path: &str) -> Option<String> {
+    fn dots(segment: &str) -> Option<usize> {
+        let lower = segment.to_ascii_lowercase();
+        match lower.as_str() {
+            "." | "%2e" => Some(1),
+            ".." | "%2e%2e" | ".%2e" | "%2e." => Some(2),
+            _ => None,
+        }
+    }
+    if !path.split('/').any(|segment| dots(segment).is_some()) {
+        return None;
+    }
+    let mut out: Vec<&str> = Vec::new();
+    let segments: Vec<&str> = path.split('/').skip(1).collect();
+    let last = segments.len().saturating_sub(1);
+    for (i, segment) in segments.iter().enumerate() {
+        match dots(segment) {
+            Some(1) => {}
+            Some(_) => {
+                out.pop();
+            }
+            _ => out.push(segment),
+        }
+        // A path ending in a dot segment names a directory: keep its trailing slash.
+        if i == last && dots(segment).is_some() {
+            out.push("");
+        }
+    }
+    Some(format!("/{}", out.join("/")))
+}
+
 /// The host a request asked for, without the port, lowercase.
 pub(crate) fn request_host<B>(req: &Request<B>) -> Option<String> {
     let host = req
@@ -116,6 +150,17 @@ mod tests {
         assert!(!under_prefix("/api/usersx", "/api/users"));
         assert!(!under_prefix("/api", "/api/users"));
         assert!(under_prefix("/anything", "/"));
+    }
+
+    #[test]
+    fn dot_segments_are_removed_encoded_or_not() {
+        assert_eq!(remove_dot_segments("/api/users"), None);
+        assert_eq!(remove_dot_segments("/api/public/../admin/users").as_deref(), Some("/api/admin/users"));
+        assert_eq!(remove_dot_segments("/api/public/%2E%2e/admin").as_deref(), Some("/api/admin"));
+        assert_eq!(remove_dot_segments("/a/./b/.").as_deref(), Some("/a/b/"));
+        assert_eq!(remove_dot_segments("/../../etc").as_deref(), Some("/etc"));
+        assert_eq!(remove_dot_segments("/a/..").as_deref(), Some("/"));
+        assert_eq!(remove_dot_segments("/a/...b"), None, "not a dot segment");
     }
 
     #[test]

@@ -126,14 +126,15 @@ impl Ewma {
         self.nanos * (-elapsed / DECAY.as_secs_f64()).exp()
     }
 
+    /// As tower's PeakEwma: a sample above the estimate replaces it (peak); one below is
+    /// blended in by the time since the last update (the stored estimate, decayed once).
     fn observe(&mut self, rtt: Duration, now: Instant) {
         let rtt = rtt.as_nanos() as f64;
-        let current = self.decayed(now);
-        self.nanos = if rtt > current {
+        self.nanos = if rtt > self.nanos {
             rtt
         } else {
             let w = (-now.saturating_duration_since(self.at).as_secs_f64() / DECAY.as_secs_f64()).exp();
-            current * w + rtt * (1.0 - w)
+            self.nanos * w + rtt * (1.0 - w)
         };
         self.at = now;
     }
@@ -312,9 +313,12 @@ impl Upstream {
             }
             None => None,
         };
+        // A reserve of 10 retries per second on top of the percentage (so a quiet upstream can
+        // still retry), none when the percentage is 0 (no retries at all).
+        let reserve = if config.retry.budget_percent == 0 { 0 } else { 10 };
         let budget = tower::retry::budget::TpsBudget::new(
             Duration::from_secs(10),
-            10,
+            reserve,
             config.retry.budget_percent as f32 / 100.0,
         );
         Ok(Self {
@@ -369,6 +373,11 @@ impl Upstream {
         }
     }
 
+    /// Whether an endpoint not in `tried` is available.
+    fn has_candidate(&self, tried: &[usize]) -> bool {
+        (0..self.inner.endpoints.len()).any(|i| !tried.contains(&i) && self.inner.endpoints[i].available())
+    }
+
     /// Picks an available endpoint not in `tried` (no allocation: the candidates are counted,
     /// then the chosen ones found by rank).
     fn pick(&self, tried: &[usize]) -> Option<usize> {
@@ -385,7 +394,11 @@ impl Upstream {
                     let b = (a + rand::random_range(1..n)) % n;
                     let now = Instant::now();
                     let (a, b) = (nth(a)?, nth(b)?);
-                    Some(if endpoints[a].load(now) <= endpoints[b].load(now) { a } else { b })
+                    let (load_a, load_b) = (endpoints[a].load(now), endpoints[b].load(now));
+                    // Within 5% of each other the two are as good: `a` was drawn at random, so
+                    // near-equal endpoints share the traffic instead of the one a hair lower
+                    // taking all of it (two endpoints decaying from one shared outlier).
+                    Some(if load_a <= load_b * 1.05 { a } else { b })
                 }
             },
         }
@@ -407,10 +420,22 @@ impl Upstream {
         // headers go to it as they are; else each attempt gets a copy.
         let single = inner.endpoints.len() == 1;
         let mut headers = Some(std::mem::take(&mut parts.headers));
+        let deadline = parts.extensions.get::<Deadline>().map(|d| d.0);
+        let body_limit = parts.extensions.get::<BodyLimitHit>().cloned();
         while attempts < inner.retry.attempts {
             let Some(index) = self.pick(&tried) else { break };
             tried.push(index);
             let endpoint = &inner.endpoints[index];
+            // Within the route's deadline: an attempt that would outlive it times out by itself
+            // (and counts against its endpoint) rather than being cancelled from outside.
+            let timeout = match deadline {
+                Some(deadline) => inner.config.timeout.min(deadline.saturating_duration_since(Instant::now())),
+                None => inner.config.timeout,
+            };
+            if timeout.is_zero() {
+                last = Failure::Timeout;
+                break;
+            }
             let mut request = Request::new(replay.attempt());
             *request.method_mut() = parts.method.clone();
             *request.version_mut() = parts.version;
@@ -420,14 +445,25 @@ impl Upstream {
                 (false, None) => http::HeaderMap::new(),
             };
             *request.uri_mut() = endpoint_uri(&endpoint.base, &path);
+            request.extensions_mut().insert(AttemptTimeout(timeout));
+            if let Some(flag) = &body_limit {
+                request.extensions_mut().insert(flag.clone());
+            }
             let started = Instant::now();
-            endpoint.in_flight.fetch_add(1, Ordering::Relaxed);
-            let result = call_endpoint(endpoint.service.clone(), request).await;
-            endpoint.in_flight.fetch_sub(1, Ordering::Relaxed);
-            let may_retry = |attempts: u32, last: &Failure| {
+            let result = {
+                let _in_flight = InFlight::start(&endpoint.in_flight);
+                call_endpoint(endpoint.service.clone(), request).await
+            };
+            if body_limit.as_ref().is_some_and(BodyLimitHit::hit) {
+                // The client's body went over the route's limit: its fault, no retry (the
+                // endpoint's breaker was not told: see `endpoint_service`).
+                inner.metrics.failed.increment(1);
+                return Err(Failure::BodyTooLarge);
+            }
+            let may_retry = |attempts: u32| {
                 attempts + 1 < inner.retry.attempts
                     && replay.replayable()
-                    && *last != Failure::BodyTooLarge
+                    && self.has_candidate(&tried)
                     && inner.budget.withdraw()
             };
             match result {
@@ -445,11 +481,12 @@ impl Upstream {
                     if status.is_server_error() {
                         endpoint.failures.fetch_add(1, Ordering::Relaxed);
                     }
-                    if idempotent && inner.retry.statuses.contains(&status.as_u16()) && may_retry(attempts, &last) {
+                    // A listed status is retried on another endpoint when there is one; else the
+                    // upstream's own answer goes back untouched.
+                    if idempotent && inner.retry.statuses.contains(&status.as_u16()) && may_retry(attempts) {
                         inner.metrics.retried.increment(1);
                         tracing::debug!(upstream = %inner.name, endpoint = %endpoint.label, %status, "retrying");
                         attempts += 1;
-                        last = Failure::BadGateway(format!("{} answered {status}", endpoint.label));
                         continue;
                     }
                     inner.metrics.ok.increment(1);
@@ -465,7 +502,7 @@ impl Upstream {
                         e => Failure::BadGateway(format!("{}: {e}", endpoint.label)),
                     };
                     tracing::debug!(upstream = %inner.name, endpoint = %endpoint.label, %error, "attempt failed");
-                    if (!sent || idempotent) && may_retry(attempts, &last) {
+                    if last != Failure::BodyTooLarge && (!sent || idempotent) && may_retry(attempts) {
                         inner.metrics.retried.increment(1);
                         attempts += 1;
                         continue;
@@ -477,6 +514,44 @@ impl Upstream {
         }
         inner.metrics.failed.increment(1);
         Err(last)
+    }
+}
+
+/// The route's deadline (its overall timeout), in the request's extensions.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Deadline(pub(crate) Instant);
+
+/// One attempt's timeout, in the attempt request's extensions.
+#[derive(Debug, Clone, Copy)]
+struct AttemptTimeout(Duration);
+
+/// Set when the route's body limit cut the request body (in the request's extensions).
+#[derive(Debug, Clone, Default)]
+pub(crate) struct BodyLimitHit(Arc<AtomicBool>);
+
+impl BodyLimitHit {
+    pub(crate) fn set(&self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+
+    fn hit(&self) -> bool {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// Counts a request in flight until dropped (also when the caller drops the future).
+struct InFlight<'a>(&'a AtomicUsize);
+
+impl<'a> InFlight<'a> {
+    fn start(counter: &'a AtomicUsize) -> Self {
+        counter.fetch_add(1, Ordering::Relaxed);
+        Self(counter)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -510,10 +585,29 @@ fn endpoint_service(
     breaker: Breaker,
 ) -> BoxCloneSyncService<Request<Body>, Response<Body>, AttemptError> {
     let send = tower::service_fn(move |req: Request<Body>| {
+        let timeout = req.extensions().get::<AttemptTimeout>().map_or(timeout, |t| t.0);
+        let body_limit = req.extensions().get::<BodyLimitHit>().cloned();
         let future = client.request(req);
         async move {
-            match tokio::time::timeout(timeout, future).await {
-                Ok(Ok(response)) => Ok(response),
+            let result = tokio::time::timeout(timeout, future).await;
+            if body_limit.is_some_and(|flag| flag.hit()) {
+                // The client's body went over the route's limit (over h2 the error is a stream
+                // reset that does not say so): not the endpoint's failure. A local answer is
+                // ignored by the breaker; `send` turns it into 413.
+                return Ok(rampart_http::reject(
+                    rampart_http::Rejection {
+                        status: http::StatusCode::PAYLOAD_TOO_LARGE,
+                        error: "payload_too_large",
+                        grpc: rampart_http::GrpcCode::ResourceExhausted,
+                        detail: "the request body is over this route's limit",
+                        retry_after: None,
+                    },
+                    false,
+                )
+                .map(|body: rampart_http::ResponseBody<Body>| boxed(body)));
+            }
+            match result {
+                Ok(Ok(response)) => Ok(response.map(boxed)),
                 Ok(Err(error)) if error.is_connect() => Err(AttemptError::Connect(error_chain(&error))),
                 Ok(Err(error)) => {
                     let too_large = is_length_limit(&error);
