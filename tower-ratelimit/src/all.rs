@@ -71,13 +71,16 @@ where
 /// outside would spend a unit for a request the inside one then refuses).
 ///
 /// The limits are checked in order; when one refuses, what the earlier ones took is given back
-/// ([`Store::refund`], with each check's [`Receipt`]: exactly what that check consumed, from the
-/// backend that consumed it) and the refusal is answered as that limit's. The same happens when
+/// ([`Store::refund`], with each check's [`Receipt`]: what of that check's units still counts,
+/// to the backend and key that consumed them, never more than it took — a token bucket counts
+/// conservatively, so after other refunds it may get back less) and the refusal is answered as
+/// that limit's. The same happens when
 /// the request is dropped before the inner service is called (a client gone, a timeout outside):
 /// the refunds are then made at once for in-process stores, in a spawned task for Redis (when
 /// dropped inside a tokio runtime; else they are lost, which only makes the limits stricter).
-/// Between the check and the refund another request may find those units taken: under
-/// contention an `AllOf` can be briefly stricter than its parts, never looser. Allowed responses
+/// Between the check and the refund another request may find those units taken, and a refund
+/// may give back less than its check took: under contention an `AllOf` can be briefly stricter
+/// than its parts, never looser. Allowed responses
 /// carry every limit's `RateLimit` items.
 ///
 /// ```

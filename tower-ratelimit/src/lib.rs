@@ -22,6 +22,12 @@
 //!   per-client limit refuses then spends nothing of the global quota (in the other order every
 //!   refused request has spent a global unit, and one client can drain it for everyone).
 //!
+//! * [`AllOf`] decides several keyed limits (each a configured [`RateLimitLayer`]) as one: a
+//!   request consumes from all or from none. When a later limit refuses (or the request is
+//!   dropped), the earlier ones get back what their checks took, by [`Receipt`]
+//!   ([`Store::refund`]): at most that, once, to the store and key that took it — a token
+//!   bucket counts refunds conservatively and may get back less, so an `AllOf` is at times
+//!   stricter than its parts, never looser.
 //! * A token bucket may warm up ([`Quota::warm_up`], [`WarmUp`]): after start or a long idle
 //!   it admits a fraction of its rate, ramping to the full rate, so a cold service is not
 //!   flooded (memory and Redis stores alike).

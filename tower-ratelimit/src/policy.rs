@@ -194,8 +194,10 @@ impl Policy {
     }
 
     /// Gives back what an allowed [`check`](Self::check) of these states took, as its verdict's
-    /// [`Receipt`] records, as far as it still counts at `now` (see [`Quota::refund`]). A receipt
-    /// that did not come from a check of this policy's states gives nothing.
+    /// [`Receipt`] records, as far as it still counts at `now` (see [`Quota::refund`]: never
+    /// more than the check took, and a token bucket may give back less after other refunds). A
+    /// receipt that did not come from a check of this policy gives nothing; a receipt gives
+    /// back once (a second refund of it, or of a clone of it, gives nothing).
     ///
     /// ```
     /// use tower_ratelimit::{Policy, Quota};
@@ -205,12 +207,30 @@ impl Policy {
     /// let verdict = policy.check(&mut state, 0, 2)?;
     /// assert!(!policy.check(&mut state, 0, 1)?.allowed());
     /// policy.refund(&mut state, 0, verdict.receipt());
-    /// assert!(policy.check(&mut state, 0, 2)?.allowed());
+    /// assert!(policy.check(&mut state, 0, 1)?.allowed());
+    /// // Given back again: nothing more.
+    /// policy.refund(&mut state, 0, verdict.receipt());
+    /// assert!(policy.check(&mut state, 0, 1)?.allowed());
+    /// assert!(!policy.check(&mut state, 0, 1)?.allowed());
     /// # Ok::<(), Box<dyn std::error::Error>>(())
     /// ```
     pub fn refund(&self, states: &mut PolicyState, now: Nanos, receipt: &Receipt) {
-        let Some(taken) = receipt.memory_quotas(None) else { return };
-        if taken.len() != self.inner.quotas.len() || states.len() != taken.len() {
+        if let Some((taken, _)) = receipt.memory_quotas(None)
+            && self.fits(states, taken)
+            && receipt.claim()
+        {
+            self.refund_quotas(states, now, taken);
+        }
+    }
+
+    /// Whether per-quota receipts `taken` can be those of a check of `states` by this policy.
+    pub(crate) fn fits(&self, states: &PolicyState, taken: &[crate::QuotaReceipt]) -> bool {
+        taken.len() == self.inner.quotas.len() && states.len() == taken.len()
+    }
+
+    /// [`refund`](Self::refund) of per-quota receipts (their receipt claimed already).
+    pub(crate) fn refund_quotas(&self, states: &mut PolicyState, now: Nanos, taken: &[crate::QuotaReceipt]) {
+        if !self.fits(states, taken) {
             return;
         }
         for ((q, s), r) in self.inner.quotas.iter().zip(states.iter_mut()).zip(taken) {

@@ -236,16 +236,29 @@ impl TokenBucket {
         tat.max(now).saturating_add(cost.saturating_mul(self.interval))
     }
 
-    /// The TAT after giving back `units` a consume took that left the TAT at `taken_to`: what of
-    /// them has not come back by itself at `now`, `min(units × interval, taken_to − now)`.
+    /// The time to give back (to take off the TAT) for `units` a consume at `at` took that left
+    /// the TAT at `taken_to`, when refunds since then gave back `refunded_since` in all: what of
+    /// them has not come back by itself at `now`, counted conservatively,
+    /// `min(units × interval, max(0, end − now))` with
+    /// `end = max(taken_to − refunded_since, at + units × interval)`.
     ///
-    /// The consume moved the TAT `units × interval` later; every later request or instant at
-    /// which the TAT had fallen behind the clock absorbed part of that, and the TAT never falls
-    /// below `taken_to` but by refunds, so what is left of it is at least this. (A warm-up bucket
-    /// uses its full-rate interval: the smallest it ever spends per token.)
-    pub(crate) fn refund(&self, tat: Nanos, now: Nanos, taken_to: Nanos, units: u64) -> Nanos {
-        let back = units.saturating_mul(self.interval).min(taken_to.saturating_sub(now));
-        tat.saturating_sub(back)
+    /// The consume queued its units at the end of the bucket, from `max(TAT, at)` to
+    /// `taken_to`. Nothing but a refund moves them: later consumes queue after them, and time
+    /// passing only makes them come back. A refund of an earlier-queued consume moves them
+    /// earlier by what it gave back; one of a later-queued consume moves nothing of them, but is
+    /// counted too (the bucket only keeps the total), so their end is at least
+    /// `taken_to − refunded_since`. And no refund moves their start before `at`: a refund at
+    /// `t` gives back at most what of its own units lies after `t`, so what follows them never
+    /// lands before `t`, itself after `at`; their end is at least `at + units × interval` too
+    /// (which makes a refund right after its check exact, whatever the order of refunds; this
+    /// bound takes a clock that does not go back, as the stores' clocks). What
+    /// of them has not come back by `now` is at least `end − now` for either bound, and this
+    /// gives back no more. (A warm-up bucket uses its full-rate interval: the smallest it ever
+    /// spends per token.)
+    pub(crate) fn refund(&self, now: Nanos, at: Nanos, taken_to: Nanos, units: u64, refunded_since: Nanos) -> Nanos {
+        let span = units.saturating_mul(self.interval);
+        let end = taken_to.saturating_sub(refunded_since).max(at.saturating_add(span).min(taken_to));
+        span.min(end.saturating_sub(now))
     }
 
     /// Where the ramp of a warm-up bucket started, seen at `now`: a bucket never used, or full

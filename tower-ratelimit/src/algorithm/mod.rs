@@ -42,7 +42,7 @@ pub struct Decision {
 
 /// What one [`Quota::consume`] took, exactly: [`Quota::refund`] gives back that and no more.
 ///
-/// Opaque; a store keeps one per quota in the [`Receipt`](crate::Receipt) of an allowed check.
+/// Opaque; a store keeps one per quota in the [`Receipt`] of an allowed check.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct QuotaReceipt(pub(crate) Consumed);
 
@@ -51,8 +51,9 @@ pub(crate) enum Consumed {
     /// Nothing (a cost of zero, a state that did not match the quota).
     #[default]
     Nothing,
-    /// A token bucket: its TAT right after the consume, and the units taken.
-    Bucket { tat: Nanos, units: u64 },
+    /// A token bucket: its TAT right after the consume, the units taken, the bucket's running
+    /// total of refunded time at the consume (to tell the refunds made since), and when.
+    Bucket { tat: Nanos, units: u64, refunded: Nanos, at: Nanos },
     /// A sliding window: the sub-window the units were counted in.
     Window { index: u64, units: u64 },
     /// A sliding log: the time of the entry that holds the units.
@@ -296,8 +297,10 @@ impl Quota {
     /// A fresh state: the quota entirely available.
     pub fn new_state(&self) -> QuotaState {
         match &self.kind {
-            QuotaKind::Gcra(q) if q.warm_up().is_some() => QuotaState::WarmGcra { tat: 0, warm_start: None },
-            QuotaKind::Gcra(_) => QuotaState::Gcra(0),
+            QuotaKind::Gcra(q) if q.warm_up().is_some() => {
+                QuotaState::WarmGcra { tat: 0, warm_start: None, refunded: 0 }
+            }
+            QuotaKind::Gcra(_) => QuotaState::Gcra { tat: 0, refunded: 0 },
             QuotaKind::Window(q) => QuotaState::Window(q.new_state()),
             QuotaKind::Log(_) => QuotaState::Log(log::LogState::default()),
         }
@@ -307,10 +310,12 @@ impl Quota {
     /// (It may forget data that has expired, which changes no decision.)
     pub fn evaluate(&self, state: &mut QuotaState, now: Nanos, cost: u64) -> Decision {
         match (&self.kind, state) {
-            (QuotaKind::Gcra(q), QuotaState::WarmGcra { tat, warm_start }) if let Some(w) = q.warm_up() => {
+            (QuotaKind::Gcra(q), QuotaState::WarmGcra { tat, warm_start, .. }) if let Some(w) = q.warm_up() => {
                 q.evaluate_warm(w, *tat, *warm_start, now, cost).0
             }
-            (QuotaKind::Gcra(q), QuotaState::Gcra(tat)) if q.warm_up().is_none() => q.evaluate(*tat, now, cost).0,
+            (QuotaKind::Gcra(q), QuotaState::Gcra { tat, .. }) if q.warm_up().is_none() => {
+                q.evaluate(*tat, now, cost).0
+            }
             (QuotaKind::Window(q), QuotaState::Window(s)) => q.evaluate(s, now, cost),
             (QuotaKind::Log(q), QuotaState::Log(s)) => q.evaluate(s, now, cost),
             (_, state) => {
@@ -324,17 +329,17 @@ impl Quota {
     /// returns what exactly it took: what [`refund`](Self::refund) needs to give it back.
     pub fn consume(&self, state: &mut QuotaState, now: Nanos, cost: u64) -> QuotaReceipt {
         let consumed = match (&self.kind, state) {
-            (QuotaKind::Gcra(q), QuotaState::WarmGcra { tat, warm_start }) => match q.warm_up() {
+            (QuotaKind::Gcra(q), QuotaState::WarmGcra { tat, warm_start, refunded }) => match q.warm_up() {
                 Some(w) => {
                     let (_, new_tat, start) = q.evaluate_warm(w, *tat, *warm_start, now, cost);
                     (*tat, *warm_start) = (new_tat, Some(start));
-                    Consumed::Bucket { tat: new_tat, units: cost }
+                    Consumed::Bucket { tat: new_tat, units: cost, refunded: *refunded, at: now }
                 }
                 None => Consumed::Nothing,
             },
-            (QuotaKind::Gcra(q), QuotaState::Gcra(tat)) => {
+            (QuotaKind::Gcra(q), QuotaState::Gcra { tat, refunded }) => {
                 *tat = q.consume(*tat, now, cost);
-                Consumed::Bucket { tat: *tat, units: cost }
+                Consumed::Bucket { tat: *tat, units: cost, refunded: *refunded, at: now }
             }
             (QuotaKind::Window(q), QuotaState::Window(s)) => {
                 Consumed::Window { index: q.consume(s, now, cost), units: cost }
@@ -351,7 +356,7 @@ impl Quota {
     /// starts with the first request, admitted or not (else a cold bucket that only sees costs
     /// over its cold burst would restart its ramp on every request and never admit one).
     pub fn touch(&self, state: &mut QuotaState, now: Nanos) {
-        if let (QuotaKind::Gcra(q), QuotaState::WarmGcra { tat, warm_start }) = (&self.kind, state)
+        if let (QuotaKind::Gcra(q), QuotaState::WarmGcra { tat, warm_start, .. }) = (&self.kind, state)
             && let Some(w) = q.warm_up()
         {
             let start = TokenBucket::ramp_start(w, *tat, *warm_start, now);
@@ -365,12 +370,24 @@ impl Quota {
     /// still counts at `now` — never more, whatever happened since (time passing, other
     /// requests consuming or being refunded):
     ///
-    /// * a token bucket gets back only the part of the consume that has not come back by itself:
-    ///   its TAT moves back by `min(units × interval, receipt_tat − now)` (nothing once the
-    ///   receipt's TAT has passed; the warm-up ramp's full-rate interval, the smallest);
+    /// * a token bucket gets back only the part of the consume that has not come back by itself,
+    ///   counted conservatively: the consume's units end at the TAT it left (`receipt_tat`) less
+    ///   what refunds made since moved them earlier — at most all the time those refunds gave
+    ///   back, `refunded_since` (the bucket keeps a running total of it; every refund is
+    ///   counted, even one of a later consume, which moved nothing of this one) — and no earlier
+    ///   than `units × interval` after the consume's instant `at` (no refund moves them before
+    ///   it). Its TAT moves back by `min(units × interval, max(0, end − now))`, with
+    ///   `end = max(receipt_tat − refunded_since, at + units × interval)` (nothing once that end
+    ///   has passed; a warm-up bucket counts its full-rate interval, the smallest it ever spends
+    ///   per token). So a refund at the consume's instant gives back all of it, and a later one,
+    ///   after other refunds, may give back less than the consume took (at most the time since
+    ///   the consume less), never more;
     /// * a sliding window loses the units from the sub-window they were counted in, if that is
     ///   still in the counted range (else they have left already);
     /// * a sliding log loses the units from the entry they were logged in, unless it expired.
+    ///
+    /// A [`QuotaReceipt`] is a plain value: this call does not know whether it was given back
+    /// already. Give each back once (the stores' [`Receipt`]s see to it themselves).
     ///
     /// ```
     /// use std::time::Duration;
@@ -388,9 +405,13 @@ impl Quota {
         match (&self.kind, state, receipt.0) {
             (
                 QuotaKind::Gcra(q),
-                QuotaState::Gcra(tat) | QuotaState::WarmGcra { tat, .. },
-                Consumed::Bucket { tat: taken_to, units },
-            ) => *tat = q.refund(*tat, now, taken_to, units),
+                QuotaState::Gcra { tat, refunded } | QuotaState::WarmGcra { tat, refunded, .. },
+                Consumed::Bucket { tat: taken_to, units, refunded: then, at },
+            ) => {
+                let back = q.refund(now, at, taken_to, units, refunded.wrapping_sub(then));
+                *tat = tat.saturating_sub(back);
+                *refunded = refunded.wrapping_add(back);
+            }
             (QuotaKind::Window(q), QuotaState::Window(s), Consumed::Window { index, units }) => {
                 q.refund(s, now, index, units)
             }
@@ -408,7 +429,7 @@ impl Quota {
     /// changes no decision (what the memory store's eviction relies on).
     pub fn idle_at(&self, state: &QuotaState) -> Nanos {
         match (&self.kind, state) {
-            (QuotaKind::Gcra(_), QuotaState::Gcra(tat)) => *tat,
+            (QuotaKind::Gcra(_), QuotaState::Gcra { tat, .. }) => *tat,
             // Full for its idle time, it is cold: the same as fresh.
             (QuotaKind::Gcra(q), QuotaState::WarmGcra { tat, .. }) => {
                 tat.saturating_add(q.warm_up().map_or(0, WarmUp::idle_nanos))
@@ -423,14 +444,22 @@ impl Quota {
 /// The state of one quota for one key.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum QuotaState {
-    /// Theoretical arrival time of a token bucket.
-    Gcra(Nanos),
+    /// A token bucket.
+    Gcra {
+        /// Theoretical arrival time.
+        tat: Nanos,
+        /// Running total (wrapping) of the time refunds gave back: a refund counts the part
+        /// added since its consume as having moved that consume's units earlier.
+        refunded: Nanos,
+    },
     /// A token bucket with warm-up: its TAT and where its ramp started (none yet: cold).
     WarmGcra {
         /// Theoretical arrival time.
         tat: Nanos,
         /// Start of the current ramp.
         warm_start: Option<Nanos>,
+        /// Running total (wrapping) of the time refunds gave back (see [`QuotaState::Gcra`]).
+        refunded: Nanos,
     },
     /// Sub-window counters of a sliding window.
     Window(window::WindowState),

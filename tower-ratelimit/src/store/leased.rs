@@ -164,7 +164,7 @@ impl Local {
         if cost == 0 {
             return verdict;
         }
-        verdict.with_receipt(Receipt { taken: Taken::Lease { store, lease: self.lease, units: cost } })
+        verdict.with_receipt(Receipt::new(Taken::Lease { store, lease: self.lease, units: cost }))
     }
 
     /// Answers from the lease, or repeats a recent refusal, if it can.
@@ -375,9 +375,10 @@ impl<C: RedisConnection> Store for LeasedStore<C> {
     }
 
     /// Units spent from a lease go back to that lease while it lives (an expired or replaced
-    /// lease's are lost, as its unspent ones are); units the failure policy's in-process
-    /// fallback took (while Redis failed) go back to the fallback; an admission of a fail-open
-    /// store took nothing.
+    /// lease's are lost, as its unspent ones are), once (a receipt given back again, or a clone
+    /// of it, gives nothing), and only for the key they were spent for (lease numbers are
+    /// unique in a store); units the failure policy's in-process fallback took (while Redis
+    /// failed) go back to the fallback; an admission of a fail-open store took nothing.
     fn refund(&self, key: &Key, receipt: Receipt) -> BoxFuture<'static, ()> {
         let inner = &*self.inner;
         match receipt.taken {
@@ -385,7 +386,7 @@ impl<C: RedisConnection> Store for LeasedStore<C> {
                 let now = inner.clock.now();
                 inner.leases.get(key, |held| {
                     let mut local = held.local.lock().unwrap_or_else(PoisonError::into_inner);
-                    if local.lease == lease && now < local.expires_at {
+                    if local.lease == lease && now < local.expires_at && receipt.claim() {
                         local.units = local.units.saturating_add(units);
                     }
                 });

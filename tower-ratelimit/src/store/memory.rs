@@ -39,6 +39,7 @@ pub const DEFAULT_MAX_BYTES: usize = 256 << 20;
 ///   when the store is full even after a sweep, the eighth of a shard's keys closest to idle is
 ///   forgotten. A forgotten key starts again with a full quota, so at the cap the store can
 ///   over-admit (never under-admit); the `rampart_ratelimit_evictions_total` counter shows it.
+///   (A receipt of the forgotten entry gives nothing back to the key's new one.)
 ///   The key cap also keeps the bytes under [`max_bytes`]: a policy whose state can grow (a
 ///   sliding log holds one entry per admission) gets fewer keys, its worst case counted.
 ///
@@ -63,17 +64,45 @@ struct Inner<C> {
     id: u64,
     policy: Policy,
     clock: C,
+    /// The generation of the next entry created (the global one is 0): tells a receipt of a
+    /// key's entry from one of an earlier entry of the same key, forgotten since.
+    generations: AtomicU64,
     // Padded: its CAS must not invalidate the line holding `policy` and `clock` for readers.
     global: CachePadded<Cell>,
     keys: ShardedMap<Cell>,
 }
 
+/// The receipts' key hash of [`Key::GLOBAL`] (which bypasses the map and its hasher).
+const GLOBAL_HASH: u64 = u64::MAX;
+
+/// The entry of one key.
 #[derive(Debug)]
-enum Cell {
-    /// A single token bucket: its TAT, updated by CAS.
-    Tat(AtomicU64),
+struct Cell {
+    /// Which entry of the key this is: a receipt refunds only into the entry it was taken from.
+    generation: u64,
+    state: CellState,
+}
+
+#[derive(Debug)]
+enum CellState {
+    /// A single token bucket, updated by CAS.
+    Tat(TatCell),
     /// Any other policy: the states under a per-key lock (boxed: keeps table buckets small).
     States(Box<StatesCell>),
+}
+
+/// A single token bucket's state (as [`QuotaState::Gcra`](crate::algorithm::QuotaState::Gcra)).
+#[derive(Debug)]
+struct TatCell {
+    /// The TAT, updated by CAS.
+    tat: AtomicU64,
+    /// The running total of time refunds gave back (wrapping): written after the TAT it moved,
+    /// read by a check before its CAS, so a receipt's total never counts a refund that could
+    /// still move its units (it may count one that could not: conservative).
+    refunded: AtomicU64,
+    /// Serializes refunds (each reads the total and moves the TAT as one step); checks do not
+    /// take it.
+    refunding: Mutex<()>,
 }
 
 #[derive(Debug)]
@@ -84,59 +113,73 @@ struct StatesCell {
 
 impl Idle for Cell {
     fn idle_at(&self) -> Nanos {
-        match self {
-            Self::Tat(tat) => tat.load(Ordering::Relaxed),
-            Self::States(cell) => cell.idle_at.load(Ordering::Relaxed),
+        match &self.state {
+            CellState::Tat(cell) => cell.tat.load(Ordering::Relaxed),
+            CellState::States(cell) => cell.idle_at.load(Ordering::Relaxed),
         }
     }
 }
 
 impl Cell {
-    fn new(policy: &Policy) -> Self {
-        if policy.single_gcra().is_some() {
-            Self::Tat(AtomicU64::new(0))
+    fn new(policy: &Policy, generation: u64) -> Self {
+        let state = if policy.single_gcra().is_some() {
+            CellState::Tat(TatCell { tat: AtomicU64::new(0), refunded: AtomicU64::new(0), refunding: Mutex::new(()) })
         } else {
-            Self::States(Box::new(StatesCell { states: Mutex::new(policy.new_state()), idle_at: AtomicU64::new(0) }))
-        }
+            CellState::States(Box::new(StatesCell {
+                states: Mutex::new(policy.new_state()),
+                idle_at: AtomicU64::new(0),
+            }))
+        };
+        Self { generation, state }
     }
 
-    fn refund(&self, policy: &Policy, now: Nanos, receipt: &Receipt) {
-        match self {
-            Self::Tat(atomic) => {
-                if let (Some(bucket), Some([taken])) = (policy.single_gcra(), receipt.memory_quotas(None))
-                    && let Consumed::Bucket { tat: taken_to, units } = taken.0
+    /// Gives back what per-quota receipts `taken` (of a check of this entry, claimed) took.
+    fn refund(&self, policy: &Policy, now: Nanos, taken: &[QuotaReceipt]) {
+        match &self.state {
+            CellState::Tat(cell) => {
+                if let (Some(bucket), [taken]) = (policy.single_gcra(), taken)
+                    && let Consumed::Bucket { tat: taken_to, units, refunded: then, at } = taken.0
                 {
-                    let _ = atomic.fetch_update(Ordering::AcqRel, Ordering::Acquire, |t| {
-                        Some(bucket.refund(t, now, taken_to, units))
-                    });
+                    let _refunding = cell.refunding.lock().unwrap_or_else(PoisonError::into_inner);
+                    let refunded = cell.refunded.load(Ordering::Acquire);
+                    let back = bucket.refund(now, at, taken_to, units, refunded.wrapping_sub(then));
+                    if back > 0 {
+                        let _ = cell
+                            .tat
+                            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |t| Some(t.saturating_sub(back)));
+                        // After the TAT: a check that reads the new total is placed after it.
+                        cell.refunded.store(refunded.wrapping_add(back), Ordering::Release);
+                    }
                 }
             }
-            Self::States(cell) => {
+            CellState::States(cell) => {
                 let mut states = cell.states.lock().unwrap_or_else(PoisonError::into_inner);
-                policy.refund(&mut states, now, receipt);
+                policy.refund_quotas(&mut states, now, taken);
                 cell.idle_at.store(policy.idle_at(&states), Ordering::Relaxed);
             }
         }
     }
 
     fn check(&self, policy: &Policy, now: Nanos, cost: u64) -> Result<Verdict, CheckError> {
-        match self {
-            Self::Tat(atomic) => {
+        match &self.state {
+            CellState::Tat(cell) => {
                 let Some(bucket) = policy.single_gcra() else {
                     return Err(CheckError::Unavailable("memory store cell does not match its policy".into()));
                 };
                 if cost > bucket.burst() {
                     return Err(CheckError::CostExceedsCapacity { cost, capacity: bucket.burst() });
                 }
-                let mut tat = atomic.load(Ordering::Acquire);
+                // Read before the CAS: a refund counted here moved the TAT before it.
+                let refunded = cell.refunded.load(Ordering::Acquire);
+                let mut tat = cell.tat.load(Ordering::Acquire);
                 loop {
                     let (decision, new_tat) = bucket.evaluate(tat, now, cost);
                     if !decision.allowed || new_tat == tat {
                         return Ok(Verdict::single(decision));
                     }
-                    match atomic.compare_exchange_weak(tat, new_tat, Ordering::AcqRel, Ordering::Acquire) {
+                    match cell.tat.compare_exchange_weak(tat, new_tat, Ordering::AcqRel, Ordering::Acquire) {
                         Ok(_) => {
-                            let taken = QuotaReceipt(Consumed::Bucket { tat: new_tat, units: cost });
+                            let taken = QuotaReceipt(Consumed::Bucket { tat: new_tat, units: cost, refunded, at: now });
                             let receipt = Receipt::memory(std::iter::once(taken).collect());
                             return Ok(Verdict::single(decision).with_receipt(receipt));
                         }
@@ -144,7 +187,7 @@ impl Cell {
                     }
                 }
             }
-            Self::States(cell) => {
+            CellState::States(cell) => {
                 let mut states = cell.states.lock().unwrap_or_else(PoisonError::into_inner);
                 let verdict = policy.check(&mut states, now, cost)?;
                 cell.idle_at.store(policy.idle_at(&states), Ordering::Relaxed);
@@ -231,18 +274,27 @@ impl<C: Clock> MemoryStore<C> {
     pub fn check_sync(&self, key: &Key, cost: u64) -> Result<Verdict, CheckError> {
         let inner = &*self.inner;
         let now = inner.clock.now();
-        let mut verdict = if key.is_global() {
-            inner.global.check(&inner.policy, now, cost)
+        let (hash, (mut verdict, generation)) = if key.is_global() {
+            (GLOBAL_HASH, (inner.global.check(&inner.policy, now, cost)?, inner.global.generation))
         } else {
-            inner.keys.with(key, now, || Cell::new(&inner.policy), |cell| cell.check(&inner.policy, now, cost))
-        }?;
-        verdict.receipt_mut().issued_by(inner.id);
+            let hash = inner.keys.hash(key);
+            let create = || Cell::new(&inner.policy, inner.generations.fetch_add(1, Ordering::Relaxed));
+            let checked = inner.keys.with_hash(hash, key, now, create, |cell| {
+                cell.check(&inner.policy, now, cost).map(|v| (v, cell.generation))
+            })?;
+            (hash, checked)
+        };
+        verdict.receipt_mut().issued_by(inner.id, hash, generation);
         Ok(verdict)
     }
 
     /// [`Store::refund`], synchronously: gives back what the check that issued `receipt` took
-    /// (see [`Quota::refund`] for what of it still counts). A receipt of another store, or of a
-    /// key no longer resident (it went idle: nothing it took still counts), gives nothing.
+    /// (see [`Quota::refund`] for what of it still counts: never more than it took, and a token
+    /// bucket may give back less after other refunds), once: a receipt given back already (it or
+    /// a clone of it) gives nothing more. A receipt of another store or of another key gives
+    /// nothing; nor does one of a key no longer resident (it went idle: nothing it took still
+    /// counts) or forgotten and created again since (it was evicted: the new entry never took
+    /// those units).
     ///
     /// ```
     /// use std::time::Duration;
@@ -265,14 +317,19 @@ impl<C: Clock> MemoryStore<C> {
     /// ```
     pub fn refund_sync(&self, key: &Key, receipt: &Receipt) {
         let inner = &*self.inner;
-        if receipt.memory_quotas(Some(inner.id)).is_none() {
-            return;
-        }
+        let hash = if key.is_global() { GLOBAL_HASH } else { inner.keys.hash(key) };
+        let Some((taken, generation)) = receipt.memory_quotas(Some((inner.id, hash))) else { return };
         let now = inner.clock.now();
+        let refund = |cell: &Cell| {
+            if cell.generation == generation && receipt.claim() {
+                cell.refund(&inner.policy, now, taken);
+            }
+        };
         if key.is_global() {
-            return inner.global.refund(&inner.policy, now, receipt);
+            refund(&inner.global);
+        } else {
+            inner.keys.get_hash(hash, key, refund);
         }
-        inner.keys.get(key, |cell| cell.refund(&inner.policy, now, receipt));
     }
 }
 
@@ -360,7 +417,8 @@ impl<C: Clock> MemoryStoreBuilder<C> {
         MemoryStore {
             inner: Arc::new(Inner {
                 id: next_store_id(),
-                global: CachePadded::new(Cell::new(&self.policy)),
+                generations: AtomicU64::new(1),
+                global: CachePadded::new(Cell::new(&self.policy, 0)),
                 keys: ShardedMap::new(max_keys, evictions),
                 policy: self.policy,
                 clock: self.clock,

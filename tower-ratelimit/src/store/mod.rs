@@ -47,13 +47,16 @@ pub trait Store: Send + Sync + 'static {
     /// records ([`Verdict::take_receipt`]): what an all-or-nothing check over several stores
     /// ([`AllOf`](crate::AllOf)) does when a later one refuses or the request is dropped.
     ///
-    /// Exactly what that check took and no more, whatever happened since: a token bucket gets
-    /// back only the part not already refilled by time, a sliding window only from the
-    /// sub-window the check counted in (nothing once it left the window), a sliding log only
-    /// that check's own entry (nothing once it expired); and only to the backend that took it
-    /// (Redis, a lease, the in-process fallback; nothing for an admission nothing counted). A
-    /// receipt issued by another store gives nothing. A store that cannot refund (the default)
-    /// leaves the units spent, which only ever makes it stricter.
+    /// At most what that check took, never more, whatever happened since: a token bucket gets
+    /// back only the part not already refilled by time, counted conservatively (every refund
+    /// made since is taken to have moved this check's units earlier, so after other refunds it
+    /// may get back less than was taken); a sliding window only from the sub-window the check
+    /// counted in (nothing once it left the window), a sliding log only that check's own entry
+    /// (nothing once it expired); and only to the backend that took it (Redis, a lease, the
+    /// in-process fallback; nothing for an admission nothing counted), for the key it was
+    /// taken for, once (a receipt given back again, or a clone of it, gives nothing). A
+    /// receipt issued by another store or for another key gives nothing. A store that cannot
+    /// refund (the default) leaves the units spent, which only ever makes it stricter.
     fn refund(&self, key: &Key, receipt: Receipt) -> BoxFuture<'static, ()> {
         let _ = (key, receipt);
         Box::pin(std::future::ready(()))

@@ -5,6 +5,12 @@
 --   kind 'g' (GCRA token bucket): a = interval_us, b = tau_us, c = burst
 --   kind 'h' (GCRA with warm-up): as 'g', and d = ramp_us, e = cold factor, f = idle_us;
 --                                 the key holds 'tat:ramp_start'
+--   A token bucket's key ('g' or 'h') also holds, once a refund gave time back in its life,
+--   the running total of the time refunds gave back (refund.lua): 'tat:refunded' ('g'),
+--   'tat:ramp_start:refunded' ('h'). While it does, the key's TTL never shrinks: it outlives
+--   every receipt's TAT, so a receipt of an expired key's life can give nothing back.
+--   (Versions before the total read such a value as no state: while both run, a key that saw
+--   a refund looks fresh to the older ones.)
 --   kind 'w' (rolling window):    a = width_us,    b = slots (S+1), c = limit
 --   kind 'l' (sliding log):       a = window_us,   b = limit,       c = unused
 --   (d, e, f are 0 for the kinds without warm-up)
@@ -14,11 +20,16 @@
 -- Returns { {taken, then per quota: allowed, limit, remaining, reset_after_us, retry_after_us},
 --           {per quota: its receipt, '' when nothing was taken} }.
 -- A receipt says exactly what the consume took, for refund.lua: a token bucket's TAT right
--- after it, a window's sub-window index, a log's member.
+-- after it, the bucket's refunded total then and the instant ('tat:refunded:now'), a window's
+-- sub-window index, a log's member.
 
 local EPS = 1e-9
 local function fmt(x) return string.format('%.17g', x) end
 local function ceil_ms(us) return math.max(1, math.ceil(us / 1000)) end
+-- Up to three ':'-separated fields.
+local function fields(raw)
+  return string.match(raw, '^([^:]*):?([^:]*):?([^:]*)$')
+end
 
 local now
 if ARGV[1] ~= '' then
@@ -39,16 +50,23 @@ for i = 1, n do
               c = tonumber(ARGV[base + 4]), d = tonumber(ARGV[base + 5]), e = tonumber(ARGV[base + 6]),
               f = tonumber(ARGV[base + 7]), key = KEYS[k] }
   k = k + 1
+  q.r = 0
   if q.kind == 'g' then
-    q.tat = math.max(tonumber(redis.call('GET', q.key) or '0') or 0, now)
+    local raw = redis.call('GET', q.key)
+    local tat = 0
+    if raw then
+      local t, r = fields(raw)
+      tat, q.r = tonumber(t) or 0, tonumber(r) or 0
+    end
+    q.tat = math.max(tat, now)
   elseif q.kind == 'h' then
     -- Warm-up (TokenBucket::evaluate_warm): a ramp restarts when the bucket is new or sat full
     -- for f; while it runs, interval and burst follow phi, and the TAT is kept relative to now.
     local raw = redis.call('GET', q.key)
     local tat, start = 0, nil
     if raw then
-      local t, s = string.match(raw, '^([^:]+):(.+)$')
-      tat, start = tonumber(t) or 0, tonumber(s)
+      local t, s, r = fields(raw)
+      tat, start, q.r = tonumber(t) or 0, tonumber(s), tonumber(r) or 0
     end
     if start == nil or tat + q.f <= now then start = now end
     local cold = 1 / q.e
@@ -194,17 +212,26 @@ local function evaluate(q, cost)
   end
 end
 
+-- Writes a token bucket's TAT (with its ramp start and refunded total), to live until
+-- `extra` past it; once refunds gave time back, never for less than the key has left.
+local function set_bucket(q, tat, extra)
+  local value = fmt(tat)
+  if q.warm then value = value .. ':' .. fmt(q.start) end
+  local ttl = ceil_ms(tat - now + extra)
+  if q.r ~= 0 then
+    value = value .. ':' .. fmt(q.r)
+    ttl = math.max(ttl, redis.call('PTTL', q.key))
+  end
+  redis.call('SET', q.key, value, 'PX', ttl)
+end
+
 -- Consumes `cost` units; returns the receipt.
 local function consume(q, cost)
   if cost <= 0 then return '' end
-  if q.warm then
+  if q.kind == 'g' then
     local new_tat = q.tat + cost * q.a
-    redis.call('SET', q.key, fmt(new_tat) .. ':' .. fmt(q.start), 'PX', ceil_ms(new_tat - now + q.f))
-    return fmt(new_tat)
-  elseif q.kind == 'g' then
-    local new_tat = q.tat + cost * q.a
-    redis.call('SET', q.key, fmt(new_tat), 'PX', ceil_ms(new_tat - now))
-    return fmt(new_tat)
+    set_bucket(q, new_tat, q.warm and q.f or 0)
+    return fmt(new_tat) .. ':' .. fmt(q.r) .. ':' .. fmt(now)
   elseif q.kind == 'w' then
     local slots = q.b
     q.counts[q.cur % slots] = q.counts[q.cur % slots] + cost
@@ -260,9 +287,7 @@ else
   -- Quota::touch: a warm-up ramp starts with the first request, admitted or not.
   for i = 1, n do
     local q = quotas[i]
-    if q.warm then
-      redis.call('SET', q.key, fmt(q.tat) .. ':' .. fmt(q.start), 'PX', ceil_ms(q.tat - now + q.f))
-    end
+    if q.warm then set_bucket(q, q.tat, q.f) end
   end
 end
 

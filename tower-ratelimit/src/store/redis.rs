@@ -105,6 +105,8 @@ struct Inner<C> {
     on_failure: FailurePolicy,
     fallback: MemoryStore,
     quota_args: Vec<QuotaArgs>,
+    /// Hashes keys for receipts (a receipt gives back only to its own key).
+    key_hasher: foldhash::fast::RandomState,
     health: Health,
     errors: metrics::Counter,
     latency: metrics::Histogram,
@@ -482,8 +484,13 @@ impl<C: RedisConnection> RedisStore<C> {
         if taken == 0 {
             return Ok((taken, verdict));
         }
-        let receipt = RedisTaken { store: inner.id, units: taken, quotas: receipts.into() };
-        Ok((taken, verdict.with_receipt(Receipt { taken: Taken::Redis(Arc::new(receipt)) })))
+        let receipt = RedisTaken { store: inner.id, key: self.key_hash(key), units: taken, quotas: receipts.into() };
+        Ok((taken, verdict.with_receipt(Receipt::new(Taken::Redis(Arc::new(receipt))))))
+    }
+
+    fn key_hash(&self, key: &Key) -> u64 {
+        use std::hash::BuildHasher as _;
+        self.inner.key_hasher.hash_one(key)
     }
 
     /// Gives back in Redis what a script call took (see [`Store::refund`]). A failure leaves
@@ -590,11 +597,18 @@ impl<C: RedisConnection> Store for RedisStore<C> {
     }
 
     /// What Redis took goes back to Redis; what the local fallback took (while Redis failed)
-    /// goes back to the fallback; an admission of a fail-open store took nothing.
+    /// goes back to the fallback; an admission of a fail-open store took nothing. Only to the
+    /// key the receipt was issued for, and once (a receipt given back again, or a clone of it,
+    /// gives nothing; the first refund spends it even if Redis then fails to answer).
     fn refund(&self, key: &Key, receipt: Receipt) -> BoxFuture<'static, ()> {
-        match receipt.taken {
-            Taken::Redis(taken) if taken.store == self.inner.id && taken.units > 0 => {
-                Box::pin(self.clone().refund_units(key.clone(), taken))
+        match &receipt.taken {
+            Taken::Redis(taken)
+                if taken.store == self.inner.id
+                    && taken.key == self.key_hash(key)
+                    && taken.units > 0
+                    && receipt.claim() =>
+            {
+                Box::pin(self.clone().refund_units(key.clone(), taken.clone()))
             }
             Taken::Memory { .. } => {
                 self.inner.fallback.refund_sync(key, &receipt);
@@ -666,6 +680,7 @@ impl<C: RedisConnection> RedisStoreBuilder<C> {
                 time: self.time,
                 on_failure: self.on_failure,
                 quota_args,
+                key_hasher: foldhash::fast::RandomState::default(),
                 health: Health::new(),
                 errors: metrics::counter!("rampart_ratelimit_store_errors_total", "limiter" => name.clone()),
                 latency: metrics::histogram!("rampart_ratelimit_store_seconds", "limiter" => name),

@@ -1,8 +1,13 @@
 -- Rampart rate limit refund: gives back what one allowed check of a key took, from every quota
 -- (an all-or-nothing check over several limits undoing its part), as the receipts ratelimit.lua
 -- returned for it say, and only what of it still counts now (Quota::refund):
---   * a token bucket's TAT moves back by min(units x interval, receipt_tat - now): the part of
---     the consume that has not come back by itself (nothing once the receipt's TAT has passed);
+--   * a token bucket's TAT moves back by min(units x interval, end - now), with
+--     end = max(receipt_tat - since, receipt_now + units x interval), where `since` is the time
+--     refunds gave back since the consume (the key's running total, less the total the receipt
+--     recorded): the part of the consume that has not come back by itself, counted
+--     conservatively (every refund since is taken to have moved the consume's units earlier,
+--     but none before the consume's instant; nothing once that end has passed:
+--     TokenBucket::refund). What it gives back is added to the total;
 --   * a window loses the units from the sub-window the check counted them in, if it is still in
 --     the counted range (else they have left already);
 --   * a log loses the check's own member, unless it expired (then it is gone already).
@@ -12,6 +17,10 @@
 -- KEYS: as ratelimit.lua (two for a sliding log: its zset, then its meta hash).
 
 local function fmt(x) return string.format('%.17g', x) end
+-- Up to three ':'-separated fields.
+local function fields(raw)
+  return string.match(raw, '^([^:]*):?([^:]*):?([^:]*)$')
+end
 
 local now
 if ARGV[1] ~= '' then
@@ -29,18 +38,25 @@ for i = 1, n do
   local key = KEYS[k]
   k = k + 1
   if kind == 'g' or kind == 'h' then
-    local taken_to = tonumber(receipt)
-    local back = 0
-    if taken_to then back = math.min(units * a, taken_to - now) end
-    if back > 0 then
-      local raw = redis.call('GET', key)
-      if raw and kind == 'g' then
-        local tat = tonumber(raw)
-        if tat then redis.call('SET', key, fmt(math.max(0, tat - back)), 'KEEPTTL') end
-      elseif raw then
-        local t, s = string.match(raw, '^([^:]+):(.+)$')
-        t = tonumber(t)
-        if t then redis.call('SET', key, fmt(math.max(0, t - back)) .. ':' .. s, 'KEEPTTL') end
+    -- The receipt: 'tat:refunded:now' (ratelimit.lua). The key: 'tat[:ramp_start][:refunded]'.
+    local taken_to, then_r, at = fields(receipt)
+    taken_to, then_r, at = tonumber(taken_to), tonumber(then_r) or 0, tonumber(at) or 0
+    local raw = redis.call('GET', key)
+    if taken_to and raw then
+      local t, x, y = fields(raw)
+      local tat, start, r = tonumber(t), nil, tonumber(x)
+      if kind == 'h' then start, r = x, tonumber(y) end
+      r = r or 0
+      -- The key's total restarts with its life; a receipt of an earlier life has passed its TAT
+      -- (the key outlived it), so any `since` gives nothing then.
+      local since = math.max(0, r - then_r)
+      local span = units * a
+      local back = math.min(span, math.max(taken_to - since, math.min(at + span, taken_to)) - now)
+      if tat and back > 0 then
+        r = r + back
+        local value = fmt(math.max(0, tat - back))
+        if kind == 'h' then value = value .. ':' .. start end
+        redis.call('SET', key, value .. ':' .. fmt(r), 'KEEPTTL')
       end
     end
   elseif kind == 'w' then

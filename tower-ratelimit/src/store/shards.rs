@@ -61,9 +61,26 @@ impl<V: Idle> ShardedMap<V> {
         }
     }
 
+    /// The hash of `key` in this map (what [`with_hash`](Self::with_hash) and
+    /// [`get_hash`](Self::get_hash) take).
+    pub(crate) fn hash(&self, key: &Key) -> u64 {
+        self.hasher.hash_one(key)
+    }
+
     /// Runs `f` on the entry of `key`, creating it with `create` if absent.
     pub(crate) fn with<R>(&self, key: &Key, now: Nanos, create: impl FnOnce() -> V, f: impl FnOnce(&V) -> R) -> R {
-        let hash = self.hasher.hash_one(key);
+        self.with_hash(self.hash(key), key, now, create, f)
+    }
+
+    /// [`with`](Self::with), `hash` being [`hash(key)`](Self::hash).
+    pub(crate) fn with_hash<R>(
+        &self,
+        hash: u64,
+        key: &Key,
+        now: Nanos,
+        create: impl FnOnce() -> V,
+        f: impl FnOnce(&V) -> R,
+    ) -> R {
         // High bits pick the shard; hashbrown uses the low ones (and the top 7) inside it.
         let shard = &self.shards[(hash >> 40) as usize % self.shards.len()];
         {
@@ -84,7 +101,11 @@ impl<V: Idle> ShardedMap<V> {
 
     /// Runs `f` on the entry of `key` if there is one.
     pub(crate) fn get<R>(&self, key: &Key, f: impl FnOnce(&V) -> R) -> Option<R> {
-        let hash = self.hasher.hash_one(key);
+        self.get_hash(self.hash(key), key, f)
+    }
+
+    /// [`get`](Self::get), `hash` being [`hash(key)`](Self::hash).
+    pub(crate) fn get_hash<R>(&self, hash: u64, key: &Key, f: impl FnOnce(&V) -> R) -> Option<R> {
         let shard = &self.shards[(hash >> 40) as usize % self.shards.len()];
         let read = shard.read().unwrap_or_else(PoisonError::into_inner);
         read.table.find(hash, |(k, _)| k == key).map(|(_, entry)| f(entry))
