@@ -506,7 +506,7 @@ impl Config {
         let all = toml::Value::try_from(examples).context("cannot print the configuration")?;
         let mut unset = Vec::new();
         unset_knobs(&all, &set, &mut Vec::new(), &mut unset);
-        let printed = with_commented(doc, &unset);
+        let printed = with_commented(doc, &unset) + &Self::gateway_example();
         Ok(if token_set {
             format!(
                 "# `admin_token` is set but never printed: write the real token there, or use DEMO_ADMIN_TOKEN.\n{printed}"
@@ -541,7 +541,51 @@ impl Config {
         c.tasks.status_ttl.get_or_insert(Duration::from_secs(3600));
         c.lock.client.acquire_timeout.get_or_insert(Duration::from_secs(1));
         c.lock.client.max_extensions.get_or_insert(100);
+        c.server.tls.get_or_insert_with(|| Tls {
+            addr: SocketAddr::from(([127, 0, 0, 1], 8443)),
+            cert: "certs/server.pem".into(),
+            key: "certs/server.key".into(),
+        });
         c
+    }
+
+    /// Every key of a `[[upstreams]]` and a `[[routes]]` table, as a commented example.
+    fn gateway_example() -> String {
+        const EXAMPLE: &str = r#"[[upstreams]]
+name = "users"
+endpoints = ["http://127.0.0.1:9001", "http://127.0.0.1:9002"]
+protocol = "http1"
+timeout = "5s"
+balance = "p2c"
+health = { path = "/healthz", interval = "1s", timeout = "500ms", unhealthy_after = 2, healthy_after = 1 }
+retry = { attempts = 3, budget_percent = 20, statuses = [502, 503] }
+breaker = { minimum_calls = 5, wait_in_open = "5s" }
+ejection = { consecutive_failures = 5, base = "1s", max = "30s" }
+adaptive_limit = { initial_limit = 20, min_limit = 1, max_limit = 1000 }
+tls = { ca = "certs/ca.pem" }
+
+[[routes]]
+name = "users-api"
+path_prefix = "/api/users"
+methods = ["GET", "POST"]
+host = "api.example.com"
+upstream = "users"
+strip_prefix = "/api"
+timeout = "10s"
+max_body = "1MiB"
+lock = { key = "segment:3", wait = "2s", methods = ["POST"] }
+limits = [ { name = "users-per-ip", key = "client_ip", quotas = [ { algorithm = "token_bucket", rate = 5, period = "1s", burst = 5 } ] } ]
+"#;
+        let mut text =
+            String::from("\n# The gateway's tables (reloaded on SIGHUP): every key of one upstream and one route.\n");
+        for line in EXAMPLE.lines() {
+            text.push_str(if line.is_empty() { "#\n" } else { "# " });
+            if !line.is_empty() {
+                text.push_str(line);
+                text.push('\n');
+            }
+        }
+        text
     }
 }
 
@@ -795,6 +839,19 @@ mod tests {
 
     fn cli(args: &[&str]) -> Cli {
         Cli::try_parse_from(std::iter::once("demo-server").chain(args.iter().copied())).unwrap()
+    }
+
+    #[test]
+    fn the_gateway_example_in_print_config_is_a_valid_table() {
+        let example: String = Config::gateway_example()
+            .lines()
+            .filter_map(|l| l.strip_prefix("# ").or_else(|| (l == "#").then_some("")))
+            .skip(1)
+            .map(|l| format!("{l}\n"))
+            .collect();
+        let config = parse(&example).unwrap();
+        config.gateway().validate().unwrap();
+        assert_eq!((config.upstreams.len(), config.routes.len()), (1, 1));
     }
 
     #[test]
