@@ -16,6 +16,7 @@ pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for
 pub const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 /// `X-Forwarded-Host`.
 pub const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+const X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
 const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
 const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
 
@@ -83,9 +84,13 @@ pub(crate) fn set_forwarded<B>(req: &mut Request<B>, peer: Option<IpAddr>, trust
     let headers = req.headers_mut();
     headers.remove(HOST);
     if !trusted_peer {
+        // Anyone can write these: from an untrusted peer none of them reaches the upstream
+        // (RFC 7239's `Forwarded` and `X-Real-IP` included, which upstreams also read).
         headers.remove(X_FORWARDED_FOR);
         headers.remove(X_FORWARDED_PROTO);
         headers.remove(X_FORWARDED_HOST);
+        headers.remove(http::header::FORWARDED);
+        headers.remove(X_REAL_IP);
     }
     if let Some(peer) = peer {
         let peer = peer.to_canonical().to_string();
@@ -160,6 +165,8 @@ mod tests {
                 .header("host", "api.example.com")
                 .header("x-forwarded-for", "1.2.3.4")
                 .header("x-forwarded-proto", "https")
+                .header("forwarded", "for=1.2.3.4;proto=https")
+                .header("x-real-ip", "1.2.3.4")
                 .body(())
                 .unwrap()
         };
@@ -169,8 +176,10 @@ mod tests {
         assert_eq!(req.headers()["x-forwarded-proto"], "http");
         assert_eq!(req.headers()["x-forwarded-host"], "api.example.com");
         assert!(!req.headers().contains_key("host"));
+        assert!(!req.headers().contains_key("forwarded") && !req.headers().contains_key("x-real-ip"));
         set_forwarded(&mut trusted, Some("10.0.0.9".parse().unwrap()), true, "http");
         assert_eq!(trusted.headers()["x-forwarded-for"], "1.2.3.4, 10.0.0.9");
         assert_eq!(trusted.headers()["x-forwarded-proto"], "https");
+        assert_eq!(trusted.headers()["forwarded"], "for=1.2.3.4;proto=https", "kept from a trusted proxy");
     }
 }
