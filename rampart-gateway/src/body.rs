@@ -31,7 +31,8 @@ where
 /// read it). A body known to be empty can always be sent again.
 #[derive(Debug)]
 pub(crate) struct Replay {
-    slot: Arc<Mutex<Option<Body>>>,
+    /// `None` for an empty body (nothing to share).
+    slot: Option<Arc<Mutex<Option<Body>>>>,
     empty: bool,
     size_hint: SizeHint,
 }
@@ -39,20 +40,24 @@ pub(crate) struct Replay {
 impl Replay {
     pub(crate) fn new(body: Body) -> Self {
         let (empty, size_hint) = (http_body::Body::is_end_stream(&body), http_body::Body::size_hint(&body));
-        Self { slot: Arc::new(Mutex::new(Some(body))), empty, size_hint }
+        let slot = (!empty).then(|| Arc::new(Mutex::new(Some(body))));
+        Self { slot, empty, size_hint }
     }
 
     /// Whether another attempt may send the body: no attempt read from it yet, or it is empty.
     pub(crate) fn replayable(&self) -> bool {
-        self.empty || self.slot.lock().unwrap_or_else(PoisonError::into_inner).is_some()
+        self.empty
+            || self.slot.as_ref().is_some_and(|slot| slot.lock().unwrap_or_else(PoisonError::into_inner).is_some())
     }
 
     /// A body for one attempt.
     pub(crate) fn attempt(&self) -> Body {
-        if self.empty {
-            return Body::default();
+        match &self.slot {
+            Some(slot) if !self.empty => {
+                UnsyncBoxBody::new(Attempt { slot: slot.clone(), body: None, size_hint: self.size_hint })
+            }
+            _ => Body::default(),
         }
-        UnsyncBoxBody::new(Attempt { slot: self.slot.clone(), body: None, size_hint: self.size_hint })
     }
 }
 

@@ -136,12 +136,11 @@ where
             _ => "http",
         };
         set_forwarded(&mut req, peer, trusted, scheme);
-        let path = req.uri().path_and_query().map_or("/", PathAndQuery::as_str);
-        let path = match &self.strip_prefix {
-            Some(prefix) => strip_path_prefix(path, prefix),
-            None => path.to_owned(),
-        };
-        *req.uri_mut() = path.parse::<Uri>().unwrap_or_else(|_| Uri::from_static("/"));
+        // The upstream takes the path and query (its own scheme and authority go in front).
+        if let Some(prefix) = &self.strip_prefix {
+            let path = strip_path_prefix(req.uri().path_and_query().map_or("/", PathAndQuery::as_str), prefix);
+            *req.uri_mut() = path.parse::<Uri>().unwrap_or_else(|_| Uri::from_static("/"));
+        }
         let upstream = self.upstream.clone();
         let req = req.map(boxed);
         Box::pin(async move {
