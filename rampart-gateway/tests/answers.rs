@@ -10,12 +10,6 @@ use std::time::{Duration, Instant};
 use common::*;
 use futures_util::StreamExt as _;
 
-/// A port nothing listens on.
-async fn closed_port() -> std::net::SocketAddr {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    listener.local_addr().unwrap()
-}
-
 /// Sends `method path` as HTTP and as gRPC; checks the status and code of both.
 async fn expect(gw: &TestServer, method: &str, path: &str, status: u16, code: &str, grpc_status: u8) {
     let client = client();
@@ -38,20 +32,7 @@ async fn expect(gw: &TestServer, method: &str, path: &str, status: u16, code: &s
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn routing_answers() {
     let (upstream, _) = echo("u").await;
-    let (gw, _) = gateway(&format!(
-        r#"
-        [[upstreams]]
-        name = "u"
-        endpoints = ["http://{}"]
-        [[routes]]
-        name = "r"
-        path_prefix = "/r"
-        methods = ["GET"]
-        upstream = "u"
-        "#,
-        upstream.addr
-    ))
-    .await;
+    let (gw, _) = gateway(&single_route(&[upstream.addr], "", "/r", r#"methods = ["GET"]"#)).await;
     expect(&gw, "GET", "/nothing", 404, "not_found", 12).await;
     expect(&gw, "POST", "/r", 405, "method_not_allowed", 12).await;
 }
@@ -59,20 +40,7 @@ async fn routing_answers() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn body_too_large_declared_or_streamed() {
     let (upstream, hits) = echo("u").await;
-    let (gw, _) = gateway(&format!(
-        r#"
-        [[upstreams]]
-        name = "u"
-        endpoints = ["http://{}"]
-        [[routes]]
-        name = "r"
-        path_prefix = "/"
-        upstream = "u"
-        max_body = "1KiB"
-        "#,
-        upstream.addr
-    ))
-    .await;
+    let (gw, _) = gateway(&single_route(&[upstream.addr], "", "/", r#"max_body = "1KiB""#)).await;
     let client = client();
     let response = client.post(gw.url("/x")).body(vec![b'a'; 1024]).send().await.unwrap();
     assert_eq!(response.status(), 200, "exactly the limit passes");
@@ -98,21 +66,14 @@ async fn body_too_large_declared_or_streamed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rate_limited() {
     let (upstream, hits) = echo("u").await;
-    let (gw, _) = gateway(&format!(
-        r#"
-        [[upstreams]]
-        name = "u"
-        endpoints = ["http://{}"]
-        [[routes]]
-        name = "r"
-        path_prefix = "/"
-        upstream = "u"
-        limits = [
-            {{ name = "per-ip", key = "client_ip", quotas = [ {{ algorithm = "token_bucket", rate = 2, period = "1h", burst = 2 }} ] }},
-            {{ name = "all", quotas = [ {{ algorithm = "token_bucket", rate = 1000, period = "1h", burst = 1000 }} ] }},
-        ]
-        "#,
-        upstream.addr
+    let (gw, _) = gateway(&single_route(
+        &[upstream.addr],
+        "",
+        "/",
+        r#"limits = [
+{ name = "per-ip", key = "client_ip", quotas = [ { algorithm = "token_bucket", rate = 2, period = "1h", burst = 2 } ] },
+{ name = "all", quotas = [ { algorithm = "token_bucket", rate = 1000, period = "1h", burst = 1000 } ] },
+]"#,
     ))
     .await;
     let client = client();
@@ -131,19 +92,12 @@ async fn rate_limited() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn circuit_open_after_upstream_failures() {
     let (upstream, _) = echo("u").await;
-    let (gw, gateway) = gateway(&format!(
-        r#"
-        [[upstreams]]
-        name = "u"
-        endpoints = ["http://{}"]
-        breaker = {{ minimum_calls = 4, window = {{ type = "count", size = 4 }}, wait_in_open = "60s" }}
-        ejection = {{ consecutive_failures = 100 }}
-        [[routes]]
-        name = "r"
-        path_prefix = "/"
-        upstream = "u"
-        "#,
-        upstream.addr
+    let (gw, gateway) = gateway(&single_route(
+        &[upstream.addr],
+        r#"breaker = { minimum_calls = 4, window = { type = "count", size = 4 }, wait_in_open = "60s" }
+ejection = { consecutive_failures = 100 }"#,
+        "/",
+        "",
     ))
     .await;
     let client = client();
@@ -162,19 +116,13 @@ async fn circuit_open_after_upstream_failures() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_gateway_then_no_healthy_upstream_at_once() {
     let dead = closed_port().await;
-    let (gw, gateway) = gateway(&format!(
-        r#"
-        [[upstreams]]
-        name = "u"
-        endpoints = ["http://{dead}"]
-        timeout = "5s"
-        ejection = {{ consecutive_failures = 2, base = "60s", max = "60s" }}
-        breaker = {{ minimum_calls = 100 }}
-        [[routes]]
-        name = "r"
-        path_prefix = "/"
-        upstream = "u"
-        "#
+    let (gw, gateway) = gateway(&single_route(
+        &[dead],
+        r#"timeout = "5s"
+ejection = { consecutive_failures = 2, base = "60s", max = "60s" }
+breaker = { minimum_calls = 100 }"#,
+        "/",
+        "",
     ))
     .await;
     let client = client();
@@ -230,20 +178,7 @@ async fn timeouts_route_and_attempt() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lock_busy_on_one_resource_only() {
     let (upstream, _) = echo("u").await;
-    let (gw, _) = gateway(&format!(
-        r#"
-        [[upstreams]]
-        name = "u"
-        endpoints = ["http://{}"]
-        [[routes]]
-        name = "r"
-        path_prefix = "/sleep"
-        upstream = "u"
-        lock = {{ key = "segment:2" }}
-        "#,
-        upstream.addr
-    ))
-    .await;
+    let (gw, _) = gateway(&single_route(&[upstream.addr], "", "/sleep", r#"lock = { key = "segment:2" }"#)).await;
     let url = gw.url("/sleep/1500");
     let holder = tokio::spawn(async move { client().post(url).send().await.unwrap().status() });
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -257,19 +192,12 @@ async fn lock_busy_on_one_resource_only() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_upstreams_adaptive_limit_refuses_past_it_and_the_breaker_ignores_that() {
     let (upstream, hits) = echo("u").await;
-    let (gw, gateway) = gateway(&format!(
-        r#"
-        [[upstreams]]
-        name = "u"
-        endpoints = ["http://{}"]
-        adaptive_limit = {{ initial_limit = 1, min_limit = 1, max_limit = 1, slow_start = false }}
-        breaker = {{ minimum_calls = 2, window = {{ type = "count", size = 2 }} }}
-        [[routes]]
-        name = "r"
-        path_prefix = "/"
-        upstream = "u"
-        "#,
-        upstream.addr
+    let (gw, gateway) = gateway(&single_route(
+        &[upstream.addr],
+        r#"adaptive_limit = { initial_limit = 1, min_limit = 1, max_limit = 1, slow_start = false }
+breaker = { minimum_calls = 2, window = { type = "count", size = 2 } }"#,
+        "/",
+        "",
     ))
     .await;
     let client = client();

@@ -37,14 +37,6 @@ fn one_upstream(addr: SocketAddr, upstream_extra: &str, route_extra: &str) -> St
     )
 }
 
-/// A port nothing listens on.
-async fn closed_port() -> SocketAddr {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    drop(listener);
-    addr
-}
-
 /// One raw HTTP/1.1 exchange (reqwest would normalize the request target): the request as
 /// given, `Connection: close`, the whole answer back as text.
 async fn raw(addr: SocketAddr, head: &str) -> String {

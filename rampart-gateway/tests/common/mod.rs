@@ -274,6 +274,22 @@ pub(crate) async fn serve_gateway(gateway: Gateway) -> TestServer {
     TestServer::start(gateway.into_router()).await
 }
 
+/// One upstream `u` at `endpoints` (plus `upstream_extra` keys) and one route `r` to it under
+/// `prefix` (plus `route_extra` keys).
+pub(crate) fn single_route(endpoints: &[SocketAddr], upstream_extra: &str, prefix: &str, route_extra: &str) -> String {
+    let endpoints: Vec<String> = endpoints.iter().map(|a| format!("\"http://{a}\"")).collect();
+    format!(
+        "[[upstreams]]\nname = \"u\"\nendpoints = [{}]\n{upstream_extra}\n\n[[routes]]\nname = \"r\"\npath_prefix = \"{prefix}\"\nupstream = \"u\"\n{route_extra}\n",
+        endpoints.join(", ")
+    )
+}
+
+/// A port nothing listens on.
+pub(crate) async fn closed_port() -> SocketAddr {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    listener.local_addr().unwrap()
+}
+
 /// A gateway for `toml_text`, served on a free port.
 pub(crate) async fn gateway(toml_text: &str) -> (TestServer, Gateway) {
     let gateway = Gateway::builder().build(&config(toml_text)).unwrap();
