@@ -139,6 +139,9 @@ async fn run(
     let mut grpc = tokio::spawn(grpc::serve(grpc_listener, app.clone(), shutdown.clone()));
 
     tracing::info!(%http_addr, %grpc_addr, "listening");
+    // SIGHUP's handler is installed before the listening line: until then its default action
+    // would end the process.
+    let hangups = Hangups::install();
     match https_addr {
         Some(https_addr) => println!("demo-server listening http={http_addr} grpc={grpc_addr} https={https_addr}"),
         None => println!("demo-server listening http={http_addr} grpc={grpc_addr}"),
@@ -146,7 +149,7 @@ async fn run(
 
     tokio::select! {
         () = shutdown_signal() => tracing::info!("shutdown signal received; draining in-flight requests"),
-        () = reload_on_sighup(cli, &app, tls.as_deref()) => {}
+        () = reload_on_sighup(hangups, cli, &app, tls.as_deref()) => {}
         res = async { match &mut https_server { Some(server) => server.await, None => std::future::pending().await } } => {
             return Err(stopped_early("HTTPS", res));
         }
@@ -189,13 +192,33 @@ async fn run(
 /// see it at once, requests in flight finish on the old one). An invalid file keeps the old
 /// table and logs the error naming the key. Only `[[upstreams]]` and `[[routes]]` are reloaded;
 /// other changes need a restart (logged).
-async fn reload_on_sighup(cli: &Cli, app: &app::App, tls: Option<&rampart_gateway::tls::TlsAcceptor>) {
+/// The SIGHUP stream (none where there are no such signals, or it could not be installed).
+struct Hangups(#[cfg(unix)] Option<tokio::signal::unix::Signal>);
+
+impl Hangups {
+    fn install() -> Self {
+        #[cfg(unix)]
+        {
+            let signal = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup());
+            if signal.is_err() {
+                tracing::warn!("cannot listen for SIGHUP: no reloads");
+            }
+            Self(signal.ok())
+        }
+        #[cfg(not(unix))]
+        Self()
+    }
+}
+
+async fn reload_on_sighup(
+    hangups: Hangups,
+    cli: &Cli,
+    app: &app::App,
+    tls: Option<&rampart_gateway::tls::TlsAcceptor>,
+) {
     #[cfg(unix)]
     {
-        let Ok(mut hangups) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) else {
-            tracing::warn!("cannot listen for SIGHUP: no reloads");
-            return std::future::pending().await;
-        };
+        let Some(mut hangups) = hangups.0 else { return std::future::pending().await };
         while hangups.recv().await.is_some() {
             if let Some(tls) = tls {
                 match tls.reload() {
@@ -228,7 +251,7 @@ async fn reload_on_sighup(cli: &Cli, app: &app::App, tls: Option<&rampart_gatewa
         }
     }
     #[cfg(not(unix))]
-    let _ = (cli, app, tls);
+    let _ = (hangups, cli, app, tls);
     std::future::pending().await
 }
 

@@ -228,3 +228,13 @@ async fn the_https_listener_serves_the_same_routes_and_reloads_its_certificate()
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sighup_right_after_the_listening_line_does_not_end_the_process() {
+    for _ in 0..5 {
+        let (demo, _dir) = start("", &[]);
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(demo.pid()), nix::sys::signal::Signal::SIGHUP).unwrap();
+        let response = reqwest::Client::new().get(demo.url("/healthz")).send().await;
+        assert_eq!(response.map(|r| r.status().as_u16()).ok(), Some(200), "SIGHUP's default action ended the process");
+    }
+}
