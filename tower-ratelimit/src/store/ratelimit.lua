@@ -24,20 +24,8 @@
 -- sub-window index, a log's member.
 
 local EPS = 1e-9
-local function fmt(x) return string.format('%.17g', x) end
 local function ceil_ms(us) return math.max(1, math.ceil(us / 1000)) end
--- Up to three ':'-separated fields.
-local function fields(raw)
-  return string.match(raw, '^([^:]*):?([^:]*):?([^:]*)$')
-end
 
-local now
-if ARGV[1] ~= '' then
-  now = tonumber(ARGV[1])
-else
-  local t = redis.call('TIME')
-  now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-end
 local min_units = tonumber(ARGV[2])
 local max_units = tonumber(ARGV[3])
 local n = tonumber(ARGV[4])

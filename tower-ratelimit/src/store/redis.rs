@@ -21,11 +21,12 @@ use crate::{
     store::{MemoryStore, Store},
 };
 
-static SCRIPT: std::sync::LazyLock<redis::Script> =
-    std::sync::LazyLock::new(|| redis::Script::new(include_str!("ratelimit.lua")));
+static SCRIPT: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
+    redis::Script::new(concat!(include_str!("prelude.lua"), include_str!("ratelimit.lua")))
+});
 
 static REFUND: std::sync::LazyLock<redis::Script> =
-    std::sync::LazyLock::new(|| redis::Script::new(include_str!("refund.lua")));
+    std::sync::LazyLock::new(|| redis::Script::new(concat!(include_str!("prelude.lua"), include_str!("refund.lua"))));
 
 /// A Redis connection the stores can use: a [`redis::aio::ConnectionManager`] (auto-reconnect)
 /// for one server, or a [`redis::cluster_async::ClusterConnection`] for a Redis Cluster.

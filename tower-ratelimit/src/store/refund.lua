@@ -16,19 +16,6 @@
 -- interval_us for 'g'/'h' (the full-rate one), width_us for 'w'; b = slots for 'w')
 -- KEYS: as ratelimit.lua (two for a sliding log: its zset, then its meta hash).
 
-local function fmt(x) return string.format('%.17g', x) end
--- Up to three ':'-separated fields.
-local function fields(raw)
-  return string.match(raw, '^([^:]*):?([^:]*):?([^:]*)$')
-end
-
-local now
-if ARGV[1] ~= '' then
-  now = tonumber(ARGV[1])
-else
-  local t = redis.call('TIME')
-  now = tonumber(t[1]) * 1000000 + tonumber(t[2])
-end
 local units = tonumber(ARGV[2])
 local n = tonumber(ARGV[3])
 local k = 1
