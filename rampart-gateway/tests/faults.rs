@@ -62,19 +62,12 @@ async fn a_killed_endpoint_fails_no_request_and_comes_back_after_a_health_check(
     let (hits_a, hits_b) = (Hits::default(), Hits::default());
     let mut a = TestServer::start(echo_app("a", hits_a.clone())).await;
     let _b = TestServer::start(echo_app("b", hits_b.clone())).await;
-    let (gw, gateway) = gateway(&format!(
-        r#"
-        [[upstreams]]
-        name = "u"
-        endpoints = ["http://{}", "http://{}"]
-        health = {{ path = "/healthz", interval = "200ms", timeout = "500ms", unhealthy_after = 2, healthy_after = 1 }}
-        retry = {{ attempts = 2, budget_percent = 50 }}
-        [[routes]]
-        name = "r"
-        path_prefix = "/"
-        upstream = "u"
-        "#,
-        a.addr, _b.addr
+    let (gw, gateway) = gateway(&single_route(
+        &[a.addr, _b.addr],
+        r#"health = { path = "/healthz", interval = "200ms", timeout = "500ms", unhealthy_after = 2, healthy_after = 1 }
+        retry = { attempts = 2, budget_percent = 50 }"#,
+        "/",
+        "",
     ))
     .await;
 
@@ -133,22 +126,15 @@ async fn an_endpoint_that_never_answers_times_out_then_is_ejected() {
         }
     });
     let (good, hits) = echo("good").await;
-    let (gw, gateway) = gateway(&format!(
-        r#"
-        [[upstreams]]
-        name = "u"
-        endpoints = ["http://{hole_addr}", "http://{}"]
-        balance = "round_robin"
+    let (gw, gateway) = gateway(&single_route(
+        &[hole_addr, good.addr],
+        r#"balance = "round_robin"
         timeout = "300ms"
-        ejection = {{ consecutive_failures = 3, base = "30s", max = "60s" }}
-        breaker = {{ minimum_calls = 1000 }}
-        retry = {{ attempts = 2, budget_percent = 100 }}
-        [[routes]]
-        name = "r"
-        path_prefix = "/"
-        upstream = "u"
-        "#,
-        good.addr
+        ejection = { consecutive_failures = 3, base = "30s", max = "60s" }
+        breaker = { minimum_calls = 1000 }
+        retry = { attempts = 2, budget_percent = 100 }"#,
+        "/",
+        "",
     ))
     .await;
     let client = client();
@@ -180,19 +166,7 @@ async fn p2c_sends_fewer_requests_to_a_slow_endpoint() {
     let (fast_hits, slow_hits) = (Hits::default(), Hits::default());
     let fast = TestServer::start(delayed_app(Duration::ZERO, fast_hits.clone())).await;
     let slow = TestServer::start(delayed_app(Duration::from_millis(50), slow_hits.clone())).await;
-    let (gw, _) = gateway(&format!(
-        r#"
-        [[upstreams]]
-        name = "u"
-        endpoints = ["http://{}", "http://{}"]
-        [[routes]]
-        name = "r"
-        path_prefix = "/"
-        upstream = "u"
-        "#,
-        fast.addr, slow.addr
-    ))
-    .await;
+    let (gw, _) = gateway(&single_route(&[fast.addr, slow.addr], "", "/", "")).await;
     let client = client();
     let workers = (0..8).map(|_| {
         let (client, url) = (client.clone(), gw.url("/x"));
@@ -217,21 +191,13 @@ async fn every_endpoint_down_answers_at_once() {
         listener.local_addr().unwrap()
     }))
     .await;
-    let (gw, _) = gateway(&format!(
-        r#"
-        [[upstreams]]
-        name = "u"
-        endpoints = ["http://{}", "http://{}", "http://{}"]
-        timeout = "10s"
-        retry = {{ attempts = 3 }}
-        ejection = {{ consecutive_failures = 1, base = "60s", max = "60s" }}
-        [[routes]]
-        name = "r"
-        path_prefix = "/"
-        upstream = "u"
-        timeout = "20s"
-        "#,
-        ports[0], ports[1], ports[2]
+    let (gw, _) = gateway(&single_route(
+        &ports,
+        r#"timeout = "10s"
+        retry = { attempts = 3 }
+        ejection = { consecutive_failures = 1, base = "60s", max = "60s" }"#,
+        "/",
+        r#"timeout = "20s""#,
     ))
     .await;
     let client = client();

@@ -156,20 +156,7 @@ async fn host_prefix_and_method_rules() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sse_events_arrive_as_sent() {
     let (upstream, _) = echo("users").await;
-    let gw2 = gateway(&format!(
-        r#"
-        [[upstreams]]
-        name = "s"
-        endpoints = ["http://{}"]
-        [[routes]]
-        name = "s"
-        path_prefix = "/"
-        upstream = "s"
-        "#,
-        upstream.addr
-    ))
-    .await
-    .0;
+    let gw2 = gateway(&single_route(&[upstream.addr], "", "/", "")).await.0;
     let started = Instant::now();
     let response = client().get(gw2.url("/sse")).send().await.unwrap();
     assert_eq!(response.headers()["content-type"], "text/event-stream");
@@ -193,19 +180,7 @@ async fn sse_events_arrive_as_sent() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_100_mb_upload_streams_through() {
     let (upstream, _) = echo("users").await;
-    let (gw, _) = gateway(&format!(
-        r#"
-        [[upstreams]]
-        name = "u"
-        endpoints = ["http://{}"]
-        [[routes]]
-        name = "u"
-        path_prefix = "/count"
-        upstream = "u"
-        "#,
-        upstream.addr
-    ))
-    .await;
+    let (gw, _) = gateway(&single_route(&[upstream.addr], "", "/count", "")).await;
     /// The process's peak resident memory (client, gateway and upstream all live here).
     fn peak_rss_kib() -> u64 {
         let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
@@ -228,19 +203,7 @@ async fn a_100_mb_upload_streams_through() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn websocket_upgrade_is_piped_both_ways() {
     let (upstream, _) = echo("users").await;
-    let (gw, _) = gateway(&format!(
-        r#"
-        [[upstreams]]
-        name = "u"
-        endpoints = ["http://{}"]
-        [[routes]]
-        name = "u"
-        path_prefix = "/ws"
-        upstream = "u"
-        "#,
-        upstream.addr
-    ))
-    .await;
+    let (gw, _) = gateway(&single_route(&[upstream.addr], "", "/ws", "")).await;
     let (mut socket, response) = tokio_tungstenite::connect_async(format!("ws://{}/ws", gw.addr)).await.unwrap();
     assert_eq!(response.status(), 101);
     for i in 0..20 {
@@ -254,19 +217,7 @@ async fn websocket_upgrade_is_piped_both_ways() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn upstream_answers_pass_through_untouched() {
     let (upstream, _) = echo("users").await;
-    let (gw, _) = gateway(&format!(
-        r#"
-        [[upstreams]]
-        name = "u"
-        endpoints = ["http://{}"]
-        [[routes]]
-        name = "u"
-        path_prefix = "/status"
-        upstream = "u"
-        "#,
-        upstream.addr
-    ))
-    .await;
+    let (gw, _) = gateway(&single_route(&[upstream.addr], "", "/status", "")).await;
     for code in [201u16, 204, 301, 400, 404, 418, 429, 500, 503] {
         let response = client().get(gw.url(&format!("/status/{code}"))).send().await.unwrap();
         assert_eq!(response.status().as_u16(), code);
