@@ -18,7 +18,7 @@ use benches::{Row, Scenario, Series, record};
 use testkit::sim::WorkerPool;
 use tokio::time::Instant;
 use tower::{BoxError, Service, ServiceBuilder, ServiceExt, util::BoxCloneSyncService};
-use tower_ratelimit::adaptive::{AdaptiveConfig, AdaptiveLimit, OverloadLayer};
+use tower_overload::{AdaptiveConfig, AdaptiveLimit, OverloadLayer};
 
 const SERVICE_TIME: Duration = Duration::from_millis(20);
 const CAPACITY: u32 = 100;

@@ -9,7 +9,7 @@ use std::{
 use anyhow::Context as _;
 use metrics_exporter_prometheus::PrometheusHandle;
 use tower_breaker::BreakerRegistry;
-use tower_ratelimit::shed::{CpuShedder, SystemCpu};
+use tower_overload::{CpuShedder, SystemCpu};
 use tower_redlock::{FencingToken, RedLock};
 use ws_hub::Hub;
 

@@ -5,7 +5,8 @@ use std::{net::SocketAddr, path::PathBuf, time::Duration};
 use anyhow::Context as _;
 use clap::Parser;
 use serde::{Deserialize, Serialize};
-use tower_ratelimit::{FailurePolicy, PolicyConfig, QuotaConfig, adaptive::AdaptiveConfig, shed::ShedConfig};
+use tower_overload::{AdaptiveConfig, ShedConfig};
+use tower_ratelimit::{FailurePolicy, PolicyConfig, QuotaConfig};
 
 /// Command line of `demo-server`. Every flag also reads its environment variable.
 #[derive(Debug, Parser)]

@@ -48,7 +48,7 @@ macro_rules! grpc_stack {
                 .on_missing_key(tower_ratelimit::MissingKey::Skip);
             anyhow::Ok(
                 tower::ServiceBuilder::new()
-                    .layer(tower_ratelimit::adaptive::OverloadLayer::new(app.cpu_shed.clone()))
+                    .layer(tower_overload::OverloadLayer::new(app.cpu_shed.clone()))
                     .layer(per_method)
                     .layer(global)
                     .layer(tower_breaker::CircuitBreakerLayer::keyed(
@@ -144,7 +144,7 @@ pub(crate) fn deadline_exceeded<B>(
     match result {
         Ok(response) => Ok(response.map(ResponseBody::inner)),
         Err(error) if error.is::<tower::timeout::error::Elapsed>() => Ok(rampart_http::grpc_response(
-            tonic::Code::DeadlineExceeded,
+            rampart_http::GrpcCode::DeadlineExceeded,
             "the call took longer than its timeout (`timeouts.grpc`)",
             None,
         )),

@@ -47,6 +47,7 @@ fn main() -> ExitCode {
             .context("cannot install the Prometheus recorder")?;
         // `# HELP` and units of every metric.
         tower_ratelimit::describe_metrics();
+        tower_overload::describe_metrics();
         tower_breaker::describe_metrics();
         tower_redlock::describe_metrics();
         streams_worker::describe_metrics();

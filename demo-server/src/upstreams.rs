@@ -22,7 +22,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tower::{ServiceBuilder, ServiceExt, util::BoxCloneSyncService};
 use tower_breaker::{BreakerRegistry, CircuitBreakerLayer};
-use tower_ratelimit::adaptive::{AdaptiveConfig, AdaptiveLimit, OverloadLayer};
+use tower_overload::{AdaptiveConfig, AdaptiveLimit, OverloadLayer};
 
 use crate::http::error::{ApiError, timed_out};
 

@@ -97,7 +97,7 @@ pub struct UpstreamConfig {
     /// An adaptive concurrency limit for the whole upstream (none by default); refusals answer
     /// 429 `overloaded`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub adaptive_limit: Option<tower_ratelimit::adaptive::AdaptiveConfig>,
+    pub adaptive_limit: Option<tower_overload::AdaptiveConfig>,
     /// TLS to `https://` endpoints (default: the system's root certificates).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<UpstreamTls>,

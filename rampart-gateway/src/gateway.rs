@@ -21,10 +21,8 @@ use rampart_http::keys::{ClientIp, HeaderKey, Key, KeyExtractor, PathSegment};
 use serde::Serialize;
 use tower::{Layer as _, Service, ServiceExt as _, util::BoxCloneSyncService};
 use tower_breaker::{Breaker, BreakerConfig, CircuitBreakerLayer};
-use tower_ratelimit::{
-    AllOf, MemoryStore, Policy, PolicyConfig, QuotaConfig, RateLimitLayer, Store,
-    adaptive::{AdaptiveLimit, OverloadLayer},
-};
+use tower_overload::{AdaptiveLimit, OverloadLayer};
+use tower_ratelimit::{AllOf, MemoryStore, Policy, PolicyConfig, QuotaConfig, RateLimitLayer, Store};
 use tower_redlock::{LockConfig, LockLayer, RedLock};
 
 use crate::{

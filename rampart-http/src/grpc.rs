@@ -1,13 +1,16 @@
 //! gRPC detection and trailers-only answers.
 
+#[cfg(feature = "grpc")]
 use std::time::Duration;
 
+#[cfg(feature = "grpc")]
 use bytes::Bytes;
 use http::{HeaderMap, header};
-use tonic::Code;
+#[cfg(feature = "grpc")]
 use tonic_types::{ErrorDetails, StatusExt as _};
 
-use crate::ResponseBody;
+#[cfg(feature = "grpc")]
+use crate::{GrpcCode, ResponseBody};
 
 /// Whether a request (or response) is gRPC: `content-type: application/grpc` or
 /// `application/grpc+<codec>` / `application/grpc;...` (but not `application/grpc-web`, whose
@@ -31,7 +34,7 @@ pub fn is_grpc(headers: &HeaderMap) -> bool {
 /// A trailers-only gRPC answer: HTTP 200, `content-type: application/grpc`, `grpc-status`,
 /// `grpc-message`, an empty body, and `google.rpc.RetryInfo` in `grpc-status-details-bin` when
 /// `retry_after` is given (so clients that understand it back off for the right time), rounded
-/// as every Rampart answer rounds a wait ([`format_wait`](crate::format_wait)).
+/// as every Rampart answer rounds a wait ([`format_wait`](crate::format_wait)). Feature `grpc`.
 ///
 /// ```
 /// use std::time::Duration;
@@ -43,7 +46,13 @@ pub fn is_grpc(headers: &HeaderMap) -> bool {
 /// assert_eq!(response.headers()["grpc-status"], "14");
 /// assert!(response.headers().contains_key("grpc-status-details-bin"));
 /// ```
-pub fn grpc_response<B>(code: Code, message: &str, retry_after: Option<Duration>) -> http::Response<ResponseBody<B>> {
+#[cfg(feature = "grpc")]
+pub fn grpc_response<B>(
+    code: GrpcCode,
+    message: &str,
+    retry_after: Option<Duration>,
+) -> http::Response<ResponseBody<B>> {
+    let code = tonic::Code::from(code);
     let status = match retry_after {
         Some(delay) => {
             let delay = crate::rounded_wait(delay);
@@ -74,14 +83,15 @@ mod tests {
         assert!(!is_grpc(&HeaderMap::new()));
     }
 
+    #[cfg(feature = "grpc")]
     #[test]
     fn trailers_only_answer_carries_status_and_retry_info() {
-        let res = grpc_response::<()>(Code::ResourceExhausted, "rate limited", Some(Duration::from_millis(1500)));
+        let res = grpc_response::<()>(GrpcCode::ResourceExhausted, "rate limited", Some(Duration::from_millis(1500)));
         assert_eq!(res.status(), 200);
         assert_eq!(res.headers()["content-type"], "application/grpc");
         assert_eq!(res.headers()["grpc-status"], "8");
         let status = tonic::Status::from_header_map(res.headers()).unwrap();
-        assert_eq!(status.code(), Code::ResourceExhausted);
+        assert_eq!(status.code(), tonic::Code::ResourceExhausted);
         let details = status.get_error_details();
         assert_eq!(details.retry_info().and_then(|r| r.retry_delay), Some(Duration::from_secs(2)), "as Retry-After");
     }

@@ -27,6 +27,8 @@
 //! ```
 
 mod body;
+mod clock;
+mod code;
 mod grpc;
 pub mod keys;
 mod problem;
@@ -34,9 +36,13 @@ mod reject;
 mod retry;
 
 pub use body::ResponseBody;
-pub use grpc::{grpc_response, is_grpc};
+pub use clock::{Clock, ManualClock, Nanos, TokioClock};
+#[cfg(feature = "quanta")]
+pub use clock::QuantaClock;
+pub use code::GrpcCode;
+#[cfg(feature = "grpc")]
+pub use grpc::grpc_response;
+pub use grpc::is_grpc;
 pub use problem::{PROBLEM_JSON, Problem};
 pub use reject::{LocalRejection, Rejection, is_local_rejection, reject};
 pub use retry::{format_wait, retry_after_header, retry_after_secs, rounded_wait};
-/// gRPC status codes (tonic's), for [`grpc_response`].
-pub use tonic::Code as GrpcCode;

@@ -31,9 +31,9 @@
 //! * A token bucket may warm up ([`Quota::warm_up`], [`WarmUp`]): after start or a long idle
 //!   it admits a fraction of its rate, ramping to the full rate, so a cold service is not
 //!   flooded (memory and Redis stores alike).
-//! * Beyond fixed rates, [`adaptive`] holds an in-flight limit that follows measured latency
-//!   (gradient and AIMD) and [`shed`] a BBR-style CPU load shedder, both behind one
-//!   [`adaptive::OverloadLayer`].
+//! * Beyond fixed rates, [`tower-overload`](https://docs.rs/tower-overload) holds an in-flight
+//!   limit that follows measured latency and a CPU load shedder: they key nothing, so they are
+//!   a crate of their own.
 //!
 //! The algorithms are pure functions of `now` (see [`algorithm`]); stores read a [`Clock`]
 //! ([`TokioClock`] by default, so `tokio::time::pause` drives them in tests).
@@ -110,10 +110,8 @@
 //! # Ok(()) }
 //! ```
 
-pub mod adaptive;
 pub mod algorithm;
 mod all;
-mod clock;
 mod error;
 mod extract;
 mod future;
@@ -122,7 +120,6 @@ mod policy;
 mod receipt;
 mod response;
 mod service;
-pub mod shed;
 mod store;
 
 pub use algorithm::{
@@ -130,8 +127,8 @@ pub use algorithm::{
 };
 pub use all::{AllOf, AllOfService};
 #[cfg(feature = "quanta")]
-pub use clock::QuantaClock;
-pub use clock::{Clock, ManualClock, TokioClock};
+pub use rampart_http::QuantaClock;
+pub use rampart_http::{Clock, ManualClock, TokioClock};
 pub use error::{CheckError, ConfigError, MissingRateLimitKey, RateLimited, StoreUnavailable};
 pub use extract::{Cost, UnitCost};
 pub use future::{ErrorFuture, ResponseFuture};
@@ -147,9 +144,10 @@ pub use rampart_http::keys::{MatchedRoute, PathParam};
 pub use receipt::Receipt;
 pub use response::{RATELIMIT, RATELIMIT_POLICY};
 pub use service::RateLimit;
+pub use store::{DEFAULT_MAX_BYTES, DEFAULT_MAX_KEYS, MemoryStore, MemoryStoreBuilder, Store};
+#[cfg(feature = "redis")]
 pub use store::{
-    DEFAULT_MAX_BYTES, DEFAULT_MAX_KEYS, FailurePolicy, LeaseConfig, LeasedStore, MemoryStore, MemoryStoreBuilder,
-    RedisConnection, RedisStore, RedisStoreBuilder, Store, TimeSource,
+    FailurePolicy, LeaseConfig, LeasedStore, RedisConnection, RedisStore, RedisStoreBuilder, TimeSource,
 };
 
 /// Boxed error of generic-mode services (as `tower::BoxError`).
@@ -182,21 +180,5 @@ pub fn describe_metrics() {
         "rampart_ratelimit_store_seconds",
         metrics::Unit::Seconds,
         "Duration of a rate limit store script call to Redis."
-    );
-    metrics::describe_counter!(
-        "rampart_adaptive_rejections_total",
-        metrics::Unit::Count,
-        "Calls an adaptive concurrency limit refused."
-    );
-    metrics::describe_gauge!("rampart_adaptive_limit", metrics::Unit::Count, "Current adaptive concurrency limit.");
-    metrics::describe_gauge!(
-        "rampart_adaptive_in_flight",
-        metrics::Unit::Count,
-        "Calls in flight under an adaptive concurrency limit."
-    );
-    metrics::describe_counter!(
-        "rampart_shed_rejections_total",
-        metrics::Unit::Count,
-        "Calls the CPU load shedder refused."
     );
 }

@@ -96,8 +96,10 @@ pub(crate) enum Taken {
     /// of hash `key`, from its entry created as `generation` (both 0 for a bare `Policy::check`).
     Memory { store: u64, key: u64, generation: u64, quotas: SmallVec<[QuotaReceipt; 2]> },
     /// Consumed in Redis by a Redis store's script.
+    #[cfg(feature = "redis")]
     Redis(Arc<RedisTaken>),
     /// Spent from a lease of a leased store.
+    #[cfg(feature = "redis")]
     Lease { store: u64, lease: u64, units: u64 },
     /// A store of another crate.
     Custom(Arc<dyn Any + Send + Sync>),
@@ -106,6 +108,7 @@ pub(crate) enum Taken {
 /// What the Redis script consumed for the key of hash `key`: `units`, and per quota its receipt
 /// (a token bucket's TAT and refunded-time total, a window's sub-window index, a log's member;
 /// empty when that quota took nothing).
+#[cfg(feature = "redis")]
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) struct RedisTaken {
     pub(crate) store: u64,
@@ -122,7 +125,9 @@ impl PartialEq for Taken {
                 Self::Memory { store: a, key: ka, generation: ga, quotas: qa },
                 Self::Memory { store: b, key: kb, generation: gb, quotas: qb },
             ) => (a, ka, ga, qa) == (b, kb, gb, qb),
+            #[cfg(feature = "redis")]
             (Self::Redis(a), Self::Redis(b)) => a == b,
+            #[cfg(feature = "redis")]
             (Self::Lease { store: a, lease: la, units: ua }, Self::Lease { store: b, lease: lb, units: ub }) => {
                 (a, la, ua) == (b, lb, ub)
             }
@@ -141,7 +146,9 @@ impl fmt::Debug for Receipt {
             Taken::Memory { quotas, generation, .. } => {
                 f.debug_struct("Receipt::Memory").field("generation", generation).field("quotas", quotas).finish()
             }
+            #[cfg(feature = "redis")]
             Taken::Redis(r) => f.debug_tuple("Receipt::Redis").field(&r.units).field(&r.quotas).finish(),
+            #[cfg(feature = "redis")]
             Taken::Lease { lease, units, .. } => {
                 f.debug_struct("Receipt::Lease").field("lease", lease).field("units", units).finish()
             }
@@ -181,7 +188,9 @@ impl Receipt {
         match &self.taken {
             Taken::Nothing => true,
             Taken::Memory { quotas, .. } => quotas.iter().all(QuotaReceipt::is_empty),
+            #[cfg(feature = "redis")]
             Taken::Redis(r) => r.units == 0,
+            #[cfg(feature = "redis")]
             Taken::Lease { units, .. } => *units == 0,
             Taken::Custom(_) => false,
         }

@@ -36,7 +36,8 @@ use tower_http::{
     request_id::{MakeRequestId, PropagateRequestIdLayer, RequestId, SetRequestIdLayer},
     trace::{DefaultOnFailure, DefaultOnResponse, MakeSpan, TraceLayer},
 };
-use tower_ratelimit::{AllOf, ClientIp, GlobalKey, Key, KeyExtractor, MatchedRoute, PeerIp, adaptive::OverloadLayer};
+use tower_overload::OverloadLayer;
+use tower_ratelimit::{AllOf, ClientIp, GlobalKey, Key, KeyExtractor, MatchedRoute, PeerIp};
 use tower_redlock::{LockLayer, keys::PathParam};
 use tracing::Level;
 

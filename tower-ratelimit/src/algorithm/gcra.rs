@@ -183,10 +183,12 @@ impl TokenBucket {
         duration(self.tau)
     }
 
+    #[cfg(feature = "redis")]
     pub(crate) fn interval_nanos(&self) -> u64 {
         self.interval
     }
 
+    #[cfg(feature = "redis")]
     pub(crate) fn tau_nanos(&self) -> u64 {
         self.tau
     }

@@ -19,8 +19,8 @@ pub use window::SlidingWindow;
 
 use crate::{error::ConfigError, receipt::Receipt};
 
-/// Nanoseconds since a store's epoch.
-pub type Nanos = u64;
+/// Nanoseconds since a store's epoch (a [`Clock`](crate::Clock)'s reading).
+pub use rampart_http::Nanos;
 
 /// What a quota says about one request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -88,6 +88,7 @@ impl SlidingWindow {
         duration(self.width)
     }
 
+    #[cfg(feature = "redis")]
     pub(crate) fn width_nanos(&self) -> u64 {
         self.width
     }

@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 use crate::{
     Key, Policy, Verdict,
     algorithm::{Decision, Nanos},
-    clock::{Clock, TokioClock},
+    Clock, TokioClock,
     error::CheckError,
     receipt::{Receipt, Taken, next_store_id},
     store::{

@@ -12,7 +12,7 @@ use std::{
 use crate::{
     Key, Policy, Quota, QuotaReceipt, Verdict,
     algorithm::{Consumed, Nanos},
-    clock::{Clock, TokioClock},
+    Clock, TokioClock,
     error::CheckError,
     policy::PolicyState,
     receipt::{Receipt, next_store_id},

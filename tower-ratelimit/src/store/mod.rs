@@ -9,8 +9,10 @@
 //! | [`RedisStore`] | every instance on the Redis | one script call (one round trip) | [`FailurePolicy`] |
 //! | [`LeasedStore`] | every instance on the Redis | local, one round trip per lease of k units | [`FailurePolicy`] |
 
+#[cfg(feature = "redis")]
 mod leased;
 mod memory;
+#[cfg(feature = "redis")]
 mod redis;
 mod shards;
 
@@ -18,8 +20,10 @@ use std::future::Future;
 
 use futures_util::future::BoxFuture;
 
+#[cfg(feature = "redis")]
 pub use self::leased::{LeaseConfig, LeasedStore};
 pub use self::memory::{DEFAULT_MAX_BYTES, DEFAULT_MAX_KEYS, MemoryStore, MemoryStoreBuilder};
+#[cfg(feature = "redis")]
 pub use self::redis::{FailurePolicy, RedisConnection, RedisStore, RedisStoreBuilder, TimeSource};
 
 use crate::{Key, Policy, Receipt, Verdict, error::CheckError};

@@ -68,6 +68,7 @@ impl<V: Idle> ShardedMap<V> {
     }
 
     /// Runs `f` on the entry of `key`, creating it with `create` if absent.
+    #[cfg(feature = "redis")]
     pub(crate) fn with<R>(&self, key: &Key, now: Nanos, create: impl FnOnce() -> V, f: impl FnOnce(&V) -> R) -> R {
         self.with_hash(self.hash(key), key, now, create, f)
     }
@@ -100,6 +101,7 @@ impl<V: Idle> ShardedMap<V> {
     }
 
     /// Runs `f` on the entry of `key` if there is one.
+    #[cfg(feature = "redis")]
     pub(crate) fn get<R>(&self, key: &Key, f: impl FnOnce(&V) -> R) -> Option<R> {
         self.get_hash(self.hash(key), key, f)
     }

@@ -24,7 +24,7 @@
 //! ```
 //! use std::time::Duration;
 //! use axum::{Router, routing::get};
-//! use tower_ratelimit::{adaptive::OverloadLayer, shed::{CpuShedder, ShedConfig, SystemCpu}};
+//! use tower_overload::{adaptive::OverloadLayer, shed::{CpuShedder, ShedConfig, SystemCpu}};
 //!
 //! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
 //! let cpu = SystemCpu::spawn(Duration::from_millis(250));
@@ -48,17 +48,16 @@ use std::{
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    Clock, TokioClock,
+    Clock, ConfigError, Nanos, TokioClock,
     adaptive::{Admission, Completion, Overloaded, RejectWith, Ticket},
-    algorithm::{Nanos, nanos},
-    error::ConfigError,
+    nanos,
 };
 
 /// Settings of a [`CpuShedder`]. Serde-deserializable.
 ///
 /// ```
 /// use std::time::Duration;
-/// use tower_ratelimit::shed::ShedConfig;
+/// use tower_overload::shed::ShedConfig;
 ///
 /// let config: ShedConfig = toml::from_str(r#"cpu_threshold = 0.9
 /// cool_down = "2s""#)?;
@@ -122,7 +121,7 @@ pub trait CpuSource: Send + Sync + fmt::Debug + 'static {
 /// the value.
 ///
 /// ```
-/// use tower_ratelimit::shed::{CpuSource, ManualCpu};
+/// use tower_overload::shed::{CpuSource, ManualCpu};
 ///
 /// let cpu = ManualCpu::default();
 /// assert_eq!(cpu.usage(), None);
@@ -163,14 +162,14 @@ impl SystemCpu {
     ///
     /// ```
     /// use std::time::Duration;
-    /// use tower_ratelimit::shed::{CpuShedder, CpuSource, ShedConfig, SystemCpu};
+    /// use tower_overload::shed::{CpuShedder, CpuSource, ShedConfig, SystemCpu};
     ///
     /// # tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap().block_on(async {
     /// let cpu = SystemCpu::spawn(Duration::from_millis(250));
     /// assert_eq!(cpu.usage(), None); // unknown until two samples were taken
     /// let shedder = CpuShedder::new("api", ShedConfig::default(), cpu)?;
     /// # let _ = shedder;
-    /// # Ok::<(), tower_ratelimit::ConfigError>(()) }).unwrap();
+    /// # Ok::<(), tower_overload::ConfigError>(()) }).unwrap();
     /// ```
     pub fn spawn(interval: Duration) -> Self {
         let usage = Arc::new(AtomicU64::new(f64::NAN.to_bits()));
@@ -344,8 +343,8 @@ impl CpuShedder {
     /// A shedder named `name` reading `cpu`, on tokio's clock.
     ///
     /// ```
-    /// use tower_ratelimit::adaptive::{Admission, OverloadLayer};
-    /// use tower_ratelimit::shed::{CpuShedder, ManualCpu, ShedConfig};
+    /// use tower_overload::adaptive::{Admission, OverloadLayer};
+    /// use tower_overload::shed::{CpuShedder, ManualCpu, ShedConfig};
     ///
     /// let cpu = ManualCpu::default();
     /// let shedder = CpuShedder::new("api", ShedConfig { cpu_threshold: 0.9, ..ShedConfig::default() }, cpu.clone())?;
@@ -355,7 +354,7 @@ impl CpuShedder {
     ///
     /// let layer = OverloadLayer::new(shedder);
     /// # let _ = layer;
-    /// # Ok::<(), tower_ratelimit::ConfigError>(())
+    /// # Ok::<(), tower_overload::ConfigError>(())
     /// ```
     pub fn new(name: impl Into<String>, config: ShedConfig, cpu: impl CpuSource) -> Result<Self, ConfigError> {
         Self::with_clock(name, config, cpu, TokioClock::new())
@@ -364,13 +363,13 @@ impl CpuShedder {
     /// A shedder reading `clock` (e.g. a [`ManualClock`](crate::ManualClock) in tests).
     ///
     /// ```
-    /// use tower_ratelimit::ManualClock;
-    /// use tower_ratelimit::shed::{CpuShedder, ManualCpu, ShedConfig};
+    /// use tower_overload::ManualClock;
+    /// use tower_overload::shed::{CpuShedder, ManualCpu, ShedConfig};
     ///
     /// let clock = ManualClock::new();
     /// let shedder = CpuShedder::with_clock("test", ShedConfig::default(), ManualCpu::default(), clock.clone())?;
     /// assert_eq!(shedder.max_in_flight(), None); // no completed call yet
-    /// # Ok::<(), tower_ratelimit::ConfigError>(())
+    /// # Ok::<(), tower_overload::ConfigError>(())
     /// ```
     pub fn with_clock(
         name: impl Into<String>,

@@ -1,4 +1,4 @@
-//! Clocks for local stores: nanoseconds since the clock's creation.
+//! Clocks for the layers' local state: nanoseconds since the clock's creation.
 
 use std::{
     fmt,
@@ -9,7 +9,8 @@ use std::{
     time::Duration,
 };
 
-use crate::algorithm::Nanos;
+/// Nanoseconds since a clock's epoch.
+pub type Nanos = u64;
 
 /// A monotonic clock in nanoseconds since an arbitrary epoch.
 pub trait Clock: Send + Sync + fmt::Debug + 'static {
@@ -28,7 +29,7 @@ impl TokioClock {
     ///
     /// ```
     /// use std::time::Duration;
-    /// use tower_ratelimit::{Clock, TokioClock};
+    /// use rampart_http::{Clock, TokioClock};
     ///
     /// # let runtime = tokio::runtime::Builder::new_current_thread().enable_time().start_paused(true).build().unwrap();
     /// # runtime.block_on(async {
@@ -73,12 +74,11 @@ impl QuantaClock {
     /// A clock whose epoch is now.
     ///
     /// ```
-    /// use tower_ratelimit::{MemoryStore, Policy, QuantaClock, Quota};
+    /// use rampart_http::{Clock, QuantaClock};
     ///
-    /// let policy = Policy::new("hot-path", Quota::per_second(1_000_000)?)?;
-    /// let store = MemoryStore::builder(policy).clock(QuantaClock::new()).build();
-    /// # let _ = store;
-    /// # Ok::<(), tower_ratelimit::ConfigError>(())
+    /// let clock = QuantaClock::new();
+    /// let (a, b) = (clock.now(), clock.now());
+    /// assert!(b >= a);
     /// ```
     pub fn new() -> Self {
         let clock = quanta::Clock::new();
@@ -105,7 +105,7 @@ impl Clock for QuantaClock {
 ///
 /// ```
 /// use std::time::Duration;
-/// use tower_ratelimit::{Clock, ManualClock};
+/// use rampart_http::{Clock, ManualClock};
 ///
 /// let clock = ManualClock::new();
 /// let shared = clock.clone();
@@ -123,7 +123,7 @@ impl ManualClock {
     /// A clock at 0.
     ///
     /// ```
-    /// use tower_ratelimit::{Clock, ManualClock};
+    /// use rampart_http::{Clock, ManualClock};
     ///
     /// assert_eq!(ManualClock::new().now(), 0);
     /// ```

@@ -51,13 +51,13 @@ pub trait Admission: Clone + Send + Sync + 'static {
 /// Lets one `ServiceBuilder` stack keep the same type whether or not it is on.
 ///
 /// ```
-/// use tower_ratelimit::adaptive::{AdaptiveConfig, AdaptiveLimit, OverloadLayer};
+/// use tower_overload::adaptive::{AdaptiveConfig, AdaptiveLimit, OverloadLayer};
 ///
 /// let configured: Option<AdaptiveConfig> = None;
 /// let limit = configured.map(|c| AdaptiveLimit::new("upstream", c)).transpose()?;
 /// let layer = OverloadLayer::new(limit); // admits everything while `limit` is None
 /// # let _ = layer;
-/// # Ok::<(), tower_ratelimit::ConfigError>(())
+/// # Ok::<(), tower_overload::ConfigError>(())
 /// ```
 impl<A: Admission> Admission for Option<A> {
     type Ticket = Option<A::Ticket>;
@@ -90,8 +90,8 @@ pub struct OverloadErrors;
 /// ```
 /// use std::convert::Infallible;
 /// use tower::{ServiceBuilder, ServiceExt};
-/// use tower_ratelimit::BoxError;
-/// use tower_ratelimit::adaptive::{AdaptiveConfig, AdaptiveLimit, OverloadLayer, Overloaded};
+/// use tower_overload::BoxError;
+/// use tower_overload::adaptive::{AdaptiveConfig, AdaptiveLimit, OverloadLayer, Overloaded};
 ///
 /// # async fn demo() -> Result<(), BoxError> {
 /// let limit = AdaptiveLimit::new("db", AdaptiveConfig { initial_limit: 1, ..AdaptiveConfig::default() })?;
@@ -132,8 +132,8 @@ impl<A: Admission> OverloadLayer<A> {
     ///
     /// ```
     /// use axum::{Router, routing::get};
-    /// use tower_ratelimit::adaptive::{AdaptiveConfig, AdaptiveLimit, OverloadLayer};
-    /// use tower_ratelimit::shed::{CpuShedder, ShedConfig, SystemCpu};
+    /// use tower_overload::adaptive::{AdaptiveConfig, AdaptiveLimit, OverloadLayer};
+    /// use tower_overload::shed::{CpuShedder, ShedConfig, SystemCpu};
     ///
     /// # tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap().block_on(async {
     /// let limit = AdaptiveLimit::new("api", AdaptiveConfig::default())?;
@@ -144,7 +144,7 @@ impl<A: Admission> OverloadLayer<A> {
     ///     .layer(OverloadLayer::new(limit)) // 429 beyond the in-flight limit
     ///     .layer(OverloadLayer::new(shedder)); // 503 while the CPU is overloaded (outermost)
     /// # let _ = app;
-    /// # Ok::<(), tower_ratelimit::ConfigError>(()) }).unwrap();
+    /// # Ok::<(), tower_overload::ConfigError>(()) }).unwrap();
     /// ```
     pub fn new(admission: A) -> Self {
         Self { admission, mode: PhantomData }

@@ -39,7 +39,7 @@
 //! ```
 //! use std::time::Duration;
 //! use axum::{Router, routing::get};
-//! use tower_ratelimit::adaptive::{AdaptiveConfig, AdaptiveLimit, AdaptiveLimitLayer};
+//! use tower_overload::adaptive::{AdaptiveConfig, AdaptiveLimit, AdaptiveLimitLayer};
 //!
 //! # fn demo() -> Result<(), Box<dyn std::error::Error>> {
 //! let limit = AdaptiveLimit::new("upstream", AdaptiveConfig { max_limit: 500, ..AdaptiveConfig::default() })?;
@@ -70,11 +70,7 @@ pub use layer::{
     OverloadLayer, OverloadResponseFuture, Ticket,
 };
 
-use crate::{
-    Clock, TokioClock,
-    algorithm::{Nanos, nanos},
-    error::ConfigError,
-};
+use crate::{Clock, ConfigError, Nanos, TokioClock, nanos};
 
 /// How the limit moves. Serde: `{ type = "gradient" }` or `{ type = "aimd", backoff = 0.5 }`.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -137,7 +133,7 @@ pub enum RejectWith {
 /// key.
 ///
 /// ```
-/// use tower_ratelimit::adaptive::{AdaptiveConfig, AdaptiveLimit, LimitAlgorithm};
+/// use tower_overload::adaptive::{AdaptiveConfig, AdaptiveLimit, LimitAlgorithm};
 ///
 /// let config: AdaptiveConfig = toml::from_str(
 ///     r#"
@@ -264,7 +260,7 @@ impl LimitCore {
     ///
     /// ```
     /// use std::time::Duration;
-    /// use tower_ratelimit::adaptive::{AdaptiveConfig, LimitAlgorithm, LimitCore};
+    /// use tower_overload::adaptive::{AdaptiveConfig, LimitAlgorithm, LimitCore};
     ///
     /// let mut core = LimitCore::new(AdaptiveConfig {
     ///     algorithm: LimitAlgorithm::Aimd { backoff: 0.5, timeout: Duration::from_secs(1) },
@@ -275,7 +271,7 @@ impl LimitCore {
     /// assert_eq!(core.on_sample(0, Duration::from_millis(5), 10, false), None); // window still open
     /// // 100 ms later a drop closes the window: AIMD halves the limit.
     /// assert_eq!(core.on_sample(100_000_000, Duration::from_millis(5), 10, true), Some(5));
-    /// # Ok::<(), tower_ratelimit::ConfigError>(())
+    /// # Ok::<(), tower_overload::ConfigError>(())
     /// ```
     pub fn new(config: AdaptiveConfig) -> Result<Self, ConfigError> {
         config.validate()?;
@@ -451,7 +447,7 @@ impl AdaptiveLimit {
     /// A limit named `name` (metrics label, rejections) on tokio's clock.
     ///
     /// ```
-    /// use tower_ratelimit::adaptive::{AdaptiveConfig, AdaptiveLimit, Completion, Ticket};
+    /// use tower_overload::adaptive::{AdaptiveConfig, AdaptiveLimit, Completion, Ticket};
     ///
     /// let limit = AdaptiveLimit::new("upstream", AdaptiveConfig { initial_limit: 2, ..AdaptiveConfig::default() })?;
     /// let first = limit.try_acquire()?;
@@ -470,7 +466,7 @@ impl AdaptiveLimit {
     ///
     /// ```
     /// use std::time::Duration;
-    /// use tower_ratelimit::{ManualClock, adaptive::{AdaptiveConfig, AdaptiveLimit, Completion, Ticket}};
+    /// use tower_overload::{ManualClock, adaptive::{AdaptiveConfig, AdaptiveLimit, Completion, Ticket}};
     ///
     /// let clock = ManualClock::new();
     /// let limit = AdaptiveLimit::with_clock("test", AdaptiveConfig::default(), clock.clone())?;

@@ -13,8 +13,8 @@ use std::{
 use testkit::sim::WorkerPool;
 use tokio::time::Instant;
 use tower::{BoxError, Service, ServiceBuilder, ServiceExt, util::BoxCloneSyncService};
-use tower_ratelimit::{
-    adaptive::{AdaptiveConfig, AdaptiveLimit, LimitAlgorithm, OverloadLayer},
+use tower_overload::{
+    AdaptiveConfig, AdaptiveLimit, LimitAlgorithm, OverloadLayer,
     shed::{CpuShedder, ManualCpu, ShedConfig},
 };
 

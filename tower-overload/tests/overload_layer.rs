@@ -11,8 +11,8 @@ use proto::{
     user_service_server::{UserService, UserServiceServer},
 };
 use tokio::sync::Semaphore;
-use tower_ratelimit::{
-    adaptive::{AdaptiveConfig, AdaptiveLimit, AdaptiveLimitLayer, OverloadLayer, RejectWith},
+use tower_overload::{
+    AdaptiveConfig, AdaptiveLimit, AdaptiveLimitLayer, OverloadLayer, RejectWith,
     shed::{CpuShedder, ManualCpu, ShedConfig},
 };
 
@@ -153,4 +153,40 @@ async fn the_cpu_shedder_answers_503_overloaded() {
     for call in calls {
         assert_eq!(call.await.unwrap().unwrap().status(), 200);
     }
+}
+
+/// Before: an adaptive limit read every 429 as a sign of overload, its own rate limiter's too:
+/// under a flood the limiter's fast refusals shrank the limit every window. Now answers a Rampart
+/// layer made by itself (`rampart_http::LocalRejection`) count neither as drops nor as samples.
+#[tokio::test]
+async fn an_adaptive_limit_ignores_the_rate_limiters_own_refusals() {
+    use tower_overload::LimitAlgorithm;
+    use tower_ratelimit::{MemoryStore, Policy, Quota};
+    let config = AdaptiveConfig {
+        algorithm: LimitAlgorithm::Aimd { backoff: 0.5, timeout: Duration::from_secs(5) },
+        initial_limit: 64,
+        window: Duration::from_millis(20),
+        min_window_samples: 5,
+        slow_start: false,
+        ..AdaptiveConfig::default()
+    };
+    let limit = AdaptiveLimit::new("upstream", config).unwrap();
+    // One request per hour gets through the rate limit: the rest are its 429s.
+    let app = axum::Router::new()
+        .route("/", axum::routing::get(|| async { "ok" }))
+        .layer(tower_ratelimit::RateLimitLayer::new(MemoryStore::new(
+            Policy::new("hourly", Quota::token_bucket(1, Duration::from_secs(3600), 1).unwrap()).unwrap(),
+        )))
+        .layer(AdaptiveLimitLayer::new(limit.clone()));
+    let addr = serve(app).await;
+    let http = reqwest::Client::new();
+    let mut refused = 0;
+    for _ in 0..10 {
+        for _ in 0..20 {
+            refused += u32::from(http.get(format!("http://{addr}/")).send().await.unwrap().status() == 429);
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert!(refused >= 190, "the rate limit refused the flood ({refused})");
+    assert!(limit.limit() >= 64, "the limiter's own 429s shrank the adaptive limit to {}", limit.limit());
 }
