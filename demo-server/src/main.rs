@@ -12,6 +12,7 @@ mod grpc;
 mod http;
 mod limits;
 mod tasks;
+mod telemetry;
 mod upstreams;
 mod users;
 
@@ -21,19 +22,34 @@ use anyhow::Context as _;
 use clap::Parser;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tracing_subscriber::EnvFilter;
 
 use crate::config::{Cli, Command, Config};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let logs = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    match cli.log_format {
-        config::LogFormat::Text => logs.init(),
-        config::LogFormat::Json => logs.json().flatten_event(true).init(),
+    let result = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the tokio runtime")
+        .and_then(|runtime| {
+            // The OTLP exporter (feature `otel`) is built inside the runtime, and flushed (by
+            // `telemetry`'s drop) before the runtime goes.
+            let _enter = runtime.enter();
+            let _telemetry = telemetry::init(cli.log_format)?;
+            serve(&cli, &runtime)
+        });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            // One line, so a wrapper script or a test can show it as is.
+            eprintln!("demo-server: {err:#}");
+            ExitCode::FAILURE
+        }
     }
-    let result = Config::load(&cli).and_then(|config| {
+}
+
+fn serve(cli: &Cli, runtime: &tokio::runtime::Runtime) -> anyhow::Result<()> {
+    Config::load(cli).and_then(|config| {
         if cli.print_config {
             print!("{}", config.to_toml()?);
             return Ok(());
@@ -53,23 +69,11 @@ fn main() -> ExitCode {
         streams_worker::describe_metrics();
         ws_hub::describe_metrics();
         rampart_gateway::describe_metrics();
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .enable_all()
-            .build()
-            .context("cannot start the tokio runtime")?;
         match cli.command {
             Some(Command::Worker) => runtime.block_on(run_worker(config, prometheus)),
-            None => runtime.block_on(run(&cli, config, prometheus, !cli.no_worker)),
+            None => runtime.block_on(run(cli, config, prometheus, !cli.no_worker)),
         }
-    });
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(err) => {
-            // One line, so a wrapper script or a test can show it as is.
-            eprintln!("demo-server: {err:#}");
-            ExitCode::FAILURE
-        }
-    }
+    })
 }
 
 /// `demo-server worker`: task workers only.

@@ -58,7 +58,7 @@ impl MakeRequestId for RandomRequestId {
     }
 }
 
-/// The access log's span, at info: method, path and version. The path only, not the query: a
+/// The access log's span, at info: method, path, version and request id. The path only, not the query: a
 /// query may carry a secret (the dashboard opens `/ws?admin_token=<token>`), and tower-http's
 /// `DefaultMakeSpan` would log the whole URI.
 #[derive(Clone, Copy, Debug)]
@@ -66,11 +66,14 @@ struct AccessSpan;
 
 impl<B> MakeSpan<B> for AccessSpan {
     fn make_span(&mut self, request: &http::Request<B>) -> tracing::Span {
+        // Made inside SetRequestIdLayer: the id is always there (the client's or a new one).
+        let request_id = request.headers().get("x-request-id").and_then(|id| id.to_str().ok()).unwrap_or("");
         tracing::info_span!(
             "request",
             method = %request.method(),
             path = %request.uri().path(),
             version = ?request.version(),
+            request_id,
         )
     }
 }

@@ -1,0 +1,79 @@
+//! Logs to stderr, and (feature `otel`) traces exported over OTLP/gRPC.
+
+use anyhow::Context as _;
+use tracing_subscriber::{EnvFilter, Layer as _, layer::SubscriberExt as _, util::SubscriberInitExt as _};
+
+use crate::config::LogFormat;
+
+/// Keeps the trace exporter alive; dropping it flushes the spans still queued (within a few
+/// seconds), so it must be dropped inside the tokio runtime, before the runtime itself.
+#[derive(Debug)]
+pub(crate) struct Telemetry {
+    #[cfg(feature = "otel")]
+    provider: Option<opentelemetry_sdk::trace::SdkTracerProvider>,
+}
+
+impl Drop for Telemetry {
+    fn drop(&mut self) {
+        #[cfg(feature = "otel")]
+        if let Some(provider) = self.provider.take()
+            && let Err(error) = provider.shutdown_with_timeout(std::time::Duration::from_secs(5))
+        {
+            eprintln!("demo-server: the OTLP exporter did not flush its spans: {error}");
+        }
+    }
+}
+
+/// Installs the global subscriber: the logs (`RUST_LOG`, default `info`) in `format`, plus,
+/// built with `--features otel` and when `OTEL_EXPORTER_OTLP_ENDPOINT` (or
+/// `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`) is set, every span exported over OTLP/gRPC — the HTTP
+/// request span carries the request id (`request_id`). The exporter reads the standard `OTEL_*`
+/// variables (`OTEL_SERVICE_NAME`, default `demo-server`; `OTEL_BSP_SCHEDULE_DELAY`; ...). Call
+/// it inside the tokio runtime (the gRPC exporter needs one).
+pub(crate) fn init(format: LogFormat) -> anyhow::Result<Telemetry> {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let logs = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let logs = match format {
+        LogFormat::Text => logs.boxed(),
+        LogFormat::Json => logs.json().flatten_event(true).boxed(),
+    };
+    let registry = tracing_subscriber::registry().with(logs.with_filter(filter));
+    #[cfg(feature = "otel")]
+    {
+        let provider = otel_provider()?;
+        let traces = provider.as_ref().map(|provider| {
+            use opentelemetry::trace::TracerProvider as _;
+            // Spans at info and above (the request span), whatever RUST_LOG says of the logs.
+            tracing_opentelemetry::layer()
+                .with_tracer(provider.tracer("demo-server"))
+                .with_filter(tracing_subscriber::filter::LevelFilter::INFO)
+        });
+        registry.with(traces).try_init().context("cannot install the tracing subscriber")?;
+        Ok(Telemetry { provider })
+    }
+    #[cfg(not(feature = "otel"))]
+    {
+        registry.try_init().context("cannot install the tracing subscriber")?;
+        Ok(Telemetry {})
+    }
+}
+
+#[cfg(feature = "otel")]
+fn otel_provider() -> anyhow::Result<Option<opentelemetry_sdk::trace::SdkTracerProvider>> {
+    let set = |name: &str| std::env::var_os(name).is_some_and(|v| !v.is_empty());
+    if !set("OTEL_EXPORTER_OTLP_ENDPOINT") && !set("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") {
+        return Ok(None);
+    }
+    let exporter = opentelemetry_otlp::SpanExporter::builder()
+        .with_tonic()
+        .build()
+        .context("invalid OTLP exporter settings (OTEL_EXPORTER_OTLP_*)")?;
+    let name = std::env::var("OTEL_SERVICE_NAME").unwrap_or_else(|_| "demo-server".to_owned());
+    let resource = opentelemetry_sdk::Resource::builder().with_service_name(name).build();
+    Ok(Some(
+        opentelemetry_sdk::trace::SdkTracerProvider::builder()
+            .with_batch_exporter(exporter)
+            .with_resource(resource)
+            .build(),
+    ))
+}
