@@ -71,3 +71,8 @@ pub fn describe_metrics() {
         "Time from sending an attempt to its response head, by upstream"
     );
 }
+
+/// The README's examples, compiled and run as doctests so they cannot rot.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;

@@ -8,7 +8,7 @@ use std::{
 use redis::Value;
 use serde::{Serialize, de::DeserializeOwned};
 
-/// Stream entry fields: the seed's `Task` (id, type, payload) plus the enqueue time, and for a
+/// Stream entry fields: the task (id, type, payload) plus the enqueue time, and for a
 /// retry the number of runs before it.
 pub(crate) const F_ID: &str = "id";
 pub(crate) const F_TYPE: &str = "type";
@@ -123,7 +123,7 @@ pub struct Delivery<T> {
     pub message_id: String,
     /// The task id given by the producer; the same on every retry.
     pub task_id: String,
-    /// The task type (the seed's `Type`).
+    /// The task type.
     pub kind: String,
     /// The decoded payload.
     pub payload: T,

@@ -168,3 +168,8 @@ pub fn describe_metrics() {
     );
     metrics::describe_histogram!("rampart_worker_handler_seconds", metrics::Unit::Seconds, "Duration of a task run.");
 }
+
+/// The README's examples, compiled and run as doctests so they cannot rot.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;

@@ -29,7 +29,7 @@ pub enum TripPolicy {
     /// Failure rate or slow-call rate over the sliding window, once it holds `minimum_calls`
     /// (resilience4j's model; the default).
     Rate,
-    /// This many failures in a row (the seed's breaker, done right).
+    /// This many failures in a row (the classic consecutive-failures breaker).
     ConsecutiveFailures {
         /// Failures in a row that trip the breaker.
         threshold: u32,
@@ -116,7 +116,7 @@ pub struct BreakerConfig {
     pub slow_call_duration: Option<Duration>,
     /// Slow-call rate in percent at or above which the breaker opens (default 100).
     pub slow_call_rate_threshold: f64,
-    /// How long the breaker stays open before probing (default 30 s, the seed's).
+    /// How long the breaker stays open before probing (default 30 s).
     #[serde(with = "humantime_serde")]
     pub wait_in_open: Duration,
     /// Optional growth of that wait on consecutive re-opens.

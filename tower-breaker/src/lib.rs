@@ -37,8 +37,9 @@
 //! moves to half-open strictly after its wait (on the next call, or on a timer with
 //! `automatic_transition`); half-open admits `half_open_permits` calls and decides by their
 //! rates. `tests/conformance.rs` replays resilience4j's state-machine tests row by row and checks
-//! the breaker against a reference model on random sequences; the README lists the deliberate
-//! differences.
+//! the breaker against a reference model on random sequences; the
+//! [repository's README](https://github.com/rampart-rs/rampart#resilience4j-behaviour--rampart)
+//! lists the deliberate differences.
 //!
 //! # Classification
 //!
@@ -52,7 +53,7 @@
 //! # Composing with tower
 //!
 //! Rampart does not re-implement what tower has: put `tower::timeout::TimeoutLayer` *inside* the
-//! breaker so timeouts count as failures, `ConcurrencyLimitLayer` (the seed's semaphore
+//! breaker so timeouts count as failures, `ConcurrencyLimitLayer` (a semaphore
 //! bulkhead) and `LoadShedLayer` around the upstream, and `tower::retry` *outside* so each retry
 //! asks the breaker again (and a retry policy can stop on [`CircuitOpen`]).
 //!
@@ -156,3 +157,8 @@ pub fn describe_metrics() {
         "Current state of a circuit breaker (0 closed, 1 open, 2 half-open, 3 forced open, 4 disabled, 5 metrics-only)."
     );
 }
+
+/// The README's examples, compiled and run as doctests so they cannot rot.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;

@@ -80,3 +80,8 @@ pub fn describe_metrics() {
         "Calls the CPU load shedder refused."
     );
 }
+
+/// The README's examples, compiled and run as doctests so they cannot rot.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;

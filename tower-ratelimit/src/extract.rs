@@ -2,7 +2,7 @@
 //! [`KeyExtractor`](crate::KeyExtractor): the workspace's one set of key types
 //! ([`rampart_http::keys`], re-exported here), shared with the breaker and lock layers.
 
-/// The cost of a request in quota units (the seed's `AllowN`). Closures `Fn(&Req) -> u64` work;
+/// The cost of a request in quota units (as `AllowN` in Go's `x/time/rate`). Closures `Fn(&Req) -> u64` work;
 /// pass one to [`RateLimitLayer::cost`](crate::RateLimitLayer::cost).
 ///
 /// ```

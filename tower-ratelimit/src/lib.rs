@@ -182,3 +182,8 @@ pub fn describe_metrics() {
         "Duration of a rate limit store script call to Redis."
     );
 }
+
+/// The README's examples, compiled and run as doctests so they cannot rot.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;

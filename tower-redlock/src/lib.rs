@@ -144,3 +144,8 @@ pub fn describe_metrics() {
         "Time to acquire a lock, retries included."
     );
 }
+
+/// The README's examples, compiled and run as doctests so they cannot rot.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;

@@ -87,7 +87,7 @@ fn valid_user(user: &str) -> bool {
         && user.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b'@'))
 }
 
-/// The seed's `?user_id=alice`: **insecure** (anyone can claim any id), for demos only. The
+/// A plain `?user_id=alice`: **insecure** (anyone can claim any id), for demos only. The
 /// default of [`Hub::new`](crate::Hub::new); replace it with
 /// [`Hub::with_authenticator`](crate::Hub::with_authenticator).
 ///

@@ -40,10 +40,10 @@ pub enum SlowConsumer {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct HubConfig {
-    /// Server ping interval (default 30 s, the seed's).
+    /// Server ping interval (default 30 s).
     #[serde(with = "humantime_serde")]
     pub ping_interval: Duration,
-    /// A connection silent this long is closed (default 60 s, the seed's).
+    /// A connection silent this long is closed (default 60 s).
     #[serde(with = "humantime_serde")]
     pub read_deadline: Duration,
     /// Largest inbound frame in bytes (default 64 KiB); larger closes with 1009.

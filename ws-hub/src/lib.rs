@@ -1,4 +1,4 @@
-//! A WebSocket pub/sub hub for axum: the seed's JSON protocol with explicit acks and errors,
+//! A WebSocket pub/sub hub for axum: a small JSON protocol with explicit acks and errors,
 //! fan-out of frames serialized once and shared by every recipient, bounded per-connection
 //! queues with a slow-consumer policy, keepalive, limits, per-channel history with truthful
 //! recovery (epochs), presence, and a Redis bridge so several instances deliver to all
@@ -142,3 +142,8 @@ pub fn describe_metrics() {
         "Gap frames sent (messages a client could not get back)."
     );
 }
+
+/// The README's examples, compiled and run as doctests so they cannot rot.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;

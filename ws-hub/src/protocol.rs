@@ -1,4 +1,4 @@
-//! The JSON protocol (the seed's message shape), decoded defensively and encoded once.
+//! The JSON protocol, decoded defensively and encoded once.
 
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};

@@ -145,7 +145,7 @@ impl Quota {
         Ok(Self::from_kind(QuotaKind::Gcra(TokenBucket::new(rate, period, burst)?)))
     }
 
-    /// `rate` requests per second with a burst of the same size (the seed's token bucket).
+    /// `rate` requests per second with a burst of the same size.
     ///
     /// ```
     /// use std::time::Duration;
