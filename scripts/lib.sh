@@ -76,3 +76,16 @@ ensure_proxies() {
       ;;
   esac
 }
+
+# A cargo subcommand from crates.io (cargo-hack for the feature matrix, cargo-semver-checks).
+ensure_cargo_tool() {
+  local tool="$1" version="$2"
+  if cargo "${tool#cargo-}" --version >/dev/null 2>&1; then
+    return
+  fi
+  log "installing $tool $version with cargo install"
+  cargo install "$tool" --version "$version" --locked --quiet
+}
+
+# The crates that are published; the others (demo-server, benches, testkit, proto) are not.
+UNPUBLISHED=(--exclude demo-server --exclude benches --exclude testkit --exclude proto)

@@ -130,7 +130,10 @@ async fn request_spans_reach_the_otlp_collector_with_their_request_id() {
             assert_eq!(span.trace_id.len(), 16, "a real trace id");
             break;
         }
-        assert!(tokio::time::Instant::now() < deadline, "spans for {wanted:?} never arrived; got request ids {found:?}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "spans for {wanted:?} never arrived; got request ids {found:?}"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     drop(demo);

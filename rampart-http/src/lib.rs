@@ -36,9 +36,9 @@ mod reject;
 mod retry;
 
 pub use body::ResponseBody;
-pub use clock::{Clock, ManualClock, Nanos, TokioClock};
 #[cfg(feature = "quanta")]
 pub use clock::QuantaClock;
+pub use clock::{Clock, ManualClock, Nanos, TokioClock};
 pub use code::GrpcCode;
 #[cfg(feature = "grpc")]
 pub use grpc::grpc_response;

@@ -13,9 +13,8 @@ use futures_util::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    Key, Policy, Verdict,
+    Clock, Key, Policy, TokioClock, Verdict,
     algorithm::{Decision, Nanos},
-    Clock, TokioClock,
     error::CheckError,
     receipt::{Receipt, Taken, next_store_id},
     store::{

@@ -10,9 +10,8 @@ use std::{
 };
 
 use crate::{
-    Key, Policy, Quota, QuotaReceipt, Verdict,
+    Clock, Key, Policy, Quota, QuotaReceipt, TokioClock, Verdict,
     algorithm::{Consumed, Nanos},
-    Clock, TokioClock,
     error::CheckError,
     policy::PolicyState,
     receipt::{Receipt, next_store_id},

@@ -13,9 +13,8 @@ use futures_util::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    Key, Policy, Verdict,
+    Clock, Key, Policy, TokioClock, Verdict,
     algorithm::{Decision, QuotaKind},
-    Clock, TokioClock,
     error::CheckError,
     receipt::{Receipt, RedisTaken, Taken, next_store_id},
     store::{MemoryStore, Store},
