@@ -15,15 +15,71 @@
 //!   per resource, an adaptive concurrency limit, a body limit, a timeout — and reloads it
 //!   without dropping a request.
 //!
-//! ```no_run
+//! ```
+//! use std::net::SocketAddr;
+//! use axum::{Router, extract::{ConnectInfo, Path}, http::{HeaderMap, StatusCode}, routing::get};
+//! use http_body_util::BodyExt;
 //! use rampart_gateway::{Gateway, GatewayConfig};
+//! use tower::ServiceExt;
 //!
-//! # #[tokio::main] async fn main() -> Result<(), Box<dyn std::error::Error>> {
-//! let config: GatewayConfig = toml::from_str(&std::fs::read_to_string("gateway.toml")?)?;
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), rampart_gateway::BoxError> {
+//! // An upstream: `/users/{id}` answers (saying whom the gateway forwarded it for), `/reports`
+//! // fails.
+//! let user = |Path(id): Path<u64>, headers: HeaderMap| async move {
+//!     let client = headers.get("x-forwarded-for").and_then(|v| v.to_str().ok()).unwrap_or("?");
+//!     format!("user {id}, for {client}")
+//! };
+//! let backend = Router::new()
+//!     .route("/users/{id}", get(user))
+//!     .route("/reports", get(|| async { StatusCode::INTERNAL_SERVER_ERROR }));
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+//! let endpoint = format!("http://{}", listener.local_addr()?);
+//! tokio::spawn(async move { axum::serve(listener, backend).await });
+//!
+//! // `/api/...` goes to it as `/...`. Its breaker judges from the third call on and opens
+//! // when 60% of the calls failed.
+//! let config: GatewayConfig = toml::from_str(&format!(r#"
+//!     [[upstreams]]
+//!     name = "backend"
+//!     endpoints = ["{endpoint}"]
+//!     breaker = {{ minimum_calls = 3, failure_rate_threshold = 60.0, wait_in_open = "30s" }}
+//!
+//!     [[routes]]
+//!     name = "api"
+//!     path_prefix = "/api"
+//!     upstream = "backend"
+//!     strip_prefix = "/api"
+//! "#))?;
 //! let gateway = Gateway::builder().build(&config)?;
-//! let listener = tokio::net::TcpListener::bind("127.0.0.1:8080").await?;
-//! let app = gateway.into_router().into_make_service_with_connect_info::<std::net::SocketAddr>();
-//! axum::serve(listener, app).await?;
+//! // Served, the peer address comes from axum's `ConnectInfo`:
+//! // `axum::serve(listener, gateway.into_router().into_make_service_with_connect_info::<SocketAddr>())`.
+//! // Called directly, as here, a request carries it itself.
+//! let peer: SocketAddr = "203.0.113.7:50000".parse()?;
+//! let call = |path: &str| http::Request::get(path).extension(ConnectInfo(peer)).body(String::new());
+//!
+//! let response = gateway.clone().oneshot(call("/api/users/7")?).await?;
+//! assert_eq!(response.status(), StatusCode::OK);
+//! assert!(response.headers().contains_key("x-request-id")); // set by the gateway, sent along
+//! assert_eq!(response.into_body().collect().await?.to_bytes(), "user 7, for 203.0.113.7");
+//!
+//! // The upstream's own answers pass through; its breaker counts them.
+//! for _ in 0..2 {
+//!     let failed = gateway.clone().oneshot(call("/api/reports")?).await?;
+//!     assert_eq!(failed.status(), StatusCode::INTERNAL_SERVER_ERROR);
+//! }
+//!
+//! // 2 failed of 3: the breaker is open, and the gateway answers for the upstream.
+//! let refused = gateway.clone().oneshot(call("/api/users/7")?).await?;
+//! assert_eq!(refused.status(), StatusCode::SERVICE_UNAVAILABLE);
+//! assert_eq!(refused.headers()["retry-after"], "30");
+//! let body = refused.into_body().collect().await?.to_bytes();
+//! assert!(std::str::from_utf8(&body)?.contains(r#""error":"circuit_open""#));
+//!
+//! // Over gRPC, a trailers-only UNAVAILABLE.
+//! let grpc = http::Request::post("/api/users.Users/Get").header("content-type", "application/grpc");
+//! let refused = gateway.oneshot(grpc.body(String::new())?).await?;
+//! assert_eq!(refused.headers()["grpc-status"], "14");
 //! # Ok(()) }
 //! ```
 

@@ -71,28 +71,78 @@
 //! again, random handler durations (some longer than `claim_idle`), failures, panics, and a Redis
 //! restart with AOF — and checks a log of every handler run kept outside the workers.
 //!
-//! # Example
+//! # Example: a handler is a tower service
+//!
+//! A handler stack runs without Redis, so it can be tried and tested on its own. Here a rate
+//! limit stands in front of it: a refused call is an error, so the worker schedules the entry
+//! again after its backoff instead of running it now.
+//!
+//! ```
+//! use std::{convert::Infallible, time::{Duration, SystemTime}};
+//! use streams_worker::{BoxError, Delivery};
+//! use tower::{ServiceBuilder, ServiceExt};
+//! use tower_ratelimit::{MemoryStore, Policy, Quota, RateLimitLayer, RateLimited};
+//!
+//! async fn send_email(task: Delivery<String>) -> Result<String, Infallible> {
+//!     Ok(format!("{} to {} (delivery {})", task.kind, task.payload, task.deliveries))
+//! }
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), BoxError> {
+//! // At most one email a minute from this process.
+//! let policy = Policy::new("emails", Quota::token_bucket(1, Duration::from_secs(60), 1)?)?;
+//! let handler = ServiceBuilder::new()
+//!     .layer(RateLimitLayer::new(MemoryStore::new(policy)).errors())
+//!     .timeout(Duration::from_secs(10))
+//!     .service_fn(send_email);
+//!
+//! let task = |n: u64| Delivery {
+//!     message_id: format!("1700000000000-{n}"),
+//!     task_id: format!("t-{n}"),
+//!     kind: "welcome".to_owned(),
+//!     payload: "a@example.com".to_owned(),
+//!     enqueued_at: SystemTime::now(),
+//!     deliveries: 1,
+//! };
+//! assert_eq!(handler.clone().oneshot(task(0)).await?, "welcome to a@example.com (delivery 1)");
+//! // The second within the minute fails: the worker retries it later.
+//! let refused = handler.oneshot(task(1)).await;
+//! assert!(refused.is_err_and(|error| error.is::<RateLimited>()));
+//! # Ok(()) }
+//! ```
+//!
+//! # Example: producing and consuming
 //!
 //! ```no_run
-//! use std::convert::Infallible;
+//! use std::{convert::Infallible, time::Duration};
 //! use streams_worker::{Delivery, Producer, Redis, Worker, WorkerConfig};
 //! use tokio_util::sync::CancellationToken;
 //! use tower::ServiceBuilder;
 //!
-//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
 //! let redis = Redis::url("redis://127.0.0.1:6379")?;
 //! let producer = Producer::connect(&redis, "tasks").await?;
-//! producer.send_kind("email", &serde_json::json!({"to": "a@example.com"})).await?;
+//! let task_id = producer.send_kind("email", &serde_json::json!({ "to": "a@example.com" })).await?;
 //!
-//! let worker = Worker::new(redis, "tasks", "mailers", WorkerConfig::default())?;
-//! let handler = ServiceBuilder::new()
-//!     .timeout(std::time::Duration::from_secs(10))
-//!     .service_fn(|task: Delivery<serde_json::Value>| async move {
-//!         println!("{} #{}: {}", task.kind, task.deliveries, task.payload);
-//!         Ok::<_, Infallible>(())
-//!     });
+//! // The worker runs until `shutdown` is cancelled: here, once our task was handled.
 //! let shutdown = CancellationToken::new();
-//! worker.run(handler, shutdown.clone()).await?;
+//! let handler = {
+//!     let shutdown = shutdown.clone();
+//!     ServiceBuilder::new().timeout(Duration::from_secs(10)).service_fn(move |task: Delivery<serde_json::Value>| {
+//!         let (shutdown, ours) = (shutdown.clone(), task.task_id == task_id);
+//!         async move {
+//!             println!("{} #{}: {}", task.kind, task.deliveries, task.payload);
+//!             if ours {
+//!                 shutdown.cancel();
+//!             }
+//!             Ok::<_, Infallible>(())
+//!         }
+//!     })
+//! };
+//! let worker = Worker::new(redis, "tasks", "mailers", WorkerConfig::default())?;
+//! // Returns after acknowledging what its handler finished.
+//! worker.run(handler, shutdown).await?;
 //! # Ok(()) }
 //! ```
 

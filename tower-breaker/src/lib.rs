@@ -61,41 +61,110 @@
 //!
 //! ```
 //! use std::time::Duration;
-//! use axum::{Router, error_handling::HandleErrorLayer, http::StatusCode, routing::get};
-//! use tower::{BoxError, ServiceBuilder};
-//! use tower_breaker::{Breaker, BreakerConfig, CircuitBreakerLayer};
+//! use axum::{Router, body::Body, error_handling::HandleErrorLayer, http::{Request, StatusCode}, routing::get};
+//! use tower::{BoxError, ServiceBuilder, ServiceExt};
+//! use tower_breaker::{Breaker, BreakerConfig, CircuitBreakerLayer, State};
 //!
-//! # fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! // Open when half of the last 20 calls failed, judged once 4 calls are in; after 30 s, let 3
+//! // probe calls through.
 //! let config = BreakerConfig::builder()
-//!     .count_window(50)
-//!     .minimum_calls(10)
+//!     .count_window(20)
+//!     .minimum_calls(4)
 //!     .failure_rate_threshold(50.0)
 //!     .wait_in_open(Duration::from_secs(30))
 //!     .half_open_permits(3)
 //!     .build()?;
 //! let breaker = Breaker::new("upstream", config)?;
-//! let app: Router = Router::new().route("/upstream", get(|| async { "ok" })).layer(
+//! // An upstream that hangs.
+//! let upstream = get(|| async {
+//!     tokio::time::sleep(Duration::from_secs(60)).await;
+//!     "too late"
+//! });
+//! let app: Router = Router::new().route("/upstream", upstream).layer(
 //!     ServiceBuilder::new()
 //!         // Timeouts become 504s for the client, after the breaker counted them as failures.
 //!         .layer(HandleErrorLayer::new(|_: BoxError| async { StatusCode::GATEWAY_TIMEOUT }))
 //!         .layer(CircuitBreakerLayer::new(breaker.clone()))
-//!         .timeout(Duration::from_secs(2)),
+//!         .timeout(Duration::from_millis(50)),
 //! );
-//! # let _ = app;
+//!
+//! let call = || Request::get("/upstream").body(Body::empty());
+//! for _ in 0..4 {
+//!     let timed_out = app.clone().oneshot(call()?).await?;
+//!     assert_eq!(timed_out.status(), StatusCode::GATEWAY_TIMEOUT);
+//! }
+//! assert_eq!(breaker.state(), State::Open);
+//!
+//! // Open: answered at once, without waiting for the upstream.
+//! let refused = app.oneshot(call()?).await?;
+//! assert_eq!(refused.status(), StatusCode::SERVICE_UNAVAILABLE);
+//! assert_eq!(refused.headers()["retry-after"], "30"); // seconds until the probes
+//! let body = axum::body::to_bytes(refused.into_body(), usize::MAX).await?;
+//! assert!(std::str::from_utf8(&body)?.contains(r#""error":"circuit_open""#));
 //! # Ok(()) }
 //! ```
 //!
 //! # Example: tonic, one breaker per method
 //!
-//! ```
-//! use std::sync::Arc;
-//! use tower_breaker::{BreakerConfig, BreakerRegistry, CircuitBreakerLayer, keys::GrpcMethod};
+//! The layer wraps a tonic service as it wraps a router: here `example.UserService` (code
+//! generated from the repository's `proto/example.proto` into the `proto` crate), whose database
+//! is down, called with unary gRPC requests as they come off the wire (one length-prefixed
+//! protobuf message each).
 //!
-//! # fn demo() -> Result<(), Box<dyn std::error::Error>> {
-//! let registry = Arc::new(BreakerRegistry::new("grpc:", BreakerConfig::default())?);
-//! let server = tonic::transport::Server::builder()
-//!     .layer(CircuitBreakerLayer::keyed(registry, GrpcMethod));
-//! # drop(server);
+//! ```
+//! use std::{sync::Arc, time::Duration};
+//! use bytes::Bytes;
+//! use http_body_util::Full;
+//! use prost::Message;
+//! use proto::{GetUserRequest, GetUserResponse, user_service_server::{UserService, UserServiceServer}};
+//! use tonic::{Request, Response, Status};
+//! use tower::{ServiceBuilder, ServiceExt};
+//! use tower_breaker::{BreakerConfig, BreakerRegistry, CircuitBreakerLayer, State, keys::GrpcMethod};
+//!
+//! struct Users;
+//!
+//! #[tonic::async_trait]
+//! impl UserService for Users {
+//!     async fn get_user(&self, _: Request<GetUserRequest>) -> Result<Response<GetUserResponse>, Status> {
+//!         Err(Status::internal("database down"))
+//!     }
+//! }
+//!
+//! /// `GetUser` over gRPC: a 5-byte prefix (not compressed, then the length), then the message.
+//! fn get_user(user_id: i64) -> Result<http::Request<Full<Bytes>>, Box<dyn std::error::Error>> {
+//!     let message = GetUserRequest { user_id }.encode_to_vec();
+//!     let mut frame = vec![0];
+//!     frame.extend_from_slice(&u32::try_from(message.len())?.to_be_bytes());
+//!     frame.extend_from_slice(&message);
+//!     let request = http::Request::post("/example.UserService/GetUser")
+//!         .header("content-type", "application/grpc")
+//!         .header("te", "trailers")
+//!         .body(Full::new(Bytes::from(frame)))?;
+//!     Ok(request)
+//! }
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! // A breaker per gRPC method, each opened by 3 failures in a row.
+//! let config = BreakerConfig::builder().consecutive_failures(3).wait_in_open(Duration::from_secs(30)).build()?;
+//! let registry = Arc::new(BreakerRegistry::new("grpc:", config)?);
+//! let layer = CircuitBreakerLayer::keyed(registry.clone(), GrpcMethod);
+//! // In a server: `tonic::transport::Server::builder().layer(layer).add_service(...)`.
+//! let svc = ServiceBuilder::new().layer(layer).service(UserServiceServer::new(Users));
+//!
+//! for user_id in 1..=3 {
+//!     let failed = svc.clone().oneshot(get_user(user_id)?).await?;
+//!     assert_eq!(failed.headers()["grpc-status"], "13"); // the service's own INTERNAL
+//! }
+//! assert_eq!(registry.get("/example.UserService/GetUser").state(), State::Open);
+//!
+//! // Open: a trailers-only UNAVAILABLE, without calling the service.
+//! let refused = svc.oneshot(get_user(4)?).await?;
+//! assert_eq!(refused.headers()["grpc-status"], "14");
+//! let status = Status::from_header_map(refused.headers()).ok_or("no gRPC status")?;
+//! assert!(status.message().starts_with("circuit `grpc:/example.UserService/GetUser` is open"));
 //! # Ok(()) }
 //! ```
 

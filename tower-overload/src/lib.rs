@@ -38,6 +38,62 @@
 //! // tonic: `Server::builder().layer(OverloadLayer::new(limit))`.
 //! # Ok(()) }
 //! ```
+//!
+//! # Example: a refusal
+//!
+//! A limit pinned at one call in flight: while a call runs, the next is refused at once.
+//!
+//! ```
+//! use std::sync::Arc;
+//! use axum::{Router, body::Body, routing::get};
+//! use http::{Request, StatusCode};
+//! use tokio::sync::Notify;
+//! use tower::ServiceExt;
+//! use tower_overload::{AdaptiveConfig, AdaptiveLimit, OverloadLayer};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! let config = AdaptiveConfig { initial_limit: 1, min_limit: 1, max_limit: 1, ..AdaptiveConfig::default() };
+//! let limit = AdaptiveLimit::new("upstream", config)?;
+//!
+//! // A handler that tells when it runs, then works until told to finish.
+//! let (started, finish) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
+//! let work = {
+//!     let (started, finish) = (started.clone(), finish.clone());
+//!     get(move || {
+//!         let (started, finish) = (started.clone(), finish.clone());
+//!         async move {
+//!             started.notify_one();
+//!             finish.notified().await;
+//!             "done"
+//!         }
+//!     })
+//! };
+//! let app = Router::new().route("/", work).layer(OverloadLayer::new(limit.clone()));
+//!
+//! // The first call takes the only slot.
+//! let first = tokio::spawn(app.clone().oneshot(Request::get("/").body(Body::empty())?));
+//! started.notified().await;
+//! assert_eq!(limit.in_flight(), 1);
+//!
+//! // The second is refused without waiting: 429 (`RejectWith`'s default) and a problem body.
+//! let refused = app.clone().oneshot(Request::get("/").body(Body::empty())?).await?;
+//! assert_eq!(refused.status(), StatusCode::TOO_MANY_REQUESTS);
+//! assert!(refused.headers().contains_key("retry-after"));
+//! let body = axum::body::to_bytes(refused.into_body(), usize::MAX).await?;
+//! assert!(std::str::from_utf8(&body)?.contains(r#""error":"overloaded""#));
+//!
+//! // A gRPC call gets a trailers-only RESOURCE_EXHAUSTED instead.
+//! let grpc = Request::post("/").header("content-type", "application/grpc").body(Body::empty())?;
+//! let refused = app.clone().oneshot(grpc).await?;
+//! assert_eq!(refused.headers()["grpc-status"], "8");
+//!
+//! // The first call finishes and frees its slot.
+//! finish.notify_one();
+//! assert_eq!(first.await??.status(), StatusCode::OK);
+//! assert_eq!(limit.in_flight(), 0);
+//! # Ok(()) }
+//! ```
 
 pub mod adaptive;
 mod error;

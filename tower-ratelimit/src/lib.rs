@@ -60,31 +60,107 @@
 //!
 //! ```
 //! use std::net::SocketAddr;
-//! use axum::{Router, routing::get};
+//! use axum::{Router, body::Body, extract::ConnectInfo, http::{Request, StatusCode}, routing::get};
+//! use tower::ServiceExt;
 //! use tower_ratelimit::{MemoryStore, PeerIp, Policy, Quota, RateLimitLayer};
 //!
-//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
-//! let per_client = Policy::new("per-client", Quota::per_second(10)?)?;
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! // One request per second for each client IP.
+//! let per_client = Policy::new("per-client", Quota::per_second(1)?)?;
 //! let app: Router = Router::new()
 //!     .route("/", get(|| async { "hello" }))
 //!     .layer(RateLimitLayer::new(MemoryStore::new(per_client)).key(PeerIp::new()));
-//! let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-//! // PeerIp reads ConnectInfo: serve with connect info.
-//! let server = axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>());
-//! # drop(server);
+//!
+//! // PeerIp reads the peer address from axum's `ConnectInfo`: serve the app with
+//! // `axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())`.
+//! // Called directly, as here, a request carries the `ConnectInfo` itself.
+//! let from = |peer: SocketAddr| {
+//!     let mut request = Request::get("/").body(Body::empty())?;
+//!     request.extensions_mut().insert(ConnectInfo(peer));
+//!     Ok::<_, axum::http::Error>(request)
+//! };
+//! let client: SocketAddr = "203.0.113.7:50000".parse()?;
+//!
+//! let ok = app.clone().oneshot(from(client)?).await?;
+//! assert_eq!(ok.status(), StatusCode::OK);
+//! assert_eq!(ok.headers()["ratelimit-policy"], r#""per-client";q=1;w=1"#);
+//!
+//! // The same client again within the second: refused.
+//! let limited = app.clone().oneshot(from(client)?).await?;
+//! assert_eq!(limited.status(), StatusCode::TOO_MANY_REQUESTS);
+//! assert_eq!(limited.headers()["retry-after"], "1");
+//! let body = axum::body::to_bytes(limited.into_body(), usize::MAX).await?;
+//! assert!(std::str::from_utf8(&body)?.contains(r#""error":"rate_limited""#));
+//!
+//! // Another client counts on its own.
+//! let other = app.oneshot(from("198.51.100.2:40000".parse()?)?).await?;
+//! assert_eq!(other.status(), StatusCode::OK);
 //! # Ok(()) }
 //! ```
 //!
 //! # Example: tonic
 //!
+//! The layer wraps a tonic service as it wraps a router: here `example.UserService` (code
+//! generated from the repository's `proto/example.proto` into the `proto` crate), called with a
+//! unary gRPC request as it comes off the wire (one length-prefixed protobuf message).
+//!
 //! ```
+//! use std::time::Duration;
+//! use bytes::Bytes;
+//! use http_body_util::{BodyExt, Full};
+//! use prost::Message;
+//! use proto::{GetUserRequest, GetUserResponse, user_service_server::{UserService, UserServiceServer}};
+//! use tonic::{Code, Request, Response, Status};
+//! use tonic_types::StatusExt;
+//! use tower::{ServiceBuilder, ServiceExt};
 //! use tower_ratelimit::{GrpcMethod, MemoryStore, Policy, Quota, RateLimitLayer};
 //!
-//! # fn demo() -> Result<(), Box<dyn std::error::Error>> {
-//! let per_method = Policy::new("per-method", Quota::per_second(100)?)?;
-//! let server = tonic::transport::Server::builder()
-//!     .layer(RateLimitLayer::new(MemoryStore::new(per_method)).key(GrpcMethod));
-//! # drop(server);
+//! struct Users;
+//!
+//! #[tonic::async_trait]
+//! impl UserService for Users {
+//!     async fn get_user(&self, request: Request<GetUserRequest>) -> Result<Response<GetUserResponse>, Status> {
+//!         let user_id = request.into_inner().user_id;
+//!         Ok(Response::new(GetUserResponse { user_id, username: format!("user_{user_id}"), email: String::new() }))
+//!     }
+//! }
+//!
+//! /// `GetUser` over gRPC: a 5-byte prefix (not compressed, then the length), then the message.
+//! fn get_user(user_id: i64) -> Result<http::Request<Full<Bytes>>, Box<dyn std::error::Error>> {
+//!     let message = GetUserRequest { user_id }.encode_to_vec();
+//!     let mut frame = vec![0];
+//!     frame.extend_from_slice(&u32::try_from(message.len())?.to_be_bytes());
+//!     frame.extend_from_slice(&message);
+//!     let request = http::Request::post("/example.UserService/GetUser")
+//!         .header("content-type", "application/grpc")
+//!         .header("te", "trailers")
+//!         .body(Full::new(Bytes::from(frame)))?;
+//!     Ok(request)
+//! }
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! // One call per second for each gRPC method, all callers together.
+//! let per_method = Policy::new("per-method", Quota::per_second(1)?)?;
+//! let layer = RateLimitLayer::new(MemoryStore::new(per_method)).key(GrpcMethod);
+//! // In a server: `tonic::transport::Server::builder().layer(layer).add_service(...)`.
+//! let svc = ServiceBuilder::new().layer(layer).service(UserServiceServer::new(Users));
+//!
+//! let answer = svc.clone().oneshot(get_user(7)?).await?;
+//! assert!(answer.headers().contains_key("ratelimit")); // the RateLimit headers, as metadata
+//! let answer = answer.into_body().collect().await?;
+//! assert_eq!(answer.trailers().ok_or("no trailers")?["grpc-status"], "0"); // OK
+//! let reply = GetUserResponse::decode(&answer.to_bytes()[5..])?;
+//! assert_eq!(reply.username, "user_7");
+//!
+//! // The second call within the second: a trailers-only RESOURCE_EXHAUSTED, in the headers.
+//! let limited = svc.oneshot(get_user(8)?).await?;
+//! assert_eq!(limited.headers()["grpc-status"], "8");
+//! let status = Status::from_header_map(limited.headers()).ok_or("no gRPC status")?;
+//! assert_eq!(status.code(), Code::ResourceExhausted);
+//! let retry = status.get_details_retry_info().ok_or("no RetryInfo")?;
+//! assert_eq!(retry.retry_delay, Some(Duration::from_secs(1)));
 //! # Ok(()) }
 //! ```
 //!
@@ -126,14 +202,13 @@ pub use algorithm::{
     Decision, Quota, QuotaConfig, QuotaReceipt, SlidingLog, SlidingWindow, TokenBucket, Verdict, WarmUp, WarmUpConfig,
 };
 pub use all::{AllOf, AllOfService};
-#[cfg(feature = "quanta")]
-pub use rampart_http::QuantaClock;
-pub use rampart_http::{Clock, ManualClock, TokioClock};
 pub use error::{CheckError, ConfigError, MissingRateLimitKey, RateLimited, StoreUnavailable};
 pub use extract::{Cost, UnitCost};
 pub use future::{ErrorFuture, ResponseFuture};
 pub use layer::{Errors, Http, MissingKey, RateLimitLayer};
 pub use policy::{Policy, PolicyBuilder, PolicyConfig, PolicyState};
+#[cfg(feature = "quanta")]
+pub use rampart_http::QuantaClock;
 pub use rampart_http::keys::{
     ClientIp, ForwardedHeader, GlobalKey, GrpcMethod, HeaderKey, Host, InvalidCidr, Key, KeyExtractor, MAX_KEY_LEN,
     PathSegment, PeerIp, peer_addr,
@@ -141,14 +216,13 @@ pub use rampart_http::keys::{
 /// The workspace's key types ([`rampart_http::keys`]), the same for every keyed layer.
 #[cfg(feature = "axum")]
 pub use rampart_http::keys::{MatchedRoute, PathParam};
+pub use rampart_http::{Clock, ManualClock, TokioClock};
 pub use receipt::Receipt;
 pub use response::{RATELIMIT, RATELIMIT_POLICY};
 pub use service::RateLimit;
 pub use store::{DEFAULT_MAX_BYTES, DEFAULT_MAX_KEYS, MemoryStore, MemoryStoreBuilder, Store};
 #[cfg(feature = "redis")]
-pub use store::{
-    FailurePolicy, LeaseConfig, LeasedStore, RedisConnection, RedisStore, RedisStoreBuilder, TimeSource,
-};
+pub use store::{FailurePolicy, LeaseConfig, LeasedStore, RedisConnection, RedisStore, RedisStoreBuilder, TimeSource};
 
 /// Boxed error of generic-mode services (as `tower::BoxError`).
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;

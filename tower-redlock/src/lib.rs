@@ -77,23 +77,62 @@
 //!
 //! # The layer
 //!
+//! Two calls for one resource: the first runs under its lock, the second waits for it, at most
+//! `wait_timeout`, then is answered 409 `lock_busy` (a gRPC call: `ABORTED`).
+//!
 //! ```
-//! use std::time::Duration;
-//! use axum::{Extension, Router, body::Body, http::Request, routing::post};
+//! use std::{sync::Arc, time::Duration};
+//! use axum::{Extension, Router, body::Body, http::{Request, StatusCode}, routing::post};
+//! use tokio::sync::Notify;
 //! use tower::ServiceExt;
 //! use tower_redlock::{FencingToken, LockConfig, LockLayer, RedLock, keys::PathSegment};
 //!
-//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! // In-process; `RedLock::connect(&urls, config)` shares the locks between instances.
 //! let lock = RedLock::in_memory(LockConfig::default())?;
-//! let app = Router::new().route(
-//!     "/inventory/{sku}/reserve",
-//!     post(|Extension(token): Extension<FencingToken>| async move { format!("reserved under token {token}") })
-//!         .layer(LockLayer::new(lock, PathSegment(1)).namespace("inventory:").wait_timeout(Duration::from_secs(2))),
-//! );
-//! let response = app.oneshot(Request::post("/inventory/sku-1/reserve").body(Body::empty())?).await?;
-//! assert_eq!(response.status(), 200);
+//! // One lock per SKU (path segment 1), waited for at most 50 ms.
+//! let layer = LockLayer::new(lock, PathSegment(1)).namespace("inventory:").wait_timeout(Duration::from_millis(50));
+//!
+//! // A handler that tells when it runs, then works until told to finish.
+//! let (started, finish) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
+//! let reserve = {
+//!     let (started, finish) = (started.clone(), finish.clone());
+//!     post(move |Extension(token): Extension<FencingToken>| {
+//!         let (started, finish) = (started.clone(), finish.clone());
+//!         async move {
+//!             started.notify_one();
+//!             finish.notified().await;
+//!             format!("reserved under token {token}")
+//!         }
+//!     })
+//! };
+//! let app: Router = Router::new().route("/inventory/{sku}/reserve", reserve.layer(layer));
+//! let call = || Request::post("/inventory/sku-1/reserve").body(Body::empty());
+//!
+//! // The first call takes `inventory:sku-1` and runs.
+//! let first = tokio::spawn(app.clone().oneshot(call()?));
+//! started.notified().await;
+//!
+//! // Meanwhile a second call for the same SKU waits 50 ms, then gets 409.
+//! let busy = app.clone().oneshot(call()?).await?;
+//! assert_eq!(busy.status(), StatusCode::CONFLICT);
+//! assert!(busy.headers().contains_key("retry-after"));
+//! let body = axum::body::to_bytes(busy.into_body(), usize::MAX).await?;
+//! assert!(std::str::from_utf8(&body)?.contains(r#""error":"lock_busy""#));
+//!
+//! // A gRPC call gets a trailers-only ABORTED instead.
+//! let grpc = Request::post("/inventory/sku-1/reserve").header("content-type", "application/grpc");
+//! let busy = app.clone().oneshot(grpc.body(Body::empty())?).await?;
+//! assert_eq!(busy.headers()["grpc-status"], "10");
+//!
+//! // The first call finishes, with the fencing token of its lock, and frees it.
+//! finish.notify_one();
+//! let done = first.await??;
+//! assert_eq!(done.status(), StatusCode::OK);
+//! let body = axum::body::to_bytes(done.into_body(), usize::MAX).await?;
+//! assert_eq!(std::str::from_utf8(&body)?, "reserved under token 1");
 //! # Ok(()) }
-//! # tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap().block_on(demo()).unwrap();
 //! ```
 
 mod client;

@@ -64,18 +64,39 @@
 //!
 //! # Example
 //!
-//! ```no_run
-//! use ws_hub::{Hub, HubConfig, Publish, HubService};
+//! ```
+//! use futures_util::{SinkExt, StreamExt};
+//! use serde_json::{Value, json};
+//! use tokio_tungstenite::{connect_async, tungstenite::Message};
 //! use tower::ServiceExt;
+//! use ws_hub::{Hub, HubConfig, HubService, Publish};
 //!
-//! # async fn demo() -> Result<(), Box<dyn std::error::Error>> {
-//! let hub = Hub::new(HubConfig::default()).with_redis("redis://127.0.0.1:6379").await?;
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! // One instance; `Hub::new(config).with_redis("redis://127.0.0.1:6379").await?` shares the
+//! // channels of several.
+//! let hub = Hub::new(HubConfig::default());
 //! let app = axum::Router::new().merge(hub.router("/ws"));
-//! // Server code publishes too:
-//! let offset = HubService::new(hub.clone())
-//!     .oneshot(Publish { channel: "news".into(), content: serde_json::json!("hello"), user_id: "system".into() })
-//!     .await?;
-//! # let _ = (app, offset);
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+//! let addr = listener.local_addr()?;
+//! tokio::spawn(async move { axum::serve(listener, app).await });
+//!
+//! // A client subscribes (named by `?user_id=` here; use `with_authenticator` in production).
+//! let (mut ws, _) = connect_async(format!("ws://{addr}/ws?user_id=alice")).await?;
+//! ws.send(Message::Text(json!({ "type": "subscribe", "channel": "news" }).to_string().into())).await?;
+//! let ack: Value = serde_json::from_str(ws.next().await.ok_or("closed")??.to_text()?)?;
+//! assert_eq!((ack["type"].as_str(), ack["op"].as_str()), (Some("ack"), Some("subscribe")));
+//!
+//! // Server code publishes through a tower service; the answer is the message's offset.
+//! let publish = Publish { channel: "news".into(), content: json!("hello"), user_id: "system".into() };
+//! assert_eq!(HubService::new(hub.clone()).oneshot(publish).await?, 1);
+//!
+//! // The subscriber receives it.
+//! let message: Value = serde_json::from_str(ws.next().await.ok_or("closed")??.to_text()?)?;
+//! assert_eq!(
+//!     message,
+//!     json!({ "type": "message", "channel": "news", "content": "hello", "user_id": "system", "offset": 1 })
+//! );
 //! # Ok(()) }
 //! ```
 
