@@ -164,6 +164,8 @@ async fn run(
     }
     shutdown.cancel();
     let grace = Duration::from_secs(grace_secs);
+    // The span flush at exit (feature `otel`) gets what the drain leaves of the grace.
+    telemetry::shutdown_by(std::time::Instant::now() + grace);
     let hub = app.hub.clone();
     let drained = tokio::time::timeout(grace, async {
         // WebSocket clients get a 1001 close (the HTTP server no longer tracks upgraded

@@ -5,21 +5,50 @@ use tracing_subscriber::{EnvFilter, Layer as _, layer::SubscriberExt as _, util:
 
 use crate::config::LogFormat;
 
-/// Keeps the trace exporter alive; dropping it flushes the spans still queued (within a few
-/// seconds), so it must be dropped inside the tokio runtime, before the runtime itself.
+/// Keeps the trace exporter alive; dropping it flushes the spans still queued, within what the
+/// shutdown grace has left ([`shutdown_by`]), so it must be dropped inside the tokio runtime,
+/// before the runtime itself.
 #[derive(Debug)]
 pub(crate) struct Telemetry {
     #[cfg(feature = "otel")]
     provider: Option<opentelemetry_sdk::trace::SdkTracerProvider>,
 }
 
+/// When the process must be gone: the shutdown signal's time plus the grace. Unset (no signal, an
+/// error exit), the flush at exit gets [`FLUSH_WITHOUT_DEADLINE`].
+static SHUTDOWN_BY: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+
+/// The flush's time when no shutdown deadline was set.
+#[cfg(feature = "otel")]
+const FLUSH_WITHOUT_DEADLINE: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// The flush's least time, even when the drain used the whole grace: one export round trip.
+#[cfg(feature = "otel")]
+const FLUSH_AT_LEAST: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// Records when the process must be gone (`SIGTERM` + `shutdown_grace_secs`), so the span flush
+/// at exit fits in the same grace instead of adding to it (an orchestrator kills at its own
+/// deadline, which the grace is set to match).
+pub(crate) fn shutdown_by(deadline: std::time::Instant) {
+    let _ = SHUTDOWN_BY.set(deadline);
+}
+
+/// How long the flush at exit may take.
+#[cfg(feature = "otel")]
+fn flush_budget() -> std::time::Duration {
+    SHUTDOWN_BY
+        .get()
+        .map_or(FLUSH_WITHOUT_DEADLINE, |by| by.saturating_duration_since(std::time::Instant::now()))
+        .max(FLUSH_AT_LEAST)
+}
+
 impl Drop for Telemetry {
     fn drop(&mut self) {
         #[cfg(feature = "otel")]
         if let Some(provider) = self.provider.take()
-            && let Err(error) = provider.shutdown_with_timeout(std::time::Duration::from_secs(5))
+            && let Err(error) = provider.shutdown_with_timeout(flush_budget())
         {
-            eprintln!("demo-server: the OTLP exporter did not flush its spans: {error}");
+            eprintln!("demo-server: the OTLP exporter did not flush its spans within the shutdown grace: {error}");
         }
     }
 }

@@ -283,9 +283,11 @@ impl<Req> KeyExtractor<Req> for GlobalKey {
     }
 }
 
-/// The TCP peer's address, from `axum::extract::ConnectInfo<SocketAddr>` (serve with
-/// `into_make_service_with_connect_info::<SocketAddr>()`), tonic's `TcpConnectInfo`, or a plain
-/// `SocketAddr` extension.
+/// The TCP peer's address, from `axum::extract::ConnectInfo<SocketAddr>` (feature `axum`; serve
+/// with `into_make_service_with_connect_info::<SocketAddr>()`), tonic's `TcpConnectInfo`
+/// (feature `tonic`), or a plain `SocketAddr` extension (always). Build with the feature of the
+/// server you run: without it the peer is not found, and the layer's `MissingKey` policy decides
+/// for every request (logged once, as an error).
 ///
 /// Behind a reverse proxy every request has the proxy's address: use [`ClientIp`] there.
 /// IPv6 peers are keyed by their /64 by default (one host usually owns a whole /64, so keying
@@ -341,6 +343,14 @@ impl PeerIp {
     }
 }
 
+/// What [`peer_addr`] can read in this build.
+const PEER_READERS: &str = match (cfg!(feature = "axum"), cfg!(feature = "tonic")) {
+    (true, true) => "axum ConnectInfo, tonic TcpConnectInfo, SocketAddr",
+    (true, false) => "axum ConnectInfo, SocketAddr (no tonic feature)",
+    (false, true) => "tonic TcpConnectInfo, SocketAddr (no axum feature)",
+    (false, false) => "SocketAddr only (neither the axum nor the tonic feature)",
+};
+
 /// The peer address a server recorded in the request's extensions.
 pub fn peer_addr<B>(req: &Request<B>) -> Option<SocketAddr> {
     let ext = req.extensions();
@@ -377,9 +387,12 @@ fn no_peer_address(extractor: &str) {
     if !WARNED.swap(true, std::sync::atomic::Ordering::Relaxed) {
         tracing::error!(
             extractor,
+            compiled_readers = PEER_READERS,
             "keys: requests carry no peer address, so every client falls under the layer's \
              MissingKey policy (Shared: one bucket for all). Serve with \
-             `into_make_service_with_connect_info::<SocketAddr>()` (axum) or tonic's transport"
+             `into_make_service_with_connect_info::<SocketAddr>()` (axum) or tonic's transport, \
+             and build with the crate feature of that server (`axum`, `tonic`): this build reads \
+             only the connection infos listed in `compiled_readers`"
         );
     }
 }
