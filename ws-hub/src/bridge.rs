@@ -549,7 +549,6 @@ async fn subscriber(
                     // First subscription or renewed after a reconnect: fill any hole, one task
                     // per channel so a slow one holds no other back.
                     PushKind::Subscribe | PushKind::SSubscribe => {
-                        disconnected = false;
                         if let Some(channel) = push.data.first().and_then(bytes).and_then(hub_channel) {
                             let channel = channel.to_owned();
                             tokio::spawn(async move {
@@ -600,15 +599,38 @@ async fn subscriber(
                     }
                 }
             }
-            // A failed reconnect is retried on the next command; nudge it so subscriptions return
-            // even when this instance publishes nothing.
+            // After a lost connection, subscribe again to every channel held, each on its own
+            // node (a PING would prove only one node is back, on a cluster; and a client's own
+            // resubscription can miss channels when it rebuilds its connections), until all are
+            // confirmed; then catch each up on what was published meanwhile. A subscription the
+            // client renewed by itself is confirmed again: harmless.
             () = tokio::time::sleep(pause), if disconnected => {
-                match redis::cmd("PING").query_async::<()>(&mut con).await {
+                let mut renewed = Ok(());
+                for channel in counts.keys() {
+                    renewed = con.subscribe(&pubsub_channel(channel)).await;
+                    if renewed.is_err() {
+                        break;
+                    }
+                }
+                match renewed {
                     Ok(()) => {
                         disconnected = false;
                         pause = FIRST_PAUSE;
+                        let Some(inner) = hub.upgrade() else { return };
+                        let hub = Hub { inner };
+                        for channel in counts.keys() {
+                            let (hub, channel) = (hub.clone(), channel.clone());
+                            tokio::spawn(async move {
+                                if !hub.catch_up(&channel).await && let Some(bridge) = hub.inner.bridge.get() {
+                                    bridge.mark_dirty(&channel);
+                                }
+                            });
+                        }
                     }
-                    Err(_) => pause = (pause * 2).min(Duration::from_secs(2)),
+                    Err(error) => {
+                        tracing::debug!(%error, "hub bridge: subscriptions not renewed yet; retrying");
+                        pause = (pause * 2).min(Duration::from_secs(2));
+                    }
                 }
             }
         }

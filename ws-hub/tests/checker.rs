@@ -292,6 +292,9 @@ async fn run(redis: Redis, urls: Vec<String>, label: &str) {
     let seed: u64 = std::env::var("WS_HUB_CHECK_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(rand::random);
     let secs: u64 = std::env::var("WS_HUB_CHECK_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(8);
     eprintln!("ws-hub check ({label}): seed {seed}, {secs} s (replay with WS_HUB_CHECK_SEED={seed})");
+    if let Ok(filter) = std::env::var("WS_HUB_CHECK_LOG") {
+        let _ = tracing_subscriber::fmt().with_env_filter(filter).with_test_writer().try_init();
+    }
     let config = HubConfig { messages_per_second: 10_000, history: 50, ..HubConfig::default() };
     let mut hubs = Vec::new();
     let mut addrs = Vec::new();
