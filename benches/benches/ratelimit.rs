@@ -1,5 +1,5 @@
-//! Limiter cost per check and layer overhead per request, side by side with governor and
-//! tower_governor in the same run.
+//! Limiter cost per check and layer overhead per request, on the allow path and on the rejection
+//! path, side by side with governor and tower_governor in the same run.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
@@ -27,6 +27,21 @@ fn rampart_store() -> MemoryStore {
 fn rampart_store_quanta() -> MemoryStore<QuantaClock> {
     let quota = Quota::token_bucket(1_000_000_000, Duration::from_secs(1), 1_000_000_000).unwrap();
     MemoryStore::builder(Policy::new("bench", quota).unwrap()).max_keys(2 * KEYS).clock(QuantaClock::new()).build()
+}
+
+/// A limit spent for good before measuring (one unit per hour, taken): every check is refused.
+fn spent_store() -> MemoryStore {
+    let quota = Quota::token_bucket(1, Duration::from_secs(3600), 1).unwrap();
+    let store = MemoryStore::new(Policy::new("spent", quota).unwrap());
+    assert!(store.check_sync(&Key::GLOBAL, 1).unwrap().allowed());
+    store
+}
+
+/// governor's spent limiter: one per hour, taken.
+fn governor_spent() -> governor::DefaultDirectRateLimiter {
+    let limiter = governor::RateLimiter::direct(governor::Quota::per_hour(NonZeroU32::MIN));
+    assert!(limiter.check().is_ok());
+    limiter
 }
 
 fn governor_quota() -> governor::Quota {
@@ -116,6 +131,62 @@ fn limiter(c: &mut Criterion) {
     g.finish();
 }
 
+fn rejection(c: &mut Criterion) {
+    let mut g = c.benchmark_group("limiter check, rejection (global key spent), 1 thread");
+    let store = spent_store();
+    g.bench_function("rampart MemoryStore", |b| {
+        b.iter(|| black_box(!store.check_sync(&Key::GLOBAL, 1).unwrap().allowed()))
+    });
+    let direct = governor_spent();
+    g.bench_function("governor direct", |b| b.iter(|| black_box(direct.check().is_err())));
+    g.finish();
+
+    let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+    let handler = || {
+        service_fn(|_req: Request<()>| async {
+            Ok::<_, std::convert::Infallible>(Response::new(axum::body::Body::empty()))
+        })
+    };
+    let mut g = c.benchmark_group("layer answer per request (global key spent: 429)");
+    let ours = RateLimitLayer::new(spent_store()).layer(handler());
+    g.bench_function("rampart RateLimitLayer (problem body, Retry-After, RateLimit headers)", |b| {
+        b.to_async(&rt).iter_custom(|iters| drive_status(ours.clone(), iters, 429))
+    });
+    let ours_plain = RateLimitLayer::new(spent_store()).headers(false).layer(handler());
+    g.bench_function("rampart RateLimitLayer (problem body, Retry-After)", |b| {
+        b.to_async(&rt).iter_custom(|iters| drive_status(ours_plain.clone(), iters, 429))
+    });
+    let config = Arc::new(
+        tower_governor::governor::GovernorConfigBuilder::default()
+            .key_extractor(tower_governor::key_extractor::GlobalKeyExtractor)
+            .per_second(3600)
+            .burst_size(1)
+            .finish()
+            .unwrap(),
+    );
+    let theirs = tower_governor::GovernorLayer::new(config).layer(handler());
+    rt.block_on(drive_status(theirs.clone(), 1, 200));
+    g.bench_function("tower_governor GovernorLayer (text body, Retry-After, x-ratelimit-after)", |b| {
+        b.to_async(&rt).iter_custom(|iters| drive_status(theirs.clone(), iters, 429))
+    });
+    g.finish();
+}
+
+/// Drives `iters` requests through a clone of `svc`, one at a time, each answered `status`.
+async fn drive_status<S, B>(mut svc: S, iters: u64, status: u16) -> Duration
+where
+    S: Service<Request<()>, Response = Response<B>>,
+    S::Error: std::fmt::Debug,
+{
+    let start = Instant::now();
+    for _ in 0..iters {
+        let response = svc.ready().await.unwrap().call(Request::new(())).await.unwrap();
+        assert_eq!(response.status(), status);
+        black_box(response);
+    }
+    start.elapsed()
+}
+
 /// Drives `iters` requests through a clone of `svc`, one at a time.
 async fn drive<S>(mut svc: S, iters: u64) -> Duration
 where
@@ -169,6 +240,6 @@ fn layer(c: &mut Criterion) {
 criterion_group! {
     name = benches;
     config = Criterion::default().warm_up_time(Duration::from_millis(500)).measurement_time(Duration::from_secs(2)).sample_size(30);
-    targets = limiter, layer
+    targets = limiter, layer, rejection
 }
 criterion_main!(benches);

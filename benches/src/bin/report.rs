@@ -280,7 +280,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
 /// What the report does not cover, said plainly.
 const NOT_MEASURED: &[&str] = &[
-    "Rate limiter: the rejection path of the memory store and layer (only the allow path is benchmarked), and RedisStore over Redis Cluster.",
+    "Rate limiter: the Redis stores' rejection path, LeasedStore on a Redis Cluster, and a cluster with replicas or across machines.",
     "Circuit breaker: tower-resilience's open path (it has no forced-open state to bench without a failing run), and failsafe's futures API on 2 threads.",
     "RedLock: contended acquisition, and the token-confirming second round trip (taken only when the nodes' counters differ, never in this loop).",
     "Task queue: throughput with a real handler workload, with dead letters, and on a Redis Cluster; apalis latency; delayed tasks against a peer.",
