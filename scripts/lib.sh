@@ -77,6 +77,15 @@ ensure_proxies() {
   esac
 }
 
+# PyYAML, for the cluster test's check that compose.yaml matches scripts/cluster.
+ensure_pyyaml() {
+  if python3 -c 'import yaml' >/dev/null 2>&1; then
+    return
+  fi
+  log "installing PyYAML with pip"
+  python3 -m pip install --quiet pyyaml || log "PyYAML could not be installed: the compose.yaml check will be skipped"
+}
+
 # A cargo subcommand from crates.io (cargo-hack for the feature matrix, cargo-semver-checks).
 ensure_cargo_tool() {
   local tool="$1" version="$2"

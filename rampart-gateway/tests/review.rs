@@ -808,9 +808,18 @@ async fn regression_one_slow_answer_starves_a_healthy_endpoint() {
     ))
     .await;
     let client = client();
-    // Two calls at once: one per endpoint (the second sees the first in flight); both are the
-    // endpoints' first calls, both slow. Then a third, fast, call warms one of them.
-    let (r1, r2) = tokio::join!(client.get(gw.url("/x")).send(), client.get(gw.url("/x")).send());
+    // Two overlapping calls: one per endpoint (the second is sent once the first is in flight on
+    // its endpoint, so it sees it: sent together, both could pick before either counts, and take
+    // the same endpoint); both are the endpoints' first calls, both slow.
+    let first = tokio::spawn({
+        let (client, url) = (client.clone(), gw.url("/x"));
+        async move { client.get(url).send().await }
+    });
+    while hits_a.load(Ordering::SeqCst) + hits_b.load(Ordering::SeqCst) == 0 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let r2 = client.get(gw.url("/x")).send().await;
+    let r1 = first.await.unwrap();
     assert_eq!((r1.unwrap().status().as_u16(), r2.unwrap().status().as_u16()), (200, 200));
     assert_eq!((hits_a.load(Ordering::SeqCst), hits_b.load(Ordering::SeqCst)), (1, 1));
     // Both are now fast; both had one slow answer. Whichever answers the next call first...
