@@ -82,6 +82,7 @@
 //! assert_eq!(refused.headers()["grpc-status"], "14");
 //! # Ok(()) }
 //! ```
+#![cfg_attr(docsrs, feature(doc_cfg))] // docs.rs: each item shows the features it needs
 
 mod answer;
 mod body;

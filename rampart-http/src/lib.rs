@@ -25,6 +25,7 @@
 //! assert_eq!(response.status(), 400);
 //! assert_eq!(response.headers()["content-type"], "application/problem+json");
 //! ```
+#![cfg_attr(docsrs, feature(doc_cfg))] // docs.rs: each item shows the features it needs
 
 mod body;
 mod clock;

@@ -20,6 +20,7 @@
 //! # drop(cluster);
 //! # Ok(()) }
 //! ```
+#![cfg_attr(docsrs, feature(doc_cfg))] // docs.rs: each item shows the features it needs
 
 use std::time::Duration;
 

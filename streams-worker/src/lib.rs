@@ -145,6 +145,7 @@
 //! worker.run(handler, shutdown).await?;
 //! # Ok(()) }
 //! ```
+#![cfg_attr(docsrs, feature(doc_cfg))] // docs.rs: each item shows the features it needs
 
 mod acker;
 mod config;

@@ -167,6 +167,7 @@
 //! assert!(status.message().starts_with("circuit `grpc:/example.UserService/GetUser` is open"));
 //! # Ok(()) }
 //! ```
+#![cfg_attr(docsrs, feature(doc_cfg))] // docs.rs: each item shows the features it needs
 
 mod body;
 pub mod classify;

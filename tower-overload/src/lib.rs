@@ -94,6 +94,7 @@
 //! assert_eq!(limit.in_flight(), 0);
 //! # Ok(()) }
 //! ```
+#![cfg_attr(docsrs, feature(doc_cfg))] // docs.rs: each item shows the features it needs
 
 pub mod adaptive;
 mod error;

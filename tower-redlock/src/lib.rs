@@ -134,6 +134,7 @@
 //! assert_eq!(std::str::from_utf8(&body)?, "reserved under token 1");
 //! # Ok(()) }
 //! ```
+#![cfg_attr(docsrs, feature(doc_cfg))] // docs.rs: each item shows the features it needs
 
 mod client;
 mod config;

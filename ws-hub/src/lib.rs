@@ -99,6 +99,7 @@
 //! );
 //! # Ok(()) }
 //! ```
+#![cfg_attr(docsrs, feature(doc_cfg))] // docs.rs: each item shows the features it needs
 
 mod auth;
 mod bridge;
