@@ -7,6 +7,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failure report
 
+mod common;
+
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     path::{Path, PathBuf},
@@ -14,6 +16,7 @@ use std::{
     time::{Duration, Instant},
 };
 
+use common::next_frame;
 use futures_util::{SinkExt, StreamExt};
 use proto::{GetUserRequest, user_service_client::UserServiceClient};
 use serde_json::{Value, json};
@@ -109,21 +112,6 @@ fn served_by(headers: &http::HeaderMap) -> String {
 
 fn both() -> BTreeSet<String> {
     ["demo1", "demo2"].map(String::from).into()
-}
-
-async fn next_frame(
-    ws: &mut (impl StreamExt<Item = Result<Message, tokio_tungstenite::tungstenite::Error>> + Unpin),
-    kind: &str,
-) -> Value {
-    loop {
-        let message = tokio::time::timeout(Duration::from_secs(10), ws.next()).await.unwrap().unwrap().unwrap();
-        if let Message::Text(text) = message {
-            let frame: Value = serde_json::from_str(&text).unwrap();
-            if frame["type"] == kind {
-                return frame;
-            }
-        }
-    }
 }
 
 #[test]

@@ -291,7 +291,7 @@ async fn operations_health_histograms_and_json_access_logs() {
 /// subscribe to, and no client may publish on.
 #[tokio::test]
 async fn the_dashboard_is_for_the_admin_only_and_read_only() {
-    use futures_util::{SinkExt, StreamExt};
+    use futures_util::SinkExt;
     use tokio_tungstenite::tungstenite::Message;
     let (server, _dir) = start("", &[]);
     let http = reqwest::Client::new();
@@ -300,20 +300,6 @@ async fn the_dashboard_is_for_the_admin_only_and_read_only() {
     let channel = state["dashboard_channel"].as_str().unwrap().to_owned();
     assert!(channel.starts_with("dashboard:"), "{channel}");
 
-    async fn next_of(
-        ws: &mut (impl StreamExt<Item = Result<Message, tokio_tungstenite::tungstenite::Error>> + Unpin),
-        kind: &str,
-    ) -> Value {
-        loop {
-            let message = tokio::time::timeout(Duration::from_secs(10), ws.next()).await.unwrap().unwrap().unwrap();
-            if let Message::Text(text) = message {
-                let frame: Value = serde_json::from_str(&text).unwrap();
-                if frame["type"] == kind {
-                    return frame;
-                }
-            }
-        }
-    }
     let frame = |kind: &str, channel: &str| {
         Message::Text(json!({"type": kind, "channel": channel, "content": {"fake": true}}).to_string().into())
     };
@@ -323,7 +309,7 @@ async fn the_dashboard_is_for_the_admin_only_and_read_only() {
         tokio_tungstenite::connect_async(format!("ws://{}/ws?user_id=mallory", server.http)).await.unwrap();
     for kind in ["subscribe", "message"] {
         anon.send(frame(kind, &channel)).await.unwrap();
-        assert_eq!(next_of(&mut anon, "error").await["code"], "forbidden", "{kind}");
+        assert_eq!(common::next_frame(&mut anon, "error").await["code"], "forbidden", "{kind}");
     }
     let claimed = http
         .get(server.url("/ws?user_id=admin"))
@@ -341,10 +327,10 @@ async fn the_dashboard_is_for_the_admin_only_and_read_only() {
     let (mut admin, _) =
         tokio_tungstenite::connect_async(format!("ws://{}/ws?admin_token={TOKEN}", server.http)).await.unwrap();
     admin.send(frame("subscribe", &channel)).await.unwrap();
-    let snapshot = next_of(&mut admin, "message").await;
+    let snapshot = common::next_frame(&mut admin, "message").await;
     assert_eq!(snapshot["content"]["dashboard_channel"], channel.as_str());
     admin.send(frame("message", &channel)).await.unwrap();
-    assert_eq!(next_of(&mut admin, "error").await["code"], "forbidden");
+    assert_eq!(common::next_frame(&mut admin, "error").await["code"], "forbidden");
 }
 
 /// Before: `tower_ratelimit::GrpcMethod` and `tower_breaker::keys::GrpcMethod` (and the two

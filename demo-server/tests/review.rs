@@ -14,7 +14,7 @@ use std::{
 };
 
 use common::{TOKEN, config_file, start};
-use futures_util::{SinkExt, StreamExt};
+use futures_util::SinkExt;
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::{Message, client::IntoClientRequest};
 
@@ -153,21 +153,6 @@ async fn metrics_text(http: &reqwest::Client, url: String) -> String {
 
 async fn admin_state(http: &reqwest::Client, url: String) -> Value {
     http.get(url).bearer_auth(TOKEN).send().await.unwrap().json().await.unwrap()
-}
-
-async fn next_frame_of(
-    ws: &mut (impl StreamExt<Item = Result<Message, tokio_tungstenite::tungstenite::Error>> + Unpin),
-    kind: &str,
-) -> Value {
-    loop {
-        let message = tokio::time::timeout(Duration::from_secs(15), ws.next()).await.unwrap().unwrap().unwrap();
-        if let Message::Text(text) = message {
-            let frame: Value = serde_json::from_str(&text).unwrap();
-            if frame["type"] == kind {
-                return frame;
-            }
-        }
-    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -319,7 +304,7 @@ async fn holds_dashboard_is_admin_only_and_read_only() {
     ] {
         let frame = json!({"type": kind, "channel": ch, "content": {"fake": true}});
         anon.send(Message::Text(frame.to_string().into())).await.unwrap();
-        let error = next_frame_of(&mut anon, "error").await;
+        let error = common::next_frame(&mut anon, "error").await;
         assert_eq!(error["code"], "forbidden", "{kind} {ch}: {error}");
     }
     // user_id and admin_token together with a wrong token: refused, not downgraded to the user.

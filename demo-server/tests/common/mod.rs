@@ -112,3 +112,23 @@ pub(crate) fn start(toml: &str, env: &[(&str, &str)]) -> (DemoServer, tempfile::
     env.push(("DEMO_ADMIN_TOKEN", TOKEN));
     (DemoServer::start(&["--config", &path], &env), dir)
 }
+
+/// The next WebSocket text frame whose `type` is `kind` (others skipped), within 15 s.
+pub(crate) async fn next_frame(
+    ws: &mut (
+             impl futures_util::StreamExt<
+        Item = Result<tokio_tungstenite::tungstenite::Message, tokio_tungstenite::tungstenite::Error>,
+    > + Unpin
+         ),
+    kind: &str,
+) -> serde_json::Value {
+    loop {
+        let message = tokio::time::timeout(Duration::from_secs(15), ws.next()).await.unwrap().unwrap().unwrap();
+        if let tokio_tungstenite::tungstenite::Message::Text(text) = message {
+            let frame: serde_json::Value = serde_json::from_str(&text).unwrap();
+            if frame["type"] == kind {
+                return frame;
+            }
+        }
+    }
+}
