@@ -58,6 +58,90 @@ impl Clock for TokioClock {
     }
 }
 
+/// The clock stores use unless given another: the fastest one that tests with paused time
+/// still drive.
+///
+/// Built inside a tokio runtime whose time is paused (`#[tokio::test(start_paused = true)]`, or
+/// after `tokio::time::pause()`), it reads [`TokioClock`], so `advance` moves it. Anywhere
+/// else it reads the CPU's time-stamp counter ([`QuantaClock`], with the `quanta` feature, on
+/// by default): a few nanoseconds instead of a `clock_gettime` call (~20 ns on a VM), on the
+/// path every request takes. Which one is chosen at construction: a clock built before the
+/// test pauses time keeps the counter and does not see `advance` — build it after pausing, or
+/// give the store a [`TokioClock`].
+///
+/// ```
+/// use std::time::Duration;
+/// use rampart_http::{Clock, DefaultClock};
+///
+/// # let runtime = tokio::runtime::Builder::new_current_thread().enable_time().start_paused(true).build().unwrap();
+/// # runtime.block_on(async {
+/// // Paused before it was built: only `advance` moves it.
+/// let clock = DefaultClock::new();
+/// tokio::time::advance(Duration::from_secs(2)).await;
+/// assert_eq!(clock.now(), 2_000_000_000);
+/// # });
+/// ```
+#[derive(Debug, Clone)]
+pub struct DefaultClock(DefaultSource);
+
+#[derive(Debug, Clone)]
+enum DefaultSource {
+    Tokio(TokioClock),
+    #[cfg(feature = "quanta")]
+    Tsc(QuantaClock),
+}
+
+impl DefaultClock {
+    /// A clock whose epoch is now: tokio's when tokio's time is paused here, else the fastest.
+    pub fn new() -> Self {
+        #[cfg(feature = "quanta")]
+        if !tokio_time_is_paused() {
+            return Self(DefaultSource::Tsc(QuantaClock::new()));
+        }
+        Self(DefaultSource::Tokio(TokioClock::new()))
+    }
+
+    /// Whether this clock reads tokio's time (paused at construction, or no `quanta` feature).
+    pub fn is_tokio(&self) -> bool {
+        matches!(self.0, DefaultSource::Tokio(_))
+    }
+}
+
+impl Default for DefaultClock {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Clock for DefaultClock {
+    #[inline]
+    fn now(&self) -> Nanos {
+        match &self.0 {
+            DefaultSource::Tokio(clock) => clock.now(),
+            #[cfg(feature = "quanta")]
+            DefaultSource::Tsc(clock) => clock.now(),
+        }
+    }
+}
+
+/// Whether the current thread runs a tokio runtime whose time is paused. Tokio has no public
+/// flag for it; paused time does not move on its own, so it is read twice around a wait in
+/// which the OS clock moves at least a microsecond: equal readings mean paused. Only a
+/// current-thread runtime can pause, and its only thread is this one (busy here), so nothing
+/// can advance it in between.
+#[cfg(feature = "quanta")]
+fn tokio_time_is_paused() -> bool {
+    if tokio::runtime::Handle::try_current().is_err() {
+        return false;
+    }
+    let before = tokio::time::Instant::now();
+    let started = std::time::Instant::now();
+    while started.elapsed() < Duration::from_micros(1) {
+        std::hint::spin_loop();
+    }
+    tokio::time::Instant::now() == before
+}
+
 /// The CPU's time-stamp counter through [`quanta`](https://docs.rs/quanta) (feature `quanta`):
 /// about half the cost of reading `tokio::time::Instant`, which matters only for in-process
 /// limits checked millions of times per second. `tokio::time::pause` does **not** drive it:
@@ -96,6 +180,7 @@ impl Default for QuantaClock {
 
 #[cfg(feature = "quanta")]
 impl Clock for QuantaClock {
+    #[inline]
     fn now(&self) -> Nanos {
         self.clock.delta_as_nanos(self.epoch, self.clock.raw())
     }
@@ -152,5 +237,42 @@ impl Clock for ManualClock {
 impl<C: Clock> Clock for Arc<C> {
     fn now(&self) -> Nanos {
         (**self).now()
+    }
+}
+
+#[cfg(all(test, feature = "quanta"))]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_clock_reads_the_counter_unless_tokio_is_paused() {
+        // Outside any runtime, and in a runtime running in real time: the counter.
+        assert!(!DefaultClock::new().is_tokio());
+        let real = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
+        assert!(!real.block_on(async { DefaultClock::new() }).is_tokio());
+        // Paused: tokio's clock, which `advance` drives; once resumed, a new one is the counter.
+        let paused = tokio::runtime::Builder::new_current_thread().enable_time().start_paused(true).build().unwrap();
+        paused.block_on(async {
+            let clock = DefaultClock::new();
+            assert!(clock.is_tokio());
+            let before = clock.now();
+            tokio::time::advance(Duration::from_millis(1500)).await;
+            assert_eq!(clock.now() - before, 1_500_000_000);
+            tokio::time::resume();
+            assert!(!DefaultClock::new().is_tokio());
+        });
+    }
+
+    #[test]
+    fn the_counter_moves_with_real_time() {
+        let clock = DefaultClock::new();
+        // Each reading between two of the OS clock: what it moved lies between the inner and the
+        // outer span, however the thread is scheduled.
+        let (s0, a, s1) = (std::time::Instant::now(), clock.now(), std::time::Instant::now());
+        std::thread::sleep(Duration::from_millis(20));
+        let (s2, b, s3) = (std::time::Instant::now(), clock.now(), std::time::Instant::now());
+        let moved = Duration::from_nanos(b - a);
+        // A hundredth of calibration error allowed (quanta calibrates against the OS clock).
+        assert!(moved >= (s2 - s1).mul_f64(0.99) && moved <= (s3 - s0).mul_f64(1.01), "{moved:?}");
     }
 }

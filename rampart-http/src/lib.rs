@@ -39,7 +39,7 @@ mod retry;
 pub use body::ResponseBody;
 #[cfg(feature = "quanta")]
 pub use clock::QuantaClock;
-pub use clock::{Clock, ManualClock, Nanos, TokioClock};
+pub use clock::{Clock, DefaultClock, ManualClock, Nanos, TokioClock};
 pub use code::GrpcCode;
 #[cfg(feature = "grpc")]
 pub use grpc::grpc_response;

@@ -36,7 +36,8 @@
 //!   a crate of their own.
 //!
 //! The algorithms are pure functions of `now` (see [`algorithm`]); stores read a [`Clock`]
-//! ([`TokioClock`] by default, so `tokio::time::pause` drives them in tests).
+//! ([`DefaultClock`] unless given another: the CPU's time-stamp counter, or tokio's clock when
+//! built where tokio's time is paused, so `tokio::time::pause` drives them in tests).
 //!
 //! # Answers
 //!
@@ -217,7 +218,7 @@ pub use rampart_http::keys::{
 /// The workspace's key types ([`rampart_http::keys`]), the same for every keyed layer.
 #[cfg(feature = "axum")]
 pub use rampart_http::keys::{MatchedRoute, PathParam};
-pub use rampart_http::{Clock, ManualClock, TokioClock};
+pub use rampart_http::{Clock, DefaultClock, ManualClock, TokioClock};
 pub use receipt::Receipt;
 pub use response::{RATELIMIT, RATELIMIT_POLICY};
 pub use service::RateLimit;

@@ -94,7 +94,7 @@ pub(crate) enum Taken {
     Nothing,
     /// Consumed by a memory store (`store`: its id; 0 for a bare `Policy::check`), for the key
     /// of hash `key`, from its entry created as `generation` (both 0 for a bare `Policy::check`).
-    Memory { store: u64, key: u64, generation: u64, quotas: SmallVec<[QuotaReceipt; 2]> },
+    Memory { store: u64, key: u64, generation: u64, quotas: SmallVec<[QuotaReceipt; 1]> },
     /// Consumed in Redis by a Redis store's script.
     #[cfg(feature = "redis")]
     Redis(Arc<RedisTaken>),
@@ -196,8 +196,15 @@ impl Receipt {
         }
     }
 
-    pub(crate) fn memory(quotas: SmallVec<[QuotaReceipt; 2]>) -> Self {
+    pub(crate) fn memory(quotas: SmallVec<[QuotaReceipt; 1]>) -> Self {
         Self { taken: Taken::Memory { store: 0, key: 0, generation: 0, quotas }, spent: OnceLock::new() }
+    }
+
+    /// A memory receipt of one quota, issued by store `store` for the key of hash `key` from its
+    /// entry of generation `generation`.
+    pub(crate) fn memory_one(store: u64, key: u64, generation: u64, quota: QuotaReceipt) -> Self {
+        let quotas = SmallVec::from_buf_and_len([quota], 1);
+        Self { taken: Taken::Memory { store, key, generation, quotas }, spent: OnceLock::new() }
     }
 
     pub(crate) fn new(taken: Taken) -> Self {

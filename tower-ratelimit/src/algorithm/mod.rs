@@ -471,7 +471,7 @@ pub enum QuotaState {
 /// an allowed check of a store, the [`Receipt`] of what it consumed.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Verdict {
-    decisions: SmallVec<[Decision; 2]>,
+    decisions: SmallVec<[Decision; 1]>,
     receipt: Receipt,
 }
 
@@ -524,8 +524,7 @@ impl Verdict {
     /// assert_eq!(verdict.decisions(), &[decision]);
     /// ```
     pub fn single(decision: Decision) -> Self {
-        let mut decisions = SmallVec::new();
-        decisions.push(decision);
+        let decisions = SmallVec::from_buf_and_len([decision], 1);
         Self { decisions, receipt: Receipt::default() }
     }
 
@@ -583,6 +582,13 @@ impl Verdict {
     pub fn with_receipt(mut self, receipt: Receipt) -> Self {
         self.receipt = receipt;
         self
+    }
+
+    /// A single-quota verdict with its receipt, built in one step (the hot path of the memory
+    /// store: a verdict is a few hundred bytes, and every intermediate value is a copy).
+    #[inline]
+    pub(crate) fn single_with(decision: Decision, receipt: Receipt) -> Self {
+        Self { decisions: SmallVec::from_buf_and_len([decision], 1), receipt }
     }
 
     pub(crate) fn receipt_mut(&mut self) -> &mut Receipt {

@@ -13,7 +13,7 @@ use futures_util::future::BoxFuture;
 use serde::{Deserialize, Serialize};
 
 use crate::{
-    Clock, Key, Policy, TokioClock, Verdict,
+    Clock, DefaultClock, Key, Policy, Verdict,
     algorithm::{Decision, Nanos},
     error::CheckError,
     receipt::{Receipt, Taken, next_store_id},
@@ -115,7 +115,7 @@ struct Inner<C> {
     target: Nanos,
     deny_floor: Nanos,
     max_lease: u64,
-    clock: TokioClock,
+    clock: DefaultClock,
     leases: ShardedMap<Arc<Lease>>,
     fetches: metrics::Counter,
 }
@@ -220,7 +220,7 @@ impl<C: RedisConnection> LeasedStore<C> {
                 target: nanos(config.target_interval),
                 deny_floor,
                 max_lease,
-                clock: TokioClock::new(),
+                clock: DefaultClock::new(),
                 leases: ShardedMap::new(
                     config.max_keys,
                     metrics::counter!("rampart_ratelimit_evictions_total", "limiter" => name.clone()),

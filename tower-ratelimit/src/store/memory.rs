@@ -10,7 +10,7 @@ use std::{
 };
 
 use crate::{
-    Clock, Key, Policy, Quota, QuotaReceipt, TokioClock, Verdict,
+    Clock, DefaultClock, Key, Policy, Quota, QuotaReceipt, Verdict,
     algorithm::{Consumed, Nanos},
     error::CheckError,
     policy::PolicyState,
@@ -47,7 +47,7 @@ pub const DEFAULT_MAX_BYTES: usize = 256 << 20;
 /// [`max_keys`]: MemoryStoreBuilder::max_keys
 /// [`max_bytes`]: MemoryStoreBuilder::max_bytes
 #[derive(Debug)]
-pub struct MemoryStore<C = TokioClock> {
+pub struct MemoryStore<C = DefaultClock> {
     inner: Arc<Inner<C>>,
 }
 
@@ -159,7 +159,9 @@ impl Cell {
         }
     }
 
-    fn check(&self, policy: &Policy, now: Nanos, cost: u64) -> Result<Verdict, CheckError> {
+    /// Checks `cost` units of this entry at `now`; the receipt of an allowed check names store
+    /// `store` and the key of hash `key` (built here, once: the verdict is returned as is).
+    fn check(&self, policy: &Policy, now: Nanos, cost: u64, store: u64, key: u64) -> Result<Verdict, CheckError> {
         match &self.state {
             CellState::Tat(cell) => {
                 let Some(bucket) = policy.single_gcra() else {
@@ -179,8 +181,8 @@ impl Cell {
                     match cell.tat.compare_exchange_weak(tat, new_tat, Ordering::AcqRel, Ordering::Acquire) {
                         Ok(_) => {
                             let taken = QuotaReceipt(Consumed::Bucket { tat: new_tat, units: cost, refunded, at: now });
-                            let receipt = Receipt::memory(std::iter::once(taken).collect());
-                            return Ok(Verdict::single(decision).with_receipt(receipt));
+                            let receipt = Receipt::memory_one(store, key, self.generation, taken);
+                            return Ok(Verdict::single_with(decision, receipt));
                         }
                         Err(current) => tat = current,
                     }
@@ -188,16 +190,17 @@ impl Cell {
             }
             CellState::States(cell) => {
                 let mut states = cell.states.lock().unwrap_or_else(PoisonError::into_inner);
-                let verdict = policy.check(&mut states, now, cost)?;
+                let mut verdict = policy.check(&mut states, now, cost)?;
                 cell.idle_at.store(policy.idle_at(&states), Ordering::Relaxed);
+                verdict.receipt_mut().issued_by(store, key, self.generation);
                 Ok(verdict)
             }
         }
     }
 }
 
-impl MemoryStore<TokioClock> {
-    /// A store for `policy` with the defaults (tokio clock, [`DEFAULT_MAX_KEYS`]).
+impl MemoryStore<DefaultClock> {
+    /// A store for `policy` with the defaults ([`DefaultClock`], [`DEFAULT_MAX_KEYS`]).
     ///
     /// ```
     /// use tower_ratelimit::{Key, MemoryStore, Policy, Quota, RateLimitLayer};
@@ -237,10 +240,10 @@ impl MemoryStore<TokioClock> {
     /// assert!(store.check_sync(&alice, 1)?.allowed());
     /// # Ok::<(), Box<dyn std::error::Error>>(())
     /// ```
-    pub fn builder(policy: Policy) -> MemoryStoreBuilder<TokioClock> {
+    pub fn builder(policy: Policy) -> MemoryStoreBuilder<DefaultClock> {
         MemoryStoreBuilder {
             policy,
-            clock: TokioClock::new(),
+            clock: DefaultClock::new(),
             max_keys: DEFAULT_MAX_KEYS,
             max_bytes: DEFAULT_MAX_BYTES,
         }
@@ -273,18 +276,13 @@ impl<C: Clock> MemoryStore<C> {
     pub fn check_sync(&self, key: &Key, cost: u64) -> Result<Verdict, CheckError> {
         let inner = &*self.inner;
         let now = inner.clock.now();
-        let (hash, (mut verdict, generation)) = if key.is_global() {
-            (GLOBAL_HASH, (inner.global.check(&inner.policy, now, cost)?, inner.global.generation))
+        if key.is_global() {
+            inner.global.check(&inner.policy, now, cost, inner.id, GLOBAL_HASH)
         } else {
             let hash = inner.keys.hash(key);
             let create = || Cell::new(&inner.policy, inner.generations.fetch_add(1, Ordering::Relaxed));
-            let checked = inner.keys.with_hash(hash, key, now, create, |cell| {
-                cell.check(&inner.policy, now, cost).map(|v| (v, cell.generation))
-            })?;
-            (hash, checked)
-        };
-        verdict.receipt_mut().issued_by(inner.id, hash, generation);
-        Ok(verdict)
+            inner.keys.with_hash(hash, key, now, create, |cell| cell.check(&inner.policy, now, cost, inner.id, hash))
+        }
     }
 
     /// [`Store::refund`], synchronously: gives back what the check that issued `receipt` took
