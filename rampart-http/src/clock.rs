@@ -69,6 +69,11 @@ impl Clock for TokioClock {
 /// test pauses time keeps the counter and does not see `advance` — build it after pausing, or
 /// give the store a [`TokioClock`].
 ///
+/// Monotonic on each thread. Like any clock read before a lock is taken, a reading on one
+/// thread may be slightly older than one another thread has already used (the counter is read
+/// unserialized: by up to a few hundred nanoseconds); the stores decide each request at its own
+/// reading, whatever order the readings reach them in.
+///
 /// ```
 /// use std::time::Duration;
 /// use rampart_http::{Clock, DefaultClock};
@@ -124,22 +129,48 @@ impl Clock for DefaultClock {
     }
 }
 
-/// Whether the current thread runs a tokio runtime whose time is paused. Tokio has no public
-/// flag for it; paused time does not move on its own, so it is read twice around a wait in
-/// which the OS clock moves at least a microsecond: equal readings mean paused. Only a
-/// current-thread runtime can pause, and its only thread is this one (busy here), so nothing
-/// can advance it in between.
+/// Whether tokio's time, as read on this thread, is paused. Tokio has no public flag for it, but
+/// unpaused (never paused, or resumed) its `Instant` is the OS monotonic clock plus a constant,
+/// so readings of the two interleaved as `s0 t1 s1 … s2 t2 s3` must fit it: `t2 - t1` between
+/// `s2 - s1` (at least a microsecond, spun) and `s3 - s0`, and every reading's offset from the OS
+/// clock in one interval. Paused time does not fit: frozen, `t2 - t1` is zero; moved by an
+/// `advance` or auto-advance on another thread (a blocking task, or a thread that entered the
+/// runtime, can build a clock while the runtime thread advances), it would have to move by the
+/// real elapsed time to within tens of nanoseconds, twice, at the same offset. Answering
+/// "paused" wrongly costs only speed (tokio's clock is always right); the other way round would
+/// leave `advance` without effect.
 #[cfg(feature = "quanta")]
 fn tokio_time_is_paused() -> bool {
+    use std::time::Instant;
+
     if tokio::runtime::Handle::try_current().is_err() {
         return false;
     }
-    let before = tokio::time::Instant::now();
-    let started = std::time::Instant::now();
-    while started.elapsed() < Duration::from_micros(1) {
-        std::hint::spin_loop();
+    let origin = Instant::now();
+    // Signed nanoseconds from `origin` (a resumed tokio clock reads behind the OS clock).
+    let at = |t: Instant| match t.checked_duration_since(origin) {
+        Some(after) => after.as_nanos() as i128,
+        None => -(origin.duration_since(t).as_nanos() as i128),
+    };
+    // The tokio clock's offset from the OS clock, as an interval, if it moved at the OS clock's rate.
+    let round = || {
+        let s0 = at(Instant::now());
+        let t1 = at(tokio::time::Instant::now().into_std());
+        let s1 = Instant::now();
+        let mut s2 = s1;
+        while s2.duration_since(s1) < Duration::from_micros(1) {
+            std::hint::spin_loop();
+            s2 = Instant::now();
+        }
+        let t2 = at(tokio::time::Instant::now().into_std());
+        let (s1, s2, s3) = (at(s1), at(s2), at(Instant::now()));
+        let rate_fits = s2 - s1 <= t2 - t1 && t2 - t1 <= s3 - s0;
+        rate_fits.then(|| ((t1 - s1).max(t2 - s3), (t1 - s0).min(t2 - s2)))
+    };
+    match (round(), round()) {
+        (Some((lo1, hi1)), Some((lo2, hi2))) => lo1.max(lo2) > hi1.min(hi2),
+        _ => true,
     }
-    tokio::time::Instant::now() == before
 }
 
 /// The CPU's time-stamp counter through [`quanta`](https://docs.rs/quanta) (feature `quanta`):
