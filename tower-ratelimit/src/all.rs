@@ -8,7 +8,7 @@ use std::{
 };
 
 use futures_util::future::BoxFuture;
-use http::{Request, Response};
+use http::{HeaderValue, Request, Response};
 use rampart_http::ResponseBody;
 use tower_layer::Layer;
 use tower_service::Service;
@@ -25,7 +25,7 @@ use crate::{
 trait Limit<B>: Send + Sync {
     fn key(&self, req: &Request<B>) -> Result<Option<(Key, u64)>, Rejection>;
     fn check(&self, key: &Key, cost: u64) -> BoxFuture<'static, Result<Verdict, CheckError>>;
-    fn decide(&self, result: Result<Verdict, CheckError>) -> Result<Option<Verdict>, Rejection>;
+    fn decide(&self, result: Result<Verdict, CheckError>) -> Result<Option<HeaderValue>, Rejection>;
     fn refund(&self, key: &Key, receipt: Receipt) -> BoxFuture<'static, ()>;
     fn name(&self) -> &Arc<str>;
     fn headers(&self) -> &Headers;
@@ -48,7 +48,7 @@ where
         }
     }
 
-    fn decide(&self, result: Result<Verdict, CheckError>) -> Result<Option<Verdict>, Rejection> {
+    fn decide(&self, result: Result<Verdict, CheckError>) -> Result<Option<HeaderValue>, Rejection> {
         Shared::decide(self, result)
     }
 
@@ -201,8 +201,8 @@ where
             let grpc = rampart_http::is_grpc(req.headers());
             // What the limits took, given back if the request does not reach the inner service.
             let mut taken = Refunds { limits: limits.clone(), receipts: Vec::with_capacity(limits.len()) };
-            // Headers to add: (limit, its verdict).
-            let mut headers: Vec<(usize, Verdict)> = Vec::with_capacity(limits.len());
+            // Headers to add: (limit, its `RateLimit` value).
+            let mut headers: Vec<(usize, HeaderValue)> = Vec::with_capacity(limits.len());
             for (i, limit) in limits.iter().enumerate() {
                 let refusal = match limit.key(&req) {
                     Ok(None) => continue,
@@ -233,8 +233,8 @@ where
             taken.receipts.clear();
             let response = inner.call(req).await?;
             let mut response = response.map(ResponseBody::inner);
-            for (i, verdict) in &headers {
-                limits[*i].headers().apply(response.headers_mut(), verdict);
+            for (i, ratelimit) in &headers {
+                limits[*i].headers().apply_value(response.headers_mut(), ratelimit);
             }
             Ok(response)
         })

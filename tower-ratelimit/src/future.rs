@@ -7,12 +7,12 @@ use std::{
     task::{Context, Poll, ready},
 };
 
-use http::{Request, Response};
+use http::{HeaderValue, Request, Response};
 use pin_project_lite::pin_project;
 use rampart_http::ResponseBody;
 use tower_service::Service;
 
-use crate::{BoxError, Verdict, layer::Shared, service::into_error, store::Store};
+use crate::{BoxError, layer::Shared, service::into_error, store::Store};
 
 pin_project! {
     #[project = StateProj]
@@ -21,7 +21,9 @@ pin_project! {
         // the synchronous path's future stays small.
         Checking { check: Pin<Box<Chk>>, pending: Option<Box<(S, Req)>> },
         Calling { #[pin] future: F },
-        Done { output: Option<Out> },
+        // Boxed: a rejection's response is far larger than the allowed path's future, and every
+        // move of the future would copy it.
+        Done { output: Option<Box<Out>> },
     }
 }
 
@@ -36,7 +38,8 @@ pin_project! {
     {
         #[pin]
         state: State<St::Future, S, Request<ReqB>, S::Future, HttpOut<ResB, S::Error>>,
-        verdict: Option<Verdict>,
+        // The `RateLimit` value to add to the response (when headers are sent).
+        ratelimit: Option<HeaderValue>,
         grpc: bool,
         // Present while headers may still have to be added or a check decided.
         shared: Option<Arc<Shared<St, K, C>>>,
@@ -48,13 +51,13 @@ where
     S: Service<Request<ReqB>, Response = Response<ResB>>,
     St: Store,
 {
-    pub(crate) fn calling(future: S::Future, verdict: Option<Verdict>, shared: &Arc<Shared<St, K, C>>) -> Self {
-        let shared = verdict.is_some().then(|| shared.clone());
-        Self { state: State::Calling { future }, verdict, grpc: false, shared }
+    pub(crate) fn calling(future: S::Future, ratelimit: Option<HeaderValue>, shared: &Arc<Shared<St, K, C>>) -> Self {
+        let shared = ratelimit.is_some().then(|| shared.clone());
+        Self { state: State::Calling { future }, ratelimit, grpc: false, shared }
     }
 
     pub(crate) fn rejected(response: Response<ResponseBody<ResB>>) -> Self {
-        Self { state: State::Done { output: Some(Ok(response)) }, verdict: None, grpc: false, shared: None }
+        Self { state: State::Done { output: Some(Box::new(Ok(response))) }, ratelimit: None, grpc: false, shared: None }
     }
 
     pub(crate) fn checking(
@@ -66,7 +69,7 @@ where
     ) -> Self {
         Self {
             state: State::Checking { check: Box::pin(check), pending: Some(Box::new((service, request))) },
-            verdict: None,
+            ratelimit: None,
             grpc,
             shared: Some(shared.clone()),
         }
@@ -91,28 +94,28 @@ where
                     };
                     let (mut service, request) = *pending;
                     match shared.decide(result) {
-                        Ok(verdict) => {
-                            *this.verdict = verdict;
+                        Ok(ratelimit) => {
+                            *this.ratelimit = ratelimit;
                             let future = service.call(request);
                             this.state.set(State::Calling { future });
                         }
                         Err(rejection) => {
                             let response = rejection.into_response(&shared.name, &shared.headers, *this.grpc);
-                            this.state.set(State::Done { output: Some(Ok(response)) });
+                            this.state.set(State::Done { output: Some(Box::new(Ok(response))) });
                         }
                     }
                 }
                 StateProj::Calling { future } => {
                     let response = ready!(future.poll(cx))?;
                     let mut response = response.map(ResponseBody::inner);
-                    if let (Some(verdict), Some(shared)) = (this.verdict.take(), this.shared.as_ref()) {
-                        shared.headers.apply(response.headers_mut(), &verdict);
+                    if let (Some(ratelimit), Some(shared)) = (this.ratelimit.take(), this.shared.as_ref()) {
+                        shared.headers.apply_value(response.headers_mut(), &ratelimit);
                     }
                     return Poll::Ready(Ok(response));
                 }
                 StateProj::Done { output } => {
                     return Poll::Ready(
-                        output.take().unwrap_or_else(|| panic!("ResponseFuture polled after completion")),
+                        *output.take().unwrap_or_else(|| panic!("ResponseFuture polled after completion")),
                     );
                 }
             }
@@ -143,7 +146,7 @@ where
     }
 
     pub(crate) fn failed(error: BoxError) -> Self {
-        Self { state: State::Done { output: Some(error) }, shared: None }
+        Self { state: State::Done { output: Some(Box::new(error)) }, shared: None }
     }
 
     pub(crate) fn checking(check: St::Future, service: S, request: Req, shared: &Arc<Shared<St, K, C>>) -> Self {
@@ -179,13 +182,13 @@ where
                         }
                         Err(rejection) => {
                             let error = into_error(rejection, &shared.name);
-                            this.state.set(State::Done { output: Some(error) });
+                            this.state.set(State::Done { output: Some(Box::new(error)) });
                         }
                     }
                 }
                 StateProj::Calling { future } => return future.poll(cx).map_err(Into::into),
                 StateProj::Done { output } => {
-                    return Poll::Ready(Err(output
+                    return Poll::Ready(Err(*output
                         .take()
                         .unwrap_or_else(|| panic!("ErrorFuture polled after completion"))));
                 }

@@ -2,6 +2,8 @@
 
 use std::{fmt, marker::PhantomData, sync::Arc};
 
+use http::HeaderValue;
+
 use serde::{Deserialize, Serialize};
 use tower_layer::Layer;
 
@@ -240,13 +242,19 @@ impl<St: Store, K, C> Shared<St, K, C> {
         }
     }
 
-    /// Turns a store answer into "call the service (with these headers)" or a rejection.
-    pub(crate) fn decide(&self, result: Result<Verdict, CheckError>) -> Result<Option<Verdict>, Rejection> {
+    /// Turns a store answer into "call the service (with this `RateLimit` value)" or a
+    /// rejection. The header value is formatted here, so the response future keeps 40 bytes, not
+    /// the verdict's few hundred (it is moved around; without headers nothing is kept at all).
+    #[inline]
+    pub(crate) fn decide(&self, result: Result<Verdict, CheckError>) -> Result<Option<HeaderValue>, Rejection> {
         let rejection = match result {
             Ok(verdict) if verdict.allowed() => {
                 self.allowed.increment(1);
                 // A shadow layer sends no headers at all (its limit is not enforced).
-                return Ok((self.options.headers && !self.options.shadow).then_some(verdict));
+                if self.options.headers && !self.options.shadow {
+                    return Ok(self.headers.value(&verdict));
+                }
+                return Ok(None);
             }
             Ok(verdict) => Rejection::Limited(Box::new(verdict)),
             Err(CheckError::CostExceedsCapacity { cost, capacity }) => Rejection::TooCostly { cost, capacity },

@@ -202,6 +202,7 @@ impl Receipt {
 
     /// A memory receipt of one quota, issued by store `store` for the key of hash `key` from its
     /// entry of generation `generation`.
+    #[inline(always)]
     pub(crate) fn memory_one(store: u64, key: u64, generation: u64, quota: QuotaReceipt) -> Self {
         let quotas = SmallVec::from_buf_and_len([quota], 1);
         Self { taken: Taken::Memory { store, key, generation, quotas }, spent: OnceLock::new() }

@@ -92,11 +92,23 @@ impl Headers {
         if value.is_empty() { None } else { HeaderValue::from_maybe_shared(bytes::Bytes::from(value)).ok() }
     }
 
+    /// The `RateLimit` item(s) of `verdict`, formatted now: what an allowed request keeps for
+    /// its response (far smaller than the verdict). `None` without decisions.
+    pub(crate) fn value(&self, verdict: &Verdict) -> Option<HeaderValue> {
+        self.ratelimit(verdict)
+    }
+
     /// Adds this policy's items, after those of limiters nested inside (one list, RFC 9651 §3.1).
     pub(crate) fn apply(&self, headers: &mut HeaderMap, verdict: &Verdict) {
-        let Some(ratelimit) = self.ratelimit(verdict) else { return };
+        if let Some(ratelimit) = self.ratelimit(verdict) {
+            self.apply_value(headers, &ratelimit);
+        }
+    }
+
+    /// [`apply`](Self::apply) with the `RateLimit` items already formatted by [`value`](Self::value).
+    pub(crate) fn apply_value(&self, headers: &mut HeaderMap, ratelimit: &HeaderValue) {
         append_item(headers, &RATELIMIT_POLICY, &self.policy);
-        append_item(headers, &RATELIMIT, &ratelimit);
+        append_item(headers, &RATELIMIT, ratelimit);
     }
 }
 

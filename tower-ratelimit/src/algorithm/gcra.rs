@@ -197,6 +197,7 @@ impl TokenBucket {
     ///
     /// In `u64` nanoseconds: `tau` is capped at 100 years at construction and `now` counts from
     /// the store's start, so sums only overflow for absurd costs, which saturate (and refuse).
+    #[inline]
     pub(crate) fn evaluate(&self, tat: Nanos, now: Nanos, cost: u64) -> (Decision, Nanos) {
         let tat = tat.max(now);
         let new_tat = tat.saturating_add(cost.saturating_mul(self.interval));

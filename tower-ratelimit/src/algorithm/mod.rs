@@ -586,7 +586,7 @@ impl Verdict {
 
     /// A single-quota verdict with its receipt, built in one step (the hot path of the memory
     /// store: a verdict is a few hundred bytes, and every intermediate value is a copy).
-    #[inline]
+    #[inline(always)]
     pub(crate) fn single_with(decision: Decision, receipt: Receipt) -> Self {
         Self { decisions: SmallVec::from_buf_and_len([decision], 1), receipt }
     }

@@ -161,6 +161,7 @@ impl Cell {
 
     /// Checks `cost` units of this entry at `now`; the receipt of an allowed check names store
     /// `store` and the key of hash `key` (built here, once: the verdict is returned as is).
+    #[inline(always)]
     fn check(&self, policy: &Policy, now: Nanos, cost: u64, store: u64, key: u64) -> Result<Verdict, CheckError> {
         match &self.state {
             CellState::Tat(cell) => {
@@ -175,7 +176,9 @@ impl Cell {
                 let mut tat = cell.tat.load(Ordering::Acquire);
                 loop {
                     let (decision, new_tat) = bucket.evaluate(tat, now, cost);
-                    if !decision.allowed || new_tat == tat {
+                    // A cost of 0 takes nothing: no CAS (a TAT raised to `now` means the same)
+                    // and no receipt, as `Policy::check` gives.
+                    if !decision.allowed || new_tat == tat || cost == 0 {
                         return Ok(Verdict::single(decision));
                     }
                     match cell.tat.compare_exchange_weak(tat, new_tat, Ordering::AcqRel, Ordering::Acquire) {
