@@ -233,8 +233,8 @@ where
             taken.receipts.clear();
             let response = inner.call(req).await?;
             let mut response = response.map(ResponseBody::inner);
-            for (i, ratelimit) in &headers {
-                limits[*i].headers().apply_value(response.headers_mut(), ratelimit);
+            for (i, ratelimit) in headers {
+                limits[i].headers().apply_value(response.headers_mut(), ratelimit);
             }
             Ok(response)
         })

@@ -109,7 +109,7 @@ where
                     let response = ready!(future.poll(cx))?;
                     let mut response = response.map(ResponseBody::inner);
                     if let (Some(ratelimit), Some(shared)) = (this.ratelimit.take(), this.shared.as_ref()) {
-                        shared.headers.apply_value(response.headers_mut(), &ratelimit);
+                        shared.headers.apply_value(response.headers_mut(), ratelimit);
                     }
                     return Poll::Ready(Ok(response));
                 }

@@ -78,7 +78,8 @@ impl Headers {
     /// [`Decision::reset_after`](crate::Decision::reset_after) rounded up: a client with `r=0`
     /// waits for its next unit; on a 429 a refusing quota's `t` is never past `Retry-After`.
     fn ratelimit(&self, verdict: &Verdict) -> Option<HeaderValue> {
-        let mut value = Vec::with_capacity(32 * verdict.decisions().len());
+        // On the stack (a quota's item is ~30 bytes): the header value is the only allocation.
+        let mut value = smallvec::SmallVec::<[u8; 128]>::new();
         let mut digits = itoa::Buffer::new();
         for (d, prefix) in verdict.decisions().iter().zip(self.prefixes.iter()) {
             if !value.is_empty() {
@@ -89,7 +90,7 @@ impl Headers {
             value.extend_from_slice(b";t=");
             value.extend_from_slice(digits.format(secs_ceil(d.reset_after).min(SF_INTEGER_MAX)).as_bytes());
         }
-        if value.is_empty() { None } else { HeaderValue::from_maybe_shared(bytes::Bytes::from(value)).ok() }
+        if value.is_empty() { None } else { HeaderValue::from_bytes(&value).ok() }
     }
 
     /// The `RateLimit` item(s) of `verdict`, formatted now: what an allowed request keeps for
@@ -101,30 +102,32 @@ impl Headers {
     /// Adds this policy's items, after those of limiters nested inside (one list, RFC 9651 §3.1).
     pub(crate) fn apply(&self, headers: &mut HeaderMap, verdict: &Verdict) {
         if let Some(ratelimit) = self.ratelimit(verdict) {
-            self.apply_value(headers, &ratelimit);
+            self.apply_value(headers, ratelimit);
         }
     }
 
     /// [`apply`](Self::apply) with the `RateLimit` items already formatted by [`value`](Self::value).
-    pub(crate) fn apply_value(&self, headers: &mut HeaderMap, ratelimit: &HeaderValue) {
-        append_item(headers, &RATELIMIT_POLICY, &self.policy);
-        append_item(headers, &RATELIMIT, ratelimit);
+    pub(crate) fn apply_value(&self, headers: &mut HeaderMap, ratelimit: HeaderValue) {
+        append_item(headers, &RATELIMIT_POLICY, || self.policy.clone());
+        append_item(headers, &RATELIMIT, || ratelimit);
     }
 }
 
-fn append_item(headers: &mut HeaderMap, name: &HeaderName, item: &HeaderValue) {
-    match headers.get(name) {
+/// Appends `item` to the list header `name`.
+fn append_item(headers: &mut HeaderMap, name: &HeaderName, item: impl FnOnce() -> HeaderValue) {
+    match headers.get_mut(name) {
         Some(existing) => {
+            let item = item();
             let mut joined = BytesMut::with_capacity(existing.len() + 2 + item.len());
             joined.put_slice(existing.as_bytes());
             joined.put_slice(b", ");
             joined.put_slice(item.as_bytes());
             if let Ok(value) = HeaderValue::from_maybe_shared(joined.freeze()) {
-                headers.insert(name.clone(), value);
+                *existing = value;
             }
         }
         None => {
-            headers.insert(name.clone(), item.clone());
+            headers.append(name.clone(), item());
         }
     }
 }
