@@ -45,7 +45,7 @@ pub use code::GrpcCode;
 pub use grpc::grpc_response;
 pub use grpc::is_grpc;
 pub use problem::{PROBLEM_JSON, Problem};
-pub use reject::{LocalRejection, Rejection, is_local_rejection, reject};
+pub use reject::{LocalRejection, PrebuiltRejections, Rejection, is_local_rejection, reject};
 pub use retry::{format_wait, retry_after_header, retry_after_secs, rounded_wait};
 
 /// The README's examples, compiled and run as doctests so they cannot rot.

@@ -26,16 +26,24 @@ pub(crate) enum Rejection {
     MissingKey,
 }
 
-/// The policy's header values, built once.
+/// The policy's header values, and its 429 / `RESOURCE_EXHAUSTED` answers, built once.
 #[derive(Debug)]
 pub(crate) struct Headers {
     policy: HeaderValue,
+    /// The policy's name: whose refusals `limited` words.
+    name: std::sync::Arc<str>,
+    limited: rampart_http::PrebuiltRejections,
     /// `"name";r=` per quota.
     prefixes: Box<[Box<[u8]>]>,
 }
 
 fn secs_ceil(d: Duration) -> u64 {
     d.as_secs() + u64::from(d.subsec_nanos() > 0)
+}
+
+/// The detail of a refusal by limiter `limiter` with a wait of `secs` whole seconds.
+fn limited_detail(limiter: &str, secs: u64) -> String {
+    format!("rate limit `{limiter}` exceeded; retry in {secs} s")
 }
 
 /// The largest sf-integer (RFC 9651 §3.3.1: at most 15 digits).
@@ -71,7 +79,17 @@ impl Headers {
             .finish()
             .and_then(|v| HeaderValue::from_str(&v).ok())
             .unwrap_or_else(|| HeaderValue::from_static("\"invalid\";q=0"));
-        Self { policy: policy_value, prefixes: prefixes.into() }
+        let name = policy.name_arc();
+        let limited = {
+            let name = name.clone();
+            rampart_http::PrebuiltRejections::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limited",
+                Code::ResourceExhausted,
+                move |secs| limited_detail(&name, secs),
+            )
+        };
+        Self { policy: policy_value, name, limited, prefixes: prefixes.into() }
     }
 
     /// `RateLimit`: `"name";r=<remaining>;t=<seconds until more units>` per quota. `t` is
@@ -136,9 +154,15 @@ impl Rejection {
     /// The answer: a problem body for HTTP, a trailers-only status for gRPC.
     pub(crate) fn into_response<B>(self, limiter: &str, headers: &Headers, grpc: bool) -> Response<ResponseBody<B>> {
         let (status, code, error, detail, retry, verdict) = match self {
+            Self::Limited(verdict) if *limiter == *headers.name => {
+                // Prebuilt per wait: a refusal under a flood costs clones, not a serialization.
+                let mut response = headers.limited.answer(verdict.retry_after(), grpc);
+                headers.apply(response.headers_mut(), &verdict);
+                return response;
+            }
             Self::Limited(verdict) => {
                 let retry = verdict.retry_after();
-                let detail = format!("rate limit `{limiter}` exceeded; retry in {} s", retry_after_secs(retry));
+                let detail = limited_detail(limiter, retry_after_secs(retry));
                 (
                     StatusCode::TOO_MANY_REQUESTS,
                     Code::ResourceExhausted,
