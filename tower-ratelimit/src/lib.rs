@@ -194,6 +194,7 @@ mod error;
 mod extract;
 mod future;
 mod layer;
+mod one_or_many;
 mod policy;
 mod receipt;
 mod response;

@@ -4,14 +4,14 @@ use std::{
     any::Any,
     fmt,
     sync::{
-        Arc, OnceLock,
+        Arc,
         atomic::{AtomicBool, AtomicU64, Ordering},
     },
 };
 
-use smallvec::SmallVec;
+use once_cell::race::OnceBox;
 
-use crate::algorithm::QuotaReceipt;
+use crate::{algorithm::QuotaReceipt, one_or_many::OneOrMany};
 
 /// What one allowed check consumed, and which backend consumed it: what
 /// [`Store::refund`](crate::Store::refund) needs to give back what of it still counts, whatever
@@ -66,14 +66,15 @@ pub struct Receipt {
     pub(crate) taken: Taken,
     /// Set once a refund of this receipt (or of a clone: clones share it) was accepted. Made
     /// lazily, by the first clone or refund, so an unrefunded receipt costs no allocation.
-    spent: OnceLock<Arc<AtomicBool>>,
+    /// (A `OnceBox`: one pointer, half a `OnceLock`'s room, in every verdict.)
+    spent: OnceBox<Arc<AtomicBool>>,
 }
 
 impl Clone for Receipt {
     fn clone(&self) -> Self {
-        let spent = OnceLock::new();
+        let spent = OnceBox::new();
         if !matches!(self.taken, Taken::Nothing) {
-            let _ = spent.set(self.spent_flag().clone());
+            let _ = spent.set(Box::new(self.spent_flag().clone()));
         }
         Self { taken: self.taken.clone(), spent }
     }
@@ -94,7 +95,7 @@ pub(crate) enum Taken {
     Nothing,
     /// Consumed by a memory store (`store`: its id; 0 for a bare `Policy::check`), for the key
     /// of hash `key`, from its entry created as `generation` (both 0 for a bare `Policy::check`).
-    Memory { store: u64, key: u64, generation: u64, quotas: SmallVec<[QuotaReceipt; 1]> },
+    Memory { store: u64, key: u64, generation: u64, quotas: OneOrMany<QuotaReceipt> },
     /// Consumed in Redis by a Redis store's script.
     #[cfg(feature = "redis")]
     Redis(Arc<RedisTaken>),
@@ -196,20 +197,20 @@ impl Receipt {
         }
     }
 
-    pub(crate) fn memory(quotas: SmallVec<[QuotaReceipt; 1]>) -> Self {
-        Self { taken: Taken::Memory { store: 0, key: 0, generation: 0, quotas }, spent: OnceLock::new() }
+    pub(crate) fn memory(quotas: OneOrMany<QuotaReceipt>) -> Self {
+        Self { taken: Taken::Memory { store: 0, key: 0, generation: 0, quotas }, spent: OnceBox::new() }
     }
 
     /// A memory receipt of one quota, issued by store `store` for the key of hash `key` from its
     /// entry of generation `generation`.
     #[inline(always)]
     pub(crate) fn memory_one(store: u64, key: u64, generation: u64, quota: QuotaReceipt) -> Self {
-        let quotas = SmallVec::from_buf_and_len([quota], 1);
-        Self { taken: Taken::Memory { store, key, generation, quotas }, spent: OnceLock::new() }
+        let quotas = OneOrMany::One(quota);
+        Self { taken: Taken::Memory { store, key, generation, quotas }, spent: OnceBox::new() }
     }
 
     pub(crate) fn new(taken: Taken) -> Self {
-        Self { taken, spent: OnceLock::new() }
+        Self { taken, spent: OnceBox::new() }
     }
 
     /// Marks a memory receipt as issued by store `id` for the key of hash `key`, from its entry
@@ -235,7 +236,7 @@ impl Receipt {
     }
 
     fn spent_flag(&self) -> &Arc<AtomicBool> {
-        self.spent.get_or_init(|| Arc::new(AtomicBool::new(false)))
+        self.spent.get_or_init(|| Box::new(Arc::new(AtomicBool::new(false))))
     }
 
     /// Spends the receipt for a refund its store is about to make: `true` the first time, for

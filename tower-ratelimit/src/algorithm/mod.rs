@@ -11,13 +11,12 @@ mod window;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
-use smallvec::SmallVec;
 
 pub use gcra::{TokenBucket, WarmUp};
 pub use log::SlidingLog;
 pub use window::SlidingWindow;
 
-use crate::{error::ConfigError, receipt::Receipt};
+use crate::{error::ConfigError, one_or_many::OneOrMany, receipt::Receipt};
 
 /// Nanoseconds since a store's epoch (a [`Clock`](crate::Clock)'s reading).
 pub use rampart_http::Nanos;
@@ -471,7 +470,7 @@ pub enum QuotaState {
 /// an allowed check of a store, the [`Receipt`] of what it consumed.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Verdict {
-    decisions: SmallVec<[Decision; 1]>,
+    decisions: OneOrMany<Decision>,
     receipt: Receipt,
 }
 
@@ -524,7 +523,7 @@ impl Verdict {
     /// assert_eq!(verdict.decisions(), &[decision]);
     /// ```
     pub fn single(decision: Decision) -> Self {
-        let decisions = SmallVec::from_buf_and_len([decision], 1);
+        let decisions = OneOrMany::One(decision);
         Self { decisions, receipt: Receipt::default() }
     }
 
@@ -588,7 +587,7 @@ impl Verdict {
     /// store: a verdict is a few hundred bytes, and every intermediate value is a copy).
     #[inline(always)]
     pub(crate) fn single_with(decision: Decision, receipt: Receipt) -> Self {
-        Self { decisions: SmallVec::from_buf_and_len([decision], 1), receipt }
+        Self { decisions: OneOrMany::One(decision), receipt }
     }
 
     pub(crate) fn receipt_mut(&mut self) -> &mut Receipt {
