@@ -10,6 +10,7 @@ use std::{
 use futures_util::future::BoxFuture;
 use http::{HeaderValue, Request, Response};
 use rampart_http::ResponseBody;
+use smallvec::SmallVec;
 use tower_layer::Layer;
 use tower_service::Service;
 
@@ -25,6 +26,8 @@ use crate::{
 trait Limit<B>: Send + Sync {
     fn key(&self, req: &Request<B>) -> Result<Option<(Key, u64)>, Rejection>;
     fn check(&self, key: &Key, cost: u64) -> BoxFuture<'static, Result<Verdict, CheckError>>;
+    /// The check when the store can answer at once (in-process): no future at all.
+    fn check_now(&self, key: &Key, cost: u64) -> Option<Result<Verdict, CheckError>>;
     fn decide(&self, result: Result<Verdict, CheckError>) -> Result<Option<HeaderValue>, Rejection>;
     fn refund(&self, key: &Key, receipt: Receipt) -> BoxFuture<'static, ()>;
     fn name(&self) -> &Arc<str>;
@@ -46,6 +49,10 @@ where
             Some(result) => Box::pin(std::future::ready(result)),
             None => Box::pin(self.store.check(key, cost)),
         }
+    }
+
+    fn check_now(&self, key: &Key, cost: u64) -> Option<Result<Verdict, CheckError>> {
+        self.store.check_now(key, cost)
     }
 
     fn decide(&self, result: Result<Verdict, CheckError>) -> Result<Option<HeaderValue>, Rejection> {
@@ -195,49 +202,99 @@ where
     fn call(&mut self, req: Request<B>) -> Self::Future {
         // The service poll_ready made ready goes into the future; a clone stays.
         let clone = self.inner.clone();
-        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let inner = std::mem::replace(&mut self.inner, clone);
         let limits = self.limits.clone();
-        Box::pin(async move {
-            let grpc = rampart_http::is_grpc(req.headers());
-            // What the limits took, given back if the request does not reach the inner service.
-            let mut taken = Refunds { limits: limits.clone(), receipts: Vec::with_capacity(limits.len()) };
-            // Headers to add: (limit, its `RateLimit` value).
-            let mut headers: Vec<(usize, HeaderValue)> = Vec::with_capacity(limits.len());
-            for (i, limit) in limits.iter().enumerate() {
-                let refusal = match limit.key(&req) {
-                    Ok(None) => continue,
-                    Ok(Some((key, cost))) => {
-                        let mut result = limit.check(&key, cost).await;
-                        let receipt = match &mut result {
-                            Ok(verdict) if verdict.allowed() => verdict.take_receipt(),
-                            _ => Receipt::default(),
-                        };
-                        if !receipt.is_empty() {
-                            taken.receipts.push((i, key, receipt));
-                        }
-                        match limit.decide(result) {
-                            Ok(verdict) => {
-                                headers.extend(verdict.map(|v| (i, v)));
-                                continue;
+        let grpc = rampart_http::is_grpc(req.headers());
+        // What the limits took, given back if the request does not reach the inner service.
+        let mut progress = Progress { taken: Refunds { limits, receipts: SmallVec::new() }, headers: SmallVec::new() };
+        // Stores that answer at once (in-process) are decided here, in order, with no future
+        // per check; the first that needs I/O hands the rest to the async path.
+        let mut next = 0;
+        while next < progress.taken.limits.len() {
+            let limit = progress.taken.limits[next].clone();
+            let step = match limit.key(&req) {
+                Ok(None) => Ok(()),
+                Ok(Some((key, cost))) => match limit.check_now(&key, cost) {
+                    Some(result) => progress.settle(next, key, result),
+                    None => {
+                        return Box::pin(async move {
+                            let result = limit.check(&key, cost).await;
+                            if let Err(refusal) = progress.settle(next, key, result) {
+                                return Ok(progress.refuse(next, refusal, grpc).await);
                             }
-                            Err(rejection) => rejection,
-                        }
+                            for i in next + 1..progress.taken.limits.len() {
+                                let limit = progress.taken.limits[i].clone();
+                                let step = match limit.key(&req) {
+                                    Ok(None) => Ok(()),
+                                    Ok(Some((key, cost))) => {
+                                        let result = limit.check(&key, cost).await;
+                                        progress.settle(i, key, result)
+                                    }
+                                    Err(rejection) => Err(rejection),
+                                };
+                                if let Err(refusal) = step {
+                                    return Ok(progress.refuse(i, refusal, grpc).await);
+                                }
+                            }
+                            progress.call(inner, req).await
+                        });
                     }
-                    Err(rejection) => rejection,
-                };
-                // All or nothing: what the earlier limits took goes back.
-                taken.refund().await;
-                return Ok(refusal.into_response(limit.name(), limit.headers(), grpc));
+                },
+                Err(rejection) => Err(rejection),
+            };
+            if let Err(refusal) = step {
+                return Box::pin(async move { Ok(progress.refuse(next, refusal, grpc).await) });
             }
-            // Admitted by every limit: the units are spent whatever becomes of the call.
-            taken.receipts.clear();
-            let response = inner.call(req).await?;
-            let mut response = response.map(ResponseBody::inner);
-            for (i, ratelimit) in headers {
-                limits[i].headers().apply_value(response.headers_mut(), ratelimit);
+            next += 1;
+        }
+        Box::pin(progress.call(inner, req))
+    }
+}
+
+/// Where a request stands among the limits of an [`AllOf`]: what they took, and the headers of
+/// those that admitted it.
+struct Progress<B> {
+    taken: Refunds<B>,
+    /// Headers to add: (limit, its `RateLimit` value).
+    headers: SmallVec<[(usize, HeaderValue); 4]>,
+}
+
+impl<B> Progress<B> {
+    /// Records limit `i`'s answer for `key`: what it took, its headers; a refusal is returned.
+    fn settle(&mut self, i: usize, key: Key, mut result: Result<Verdict, CheckError>) -> Result<(), Rejection> {
+        if let Ok(verdict) = &mut result
+            && verdict.allowed()
+        {
+            let receipt = verdict.take_receipt();
+            if !receipt.is_empty() {
+                self.taken.receipts.push((i, key, receipt));
             }
-            Ok(response)
-        })
+        }
+        let header = self.taken.limits[i].decide(result)?;
+        self.headers.extend(header.map(|value| (i, value)));
+        Ok(())
+    }
+
+    /// Limit `i` refused: what the earlier ones took goes back (all or nothing), and the refusal
+    /// is answered as that limit's.
+    async fn refuse<ResB>(self, i: usize, refusal: Rejection, grpc: bool) -> Response<ResponseBody<ResB>> {
+        let limit = self.taken.limits[i].clone();
+        self.taken.refund().await;
+        refusal.into_response(limit.name(), limit.headers(), grpc)
+    }
+
+    /// Admitted by every limit: the units are spent whatever becomes of the call.
+    async fn call<S, ResB>(mut self, mut inner: S, req: Request<B>) -> Result<Response<ResponseBody<ResB>>, S::Error>
+    where
+        S: Service<Request<B>, Response = Response<ResB>>,
+    {
+        self.taken.receipts.clear();
+        let response = inner.call(req).await?;
+        let mut response = response.map(ResponseBody::inner);
+        for (i, ratelimit) in self.headers {
+            self.taken.limits[i].headers().apply_value(response.headers_mut(), ratelimit);
+        }
+        Ok(response)
     }
 }
 
@@ -245,7 +302,7 @@ where
 /// with yet. Dropped with receipts left (the request's future dropped), it gives them back.
 struct Refunds<B> {
     limits: Arc<[Arc<dyn Limit<B>>]>,
-    receipts: Vec<(usize, Key, Receipt)>,
+    receipts: SmallVec<[(usize, Key, Receipt); 2]>,
 }
 
 impl<B> Refunds<B> {
