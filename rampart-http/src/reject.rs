@@ -7,7 +7,7 @@ use std::{
 };
 
 use bytes::Bytes;
-use http::{HeaderMap, Response, StatusCode, Version, header::RETRY_AFTER};
+use http::{Extensions, HeaderMap, Response, StatusCode, Version, header::RETRY_AFTER};
 use http_body_util::Full;
 
 use crate::{GrpcCode, Problem, ResponseBody, retry_after_header, retry_after_secs};
@@ -124,17 +124,25 @@ struct Prebuilt {
     grpc: Parts,
 }
 
-/// What a response is made of, ready to clone.
+/// What a response is made of, ready to clone (its extensions too: tonic's answer carries its
+/// `Status` there, and every answer the `LocalRejection` mark).
 struct Parts {
     status: StatusCode,
     version: Version,
     headers: HeaderMap,
+    extensions: Extensions,
     body: Bytes,
 }
 
 impl Parts {
     fn of<B>(response: Response<ResponseBody<B>>, body: Bytes) -> Self {
-        Self { status: response.status(), version: response.version(), headers: response.headers().clone(), body }
+        Self {
+            status: response.status(),
+            version: response.version(),
+            headers: response.headers().clone(),
+            extensions: response.extensions().clone(),
+            body,
+        }
     }
 
     fn response<B>(&self) -> Response<ResponseBody<B>> {
@@ -147,7 +155,7 @@ impl Parts {
         *response.status_mut() = self.status;
         *response.version_mut() = self.version;
         *response.headers_mut() = self.headers.clone();
-        response.extensions_mut().insert(LocalRejection);
+        *response.extensions_mut() = self.extensions.clone();
         response
     }
 }

@@ -243,7 +243,10 @@ where
                 Err(rejection) => Err(rejection),
             };
             if let Err(refusal) = step {
-                return Box::pin(async move { Ok(progress.refuse(next, refusal, grpc).await) });
+                // Given back now, not at the first poll: a request refused here must not hold
+                // the earlier limits' units while its future waits (or is never polled).
+                let response = progress.refuse_now(next, refusal, grpc);
+                return Box::pin(std::future::ready(Ok(response)));
             }
             next += 1;
         }
@@ -280,6 +283,14 @@ impl<B> Progress<B> {
     async fn refuse<ResB>(self, i: usize, refusal: Rejection, grpc: bool) -> Response<ResponseBody<ResB>> {
         let limit = self.taken.limits[i].clone();
         self.taken.refund().await;
+        refusal.into_response(limit.name(), limit.headers(), grpc)
+    }
+
+    /// [`refuse`](Self::refuse) without waiting: in-process refunds are made at once, a refund
+    /// that needs I/O is spawned (as when a request is dropped).
+    fn refuse_now<ResB>(self, i: usize, refusal: Rejection, grpc: bool) -> Response<ResponseBody<ResB>> {
+        let limit = self.taken.limits[i].clone();
+        drop(self.taken);
         refusal.into_response(limit.name(), limit.headers(), grpc)
     }
 

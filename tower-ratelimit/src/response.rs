@@ -131,22 +131,22 @@ impl Headers {
     }
 }
 
-/// Appends `item` to the list header `name`.
+/// Appends `item` to the list header `name`: one field line holding every line already there,
+/// in order, then the item (RFC 9110 §5.3: a list split over lines is the same list).
 fn append_item(headers: &mut HeaderMap, name: &HeaderName, item: impl FnOnce() -> HeaderValue) {
-    match headers.get_mut(name) {
-        Some(existing) => {
-            let item = item();
-            let mut joined = BytesMut::with_capacity(existing.len() + 2 + item.len());
-            joined.put_slice(existing.as_bytes());
-            joined.put_slice(b", ");
-            joined.put_slice(item.as_bytes());
-            if let Ok(value) = HeaderValue::from_maybe_shared(joined.freeze()) {
-                *existing = value;
-            }
-        }
-        None => {
-            headers.append(name.clone(), item());
-        }
+    if !headers.contains_key(name) {
+        headers.append(name.clone(), item());
+        return;
+    }
+    let item = item();
+    let mut joined = BytesMut::new();
+    for existing in headers.get_all(name) {
+        joined.put_slice(existing.as_bytes());
+        joined.put_slice(b", ");
+    }
+    joined.put_slice(item.as_bytes());
+    if let Ok(value) = HeaderValue::from_maybe_shared(joined.freeze()) {
+        headers.insert(name.clone(), value);
     }
 }
 
