@@ -167,14 +167,17 @@ fn limit(
         .on_missing_key(MissingKey::Reject)
 }
 
+/// What an `AllOf` service answers.
+type Answer = Response<rampart_http::ResponseBody<()>>;
+
 /// An `AllOf` over `stores`, in order.
 fn all_of(
     stores: &[AnyStore],
 ) -> impl Service<
     Request<()>,
-    Response = Response<rampart_http::ResponseBody<()>>,
+    Response = Answer,
     Error = Infallible,
-    Future = BoxFuture<'static, Result<Response<rampart_http::ResponseBody<()>>, Infallible>>,
+    Future = BoxFuture<'static, Result<Answer, Infallible>>,
 > + Clone {
     let mut all = AllOf::new();
     for (i, s) in stores.iter().enumerate() {
