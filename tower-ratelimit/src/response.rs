@@ -95,7 +95,9 @@ impl Headers {
     /// `RateLimit`: `"name";r=<remaining>;t=<seconds until more units>` per quota. `t` is
     /// [`Decision::reset_after`](crate::Decision::reset_after) rounded up: a client with `r=0`
     /// waits for its next unit; on a 429 a refusing quota's `t` is never past `Retry-After`.
-    fn ratelimit(&self, verdict: &Verdict) -> Option<HeaderValue> {
+    /// Formatted at the decision: what an allowed request keeps for its response (far smaller
+    /// than the verdict). `None` without decisions.
+    pub(crate) fn value(&self, verdict: &Verdict) -> Option<HeaderValue> {
         // On the stack (a quota's item is ~30 bytes): the header value is the only allocation.
         let mut value = smallvec::SmallVec::<[u8; 128]>::new();
         let mut digits = itoa::Buffer::new();
@@ -111,15 +113,9 @@ impl Headers {
         if value.is_empty() { None } else { HeaderValue::from_bytes(&value).ok() }
     }
 
-    /// The `RateLimit` item(s) of `verdict`, formatted now: what an allowed request keeps for
-    /// its response (far smaller than the verdict). `None` without decisions.
-    pub(crate) fn value(&self, verdict: &Verdict) -> Option<HeaderValue> {
-        self.ratelimit(verdict)
-    }
-
     /// Adds this policy's items, after those of limiters nested inside (one list, RFC 9651 §3.1).
     pub(crate) fn apply(&self, headers: &mut HeaderMap, verdict: &Verdict) {
-        if let Some(ratelimit) = self.ratelimit(verdict) {
+        if let Some(ratelimit) = self.value(verdict) {
             self.apply_value(headers, ratelimit);
         }
     }

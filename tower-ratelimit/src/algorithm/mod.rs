@@ -523,8 +523,7 @@ impl Verdict {
     /// assert_eq!(verdict.decisions(), &[decision]);
     /// ```
     pub fn single(decision: Decision) -> Self {
-        let decisions = OneOrMany::One(decision);
-        Self { decisions, receipt: Receipt::default() }
+        Self::single_with(decision, Receipt::default())
     }
 
     /// An admission without decisions (a fail-open store answering while its backend is down).
