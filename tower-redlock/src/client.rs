@@ -9,13 +9,14 @@ use crate::{
     error::{ConfigError, LockError},
     guard::LockGuard,
     node::{Grant, MemoryNode, Node, each_node},
+    schedule::Watchdogs,
 };
 
 /// A RedLock client over N independent Redis masters (or the in-memory backend).
 ///
-/// * **Acquire** runs one script per node, **in parallel**, each bounded by
-///   [`LockConfig::node_timeout`]: `SET key token NX PX ttl` and, only if that granted, `INCR` of
-///   the node's fencing counter. The lock is held iff a majority (N/2 + 1) granted it, a majority
+/// * **Acquire** runs one transaction per node, **in parallel**, all bounded by
+///   [`LockConfig::node_timeout`]: `SET key token NX PX ttl` and `INCR` of the node's fencing
+///   counter (whose value is a token only where the `SET` granted). The lock is held iff a majority (N/2 + 1) granted it, a majority
 ///   confirmed the fencing token (see [`LockGuard::fencing_token`]) and the validity
 ///   `ttl − elapsed − (ttl × 1% + 2 ms)` is still positive, all timed on a monotonic clock.
 ///   Otherwise it is released on **all** nodes at once (so no partial lock blocks the next
@@ -52,6 +53,7 @@ pub(crate) struct ClientInner {
     pub(crate) quorum: usize,
     pub(crate) config: LockConfig,
     pub(crate) metrics: Metrics,
+    pub(crate) watchdogs: Watchdogs,
 }
 
 pub(crate) struct Metrics {
@@ -153,7 +155,15 @@ impl RedLock {
 
     fn from_nodes(nodes: Vec<Node>, config: LockConfig) -> Self {
         let quorum = nodes.len() / 2 + 1;
-        Self { inner: Arc::new(ClientInner { nodes, quorum, config, metrics: Metrics::new() }) }
+        Self {
+            inner: Arc::new(ClientInner {
+                nodes,
+                quorum,
+                config,
+                metrics: Metrics::new(),
+                watchdogs: Watchdogs::default(),
+            }),
+        }
     }
 
     /// Number of nodes.
@@ -305,14 +315,8 @@ impl RedLock {
         let error = match verdict(config, inner.nodes.len(), granted.len(), confirmed, &held, unreachable, elapsed) {
             Verdict::Held { validity } => {
                 pending.armed = false;
-                return Ok(LockGuard::new(
-                    self.clone(),
-                    key,
-                    lock_key.clone(),
-                    token.clone(),
-                    fence,
-                    started + validity,
-                ));
+                drop(pending);
+                return Ok(LockGuard::new(self.clone(), key, lock_key, token, fence, started + validity));
             }
             Verdict::Unconfirmed => LockError::Unavailable {
                 key: key.to_owned(),

@@ -9,10 +9,10 @@ use std::{
     time::Duration,
 };
 
-use tokio::{task::JoinHandle, time::Instant};
+use tokio::time::Instant;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
-use crate::{client::RedLock, error::LockError, node::each_node};
+use crate::{client::RedLock, error::LockError, node::each_node, schedule::Entry};
 
 /// A fencing token: for two holders of one key, the later acquisition's token is strictly
 /// greater (see the crate docs for the exact guarantee). Pass it with every write to the
@@ -119,7 +119,8 @@ impl fmt::Display for FencingToken {
 /// ```
 pub struct LockGuard {
     shared: Arc<Shared>,
-    watchdog: Option<JoinHandle<()>>,
+    /// The watchdog's start, until it is due (then the watchdog runs until the lock ends).
+    watchdog: Option<Entry>,
     released: bool,
 }
 
@@ -175,7 +176,8 @@ impl LockGuard {
             gone: AtomicBool::new(false),
             client,
         });
-        let watchdog = Some(tokio::spawn(watchdog(shared.clone())));
+        let start = next_look(&shared, Instant::now());
+        let watchdog = shared.client.inner.watchdogs.schedule(&shared, start);
         Self { shared, watchdog, released: false }
     }
 
@@ -278,8 +280,9 @@ impl LockGuard {
         self.released = true;
         self.shared.gone.store(true, Ordering::Release);
         if let Some(watchdog) = self.watchdog.take() {
-            watchdog.abort();
+            watchdog.cancel();
         }
+        // A watchdog already running stops on this.
         mark_lost(&self.shared, "released");
     }
 }
@@ -411,42 +414,62 @@ fn mark_lost(s: &Shared, why: &str) {
     }
 }
 
+/// When the watchdog must look next, from `now`: when a third of the TTL has passed since the
+/// last extension, or at the deadline if it may not extend (to fire `lost` then, unless the
+/// deadline has moved).
+fn next_look(s: &Shared, now: Instant) -> Instant {
+    let config = &s.client.inner.config;
+    let deadline = s.deadline();
+    let may_extend =
+        config.auto_extend && config.max_extensions.is_none_or(|max| s.extensions.load(Ordering::Relaxed) < max);
+    if !may_extend {
+        return deadline;
+    }
+    let due = deadline.checked_sub(config.ttl.saturating_sub(config.ttl / 3)).unwrap_or(now);
+    due.min(deadline)
+}
+
 /// Extends a third of the TTL after each extension, retrying a missed round (with the configured
 /// jittered pause, never past the deadline) while the lock is still valid. `lost` fires at the
 /// deadline — as it stands then, so an extension made by hand meanwhile counts — if no round has
 /// reached a majority by then, or at once when a majority answers that the key is not ours.
-async fn watchdog(s: Arc<Shared>) {
+/// It ends when the lock is lost or released (`lost` fired either way).
+///
+/// Started by the schedule when its first look is due (see [`crate::schedule`]).
+pub(crate) async fn watchdog(s: Arc<Shared>) {
+    let lost = s.lost.clone();
+    tokio::select! {
+        biased;
+        () = lost.cancelled() => {}
+        () = watch(&s) => {}
+    }
+}
+
+async fn watch(s: &Shared) {
     let config = &s.client.inner.config;
-    let period = config.ttl / 3;
     let mut pauses = s.client.retry_pauses(None);
     loop {
         let deadline = s.deadline();
         let now = Instant::now();
         if deadline <= now {
-            mark_lost(&s, "no extension reached a majority before the deadline");
+            mark_lost(s, "no extension reached a majority before the deadline");
             return;
         }
-        let may_extend =
-            config.auto_extend && config.max_extensions.is_none_or(|max| s.extensions.load(Ordering::Relaxed) < max);
-        if !may_extend {
-            // The deadline may move (an extension by hand): look again when it passes.
-            tokio::time::sleep_until(deadline).await;
-            continue;
-        }
-        // Due when a third of the TTL has passed since the last extension.
-        let due = deadline.checked_sub(config.ttl.saturating_sub(period)).unwrap_or(now);
-        if due > now {
-            tokio::time::sleep_until(due.min(deadline)).await;
+        let look = next_look(s, now);
+        if look > now {
+            // Not due yet, or it may not extend (then `look` is the deadline, which may move by
+            // an extension made by hand): look again then.
+            tokio::time::sleep_until(look).await;
             continue;
         }
         let round = tokio::select! {
-            round = try_extend(&s) => Some(round),
+            round = try_extend(s) => Some(round),
             () = tokio::time::sleep_until(deadline) => None,
         };
         match round {
             Some(Ok(_)) => pauses = s.client.retry_pauses(None),
             Some(Err(Miss::Refused)) => {
-                mark_lost(&s, "a majority no longer holds the key");
+                mark_lost(s, "a majority no longer holds the key");
                 return;
             }
             Some(Err(Miss::Unanswered { .. })) => {

@@ -26,10 +26,12 @@
 //! strictly greater — under any crash and restart of a minority of the nodes, provided the
 //! nodes run with AOF `appendfsync always`. How: each node keeps one fencing counter (one key,
 //! `<prefix>fence`, for all lock keys, so it never grows with the keys). An acquisition runs one
-//! script per node: `SET key value NX PX ttl` and, only if that granted, `INCR` of the counter —
-//! so a counter is only ever raised by an acquisition that holds the key there at that moment.
+//! `MULTI`/`EXEC` transaction per node: `SET key value NX PX ttl` and `INCR` of the counter,
+//! atomically — so where the `SET` granted, the count was taken while the key was ours. Every
+//! attempt counts, granted or not: counting only raises a counter, and raising never helps an
+//! earlier holder past a later one (it also keeps the nodes' counters alike under contention).
 //! The token is the largest counter among the granting nodes; nodes that counted less are raised
-//! to it by a second script that again checks the key is still ours. The token is issued only
+//! to it by a script that again checks the key is still ours. The token is issued only
 //! when a majority holds our key with a counter at or above it, and before the validity check.
 //! Any later acquisition needs a majority too, which shares a node with ours; there it is granted
 //! only after our key is gone (expired or released), so after that node counted to our token:
@@ -143,6 +145,7 @@ mod fence;
 mod guard;
 mod layer;
 mod node;
+mod schedule;
 
 pub use client::RedLock;
 pub use config::LockConfig;

@@ -8,7 +8,6 @@ use std::{
 
 use tokio::time::Instant;
 
-static ACQUIRE: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(include_str!("scripts/acquire.lua")));
 static CONFIRM: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(include_str!("scripts/confirm.lua")));
 static RELEASE: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(include_str!("scripts/release.lua")));
 static EXTEND: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(include_str!("scripts/extend.lua")));
@@ -76,22 +75,32 @@ impl Node {
         })
     }
 
-    /// `SET NX PX` and, only if granted, `INCR` of the node's fencing counter: one script.
+    /// `SET key token NX PX ttl`, `INCR` of the node's fencing counter and `PTTL key`, in one
+    /// `MULTI`/`EXEC` transaction: atomic on the node, and a fraction of a script's cost to it.
+    /// Every attempt counts; the counter's value is a token only where the `SET` granted (see
+    /// the crate docs for why counting on a refusal is harmless).
     pub(crate) async fn acquire(&self, key: &str, fence: &str, token: &str, ttl: Duration) -> Result<Grant, String> {
         match self {
             Node::Redis { con, .. } => {
-                let (granted, value): (i64, i64) = ACQUIRE
-                    .key(key)
-                    .key(fence)
+                let (granted, counter, pttl): (Option<redis::Value>, i64, i64) = redis::pipe()
+                    .atomic()
+                    .cmd("SET")
+                    .arg(key)
                     .arg(token)
+                    .arg("NX")
+                    .arg("PX")
                     .arg(ms(ttl))
-                    .invoke_async(&mut con.get()?)
+                    .cmd("INCR")
+                    .arg(fence)
+                    .cmd("PTTL")
+                    .arg(key)
+                    .query_async(&mut con.get()?)
                     .await
                     .map_err(|e| e.to_string())?;
-                Ok(if granted == 1 {
-                    Grant::Granted(u64::try_from(value).unwrap_or(0))
+                Ok(if granted.is_some() {
+                    Grant::Granted(u64::try_from(counter).unwrap_or(0))
                 } else {
-                    Grant::Held(u64::try_from(value).ok().map(Duration::from_millis))
+                    Grant::Held(u64::try_from(pttl).ok().map(Duration::from_millis))
                 })
             }
             Node::Memory(m) => Ok(m.acquire(key, token, ttl)),
@@ -229,15 +238,21 @@ impl MemoryNode {
     }
 }
 
-/// Runs one future per node concurrently, each bounded by `limit`, and collects their results in
-/// node order; a node that has not answered in time is `None`.
+/// Runs one future per node concurrently, all bounded by `limit` (one timer for the round, as
+/// the nodes start together), and collects their results in node order; a node that has not
+/// answered in time is `None`.
 pub(crate) async fn each_node<T, F>(limit: Duration, futures: impl IntoIterator<Item = F>) -> Vec<Option<T>>
 where
     F: std::future::Future<Output = T>,
+    T: Send + Sync,
 {
-    futures_util::future::join_all(futures.into_iter().map(|f| tokio::time::timeout(limit, f)))
-        .await
-        .into_iter()
-        .map(Result::ok)
-        .collect()
+    let futures: Vec<F> = futures.into_iter().collect();
+    let answers: Vec<std::sync::OnceLock<T>> = futures.iter().map(|_| std::sync::OnceLock::new()).collect();
+    let all = futures_util::future::join_all(futures.into_iter().zip(&answers).map(|(future, answer)| async move {
+        // Each slot is set once, by its own future.
+        let _ = answer.set(future.await);
+    }));
+    // On the timeout, the nodes that answered have their slot set; the others stay empty.
+    let _ = tokio::time::timeout(limit, all).await;
+    answers.into_iter().map(std::sync::OnceLock::into_inner).collect()
 }
