@@ -18,32 +18,43 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[index.min(sorted.len() - 1)]
 }
 
-/// p50, p99 (µs) and locks/s of `ITERATIONS` sequential acquire+release.
-async fn measure<F, Fut>(mut op: F) -> (f64, f64, f64)
-where
-    F: FnMut(usize) -> Fut,
-    Fut: std::future::Future<Output = ()>,
-{
-    for i in 0..100 {
-        op(i).await;
-    }
-    let mut samples = Vec::with_capacity(ITERATIONS);
-    let started = Instant::now();
-    for i in 0..ITERATIONS {
-        let t = Instant::now();
-        op(i).await;
-        samples.push(t.elapsed());
-    }
-    let rate = ITERATIONS as f64 / started.elapsed().as_secs_f64();
+/// p50, p99 (µs) and locks/s (from the time spent in the operations) of one contender's samples.
+fn summarize(mut samples: Vec<Duration>) -> (f64, f64, f64) {
+    let spent: Duration = samples.iter().sum();
     samples.sort();
+    let rate = samples.len() as f64 / spent.as_secs_f64();
     (percentile(&samples, 0.5).as_secs_f64() * 1e6, percentile(&samples, 0.99).as_secs_f64() * 1e6, rate)
+}
+
+type Op<'a> = Box<dyn Fn(usize) -> futures_util::future::BoxFuture<'a, ()> + 'a>;
+
+/// `ITERATIONS` sequential acquire+release of each contender, interleaved: every iteration runs
+/// each contender once, in an order that rotates, so all of them see the same machine (a 2-core VM
+/// drifts by more than the differences measured here over the seconds a block would take).
+/// Returns each contender's (p50 µs, p99 µs, locks/s).
+async fn measure(ops: &[Op<'_>]) -> Vec<(f64, f64, f64)> {
+    for i in 0..100 {
+        for op in ops {
+            op(i).await;
+        }
+    }
+    let mut samples = vec![Vec::with_capacity(ITERATIONS); ops.len()];
+    for i in 0..ITERATIONS {
+        for k in 0..ops.len() {
+            let c = (i + k) % ops.len();
+            let t = Instant::now();
+            ops[c](100 + i).await;
+            samples[c].push(t.elapsed());
+        }
+    }
+    samples.into_iter().map(summarize).collect()
 }
 
 fn main() {
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     let mut rows = Vec::new();
     let mut notes = vec![format!(
-        "{ITERATIONS} sequential uncontended acquire+release per run (after 100 warm-up), key per iteration; median over {ROUNDS} alternating rounds of each run's p50/p99/rate."
+        "{ITERATIONS} sequential uncontended acquire+release of each contender per round (after 100 warm-up), key per iteration, the three interleaved op by op in a rotating order; locks/s from the time spent in each one's operations; median over {ROUNDS} rounds of each round's p50/p99/rate."
     )];
     for n in [1usize, 3, 5] {
         let nodes = testkit::RedisNodes::start(n).unwrap();
@@ -60,27 +71,25 @@ fn main() {
                 }
                 let mut results = vec![Vec::new(); 9];
                 for round in 0..ROUNDS {
-                    let (a, b, c) = measure(|i| {
+                    let ours_op: Op<'_> = Box::new(|i| {
                         let ours = ours.clone();
-                        async move {
+                        Box::pin(async move {
                             let guard = ours.acquire(&format!("bench:{round}:{i}")).await.unwrap();
                             std::hint::black_box(guard.fencing_token().unwrap());
                             guard.release().await.unwrap();
-                        }
-                    })
-                    .await;
-                    let (d, e, f) = measure(|i| {
+                        })
+                    });
+                    let theirs_op: Op<'_> = Box::new(|i| {
                         let theirs = &theirs;
-                        async move {
+                        Box::pin(async move {
                             let key = format!("rs:{round}:{i}");
                             let lock = theirs.lock(key.as_bytes(), Duration::from_secs(10)).await.unwrap();
                             theirs.unlock(&lock).await;
-                        }
-                    })
-                    .await;
-                    let (g, h, k) = measure(|i| {
+                        })
+                    });
+                    let floor_op: Op<'_> = Box::new(|i| {
                         let mut cons = raw.clone();
-                        async move {
+                        Box::pin(async move {
                             let key = format!("raw:{round}:{i}");
                             join_all(cons.iter_mut().map(|con| {
                                 let key = key.clone();
@@ -104,9 +113,10 @@ fn main() {
                                 }
                             }))
                             .await;
-                        }
-                    })
-                    .await;
+                        })
+                    });
+                    let m = measure(&[ours_op, theirs_op, floor_op]).await;
+                    let [(a, b, c), (d, e, f), (g, h, k)] = [m[0], m[1], m[2]];
                     for (slot, v) in results.iter_mut().zip([a, b, c, d, e, f, g, h, k]) {
                         slot.push(v);
                     }
@@ -133,7 +143,7 @@ fn main() {
             ours_p50 / theirs_p50
         ));
     }
-    notes.push("Rampart does more per lock: one script per node (SET NX PX, then INCR of the fencing counter only where granted) whose token is issued inside the acquisition (a second round trip only when node counters differ, never in this loop), and a watchdog task per guard; the loop reads the token.".into());
+    notes.push("Rampart does more per lock: each node gets one MULTI/EXEC (SET NX PX, INCR of the fencing counter, PTTL) so the token is issued inside the acquisition (a second round trip only when the granting nodes' counters differ, never in this loop), and the loop reads the token; rslock sends a plain SET NX PX and issues no token. Both release with a compare-and-delete script. A guard starts no task unless it is held past a third of its TTL.".into());
     let scenario = Scenario {
         title: "RedLock acquire + release latency and uncontended locks/s (ratio column: against the raw floor of the same node count)".into(),
         command: "cargo bench -p benches --bench redlock".into(),
