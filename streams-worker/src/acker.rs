@@ -2,7 +2,12 @@
 //! this consumer still owns them; an entry stays owned (and kept by the heartbeat) until its
 //! acknowledgement is written.
 
-use std::{collections::HashMap, sync::Arc, sync::atomic::Ordering, time::Duration};
+use std::{
+    collections::{HashMap, HashSet},
+    sync::Arc,
+    sync::atomic::Ordering,
+    time::Duration,
+};
 
 use tokio::sync::{OwnedSemaphorePermit, mpsc};
 
@@ -40,21 +45,26 @@ pub(crate) async fn acker(ctx: Arc<Ctx>, mut rx: mpsc::UnboundedReceiver<Ack>) {
         }
         match write(&ctx, &backlog).await {
             Ok(acked) => {
-                for op in backlog.drain(..) {
-                    match op {
-                        Ack::Processed { id, .. } => {
-                            if acked.contains(&id) {
-                                ctx.counters.processed.fetch_add(1, Ordering::Relaxed);
-                                ctx.metrics.processed.increment(1);
-                            } else {
-                                lost(&ctx, &id);
-                            }
-                            ctx.disown(&id);
+                let acked: HashSet<String> = acked.into_iter().collect();
+                let mut processed = 0;
+                for op in &backlog {
+                    if let Ack::Processed { id, .. } = op {
+                        if acked.contains(id) {
+                            processed += 1;
+                        } else {
+                            lost(&ctx, id);
                         }
-                        Ack::Skipped { id, .. } => ctx.disown(&id),
-                        Ack::Count(_) => {}
                     }
                 }
+                ctx.counters.processed.fetch_add(processed, Ordering::Relaxed);
+                ctx.metrics.processed.increment(processed);
+                // Let go of them all at once; their permits are freed after (as the backlog
+                // is cleared), so a worker never owns more than its concurrency.
+                ctx.disown_all(backlog.iter().filter_map(|op| match op {
+                    Ack::Processed { id, .. } | Ack::Skipped { id, .. } => Some(id.as_str()),
+                    Ack::Count(_) => None,
+                }));
+                backlog.clear();
             }
             Err(error) if crate::ctx::is_nogroup(&error) => {
                 // The group is gone, and with it what we owned: nothing left to acknowledge.
@@ -112,7 +122,13 @@ async fn write(ctx: &Ctx, ops: &[Ack]) -> Result<Vec<String>, redis::RedisError>
             invocation.key(crate::keys::status(&ctx.stream, task));
         }
     }
-    invocation.arg(&*ctx.group).arg(&*ctx.consumer).arg(status_ttl).arg(finished.len());
+    // The range the script reads this consumer's pending entries in.
+    let ids = finished.iter().map(|&(id, ..)| stream_id(id));
+    let (first, last) = match ids.clone().min().zip(ids.max()) {
+        Some((Some(first), Some(last))) => (format!("{}-{}", first.0, first.1), format!("{}-{}", last.0, last.1)),
+        _ => ("-".to_owned(), "+".to_owned()),
+    };
+    invocation.arg(&*ctx.group).arg(&*ctx.consumer).arg(status_ttl).arg(finished.len()).arg(first).arg(last);
     for (id, _, kind, attempt) in &finished {
         invocation.arg(*id).arg(*kind).arg(*attempt);
     }
@@ -120,4 +136,11 @@ async fn write(ctx: &Ctx, ops: &[Ack]) -> Result<Vec<String>, redis::RedisError>
         invocation.arg(*field).arg(*n);
     }
     invocation.invoke_async(&mut ctx.con()).await
+}
+
+/// A stream entry id `<ms>-<seq>` as numbers (`None` for anything else), to order ids as Redis
+/// does.
+fn stream_id(id: &str) -> Option<(u64, u64)> {
+    let (ms, seq) = id.split_once('-')?;
+    Some((ms.parse().ok()?, seq.parse().ok()?))
 }

@@ -21,6 +21,14 @@ pub(crate) struct Fetched {
     pub(crate) times: u64,
 }
 
+/// An entry this worker owns.
+struct Owned {
+    /// Cancelled when another consumer took the entry: its handler stops.
+    cancel: CancellationToken,
+    /// Its handler started (the others were fetched and not run yet).
+    started: bool,
+}
+
 pub(crate) struct Ctx {
     con: Conn,
     pub(crate) stream: Arc<str>,
@@ -35,9 +43,7 @@ pub(crate) struct Ctx {
     pub(crate) counters: Arc<Counters>,
     /// The entries this worker owns and has not acknowledged: fetched, running, or waiting for
     /// their acknowledgement. The heartbeat keeps them; cancelling a token stops its handler.
-    owned: Mutex<HashMap<String, CancellationToken>>,
-    /// Owned entries whose handler started (the others were fetched and not run yet).
-    started: Mutex<std::collections::HashSet<String>>,
+    owned: Mutex<HashMap<String, Owned>>,
     /// No taking over before this: after Redis was unreachable (or restarted), every entry looks
     /// idle for as long as the outage lasted; live workers get a full `claim_idle` to refresh
     /// theirs first.
@@ -90,7 +96,6 @@ impl Ctx {
             config,
             counters,
             owned: Mutex::new(HashMap::new()),
-            started: Mutex::new(std::collections::HashSet::new()),
             claim_after: Mutex::new(Instant::now()),
             metrics: Metrics {
                 processed: metrics::counter!("rampart_worker_processed_total", &labels),
@@ -122,7 +127,8 @@ impl Ctx {
     /// Takes ownership of a fetched entry; its handler stops when the token is cancelled.
     pub(crate) fn own(&self, id: &str) -> CancellationToken {
         let token = CancellationToken::new();
-        self.owned.lock().unwrap_or_else(PoisonError::into_inner).insert(id.to_owned(), token.clone());
+        let owned = Owned { cancel: token.clone(), started: false };
+        self.owned.lock().unwrap_or_else(PoisonError::into_inner).insert(id.to_owned(), owned);
         self.counters.in_flight.fetch_add(1, Ordering::Relaxed);
         self.metrics.in_flight.increment(1.0);
         token
@@ -130,16 +136,31 @@ impl Ctx {
 
     /// Notes that an owned entry's handler starts.
     pub(crate) fn starting(&self, id: &str) {
-        self.started.lock().unwrap_or_else(PoisonError::into_inner).insert(id.to_owned());
+        if let Some(owned) = self.owned.lock().unwrap_or_else(PoisonError::into_inner).get_mut(id) {
+            owned.started = true;
+        }
     }
 
     /// Lets go of an entry: acknowledged, handed on, or no longer ours.
     pub(crate) fn disown(&self, id: &str) {
-        self.started.lock().unwrap_or_else(PoisonError::into_inner).remove(id);
         if self.owned.lock().unwrap_or_else(PoisonError::into_inner).remove(id).is_some() {
             self.counters.in_flight.fetch_sub(1, Ordering::Relaxed);
             self.metrics.in_flight.decrement(1.0);
         }
+    }
+
+    /// [`disown`](Self::disown) for many, under one lock.
+    pub(crate) fn disown_all<'a>(&self, ids: impl IntoIterator<Item = &'a str>) {
+        let mut owned = self.owned.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut gone = 0;
+        for id in ids {
+            if owned.remove(id).is_some() {
+                gone += 1;
+            }
+        }
+        drop(owned);
+        self.counters.in_flight.fetch_sub(gone, Ordering::Relaxed);
+        self.metrics.in_flight.decrement(gone as f64);
     }
 
     pub(crate) fn owned_ids(&self) -> Vec<String> {
@@ -154,8 +175,8 @@ impl Ctx {
     pub(crate) fn taken_away(&self, ids: &[String]) {
         let owned = self.owned.lock().unwrap_or_else(PoisonError::into_inner);
         for id in ids {
-            if let Some(token) = owned.get(id) {
-                token.cancel();
+            if let Some(owned) = owned.get(id) {
+                owned.cancel.cancel();
             }
         }
     }
@@ -363,8 +384,14 @@ impl Ctx {
     /// Hands this consumer's unfinished entries to others at once (shutdown); those it never
     /// started give their delivery back.
     pub(crate) async fn release(&self) -> Result<u64, redis::RedisError> {
-        let started: Vec<String> =
-            self.started.lock().unwrap_or_else(PoisonError::into_inner).iter().cloned().collect();
+        let started: Vec<String> = self
+            .owned
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .iter()
+            .filter(|(_, owned)| owned.started)
+            .map(|(id, _)| id.clone())
+            .collect();
         let mut invocation = scripts::RELEASE.key(&*self.stream);
         invocation.key(&self.released).arg(&*self.group).arg(&*self.consumer).arg(millis(self.config.claim_idle) + 1);
         for id in &started {
@@ -392,12 +419,23 @@ fn text(value: &Value) -> Option<String> {
     }
 }
 
+/// [`text`], taking the value (its bytes become the string without a copy).
+fn into_text(value: Value) -> Option<String> {
+    match value {
+        Value::BulkString(bytes) => String::from_utf8(bytes).ok(),
+        Value::SimpleString(s) => Some(s),
+        other => text(&other),
+    }
+}
+
 /// A field name as text, whatever its bytes: an entry whose names are not UTF-8 still becomes
 /// a [`Fetched`] (and then an undecodable dead letter) instead of failing its whole batch.
-fn name(value: &Value) -> Option<String> {
+fn name(value: Value) -> Option<String> {
     match value {
-        Value::BulkString(bytes) => Some(String::from_utf8_lossy(bytes).into_owned()),
-        other => text(other),
+        Value::BulkString(bytes) => {
+            Some(String::from_utf8(bytes).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned()))
+        }
+        other => into_text(other),
     }
 }
 
@@ -406,7 +444,7 @@ fn fields(value: Value) -> Option<HashMap<String, Value>> {
     let mut map = HashMap::with_capacity(fields.len() / 2);
     let mut it = fields.into_iter();
     while let (Some(n), Some(v)) = (it.next(), it.next()) {
-        map.insert(name(&n)?, v);
+        map.insert(name(n)?, v);
     }
     Some(map)
 }
@@ -433,7 +471,7 @@ fn parse_read(reply: Value) -> Option<Vec<Fetched>> {
             let [id, values] = <[Value; 2]>::try_from(entry).ok()?;
             // A deleted entry still pending reads as `[id, nil]`: no fields.
             let map = if matches!(values, Value::Nil) { HashMap::new() } else { fields(values)? };
-            out.push(Fetched { id: text(&id)?, fields: map, times: 1 });
+            out.push(Fetched { id: into_text(id)?, fields: map, times: 1 });
         }
     }
     Some(out)
@@ -454,7 +492,7 @@ fn parse_claimed(reply: Value) -> Option<(String, Vec<Fetched>)> {
             Value::Int(n) => u64::try_from(n).unwrap_or(1),
             other => text(&other)?.parse().ok()?,
         };
-        out.push(Fetched { id: text(&id)?, fields: map, times });
+        out.push(Fetched { id: into_text(id)?, fields: map, times });
     }
     Some((cursor, out))
 }

@@ -69,17 +69,17 @@ const MAX_ATTEMPTS: u64 = u32::MAX as u64;
 
 /// Runs of this task before this entry (0 for a first entry; retries carry it).
 pub(crate) fn attempts_before(map: &HashMap<String, Value>) -> u64 {
-    text(map, F_ATTEMPT).ok().and_then(|a| a.parse::<u64>().ok()).unwrap_or(0).min(MAX_ATTEMPTS)
+    optional(map, F_ATTEMPT).and_then(|a| a.parse::<u64>().ok()).unwrap_or(0).min(MAX_ATTEMPTS)
 }
 
 /// The group an entry is for, if only one.
-pub(crate) fn for_group(map: &HashMap<String, Value>) -> Option<String> {
-    text(map, F_GROUP).ok()
+pub(crate) fn for_group(map: &HashMap<String, Value>) -> Option<&str> {
+    optional(map, F_GROUP)
 }
 
 /// The task id of an entry, if it has one.
 pub(crate) fn task_id(map: &HashMap<String, Value>) -> Option<String> {
-    text(map, F_ID).ok()
+    optional(map, F_ID).map(str::to_owned)
 }
 
 /// One delivery of a task to a handler: what a [`Worker`](crate::Worker)'s service is called
@@ -140,14 +140,28 @@ pub struct Delivery<T> {
 #[error("undecodable entry: {0}")]
 pub struct Undecodable(pub String);
 
-fn text(map: &HashMap<String, Value>, field: &str) -> Result<String, Undecodable> {
+/// A field's text, borrowed; the error says what is wrong with it.
+fn field<'a>(map: &'a HashMap<String, Value>, field: &str) -> Result<&'a str, Undecodable> {
     match map.get(field) {
         Some(Value::BulkString(bytes)) => {
-            String::from_utf8(bytes.clone()).map_err(|_| Undecodable(format!("field `{field}` is not UTF-8")))
+            std::str::from_utf8(bytes).map_err(|_| Undecodable(format!("field `{field}` is not UTF-8")))
         }
-        Some(Value::SimpleString(s)) => Ok(s.clone()),
+        Some(Value::SimpleString(s)) => Ok(s),
         Some(_) => Err(Undecodable(format!("field `{field}` is not a string"))),
         None => Err(Undecodable(format!("field `{field}` is missing"))),
+    }
+}
+
+fn text(map: &HashMap<String, Value>, name: &str) -> Result<String, Undecodable> {
+    field(map, name).map(str::to_owned)
+}
+
+/// A field's text if it is there and is text (no error to build for an absent one).
+fn optional<'a>(map: &'a HashMap<String, Value>, name: &str) -> Option<&'a str> {
+    match map.get(name)? {
+        Value::BulkString(bytes) => std::str::from_utf8(bytes).ok(),
+        Value::SimpleString(s) => Some(s),
+        _ => None,
     }
 }
 
@@ -156,10 +170,9 @@ pub(crate) fn decode<T: DeserializeOwned>(
     map: &HashMap<String, Value>,
     deliveries: u64,
 ) -> Result<Delivery<T>, Undecodable> {
-    let payload = text(map, F_PAYLOAD)?;
-    let payload = serde_json::from_str(&payload).map_err(|e| Undecodable(format!("payload: {e}")))?;
+    let payload = serde_json::from_str(field(map, F_PAYLOAD)?).map_err(|e| Undecodable(format!("payload: {e}")))?;
     let enqueued_ms: u64 =
-        text(map, F_ENQUEUED)?.parse().map_err(|_| Undecodable("enqueued_at is not a number".into()))?;
+        field(map, F_ENQUEUED)?.parse().map_err(|_| Undecodable("enqueued_at is not a number".into()))?;
     Ok(Delivery {
         message_id: message_id.to_owned(),
         task_id: text(map, F_ID)?,

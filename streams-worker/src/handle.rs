@@ -46,7 +46,7 @@ pub(crate) async fn handle<T, S>(
     let task = task_id(&entry.fields).unwrap_or_default();
     // A retry or a requeued dead letter of another group: not ours to run (each group sees every
     // entry of the stream).
-    if for_group(&entry.fields).is_some_and(|g| g != *ctx.group) {
+    if for_group(&entry.fields).is_some_and(|g| g != &*ctx.group) {
         let _ = acks.send(Ack::Skipped { id: entry.id, task, attempt, _permit: permit });
         return;
     }

@@ -253,3 +253,53 @@ async fn entries_unfinished_at_shutdown_are_claimable_at_once() {
     stop_b.cancel();
     b.await.unwrap();
 }
+
+/// The acknowledgement script reads what this consumer still owns in the batch's id range, a
+/// page of 512 pending entries at a time. Here 1,200 handlers finish together, so each batch of
+/// up to 512 acknowledgements spans most of the 1,200 pending entries: every page must be read,
+/// or the entries past the first page would be taken for lost, never acknowledged, and kept
+/// pending for ever by the heartbeat.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledgements_spanning_more_than_a_page_of_pending_entries_are_all_written() {
+    let server = RedisServer::start().unwrap();
+    let redis = Redis::url(&server.url()).unwrap();
+    let producer = Producer::connect(&redis, "wide").await.unwrap();
+    const BATCH: usize = 1200;
+    let payloads: Vec<Value> = (0..2 * BATCH).map(|i| json!({ "i": i })).collect();
+    producer.send_batch("wide", &payloads).await.unwrap();
+    let runs: Runs = Arc::default();
+    let started = Arc::new(AtomicUsize::new(0));
+    let go = Arc::new(tokio::sync::Notify::new());
+    let handler = {
+        let (runs, started, go) = (runs.clone(), started.clone(), go.clone());
+        service_fn(move |task: Delivery<Value>| {
+            *runs.lock().unwrap().entry(task.task_id.clone()).or_default() += 1;
+            let (started, go) = (started.clone(), go.clone());
+            async move {
+                // Held until the whole first batch runs, then all finish at once.
+                let waiting = go.notified();
+                if started.fetch_add(1, Ordering::SeqCst) + 1 < BATCH {
+                    waiting.await;
+                } else {
+                    go.notify_waiters();
+                }
+                Ok::<_, Infallible>(())
+            }
+        })
+    };
+    let wide = WorkerConfig { concurrency: BATCH, claim_idle: Duration::from_secs(30), ..config() };
+    let (handle, stop, worker) = spawn(&redis, "wide", wide, handler);
+    wait_for("every task processed", Duration::from_secs(60), async || {
+        worker.local_stats().processed == 2 * BATCH as u64
+    })
+    .await;
+    let mut con = redis.connect().await.unwrap();
+    let s = stats(&mut con, "wide", "workers").await.unwrap();
+    assert_eq!((s.processed, s.pending), (2 * BATCH as u64, 0));
+    assert_eq!(worker.local_stats().lost, 0);
+    let runs = runs.lock().unwrap().clone();
+    assert_eq!(runs.len(), 2 * BATCH);
+    assert!(runs.values().all(|&n| n == 1), "a task ran twice");
+    stop.cancel();
+    handle.await.unwrap();
+}

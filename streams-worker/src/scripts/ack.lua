@@ -1,32 +1,50 @@
 -- Acknowledges finished entries that this consumer still owns, and counts them.
 -- KEYS[1] the stream, KEYS[2] the stats hash, KEYS[3..] status keys (one per entry, or none).
 -- ARGV[1] group, ARGV[2] consumer, ARGV[3] status TTL in ms (0: no status), ARGV[4] number of
--- entries n, then n triples: entry id, 'p' (processed) or 's' (skipped duplicate), attempt.
+-- entries n, ARGV[5] and ARGV[6] the lowest and highest of their ids (or '-' and '+'), then n
+-- triples: entry id, 'p' (processed) or 's' (skipped duplicate), attempt.
 -- Then pairs of counter field and increment until the end.
 -- Returns the ids acknowledged; an entry another consumer took meanwhile is left alone.
 local group, consumer = ARGV[1], ARGV[2]
 local ttl = tonumber(ARGV[3])
 local n = tonumber(ARGV[4])
+-- What this consumer still owns in the batch's id range: XPENDING with a consumer reads only
+-- that consumer's own pending list, a page at a time.
+local ours = {}
+local from, to = ARGV[5], ARGV[6]
+while n > 0 do
+  local page = redis.call('XPENDING', KEYS[1], group, from, to, 512, consumer)
+  for _, p in ipairs(page) do
+    ours[p[1]] = true
+  end
+  if #page < 512 then
+    break
+  end
+  from = '(' .. page[#page][1]
+end
 local acked, processed = {}, 0
 for i = 0, n - 1 do
-  local id, kind = ARGV[5 + 3 * i], ARGV[6 + 3 * i]
-  local p = redis.call('XPENDING', KEYS[1], group, id, id, 1)
-  if p[1] and p[1][2] == consumer then
-    redis.call('XACK', KEYS[1], group, id)
+  local id, kind = ARGV[7 + 3 * i], ARGV[8 + 3 * i]
+  if ours[id] then
+    -- Once: an id listed twice is acknowledged (and counted) for its first listing only.
+    ours[id] = nil
     acked[#acked + 1] = id
     if kind == 'p' then
       processed = processed + 1
     end
     if kind == 'p' and ttl > 0 and KEYS[3 + i] then
-      redis.call('HSET', KEYS[3 + i], 'state', 'done', 'attempt', ARGV[7 + 3 * i], 'error', '')
+      redis.call('HSET', KEYS[3 + i], 'state', 'done', 'attempt', ARGV[9 + 3 * i], 'error', '')
       redis.call('PEXPIRE', KEYS[3 + i], ttl)
     end
   end
 end
+for i = 1, #acked, 512 do
+  redis.call('XACK', KEYS[1], group, unpack(acked, i, math.min(i + 511, #acked)))
+end
 if processed > 0 then
   redis.call('HINCRBY', KEYS[2], group .. ':processed', processed)
 end
-local at = 5 + 3 * n
+local at = 7 + 3 * n
 while ARGV[at] do
   redis.call('HINCRBY', KEYS[2], group .. ':' .. ARGV[at], ARGV[at + 1])
   at = at + 2
