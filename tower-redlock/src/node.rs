@@ -174,8 +174,10 @@ impl Node {
     }
 }
 
-/// The in-memory node: the same semantics as a Redis node, for one process. One fencing counter
-/// for every key, as on a Redis node: tokens of one key increase because all of them do.
+/// The in-memory node: the same lock semantics as a Redis node, for one process. One fencing
+/// counter for every key, as on a Redis node: tokens of one key increase because all of them
+/// do. It counts grants only (a Redis node counts every attempt); either way tokens increase,
+/// neither promises them dense.
 #[derive(Debug, Default)]
 pub(crate) struct MemoryNode {
     state: Mutex<MemoryState>,

@@ -31,7 +31,9 @@ pub(crate) struct Entry {
 }
 
 impl Entry {
-    /// The guard ended before its watchdog was due: no watchdog for it.
+    /// The guard ended before its watchdog was due: no watchdog for it. The task is not woken
+    /// for this (that would cost every short hold a wake): if this was the next start, the task
+    /// wakes at its time once, finds nothing, and sleeps until a new entry.
     pub(crate) fn cancel(self) {
         self.schedule.lock().due.remove(&self.key);
     }
@@ -123,6 +125,7 @@ async fn run(schedule: Arc<Schedule>) {
         tokio::pin!(wake);
         // Registered before the map is read: a notification sent after this point is not lost.
         wake.as_mut().enable();
+        let mut due = Vec::new();
         let next = {
             let mut state = schedule.lock();
             let now = Instant::now();
@@ -130,13 +133,16 @@ async fn run(schedule: Arc<Schedule>) {
                 if entry.key().0 > now {
                     break;
                 }
-                if let Some(shared) = entry.remove().upgrade() {
-                    tokio::spawn(watchdog(shared));
-                }
+                due.extend(entry.remove().upgrade());
             }
             state.armed = state.due.first_key_value().map(|(&(at, _), _)| at);
             state.armed
         };
+        // Spawned with the lock released: a runtime shutting down drops the new task at once,
+        // and with it maybe the last handle on the client, whose drop takes this lock.
+        for shared in due {
+            tokio::spawn(watchdog(shared));
+        }
         match next {
             Some(at) => {
                 tokio::select! {
