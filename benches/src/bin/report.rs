@@ -143,6 +143,39 @@ fn number(v: f64) -> String {
     out
 }
 
+/// The `### ` sections of the part of a RESULTS.md headed `## {part}`, as (title, text).
+fn sections(md: &str, part: &str) -> Vec<(String, String)> {
+    let mut out: Vec<(String, String)> = Vec::new();
+    let mut inside = false;
+    for line in md.split_inclusive('\n') {
+        if let Some(heading) = line.strip_prefix("## ") {
+            inside = heading.trim_end() == part;
+            continue;
+        }
+        if !inside {
+            continue;
+        }
+        if let Some(title) = line.strip_prefix("### ") {
+            out.push((title.trim_end().to_owned(), String::new()));
+        }
+        if let Some((_, text)) = out.last_mut() {
+            text.push_str(line);
+        }
+    }
+    out
+}
+
+/// The previous sections in their order, each replaced by its new text where there is one, then
+/// the new sections the previous file did not have.
+fn merge(previous: Vec<(String, String)>, new: Vec<(String, String)>) -> Vec<String> {
+    let mut out: Vec<String> = previous
+        .iter()
+        .map(|(title, text)| new.iter().find(|(t, _)| t == title).map_or(text, |(_, t)| t).clone())
+        .collect();
+    out.extend(new.iter().filter(|(title, _)| !previous.iter().any(|(t, _)| t == title)).map(|(_, t)| t.clone()));
+    out
+}
+
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");
     let criterion = criterion_results(&root.join("target/criterion"));
@@ -190,7 +223,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     // Charts: one SVG per table, next to this file.
     let plots = root.join("benches/plots");
-    let _ = std::fs::remove_dir_all(&plots);
     std::fs::create_dir_all(&plots)?;
     let plot = |title: &str, panels: Vec<Panel>| -> std::io::Result<String> {
         let file = format!("{}.svg", chart::slug(title));
@@ -198,37 +230,40 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         Ok(format!("![{title}](plots/{file})\n"))
     };
 
-    writeln!(md, "## Micro-benchmarks (criterion)\n")?;
+    let mut micro: Vec<(String, String)> = Vec::new();
     for (group, (rows, ran)) in &criterion {
-        writeln!(md, "### {group}\n\nRun {}.\n", when(*ran))?;
-        writeln!(md, "| benchmark | median | 95% interval | ratio |")?;
-        writeln!(md, "|---|---:|---:|---:|")?;
+        let mut block = String::new();
+        writeln!(block, "### {group}\n\nRun {}.\n", when(*ran))?;
+        writeln!(block, "| benchmark | median | 95% interval | ratio |")?;
+        writeln!(block, "|---|---:|---:|---:|")?;
         let first = rows.first().map_or(1.0, |r| r.1);
         for (name, median, low, high) in rows {
-            writeln!(md, "| {name} | {} | {} – {} | {:.2}× |", ns(*median), ns(*low), ns(*high), median / first)?;
+            writeln!(block, "| {name} | {} | {} – {} | {:.2}× |", ns(*median), ns(*low), ns(*high), median / first)?;
         }
-        writeln!(md)?;
+        writeln!(block)?;
         let bars =
             rows.iter().map(|(name, median, _, _)| Bar { label: name.clone(), value: *median, text: ns(*median) });
         writeln!(
-            md,
+            block,
             "{}",
             plot(group, vec![Panel { title: "median time (shorter is faster)".into(), bars: bars.collect() }])?
         )?;
         for (_, note) in GROUP_NOTES.iter().filter(|(prefix, _)| group.starts_with(prefix)) {
-            writeln!(md, "- {note}")?;
+            writeln!(block, "- {note}")?;
         }
         if GROUP_NOTES.iter().any(|(prefix, _)| group.starts_with(prefix)) {
-            writeln!(md)?;
+            writeln!(block)?;
         }
+        micro.push((group.clone(), block));
     }
 
-    writeln!(md, "## Load scenarios\n")?;
+    let mut load: Vec<(String, String)> = Vec::new();
     for (_, s, ran) in &scenarios {
-        writeln!(md, "### {}\n", s.title)?;
-        writeln!(md, "Command: `{}` (run {})\n", s.command, when(*ran))?;
-        writeln!(md, "| run | value | ratio to its baseline |")?;
-        writeln!(md, "|---|---:|---:|")?;
+        let mut block = String::new();
+        writeln!(block, "### {}\n", s.title)?;
+        writeln!(block, "Command: `{}` (run {})\n", s.command, when(*ran))?;
+        writeln!(block, "| run | value | ratio to its baseline |")?;
+        writeln!(block, "|---|---:|---:|")?;
         for row in &s.rows {
             let baseline = match &row.baseline {
                 Some(name) => s.rows.iter().find(|r| &r.name == name),
@@ -237,9 +272,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             let ratio = baseline
                 .filter(|b| b.value != 0.0 && b.value.is_finite() && row.value.is_finite())
                 .map_or_else(|| "—".to_owned(), |b| format!("{:.2}×", row.value / b.value));
-            writeln!(md, "| {} | {} {} | {ratio} |", row.name, number(row.value), row.unit)?;
+            writeln!(block, "| {} | {} {} | {ratio} |", row.name, number(row.value), row.unit)?;
         }
-        writeln!(md)?;
+        writeln!(block)?;
         let mut panels: Vec<Panel> = Vec::new();
         for row in s.rows.iter().filter(|r| r.value.is_finite()) {
             let bar =
@@ -249,7 +284,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 None => panels.push(Panel { title: row.unit.clone(), bars: vec![bar] }),
             }
         }
-        writeln!(md, "{}", plot(&s.title, panels)?)?;
+        writeln!(block, "{}", plot(&s.title, panels)?)?;
         // Time series: one line chart per chart title.
         let mut charts: Vec<&str> = Vec::new();
         for line in &s.series {
@@ -267,19 +302,42 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 plots.join(&file),
                 chart::lines(title, unit, "seconds into the run", unit.contains("log"), &lines),
             )?;
-            writeln!(md, "![{title}](plots/{file})\n")?;
+            writeln!(block, "![{title}](plots/{file})\n")?;
         }
         for note in &s.notes {
-            writeln!(md, "- {note}")?;
+            writeln!(block, "- {note}")?;
         }
-        writeln!(md)?;
+        writeln!(block)?;
+        load.push((s.title.clone(), block));
     }
 
+    // A partial run (`scripts/bench <target>...`) keeps the tables it did not rerun, as the
+    // previous RESULTS.md has them (a fresh clone has no older raw results to rebuild them from).
+    let previous = if std::env::var_os("RAMPART_BENCH_PARTIAL").is_some_and(|v| !v.is_empty()) {
+        std::fs::read_to_string(root.join("benches/RESULTS.md")).unwrap_or_default()
+    } else {
+        String::new()
+    };
+    writeln!(md, "## Micro-benchmarks (criterion)\n")?;
+    for block in merge(sections(&previous, "Micro-benchmarks (criterion)"), micro) {
+        md.push_str(&block);
+    }
+    writeln!(md, "## Load scenarios\n")?;
+    for block in merge(sections(&previous, "Load scenarios"), load) {
+        md.push_str(&block);
+    }
     writeln!(md, "## Not measured (yet)\n")?;
     for line in NOT_MEASURED {
         writeln!(md, "- {line}")?;
     }
-    std::fs::write(root.join("benches/RESULTS.md"), md)?;
+    std::fs::write(root.join("benches/RESULTS.md"), md.as_bytes())?;
+    // Charts no table shows any more go.
+    for entry in std::fs::read_dir(&plots)?.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.ends_with(".svg") && !md.contains(&format!("(plots/{name})")) {
+            std::fs::remove_file(entry.path())?;
+        }
+    }
     println!("wrote benches/RESULTS.md");
     Ok(())
 }
