@@ -45,15 +45,17 @@ pub(crate) async fn acker(ctx: Arc<Ctx>, mut rx: mpsc::UnboundedReceiver<Ack>) {
         }
         match write(&ctx, &backlog).await {
             Ok(acked) => {
-                let acked: HashSet<String> = acked.into_iter().collect();
+                // As the script does: an id listed twice counts for its first listing only.
+                let mut acked: HashSet<String> = acked.into_iter().collect();
                 let mut processed = 0;
                 for op in &backlog {
-                    if let Ack::Processed { id, .. } = op {
-                        if acked.contains(id) {
-                            processed += 1;
-                        } else {
-                            lost(&ctx, id);
+                    match op {
+                        Ack::Processed { id, .. } if acked.remove(id) => processed += 1,
+                        Ack::Processed { id, .. } => lost(&ctx, id),
+                        Ack::Skipped { id, .. } => {
+                            acked.remove(id);
                         }
+                        Ack::Count(_) => {}
                     }
                 }
                 ctx.counters.processed.fetch_add(processed, Ordering::Relaxed);

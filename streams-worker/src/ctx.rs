@@ -127,8 +127,14 @@ impl Ctx {
     /// Takes ownership of a fetched entry; its handler stops when the token is cancelled.
     pub(crate) fn own(&self, id: &str) -> CancellationToken {
         let token = CancellationToken::new();
-        let owned = Owned { cancel: token.clone(), started: false };
-        self.owned.lock().unwrap_or_else(PoisonError::into_inner).insert(id.to_owned(), owned);
+        let mut owned = self.owned.lock().unwrap_or_else(PoisonError::into_inner);
+        // Callers skip entries already owned (a redelivery of a running entry); should one come
+        // anyway, the running handler keeps its token and the entry counts once.
+        if let Some(running) = owned.get(id) {
+            return running.cancel.clone();
+        }
+        owned.insert(id.to_owned(), Owned { cancel: token.clone(), started: false });
+        drop(owned);
         self.counters.in_flight.fetch_add(1, Ordering::Relaxed);
         self.metrics.in_flight.increment(1.0);
         token
@@ -246,8 +252,11 @@ impl Ctx {
         if started.elapsed() > block + self.config.claim_idle / 4 {
             self.redis_trouble();
         }
-        parse_read(reply)
-            .ok_or_else(|| redis::RedisError::from((redis::ErrorKind::Parse, "unexpected reply of XREADGROUP")))
+        let entries = parse_read(reply)
+            .ok_or_else(|| redis::RedisError::from((redis::ErrorKind::Parse, "unexpected reply of XREADGROUP")))?;
+        // An entry delivered again while it is ours (the group's last id was moved back, or the
+        // group made again) already has its handler here: not a second one.
+        Ok(entries.into_iter().filter(|e| !self.is_owned(&e.id)).collect())
     }
 
     /// Entries idle past `claim_idle` in any consumer (a dead one), or with `own` this

@@ -219,7 +219,8 @@ fn parse_id(id: &str) -> Option<(u64, u64)> {
 
 fn next_id(id: &str) -> (u64, u64) {
     match parse_id(id) {
-        Some((ms, seq)) if seq == u64::MAX => (ms + 1, 0),
+        // Nothing comes after the largest id: keep that entry (trimming less is safe).
+        Some((ms, u64::MAX)) => ms.checked_add(1).map_or((ms, u64::MAX), |ms| (ms, 0)),
         Some((ms, seq)) => (ms, seq + 1),
         None => (0, 0),
     }

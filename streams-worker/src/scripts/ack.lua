@@ -17,10 +17,12 @@ while n > 0 do
   for _, p in ipairs(page) do
     ours[p[1]] = true
   end
-  if #page < 512 then
+  local last = page[#page] and page[#page][1]
+  -- Done with a short page, or at the range's end (past the largest id there is no next one).
+  if #page < 512 or last == to or last == '18446744073709551615-18446744073709551615' then
     break
   end
-  from = '(' .. page[#page][1]
+  from = '(' .. last
 end
 local acked, processed = {}, 0
 for i = 0, n - 1 do
