@@ -11,7 +11,7 @@ use std::{
 
 use tokio::sync::{OwnedSemaphorePermit, mpsc};
 
-use crate::{ctx::Ctx, scripts};
+use crate::{ctx::Ctx, producer::parse_id, scripts};
 
 /// What the acker writes. A finished entry carries its concurrency permit: it is freed once the
 /// acknowledgement is written, so a worker never holds more finished-but-unacknowledged entries
@@ -125,7 +125,7 @@ async fn write(ctx: &Ctx, ops: &[Ack]) -> Result<Vec<String>, redis::RedisError>
         }
     }
     // The range the script reads this consumer's pending entries in.
-    let ids = finished.iter().map(|&(id, ..)| stream_id(id));
+    let ids = finished.iter().map(|&(id, ..)| parse_id(id));
     let (first, last) = match ids.clone().min().zip(ids.max()) {
         Some((Some(first), Some(last))) => (format!("{}-{}", first.0, first.1), format!("{}-{}", last.0, last.1)),
         _ => ("-".to_owned(), "+".to_owned()),
@@ -138,11 +138,4 @@ async fn write(ctx: &Ctx, ops: &[Ack]) -> Result<Vec<String>, redis::RedisError>
         invocation.arg(*field).arg(*n);
     }
     invocation.invoke_async(&mut ctx.con()).await
-}
-
-/// A stream entry id `<ms>-<seq>` as numbers (`None` for anything else), to order ids as Redis
-/// does.
-fn stream_id(id: &str) -> Option<(u64, u64)> {
-    let (ms, seq) = id.split_once('-')?;
-    Some((ms.parse().ok()?, seq.parse().ok()?))
 }

@@ -149,10 +149,7 @@ impl Ctx {
 
     /// Lets go of an entry: acknowledged, handed on, or no longer ours.
     pub(crate) fn disown(&self, id: &str) {
-        if self.owned.lock().unwrap_or_else(PoisonError::into_inner).remove(id).is_some() {
-            self.counters.in_flight.fetch_sub(1, Ordering::Relaxed);
-            self.metrics.in_flight.decrement(1.0);
-        }
+        self.disown_all([id]);
     }
 
     /// [`disown`](Self::disown) for many, under one lock.
@@ -165,8 +162,10 @@ impl Ctx {
             }
         }
         drop(owned);
-        self.counters.in_flight.fetch_sub(gone, Ordering::Relaxed);
-        self.metrics.in_flight.decrement(gone as f64);
+        if gone > 0 {
+            self.counters.in_flight.fetch_sub(gone, Ordering::Relaxed);
+            self.metrics.in_flight.decrement(gone as f64);
+        }
     }
 
     pub(crate) fn owned_ids(&self) -> Vec<String> {

@@ -212,7 +212,9 @@ pub(crate) async fn trim_pending_safe(con: &mut Conn, stream: &str) -> Result<u6
     redis::cmd("XTRIM").arg(stream).arg("MINID").arg(format!("{ms}-{seq}")).query_async(con).await
 }
 
-fn parse_id(id: &str) -> Option<(u64, u64)> {
+/// A stream entry id `<ms>-<seq>` as numbers (`None` for anything else), ordered as Redis
+/// orders ids.
+pub(crate) fn parse_id(id: &str) -> Option<(u64, u64)> {
     let (ms, seq) = id.split_once('-')?;
     Some((ms.parse().ok()?, seq.parse().ok()?))
 }

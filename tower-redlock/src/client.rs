@@ -16,9 +16,10 @@ use crate::{
 ///
 /// * **Acquire** runs one transaction per node, **in parallel**, all bounded by
 ///   [`LockConfig::node_timeout`]: `SET key token NX PX ttl` and `INCR` of the node's fencing
-///   counter (whose value is a token only where the `SET` granted). The lock is held iff a majority (N/2 + 1) granted it, a majority
-///   confirmed the fencing token (see [`LockGuard::fencing_token`]) and the validity
-///   `ttl − elapsed − (ttl × 1% + 2 ms)` is still positive, all timed on a monotonic clock.
+///   counter (whose value is a token only where the `SET` granted). The lock is held iff a
+///   majority (N/2 + 1) granted it, a majority confirmed the fencing token (see
+///   [`LockGuard::fencing_token`]) and the validity `ttl − elapsed − (ttl × 1% + 2 ms)` is still
+///   positive, all timed on a monotonic clock.
 ///   Otherwise it is released on **all** nodes at once (so no partial lock blocks the next
 ///   attempt) and retried after a jittered pause, up to [`LockConfig::retries`] times or the
 ///   wait. A node's error or timeout never stops the others. The key's value is 128 random bits.

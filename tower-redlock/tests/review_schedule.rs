@@ -15,6 +15,16 @@ fn seed() -> u64 {
     seed
 }
 
+/// The runtime's metrics and its live task count once the lock's schedule task exists and the
+/// warm-up lock is gone.
+async fn warmed(lock: &RedLock) -> (tokio::runtime::RuntimeMetrics, usize) {
+    let metrics = tokio::runtime::Handle::current().metrics();
+    lock.acquire("warm").await.unwrap().release().await.unwrap();
+    tokio::time::sleep(lock.config().ttl).await;
+    let baseline = metrics.num_alive_tasks();
+    (metrics, baseline)
+}
+
 fn mem_config() -> LockConfig {
     LockConfig {
         ttl: Duration::from_secs(3),
@@ -105,11 +115,7 @@ mod paused {
         let mut rng = StdRng::seed_from_u64(seed);
         let lock = RedLock::in_memory(mem_config()).unwrap();
         let ttl = lock.config().ttl;
-        let metrics = tokio::runtime::Handle::current().metrics();
-        // Warm up (the schedule's own task).
-        lock.acquire("warm").await.unwrap().release().await.unwrap();
-        tokio::time::sleep(ttl).await;
-        let baseline = metrics.num_alive_tasks();
+        let (metrics, baseline) = warmed(&lock).await;
 
         let mut holders = Vec::new();
         for i in 0..400u32 {
@@ -157,10 +163,7 @@ mod paused {
     async fn release_around_the_first_look_stops_everything() {
         let lock = RedLock::in_memory(mem_config()).unwrap();
         let ttl = lock.config().ttl;
-        let metrics = tokio::runtime::Handle::current().metrics();
-        lock.acquire("warm").await.unwrap().release().await.unwrap();
-        tokio::time::sleep(ttl).await;
-        let baseline = metrics.num_alive_tasks();
+        let (metrics, baseline) = warmed(&lock).await;
         for offset in [-2i64, -1, 0, 1, 2, 5] {
             let guard = lock.acquire("edge").await.unwrap();
             let status = guard.status();
