@@ -244,12 +244,16 @@ impl Hub {
     }
 
     /// Closes every connection with 1001 (going away) and refuses new ones (503), then waits
-    /// until they are gone (bound it with a timeout: a client that never reads its close frame
-    /// is dropped after `write_timeout`). For a server's graceful shutdown: its HTTP server
-    /// stops tracking a connection once it is upgraded to a WebSocket.
+    /// until they are gone: frames queued before it written, then the close frame, then the
+    /// client's close read (bound it with a timeout: a client that never reads is dropped after
+    /// `write_timeout`, one that never answers the close a second later). A handshake already
+    /// accepted (its 101 on the way) counts as a connection. For a server's graceful shutdown:
+    /// its HTTP server stops tracking a connection once it is upgraded to a WebSocket.
     pub async fn shutdown(&self) {
         self.inner.closing.cancel();
-        while self.inner.connections.load(Ordering::Acquire) > 0 {
+        // Pairs with the fence in the upgrade handler, which counts, then looks at `closing`.
+        std::sync::atomic::fence(Ordering::SeqCst);
+        while self.inner.connections.load(Ordering::SeqCst) > 0 {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }

@@ -66,15 +66,21 @@ pub async fn upgrade(
                 .into_response();
         }
     };
+    // Counted from here, before the 101 is sent, until the closing handshake is over: a
+    // shutdown waits for every connection a client was told it has (the upgraded task may not
+    // have run yet when the shutdown starts).
+    let Some(slot) = Slot::take(&hub.inner, config.max_connections) else {
+        return rampart_http::Problem::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable")
+            .detail("too many connections")
+            .into_response()
+            .into_response();
+    };
+    // After the count (`Hub::shutdown` cancels, then reads the count): either the shutdown
+    // sees this connection, or this sees the shutdown.
+    std::sync::atomic::fence(Ordering::SeqCst);
     if hub.inner.closing.is_cancelled() {
         return rampart_http::Problem::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable")
             .detail("the server is shutting down")
-            .into_response()
-            .into_response();
-    }
-    if hub.inner.connections.load(Ordering::Relaxed) as usize >= config.max_connections {
-        return rampart_http::Problem::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable")
-            .detail("too many connections")
             .into_response()
             .into_response();
     }
@@ -87,7 +93,7 @@ pub async fn upgrade(
         .max_write_buffer_size(config.write_buffer + config.max_queue_bytes + config.max_frame)
         .max_message_size(hard_cap)
         .max_frame_size(hard_cap)
-        .on_upgrade(move |socket| connection(hub, socket, user))
+        .on_upgrade(move |socket| connection(hub, socket, user, slot))
 }
 
 /// The same origin (the `Origin`'s host and port are the request's `Host`), plus any listed
@@ -126,13 +132,34 @@ async fn close(tx: &mut Tx, rx: &mut Rx, write_timeout: Duration, code: u16, rea
     let _ = tokio::time::timeout(Duration::from_secs(1), tx.close()).await;
 }
 
-async fn connection(hub: Hub, socket: WebSocket, user: String) {
+/// One counted connection (`HubStats::connections`, the `rampart_hub_connections` gauge, what
+/// `Hub::shutdown` waits for), from the accepted handshake until its task ends; uncounted when
+/// dropped, also when the upgrade never completes.
+struct Slot(Arc<crate::hub::HubInner>);
+
+impl Slot {
+    fn take(inner: &Arc<crate::hub::HubInner>, max: usize) -> Option<Self> {
+        if inner.connections.fetch_add(1, Ordering::SeqCst) as usize >= max {
+            inner.connections.fetch_sub(1, Ordering::SeqCst);
+            return None;
+        }
+        inner.metrics.connections.increment(1.0);
+        Some(Self(inner.clone()))
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.metrics.connections.decrement(1.0);
+        self.0.connections.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+async fn connection(hub: Hub, socket: WebSocket, user: String, slot: Slot) {
     let inner = hub.inner.clone();
     let config = &inner.config;
     let id = inner.next_conn.fetch_add(1, Ordering::Relaxed);
     let conn = Arc::new(Conn::new(id, &user));
-    inner.connections.fetch_add(1, Ordering::Relaxed);
-    inner.metrics.connections.increment(1.0);
     let (mut tx, mut rx) = socket.split();
     let mut subscribed: HashSet<String> = HashSet::new();
     let mut violations = 0u32;
@@ -243,11 +270,12 @@ async fn connection(hub: Hub, socket: WebSocket, user: String) {
     }
     // Frames still queued are never written.
     inner.metrics.queued_bytes.decrement(conn.drain().bytes as f64);
-    inner.connections.fetch_sub(1, Ordering::Relaxed);
-    inner.metrics.connections.decrement(1.0);
     if let Some((code, reason)) = closing {
         close(&mut tx, &mut rx, config.write_timeout, code, reason).await;
     }
+    // Counted until the close frame is written: a shutdown that returned earlier would let
+    // the process exit with the frame unsent.
+    drop(slot);
 }
 
 enum Flushed {

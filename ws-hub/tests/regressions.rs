@@ -123,6 +123,8 @@ async fn a_client_that_stops_reading_is_closed() {
         read_deadline: Duration::from_secs(1),
         ping_interval: Duration::from_millis(300),
         max_queue_bytes: 1 << 20,
+        // The connection counts until its socket is closed, after a close frame it cannot write.
+        write_timeout: Duration::from_secs(1),
         ..HubConfig::default()
     });
     let addr = serve(&hub).await;
