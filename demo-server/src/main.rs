@@ -86,8 +86,9 @@ async fn run_worker(config: Config, prometheus: metrics_exporter_prometheus::Pro
     let Some(workers) = tasks::spawn_workers(&app, shutdown.clone()) else {
         anyhow::bail!("the task worker could not start");
     };
+    let mut signal = ShutdownSignal::install();
     println!("demo-server worker started");
-    shutdown_signal().await;
+    signal.recv().await;
     tracing::info!("shutdown signal received; draining in-flight tasks");
     shutdown.cancel();
     workers.await.context("worker task failed")?;
@@ -147,13 +148,15 @@ async fn run(
     // SIGHUP's handler is installed before the listening line: until then its default action
     // would end the process.
     let hangups = Hangups::install();
+    // So are SIGTERM's and SIGINT's (a test, an orchestrator may stop the server at once).
+    let mut signal = ShutdownSignal::install();
     match https_addr {
         Some(https_addr) => println!("demo-server listening http={http_addr} grpc={grpc_addr} https={https_addr}"),
         None => println!("demo-server listening http={http_addr} grpc={grpc_addr}"),
     }
 
     tokio::select! {
-        () = shutdown_signal() => tracing::info!("shutdown signal received; draining in-flight requests"),
+        () = signal.recv() => tracing::info!("shutdown signal received; draining in-flight requests"),
         () = reload_on_sighup(hangups, cli, &app, tls.as_deref()) => {}
         res = async { match &mut https_server { Some(server) => server.await, None => std::future::pending().await } } => {
             return Err(stopped_early("HTTPS", res));
@@ -270,25 +273,52 @@ fn stopped_early(which: &str, res: Result<anyhow::Result<()>, tokio::task::JoinE
     }
 }
 
-async fn shutdown_signal() {
-    let ctrl_c = async {
+/// SIGINT and SIGTERM, their handlers installed when this is made: a signal that arrives before
+/// the server first waits for one (the listening line is printed, the first requests are
+/// served) still stops it gracefully instead of ending the process by its default action.
+struct ShutdownSignal {
+    #[cfg(unix)]
+    terminate: Option<tokio::signal::unix::Signal>,
+    #[cfg(unix)]
+    interrupt: Option<tokio::signal::unix::Signal>,
+}
+
+impl ShutdownSignal {
+    fn install() -> Self {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            let terminate = signal(SignalKind::terminate());
+            let interrupt = signal(SignalKind::interrupt());
+            if terminate.is_err() || interrupt.is_err() {
+                tracing::warn!("cannot listen for SIGTERM or SIGINT: no graceful shutdown on them");
+            }
+            Self { terminate: terminate.ok(), interrupt: interrupt.ok() }
+        }
+        #[cfg(not(unix))]
+        Self {}
+    }
+
+    /// The first signal.
+    async fn recv(&mut self) {
+        #[cfg(unix)]
+        {
+            async fn one(signal: &mut Option<tokio::signal::unix::Signal>) {
+                match signal {
+                    Some(signal) => {
+                        signal.recv().await;
+                    }
+                    None => std::future::pending().await,
+                }
+            }
+            tokio::select! {
+                () = one(&mut self.terminate) => {}
+                () = one(&mut self.interrupt) => {}
+            }
+        }
+        #[cfg(not(unix))]
         if tokio::signal::ctrl_c().await.is_err() {
             std::future::pending::<()>().await;
         }
-    };
-    #[cfg(unix)]
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut sig) => {
-                sig.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let terminate = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => {}
-        () = terminate => {}
     }
 }

@@ -93,6 +93,18 @@ async fn sigterm_stops_cleanly() {
     assert!(status.success(), "{status:?}");
 }
 
+/// Before: SIGTERM's handler was installed when `main` first waited for a signal, after the
+/// listening line: a SIGTERM sent as soon as that line was read could end the process by the
+/// signal's default action (seen in CI as "signal: 15" under load).
+#[tokio::test]
+async fn sigterm_right_after_the_listening_line_stops_cleanly() {
+    for round in 0..10 {
+        let server = DemoServer::start(&[], &[]);
+        let status = tokio::task::spawn_blocking(move || server.terminate()).await.unwrap();
+        assert!(status.success(), "round {round}: {status:?}");
+    }
+}
+
 #[test]
 fn taken_address_exits_non_zero_with_one_line() {
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
