@@ -105,6 +105,12 @@ impl RedLock {
     /// It may be called outside a tokio runtime (each node's connection is made on its first
     /// use, inside one).
     ///
+    /// Each `redis://` node is reached over up to eight connections of this client's own, each
+    /// used by one request at a time and driven by the task that sends it (no hop through a
+    /// connection's driver task: the lock's round trips are on the caller's critical path), and
+    /// over one multiplexed connection when those are all busy; `rediss://`, Unix-socket and
+    /// RESP3 URLs use the multiplexed connection only.
+    ///
     /// ```
     /// use tower_redlock::{LockConfig, RedLock};
     ///

@@ -140,6 +140,7 @@
 
 mod client;
 mod config;
+mod direct;
 mod error;
 mod fence;
 mod guard;

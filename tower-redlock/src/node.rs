@@ -8,9 +8,16 @@ use std::{
 
 use tokio::time::Instant;
 
-static CONFIRM: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(include_str!("scripts/confirm.lua")));
-static RELEASE: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(include_str!("scripts/release.lua")));
-static EXTEND: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(include_str!("scripts/extend.lua")));
+use redis::FromRedisValue;
+
+use crate::direct::Direct;
+
+static CONFIRM: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(CONFIRM_LUA));
+static RELEASE: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(RELEASE_LUA));
+static EXTEND: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(EXTEND_LUA));
+const CONFIRM_LUA: &str = include_str!("scripts/confirm.lua");
+const RELEASE_LUA: &str = include_str!("scripts/release.lua");
+const EXTEND_LUA: &str = include_str!("scripts/extend.lua");
 
 /// A node's answer to an acquisition.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -22,8 +29,78 @@ pub(crate) enum Grant {
 }
 
 pub(crate) enum Node {
-    Redis { url: String, con: Box<LazyConnection> },
+    Redis { url: String, con: Box<RedisNode> },
     Memory(MemoryNode),
+}
+
+/// A Redis node's connections: its own ones for the caller to drive (see [`crate::direct`]),
+/// and the multiplexed one for when they are all busy or the URL needs what they do not speak.
+pub(crate) struct RedisNode {
+    managed: LazyConnection,
+    direct: Option<Direct>,
+}
+
+impl RedisNode {
+    /// One command.
+    async fn query<T: FromRedisValue>(&self, cmd: &redis::Cmd) -> Result<T, String> {
+        if let Some(direct) = &self.direct
+            && let Some(reply) = direct.request(&cmd.get_packed_command(), 1).await
+        {
+            return last_reply(reply);
+        }
+        cmd.query_async(&mut self.managed.get()?).await.map_err(|e| e.to_string())
+    }
+
+    /// A `MULTI`/`EXEC` transaction: the `EXEC` reply.
+    async fn transaction<T: FromRedisValue>(&self, pipe: &redis::Pipeline) -> Result<T, String> {
+        if let Some(direct) = &self.direct
+            // `MULTI`'s reply, one `QUEUED` per command, then `EXEC`'s.
+            && let Some(reply) = direct.request(&pipe.get_packed_pipeline(), pipe.len() + 2).await
+        {
+            return last_reply(reply);
+        }
+        pipe.query_async(&mut self.managed.get()?).await.map_err(|e| e.to_string())
+    }
+
+    /// `EVALSHA`, or `EVAL` when the node does not have the script (`NOSCRIPT`); `call` adds
+    /// the key count, the keys and the arguments.
+    async fn script<T: FromRedisValue>(
+        &self,
+        script: &redis::Script,
+        source: &str,
+        call: impl Fn(&mut redis::Cmd),
+    ) -> Result<T, String> {
+        let mut evalsha = redis::cmd("EVALSHA");
+        evalsha.arg(script.get_hash());
+        call(&mut evalsha);
+        match self.query_raw(&evalsha).await {
+            Err(e) if e.code() == Some("NOSCRIPT") => {
+                let mut eval = redis::cmd("EVAL");
+                eval.arg(source);
+                call(&mut eval);
+                self.query(&eval).await
+            }
+            Err(e) => Err(e.to_string()),
+            Ok(value) => T::from_redis_value(value).map_err(|e| e.to_string()),
+        }
+    }
+
+    /// One command, its error as redis-rs gives it (to tell `NOSCRIPT`).
+    async fn query_raw(&self, cmd: &redis::Cmd) -> Result<redis::Value, redis::RedisError> {
+        if let Some(direct) = &self.direct
+            && let Some(reply) = direct.request(&cmd.get_packed_command(), 1).await
+        {
+            return reply?.pop().unwrap_or(redis::Value::Nil).extract_error();
+        }
+        let mut con = self.managed.get().map_err(std::io::Error::other)?;
+        cmd.query_async(&mut con).await
+    }
+}
+
+/// The last of a direct request's replies (the one that answers it), as `T`.
+fn last_reply<T: FromRedisValue>(reply: redis::RedisResult<Vec<redis::Value>>) -> Result<T, String> {
+    let value = reply.map_err(|e| e.to_string())?.pop().unwrap_or(redis::Value::Nil);
+    T::from_redis_value(value.extract_error().map_err(|e| e.to_string())?).map_err(|e| e.to_string())
 }
 
 /// A node's connection manager, made on first use: making one needs a tokio runtime, and
@@ -64,25 +141,31 @@ impl Node {
     /// as unreachable until it answers.
     pub(crate) fn redis(url: &str, node_timeout: Duration) -> Result<Self, redis::RedisError> {
         let client = redis::Client::open(url)?;
+        let connect_timeout = node_timeout.max(Duration::from_millis(50));
         let config = redis::aio::ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(node_timeout.max(Duration::from_millis(50))))
+            .set_connection_timeout(Some(connect_timeout))
             .set_min_delay(Duration::from_millis(10))
             .set_max_delay(Duration::from_millis(200))
             .set_number_of_retries(1);
         Ok(Node::Redis {
             url: url.to_owned(),
-            con: Box::new(LazyConnection { client, config, con: std::sync::OnceLock::new() }),
+            con: Box::new(RedisNode {
+                managed: LazyConnection { client, config, con: std::sync::OnceLock::new() },
+                direct: Direct::for_url(url, connect_timeout),
+            }),
         })
     }
 
-    /// `SET key token NX PX ttl`, `INCR` of the node's fencing counter and `PTTL key`, in one
-    /// `MULTI`/`EXEC` transaction: atomic on the node, and a fraction of a script's cost to it.
-    /// Every attempt counts; the counter's value is a token only where the `SET` granted (see
-    /// the crate docs for why counting on a refusal is harmless).
+    /// `SET key token NX PX ttl` and `INCR` of the node's fencing counter in one `MULTI`/`EXEC`
+    /// transaction: atomic on the node, and a fraction of a script's cost to it. Every attempt
+    /// counts; the counter's value is a token only where the `SET` granted (see the crate docs
+    /// for why counting on a refusal is harmless). Refused: a `PTTL` of the key follows, for
+    /// when it frees up (a round trip only contended attempts pay).
     pub(crate) async fn acquire(&self, key: &str, fence: &str, token: &str, ttl: Duration) -> Result<Grant, String> {
         match self {
             Node::Redis { con, .. } => {
-                let (granted, counter, pttl): (Option<redis::Value>, i64, i64) = redis::pipe()
+                let mut transaction = redis::pipe();
+                transaction
                     .atomic()
                     .cmd("SET")
                     .arg(key)
@@ -91,17 +174,14 @@ impl Node {
                     .arg("PX")
                     .arg(ms(ttl))
                     .cmd("INCR")
-                    .arg(fence)
-                    .cmd("PTTL")
-                    .arg(key)
-                    .query_async(&mut con.get()?)
-                    .await
-                    .map_err(|e| e.to_string())?;
-                Ok(if granted.is_some() {
-                    Grant::Granted(u64::try_from(counter).unwrap_or(0))
-                } else {
-                    Grant::Held(u64::try_from(pttl).ok().map(Duration::from_millis))
-                })
+                    .arg(fence);
+                let (granted, counter): (Option<redis::Value>, i64) = con.transaction(&transaction).await?;
+                if granted.is_some() {
+                    return Ok(Grant::Granted(u64::try_from(counter).unwrap_or(0)));
+                }
+                let pttl: i64 = con.query(redis::cmd("PTTL").arg(key)).await?;
+                // Negative (gone since, or no TTL): unknown.
+                Ok(Grant::Held(u64::try_from(pttl).ok().map(Duration::from_millis)))
             }
             Node::Memory(m) => Ok(m.acquire(key, token, ttl)),
         }
@@ -111,14 +191,11 @@ impl Node {
     pub(crate) async fn confirm(&self, key: &str, fence: &str, token: &str, value: u64) -> Result<bool, String> {
         match self {
             Node::Redis { con, .. } => {
-                let confirmed: i64 = CONFIRM
-                    .key(key)
-                    .key(fence)
-                    .arg(token)
-                    .arg(value)
-                    .invoke_async(&mut con.get()?)
-                    .await
-                    .map_err(|e| e.to_string())?;
+                let confirmed: i64 = con
+                    .script(&CONFIRM, CONFIRM_LUA, |c| {
+                        c.arg(2).arg(key).arg(fence).arg(token).arg(value);
+                    })
+                    .await?;
                 Ok(confirmed == 1)
             }
             Node::Memory(m) => Ok(m.confirm(key, token, value)),
@@ -128,10 +205,7 @@ impl Node {
     /// Whether the node answers a `PING`.
     pub(crate) async fn ping(&self) -> bool {
         match self {
-            Node::Redis { con, .. } => {
-                let Ok(mut con) = con.get() else { return false };
-                redis::cmd("PING").query_async::<String>(&mut con).await.is_ok_and(|pong| pong == "PONG")
-            }
+            Node::Redis { con, .. } => con.query::<String>(&redis::cmd("PING")).await.is_ok_and(|pong| pong == "PONG"),
             Node::Memory(_) => true,
         }
     }
@@ -139,13 +213,11 @@ impl Node {
     pub(crate) async fn extend(&self, key: &str, token: &str, ttl: Duration) -> Result<bool, String> {
         match self {
             Node::Redis { con, .. } => {
-                let extended: i64 = EXTEND
-                    .key(key)
-                    .arg(token)
-                    .arg(ms(ttl))
-                    .invoke_async(&mut con.get()?)
-                    .await
-                    .map_err(|e| e.to_string())?;
+                let extended: i64 = con
+                    .script(&EXTEND, EXTEND_LUA, |c| {
+                        c.arg(1).arg(key).arg(token).arg(ms(ttl));
+                    })
+                    .await?;
                 Ok(extended == 1)
             }
             Node::Memory(m) => Ok(m.extend(key, token, ttl)),
@@ -155,18 +227,18 @@ impl Node {
     pub(crate) async fn release(&self, key: &str, token: &str) -> Result<bool, String> {
         match self {
             Node::Redis { con, .. } => {
-                let con = con.get()?;
-                let release = || async { RELEASE.key(key).arg(token).invoke_async::<i64>(&mut con.clone()).await };
+                let release = || {
+                    con.script::<i64>(&RELEASE, RELEASE_LUA, |c| {
+                        c.arg(1).arg(key).arg(token);
+                    })
+                };
+                // A node restarted since our last command: the first one on a stale
+                // connection may fail (the connection is made again). A release must not be
+                // lost to that (the key would block others for its whole TTL): once more.
                 let deleted = match release().await {
-                    // A node restarted since our last command: the first one on the stale
-                    // connection fails and the manager reconnects. A release must not be lost to
-                    // that (the key would block others for its whole TTL): once more.
-                    Err(e) if e.is_connection_dropped() || e.is_io_error() || e.is_unrecoverable_error() => {
-                        release().await
-                    }
-                    other => other,
-                }
-                .map_err(|e| e.to_string())?;
+                    Err(_) => release().await,
+                    ok => ok,
+                }?;
                 Ok(deleted == 1)
             }
             Node::Memory(m) => Ok(m.release(key, token)),
