@@ -66,7 +66,8 @@ pub enum ErrorCode {
     Forbidden,
     /// This process holds as many channels as it may (`max_channels`).
     TooManyChannels,
-    /// A dependency (the Redis bridge) is down: try again.
+    /// A dependency (the Redis bridge) is down, or the server is shutting down (a publish is
+    /// then refused, not acked): try again, elsewhere for a shutdown.
     Unavailable,
 }
 

@@ -88,12 +88,22 @@ pub async fn upgrade(
     // with a proper 1009 close (a frame cut off mid-read would leave unread bytes, and closing
     // then resets the connection: the client would never see why).
     let hard_cap = config.max_frame.saturating_mul(4).max(64 * 1024);
+    // The upgrade completes once the 101 is written: a client that never reads it would hold
+    // its slot (and a shutdown) for as long as it keeps the socket open. After `write_timeout`
+    // the slot is given back, and a late upgrade is closed.
+    let pending = PendingSlot::new(slot, config.write_timeout);
     ws.read_buffer_size(config.read_buffer)
         .write_buffer_size(config.write_buffer)
         .max_write_buffer_size(config.write_buffer + config.max_queue_bytes + config.max_frame)
         .max_message_size(hard_cap)
         .max_frame_size(hard_cap)
-        .on_upgrade(move |socket| connection(hub, socket, user, slot))
+        .on_upgrade(move |socket| async move {
+            // The slot, unless the deadline below took it back first.
+            let slot = pending.take();
+            if let Some(slot) = slot {
+                connection(hub, socket, user, slot).await;
+            }
+        })
 }
 
 /// The same origin (the `Origin`'s host and port are the request's `Host`), plus any listed
@@ -139,8 +149,11 @@ struct Slot(Arc<crate::hub::HubInner>);
 
 impl Slot {
     fn take(inner: &Arc<crate::hub::HubInner>, max: usize) -> Option<Self> {
-        if inner.connections.fetch_add(1, Ordering::SeqCst) as usize >= max {
-            inner.connections.fetch_sub(1, Ordering::SeqCst);
+        // Never over the limit, not even for a moment (the count is what stats and a shutdown read).
+        let counted = inner.connections.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+            usize::try_from(n).is_ok_and(|n| n < max).then_some(n + 1)
+        });
+        if counted.is_err() {
             return None;
         }
         inner.metrics.connections.increment(1.0);
@@ -152,6 +165,41 @@ impl Drop for Slot {
     fn drop(&mut self) {
         self.0.metrics.connections.decrement(1.0);
         self.0.connections.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// A handshake's slot until its upgrade completes, given back if that takes longer than a
+/// deadline.
+struct PendingSlot {
+    slot: Arc<std::sync::Mutex<Option<Slot>>>,
+    deadline: tokio::task::AbortHandle,
+}
+
+impl PendingSlot {
+    fn new(slot: Slot, within: Duration) -> Self {
+        let slot = Arc::new(std::sync::Mutex::new(Some(slot)));
+        let late = Arc::downgrade(&slot);
+        let deadline = tokio::spawn(async move {
+            tokio::time::sleep(within).await;
+            if let Some(late) = late.upgrade() {
+                drop(late.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take());
+            }
+        })
+        .abort_handle();
+        Self { slot, deadline }
+    }
+
+    /// The slot, if its deadline has not passed.
+    fn take(self) -> Option<Slot> {
+        self.deadline.abort();
+        self.slot.lock().unwrap_or_else(std::sync::PoisonError::into_inner).take()
+    }
+}
+
+impl Drop for PendingSlot {
+    /// The upgrade failed (its callback is dropped): no deadline to keep.
+    fn drop(&mut self) {
+        self.deadline.abort();
     }
 }
 
@@ -169,10 +217,20 @@ async fn connection(hub: Hub, socket: WebSocket, user: String, slot: Slot) {
     // Set when the server ends the connection: the close frame is sent after the connection has
     // left every channel, so a client that is slow to read it holds no queue meanwhile.
     let mut closing: Option<(u16, &'static str)> = None;
+    // A write already waited `write_timeout` on this client.
+    let mut stuck = false;
 
     loop {
         tokio::select! {
             biased;
+            // First: a client that never stops sending (or a busy channel) must not hold a
+            // shutdown.
+            () = inner.closing.cancelled() => {
+                // Queued frames first (what was acked is delivered), then 1001.
+                stuck = tokio::time::timeout(config.write_timeout, flush(&hub, &conn, &mut tx)).await.is_err();
+                closing = Some((close_code::AWAY, "server shutting down"));
+                break;
+            }
             () = conn.notify.notified() => {
                 // A write that waits on the client ends at the write timeout, or as soon as its
                 // queue overflows meanwhile.
@@ -181,6 +239,7 @@ async fn connection(hub: Hub, socket: WebSocket, user: String, slot: Slot) {
                     () = conn.overflowed.notified() => None,
                 };
                 match flushed.unwrap_or_else(|| {
+                    stuck = true;
                     inner.metrics.slow_disconnects.increment(1);
                     Flushed::Slow
                 }) {
@@ -256,22 +315,28 @@ async fn connection(hub: Hub, socket: WebSocket, user: String, slot: Slot) {
                 closing = Some((close_code::AWAY, "read deadline passed"));
                 break;
             }
-            () = inner.closing.cancelled() => {
-                // Queued frames first (what was acked is delivered), then 1001.
-                let _ = tokio::time::timeout(config.write_timeout, flush(&hub, &conn, &mut tx)).await;
-                closing = Some((close_code::AWAY, "server shutting down"));
-                break;
-            }
         }
     }
 
     for channel in subscribed {
         hub.unsubscribe(&conn, &channel).await;
     }
+    let shutting_down = inner.closing.is_cancelled() && closing.is_some_and(|(code, _)| code == close_code::AWAY);
+    if shutting_down && !stuck {
+        // What was fanned out to this connection while it left its channels.
+        stuck = tokio::time::timeout(config.write_timeout, flush(&hub, &conn, &mut tx)).await.is_err();
+    }
     // Frames still queued are never written.
     inner.metrics.queued_bytes.decrement(conn.drain().bytes as f64);
     if let Some((code, reason)) = closing {
-        close(&mut tx, &mut rx, config.write_timeout, code, reason).await;
+        // In a shutdown, a client a write already gave up on gets a second for its close frame
+        // (outside one, a slow consumer keeps `write_timeout` to read why it is closed).
+        let limit = if stuck && inner.closing.is_cancelled() {
+            config.write_timeout.min(Duration::from_secs(1))
+        } else {
+            config.write_timeout
+        };
+        close(&mut tx, &mut rx, limit, code, reason).await;
     }
     // Counted until the close frame is written: a shutdown that returned earlier would let
     // the process exit with the frame unsent.
@@ -371,6 +436,11 @@ async fn handle(hub: &Hub, conn: &Arc<Conn>, text: &str, subscribed: &mut HashSe
             }
             if !hub.inner.perms.can_publish(&conn.user, &channel) {
                 reply(hub, conn, protocol::error(ErrorCode::Forbidden, "not allowed to publish"));
+                return 0;
+            }
+            // Subscribers are leaving: an ack now would promise a delivery they may not get.
+            if hub.inner.closing.is_cancelled() {
+                reply(hub, conn, protocol::error(ErrorCode::Unavailable, "the server is shutting down"));
                 return 0;
             }
             match hub.publish(&channel, &content, &conn.user).await {
