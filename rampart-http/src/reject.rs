@@ -77,7 +77,7 @@ pub fn reject<B>(rejection: Rejection<'_>, grpc: bool) -> Response<ResponseBody<
         let mut response = Problem::new(rejection.status, rejection.error)
             .detail(rejection.detail)
             .into_response()
-            .map(|body| ResponseBody::Local { body });
+            .map(|body| ResponseBody::Local { body: Some(Box::new(body)) });
         if let Some(wait) = rejection.retry_after {
             response.headers_mut().insert(RETRY_AFTER, retry_after_header(wait));
         }
@@ -149,7 +149,7 @@ impl Parts {
         let body = if self.body.is_empty() {
             ResponseBody::empty()
         } else {
-            ResponseBody::Local { body: Full::new(self.body.clone()) }
+            ResponseBody::Local { body: Some(Box::new(Full::new(self.body.clone()))) }
         };
         let mut response = Response::new(body);
         *response.status_mut() = self.status;
