@@ -68,12 +68,13 @@ where
 
     fn call(&mut self, req: Request<ReqB>) -> Self::Future {
         let shared = &self.shared;
-        let grpc = rampart_http::is_grpc(req.headers());
+        // Whether to answer in gRPC's way: looked up only where an answer is made here.
+        let grpc = |req: &Request<ReqB>| rampart_http::is_grpc(req.headers());
         let key = match shared.key_or_policy(shared.key.extract(&req)) {
             Ok(Some(key)) => key,
             Ok(None) => return ResponseFuture::calling(self.inner.call(req), None, shared),
             Err(rejection) => {
-                return ResponseFuture::rejected(rejection.into_response(&shared.name, &shared.headers, grpc));
+                return ResponseFuture::rejected(rejection.into_response(&shared.name, &shared.headers, grpc(&req)));
             }
         };
         let cost = shared.cost.cost(&req);
@@ -81,7 +82,7 @@ where
             Some(result) => match shared.decide(result) {
                 Ok(verdict) => ResponseFuture::calling(self.inner.call(req), verdict, shared),
                 Err(rejection) => {
-                    ResponseFuture::rejected(rejection.into_response(&shared.name, &shared.headers, grpc))
+                    ResponseFuture::rejected(rejection.into_response(&shared.name, &shared.headers, grpc(&req)))
                 }
             },
             None => {
@@ -89,6 +90,7 @@ where
                 let check = shared.store.check(&key, cost);
                 let clone = self.inner.clone();
                 let ready = std::mem::replace(&mut self.inner, clone);
+                let grpc = grpc(&req);
                 ResponseFuture::checking(check, ready, req, grpc, shared)
             }
         }
