@@ -109,7 +109,8 @@ impl RedLock {
     /// used by one request at a time and driven by the task that sends it (no hop through a
     /// connection's driver task: the lock's round trips are on the caller's critical path), and
     /// over one multiplexed connection when those are all busy; `rediss://`, Unix-socket and
-    /// RESP3 URLs use the multiplexed connection only.
+    /// RESP3 URLs use the multiplexed connection only. Redis nodes need a runtime with I/O
+    /// enabled (`enable_io` or `enable_all`); `in_memory` needs only time.
     ///
     /// ```
     /// use tower_redlock::{LockConfig, RedLock};

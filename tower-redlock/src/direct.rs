@@ -10,13 +10,20 @@
 //! Encoding and parsing stay redis-rs's (`Cmd::get_packed_command`, `parse_redis_value`); this
 //! module only frames replies (RESP2) and pools connections. At most [`PER_NODE`] connections per
 //! node and client: when all are busy, or for what this does not speak (TLS, Unix sockets,
-//! RESP3), the request goes through the multiplexed connection as before. A connection goes
-//! back to the pool only after a whole reply was read: one whose request was cancelled half-way
-//! (a timeout, a dropped acquisition) is closed, so no later request can read its reply.
+//! RESP3), the request goes through the multiplexed connection as before.
+//!
+//! Order on a connection is what keeps a cancelled acquisition from leaving a lock behind: a
+//! request whose caller went away after it was written is not abandoned (the node may still run
+//! it, later than a release sent on another connection). A task of its own reads its replies,
+//! then sends the request's clean-up, if it has one (an acquisition's compare-and-delete), on
+//! the same connection, and puts the connection back. That task waits as long as the node takes
+//! (a paused node runs the request when it resumes); only a closed connection ends it. A
+//! request is never sent twice: a pooled connection is checked before it is written on (one the
+//! node closed, say at a restart, is replaced), never after.
 
 use std::{
     sync::{
-        Mutex, PoisonError,
+        Arc, Mutex, PoisonError,
         atomic::{AtomicUsize, Ordering},
     },
     time::Duration,
@@ -41,8 +48,13 @@ pub(crate) struct Direct {
     hello: Vec<u8>,
     hello_replies: usize,
     connect_timeout: Duration,
+    pool: Arc<Pool>,
+}
+
+#[derive(Default)]
+struct Pool {
     idle: Mutex<Vec<Conn>>,
-    /// Connections open, idle or in use.
+    /// Connections open: idle, in use, or finishing a cut request.
     open: AtomicUsize,
 }
 
@@ -53,30 +65,74 @@ struct Conn {
     buf: Vec<u8>,
 }
 
-/// One counted connection, in use (or being opened); back into the pool on [`Lease::done`],
-/// closed and uncounted if dropped before.
-struct Lease<'a> {
-    direct: &'a Direct,
-    conn: Option<Conn>,
-    /// Back in the pool (still counted there).
-    pooled: bool,
+/// A request to send after another on the same connection if the caller goes away before its
+/// replies are in: packed, and how many replies it makes.
+pub(crate) struct Cleanup {
+    pub(crate) packed: Vec<u8>,
+    pub(crate) replies: usize,
 }
 
-impl Lease<'_> {
+/// A request written and not answered yet.
+struct InFlight {
+    replies: usize,
+    cleanup: Option<Cleanup>,
+}
+
+/// One counted connection, in use or being opened. Back into the pool on [`Lease::done`]; if
+/// dropped with a request in flight, handed to a task that finishes it; otherwise closed and
+/// uncounted.
+struct Lease {
+    pool: Arc<Pool>,
+    conn: Option<Conn>,
+    in_flight: Option<InFlight>,
+    /// The count went with the connection (into the pool, or to the task finishing it).
+    handed_on: bool,
+}
+
+impl Lease {
+    fn new(pool: &Arc<Pool>, conn: Option<Conn>) -> Self {
+        Self { pool: pool.clone(), conn, in_flight: None, handed_on: false }
+    }
+
     fn done(mut self) {
         if let Some(conn) = self.conn.take() {
-            self.direct.idle.lock().unwrap_or_else(PoisonError::into_inner).push(conn);
-            self.pooled = true;
+            self.pool.idle.lock().unwrap_or_else(PoisonError::into_inner).push(conn);
+            self.handed_on = true;
         }
     }
 }
 
-impl Drop for Lease<'_> {
+impl Drop for Lease {
     fn drop(&mut self) {
-        if !self.pooled {
-            self.direct.open.fetch_sub(1, Ordering::AcqRel);
+        if self.handed_on {
+            return;
         }
+        if let (Some(conn), Some(in_flight)) = (self.conn.take(), self.in_flight.take())
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+            && runtime.id() == conn.runtime
+        {
+            self.handed_on = true;
+            let lease = Lease { pool: self.pool.clone(), conn: Some(conn), in_flight: None, handed_on: false };
+            runtime.spawn(finish(lease, in_flight));
+            return;
+        }
+        self.pool.open.fetch_sub(1, Ordering::AcqRel);
     }
+}
+
+/// A cut request's end: its replies read, its clean-up sent and answered, the connection back in
+/// the pool. Closed (and uncounted) if the node closes it first.
+async fn finish(mut lease: Lease, in_flight: InFlight) {
+    let Some(conn) = lease.conn.as_mut() else { return };
+    if read_replies(conn, in_flight.replies).await.is_err() {
+        return;
+    }
+    if let Some(cleanup) = in_flight.cleanup
+        && roundtrip(conn, &cleanup.packed, cleanup.replies).await.is_err()
+    {
+        return;
+    }
+    lease.done();
 }
 
 impl Direct {
@@ -110,50 +166,78 @@ impl Direct {
             hello,
             hello_replies,
             connect_timeout,
-            idle: Mutex::new(Vec::new()),
-            open: AtomicUsize::new(0),
+            pool: Arc::new(Pool::default()),
         })
     }
 
     /// Sends `packed` and reads `replies` replies on a connection of its own. `None`: every
-    /// connection is busy (or there is no runtime), use the multiplexed one. A pooled connection
-    /// that fails before any byte of its reply arrived (the node restarted since, or closed it)
-    /// is replaced by a new one, once: the request cannot have run on the old one then.
-    pub(crate) async fn request(&self, packed: &[u8], replies: usize) -> Option<RedisResult<Vec<Value>>> {
+    /// connection is busy (or there is no runtime), use the multiplexed one. If this future is
+    /// dropped once the request is written, the request is still finished, then `cleanup` sent
+    /// after it on the same connection.
+    pub(crate) async fn request(
+        &self,
+        packed: &[u8],
+        replies: usize,
+        cleanup: impl FnOnce() -> Option<Cleanup>,
+    ) -> Option<RedisResult<Vec<Value>>> {
         let runtime = tokio::runtime::Handle::try_current().ok()?.id();
-        if let Some(lease) = self.pooled(runtime) {
-            match self.exchange(lease, packed, replies).await {
-                Err((error, false)) if error.is_io_error() || error.is_connection_dropped() => {}
-                result => return Some(result.map_err(|(error, _)| error)),
-            }
-        }
-        let lease = match self.connect(runtime).await? {
-            Ok(lease) => lease,
-            Err(error) => return Some(Err(error)),
+        let mut lease = match self.pooled(runtime) {
+            Some(lease) => lease,
+            None => match self.connect(runtime).await? {
+                Ok(lease) => lease,
+                Err(error) => return Some(Err(error)),
+            },
         };
-        Some(self.exchange(lease, packed, replies).await.map_err(|(error, _)| error))
+        let Some(conn) = lease.conn.as_mut() else {
+            return Some(Err(std::io::Error::other("no connection").into()));
+        };
+        // Cut while writing: the node got part of a command at most, and drops it with the
+        // connection.
+        if let Err(error) = conn.stream.write_all(packed).await {
+            return Some(Err(error.into()));
+        }
+        lease.in_flight = Some(InFlight { replies, cleanup: cleanup() });
+        let Some(conn) = lease.conn.as_mut() else {
+            return Some(Err(std::io::Error::other("no connection").into()));
+        };
+        let values = match read_replies(conn, replies).await {
+            Ok(values) => values,
+            Err(error) => {
+                // Nothing more comes on this connection: closed, not finished.
+                lease.in_flight = None;
+                return Some(Err(error));
+            }
+        };
+        lease.in_flight = None;
+        lease.done();
+        Some(Ok(values))
     }
 
-    fn pooled(&self, runtime: tokio::runtime::Id) -> Option<Lease<'_>> {
-        let mut idle = self.idle.lock().unwrap_or_else(PoisonError::into_inner);
+    /// An idle connection of this runtime that the node has not closed meanwhile (a restart, an
+    /// idle timeout, `CLIENT KILL`): checked before anything is written on it.
+    fn pooled(&self, runtime: tokio::runtime::Id) -> Option<Lease> {
+        let mut idle = self.pool.idle.lock().unwrap_or_else(PoisonError::into_inner);
         while let Some(conn) = idle.pop() {
-            if conn.runtime == runtime {
-                return Some(Lease { direct: self, conn: Some(conn), pooled: false });
+            // Nothing to read on an idle connection: an end of stream, an error or stray bytes
+            // all mean it is no use.
+            let alive = conn.runtime == runtime
+                && matches!(conn.stream.try_read(&mut [0u8; 1]), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock);
+            if alive {
+                return Some(Lease::new(&self.pool, Some(conn)));
             }
-            // Registered with another runtime, maybe gone: closed.
-            self.open.fetch_sub(1, Ordering::AcqRel);
+            self.pool.open.fetch_sub(1, Ordering::AcqRel);
         }
         None
     }
 
     /// A new connection, if fewer than [`PER_NODE`] are open.
-    async fn connect(&self, runtime: tokio::runtime::Id) -> Option<RedisResult<Lease<'_>>> {
-        if self.open.fetch_add(1, Ordering::AcqRel) >= PER_NODE {
-            self.open.fetch_sub(1, Ordering::AcqRel);
+    async fn connect(&self, runtime: tokio::runtime::Id) -> Option<RedisResult<Lease>> {
+        if self.pool.open.fetch_add(1, Ordering::AcqRel) >= PER_NODE {
+            self.pool.open.fetch_sub(1, Ordering::AcqRel);
             return None;
         }
         // Counted from here: the lease gives the count back however this ends.
-        let mut lease = Lease { direct: self, conn: None, pooled: false };
+        let mut lease = Lease::new(&self.pool, None);
         let connected = tokio::time::timeout(self.connect_timeout, TcpStream::connect((self.host.as_str(), self.port)));
         let stream = match connected.await {
             Ok(Ok(stream)) => stream,
@@ -172,63 +256,43 @@ impl Direct {
                         return Some(Err(error));
                     }
                 }
-                Err((error, _)) => return Some(Err(error)),
+                Err(error) => return Some(Err(error)),
             }
         }
         lease.conn = Some(conn);
         Some(Ok(lease))
     }
-
-    /// One request on `lease`; the error says whether any of the reply had arrived.
-    async fn exchange(
-        &self,
-        mut lease: Lease<'_>,
-        packed: &[u8],
-        replies: usize,
-    ) -> Result<Vec<Value>, (RedisError, bool)> {
-        let Some(conn) = lease.conn.as_mut() else {
-            return Err((std::io::Error::other("no connection").into(), false));
-        };
-        let values = roundtrip(conn, packed, replies).await?;
-        lease.done();
-        Ok(values)
-    }
 }
 
-/// Writes `packed`, then reads until `replies` whole replies are in. The error says whether
-/// any reply bytes had arrived.
-async fn roundtrip(conn: &mut Conn, packed: &[u8], replies: usize) -> Result<Vec<Value>, (RedisError, bool)> {
-    conn.stream.write_all(packed).await.map_err(|e| (e.into(), false))?;
-    conn.buf.clear();
-    let mut values = Vec::with_capacity(replies);
-    let mut start = 0;
+/// Writes `packed`, then reads its `replies` replies.
+async fn roundtrip(conn: &mut Conn, packed: &[u8], replies: usize) -> RedisResult<Vec<Value>> {
+    conn.stream.write_all(packed).await?;
+    read_replies(conn, replies).await
+}
+
+/// Reads until `replies` whole replies are in. What was read of them is kept in the
+/// connection's buffer, so a task finishing a cut request picks up where the caller stopped.
+async fn read_replies(conn: &mut Conn, replies: usize) -> RedisResult<Vec<Value>> {
     loop {
+        let mut values = Vec::with_capacity(replies);
+        let mut start = 0;
         while values.len() < replies {
-            let end = match frame(&conn.buf[start..]) {
-                Ok(Some(len)) => start + len,
-                Ok(None) => break,
-                Err(error) => return Err((error, true)),
-            };
-            values.push(redis::parse_redis_value(&conn.buf[start..end]).map_err(|e| (e, true))?);
-            start = end;
+            let Some(len) = frame(&conn.buf[start..], 0)? else { break };
+            values.push(redis::parse_redis_value(&conn.buf[start..start + len])?);
+            start += len;
         }
         if values.len() == replies {
             if start != conn.buf.len() {
-                return Err((protocol_error("more bytes than the replies asked for"), true));
+                return Err(protocol_error("more bytes than the replies asked for"));
             }
+            conn.buf.clear();
             return Ok(values);
         }
         if conn.buf.len() > MAX_REPLY {
-            return Err((protocol_error("reply too large"), true));
+            return Err(protocol_error("reply too large"));
         }
-        let had = !conn.buf.is_empty();
-        match conn.stream.read_buf(&mut conn.buf).await {
-            Ok(0) => {
-                let eof = std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "the node closed the connection");
-                return Err((eof.into(), had));
-            }
-            Ok(_) => {}
-            Err(error) => return Err((error.into(), had)),
+        if conn.stream.read_buf(&mut conn.buf).await? == 0 {
+            return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "the node closed the connection").into());
         }
     }
 }
@@ -237,8 +301,14 @@ fn protocol_error(what: &'static str) -> RedisError {
     std::io::Error::new(std::io::ErrorKind::InvalidData, what).into()
 }
 
+/// Nesting deeper than this is not a lock's reply.
+const MAX_DEPTH: usize = 8;
+
 /// The length of the whole RESP2 reply at the start of `buf`, or `None` if it is not all there.
-fn frame(buf: &[u8]) -> RedisResult<Option<usize>> {
+fn frame(buf: &[u8], depth: usize) -> RedisResult<Option<usize>> {
+    if depth > MAX_DEPTH {
+        return Err(protocol_error("a reply nested deeper than a lock's"));
+    }
     let Some(&kind) = buf.first() else { return Ok(None) };
     let Some(cr) = buf.windows(2).position(|w| w == b"\r\n") else { return Ok(None) };
     let line = cr + 2;
@@ -259,7 +329,7 @@ fn frame(buf: &[u8]) -> RedisResult<Option<usize>> {
             let Ok(count) = usize::try_from(number()?) else { return Ok(Some(line)) };
             let mut end = line;
             for _ in 0..count {
-                match frame(&buf[end..])? {
+                match frame(&buf[end..], depth + 1)? {
                     Some(len) => end += len,
                     None => return Ok(None),
                 }
@@ -287,15 +357,16 @@ mod tests {
             b"*3\r\n$2\r\nOK\r\n:7\r\n:-2\r\n",
         ];
         for reply in whole {
-            assert_eq!(frame(reply).unwrap(), Some(reply.len()), "{reply:?}");
+            assert_eq!(frame(reply, 0).unwrap(), Some(reply.len()), "{reply:?}");
             for cut in 0..reply.len() {
-                assert_eq!(frame(&reply[..cut]).unwrap(), None, "{reply:?} cut at {cut}");
+                assert_eq!(frame(&reply[..cut], 0).unwrap(), None, "{reply:?} cut at {cut}");
             }
             let mut two = reply.to_vec();
             two.extend_from_slice(b"+OK\r\n");
-            assert_eq!(frame(&two).unwrap(), Some(reply.len()), "{reply:?} then more");
+            assert_eq!(frame(&two, 0).unwrap(), Some(reply.len()), "{reply:?} then more");
         }
-        assert!(frame(b"$x\r\n").is_err());
-        assert!(frame(b"%1\r\n").is_err());
+        assert!(frame(b"$x\r\n", 0).is_err());
+        assert!(frame(b"%1\r\n", 0).is_err());
+        assert!(frame(&b"*1\r\n".repeat(20), 0).is_err(), "nested too deep");
     }
 }

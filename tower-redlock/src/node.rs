@@ -10,7 +10,7 @@ use tokio::time::Instant;
 
 use redis::FromRedisValue;
 
-use crate::direct::Direct;
+use crate::direct::{Cleanup, Direct};
 
 static CONFIRM: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(CONFIRM_LUA));
 static RELEASE: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(RELEASE_LUA));
@@ -44,18 +44,23 @@ impl RedisNode {
     /// One command.
     async fn query<T: FromRedisValue>(&self, cmd: &redis::Cmd) -> Result<T, String> {
         if let Some(direct) = &self.direct
-            && let Some(reply) = direct.request(&cmd.get_packed_command(), 1).await
+            && let Some(reply) = direct.request(&cmd.get_packed_command(), 1, || None).await
         {
             return last_reply(reply);
         }
         cmd.query_async(&mut self.managed.get()?).await.map_err(|e| e.to_string())
     }
 
-    /// A `MULTI`/`EXEC` transaction: the `EXEC` reply.
-    async fn transaction<T: FromRedisValue>(&self, pipe: &redis::Pipeline) -> Result<T, String> {
+    /// A `MULTI`/`EXEC` transaction: the `EXEC` reply. If the caller goes away after it was
+    /// sent on a connection of this node's own, `cleanup` follows it there.
+    async fn transaction<T: FromRedisValue>(
+        &self,
+        pipe: &redis::Pipeline,
+        cleanup: impl FnOnce() -> Option<Cleanup>,
+    ) -> Result<T, String> {
         if let Some(direct) = &self.direct
             // `MULTI`'s reply, one `QUEUED` per command, then `EXEC`'s.
-            && let Some(reply) = direct.request(&pipe.get_packed_pipeline(), pipe.len() + 2).await
+            && let Some(reply) = direct.request(&pipe.get_packed_pipeline(), pipe.len() + 2, cleanup).await
         {
             return last_reply(reply);
         }
@@ -88,7 +93,7 @@ impl RedisNode {
     /// One command, its error as redis-rs gives it (to tell `NOSCRIPT`).
     async fn query_raw(&self, cmd: &redis::Cmd) -> Result<redis::Value, redis::RedisError> {
         if let Some(direct) = &self.direct
-            && let Some(reply) = direct.request(&cmd.get_packed_command(), 1).await
+            && let Some(reply) = direct.request(&cmd.get_packed_command(), 1, || None).await
         {
             return reply?.pop().unwrap_or(redis::Value::Nil).extract_error();
         }
@@ -175,7 +180,14 @@ impl Node {
                     .arg(ms(ttl))
                     .cmd("INCR")
                     .arg(fence);
-                let (granted, counter): (Option<redis::Value>, i64) = con.transaction(&transaction).await?;
+                // Cut after it was sent (a timeout, a dropped acquisition), the transaction may
+                // still run on the node after the release of the attempt: the compare-and-delete
+                // follows it on its connection.
+                let cleanup = || {
+                    let release = redis::cmd("EVAL").arg(RELEASE_LUA).arg(1).arg(key).arg(token).get_packed_command();
+                    Some(Cleanup { packed: release, replies: 1 })
+                };
+                let (granted, counter): (Option<redis::Value>, i64) = con.transaction(&transaction, cleanup).await?;
                 if granted.is_some() {
                     return Ok(Grant::Granted(u64::try_from(counter).unwrap_or(0)));
                 }
@@ -234,12 +246,13 @@ impl Node {
                 };
                 // A node restarted since our last command: the first one on a stale
                 // connection may fail (the connection is made again). A release must not be
-                // lost to that (the key would block others for its whole TTL): once more.
-                let deleted = match release().await {
-                    Err(_) => release().await,
-                    ok => ok,
-                }?;
-                Ok(deleted == 1)
+                // lost to that (the key would block others for its whole TTL): once more. The
+                // first may also have run with its answer lost: then the second finds no key,
+                // and ours is gone all the same (a key of another holder still says lost).
+                match release().await {
+                    Ok(deleted) => Ok(deleted == 1),
+                    Err(_) => Ok(release().await? >= 0),
+                }
             }
             Node::Memory(m) => Ok(m.release(key, token)),
         }
