@@ -161,11 +161,12 @@ impl Node {
         })
     }
 
-    /// `SET key token NX PX ttl` and `INCR` of the node's fencing counter in one `MULTI`/`EXEC`
-    /// transaction: atomic on the node, and a fraction of a script's cost to it. Every attempt
-    /// counts; the counter's value is a token only where the `SET` granted (see the crate docs
-    /// for why counting on a refusal is harmless). Refused: a `PTTL` of the key follows, for
-    /// when it frees up (a round trip only contended attempts pay).
+    /// `SET key token NX PX ttl`, `INCR` of the node's fencing counter and `PTTL key`, in one
+    /// `MULTI`/`EXEC` transaction: atomic on the node, and a fraction of a script's cost to it.
+    /// Every attempt counts; the counter's value is a token only where the `SET` granted (see
+    /// the crate docs for why counting on a refusal is harmless). The `PTTL` is for a refusal
+    /// (when the key frees up); asking it in a second round trip would keep an attempt's keys on
+    /// the nodes that granted it longer, and under contention that splits the votes.
     pub(crate) async fn acquire(&self, key: &str, fence: &str, token: &str, ttl: Duration) -> Result<Grant, String> {
         match self {
             Node::Redis { con, .. } => {
@@ -179,7 +180,9 @@ impl Node {
                     .arg("PX")
                     .arg(ms(ttl))
                     .cmd("INCR")
-                    .arg(fence);
+                    .arg(fence)
+                    .cmd("PTTL")
+                    .arg(key);
                 // Cut after it was sent (a timeout, a dropped acquisition), the transaction may
                 // still run on the node after the release of the attempt: the compare-and-delete
                 // follows it on its connection.
@@ -187,13 +190,13 @@ impl Node {
                     let release = redis::cmd("EVAL").arg(RELEASE_LUA).arg(1).arg(key).arg(token).get_packed_command();
                     Some(Cleanup { packed: release, replies: 1 })
                 };
-                let (granted, counter): (Option<redis::Value>, i64) = con.transaction(&transaction, cleanup).await?;
-                if granted.is_some() {
-                    return Ok(Grant::Granted(u64::try_from(counter).unwrap_or(0)));
-                }
-                let pttl: i64 = con.query(redis::cmd("PTTL").arg(key)).await?;
-                // Negative (gone since, or no TTL): unknown.
-                Ok(Grant::Held(u64::try_from(pttl).ok().map(Duration::from_millis)))
+                let (granted, counter, pttl): (Option<redis::Value>, i64, i64) =
+                    con.transaction(&transaction, cleanup).await?;
+                Ok(if granted.is_some() {
+                    Grant::Granted(u64::try_from(counter).unwrap_or(0))
+                } else {
+                    Grant::Held(u64::try_from(pttl).ok().map(Duration::from_millis))
+                })
             }
             Node::Memory(m) => Ok(m.acquire(key, token, ttl)),
         }
