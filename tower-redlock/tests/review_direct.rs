@@ -117,8 +117,8 @@ fn open_clients_of(port: u16) -> usize {
     sockets().iter().filter(|s| s.client_open && s.rem_port == port).count()
 }
 
-/// The size of the acquisition request node.rs sends (`MULTI`, `SET NX PX`, `INCR`, `EXEC`)
-/// for `key` (without prefix) and `ttl`: the token is always 32 hex digits.
+/// The size of the acquisition request node.rs sends (`MULTI`, `SET NX PX`, `INCR`, `PTTL`,
+/// `EXEC`) for `key` (without prefix) and `ttl`: the token is always 32 hex digits.
 fn acquire_request_len(key: &str, ttl: Duration) -> u64 {
     let mut pipe = redis::pipe();
     pipe.atomic()
@@ -129,7 +129,9 @@ fn acquire_request_len(key: &str, ttl: Duration) -> u64 {
         .arg("PX")
         .arg(u64::try_from(ttl.as_millis()).unwrap())
         .cmd("INCR")
-        .arg("lock:fence");
+        .arg("lock:fence")
+        .cmd("PTTL")
+        .arg(format!("lock:{{{key}}}"));
     pipe.get_packed_pipeline().len() as u64
 }
 
@@ -250,7 +252,7 @@ fn raw_client(server: &RedisServer) -> std::net::TcpStream {
 // ---------------------------------------------------------------------------------------------
 // 1. A request that ran, whose reply was lost before its first byte, is sent again.
 
-/// The node runs our acquisition's `MULTI`/`SET NX`/`INCR`/`EXEC`, then our connection is killed
+/// The node runs our acquisition's `MULTI`/`SET NX`/`INCR`/`PTTL`/`EXEC`, then our connection is killed
 /// (`CLIENT KILL` from another client, processed in the same event-loop turn, before the reply
 /// is written). No byte of the reply arrived, so direct.rs resends the transaction on a new
 /// connection: the node now refuses our own key. A free key comes back `Busy` for a full TTL.
@@ -500,7 +502,7 @@ async fn relay(client: TcpStream, upstream: String, seed: u64) {
     tokio::join!(up, down);
 }
 
-/// Every request kind (the acquisition's four replies, `PTTL` after a refusal, the confirm,
+/// Every request kind (the acquisition's five replies (with `PTTL`), a refusal, the confirm,
 /// extend and release scripts, `NOSCRIPT` then `EVAL`, `PING`) with replies trickling in byte by
 /// byte, and acquisitions cut at random points mid-reply in between: each answer is its own.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
