@@ -43,12 +43,8 @@ pub(crate) struct RedisNode {
 impl RedisNode {
     /// One command.
     async fn query<T: FromRedisValue>(&self, cmd: &redis::Cmd) -> Result<T, String> {
-        if let Some(direct) = &self.direct
-            && let Some(reply) = direct.request(&cmd.get_packed_command(), 1, || None).await
-        {
-            return last_reply(reply);
-        }
-        cmd.query_async(&mut self.managed.get()?).await.map_err(|e| e.to_string())
+        let value = self.query_raw(cmd).await.map_err(|e| e.to_string())?;
+        T::from_redis_value(value).map_err(|e| e.to_string())
     }
 
     /// A `MULTI`/`EXEC` transaction: the `EXEC` reply. If the caller goes away after it was
@@ -78,16 +74,16 @@ impl RedisNode {
         let mut evalsha = redis::cmd("EVALSHA");
         evalsha.arg(script.get_hash());
         call(&mut evalsha);
-        match self.query_raw(&evalsha).await {
+        let value = match self.query_raw(&evalsha).await {
             Err(e) if e.code() == Some("NOSCRIPT") => {
                 let mut eval = redis::cmd("EVAL");
                 eval.arg(source);
                 call(&mut eval);
-                self.query(&eval).await
+                self.query_raw(&eval).await
             }
-            Err(e) => Err(e.to_string()),
-            Ok(value) => T::from_redis_value(value).map_err(|e| e.to_string()),
-        }
+            other => other,
+        };
+        T::from_redis_value(value.map_err(|e| e.to_string())?).map_err(|e| e.to_string())
     }
 
     /// One command, its error as redis-rs gives it (to tell `NOSCRIPT`).
@@ -102,7 +98,7 @@ impl RedisNode {
     }
 }
 
-/// The last of a direct request's replies (the one that answers it), as `T`.
+/// The last of a direct request's replies (the one that answers it: `EXEC`'s), as `T`.
 fn last_reply<T: FromRedisValue>(reply: redis::RedisResult<Vec<redis::Value>>) -> Result<T, String> {
     let value = reply.map_err(|e| e.to_string())?.pop().unwrap_or(redis::Value::Nil);
     T::from_redis_value(value.extract_error().map_err(|e| e.to_string())?).map_err(|e| e.to_string())
