@@ -9,6 +9,7 @@ use crate::{
     error::{ConfigError, LockError},
     guard::LockGuard,
     node::{Grant, MemoryNode, Node, each_node},
+    queue::Queues,
     schedule::Watchdogs,
 };
 
@@ -55,6 +56,7 @@ pub(crate) struct ClientInner {
     pub(crate) config: LockConfig,
     pub(crate) metrics: Metrics,
     pub(crate) watchdogs: Watchdogs,
+    queues: Queues,
 }
 
 pub(crate) struct Metrics {
@@ -170,6 +172,7 @@ impl RedLock {
                 config,
                 metrics: Metrics::new(),
                 watchdogs: Watchdogs::default(),
+                queues: Queues::default(),
             }),
         }
     }
@@ -215,15 +218,28 @@ impl RedLock {
     /// Takes the lock of `key`, retrying (with the configured jittered pause) until it is taken
     /// or `wait` has passed; with `None`, until the configured retries are spent.
     ///
+    /// With a `wait`, the waiters of one client on one key queue in FIFO order and only the
+    /// first polls the nodes; its turn ends once it holds the lock (or gives up), so the next
+    /// one polls while the holder works. A hundred local waiters thus cost the nodes what one
+    /// does, and the holder's release is not held up behind their requests.
+    ///
     /// Cancel-safe: if this future is dropped (a timeout, a disconnected client, `select!`),
     /// whatever nodes granted are released in the background at once.
     pub async fn acquire_within(&self, key: &str, wait: Option<Duration>) -> Result<LockGuard, LockError> {
         let started = Instant::now();
         // A wait too long to add to the clock (`Duration::MAX`) waits for ever.
         let deadline = wait.map(|w| started.checked_add(w));
-        let mut pauses = match deadline {
-            Some(_) => self.retry_pauses(None),
-            None => self.retry_pauses(Some(self.inner.config.retries)),
+        let (mut pauses, _turn) = match deadline {
+            Some(deadline) => {
+                let Some(turn) = self.inner.queues.turn(key, deadline).await else {
+                    self.inner.metrics.busy.increment(1);
+                    tracing::debug!(key, "lock not acquired: the wait ended in the local queue");
+                    return Err(LockError::Busy { key: key.to_owned(), retry_after: None });
+                };
+                (self.retry_pauses(None), Some(turn))
+            }
+            // A retry count bounds the attempts, not the time: each caller makes its own.
+            None => (self.retry_pauses(Some(self.inner.config.retries)), None),
         };
         let mut attempts = 0u32;
         loop {

@@ -146,6 +146,7 @@ mod fence;
 mod guard;
 mod layer;
 mod node;
+mod queue;
 mod schedule;
 
 pub use client::RedLock;

@@ -272,3 +272,46 @@ async fn in_memory_backend_has_the_same_api() {
     assert!(extended > Duration::from_millis(1900));
     again.release().await.unwrap();
 }
+
+/// `SET`s a node has run: one per acquisition attempt.
+fn attempts_on(node: &RedisServer) -> u64 {
+    let stats: String = node.cmd(&["INFO", "commandstats"]).unwrap();
+    let line = stats.lines().find(|l| l.starts_with("cmdstat_set:")).unwrap_or("cmdstat_set:calls=0,");
+    line.split(['=', ',']).nth(1).unwrap().parse().unwrap()
+}
+
+/// Before: every local waiter polled every node every `retry_delay`, so forty waiters on one
+/// held key sent forty times the requests of one, the holder's release queued behind them, and
+/// the demo's 200 reserves of one item through two instances overran their 5 s wait on a
+/// loaded machine (84 of 100 taken). Now a client's waiters on one key queue and one polls at a
+/// time: the attempts are at most one per waiter plus one per `retry_delay` of the run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_waiters_on_one_key_poll_the_nodes_one_at_a_time() {
+    let nodes = RedisNodes::start(3).unwrap();
+    let retry_delay = Duration::from_millis(10);
+    let lock = RedLock::connect(&nodes.urls(), LockConfig { retry_delay, ..config() }).unwrap();
+    let before = attempts_on(&nodes[0]);
+    let started = Instant::now();
+    let holder = lock.acquire("hot").await.unwrap();
+    let waiters = 40;
+    let handles: Vec<_> = (0..waiters)
+        .map(|_| {
+            let lock = lock.clone();
+            tokio::spawn(async move {
+                let guard = lock.acquire_within("hot", Some(Duration::from_secs(60))).await.unwrap();
+                guard.release().await.unwrap();
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    holder.release().await.unwrap();
+    for handle in handles {
+        handle.await.unwrap();
+    }
+    let elapsed = started.elapsed();
+    let attempts = attempts_on(&nodes[0]) - before;
+    let bound = 1 + waiters + (elapsed.as_millis() / retry_delay.as_millis()) as u64;
+    assert!(attempts <= bound, "{attempts} attempts in {elapsed:?} by {waiters} waiters (at most {bound})");
+    // Another key was never queued behind this one.
+    lock.acquire_within("cold", Some(Duration::from_millis(1))).await.unwrap().release().await.unwrap();
+}
