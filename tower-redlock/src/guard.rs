@@ -268,6 +268,7 @@ impl LockGuard {
         self.stop();
         let s = &self.shared;
         let released = s.client.release_everywhere(&s.lock_key, &s.token).await;
+        s.client.released(&s.key);
         if released == 0 && !was_lost {
             return Err(LockError::Lost { key: s.key.clone() });
         }
@@ -293,7 +294,8 @@ impl Drop for LockGuard {
             return;
         }
         self.stop();
-        self.shared.client.release_in_background(self.shared.lock_key.clone(), self.shared.token.clone());
+        let s = &self.shared;
+        s.client.release_in_background(s.key.clone(), s.lock_key.clone(), s.token.clone());
     }
 }
 

@@ -14,39 +14,73 @@ use std::{
 };
 
 use tokio::{
-    sync::{Mutex as Turnstile, OwnedMutexGuard},
+    sync::{Mutex as Turnstile, Notify, OwnedMutexGuard},
     time::Instant,
 };
 
-/// The turnstiles of the keys somebody waits for; an entry lives while a waiter holds it.
+use crate::error::LockError;
+
+/// The waiters on one key somebody waits for.
+#[derive(Default)]
+struct Queue {
+    turnstile: Arc<Turnstile<()>>,
+    /// Signalled when a guard (or a cancelled acquisition) of this client on this key let go:
+    /// the polling waiter tries at once instead of sleeping out its pause.
+    released: Notify,
+    /// What the polling waiter's last attempt met: what a waiter whose wait ends in the queue
+    /// reports (`Unavailable` when the nodes are down, not a `Busy` nobody caused).
+    last_error: Mutex<Option<LockError>>,
+}
+
+/// The queues of the keys somebody waits for; an entry lives while a waiter holds it.
 #[derive(Default)]
 pub(crate) struct Queues {
-    keys: Mutex<HashMap<String, Arc<Turnstile<()>>>>,
+    keys: Mutex<HashMap<String, Arc<Queue>>>,
 }
 
 /// One waiter's place in a key's queue: its turn once [`Queues::turn`] returns it.
 pub(crate) struct Turn<'a> {
     queues: &'a Queues,
     key: String,
-    turnstile: Option<Arc<Turnstile<()>>>,
+    queue: Option<Arc<Queue>>,
     held: Option<OwnedMutexGuard<()>>,
 }
 
 impl Queues {
-    /// Waits for `key`'s turn until `deadline` (`None`: without end); `None` if it passed first.
-    pub(crate) async fn turn(&self, key: &str, deadline: Option<Instant>) -> Option<Turn<'_>> {
-        let turnstile = {
+    /// Waits for `key`'s turn until `deadline` (`None`: without end). If the deadline passes
+    /// first: the error the polling waiter last met, or `Busy` if it met none yet.
+    pub(crate) async fn turn(&self, key: &str, deadline: Option<Instant>) -> Result<Turn<'_>, LockError> {
+        let queue = {
             let mut keys = self.keys.lock().unwrap_or_else(PoisonError::into_inner);
             keys.entry(key.to_owned()).or_default().clone()
         };
-        // The place is taken before waiting, so dropping the wait gives it back.
-        let mut turn = Turn { queues: self, key: key.to_owned(), turnstile: Some(turnstile.clone()), held: None };
+        // The place is taken before waiting, so dropping the wait gives it back. The turn holds
+        // the only clone of the queue outside the map (see `Drop`).
+        let turnstile = queue.turnstile.clone();
+        let mut turn = Turn { queues: self, key: key.to_owned(), queue: Some(queue), held: None };
         let held = match deadline {
-            Some(deadline) => tokio::time::timeout_at(deadline, turnstile.lock_owned()).await.ok()?,
+            Some(deadline) => match tokio::time::timeout_at(deadline, turnstile.lock_owned()).await {
+                Ok(held) => held,
+                Err(_) => {
+                    let last = turn.queue.as_ref().and_then(|queue| {
+                        queue.last_error.lock().unwrap_or_else(PoisonError::into_inner).clone()
+                    });
+                    return Err(last.unwrap_or_else(|| LockError::Busy { key: key.to_owned(), retry_after: None }));
+                }
+            },
             None => turnstile.lock_owned().await,
         };
         turn.held = Some(held);
-        Some(turn)
+        Ok(turn)
+    }
+
+    /// A guard or a cancelled acquisition of `key` let go: wake its polling waiter, if any (or
+    /// let its next pause end at once, if it is between pauses now).
+    pub(crate) fn released(&self, key: &str) {
+        let keys = self.keys.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(queue) = keys.get(key) {
+            queue.released.notify_one();
+        }
     }
 
     #[cfg(test)]
@@ -55,14 +89,37 @@ impl Queues {
     }
 }
 
+impl Turn<'_> {
+    /// Sleeps out `pause`, or less if a local holder of the key lets go meanwhile.
+    pub(crate) async fn pause(&self, pause: std::time::Duration) {
+        match &self.queue {
+            Some(queue) => {
+                tokio::select! {
+                    () = tokio::time::sleep(pause) => {}
+                    () = queue.released.notified() => {}
+                }
+            }
+            None => tokio::time::sleep(pause).await,
+        }
+    }
+
+    /// Keeps what the last attempt met, for the waiters behind whose wait ends in the queue.
+    pub(crate) fn met(&self, error: &LockError) {
+        if let Some(queue) = &self.queue {
+            *queue.last_error.lock().unwrap_or_else(PoisonError::into_inner) = Some(error.clone());
+        }
+    }
+}
+
 impl Drop for Turn<'_> {
     fn drop(&mut self) {
-        // The next waiter's turn first; then the entry goes if nobody else holds it. Clones are
-        // only made under the map's lock, so no waiter can appear between the count and removal.
+        // The next waiter's turn first; then the entry goes if nobody else holds it. Every
+        // clone of a queue belongs to a waiter, and new ones are taken from the map under its
+        // lock: with the lock held, a count of two (the map's and ours) means no waiter is left.
         self.held = None;
         let mut keys = self.queues.keys.lock().unwrap_or_else(PoisonError::into_inner);
-        if let Some(turnstile) = self.turnstile.take()
-            && Arc::strong_count(&turnstile) == 2
+        if let Some(queue) = self.queue.take()
+            && Arc::strong_count(&queue) == 2
         {
             keys.remove(&self.key);
         }
@@ -79,7 +136,7 @@ mod tests {
     async fn one_turn_at_a_time_in_fifo_order_and_no_entry_left() {
         let queues = Arc::new(Queues::default());
         let first = queues.turn("k", None).await;
-        assert!(first.is_some());
+        assert!(first.is_ok());
         let order = Arc::new(Mutex::new(Vec::new()));
         let waiters: Vec<_> = (0..5)
             .map(|i| {
@@ -92,7 +149,7 @@ mod tests {
             })
             .collect();
         // Another key is not held back.
-        assert!(queues.turn("other", Some(Instant::now())).await.is_some());
+        assert!(queues.turn("other", Some(Instant::now())).await.is_ok());
         tokio::time::sleep(Duration::from_millis(10)).await;
         assert!(order.lock().unwrap().is_empty());
         drop(first);
@@ -108,13 +165,30 @@ mod tests {
         let queues = Queues::default();
         let held = queues.turn("k", None).await;
         let started = Instant::now();
-        assert!(queues.turn("k", Some(started + Duration::from_millis(50))).await.is_none());
+        assert!(matches!(
+            queues.turn("k", Some(started + Duration::from_millis(50))).await,
+            Err(LockError::Busy { retry_after: None, .. })
+        ));
         assert_eq!(started.elapsed(), Duration::from_millis(50));
         // A dropped wait gives its place back too.
         let wait = queues.turn("k", None);
         assert!(tokio::time::timeout(Duration::from_millis(5), wait).await.is_err());
         drop(held);
         assert_eq!(queues.len(), 0);
-        assert!(queues.turn("k", Some(Instant::now())).await.is_some());
+        assert!(queues.turn("k", Some(Instant::now())).await.is_ok());
+    }
+
+    /// Before: the wait kept a clone of the queue past its turn's drop, so a waiter dropped
+    /// last (here after the holder) left the key's entry in the map for good.
+    #[tokio::test(start_paused = true)]
+    async fn a_waiter_dropped_last_removes_the_entry() {
+        use futures_util::FutureExt;
+        let queues = Queues::default();
+        let held = queues.turn("k", None).await;
+        let mut wait = Box::pin(queues.turn("k", None));
+        assert!((&mut wait).now_or_never().is_none());
+        drop(held);
+        drop(wait);
+        assert_eq!(queues.len(), 0);
     }
 }
