@@ -227,3 +227,41 @@ async fn workers_trim_acknowledged_entries_only_and_dead_letters_stay_bounded() 
     stop.cancel();
     handle.await.unwrap();
 }
+
+/// Before: a status key of another type (a string, say, written by something else under the
+/// same name) failed the whole ack script: the batch was retried for ever, its permits stayed
+/// held, and with them the worker (here: nothing else was ever processed). A retry or dead
+/// letter failed the same way after its entry was already moved. Status is best effort now.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_status_key_of_the_wrong_type_blocks_nothing() {
+    let server = RedisServer::start().unwrap();
+    let redis = Redis::url(&server.url()).unwrap();
+    let producer = Producer::connect(&redis, "wt").await.unwrap();
+    let mut ids = Vec::new();
+    for i in 0..40u64 {
+        ids.push(producer.send_kind("t", &json!({"i": i, "fail": i == 7})).await.unwrap());
+    }
+    // Every task's status key is taken by a plain string.
+    for id in &ids {
+        let _: () = server.cmd(&["SET", &format!("wt:status:{id}"), "not a hash"]).unwrap();
+    }
+    let seen: Seen = Arc::default();
+    let cfg = WorkerConfig { status_ttl: Some(Duration::from_secs(60)), concurrency: 4, ..config() };
+    let (handle, stop) = spawn(&redis, "wt", cfg, recorder(&seen));
+    let mut con = redis.connect().await.unwrap();
+    let dead = DeadLetters::new(redis.connect().await.unwrap(), "wt");
+    wait_for("every task done or dead", Duration::from_secs(20), async || {
+        let stats = stats(&mut con, "wt", "workers").await.unwrap();
+        stats.processed == 39 && stats.pending == 0 && dead.len().await.unwrap() == 1
+    })
+    .await;
+    // Each task ran exactly as often as it should: once, or max_deliveries for the failing one.
+    let seen = seen.lock().unwrap();
+    for (i, id) in ids.iter().enumerate() {
+        let runs = seen.get(id).map_or(0, Vec::len);
+        assert_eq!(runs, if i == 7 { 3 } else { 1 }, "task {i} ran {runs} times");
+    }
+    drop(seen);
+    stop.cancel();
+    handle.await.unwrap();
+}

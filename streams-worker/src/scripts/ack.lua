@@ -35,8 +35,9 @@ for i = 0, n - 1 do
       processed = processed + 1
     end
     if kind == 'p' and ttl > 0 and KEYS[3 + i] then
-      redis.call('HSET', KEYS[3 + i], 'state', 'done', 'attempt', ARGV[9 + 3 * i], 'error', '')
-      redis.call('PEXPIRE', KEYS[3 + i], ttl)
+      -- Best effort: a status key of another type must not fail the acknowledgements.
+      redis.pcall('HSET', KEYS[3 + i], 'state', 'done', 'attempt', ARGV[9 + 3 * i], 'error', '')
+      redis.pcall('PEXPIRE', KEYS[3 + i], ttl)
     end
   end
 end

@@ -21,7 +21,8 @@ if ARGV[6] == '1' then
 end
 local ttl = tonumber(ARGV[5])
 if ttl > 0 and KEYS[4] then
-  redis.call('HSET', KEYS[4], 'state', 'dead', 'error', ARGV[7])
-  redis.call('PEXPIRE', KEYS[4], ttl)
+  -- Best effort, after the move: a status key of another type must not fail it half-way.
+  redis.pcall('HSET', KEYS[4], 'state', 'dead', 'error', ARGV[7])
+  redis.pcall('PEXPIRE', KEYS[4], ttl)
 end
 return 1

@@ -15,7 +15,8 @@ redis.call('ZADD', KEYS[2], due, ARGV[5])
 redis.call('HINCRBY', KEYS[3], ARGV[1] .. ':failed', 1)
 local ttl = tonumber(ARGV[6])
 if ttl > 0 and KEYS[4] then
-  redis.call('HSET', KEYS[4], 'state', 'retrying', 'attempt', ARGV[7], 'error', ARGV[8], 'at', due)
-  redis.call('PEXPIRE', KEYS[4], ttl)
+  -- Best effort, after the move: a status key of another type must not fail it half-way.
+  redis.pcall('HSET', KEYS[4], 'state', 'retrying', 'attempt', ARGV[7], 'error', ARGV[8], 'at', due)
+  redis.pcall('PEXPIRE', KEYS[4], ttl)
 end
 return 1
