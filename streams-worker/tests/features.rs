@@ -256,12 +256,13 @@ async fn a_status_key_of_the_wrong_type_blocks_nothing() {
     })
     .await;
     // Each task ran exactly as often as it should: once, or max_deliveries for the failing one.
-    let seen = seen.lock().unwrap();
-    for (i, id) in ids.iter().enumerate() {
-        let runs = seen.get(id).map_or(0, Vec::len);
+    let runs: Vec<usize> = {
+        let seen = seen.lock().unwrap();
+        ids.iter().map(|id| seen.get(id).map_or(0, Vec::len)).collect()
+    };
+    for (i, runs) in runs.into_iter().enumerate() {
         assert_eq!(runs, if i == 7 { 3 } else { 1 }, "task {i} ran {runs} times");
     }
-    drop(seen);
     stop.cancel();
     handle.await.unwrap();
 }
