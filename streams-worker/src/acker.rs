@@ -13,9 +13,9 @@ use tokio::sync::{OwnedSemaphorePermit, mpsc};
 
 use crate::{ctx::Ctx, producer::parse_id, scripts};
 
-/// What the acker writes. A finished entry carries its concurrency permit: it is freed once the
-/// acknowledgement is written, so a worker never holds more finished-but-unacknowledged entries
-/// than it has permits.
+/// What the acker writes. A finished entry carries an acknowledgement slot (see
+/// [`Ctx::ack_slots`]): it is freed once the acknowledgement is written, so a worker never holds
+/// more finished-but-unacknowledged entries than it has permits.
 pub(crate) enum Ack {
     /// Acknowledge this entry; it was processed (counted, status `done`).
     Processed { id: String, task: String, attempt: u64, _permit: OwnedSemaphorePermit },

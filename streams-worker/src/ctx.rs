@@ -48,6 +48,10 @@ pub(crate) struct Ctx {
     /// idle for as long as the outage lasted; live workers get a full `claim_idle` to refresh
     /// theirs first.
     claim_after: Mutex<Instant>,
+    /// One per finished entry waiting for its acknowledgement (as many as concurrency permits):
+    /// a finished entry gives its permit back at once, so the next read does not wait for the
+    /// acker's round trip, and what waits for the acker stays bounded all the same.
+    pub(crate) ack_slots: Arc<tokio::sync::Semaphore>,
     pub(crate) metrics: Metrics,
 }
 
@@ -83,6 +87,7 @@ impl Ctx {
         counters: Arc<Counters>,
     ) -> Self {
         let labels = [("stream", stream.to_string()), ("group", group.to_string())];
+        let ack_slots = Arc::new(tokio::sync::Semaphore::new(config.concurrency));
         Self {
             con,
             dead_letter: config.dead_letter.clone().unwrap_or_else(|| keys::dead_letter(&stream)),
@@ -97,6 +102,7 @@ impl Ctx {
             counters,
             owned: Mutex::new(HashMap::new()),
             claim_after: Mutex::new(Instant::now()),
+            ack_slots,
             metrics: Metrics {
                 processed: metrics::counter!("rampart_worker_processed_total", &labels),
                 failed: metrics::counter!("rampart_worker_failed_total", &labels),

@@ -47,7 +47,7 @@ pub(crate) async fn handle<T, S>(
     // A retry or a requeued dead letter of another group: not ours to run (each group sees every
     // entry of the stream).
     if for_group(&entry.fields).is_some_and(|g| g != &*ctx.group) {
-        let _ = acks.send(Ack::Skipped { id: entry.id, task, attempt, _permit: permit });
+        to_acker(&ctx, permit, &acks, |slot| Ack::Skipped { id: entry.id, task, attempt, _permit: slot }).await;
         return;
     }
     let delivery = match decode::<T>(&entry.id, &entry.fields, attempt) {
@@ -74,7 +74,7 @@ pub(crate) async fn handle<T, S>(
         let done: Result<bool, _> = redis::cmd("EXISTS").arg(key).query_async(&mut ctx.con()).await;
         if done.unwrap_or(false) {
             ctx.counters.duplicates_skipped.fetch_add(1, Ordering::Relaxed);
-            let _ = acks.send(Ack::Skipped { id: entry.id, task, attempt, _permit: permit });
+            to_acker(&ctx, permit, &acks, |slot| Ack::Skipped { id: entry.id, task, attempt, _permit: slot }).await;
             return;
         }
     }
@@ -120,7 +120,7 @@ pub(crate) async fn handle<T, S>(
                     .await;
             }
             // Still owned until the acker has written the acknowledgement.
-            let _ = acks.send(Ack::Processed { id: entry.id, task, attempt, _permit: permit });
+            to_acker(&ctx, permit, &acks, |slot| Ack::Processed { id: entry.id, task, attempt, _permit: slot }).await;
         }
         Outcome::TakenAway => {
             ctx.counters.lost.fetch_add(1, Ordering::Relaxed);
@@ -145,6 +145,27 @@ pub(crate) async fn handle<T, S>(
             drop(permit);
         }
     }
+}
+
+/// Hands a finished entry to the acker: it takes an acknowledgement slot and gives its run
+/// permit back, so the worker reads again while the acker writes. The entry stays owned (and
+/// kept by the heartbeat) until its acknowledgement is written; with every slot taken, it
+/// waits here, holding its permit, and reading slows down with it.
+async fn to_acker(
+    ctx: &Ctx,
+    permit: OwnedSemaphorePermit,
+    acks: &mpsc::UnboundedSender<Ack>,
+    ack: impl FnOnce(OwnedSemaphorePermit) -> Ack,
+) {
+    let held = match ctx.ack_slots.clone().acquire_owned().await {
+        Ok(slot) => {
+            drop(permit);
+            slot
+        }
+        // Never closed; were it, the run permit would bound the wait instead.
+        Err(_) => permit,
+    };
+    let _ = acks.send(ack(held));
 }
 
 /// Runs the handler; a panic is a failure, and a cancelled `cancel` stops it.

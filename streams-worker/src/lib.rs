@@ -52,7 +52,10 @@
 //! *and* ready handlers (`poll_ready`): nothing is fetched that cannot start now. Layers that say
 //! "not now" through readiness (tower's `RateLimit`, `ConcurrencyLimit`, `Buffer`) therefore pause
 //! reading; layers that refuse in `call` (Rampart's rate limiter and breaker in `errors()` mode)
-//! make the call fail, and the entry is retried after its backoff.
+//! make the call fail, and the entry is retried after its backoff. A finished entry gives its
+//! permit back before its acknowledgement is written (the next read overlaps the acker's round
+//! trip); as many finished entries as permits may wait for the acker, so a worker owns at most
+//! twice `concurrency` entries at once.
 //!
 //! **Failures of Redis** never end the worker: reads, acks and scans wait and retry with a capped
 //! backoff, and connections reconnect by themselves (the blocking read's response timeout is a

@@ -233,16 +233,30 @@ async fn retries_count_deliveries_and_dead_letter_failures_and_garbage() {
     handle.await.unwrap();
 }
 
+/// Reads never outrun the permits: at most `concurrency` handler calls at once, and at most as
+/// many finished entries again waiting for their acknowledgement (a finished entry gives its
+/// permit back before the acker's round trip).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn backpressure_fetches_no_more_than_the_permits() {
+    use std::sync::atomic::AtomicUsize;
     let server = RedisServer::start().unwrap();
     let redis = Redis::url(&server.url()).unwrap();
     let producer = Producer::connect(&redis, "slow").await.unwrap();
     enqueue(&producer, 20).await;
-    let handler = service_fn(|_: Delivery<Value>| async {
-        tokio::time::sleep(Duration::from_millis(150)).await;
-        Ok::<_, Infallible>(())
-    });
+    let (running, max_running) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let handler = {
+        let (running, max_running) = (running.clone(), max_running.clone());
+        service_fn(move |_: Delivery<Value>| {
+            let (running, max_running) = (running.clone(), max_running.clone());
+            async move {
+                let now = running.fetch_add(1, Ordering::SeqCst) + 1;
+                max_running.fetch_max(now, Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(150)).await;
+                running.fetch_sub(1, Ordering::SeqCst);
+                Ok::<_, Infallible>(())
+            }
+        })
+    };
     let config = WorkerConfig { concurrency: 2, consumer: Some("slowpoke".into()), ..config() };
     let (handle, shutdown, worker) = spawn_worker(&redis, "slow", config, handler);
     let mut max_pending = 0;
@@ -255,7 +269,8 @@ async fn backpressure_fetches_no_more_than_the_permits() {
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    assert!(max_pending <= 2, "the worker held {max_pending} entries with 2 permits");
+    assert_eq!(max_running.load(Ordering::SeqCst), 2, "two permits, two calls at once");
+    assert!(max_pending <= 4, "the worker held {max_pending} entries with 2 permits (and 2 acknowledgement slots)");
     assert!(max_pending >= 1);
     shutdown.cancel();
     handle.await.unwrap();
