@@ -23,6 +23,9 @@ const TASKS: u64 = 50_000;
 /// apalis is measured on fewer tasks: it is pushed one by one.
 const APALIS_TASKS: u64 = 5_000;
 const ROUNDS: usize = 3;
+/// Entries a consumer takes per read: the bare loop's `COUNT`, and each Rampart worker's
+/// concurrency (a worker reads at most as many entries as it has free permits).
+const PER_READ: usize = 500;
 
 static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
 
@@ -89,7 +92,7 @@ async fn rampart_load(url: &str, workers: usize, n: u64, rate: Option<u64>, load
     let mut handles = Vec::new();
     for _ in 0..workers {
         let config = WorkerConfig {
-            concurrency: 256 / workers,
+            concurrency: PER_READ,
             block: Duration::from_millis(20),
             retry_base: Duration::from_millis(10),
             retry_max: Duration::from_millis(10),
@@ -147,7 +150,7 @@ async fn rampart_load(url: &str, workers: usize, n: u64, rate: Option<u64>, load
     (rate, latencies)
 }
 
-/// The floor: `consumers` loops of XREADGROUP COUNT 500 + one pipelined XACK per batch.
+/// The floor: `consumers` loops of XREADGROUP COUNT `PER_READ` + one XACK per batch.
 async fn bare(url: &str, consumers: usize, n: u64, rate: Option<u64>) -> (f64, Vec<u64>) {
     flush(url).await;
     let client = redis::Client::open(url).unwrap();
@@ -179,7 +182,7 @@ async fn bare(url: &str, consumers: usize, n: u64, rate: Option<u64>) -> (f64, V
                     .arg("g")
                     .arg(format!("c{c}"))
                     .arg("COUNT")
-                    .arg(500)
+                    .arg(PER_READ)
                     .arg("BLOCK")
                     .arg(20)
                     .arg("STREAMS")
@@ -341,6 +344,7 @@ fn main() {
         format!("Throughput: {TASKS} tasks enqueued first (pipelined batches of 1,000), then the workers start and the time to drain them all is measured; median of {ROUNDS} alternating rounds; Redis 7.0 on loopback, sharing the 2 cores with everything else."),
         "Pre-loading is for apalis' sake: in our runs apalis-redis 1.0 processed nothing when tasks were pushed after its workers had started, when they were added with `push_stream`, when run with `run_until`, or with a tuned queue/batch/poll config; it is measured with its README defaults, `run()`, one `push` per task before the workers start, on 5,000 tasks instead of 50,000.".into(),
         "Latency: one worker each while a producer adds 5,000 tasks/s in batches of 20 for 2 s; enqueue time is taken in the producer, handled time in the handler, same process and clock.".into(),
+        format!("Like for like: each bare consumer reads up to {PER_READ} entries per XREADGROUP and each Rampart worker has {PER_READ} permits, so it reads up to as many (it reads no more than it can start). Before 2026-12-02 17:00 UTC the Rampart workers had 256 permits in all (64 each with 4 workers) against the bare consumers' 500 per read."),
         "Goals: >= 0.8x the bare loop with 1 and with 4 workers, ahead of apalis.".into(),
         format!("Rampart / bare loop: {:.2}x with 1 worker, {:.2}x with 4; rampart / apalis: {:.1}x and {:.1}x.", value(1) / value(0), value(4) / value(3), value(1) / value(2), value(4) / value(5)),
         format!("10% failing: every tenth task fails on its first delivery, is scheduled as a retry 10 ms later (sorted set, promoted by the scheduler every 10 ms at most) and succeeds; the rate counts successful tasks only: {:.2}x the plain 4-worker run.", value(6) / value(4)),
