@@ -11,13 +11,13 @@ use redis::Value;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::{Conn, WorkerConfig, envelope::raw_fields, keys, scripts, stats::Counters};
+use crate::{Conn, WorkerConfig, envelope::{Fields, raw_fields}, keys, scripts, stats::Counters};
 
 /// One entry handed to this worker: its id, fields and Redis' delivery count of it.
 #[derive(Debug)]
 pub(crate) struct Fetched {
     pub(crate) id: String,
-    pub(crate) fields: HashMap<String, Value>,
+    pub(crate) fields: Fields,
     pub(crate) times: u64,
 }
 
@@ -453,9 +453,9 @@ fn name(value: Value) -> Option<String> {
     }
 }
 
-fn fields(value: Value) -> Option<HashMap<String, Value>> {
+fn fields(value: Value) -> Option<Fields> {
     let Value::Array(fields) = value else { return None };
-    let mut map = HashMap::with_capacity(fields.len() / 2);
+    let mut map = Fields::with_capacity(fields.len() / 2);
     let mut it = fields.into_iter();
     while let (Some(n), Some(v)) = (it.next(), it.next()) {
         map.insert(name(n)?, v);
@@ -484,7 +484,7 @@ fn parse_read(reply: Value) -> Option<Vec<Fetched>> {
             let Value::Array(entry) = entry else { return None };
             let [id, values] = <[Value; 2]>::try_from(entry).ok()?;
             // A deleted entry still pending reads as `[id, nil]`: no fields.
-            let map = if matches!(values, Value::Nil) { HashMap::new() } else { fields(values)? };
+            let map = if matches!(values, Value::Nil) { Fields::default() } else { fields(values)? };
             out.push(Fetched { id: into_text(id)?, fields: map, times: 1 });
         }
     }

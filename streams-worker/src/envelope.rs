@@ -1,9 +1,6 @@
 //! What a stream entry holds, and what a handler receives.
 
-use std::{
-    collections::HashMap,
-    time::{Duration, SystemTime, UNIX_EPOCH},
-};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use redis::Value;
 use serde::{Serialize, de::DeserializeOwned};
@@ -17,6 +14,32 @@ pub(crate) const F_ENQUEUED: &str = "enqueued_at";
 pub(crate) const F_ATTEMPT: &str = "attempt";
 /// On a retry or a requeued dead letter: the one group it is for (other groups skip it).
 pub(crate) const F_GROUP: &str = "for_group";
+
+/// A fetched entry's fields, each name once (a repeated name keeps its last value, as a map
+/// would). An entry has a handful: a linear search costs less than hashing them.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub(crate) struct Fields(Vec<(String, Value)>);
+
+impl Fields {
+    pub(crate) fn with_capacity(n: usize) -> Self {
+        Self(Vec::with_capacity(n))
+    }
+
+    pub(crate) fn get(&self, name: &str) -> Option<&Value> {
+        self.0.iter().find(|(n, _)| n == name).map(|(_, v)| v)
+    }
+
+    pub(crate) fn insert(&mut self, name: String, value: Value) {
+        match self.0.iter_mut().find(|(n, _)| *n == name) {
+            Some(slot) => slot.1 = value,
+            None => self.0.push((name, value)),
+        }
+    }
+
+    pub(crate) fn iter(&self) -> impl Iterator<Item = (&String, &Value)> {
+        self.0.iter().map(|(n, v)| (n, v))
+    }
+}
 
 /// A new task id: 128 random bits in hex.
 pub(crate) fn new_task_id() -> String {
@@ -49,7 +72,7 @@ pub(crate) fn delayed_member(fields: &[(&str, String)]) -> String {
 /// The delayed-set member that runs this entry again, for `group` only: same task, one more
 /// attempt behind it.
 pub(crate) fn retry_member(
-    map: &HashMap<String, Value>,
+    map: &Fields,
     attempts_done: u64,
     group: &str,
 ) -> Result<String, Undecodable> {
@@ -68,17 +91,17 @@ pub(crate) fn retry_member(
 const MAX_ATTEMPTS: u64 = u32::MAX as u64;
 
 /// Runs of this task before this entry (0 for a first entry; retries carry it).
-pub(crate) fn attempts_before(map: &HashMap<String, Value>) -> u64 {
+pub(crate) fn attempts_before(map: &Fields) -> u64 {
     optional(map, F_ATTEMPT).and_then(|a| a.parse::<u64>().ok()).unwrap_or(0).min(MAX_ATTEMPTS)
 }
 
 /// The group an entry is for, if only one.
-pub(crate) fn for_group(map: &HashMap<String, Value>) -> Option<&str> {
+pub(crate) fn for_group(map: &Fields) -> Option<&str> {
     optional(map, F_GROUP)
 }
 
 /// The task id of an entry, if it has one.
-pub(crate) fn task_id(map: &HashMap<String, Value>) -> Option<String> {
+pub(crate) fn task_id(map: &Fields) -> Option<String> {
     optional(map, F_ID).map(str::to_owned)
 }
 
@@ -141,7 +164,7 @@ pub struct Delivery<T> {
 pub struct Undecodable(pub String);
 
 /// A field's text, borrowed; the error says what is wrong with it.
-fn field<'a>(map: &'a HashMap<String, Value>, field: &str) -> Result<&'a str, Undecodable> {
+fn field<'a>(map: &'a Fields, field: &str) -> Result<&'a str, Undecodable> {
     match map.get(field) {
         Some(Value::BulkString(bytes)) => {
             std::str::from_utf8(bytes).map_err(|_| Undecodable(format!("field `{field}` is not UTF-8")))
@@ -152,12 +175,12 @@ fn field<'a>(map: &'a HashMap<String, Value>, field: &str) -> Result<&'a str, Un
     }
 }
 
-fn text(map: &HashMap<String, Value>, name: &str) -> Result<String, Undecodable> {
+fn text(map: &Fields, name: &str) -> Result<String, Undecodable> {
     field(map, name).map(str::to_owned)
 }
 
 /// A field's text if it is there and is text (no error to build for an absent one).
-fn optional<'a>(map: &'a HashMap<String, Value>, name: &str) -> Option<&'a str> {
+fn optional<'a>(map: &'a Fields, name: &str) -> Option<&'a str> {
     match map.get(name)? {
         Value::BulkString(bytes) => std::str::from_utf8(bytes).ok(),
         Value::SimpleString(s) => Some(s),
@@ -167,7 +190,7 @@ fn optional<'a>(map: &'a HashMap<String, Value>, name: &str) -> Option<&'a str> 
 
 pub(crate) fn decode<T: DeserializeOwned>(
     message_id: &str,
-    map: &HashMap<String, Value>,
+    map: &Fields,
     deliveries: u64,
 ) -> Result<Delivery<T>, Undecodable> {
     let payload = serde_json::from_str(field(map, F_PAYLOAD)?).map_err(|e| Undecodable(format!("payload: {e}")))?;
@@ -184,7 +207,7 @@ pub(crate) fn decode<T: DeserializeOwned>(
 }
 
 /// The raw fields of an entry, for the dead-letter stream.
-pub(crate) fn raw_fields(map: &HashMap<String, Value>) -> Vec<(String, Vec<u8>)> {
+pub(crate) fn raw_fields(map: &Fields) -> Vec<(String, Vec<u8>)> {
     let mut out: Vec<(String, Vec<u8>)> = map
         .iter()
         .map(|(k, v)| {
@@ -198,4 +221,21 @@ pub(crate) fn raw_fields(map: &HashMap<String, Value>) -> Vec<(String, Vec<u8>)>
         .collect();
     out.sort();
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_repeated_field_keeps_its_last_value_as_a_map_would() {
+        let mut fields = Fields::with_capacity(3);
+        fields.insert("id".into(), Value::BulkString(b"first".to_vec()));
+        fields.insert("type".into(), Value::BulkString(b"t".to_vec()));
+        fields.insert("id".into(), Value::BulkString(b"last".to_vec()));
+        assert_eq!(task_id(&fields).as_deref(), Some("last"));
+        assert_eq!(fields.iter().count(), 2);
+        assert_eq!(raw_fields(&fields), vec![("orig_id".into(), b"last".to_vec()), ("orig_type".into(), b"t".to_vec())]);
+        assert_eq!(fields.get("missing"), None);
+    }
 }
