@@ -12,6 +12,11 @@ use tower_redlock::{LockConfig, RedLock};
 
 const ITERATIONS: usize = 2000;
 const ROUNDS: usize = 5;
+/// The contended run: clients (as many processes) × tasks each, all on one key, for this long.
+const CONTENDED_CLIENTS: usize = 2;
+const CONTENDED_TASKS: usize = 32;
+const CONTENDED_SECS: u64 = 3;
+const CONTENDED_ROUNDS: usize = 3;
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     let index = ((sorted.len() as f64 - 1.0) * p).round() as usize;
@@ -48,6 +53,108 @@ async fn measure(ops: &[Op<'_>]) -> Vec<(f64, f64, f64)> {
         }
     }
     samples.into_iter().map(summarize).collect()
+}
+
+/// `CONTENDED_CLIENTS` × `CONTENDED_TASKS` tasks loop acquire → release on one key for
+/// `CONTENDED_SECS`; `acquire` takes the lock (waiting as long as it takes) and returns the
+/// release. Returns locks/s, and the p50 and p99 of the waits (ms), counting acquisitions that
+/// began before the end.
+async fn contended<C, F, R>(clients: Vec<C>, acquire: F) -> (f64, f64, f64)
+where
+    C: Clone + Send + Sync + 'static,
+    F: Fn(C) -> futures_util::future::BoxFuture<'static, R> + Clone + Send + Sync + 'static,
+    R: std::future::Future<Output = ()> + Send + 'static,
+{
+    let started = Instant::now();
+    let end = started + Duration::from_secs(CONTENDED_SECS);
+    let mut tasks = Vec::new();
+    for client in clients {
+        for _ in 0..CONTENDED_TASKS {
+            let (client, acquire) = (client.clone(), acquire.clone());
+            tasks.push(tokio::spawn(async move {
+                let mut waits = Vec::new();
+                while Instant::now() < end {
+                    let t = Instant::now();
+                    let release = acquire(client.clone()).await;
+                    waits.push(t.elapsed());
+                    release.await;
+                }
+                waits
+            }));
+        }
+    }
+    let mut waits = Vec::new();
+    for task in tasks {
+        waits.extend(task.await.unwrap());
+    }
+    let rate = waits.len() as f64 / started.elapsed().as_secs_f64();
+    waits.sort();
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    (rate, ms(percentile(&waits, 0.5)), ms(percentile(&waits, 0.99)))
+}
+
+/// The contended run on 3 nodes, Rampart and rslock alternating; the rows and notes.
+fn contended_scenario(runtime: &tokio::runtime::Runtime) {
+    let nodes = testkit::RedisNodes::start(3).unwrap();
+    let urls = nodes.urls();
+    let mut results = vec![Vec::new(); 6];
+    for _ in 0..CONTENDED_ROUNDS {
+        let ours = runtime.block_on(async {
+            // The same mean pause as rslock's below: 5 ms plus a jitter of up to 5 ms.
+            let config = LockConfig { retry_delay: Duration::from_millis(5), ..LockConfig::default() };
+            let clients: Vec<RedLock> =
+                (0..CONTENDED_CLIENTS).map(|_| RedLock::connect(&urls, config.clone()).unwrap()).collect();
+            contended(clients, |lock: RedLock| -> futures_util::future::BoxFuture<'static, _> {
+                Box::pin(async move {
+                    let guard = lock.acquire_within("hot", Some(Duration::from_secs(60))).await.unwrap();
+                    async move { guard.release().await.unwrap() }
+                })
+            })
+            .await
+        });
+        let theirs = runtime.block_on(async {
+            let clients: Vec<std::sync::Arc<rslock::LockManager>> = (0..CONTENDED_CLIENTS)
+                .map(|_| {
+                    let mut manager = rslock::LockManager::new(urls.clone());
+                    // A pause drawn from 0-15 ms: the same mean as Rampart's above.
+                    manager.set_retry(3, Duration::from_millis(15));
+                    std::sync::Arc::new(manager)
+                })
+                .collect();
+            contended(clients, |manager: std::sync::Arc<rslock::LockManager>| -> futures_util::future::BoxFuture<'static, _> {
+                Box::pin(async move {
+                    let lock = manager.acquire_no_guard(&b"hot"[..], Duration::from_secs(10)).await.unwrap();
+                    async move { manager.unlock(&lock).await }
+                })
+            })
+            .await
+        });
+        for (slot, v) in results.iter_mut().zip([ours.0, ours.1, ours.2, theirs.0, theirs.1, theirs.2]) {
+            slot.push(v);
+        }
+    }
+    let m: Vec<f64> = results.iter_mut().map(|v| median(v)).collect();
+    let rows = vec![
+        Row::new("rslock locks/s", m[3], "locks/s").against("rslock locks/s"),
+        Row::new("rampart RedLock locks/s", m[0], "locks/s").against("rslock locks/s"),
+        Row::new("rslock wait p50", m[4], "ms").against("rslock wait p50"),
+        Row::new("rampart RedLock wait p50", m[1], "ms").against("rslock wait p50"),
+        Row::new("rslock wait p99", m[5], "ms").against("rslock wait p99"),
+        Row::new("rampart RedLock wait p99", m[2], "ms").against("rslock wait p99"),
+    ];
+    let notes = vec![
+        format!("{CONTENDED_CLIENTS} clients (as two processes would have) x {CONTENDED_TASKS} tasks each loop acquire -> release on one key for {CONTENDED_SECS} s, on 3 local masters; the wait is from the call to the lock taken; median of {CONTENDED_ROUNDS} alternating rounds. Same mean pause between attempts: Rampart's `retry_delay` 5 ms plus a jitter of up to 5 ms, rslock's `set_retry` pause drawn from 0-15 ms (its `acquire` loops until it holds the lock)."),
+        "Rampart queues one client's waiters on a key in process: one polls the nodes at a time, and a local release wakes it at once; every rslock waiter polls the nodes, and a release wakes nobody.".into(),
+    ];
+    let scenario = Scenario {
+        title: "RedLock under contention: 64 tasks in 2 clients on one key, 3 nodes".into(),
+        command: "cargo bench -p benches --bench redlock".into(),
+        rows,
+        notes,
+        series: Vec::new(),
+    };
+    println!("{}", serde_json::to_string_pretty(&scenario).unwrap());
+    record("redlock-contended", &scenario).unwrap();
 }
 
 fn main() {
@@ -161,4 +268,5 @@ fn main() {
     };
     println!("{}", serde_json::to_string_pretty(&scenario).unwrap());
     record("redlock", &scenario).unwrap();
+    contended_scenario(&runtime);
 }

@@ -375,7 +375,7 @@ const GROUP_NOTES: &[(&str, &str)] = &[
 const NOT_MEASURED: &[&str] = &[
     "Rate limiter: the Redis stores' rejection path, LeasedStore on a Redis Cluster, and a cluster with replicas or across machines.",
     "Circuit breaker: tower-resilience's open path (it has no forced-open state to bench without a failing run), and failsafe's futures API on 2 threads.",
-    "RedLock: contended acquisition, and the token-confirming second round trip (taken only when the nodes' counters differ, never in this loop).",
+    "RedLock: the token-confirming second round trip (taken only when the nodes' counters differ, never in the uncontended loop), and contention across more than two clients or on more nodes.",
     "Task queue: throughput with a real handler workload, with dead letters, and on a Redis Cluster; apalis latency; delayed tasks against a peer.",
     "WebSocket hub: TLS, a Redis Cluster bridge, and clients on another machine (here the load shares the 2 cores with the server).",
     "Overload protection: AIMD, the CPU shedder (it needs a CPU-bound upstream), token-bucket warm-up and SRE adaptive throttling are not load-benchmarked; their behaviour is covered by paused-time tests and simulations.",
