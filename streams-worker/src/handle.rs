@@ -54,7 +54,7 @@ pub(crate) async fn handle<T, S>(
         Ok(delivery) => delivery,
         Err(undecodable) => {
             // Poison: never run, never dropped silently.
-            finish_dead(&ctx, &entry, &undecodable.to_string(), attempt, false).await;
+            finish_dead(&ctx, &entry, &undecodable.to_string(), attempt, false, &cancel).await;
             return;
         }
     };
@@ -65,7 +65,7 @@ pub(crate) async fn handle<T, S>(
             "delivered {attempt} times (max_deliveries {}) without a result: its worker died or lost it each time",
             ctx.config.max_deliveries
         );
-        finish_dead(&ctx, &entry, &reason, attempt, false).await;
+        finish_dead(&ctx, &entry, &reason, attempt, false, &cancel).await;
         return;
     }
     // Per task, not per entry: a retry is a new entry of the same task.
@@ -85,21 +85,16 @@ pub(crate) async fn handle<T, S>(
     }
     // Written before the run, not batched: a later `retrying` or `dead` must not be overwritten.
     if let Some(key) = ctx.status_key(&task) {
-        let _: Result<(), _> = redis::pipe()
-            .cmd("HSET")
-            .arg(&key)
+        let _: Result<i64, _> = crate::scripts::STATUS
+            .key(key)
+            .arg(ctx.status_ttl_ms())
             .arg("state")
             .arg("running")
             .arg("attempt")
             .arg(attempt)
             .arg("error")
             .arg("")
-            .ignore()
-            .cmd("PEXPIRE")
-            .arg(&key)
-            .arg(ctx.status_ttl_ms())
-            .ignore()
-            .query_async(&mut ctx.con())
+            .invoke_async(&mut ctx.con())
             .await;
     }
 
@@ -130,9 +125,9 @@ pub(crate) async fn handle<T, S>(
         }
         Outcome::Failed(error) => {
             let ours = if attempt >= ctx.config.max_deliveries {
-                finish_dead(&ctx, &entry, &error, attempt, true).await
+                finish_dead(&ctx, &entry, &error, attempt, true, &cancel).await
             } else {
-                finish_retry(&ctx, &entry, attempt, &error).await
+                finish_retry(&ctx, &entry, attempt, &error, &cancel).await
             };
             // Counted here only if the entry was still ours (else another worker has it now).
             if ours {
@@ -199,43 +194,63 @@ fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
 
 /// Scheduled again after its backoff, as a new entry (for this group) carrying the attempts so
 /// far. Returns whether the entry was still ours.
-async fn finish_retry(ctx: &Ctx, entry: &Fetched, attempt: u64, error: &str) -> bool {
+async fn finish_retry(ctx: &Ctx, entry: &Fetched, attempt: u64, error: &str, cancel: &CancellationToken) -> bool {
     let member = match retry_member(&entry.fields, attempt, &ctx.group) {
         Ok(member) => member,
-        Err(undecodable) => return finish_dead(ctx, entry, &undecodable.to_string(), attempt, true).await,
+        Err(undecodable) => return finish_dead(ctx, entry, &undecodable.to_string(), attempt, true, cancel).await,
     };
     let delay = ctx.config.backoff(attempt);
-    let ours = match ctx.retry(entry, &member, delay, attempt, error).await {
-        Ok(true) => {
-            tracing::debug!(id = %entry.id, attempt, error, retry_in = ?delay, "handler failed; scheduled again");
-            true
-        }
-        Ok(false) => {
-            tracing::warn!(id = %entry.id, "failed entry was taken over by another consumer; left to it");
-            false
-        }
-        Err(e) => {
-            tracing::warn!(error = %e, id = %entry.id, "could not schedule the retry; the entry stays pending");
-            true
-        }
-    };
+    let ours = until_written(entry, cancel, "schedule the retry", || ctx.retry(entry, &member, delay, attempt, error)).await;
+    match ours {
+        true => tracing::debug!(id = %entry.id, attempt, error, retry_in = ?delay, "handler failed; scheduled again"),
+        false => tracing::warn!(id = %entry.id, "failed entry was taken over by another consumer; left to it"),
+    }
     ctx.disown(&entry.id);
     ours
 }
 
 /// To the dead letters. Returns whether the entry was still ours.
-async fn finish_dead(ctx: &Ctx, entry: &Fetched, reason: &str, attempt: u64, failed_run: bool) -> bool {
-    let ours = match ctx.dead_letter(entry, reason, attempt, failed_run).await {
-        Ok(true) => true,
-        Ok(false) => {
-            tracing::warn!(id = %entry.id, "entry was taken over by another consumer; left to it");
-            false
-        }
-        Err(e) => {
-            tracing::warn!(error = %e, id = %entry.id, "could not dead-letter; the entry stays pending");
-            true
-        }
-    };
+async fn finish_dead(
+    ctx: &Ctx,
+    entry: &Fetched,
+    reason: &str,
+    attempt: u64,
+    failed_run: bool,
+    cancel: &CancellationToken,
+) -> bool {
+    let ours = until_written(entry, cancel, "dead-letter", || ctx.dead_letter(entry, reason, attempt, failed_run)).await;
+    if !ours {
+        tracing::warn!(id = %entry.id, "entry was taken over by another consumer; left to it");
+    }
     ctx.disown(&entry.id);
     ours
+}
+
+/// Runs `write` (a script that moves the entry on and acknowledges it, if it is still ours)
+/// until Redis answers. Meanwhile the entry stays owned (the heartbeat keeps it) and its permit
+/// held, so reading waits too; a failed write never leaves an entry pending that nobody keeps.
+/// Returns whether the entry was still ours; `false` as well if it was taken over meanwhile
+/// (`cancel`), and then left to its new owner.
+async fn until_written<F, Fut>(entry: &Fetched, cancel: &CancellationToken, what: &str, mut write: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<bool, redis::RedisError>>,
+{
+    let mut pause = std::time::Duration::from_millis(50);
+    loop {
+        match write().await {
+            Ok(ours) => return ours,
+            // The group is gone, and with it what it had pending: nothing left to move on (the
+            // fetch loop and the acker make the group again).
+            Err(error) if crate::ctx::is_nogroup(&error) => return false,
+            Err(error) => {
+                tracing::warn!(%error, id = %entry.id, ?pause, "could not {what}; the entry stays ours, trying again");
+            }
+        }
+        tokio::select! {
+            () = tokio::time::sleep(pause) => {}
+            () = cancel.cancelled() => return false,
+        }
+        pause = (pause * 2).min(std::time::Duration::from_secs(2));
+    }
 }

@@ -18,3 +18,4 @@ script!(DEAD, "scripts/dead.lua");
 script!(PROMOTE, "scripts/promote.lua");
 script!(REQUEUE, "scripts/requeue.lua");
 script!(RELEASE, "scripts/release.lua");
+script!(STATUS, "scripts/status.lua");

@@ -170,6 +170,9 @@ impl Worker {
 
         let mut tasks = JoinSet::new();
         fetch_loop(&ctx, &mut read_con, service, &acks, &mut tasks, &shutdown).await;
+        // Nothing more is read: a finished entry waiting for an acknowledgement slot goes to the
+        // acker at once (with its permit), rather than be cut at the deadline as unfinished.
+        ctx.ack_slots.close();
 
         // Shutdown: no more reading; let in-flight calls finish, up to the deadline.
         let drained =

@@ -35,21 +35,25 @@ for i = 0, n - 1 do
       processed = processed + 1
     end
     if kind == 'p' and ttl > 0 and KEYS[3 + i] then
-      -- Best effort: a status key of another type must not fail the acknowledgements.
-      redis.pcall('HSET', KEYS[3 + i], 'state', 'done', 'attempt', ARGV[9 + 3 * i], 'error', '')
-      redis.pcall('PEXPIRE', KEYS[3 + i], ttl)
+      -- Best effort: a status key of another type must not fail the acknowledgements (and is
+      -- not ours to expire).
+      if type(redis.pcall('HSET', KEYS[3 + i], 'state', 'done', 'attempt', ARGV[9 + 3 * i], 'error', '')) == 'number' then
+        redis.call('PEXPIRE', KEYS[3 + i], ttl)
+      end
     end
   end
 end
 for i = 1, #acked, 512 do
   redis.call('XACK', KEYS[1], group, unpack(acked, i, math.min(i + 511, #acked)))
 end
+-- Counters after the acknowledgements, best effort: a stats key of another type must not fail
+-- the script once its XACKs are written (they would then read as lost).
 if processed > 0 then
-  redis.call('HINCRBY', KEYS[2], group .. ':processed', processed)
+  redis.pcall('HINCRBY', KEYS[2], group .. ':processed', processed)
 end
 local at = 7 + 3 * n
 while ARGV[at] do
-  redis.call('HINCRBY', KEYS[2], group .. ':' .. ARGV[at], ARGV[at + 1])
+  redis.pcall('HINCRBY', KEYS[2], group .. ':' .. ARGV[at], ARGV[at + 1])
   at = at + 2
 end
 return acked

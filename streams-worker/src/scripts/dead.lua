@@ -15,14 +15,16 @@ for i = 8, #ARGV do
 end
 redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[4], '*', unpack(record))
 redis.call('XACK', KEYS[1], ARGV[1], ARGV[3])
-redis.call('HINCRBY', KEYS[3], ARGV[1] .. ':dead_lettered', 1)
+-- Counters best effort: the move is written, a stats key of another type must not fail it.
+redis.pcall('HINCRBY', KEYS[3], ARGV[1] .. ':dead_lettered', 1)
 if ARGV[6] == '1' then
-  redis.call('HINCRBY', KEYS[3], ARGV[1] .. ':failed', 1)
+  redis.pcall('HINCRBY', KEYS[3], ARGV[1] .. ':failed', 1)
 end
 local ttl = tonumber(ARGV[5])
 if ttl > 0 and KEYS[4] then
   -- Best effort, after the move: a status key of another type must not fail it half-way.
-  redis.pcall('HSET', KEYS[4], 'state', 'dead', 'error', ARGV[7])
-  redis.pcall('PEXPIRE', KEYS[4], ttl)
+  if type(redis.pcall('HSET', KEYS[4], 'state', 'dead', 'error', ARGV[7])) == 'number' then
+    redis.call('PEXPIRE', KEYS[4], ttl)
+  end
 end
 return 1

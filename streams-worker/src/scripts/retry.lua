@@ -12,11 +12,12 @@ local t = redis.call('TIME')
 local due = t[1] * 1000 + math.floor(t[2] / 1000) + tonumber(ARGV[4])
 redis.call('XACK', KEYS[1], ARGV[1], ARGV[3])
 redis.call('ZADD', KEYS[2], due, ARGV[5])
-redis.call('HINCRBY', KEYS[3], ARGV[1] .. ':failed', 1)
+redis.pcall('HINCRBY', KEYS[3], ARGV[1] .. ':failed', 1)
 local ttl = tonumber(ARGV[6])
 if ttl > 0 and KEYS[4] then
   -- Best effort, after the move: a status key of another type must not fail it half-way.
-  redis.pcall('HSET', KEYS[4], 'state', 'retrying', 'attempt', ARGV[7], 'error', ARGV[8], 'at', due)
-  redis.pcall('PEXPIRE', KEYS[4], ttl)
+  if type(redis.pcall('HSET', KEYS[4], 'state', 'retrying', 'attempt', ARGV[7], 'error', ARGV[8], 'at', due)) == 'number' then
+    redis.call('PEXPIRE', KEYS[4], ttl)
+  end
 end
 return 1
