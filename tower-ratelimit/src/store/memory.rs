@@ -34,7 +34,9 @@ pub const DEFAULT_MAX_BYTES: usize = 256 << 20;
 ///   other policies lock only their key's entry. The `Global` key bypasses the map.
 /// * **Bounded memory, no cleanup task**: an entry whose state has become equivalent to a fresh
 ///   one ("idle": a full bucket, an empty window) is dropped by an amortized sweep of its shard
-///   when keys are inserted, which changes no decision. At most [`max_keys`] keys are resident:
+///   when keys are inserted into a store holding half its [`max_keys`] or more, which changes no
+///   decision (below that, idle keys stay: sweeping them would only have them inserted again).
+///   At most [`max_keys`] keys are resident:
 ///   when the store is full even after a sweep, the eighth of a shard's keys closest to idle is
 ///   forgotten. A forgotten key starts again with a full quota, so at the cap the store can
 ///   over-admit (never under-admit); the `rampart_ratelimit_evictions_total` counter shows it.
@@ -454,7 +456,8 @@ mod tests {
     fn idle_keys_are_swept_without_changing_decisions() {
         let clock = ManualClock::new();
         let policy = Policy::new("p", Quota::sliding_window(1, Duration::from_secs(1)).unwrap()).unwrap();
-        let store = MemoryStore::builder(policy).clock(clock.clone()).max_keys(1 << 20).build();
+        // Sweeps start once the store holds half its cap: 2,000 keys here.
+        let store = MemoryStore::builder(policy).clock(clock.clone()).max_keys(4000).build();
         for i in 0..1000 {
             assert!(store.check_sync(&Key::from(format!("k{i}")), 1).unwrap().allowed());
         }

@@ -20,10 +20,12 @@ pub(crate) trait Idle {
 
 /// Keys spread over `RwLock`ed shards: a known key costs one hash and a shared lock on one shard.
 ///
-/// Bounded without a cleanup task, by one cap over all shards: inserting sweeps the shard of
-/// entries idle at `now` once the map is full or after as many inserts as half the shard's size
-/// (amortized O(1) per insert); if the map is still full, the eighth of the shard's entries
-/// closest to idle is evicted. Only an insert into an empty shard of a full map goes over the
+/// Bounded without a cleanup task, by one cap over all shards: once the map holds half the cap,
+/// inserting sweeps the shard of entries idle at `now` when the map is full or after as many
+/// inserts as half the shard's size (amortized O(1) per insert); if the map is still full, the
+/// eighth of the shard's entries closest to idle is evicted. Below half the cap nothing is
+/// swept: keys whose quota refills within moments (a generous limit) would otherwise be swept
+/// and inserted again on nearly every check, each time under the shard's write lock. Only an insert into an empty shard of a full map goes over the
 /// cap (by at most one entry per shard): there is nothing in it to evict, and taking another
 /// shard's lock while holding this one could deadlock.
 #[derive(Debug)]
@@ -124,8 +126,11 @@ impl<V: Idle> ShardedMap<V> {
 
     fn make_room(&self, shard: &mut Shard<V>, now: Nanos) {
         shard.inserts_since_sweep += 1;
+        let len = self.len.load(Ordering::Relaxed);
         let full = || self.len.load(Ordering::Relaxed) >= self.max_keys;
-        if full() || shard.inserts_since_sweep >= (shard.table.len() / 2).max(64) {
+        if len >= self.max_keys
+            || (len >= self.max_keys / 2 && shard.inserts_since_sweep >= (shard.table.len() / 2).max(64))
+        {
             self.remove(shard, |entry| entry.idle_at() > now);
             shard.inserts_since_sweep = 0;
         }
