@@ -121,12 +121,15 @@ fn contended_scenario(runtime: &tokio::runtime::Runtime) {
                     std::sync::Arc::new(manager)
                 })
                 .collect();
-            contended(clients, |manager: std::sync::Arc<rslock::LockManager>| -> futures_util::future::BoxFuture<'static, _> {
-                Box::pin(async move {
-                    let lock = manager.acquire_no_guard(&b"hot"[..], Duration::from_secs(10)).await.unwrap();
-                    async move { manager.unlock(&lock).await }
-                })
-            })
+            contended(
+                clients,
+                |manager: std::sync::Arc<rslock::LockManager>| -> futures_util::future::BoxFuture<'static, _> {
+                    Box::pin(async move {
+                        let lock = manager.acquire_no_guard(&b"hot"[..], Duration::from_secs(10)).await.unwrap();
+                        async move { manager.unlock(&lock).await }
+                    })
+                },
+            )
             .await
         });
         for (slot, v) in results.iter_mut().zip([ours.0, ours.1, ours.2, theirs.0, theirs.1, theirs.2]) {

@@ -11,7 +11,12 @@ use redis::Value;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::{Conn, WorkerConfig, envelope::{Fields, raw_fields}, keys, scripts, stats::Counters};
+use crate::{
+    Conn, WorkerConfig,
+    envelope::{Fields, raw_fields},
+    keys, scripts,
+    stats::Counters,
+};
 
 /// One entry handed to this worker: its id, fields and Redis' delivery count of it.
 #[derive(Debug)]

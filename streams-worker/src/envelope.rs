@@ -71,11 +71,7 @@ pub(crate) fn delayed_member(fields: &[(&str, String)]) -> String {
 
 /// The delayed-set member that runs this entry again, for `group` only: same task, one more
 /// attempt behind it.
-pub(crate) fn retry_member(
-    map: &Fields,
-    attempts_done: u64,
-    group: &str,
-) -> Result<String, Undecodable> {
+pub(crate) fn retry_member(map: &Fields, attempts_done: u64, group: &str) -> Result<String, Undecodable> {
     let fields = [
         (F_ID, text(map, F_ID)?),
         (F_TYPE, text(map, F_TYPE)?),
@@ -235,7 +231,10 @@ mod tests {
         fields.insert("id".into(), Value::BulkString(b"last".to_vec()));
         assert_eq!(task_id(&fields).as_deref(), Some("last"));
         assert_eq!(fields.iter().count(), 2);
-        assert_eq!(raw_fields(&fields), vec![("orig_id".into(), b"last".to_vec()), ("orig_type".into(), b"t".to_vec())]);
+        assert_eq!(
+            raw_fields(&fields),
+            vec![("orig_id".into(), b"last".to_vec()), ("orig_type".into(), b"t".to_vec())]
+        );
         assert_eq!(fields.get("missing"), None);
     }
 }

@@ -200,7 +200,8 @@ async fn finish_retry(ctx: &Ctx, entry: &Fetched, attempt: u64, error: &str, can
         Err(undecodable) => return finish_dead(ctx, entry, &undecodable.to_string(), attempt, true, cancel).await,
     };
     let delay = ctx.config.backoff(attempt);
-    let ours = until_written(entry, cancel, "schedule the retry", || ctx.retry(entry, &member, delay, attempt, error)).await;
+    let ours =
+        until_written(entry, cancel, "schedule the retry", || ctx.retry(entry, &member, delay, attempt, error)).await;
     match ours {
         true => tracing::debug!(id = %entry.id, attempt, error, retry_in = ?delay, "handler failed; scheduled again"),
         false => tracing::warn!(id = %entry.id, "failed entry was taken over by another consumer; left to it"),
@@ -218,7 +219,8 @@ async fn finish_dead(
     failed_run: bool,
     cancel: &CancellationToken,
 ) -> bool {
-    let ours = until_written(entry, cancel, "dead-letter", || ctx.dead_letter(entry, reason, attempt, failed_run)).await;
+    let ours =
+        until_written(entry, cancel, "dead-letter", || ctx.dead_letter(entry, reason, attempt, failed_run)).await;
     if !ours {
         tracing::warn!(id = %entry.id, "entry was taken over by another consumer; left to it");
     }

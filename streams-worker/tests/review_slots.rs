@@ -101,7 +101,12 @@ fn handler(
     })
 }
 
-fn spawn<S>(redis: &Redis, stream: &str, config: WorkerConfig, svc: S) -> (JoinHandle<()>, CancellationToken, Arc<Worker>)
+fn spawn<S>(
+    redis: &Redis,
+    stream: &str,
+    config: WorkerConfig,
+    svc: S,
+) -> (JoinHandle<()>, CancellationToken, Arc<Worker>)
 where
     S: tower::Service<Delivery<Value>> + Clone + Send + 'static,
     S::Error: Into<BoxError>,
@@ -137,8 +142,15 @@ fn allow_scripts(server: &RedisServer) {
 
 fn pending_of(server: &RedisServer, stream: &str, consumer: &str) -> usize {
     let mut c = server.connection().unwrap();
-    let rows: Vec<redis::Value> =
-        redis::cmd("XPENDING").arg(stream).arg("workers").arg("-").arg("+").arg(1000).arg(consumer).query(&mut c).unwrap();
+    let rows: Vec<redis::Value> = redis::cmd("XPENDING")
+        .arg(stream)
+        .arg("workers")
+        .arg("-")
+        .arg("+")
+        .arg(1000)
+        .arg(consumer)
+        .query(&mut c)
+        .unwrap();
     rows.len()
 }
 
@@ -167,7 +179,12 @@ async fn fill_slots(
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(log.total_ok(), 5, "more than 2 x concurrency entries were run with the acker stuck");
     let owned = pending_of(server, stream, worker.consumer());
-    eprintln!("slots filled: {} handler successes, {owned} pending for {}, {:?}", log.total_ok(), worker.consumer(), worker.local_stats());
+    eprintln!(
+        "slots filled: {} handler successes, {owned} pending for {}, {:?}",
+        log.total_ok(),
+        worker.consumer(),
+        worker.local_stats()
+    );
     assert!(owned <= 4, "consumer owns {owned} entries with 2 permits");
     (handle, stop, worker, ids)
 }
@@ -219,7 +236,9 @@ async fn shutdown_acknowledges_finished_entries_waiting_for_a_slot() {
 
     let ok = log.ok.lock().unwrap().clone();
     let twice: Vec<_> = ok.iter().filter(|(_, n)| **n > 1).collect();
-    eprintln!("after A's shutdown: {after_a:?}; handler successes before it: {finished_before_shutdown}; ran twice: {twice:?}");
+    eprintln!(
+        "after A's shutdown: {after_a:?}; handler successes before it: {finished_before_shutdown}; ran twice: {twice:?}"
+    );
     assert_eq!(
         after_a.processed,
         u64::from(finished_before_shutdown),
@@ -380,23 +399,29 @@ async fn seeded_outages_with_every_slot_taken_finish_everything() {
     eprintln!("fault plan {faults}");
     tokio::time::sleep(Duration::from_millis(100 + rng.next() % 300)).await;
     if faults & 1 == 1 {
-        deny_scripts(&server); eprintln!("[{:?}] deny_scripts", t0.elapsed());
+        deny_scripts(&server);
+        eprintln!("[{:?}] deny_scripts", t0.elapsed());
         tokio::time::sleep(Duration::from_millis(300 + rng.next() % 700)).await;
-        allow_scripts(&server); eprintln!("[{:?}] allow_scripts", t0.elapsed());
+        allow_scripts(&server);
+        eprintln!("[{:?}] allow_scripts", t0.elapsed());
     }
     tokio::time::sleep(Duration::from_millis(rng.next() % 300)).await;
     // Shorter than every response timeout (2 s; the read's 2.05 s): a longer pause makes the
     // read time out on the client while Redis, resumed, still runs the XREADGROUP and delivers
     // entries to a consumer that never sees them (seen with pauses up to 3 s: 7 pending for a
     // consumer of concurrency 2, taken back only after claim_idle). That is older than 165c704.
-    server.pause().unwrap(); eprintln!("[{:?}] unwrap", t0.elapsed());
+    server.pause().unwrap();
+    eprintln!("[{:?}] unwrap", t0.elapsed());
     tokio::time::sleep(Duration::from_millis(500 + rng.next() % 1000)).await;
-    server.resume().unwrap(); eprintln!("[{:?}] unwrap", t0.elapsed());
+    server.resume().unwrap();
+    eprintln!("[{:?}] unwrap", t0.elapsed());
     tokio::time::sleep(Duration::from_millis(rng.next() % 500)).await;
     if faults & 2 == 2 {
-        server.kill().unwrap(); eprintln!("[{:?}] unwrap", t0.elapsed());
+        server.kill().unwrap();
+        eprintln!("[{:?}] unwrap", t0.elapsed());
         tokio::time::sleep(Duration::from_millis(200 + rng.next() % 800)).await;
-        server.restart().unwrap(); eprintln!("[{:?}] unwrap", t0.elapsed());
+        server.restart().unwrap();
+        eprintln!("[{:?}] unwrap", t0.elapsed());
     }
     let dead = DeadLetters::new(con(&redis).await, "mix");
     let max_in_flight: Vec<AtomicUsize> = workers.iter().map(|_| AtomicUsize::new(0)).collect();
@@ -423,7 +448,11 @@ async fn seeded_outages_with_every_slot_taken_finish_everything() {
         local_processed += worker.local_stats().processed;
     }
     let s = stats(&mut con(&redis).await, "mix", "workers").await.unwrap();
-    eprintln!("stats {s:?}; worst pending {:?}; max calls at once {}", worst.lock().unwrap(), log.max_now.load(Ordering::SeqCst));
+    eprintln!(
+        "stats {s:?}; worst pending {:?}; max calls at once {}",
+        worst.lock().unwrap(),
+        log.max_now.load(Ordering::SeqCst)
+    );
     assert!(!log.concurrent_duplicate.load(Ordering::SeqCst), "a task ran twice at once (seed {seed})");
     let max_conc = conc.iter().sum::<usize>();
     assert!(log.max_now.load(Ordering::SeqCst) <= max_conc, "more handler calls at once than permits (seed {seed})");
@@ -464,7 +493,9 @@ async fn concurrency_one_never_stalls_on_any_path() {
     };
     // A second group on the same stream whose every task fails once: its retries are entries
     // of the stream that group "workers" must skip.
-    let other = Arc::new(Worker::new(redis.clone(), "one", "others", WorkerConfig { consumer: Some("o".into()), ..base("o") }).unwrap());
+    let other = Arc::new(
+        Worker::new(redis.clone(), "one", "others", WorkerConfig { consumer: Some("o".into()), ..base("o") }).unwrap(),
+    );
     let other_stop = CancellationToken::new();
     let other_handle = {
         let (w, s) = (other.clone(), other_stop.clone());

@@ -62,9 +62,10 @@ impl Queues {
             Some(deadline) => match tokio::time::timeout_at(deadline, turnstile.lock_owned()).await {
                 Ok(held) => held,
                 Err(_) => {
-                    let last = turn.queue.as_ref().and_then(|queue| {
-                        queue.last_error.lock().unwrap_or_else(PoisonError::into_inner).clone()
-                    });
+                    let last = turn
+                        .queue
+                        .as_ref()
+                        .and_then(|queue| queue.last_error.lock().unwrap_or_else(PoisonError::into_inner).clone());
                     return Err(last.unwrap_or_else(|| LockError::Busy { key: key.to_owned(), retry_after: None }));
                 }
             },

@@ -127,8 +127,8 @@ async fn layer_answers_503_not_409_to_every_request_when_the_nodes_are_down() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn local_handoffs_with_the_default_retry_delay_keep_up_with_short_holds() {
     let nodes = RedisNodes::start(3).unwrap();
-    let lock = RedLock::connect(&nodes.urls(), LockConfig { ttl: Duration::from_secs(2), ..LockConfig::default() })
-        .unwrap();
+    let lock =
+        RedLock::connect(&nodes.urls(), LockConfig { ttl: Duration::from_secs(2), ..LockConfig::default() }).unwrap();
     let waiters = 20;
     let started = Instant::now();
     let handles: Vec<_> = (0..waiters)
@@ -149,7 +149,12 @@ async fn local_handoffs_with_the_default_retry_delay_keep_up_with_short_holds() 
         }
     }
     println!("{} of {waiters} timed out; all done after {:?}", failed.len(), started.elapsed());
-    assert!(failed.is_empty(), "{} of {waiters} waiters (40 ms of work in all) ran out of a 2 s wait: {:?}", failed.len(), failed.first());
+    assert!(
+        failed.is_empty(),
+        "{} of {waiters} waiters (40 ms of work in all) ran out of a 2 s wait: {:?}",
+        failed.len(),
+        failed.first()
+    );
 }
 
 /// The same through `LockLayer` with its default 5 s wait: 50 concurrent requests for one key,
@@ -158,12 +163,12 @@ async fn local_handoffs_with_the_default_retry_delay_keep_up_with_short_holds() 
 async fn layer_with_defaults_serves_fifty_concurrent_requests_of_five_ms() {
     let nodes = RedisNodes::start(3).unwrap();
     let lock = RedLock::connect(&nodes.urls(), LockConfig::default()).unwrap();
-    let svc = ServiceBuilder::new()
-        .layer(LockLayer::new(lock, |_: &Request<()>| Some(Key::from("sku-1"))))
-        .service_fn(|_req: Request<()>| async move {
+    let svc = ServiceBuilder::new().layer(LockLayer::new(lock, |_: &Request<()>| Some(Key::from("sku-1")))).service_fn(
+        |_req: Request<()>| async move {
             tokio::time::sleep(Duration::from_millis(5)).await;
             Ok::<_, Infallible>(Response::new(()))
-        });
+        },
+    );
     let started = Instant::now();
     let calls: Vec<_> = (0..50)
         .map(|_| {
@@ -226,7 +231,8 @@ async fn queued_waiters_never_wait_past_their_wait() {
     tokio::time::sleep(Duration::from_millis(600)).await;
     holder.release().await.unwrap();
     for (i, wait, handle) in handles {
-        let (result, took) = tokio::time::timeout(Duration::from_secs(20), handle).await.expect("a waiter hangs").unwrap();
+        let (result, took) =
+            tokio::time::timeout(Duration::from_secs(20), handle).await.expect("a waiter hangs").unwrap();
         if wait == Duration::MAX {
             assert!(result.is_ok(), "waiter {i} with MAX wait: {result:?}");
         } else {
@@ -311,7 +317,11 @@ async fn random_cancellation_leaves_no_orphan_lock_and_no_stuck_queue() {
             let guard = lock.acquire_within(key, Some(Duration::from_millis(200))).await;
             assert!(guard.is_ok(), "round {round}: key {key} not taken after the storm: {guard:?}");
             // An orphan would hold it for the 2 s TTL.
-            assert!(started.elapsed() < Duration::from_secs(1), "round {round}: key {key} took {:?}", started.elapsed());
+            assert!(
+                started.elapsed() < Duration::from_secs(1),
+                "round {round}: key {key} took {:?}",
+                started.elapsed()
+            );
             guard.unwrap().release().await.unwrap();
         }
     }
@@ -352,7 +362,14 @@ async fn dropping_the_polling_head_hands_the_turn_on() {
 // 5. Two clients (two processes) on one key: fairness and no starvation.
 // ---------------------------------------------------------------------------------------------
 
-async fn contend(lock: RedLock, side: usize, n: usize, wait: Duration, hold: Duration, log: Arc<Mutex<Vec<(usize, u64)>>>) -> Vec<Result<(), LockError>> {
+async fn contend(
+    lock: RedLock,
+    side: usize,
+    n: usize,
+    wait: Duration,
+    hold: Duration,
+    log: Arc<Mutex<Vec<(usize, u64)>>>,
+) -> Vec<Result<(), LockError>> {
     let handles: Vec<_> = (0..n)
         .map(|_| {
             let (lock, log) = (lock.clone(), log.clone());
@@ -386,9 +403,21 @@ async fn two_clients_share_one_key_without_starving_each_other() {
     let fa = ra.iter().filter(|r| r.is_err()).count();
     let fb = rb.iter().filter(|r| r.is_err()).count();
     let log = log.lock().unwrap().clone();
-    println!("after {:?}: side A {} failed, side B {} failed; order {:?}", started.elapsed(), fa, fb, log.iter().map(|&(s, _)| s).collect::<Vec<_>>());
+    println!(
+        "after {:?}: side A {} failed, side B {} failed; order {:?}",
+        started.elapsed(),
+        fa,
+        fb,
+        log.iter().map(|&(s, _)| s).collect::<Vec<_>>()
+    );
     assert!(log.windows(2).all(|w| w[0].1 < w[1].1), "tokens not increasing: {log:?}");
-    assert_eq!((fa, fb), (0, 0), "starvation: A {:?} / B {:?}", ra.iter().find(|r| r.is_err()), rb.iter().find(|r| r.is_err()));
+    assert_eq!(
+        (fa, fb),
+        (0, 0),
+        "starvation: A {:?} / B {:?}",
+        ra.iter().find(|r| r.is_err()),
+        rb.iter().find(|r| r.is_err())
+    );
 }
 
 /// One client floods a key with 60 queued waiters; the other has a single waiter. That single
@@ -431,7 +460,8 @@ async fn exclusion_and_increasing_tokens_under_contention_and_pauses() {
         let lock = clients[i % 3].clone();
         let wait = Duration::from_millis(200 + rng.below(3000));
         let hold = Duration::from_millis(rng.below(8));
-        let (inside, last_token, violations, acquired) = (inside.clone(), last_token.clone(), violations.clone(), acquired.clone());
+        let (inside, last_token, violations, acquired) =
+            (inside.clone(), last_token.clone(), violations.clone(), acquired.clone());
         handles.push(tokio::spawn(async move {
             let Ok(guard) = lock.acquire_within("safe", Some(wait)).await else { return };
             let token = guard.fencing_token().unwrap().0;
@@ -477,17 +507,20 @@ async fn reentrant_and_joined_acquisitions_do_not_deadlock() {
     let lock = RedLock::connect(&nodes.urls(), config()).unwrap();
     let outer = lock.acquire_within("re", Some(Duration::from_secs(1))).await.unwrap();
     let started = Instant::now();
-    let inner = tokio::time::timeout(Duration::from_secs(3), lock.acquire_within("re", Some(Duration::from_millis(200))))
-        .await
-        .expect("reentrant acquisition hangs");
+    let inner =
+        tokio::time::timeout(Duration::from_secs(3), lock.acquire_within("re", Some(Duration::from_millis(200))))
+            .await
+            .expect("reentrant acquisition hangs");
     assert!(matches!(inner, Err(LockError::Busy { .. })), "{inner:?}");
     assert!(started.elapsed() < Duration::from_millis(200 + 1000));
     outer.release().await.unwrap();
 
-    let (x, y) = tokio::time::timeout(
-        Duration::from_secs(3),
-        async { tokio::join!(lock.acquire_within("re", Some(Duration::MAX)), lock.acquire_within("re", Some(Duration::from_millis(100)))) },
-    )
+    let (x, y) = tokio::time::timeout(Duration::from_secs(3), async {
+        tokio::join!(
+            lock.acquire_within("re", Some(Duration::MAX)),
+            lock.acquire_within("re", Some(Duration::from_millis(100)))
+        )
+    })
     .await
     .expect("joined acquisitions hang");
     let x: LockGuard = x.unwrap();
@@ -558,7 +591,11 @@ async fn local_waiters_are_served_in_arrival_order() {
         handles.push(tokio::spawn(async move {
             let asked = Instant::now();
             let guard = lock.acquire_within("fifo", Some(Duration::from_secs(20))).await.unwrap();
-            println!("waiter {i}: asked at {asked:?}, token {} after {:?}", guard.fencing_token().unwrap(), asked.elapsed());
+            println!(
+                "waiter {i}: asked at {asked:?}, token {} after {:?}",
+                guard.fencing_token().unwrap(),
+                asked.elapsed()
+            );
             order.lock().unwrap().push(i);
             tokio::time::sleep(Duration::from_millis(1)).await;
             guard.release().await.unwrap();

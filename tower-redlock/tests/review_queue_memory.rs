@@ -85,7 +85,8 @@ async fn scenario(lock: &RedLock, which: usize, i: usize) {
 
 #[test]
 fn queue_entries_do_not_outlive_their_waiters() {
-    let lock = RedLock::in_memory(LockConfig { retry_delay: Duration::from_millis(1), ..LockConfig::default() }).unwrap();
+    let lock =
+        RedLock::in_memory(LockConfig { retry_delay: Duration::from_millis(1), ..LockConfig::default() }).unwrap();
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().start_paused(true).build().unwrap();
     for which in 0..4 {
         rt.block_on(async {
@@ -102,6 +103,10 @@ fn queue_entries_do_not_outlive_their_waiters() {
         });
         let grew = live() - before;
         println!("scenario {which}: RSS grew {} KiB over 300 keys of 128 KiB", grew / 1024);
-        assert!(grew < 8 * 1024 * 1024, "scenario {which}: 300 keys grew the RSS by {} KiB: queue entries leak", grew / 1024);
+        assert!(
+            grew < 8 * 1024 * 1024,
+            "scenario {which}: 300 keys grew the RSS by {} KiB: queue entries leak",
+            grew / 1024
+        );
     }
 }
