@@ -37,8 +37,9 @@ pub const DEFAULT_MAX_BYTES: usize = 256 << 20;
 ///   when keys are inserted into a store holding half its [`max_keys`] or more, which changes no
 ///   decision (below that, idle keys stay: sweeping them would only have them inserted again).
 ///   At most [`max_keys`] keys are resident:
-///   when the store is full even after a sweep, the eighth of a shard's keys closest to idle is
-///   forgotten. A forgotten key starts again with a full quota, so at the cap the store can
+///   when the store is full even after a sweep of the inserting key's shard, the eighth of that
+///   shard's keys closest to idle is forgotten (idle keys of other shards may still be resident
+///   then: they go at those shards' next sweeps). A forgotten key starts again with a full quota, so at the cap the store can
 ///   over-admit (never under-admit); the `rampart_ratelimit_evictions_total` counter shows it.
 ///   (A receipt of the forgotten entry gives nothing back to the key's new one.)
 ///   The key cap also keeps the bytes under [`max_bytes`]: a policy whose state can grow (a
