@@ -3,17 +3,19 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failure report
 
+mod common;
+
 use std::{
     collections::HashMap,
     sync::{Arc, Mutex},
     time::{Duration, SystemTime},
 };
 
+use common::{spawn_worker as spawn, wait_for};
 use serde_json::{Value, json};
-use streams_worker::{DeadLetters, Delivery, Producer, Redis, TaskStatus, Worker, WorkerConfig, stats, task_status};
+use streams_worker::{DeadLetters, Delivery, Producer, Redis, TaskStatus, WorkerConfig, stats, task_status};
 use testkit::RedisServer;
-use tokio::{task::JoinHandle, time::Instant};
-use tokio_util::sync::CancellationToken;
+use tokio::time::Instant;
 use tower::{BoxError, service_fn};
 
 fn config() -> WorkerConfig {
@@ -43,26 +45,6 @@ fn recorder(
     })
 }
 
-fn spawn<S>(redis: &Redis, stream: &str, config: WorkerConfig, svc: S) -> (JoinHandle<()>, CancellationToken)
-where
-    S: tower::Service<Delivery<Value>> + Clone + Send + 'static,
-    S::Error: Into<BoxError>,
-    S::Future: Send,
-{
-    let worker = Worker::new(redis.clone(), stream, "workers", config).unwrap();
-    let shutdown = CancellationToken::new();
-    let stop = shutdown.clone();
-    (tokio::spawn(async move { worker.run(svc, stop).await.unwrap() }), shutdown)
-}
-
-async fn wait_for(what: &str, limit: Duration, mut done: impl AsyncFnMut() -> bool) {
-    let started = Instant::now();
-    while !done().await {
-        assert!(started.elapsed() < limit, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn delayed_tasks_run_once_when_due_with_two_workers_racing_to_move_them() {
     let server = RedisServer::start().unwrap();
@@ -90,7 +72,7 @@ async fn delayed_tasks_run_once_when_due_with_two_workers_racing_to_move_them() 
         }
         assert_eq!(seen[&past].len(), 1, "a time in the past runs at once");
     }
-    for (handle, stop) in workers {
+    for (handle, stop, _) in workers {
         stop.cancel();
         handle.await.unwrap();
     }
@@ -104,7 +86,7 @@ async fn retries_wait_their_backoff_then_dead_letters_are_listed_requeued_and_de
     let redis = Redis::url(&server.url()).unwrap();
     let producer = Producer::connect(&redis, "dlq").await.unwrap();
     let seen: Seen = Arc::default();
-    let (handle, stop) = spawn(&redis, "dlq", config(), recorder(&seen));
+    let (handle, stop, _) = spawn(&redis, "dlq", config(), recorder(&seen));
     let doomed: Vec<String> =
         producer.send_batch("doomed", &[json!({"fail": true}), json!({"fail": true})]).await.unwrap();
     let dead = DeadLetters::new(redis.connect().await.unwrap(), "dlq");
@@ -176,7 +158,7 @@ async fn task_status_follows_a_task_by_id() {
         retry_max: Duration::from_secs(5),
         ..config()
     };
-    let (handle, stop) = spawn(&redis, "st", cfg, handler);
+    let (handle, stop, _) = spawn(&redis, "st", cfg, handler);
     wait_for("running", Duration::from_secs(5), async || {
         task_status(&mut con, "st", &queued).await.unwrap() == Some(TaskStatus::Running { attempt: 1 })
     })
@@ -212,7 +194,7 @@ async fn workers_trim_acknowledged_entries_only_and_dead_letters_stay_bounded() 
         max_deliveries: 1,
         ..config()
     };
-    let (handle, stop) = spawn(&redis, "trimmed", cfg, recorder(&seen));
+    let (handle, stop, _) = spawn(&redis, "trimmed", cfg, recorder(&seen));
     let tasks: Vec<Value> = (0..50).map(|i| json!({"fail": i % 5 == 0})).collect();
     producer.send_batch("t", &tasks).await.unwrap();
     wait_for("all ran", Duration::from_secs(10), async || seen.lock().unwrap().len() == 50).await;
@@ -247,7 +229,7 @@ async fn a_status_key_of_the_wrong_type_blocks_nothing() {
     }
     let seen: Seen = Arc::default();
     let cfg = WorkerConfig { status_ttl: Some(Duration::from_secs(60)), concurrency: 4, ..config() };
-    let (handle, stop) = spawn(&redis, "wt", cfg, recorder(&seen));
+    let (handle, stop, _) = spawn(&redis, "wt", cfg, recorder(&seen));
     let mut con = redis.connect().await.unwrap();
     let dead = DeadLetters::new(redis.connect().await.unwrap(), "wt");
     wait_for("every task done or dead", Duration::from_secs(20), async || {

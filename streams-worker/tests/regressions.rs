@@ -3,6 +3,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failure report
 
+mod common;
+
 use std::{
     collections::HashMap,
     convert::Infallible,
@@ -13,12 +15,11 @@ use std::{
     time::Duration,
 };
 
+use common::{spawn_worker as spawn, wait_for};
 use serde_json::{Value, json};
-use streams_worker::{Delivery, Producer, Redis, Worker, WorkerConfig, stats};
+use streams_worker::{Delivery, Producer, Redis, WorkerConfig, stats};
 use testkit::RedisServer;
-use tokio::task::JoinHandle;
-use tokio_util::sync::CancellationToken;
-use tower::{BoxError, service_fn};
+use tower::service_fn;
 
 fn config() -> WorkerConfig {
     WorkerConfig {
@@ -30,31 +31,6 @@ fn config() -> WorkerConfig {
         max_deliveries: 3,
         shutdown_deadline: Duration::from_secs(5),
         ..WorkerConfig::default()
-    }
-}
-
-fn spawn<S>(
-    redis: &Redis,
-    stream: &str,
-    config: WorkerConfig,
-    svc: S,
-) -> (JoinHandle<()>, CancellationToken, Arc<Worker>)
-where
-    S: tower::Service<Delivery<Value>> + Clone + Send + 'static,
-    S::Error: Into<BoxError>,
-    S::Future: Send,
-{
-    let worker = Arc::new(Worker::new(redis.clone(), stream, "workers", config).unwrap());
-    let shutdown = CancellationToken::new();
-    let (w, s) = (worker.clone(), shutdown.clone());
-    (tokio::spawn(async move { w.run(svc, s).await.unwrap() }), shutdown, worker)
-}
-
-async fn wait_for(what: &str, limit: Duration, mut done: impl AsyncFnMut() -> bool) {
-    let started = tokio::time::Instant::now();
-    while !done().await {
-        assert!(started.elapsed() < limit, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 

@@ -7,6 +7,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failure report
 
+mod common;
+
 use std::{
     collections::HashMap,
     sync::{
@@ -16,6 +18,7 @@ use std::{
     time::Duration,
 };
 
+use common::{spawn_worker as spawn, wait_for};
 use serde_json::{Value, json};
 use streams_worker::{Conn, DeadLetters, Delivery, Producer, Redis, Worker, WorkerConfig, stats};
 use testkit::{RedisConfig, RedisServer};
@@ -99,31 +102,6 @@ fn handler(
             Ok(())
         }
     })
-}
-
-fn spawn<S>(
-    redis: &Redis,
-    stream: &str,
-    config: WorkerConfig,
-    svc: S,
-) -> (JoinHandle<()>, CancellationToken, Arc<Worker>)
-where
-    S: tower::Service<Delivery<Value>> + Clone + Send + 'static,
-    S::Error: Into<BoxError>,
-    S::Future: Send,
-{
-    let worker = Arc::new(Worker::new(redis.clone(), stream, "workers", config).unwrap());
-    let shutdown = CancellationToken::new();
-    let (w, s) = (worker.clone(), shutdown.clone());
-    (tokio::spawn(async move { w.run(svc, s).await.unwrap() }), shutdown, worker)
-}
-
-async fn wait_for(what: &str, limit: Duration, mut done: impl AsyncFnMut() -> bool) {
-    let started = Instant::now();
-    while !done().await {
-        assert!(started.elapsed() < limit, "timed out after {limit:?} waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 async fn con(redis: &Redis) -> Conn {
