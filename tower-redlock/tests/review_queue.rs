@@ -29,6 +29,27 @@ fn config() -> LockConfig {
     }
 }
 
+/// `n` concurrent calls of `svc`, each on a task of its own: their statuses, in call order.
+async fn concurrent_statuses<S, B>(svc: &S, n: usize) -> Vec<u16>
+where
+    S: tower::Service<Request<()>, Response = Response<B>> + Clone + Send + 'static,
+    B: Send + 'static,
+    S::Error: std::fmt::Debug,
+    S::Future: Send,
+{
+    let calls: Vec<_> = (0..n)
+        .map(|_| {
+            let svc = svc.clone();
+            tokio::spawn(async move { svc.oneshot(Request::new(())).await.unwrap().status().as_u16() })
+        })
+        .collect();
+    let mut statuses = Vec::with_capacity(n);
+    for call in calls {
+        statuses.push(call.await.unwrap());
+    }
+    statuses
+}
+
 /// A small deterministic PRNG (splitmix64) so no extra dependency is needed.
 struct Rng(u64);
 impl Rng {
@@ -102,16 +123,7 @@ async fn layer_answers_503_not_409_to_every_request_when_the_nodes_are_down() {
     let svc = ServiceBuilder::new()
         .layer(LockLayer::new(lock, |_: &Request<()>| Some(Key::from("acct"))).wait_timeout(Duration::from_millis(300)))
         .service_fn(|_req: Request<()>| async move { Ok::<_, Infallible>(Response::new(())) });
-    let calls: Vec<_> = (0..5)
-        .map(|_| {
-            let svc = svc.clone();
-            tokio::spawn(async move { svc.oneshot(Request::new(())).await.unwrap().status().as_u16() })
-        })
-        .collect();
-    let mut statuses = Vec::new();
-    for call in calls {
-        statuses.push(call.await.unwrap());
-    }
+    let statuses = concurrent_statuses(&svc, 5).await;
     assert!(statuses.iter().all(|&s| s == 503), "statuses with 2 of 3 nodes down: {statuses:?}");
 }
 
@@ -170,16 +182,7 @@ async fn layer_with_defaults_serves_fifty_concurrent_requests_of_five_ms() {
         },
     );
     let started = Instant::now();
-    let calls: Vec<_> = (0..50)
-        .map(|_| {
-            let svc = svc.clone();
-            tokio::spawn(async move { svc.oneshot(Request::new(())).await.unwrap().status().as_u16() })
-        })
-        .collect();
-    let mut statuses = Vec::new();
-    for call in calls {
-        statuses.push(call.await.unwrap());
-    }
+    let statuses = concurrent_statuses(&svc, 50).await;
     let ok = statuses.iter().filter(|&&s| s == 200).count();
     println!("{ok} of 50 answered 200 after {:?}", started.elapsed());
     assert_eq!(ok, 50, "statuses: {statuses:?}");
@@ -558,16 +561,7 @@ async fn layer_queue_behind_watchdog_extended_holders() {
                 }
             })
     };
-    let calls: Vec<_> = (0..10)
-        .map(|_| {
-            let svc = svc.clone();
-            tokio::spawn(async move { svc.oneshot(Request::new(())).await.unwrap().status().as_u16() })
-        })
-        .collect();
-    let mut statuses = Vec::new();
-    for call in calls {
-        statuses.push(call.await.unwrap());
-    }
+    let statuses = concurrent_statuses(&svc, 10).await;
     assert!(statuses.iter().all(|&s| s == 200), "{statuses:?}");
     let tokens = tokens.lock().unwrap().clone();
     assert!(tokens.windows(2).all(|w| w[0] < w[1]), "{tokens:?}");

@@ -7,19 +7,11 @@
 #![cfg(target_os = "linux")]
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failure report
 
+mod common;
+
 use std::{future::Future, task::Poll, time::Duration};
 
 use tower_redlock::{LockConfig, RedLock};
-
-fn live() -> isize {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap();
-    let kb: isize = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap();
-    kb * 1024
-}
 
 /// Polls `f` once.
 async fn poll_once<F: Future + Unpin>(f: &mut F) -> Poll<F::Output> {
@@ -94,14 +86,14 @@ fn queue_entries_do_not_outlive_their_waiters() {
                 scenario(&lock, which, i).await;
             }
         });
-        let before = live();
+        let before = common::rss();
         rt.block_on(async {
             for i in 20..320 {
                 scenario(&lock, which, i).await;
             }
             tokio::time::sleep(Duration::from_secs(30)).await;
         });
-        let grew = live() - before;
+        let grew = common::rss() - before;
         println!("scenario {which}: RSS grew {} KiB over 300 keys of 128 KiB", grew / 1024);
         assert!(
             grew < 8 * 1024 * 1024,

@@ -5,23 +5,15 @@
 #![cfg(target_os = "linux")] // reads /proc/self/status
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failure report
 
+mod common;
+
 use std::{sync::OnceLock, time::Duration};
 
 use tower_redlock::{LockConfig, RedLock};
 
-/// Resident set size in bytes (the workspace forbids unsafe code, so no counting allocator):
-/// a leak of one schedule entry per guard (a map node plus the guard's allocation kept by its
-/// `Weak`, a few hundred bytes) over 200,000 guards is tens of MB; steady state is flat.
-fn live() -> isize {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap();
-    let kb: isize = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap();
-    kb * 1024
-}
-
+/// A leak of one schedule entry per guard (a map node plus the guard's allocation kept by its
+/// `Weak`, a few hundred bytes) over 200,000 guards is tens of MB of resident set; steady state
+/// is flat.
 const LIMIT: isize = 16 * 1024 * 1024;
 
 fn config() -> LockConfig {
@@ -50,9 +42,9 @@ fn schedule_memory_is_bounded_by_live_guards_and_runtimes() {
         });
     };
     cycle(2_000);
-    let before = live();
+    let before = common::rss();
     cycle(200_000);
-    let grew = live() - before;
+    let grew = common::rss() - before;
     println!("grew {grew} bytes");
     assert!(grew < LIMIT, "200,000 short holds grew the heap by {grew} bytes");
 
@@ -73,9 +65,9 @@ fn schedule_memory_is_bounded_by_live_guards_and_runtimes() {
         });
     };
     held(200);
-    let before = live();
+    let before = common::rss();
     held(20_000);
-    let grew = live() - before;
+    let grew = common::rss() - before;
     println!("grew {grew} bytes");
     assert!(grew < LIMIT, "20,000 extended holds grew the heap by {grew} bytes");
     drop(rt);
@@ -93,9 +85,9 @@ fn schedule_memory_is_bounded_by_live_guards_and_runtimes() {
         }
     };
     per_runtime(20);
-    let before = live();
+    let before = common::rss();
     per_runtime(400);
-    let grew = live() - before;
+    let grew = common::rss() - before;
     println!("grew {grew} bytes");
     assert!(grew < LIMIT, "400 runtimes grew the heap by {grew} bytes");
 }
