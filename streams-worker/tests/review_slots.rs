@@ -21,6 +21,7 @@ use std::{
 use common::{spawn_worker as spawn, wait_for};
 use serde_json::{Value, json};
 use streams_worker::{Conn, DeadLetters, Delivery, Producer, Redis, Worker, WorkerConfig, stats};
+use testkit::Rng;
 use testkit::{RedisConfig, RedisServer};
 use tokio::{task::JoinHandle, time::Instant};
 use tokio_util::sync::CancellationToken;
@@ -292,7 +293,7 @@ async fn stream_deleted_while_every_slot_is_taken_recovers() {
 async fn seeded_outages_with_every_slot_taken_finish_everything() {
     let seed: u64 = std::env::var("SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(rand::random);
     eprintln!("SEED={seed}");
-    let mut rng = Rng(seed | 1);
+    let mut rng = Rng::new(seed | 1);
     let mut server = RedisServer::start_with(RedisConfig::new().aof(true)).unwrap();
     let redis = Redis::url(&server.url()).unwrap();
     let producer = Producer::connect(&redis, "mix").await.unwrap();
@@ -629,15 +630,4 @@ async fn failed_entries_whose_retry_is_not_written_stay_owned() {
     stop.cancel();
     a.await.unwrap();
     assert!(pending <= 2, "a consumer of concurrency 1 has {pending} entries pending ({in_flight} of them kept)");
-}
-
-/// xorshift64*
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
 }

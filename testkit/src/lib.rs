@@ -26,10 +26,12 @@
 //! ```
 
 mod cluster;
+mod rng;
 mod server;
 pub mod sim;
 
 pub use cluster::{RedisCluster, RedisNodes};
+pub use rng::Rng;
 pub use server::{RedisConfig, RedisServer};
 
 use std::time::Duration;

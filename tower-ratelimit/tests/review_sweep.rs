@@ -12,31 +12,11 @@ use std::{collections::HashMap, time::Duration};
 
 use tower_ratelimit::{Clock, Key, ManualClock, MemoryStore, Policy, Quota, Receipt, Verdict};
 
+use testkit::Rng;
 use tower_ratelimit::algorithm::Nanos;
 
 // ---------------------------------------------------------------------------------------------
 // Seeds and a small RNG.
-
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64) -> Self {
-        Self(seed ^ 0x9E37_79B9_7F4A_7C15)
-    }
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        if n == 0 { 0 } else { self.next() % n }
-    }
-    fn chance(&mut self, num: u64, den: u64) -> bool {
-        self.below(den) < num
-    }
-}
 
 fn seeds() -> Vec<u64> {
     if let Ok(s) = std::env::var("REVIEW_SEED") {

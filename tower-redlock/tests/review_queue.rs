@@ -16,6 +16,7 @@ use std::{
 
 use http::{Request, Response};
 use testkit::RedisNodes;
+use testkit::Rng;
 use tokio::time::Instant;
 use tower::{ServiceBuilder, ServiceExt};
 use tower_redlock::{Key, LockConfig, LockError, LockGuard, LockLayer, RedLock};
@@ -48,21 +49,6 @@ where
         statuses.push(call.await.unwrap());
     }
     statuses
-}
-
-/// A small deterministic PRNG (splitmix64) so no extra dependency is needed.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
 }
 
 fn seed(test: &str) -> u64 {
@@ -197,7 +183,7 @@ async fn layer_with_defaults_serves_fifty_concurrent_requests_of_five_ms() {
 /// attempt's slack, with `Busy`; the `MAX` ones all get the lock in turn afterwards.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn queued_waiters_never_wait_past_their_wait() {
-    let mut rng = Rng(seed("queued_waiters_never_wait_past_their_wait"));
+    let mut rng = Rng::new(seed("queued_waiters_never_wait_past_their_wait"));
     let nodes = RedisNodes::start(3).unwrap();
     let lock = RedLock::connect(&nodes.urls(), config()).unwrap();
     let holder = lock.acquire_within("k", Some(Duration::from_millis(100))).await.unwrap();
@@ -267,7 +253,7 @@ async fn zero_and_tiny_waits_on_a_free_key_take_it() {
 /// orphan lock), and every key is taken at once by a fresh waiter (no stuck queue).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn random_cancellation_leaves_no_orphan_lock_and_no_stuck_queue() {
-    let mut rng = Rng(seed("random_cancellation_leaves_no_orphan_lock_and_no_stuck_queue"));
+    let mut rng = Rng::new(seed("random_cancellation_leaves_no_orphan_lock_and_no_stuck_queue"));
     let nodes = RedisNodes::start(3).unwrap();
     let lock = RedLock::connect(&nodes.urls(), config()).unwrap();
     let keys = ["a", "b", "c"];
@@ -451,7 +437,7 @@ async fn a_lone_remote_waiter_is_not_starved_by_a_crowd() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn exclusion_and_increasing_tokens_under_contention_and_pauses() {
-    let mut rng = Rng(seed("exclusion_and_increasing_tokens_under_contention_and_pauses"));
+    let mut rng = Rng::new(seed("exclusion_and_increasing_tokens_under_contention_and_pauses"));
     let mut nodes = RedisNodes::start(3).unwrap();
     let clients: Vec<RedLock> = (0..3).map(|_| RedLock::connect(&nodes.urls(), config()).unwrap()).collect();
     let inside = Arc::new(AtomicBool::new(false));
