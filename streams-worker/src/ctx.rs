@@ -49,6 +49,10 @@ pub(crate) struct Ctx {
     /// The entries this worker owns and has not acknowledged: fetched, running, or waiting for
     /// their acknowledgement. The heartbeat keeps them; cancelling a token stops its handler.
     owned: Mutex<HashMap<String, Owned>>,
+    /// While a claim is in flight: the entries let go since it was sent. Its reply, read on the
+    /// server before they left the pending list (acknowledged, moved on, taken), may still list
+    /// them; they must not run again. Taken after `owned` where both are held.
+    let_go: Mutex<Option<std::collections::HashSet<String>>>,
     /// No taking over before this: after Redis was unreachable (or restarted), every entry looks
     /// idle for as long as the outage lasted; live workers get a full `claim_idle` to refresh
     /// theirs first.
@@ -106,6 +110,7 @@ impl Ctx {
             config,
             counters,
             owned: Mutex::new(HashMap::new()),
+            let_go: Mutex::new(None),
             claim_after: Mutex::new(Instant::now()),
             ack_slots,
             metrics: Metrics {
@@ -166,12 +171,17 @@ impl Ctx {
     /// [`disown`](Self::disown) for many, under one lock.
     pub(crate) fn disown_all<'a>(&self, ids: impl IntoIterator<Item = &'a str>) {
         let mut owned = self.owned.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut let_go = self.let_go.lock().unwrap_or_else(PoisonError::into_inner);
         let mut gone = 0;
         for id in ids {
             if owned.remove(id).is_some() {
                 gone += 1;
+                if let Some(let_go) = let_go.as_mut() {
+                    let_go.insert(id.to_owned());
+                }
             }
         }
+        drop(let_go);
         drop(owned);
         if gone > 0 {
             self.counters.in_flight.fetch_sub(gone, Ordering::Relaxed);
@@ -287,6 +297,7 @@ impl Ctx {
         } else {
             invocation.arg("idle").arg(millis(self.config.claim_idle)).arg(cursor.as_str());
         }
+        let watch = LetGoWatch::start(&self.let_go);
         let reply: Value = invocation.invoke_async(&mut self.con()).await?;
         let (next, entries) = parse_claimed(reply).ok_or_else(|| {
             redis::RedisError::from((redis::ErrorKind::Parse, "unexpected reply of the claim script"))
@@ -294,7 +305,13 @@ impl Ctx {
         if !own {
             *cursor = next;
         }
-        let entries: Vec<Fetched> = entries.into_iter().filter(|e| !self.is_owned(&e.id)).collect();
+        // Not ours to start: what runs here already, and what was let go since the claim was
+        // sent (the reply may predate its acknowledgement: it would run twice).
+        let entries: Vec<Fetched> = {
+            let owned = self.owned.lock().unwrap_or_else(PoisonError::into_inner);
+            let let_go = watch.finish();
+            entries.into_iter().filter(|e| !owned.contains_key(&e.id) && !let_go.contains(&e.id)).collect()
+        };
         if !entries.is_empty() && !own {
             let n = entries.len() as u64;
             self.counters.reclaimed.fetch_add(n, Ordering::Relaxed);
@@ -514,4 +531,26 @@ fn parse_claimed(reply: Value) -> Option<(String, Vec<Fetched>)> {
         out.push(Fetched { id: into_text(id)?, fields: map, times });
     }
     Some((cursor, out))
+}
+
+/// Records the entries let go while a claim is in flight (see [`Ctx::let_go`]); stops when
+/// finished or dropped (an error or a cancelled claim).
+struct LetGoWatch<'a>(&'a Mutex<Option<std::collections::HashSet<String>>>);
+
+impl<'a> LetGoWatch<'a> {
+    fn start(let_go: &'a Mutex<Option<std::collections::HashSet<String>>>) -> Self {
+        *let_go.lock().unwrap_or_else(PoisonError::into_inner) = Some(std::collections::HashSet::new());
+        Self(let_go)
+    }
+
+    /// What was let go since the start.
+    fn finish(self) -> std::collections::HashSet<String> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner).take().unwrap_or_default()
+    }
+}
+
+impl Drop for LetGoWatch<'_> {
+    fn drop(&mut self) {
+        *self.0.lock().unwrap_or_else(PoisonError::into_inner) = None;
+    }
 }
