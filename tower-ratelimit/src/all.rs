@@ -2,13 +2,16 @@
 
 use std::{
     fmt,
+    future::Future,
     marker::PhantomData,
+    pin::Pin,
     sync::Arc,
-    task::{Context, Poll, Waker},
+    task::{Context, Poll, Waker, ready},
 };
 
 use futures_util::future::BoxFuture;
 use http::{HeaderValue, Request, Response};
+use pin_project_lite::pin_project;
 use rampart_http::ResponseBody;
 use smallvec::SmallVec;
 use tower_layer::Layer;
@@ -18,7 +21,7 @@ use crate::{
     CheckError, Key, KeyExtractor, RateLimitLayer, Receipt, Verdict,
     extract::Cost,
     layer::{Http, Shared},
-    response::{Headers, Rejection},
+    response::{Headers, Items, Rejection, apply_values, join},
     store::Store,
 };
 
@@ -28,7 +31,8 @@ trait Limit<B>: Send + Sync {
     fn check(&self, key: &Key, cost: u64) -> BoxFuture<'static, Result<Verdict, CheckError>>;
     /// The check when the store can answer at once (in-process): no future at all.
     fn check_now(&self, key: &Key, cost: u64) -> Option<Result<Verdict, CheckError>>;
-    fn decide(&self, result: Result<Verdict, CheckError>) -> Result<Option<HeaderValue>, Rejection>;
+    /// The decision on `result`; an admitting verdict's `RateLimit` items go into `items`.
+    fn decide_into(&self, result: Result<Verdict, CheckError>, items: &mut Items) -> Result<(), Rejection>;
     fn refund(&self, key: &Key, receipt: Receipt) -> BoxFuture<'static, ()>;
     fn name(&self) -> &Arc<str>;
     fn headers(&self) -> &Headers;
@@ -55,8 +59,9 @@ where
         self.store.check_now(key, cost)
     }
 
-    fn decide(&self, result: Result<Verdict, CheckError>) -> Result<Option<HeaderValue>, Rejection> {
-        Shared::decide(self, result)
+    fn decide_into(&self, result: Result<Verdict, CheckError>, items: &mut Items) -> Result<(), Rejection> {
+        self.decide_with(result, |verdict| self.headers.write_items(verdict, items))?;
+        Ok(())
     }
 
     fn refund(&self, key: &Key, receipt: Receipt) -> BoxFuture<'static, ()> {
@@ -160,14 +165,25 @@ impl<S, B> Layer<S> for AllOf<B> {
     type Service = AllOfService<S, B>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        AllOfService { inner, limits: self.limits.clone().into(), _body: PhantomData }
+        // Every limit's `RateLimit-Policy` in one value, for when all of them admit with
+        // headers (the common case): built once, cloned per response.
+        let policy_all = join(self.limits.iter().map(|limit| limit.headers().policy()));
+        let limits = Limits { limits: self.limits.clone().into(), policy_all };
+        AllOfService { inner, limits: Arc::new(limits), _body: PhantomData }
     }
+}
+
+/// The limits of an [`AllOfService`], shared by its clones and its requests.
+struct Limits<B> {
+    limits: Box<[Arc<dyn Limit<B>>]>,
+    /// Every limit's `RateLimit-Policy` value, joined.
+    policy_all: Option<HeaderValue>,
 }
 
 /// The service made by [`AllOf`].
 pub struct AllOfService<S, B> {
     inner: S,
-    limits: Arc<[Arc<dyn Limit<B>>]>,
+    limits: Arc<Limits<B>>,
     _body: PhantomData<fn(B)>,
 }
 
@@ -193,37 +209,40 @@ where
 {
     type Response = Response<ResponseBody<ResB>>;
     type Error = S::Error;
-    type Future = BoxFuture<'static, Result<Self::Response, S::Error>>;
+    type Future = AllOfFuture<S::Future, B, ResB, S::Error>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
     }
 
     fn call(&mut self, req: Request<B>) -> Self::Future {
-        // The service poll_ready made ready goes into the future; a clone stays.
-        let clone = self.inner.clone();
-        let inner = std::mem::replace(&mut self.inner, clone);
-        let limits = self.limits.clone();
         let grpc = rampart_http::is_grpc(req.headers());
         // What the limits took, given back if the request does not reach the inner service.
-        let mut progress = Progress { taken: Refunds { limits, receipts: SmallVec::new() }, headers: SmallVec::new() };
+        let mut progress = Progress {
+            taken: Refunds { limits: self.limits.clone(), receipts: SmallVec::new() },
+            items: Items::new(),
+            admitted: SmallVec::new(),
+        };
         // Stores that answer at once (in-process) are decided here, in order, with no future
         // per check; the first that needs I/O hands the rest to the async path.
-        let mut next = 0;
-        while next < progress.taken.limits.len() {
-            let limit = progress.taken.limits[next].clone();
+        let limits = &self.limits.limits;
+        for (next, limit) in limits.iter().enumerate() {
             let step = match limit.key(&req) {
                 Ok(None) => Ok(()),
                 Ok(Some((key, cost))) => match limit.check_now(&key, cost) {
                     Some(result) => progress.settle(next, key, result),
                     None => {
-                        return Box::pin(async move {
+                        // The service poll_ready made ready goes into the future; a clone stays.
+                        let clone = self.inner.clone();
+                        let inner = std::mem::replace(&mut self.inner, clone);
+                        let limit = limit.clone();
+                        let future = Box::pin(async move {
                             let result = limit.check(&key, cost).await;
                             if let Err(refusal) = progress.settle(next, key, result) {
                                 return Ok(progress.refuse(next, refusal, grpc).await);
                             }
-                            for i in next + 1..progress.taken.limits.len() {
-                                let limit = progress.taken.limits[i].clone();
+                            let limits = progress.taken.limits.clone();
+                            for (i, limit) in limits.limits.iter().enumerate().skip(next + 1) {
                                 let step = match limit.key(&req) {
                                     Ok(None) => Ok(()),
                                     Ok(Some((key, cost))) => {
@@ -236,8 +255,13 @@ where
                                     return Ok(progress.refuse(i, refusal, grpc).await);
                                 }
                             }
-                            progress.call(inner, req).await
+                            let (headers, taken) = progress.admit();
+                            taken.spent();
+                            let mut inner = inner;
+                            let response = inner.call(req).await?;
+                            Ok(with_headers(response, headers))
                         });
+                        return AllOfFuture { state: State::Boxed { future } };
                     }
                 },
                 Err(rejection) => Err(rejection),
@@ -246,20 +270,91 @@ where
                 // Given back now, not at the first poll: a request refused here must not hold
                 // the earlier limits' units while its future waits (or is never polled).
                 let response = progress.refuse_now(next, refusal, grpc);
-                return Box::pin(std::future::ready(Ok(response)));
+                return AllOfFuture { state: State::Done { output: Some(Box::new(Ok(response))) } };
             }
-            next += 1;
         }
-        Box::pin(progress.call(inner, req))
+        // Decided at once: the service poll_ready made ready is called here, no clone of it. What
+        // the limits took is given back if the future is dropped before its first poll, as if
+        // the call had not been made (an unpolled future has done no work).
+        let (headers, taken) = progress.admit();
+        let taken = (!taken.receipts.is_empty()).then_some(taken);
+        AllOfFuture { state: State::Calling { future: self.inner.call(req), headers, taken } }
     }
+}
+
+type Output<ResB, E> = Result<Response<ResponseBody<ResB>>, E>;
+
+pin_project! {
+    #[project = StateProj]
+    enum State<F, B, ResB, E> {
+        // Admitted: the inner call, the headers for its response, and what the limits took
+        // until the first poll.
+        Calling { #[pin] future: F, headers: Option<(HeaderValue, HeaderValue)>, taken: Option<Refunds<B>> },
+        // Refused at once. Boxed: a rejection is far larger than the allowed path's future.
+        Done { output: Option<Box<Output<ResB, E>>> },
+        // A store needed I/O: the rest of the decision and the call.
+        Boxed { future: BoxFuture<'static, Output<ResB, E>> },
+    }
+}
+
+pin_project! {
+    /// Response future of [`AllOfService`]: named (no box) when every store answers at once.
+    pub struct AllOfFuture<F, B, ResB, E> {
+        #[pin]
+        state: State<F, B, ResB, E>,
+    }
+}
+
+impl<F, B, ResB, E> Future for AllOfFuture<F, B, ResB, E>
+where
+    F: Future<Output = Result<Response<ResB>, E>>,
+{
+    type Output = Output<ResB, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project().state.project() {
+            StateProj::Calling { future, headers, taken } => {
+                if let Some(taken) = taken.take() {
+                    taken.spent();
+                }
+                let response = ready!(future.poll(cx))?;
+                Poll::Ready(Ok(with_headers(response, headers.take())))
+            }
+            StateProj::Done { output } => match output.take() {
+                Some(output) => Poll::Ready(*output),
+                None => panic!("AllOfFuture polled after completion"),
+            },
+            StateProj::Boxed { future } => future.as_mut().poll(cx),
+        }
+    }
+}
+
+impl<F, B, ResB, E> fmt::Debug for AllOfFuture<F, B, ResB, E> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AllOfFuture").finish_non_exhaustive()
+    }
+}
+
+/// The inner service's response with the limits' headers (`RateLimit-Policy`, `RateLimit`).
+fn with_headers<ResB>(
+    response: Response<ResB>,
+    headers: Option<(HeaderValue, HeaderValue)>,
+) -> Response<ResponseBody<ResB>> {
+    let mut response = response.map(ResponseBody::inner);
+    if let Some((policy, ratelimit)) = headers {
+        apply_values(response.headers_mut(), policy, ratelimit);
+    }
+    response
 }
 
 /// Where a request stands among the limits of an [`AllOf`]: what they took, and the headers of
 /// those that admitted it.
 struct Progress<B> {
     taken: Refunds<B>,
-    /// Headers to add: (limit, its `RateLimit` value).
-    headers: SmallVec<[(usize, HeaderValue); 4]>,
+    /// The `RateLimit` items of the limits that admitted it, in order, as one list.
+    items: Items,
+    /// Which limits those are.
+    admitted: SmallVec<[usize; 4]>,
 }
 
 impl<B> Progress<B> {
@@ -273,15 +368,18 @@ impl<B> Progress<B> {
                 self.taken.receipts.push((i, key, receipt));
             }
         }
-        let header = self.taken.limits[i].decide(result)?;
-        self.headers.extend(header.map(|value| (i, value)));
+        let before = self.items.len();
+        self.taken.limits.limits[i].decide_into(result, &mut self.items)?;
+        if self.items.len() > before {
+            self.admitted.push(i);
+        }
         Ok(())
     }
 
     /// Limit `i` refused: what the earlier ones took goes back (all or nothing), and the refusal
     /// is answered as that limit's.
     async fn refuse<ResB>(self, i: usize, refusal: Rejection, grpc: bool) -> Response<ResponseBody<ResB>> {
-        let limit = self.taken.limits[i].clone();
+        let limit = self.taken.limits.limits[i].clone();
         self.taken.refund().await;
         refusal.into_response(limit.name(), limit.headers(), grpc)
     }
@@ -289,38 +387,47 @@ impl<B> Progress<B> {
     /// [`refuse`](Self::refuse) without waiting: in-process refunds are made at once, a refund
     /// that needs I/O is spawned (as when a request is dropped).
     fn refuse_now<ResB>(self, i: usize, refusal: Rejection, grpc: bool) -> Response<ResponseBody<ResB>> {
-        let limit = self.taken.limits[i].clone();
+        let limit = self.taken.limits.limits[i].clone();
         drop(self.taken);
         refusal.into_response(limit.name(), limit.headers(), grpc)
     }
 
-    /// Admitted by every limit: the units are spent whatever becomes of the call.
-    async fn call<S, ResB>(mut self, mut inner: S, req: Request<B>) -> Result<Response<ResponseBody<ResB>>, S::Error>
-    where
-        S: Service<Request<B>, Response = Response<ResB>>,
-    {
-        self.taken.receipts.clear();
-        let response = inner.call(req).await?;
-        let mut response = response.map(ResponseBody::inner);
-        for (i, ratelimit) in self.headers {
-            self.taken.limits[i].headers().apply_value(response.headers_mut(), ratelimit);
-        }
-        Ok(response)
+    /// Admitted by every limit: the headers for the response, one value each for all the
+    /// limits that send them, and what the limits took (given back unless [`Refunds::spent`]).
+    fn admit(self) -> (Option<(HeaderValue, HeaderValue)>, Refunds<B>) {
+        let headers = (|| {
+            if self.admitted.is_empty() {
+                return None;
+            }
+            let limits = &self.taken.limits;
+            let policy = if self.admitted.len() == limits.limits.len() {
+                limits.policy_all.clone()?
+            } else {
+                join(self.admitted.iter().map(|&i| limits.limits[i].headers().policy()))?
+            };
+            Some((policy, HeaderValue::from_bytes(&self.items).ok()?))
+        })();
+        (headers, self.taken)
     }
 }
 
 /// The receipts of the limits that consumed for a request the inner service has not been called
 /// with yet. Dropped with receipts left (the request's future dropped), it gives them back.
 struct Refunds<B> {
-    limits: Arc<[Arc<dyn Limit<B>>]>,
+    limits: Arc<Limits<B>>,
     receipts: SmallVec<[(usize, Key, Receipt); 2]>,
 }
 
 impl<B> Refunds<B> {
+    /// The request reached the inner service: the units are spent whatever becomes of the call.
+    fn spent(mut self) {
+        self.receipts.clear();
+    }
+
     /// Gives everything back, waiting for each store.
     async fn refund(mut self) {
         while let Some((i, key, receipt)) = self.receipts.pop() {
-            self.limits[i].refund(&key, receipt).await;
+            self.limits.limits[i].refund(&key, receipt).await;
         }
     }
 }
@@ -329,7 +436,7 @@ impl<B> Drop for Refunds<B> {
     fn drop(&mut self) {
         for (i, key, receipt) in self.receipts.drain(..) {
             // In-process stores refund when asked; a Redis refund is a future to run.
-            let mut refund = self.limits[i].refund(&key, receipt);
+            let mut refund = self.limits.limits[i].refund(&key, receipt);
             let Ok(runtime) = tokio::runtime::Handle::try_current() else { continue };
             if refund.as_mut().poll(&mut Context::from_waker(Waker::noop())).is_pending() {
                 drop(runtime.spawn(refund));

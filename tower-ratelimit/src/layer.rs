@@ -247,12 +247,23 @@ impl<St: Store, K, C> Shared<St, K, C> {
     /// the verdict's few hundred (it is moved around; without headers nothing is kept at all).
     #[inline]
     pub(crate) fn decide(&self, result: Result<Verdict, CheckError>) -> Result<Option<HeaderValue>, Rejection> {
+        Ok(self.decide_with(result, |verdict| self.headers.value(verdict))?.flatten())
+    }
+
+    /// [`decide`](Self::decide), with what to make of an admitting verdict whose headers are
+    /// sent: `Ok(None)` when it admits without headers.
+    #[inline]
+    pub(crate) fn decide_with<R>(
+        &self,
+        result: Result<Verdict, CheckError>,
+        headers: impl FnOnce(&Verdict) -> R,
+    ) -> Result<Option<R>, Rejection> {
         let rejection = match result {
             Ok(verdict) if verdict.allowed() => {
                 self.allowed.increment(1);
                 // A shadow layer sends no headers at all (its limit is not enforced).
                 if self.options.headers && !self.options.shadow {
-                    return Ok(self.headers.value(&verdict));
+                    return Ok(Some(headers(&verdict)));
                 }
                 return Ok(None);
             }

@@ -204,7 +204,7 @@ mod store;
 pub use algorithm::{
     Decision, Quota, QuotaConfig, QuotaReceipt, SlidingLog, SlidingWindow, TokenBucket, Verdict, WarmUp, WarmUpConfig,
 };
-pub use all::{AllOf, AllOfService};
+pub use all::{AllOf, AllOfFuture, AllOfService};
 pub use error::{CheckError, ConfigError, MissingRateLimitKey, RateLimited, StoreUnavailable};
 pub use extract::{Cost, UnitCost};
 pub use future::{ErrorFuture, ResponseFuture};

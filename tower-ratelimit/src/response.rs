@@ -99,18 +99,29 @@ impl Headers {
     /// than the verdict). `None` without decisions.
     pub(crate) fn value(&self, verdict: &Verdict) -> Option<HeaderValue> {
         // On the stack (a quota's item is ~30 bytes): the header value is the only allocation.
-        let mut value = smallvec::SmallVec::<[u8; 128]>::new();
+        let mut value = Items::new();
+        self.write_items(verdict, &mut value);
+        if value.is_empty() { None } else { HeaderValue::from_bytes(&value).ok() }
+    }
+
+    /// Appends this policy's `RateLimit` items to `list` (after a `, ` if it holds items
+    /// already): [`value`](Self::value) for one policy, and one value for several.
+    pub(crate) fn write_items(&self, verdict: &Verdict, list: &mut Items) {
         let mut digits = itoa::Buffer::new();
         for (d, prefix) in verdict.decisions().iter().zip(self.prefixes.iter()) {
-            if !value.is_empty() {
-                value.extend_from_slice(b", ");
+            if !list.is_empty() {
+                list.extend_from_slice(b", ");
             }
-            value.extend_from_slice(prefix);
-            value.extend_from_slice(digits.format(d.remaining.min(SF_INTEGER_MAX)).as_bytes());
-            value.extend_from_slice(b";t=");
-            value.extend_from_slice(digits.format(secs_ceil(d.reset_after).min(SF_INTEGER_MAX)).as_bytes());
+            list.extend_from_slice(prefix);
+            list.extend_from_slice(digits.format(d.remaining.min(SF_INTEGER_MAX)).as_bytes());
+            list.extend_from_slice(b";t=");
+            list.extend_from_slice(digits.format(secs_ceil(d.reset_after).min(SF_INTEGER_MAX)).as_bytes());
         }
-        if value.is_empty() { None } else { HeaderValue::from_bytes(&value).ok() }
+    }
+
+    /// The `RateLimit-Policy` value, constant per policy.
+    pub(crate) fn policy(&self) -> &HeaderValue {
+        &self.policy
     }
 
     /// Adds this policy's items, after those of limiters nested inside (one list, RFC 9651 §3.1).
@@ -122,9 +133,29 @@ impl Headers {
 
     /// [`apply`](Self::apply) with the `RateLimit` items already formatted by [`value`](Self::value).
     pub(crate) fn apply_value(&self, headers: &mut HeaderMap, ratelimit: HeaderValue) {
-        append_item(headers, &RATELIMIT_POLICY, || self.policy.clone());
-        append_item(headers, &RATELIMIT, || ratelimit);
+        apply_values(headers, self.policy.clone(), ratelimit);
     }
+}
+
+/// `RateLimit` items being formatted: on the stack up to a few quotas' worth.
+pub(crate) type Items = smallvec::SmallVec<[u8; 128]>;
+
+/// Adds a `RateLimit-Policy` and a `RateLimit` value, after the items of limiters nested inside.
+pub(crate) fn apply_values(headers: &mut HeaderMap, policy: HeaderValue, ratelimit: HeaderValue) {
+    append_item(headers, &RATELIMIT_POLICY, || policy);
+    append_item(headers, &RATELIMIT, || ratelimit);
+}
+
+/// Values of one list header joined into one (`, ` between them), as RFC 9110 §5.3 allows.
+pub(crate) fn join<'a>(values: impl IntoIterator<Item = &'a HeaderValue>) -> Option<HeaderValue> {
+    let mut joined = BytesMut::new();
+    for value in values {
+        if !joined.is_empty() {
+            joined.put_slice(b", ");
+        }
+        joined.put_slice(value.as_bytes());
+    }
+    HeaderValue::from_maybe_shared(joined.freeze()).ok()
 }
 
 /// Appends `item` to the list header `name`: one field line holding every line already there,
@@ -137,13 +168,7 @@ fn append_item(headers: &mut HeaderMap, name: &'static HeaderName, item: impl Fn
         }
         http::header::Entry::Occupied(mut occupied) => {
             let item = item();
-            let mut joined = BytesMut::new();
-            for existing in occupied.iter() {
-                joined.put_slice(existing.as_bytes());
-                joined.put_slice(b", ");
-            }
-            joined.put_slice(item.as_bytes());
-            if let Ok(value) = HeaderValue::from_maybe_shared(joined.freeze()) {
+            if let Some(value) = join(occupied.iter().chain(std::iter::once(&item))) {
                 occupied.insert(value);
             }
         }

@@ -173,12 +173,7 @@ type Answer = Response<rampart_http::ResponseBody<()>>;
 /// An `AllOf` over `stores`, in order.
 fn all_of(
     stores: &[AnyStore],
-) -> impl Service<
-    Request<()>,
-    Response = Answer,
-    Error = Infallible,
-    Future = BoxFuture<'static, Result<Answer, Infallible>>,
-> + Clone {
+) -> impl Service<Request<()>, Response = Answer, Error = Infallible, Future: Send + 'static> + Clone {
     let mut all = AllOf::new();
     for (i, s) in stores.iter().enumerate() {
         all = all.with(limit(i, s.clone()));
