@@ -122,7 +122,8 @@ pub(crate) fn router(app: Arc<App>) -> anyhow::Result<Router> {
     // The per-client and the global limit as one decision: all consume or none does (a refusal
     // by either gives back what the other took).
     let users_limits = AllOf::new().with(per_client).with(global.clone());
-    let users = get(get_user).route_layer(users_limits).route_layer(shed.clone());
+    // One `route_layer` for both: each one is a boxed route of its own, cloned on every call.
+    let users = get(get_user).route_layer(ServiceBuilder::new().layer(shed.clone()).layer(users_limits));
     let limited = Router::new()
         .route("/inventory/{sku}", put(put_stock).get(get_stock))
         .route("/inventory/{sku}/reserve", post(reserve).route_layer(reserve_lock))

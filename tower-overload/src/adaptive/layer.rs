@@ -36,6 +36,12 @@ pub enum Completion {
 pub trait Ticket: Send + 'static {
     /// Records how the call ended and frees its slot.
     fn finish(self, completion: Completion);
+
+    /// Whether [`finish`](Self::finish) needs to hear how the call ended; `false` spares the
+    /// layer classifying the response (dropped, the ticket is then never finished).
+    fn wants_outcome(&self) -> bool {
+        true
+    }
 }
 
 /// An overload protection: admits or refuses a call now, never waits.
@@ -72,6 +78,11 @@ impl<T: Ticket> Ticket for Option<T> {
         if let Some(ticket) = self {
             ticket.finish(completion);
         }
+    }
+
+    /// A protection switched off hears nothing.
+    fn wants_outcome(&self) -> bool {
+        self.as_ref().is_some_and(Ticket::wants_outcome)
     }
 }
 
@@ -225,10 +236,15 @@ where
     fn call(&mut self, req: Request<ReqB>) -> Self::Future {
         match self.admission.admit() {
             Ok(ticket) => OverloadResponseFuture {
-                state: HttpState::Calling { future: self.inner.call(req), ticket: Some(ticket) },
+                state: HttpState::Calling {
+                    future: self.inner.call(req),
+                    ticket: Some(ticket).filter(Ticket::wants_outcome),
+                },
             },
             Err(refusal) => OverloadResponseFuture {
-                state: HttpState::Refused { response: Some(overloaded_response(&refusal, is_grpc(req.headers()))) },
+                state: HttpState::Refused {
+                    response: Some(Box::new(overloaded_response(&refusal, is_grpc(req.headers())))),
+                },
             },
         }
     }
@@ -238,7 +254,8 @@ pin_project! {
     #[project = HttpStateProj]
     enum HttpState<F, T, ResB> {
         Calling { #[pin] future: F, ticket: Option<T> },
-        Refused { response: Option<Response<ResponseBody<ResB>>> },
+        // Boxed: a refusal is far larger than the admitted path's future.
+        Refused { response: Option<Box<Response<ResponseBody<ResB>>>> },
     }
 }
 
@@ -274,7 +291,7 @@ where
                 Poll::Ready(result.map(|response| response.map(ResponseBody::inner)))
             }
             HttpStateProj::Refused { response } => match response.take() {
-                Some(response) => Poll::Ready(Ok(response)),
+                Some(response) => Poll::Ready(Ok(*response)),
                 None => panic!("OverloadResponseFuture polled after completion"),
             },
         }
