@@ -87,9 +87,12 @@ where
 /// to the backend and key that consumed them, never more than it took — a token bucket counts
 /// conservatively, so after other refunds it may get back less) and the refusal is answered as
 /// that limit's. The same happens when
-/// the request is dropped before the inner service is called (a client gone, a timeout outside):
-/// the refunds are then made at once for in-process stores, in a spawned task for Redis (when
-/// dropped inside a tokio runtime; else they are lost, which only makes the limits stricter).
+/// the request is dropped before the inner service is called (a client gone, a timeout outside,
+/// while a store that needs I/O has not answered): the refunds are then made at once for
+/// in-process stores, in a spawned task for Redis (when dropped inside a tokio runtime; else
+/// they are lost, which only makes the limits stricter). When every store answers at once
+/// (in-process), the inner service is called within `call`, as a single [`RateLimitLayer`]
+/// calls it, and from there the units are spent whatever becomes of the returned future.
 /// Between the check and the refund another request may find those units taken, and a refund
 /// may give back less than its check took: under contention an `AllOf` can be briefly stricter
 /// than its parts, never looser. Allowed responses
@@ -209,7 +212,7 @@ where
 {
     type Response = Response<ResponseBody<ResB>>;
     type Error = S::Error;
-    type Future = AllOfFuture<S::Future, B, ResB, S::Error>;
+    type Future = AllOfFuture<S::Future, ResB, S::Error>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
@@ -273,12 +276,12 @@ where
                 return AllOfFuture { state: State::Done { output: Some(Box::new(Ok(response))) } };
             }
         }
-        // Decided at once: the service poll_ready made ready is called here, no clone of it. What
-        // the limits took is given back if the future is dropped before its first poll, as if
-        // the call had not been made (an unpolled future has done no work).
+        // Decided at once: the service poll_ready made ready is called here, no clone of it, and
+        // from here the units are spent (the inner service has the request), as a single
+        // `RateLimitLayer`'s are.
         let (headers, taken) = progress.admit();
-        let taken = (!taken.receipts.is_empty()).then_some(taken);
-        AllOfFuture { state: State::Calling { future: self.inner.call(req), headers, taken } }
+        taken.spent();
+        AllOfFuture { state: State::Calling { future: self.inner.call(req), headers } }
     }
 }
 
@@ -286,10 +289,9 @@ type Output<ResB, E> = Result<Response<ResponseBody<ResB>>, E>;
 
 pin_project! {
     #[project = StateProj]
-    enum State<F, B, ResB, E> {
-        // Admitted: the inner call, the headers for its response, and what the limits took
-        // until the first poll.
-        Calling { #[pin] future: F, headers: Option<(HeaderValue, HeaderValue)>, taken: Option<Refunds<B>> },
+    enum State<F, ResB, E> {
+        // Admitted: the inner call, and the headers for its response.
+        Calling { #[pin] future: F, headers: Option<(HeaderValue, HeaderValue)> },
         // Refused at once. Boxed: a rejection is far larger than the allowed path's future.
         Done { output: Option<Box<Output<ResB, E>>> },
         // A store needed I/O: the rest of the decision and the call.
@@ -299,13 +301,13 @@ pin_project! {
 
 pin_project! {
     /// Response future of [`AllOfService`]: named (no box) when every store answers at once.
-    pub struct AllOfFuture<F, B, ResB, E> {
+    pub struct AllOfFuture<F, ResB, E> {
         #[pin]
-        state: State<F, B, ResB, E>,
+        state: State<F, ResB, E>,
     }
 }
 
-impl<F, B, ResB, E> Future for AllOfFuture<F, B, ResB, E>
+impl<F, ResB, E> Future for AllOfFuture<F, ResB, E>
 where
     F: Future<Output = Result<Response<ResB>, E>>,
 {
@@ -313,10 +315,7 @@ where
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match self.project().state.project() {
-            StateProj::Calling { future, headers, taken } => {
-                if let Some(taken) = taken.take() {
-                    taken.spent();
-                }
+            StateProj::Calling { future, headers } => {
                 let response = ready!(future.poll(cx))?;
                 Poll::Ready(Ok(with_headers(response, headers.take())))
             }
@@ -329,7 +328,7 @@ where
     }
 }
 
-impl<F, B, ResB, E> fmt::Debug for AllOfFuture<F, B, ResB, E> {
+impl<F, ResB, E> fmt::Debug for AllOfFuture<F, ResB, E> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("AllOfFuture").finish_non_exhaustive()
     }
