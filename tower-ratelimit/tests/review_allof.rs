@@ -9,6 +9,10 @@
 //! `holds_*` tests show a claim that held under attack. Store time is a `ManualClock` (no wall-clock assertions); the only waits
 //! are bounded polls for refunds spawned on a drop, asserted on the final state only.
 
+mod common;
+
+use common::two_line_service;
+
 use std::{
     convert::Infallible,
     panic::AssertUnwindSafe,
@@ -474,21 +478,6 @@ async fn holds_allof_headers_in_order_over_mixed_stores() {
     assert_eq!(refused.headers()["grpc-status"], "8");
     assert_eq!(item_names(refused.headers(), "ratelimit"), ["h-r7"]);
     assert!(rampart_http::is_local_rejection(&refused));
-}
-
-/// An inner service that already answers with `RateLimit` / `RateLimit-Policy` on two field
-/// lines each (an upstream proxy's, a nested limiter built without this crate).
-fn two_line_service()
--> impl Service<Request<()>, Response = Response<()>, Error = Infallible, Future: Send> + Clone + Send + 'static {
-    tower::service_fn(|_req: Request<()>| async {
-        let mut response = Response::new(());
-        let h = response.headers_mut();
-        h.append("ratelimit", HeaderValue::from_static("\"in1\";r=1;t=1"));
-        h.append("ratelimit", HeaderValue::from_static("\"in2\";r=2;t=2"));
-        h.append("ratelimit-policy", HeaderValue::from_static("\"in1\";q=5"));
-        h.append("ratelimit-policy", HeaderValue::from_static("\"in2\";q=5"));
-        Ok::<_, Infallible>(response)
-    })
 }
 
 /// `apply_value` promises to add the layer's items "after those of limiters nested inside (one

@@ -9,6 +9,10 @@
 //! assertions, no sleeps); randomness is seeded (`REVIEW_SEED` overrides) and the seed is
 //! printed on failure.
 
+mod common;
+
+use common::two_line_service;
+
 use std::{
     convert::Infallible,
     future::Future,
@@ -603,20 +607,6 @@ async fn holds_headers_partial_lists_alternating() {
         .layer(ok_service());
     let r = none.oneshot(req("t")).await.unwrap();
     assert!(!r.headers().contains_key("ratelimit") && !r.headers().contains_key("ratelimit-policy"), "{r:?}");
-}
-
-/// An inner service answering with items on two field lines (a nested limiter's, a proxy's).
-fn two_line_service()
--> impl Service<Request<()>, Response = Response<()>, Error = Infallible, Future: Send> + Clone + Send + 'static {
-    tower::service_fn(|_req: Request<()>| async {
-        let mut response = Response::new(());
-        let h = response.headers_mut();
-        h.append("ratelimit", HeaderValue::from_static("\"in1\";r=1;t=1"));
-        h.append("ratelimit", HeaderValue::from_static("\"in2\";r=2;t=2"));
-        h.append("ratelimit-policy", HeaderValue::from_static("\"in1\";q=5"));
-        h.append("ratelimit-policy", HeaderValue::from_static("\"in2\";q=5"));
-        Ok::<_, Infallible>(response)
-    })
 }
 
 /// outer layer ⊃ AllOf(x1, x2 slow, x3 headers off) ⊃ layer m ⊃ AllOf(y1, y2 shadow, y3) ⊃
