@@ -258,8 +258,7 @@ where
                                     return Ok(progress.refuse(i, refusal, grpc).await);
                                 }
                             }
-                            let (headers, taken) = progress.admit();
-                            taken.spent();
+                            let headers = progress.admit();
                             let mut inner = inner;
                             let response = inner.call(req).await?;
                             Ok(with_headers(response, headers))
@@ -279,8 +278,7 @@ where
         // Decided at once: the service poll_ready made ready is called here, no clone of it, and
         // from here the units are spent (the inner service has the request), as a single
         // `RateLimitLayer`'s are.
-        let (headers, taken) = progress.admit();
-        taken.spent();
+        let headers = progress.admit();
         AllOfFuture { state: State::Calling { future: self.inner.call(req), headers } }
     }
 }
@@ -391,22 +389,21 @@ impl<B> Progress<B> {
         refusal.into_response(limit.name(), limit.headers(), grpc)
     }
 
-    /// Admitted by every limit: the headers for the response, one value each for all the
-    /// limits that send them, and what the limits took (given back unless [`Refunds::spent`]).
-    fn admit(self) -> (Option<(HeaderValue, HeaderValue)>, Refunds<B>) {
-        let headers = (|| {
-            if self.admitted.is_empty() {
-                return None;
-            }
-            let limits = &self.taken.limits;
-            let policy = if self.admitted.len() == limits.limits.len() {
-                limits.policy_all.clone()?
-            } else {
-                join(self.admitted.iter().map(|&i| limits.limits[i].headers().policy()))?
-            };
-            Some((policy, HeaderValue::from_bytes(&self.items).ok()?))
-        })();
-        (headers, self.taken)
+    /// Admitted by every limit, and about to be handed to the inner service: the units are
+    /// spent whatever becomes of the call. The headers for the response, one value each for all
+    /// the limits that send them.
+    fn admit(mut self) -> Option<(HeaderValue, HeaderValue)> {
+        self.taken.receipts.clear();
+        if self.admitted.is_empty() {
+            return None;
+        }
+        let limits = &self.taken.limits;
+        let policy = if self.admitted.len() == limits.limits.len() {
+            limits.policy_all.clone()?
+        } else {
+            join(self.admitted.iter().map(|&i| limits.limits[i].headers().policy()))?
+        };
+        Some((policy, HeaderValue::from_bytes(&self.items).ok()?))
     }
 }
 
@@ -418,11 +415,6 @@ struct Refunds<B> {
 }
 
 impl<B> Refunds<B> {
-    /// The request reached the inner service: the units are spent whatever becomes of the call.
-    fn spent(mut self) {
-        self.receipts.clear();
-    }
-
     /// Gives everything back, waiting for each store.
     async fn refund(mut self) {
         while let Some((i, key, receipt)) = self.receipts.pop() {
