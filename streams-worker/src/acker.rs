@@ -2,12 +2,7 @@
 //! this consumer still owns them; an entry stays owned (and kept by the heartbeat) until its
 //! acknowledgement is written.
 
-use std::{
-    collections::{HashMap, HashSet},
-    sync::Arc,
-    sync::atomic::Ordering,
-    time::Duration,
-};
+use std::{sync::Arc, sync::atomic::Ordering, time::Duration};
 
 use tokio::sync::{OwnedSemaphorePermit, mpsc};
 
@@ -18,9 +13,10 @@ use crate::{ctx::Ctx, producer::parse_id, scripts};
 /// more finished-but-unacknowledged entries than it has permits.
 pub(crate) enum Ack {
     /// Acknowledge this entry; it was processed (counted, status `done`).
-    Processed { id: String, task: String, attempt: u64, _permit: OwnedSemaphorePermit },
+    /// `task` is the task id where statuses are kept (else `None`).
+    Processed { id: String, task: Option<String>, attempt: u64, _permit: OwnedSemaphorePermit },
     /// Acknowledge without counting (a duplicate skipped by the idempotency marker).
-    Skipped { id: String, task: String, attempt: u64, _permit: OwnedSemaphorePermit },
+    Skipped { id: String, task: Option<String>, attempt: u64, _permit: OwnedSemaphorePermit },
     /// Count a stats field.
     Count(&'static str),
 }
@@ -44,18 +40,19 @@ pub(crate) async fn acker(ctx: Arc<Ctx>, mut rx: mpsc::UnboundedReceiver<Ack>) {
             }
         }
         match write(&ctx, &backlog).await {
-            Ok(acked) => {
-                // As the script does: an id listed twice counts for its first listing only.
-                let mut acked: HashSet<String> = acked.into_iter().collect();
-                let mut processed = 0;
+            Ok(missed) => {
+                // The script lists what it did not acknowledge (by position among the entries):
+                // taken by another consumer, or listed before in this batch.
+                let mut missed = missed.into_iter().peekable();
+                let (mut position, mut processed) = (0, 0);
                 for op in &backlog {
+                    let (Ack::Processed { id, .. } | Ack::Skipped { id, .. }) = op else { continue };
+                    position += 1;
+                    let acked = missed.next_if_eq(&position).is_none();
                     match op {
-                        Ack::Processed { id, .. } if acked.remove(id) => processed += 1,
-                        Ack::Processed { id, .. } => lost(&ctx, id),
-                        Ack::Skipped { id, .. } => {
-                            acked.remove(id);
-                        }
-                        Ack::Count(_) => {}
+                        Ack::Processed { .. } if acked => processed += 1,
+                        Ack::Processed { .. } => lost(&ctx, id),
+                        _ => {}
                     }
                 }
                 ctx.counters.processed.fetch_add(processed, Ordering::Relaxed);
@@ -66,7 +63,7 @@ pub(crate) async fn acker(ctx: Arc<Ctx>, mut rx: mpsc::UnboundedReceiver<Ack>) {
                     Ack::Processed { id, .. } | Ack::Skipped { id, .. } => Some(id.as_str()),
                     Ack::Count(_) => None,
                 }));
-                backlog.clear();
+                free(&mut backlog);
             }
             Err(error) if crate::ctx::is_nogroup(&error) => {
                 // The group is gone, and with it what we owned: nothing left to acknowledge.
@@ -95,23 +92,43 @@ pub(crate) async fn acker(ctx: Arc<Ctx>, mut rx: mpsc::UnboundedReceiver<Ack>) {
     }
 }
 
+/// Empties the backlog, its permits released together: one release per semaphore rather than
+/// one per entry (each release takes the semaphore's lock).
+fn free(backlog: &mut Vec<Ack>) {
+    let mut merged: Option<OwnedSemaphorePermit> = None;
+    for op in backlog.drain(..) {
+        let (Ack::Processed { _permit: permit, .. } | Ack::Skipped { _permit: permit, .. }) = op else { continue };
+        match &mut merged {
+            Some(all) if Arc::ptr_eq(all.semaphore(), permit.semaphore()) => all.merge(permit),
+            // An entry that could not take an acknowledgement slot holds its run permit.
+            _ => drop(merged.replace(permit)),
+        }
+    }
+}
+
 fn lost(ctx: &Ctx, id: &str) {
     ctx.counters.lost.fetch_add(1, Ordering::Relaxed);
     ctx.metrics.lost.increment(1);
     tracing::warn!(%id, "finished an entry another consumer had taken over; not acknowledged or counted here");
 }
 
-/// One round trip: the ack script for the finished entries and counters. Returns the ids
-/// acknowledged.
-async fn write(ctx: &Ctx, ops: &[Ack]) -> Result<Vec<String>, redis::RedisError> {
+/// One round trip: the ack script for the finished entries and counters. Returns the positions
+/// (1-based, ascending, among the entries) of those it did not acknowledge.
+async fn write(ctx: &Ctx, ops: &[Ack]) -> Result<Vec<u64>, redis::RedisError> {
     let status_ttl = ctx.status_ttl_ms();
-    let mut finished: Vec<(&str, &str, &str, u64)> = Vec::new();
-    let mut counts: HashMap<&'static str, u64> = HashMap::new();
+    let mut finished: Vec<(&str, &str, u64)> = Vec::with_capacity(ops.len());
+    let mut kinds = String::with_capacity(ops.len());
+    let mut counts: Vec<(&'static str, u64)> = Vec::new();
     for op in ops {
         match op {
-            Ack::Processed { id, task, attempt, .. } => finished.push((id, task, "p", *attempt)),
-            Ack::Skipped { id, task, attempt, .. } => finished.push((id, task, "s", *attempt)),
-            Ack::Count(field) => *counts.entry(field).or_default() += 1,
+            Ack::Processed { id, task, attempt, .. } | Ack::Skipped { id, task, attempt, .. } => {
+                finished.push((id, task.as_deref().unwrap_or_default(), *attempt));
+                kinds.push(if matches!(op, Ack::Processed { .. }) { 'p' } else { 's' });
+            }
+            Ack::Count(field) => match counts.iter_mut().find(|(f, _)| f == field) {
+                Some((_, n)) => *n += 1,
+                None => counts.push((field, 1)),
+            },
         }
     }
     if finished.is_empty() && counts.is_empty() {
@@ -120,7 +137,7 @@ async fn write(ctx: &Ctx, ops: &[Ack]) -> Result<Vec<String>, redis::RedisError>
     let mut invocation = scripts::ACK.key(&*ctx.stream);
     invocation.key(&ctx.stats);
     if status_ttl > 0 {
-        for (_, task, _, _) in &finished {
+        for (_, task, _) in &finished {
             invocation.key(crate::keys::status(&ctx.stream, task));
         }
     }
@@ -130,9 +147,14 @@ async fn write(ctx: &Ctx, ops: &[Ack]) -> Result<Vec<String>, redis::RedisError>
         Some((Some(first), Some(last))) => (format!("{}-{}", first.0, first.1), format!("{}-{}", last.0, last.1)),
         _ => ("-".to_owned(), "+".to_owned()),
     };
-    invocation.arg(&*ctx.group).arg(&*ctx.consumer).arg(status_ttl).arg(finished.len()).arg(first).arg(last);
-    for (id, _, kind, attempt) in &finished {
-        invocation.arg(*id).arg(*kind).arg(*attempt);
+    invocation.arg(&*ctx.group).arg(&*ctx.consumer).arg(status_ttl).arg(finished.len()).arg(first).arg(last).arg(kinds);
+    for (id, ..) in &finished {
+        invocation.arg(*id);
+    }
+    if status_ttl > 0 {
+        for (.., attempt) in &finished {
+            invocation.arg(*attempt);
+        }
     }
     for (field, n) in &counts {
         invocation.arg(*field).arg(*n);

@@ -356,7 +356,7 @@ impl Ctx {
         let task = crate::envelope::task_id(&entry.fields).unwrap_or_default();
         let mut invocation = scripts::RETRY.key(&*self.stream);
         invocation.key(&self.delayed).key(&self.stats);
-        if let Some(status) = self.status_key(&task) {
+        if let Some(status) = self.status_key(task) {
             invocation.key(status);
         }
         invocation
@@ -383,7 +383,7 @@ impl Ctx {
         let task = crate::envelope::task_id(&entry.fields).unwrap_or_default();
         let mut invocation = scripts::DEAD.key(&*self.stream);
         invocation.key(&self.dead_letter).key(&self.stats);
-        if let Some(status) = self.status_key(&task) {
+        if let Some(status) = self.status_key(task) {
             invocation.key(status);
         }
         invocation

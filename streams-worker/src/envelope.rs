@@ -97,8 +97,8 @@ pub(crate) fn for_group(map: &Fields) -> Option<&str> {
 }
 
 /// The task id of an entry, if it has one.
-pub(crate) fn task_id(map: &Fields) -> Option<String> {
-    optional(map, F_ID).map(str::to_owned)
+pub(crate) fn task_id(map: &Fields) -> Option<&str> {
+    optional(map, F_ID)
 }
 
 /// One delivery of a task to a handler: what a [`Worker`](crate::Worker)'s service is called
@@ -229,7 +229,7 @@ mod tests {
         fields.insert("id".into(), Value::BulkString(b"first".to_vec()));
         fields.insert("type".into(), Value::BulkString(b"t".to_vec()));
         fields.insert("id".into(), Value::BulkString(b"last".to_vec()));
-        assert_eq!(task_id(&fields).as_deref(), Some("last"));
+        assert_eq!(task_id(&fields), Some("last"));
         assert_eq!(fields.iter().count(), 2);
         assert_eq!(
             raw_fields(&fields),

@@ -44,10 +44,18 @@ pub(crate) async fn handle<T, S>(
 {
     let attempt = attempts_before(&entry.fields).saturating_add(entry.times);
     let task = task_id(&entry.fields).unwrap_or_default();
+    // The acker needs the task id only to write its status.
+    let status_task = || ctx.config.status_ttl.map(|_| task.to_owned());
     // A retry or a requeued dead letter of another group: not ours to run (each group sees every
     // entry of the stream).
     if for_group(&entry.fields).is_some_and(|g| g != &*ctx.group) {
-        to_acker(&ctx, permit, &acks, |slot| Ack::Skipped { id: entry.id, task, attempt, _permit: slot }).await;
+        to_acker(&ctx, permit, &acks, |slot| Ack::Skipped {
+            id: entry.id,
+            task: status_task(),
+            attempt,
+            _permit: slot,
+        })
+        .await;
         return;
     }
     let delivery = match decode::<T>(&entry.id, &entry.fields, attempt) {
@@ -69,12 +77,18 @@ pub(crate) async fn handle<T, S>(
         return;
     }
     // Per task, not per entry: a retry is a new entry of the same task.
-    let marker = ctx.config.idempotency_ttl.map(|ttl| (keys::done(&ctx.stream, &ctx.group, &task), ttl));
+    let marker = ctx.config.idempotency_ttl.map(|ttl| (keys::done(&ctx.stream, &ctx.group, task), ttl));
     if let Some((key, _)) = &marker {
         let done: Result<bool, _> = redis::cmd("EXISTS").arg(key).query_async(&mut ctx.con()).await;
         if done.unwrap_or(false) {
             ctx.counters.duplicates_skipped.fetch_add(1, Ordering::Relaxed);
-            to_acker(&ctx, permit, &acks, |slot| Ack::Skipped { id: entry.id, task, attempt, _permit: slot }).await;
+            to_acker(&ctx, permit, &acks, |slot| Ack::Skipped {
+                id: entry.id,
+                task: status_task(),
+                attempt,
+                _permit: slot,
+            })
+            .await;
             return;
         }
     }
@@ -84,7 +98,7 @@ pub(crate) async fn handle<T, S>(
         let _ = acks.send(Ack::Count("retried"));
     }
     // Written before the run, not batched: a later `retrying` or `dead` must not be overwritten.
-    if let Some(key) = ctx.status_key(&task) {
+    if let Some(key) = ctx.status_key(task) {
         let _: Result<i64, _> = crate::scripts::STATUS
             .key(key)
             .arg(ctx.status_ttl_ms())
@@ -115,7 +129,13 @@ pub(crate) async fn handle<T, S>(
                     .await;
             }
             // Still owned until the acker has written the acknowledgement.
-            to_acker(&ctx, permit, &acks, |slot| Ack::Processed { id: entry.id, task, attempt, _permit: slot }).await;
+            to_acker(&ctx, permit, &acks, |slot| Ack::Processed {
+                id: entry.id,
+                task: status_task(),
+                attempt,
+                _permit: slot,
+            })
+            .await;
         }
         Outcome::TakenAway => {
             ctx.counters.lost.fetch_add(1, Ordering::Relaxed);

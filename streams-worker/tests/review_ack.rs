@@ -35,7 +35,8 @@ fn range(ids: &[String]) -> (String, String) {
     }
 }
 
-/// Runs the ack script as the acker does (status TTL 0); `batch` is (id, 'p' | 's').
+/// Runs the ack script as the acker does (status TTL 0); `batch` is (id, 'p' | 's'). Returns the
+/// ids acknowledged: the listing without the positions the script says it did not acknowledge.
 fn ack(
     con: &mut redis::Connection,
     stream: &str,
@@ -44,14 +45,16 @@ fn ack(
 ) -> redis::RedisResult<Vec<String>> {
     let ids: Vec<String> = batch.iter().map(|(id, _)| id.clone()).collect();
     let (first, last) = range(&ids);
+    let kinds: String = batch.iter().map(|(_, kind)| *kind).collect();
     let script = redis::Script::new(ACK_LUA);
     let mut inv = script.key(stream);
     inv.key(format!("{stream}:stats"));
-    inv.arg("g").arg(consumer).arg(0).arg(batch.len()).arg(first).arg(last);
-    for (id, kind) in batch {
-        inv.arg(id).arg(*kind).arg(1);
+    inv.arg("g").arg(consumer).arg(0).arg(batch.len()).arg(first).arg(last).arg(kinds);
+    for (id, _) in batch {
+        inv.arg(id);
     }
-    inv.invoke(con)
+    let missed: Vec<usize> = inv.invoke(con)?;
+    Ok(ids.into_iter().enumerate().filter(|(i, _)| !missed.contains(&(i + 1))).map(|(_, id)| id).collect())
 }
 
 fn xadd(con: &mut redis::Connection, stream: &str, id: &str) {
