@@ -140,20 +140,25 @@ impl Ctx {
         self.config.status_ttl.map(|_| keys::status(&self.stream, task_id))
     }
 
-    /// Takes ownership of a fetched entry; its handler stops when the token is cancelled.
-    pub(crate) fn own(&self, id: &str) -> CancellationToken {
-        let token = CancellationToken::new();
+    /// Takes ownership of fetched entries, under one lock, skipping those already ours; each
+    /// one's handler stops when its token is cancelled.
+    pub(crate) fn own(&self, entries: Vec<Fetched>) -> Vec<(Fetched, CancellationToken)> {
         let mut owned = self.owned.lock().unwrap_or_else(PoisonError::into_inner);
-        // Callers skip entries already owned (a redelivery of a running entry); should one come
-        // anyway, the running handler keeps its token and the entry counts once.
-        if let Some(running) = owned.get(id) {
-            return running.cancel.clone();
+        let mut out = Vec::with_capacity(entries.len());
+        for entry in entries {
+            // An entry delivered again while it is ours (the group's last id was moved back, or
+            // the group made again) already has its handler here: not a second one.
+            if owned.contains_key(&entry.id) {
+                continue;
+            }
+            let token = CancellationToken::new();
+            owned.insert(entry.id.clone(), Owned { cancel: token.clone(), started: false });
+            out.push((entry, token));
         }
-        owned.insert(id.to_owned(), Owned { cancel: token.clone(), started: false });
         drop(owned);
-        self.counters.in_flight.fetch_add(1, Ordering::Relaxed);
-        self.metrics.in_flight.increment(1.0);
-        token
+        self.counters.in_flight.fetch_add(out.len() as u64, Ordering::Relaxed);
+        self.metrics.in_flight.increment(out.len() as f64);
+        out
     }
 
     /// Notes that an owned entry's handler starts.
@@ -191,10 +196,6 @@ impl Ctx {
 
     pub(crate) fn owned_ids(&self) -> Vec<String> {
         self.owned.lock().unwrap_or_else(PoisonError::into_inner).keys().cloned().collect()
-    }
-
-    pub(crate) fn is_owned(&self, id: &str) -> bool {
-        self.owned.lock().unwrap_or_else(PoisonError::into_inner).contains_key(id)
     }
 
     /// Stops the handlers of entries another consumer holds now.
@@ -274,9 +275,8 @@ impl Ctx {
         }
         let entries = parse_read(reply)
             .ok_or_else(|| redis::RedisError::from((redis::ErrorKind::Parse, "unexpected reply of XREADGROUP")))?;
-        // An entry delivered again while it is ours (the group's last id was moved back, or the
-        // group made again) already has its handler here: not a second one.
-        Ok(entries.into_iter().filter(|e| !self.is_owned(&e.id)).collect())
+        // Entries already ours (delivered again) are skipped when they are owned.
+        Ok(entries)
     }
 
     /// Entries idle past `claim_idle` in any consumer (a dead one), or with `own` this

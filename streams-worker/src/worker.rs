@@ -364,9 +364,11 @@ async fn fetch_loop<T, S>(
             continue;
         }
         pause = Duration::from_millis(50);
-        for entry in entries {
+        // Never more than asked for (a permit and a ready service each).
+        let mut entries = entries;
+        entries.truncate(held.len().min(ready.len()));
+        for (entry, cancel) in ctx.own(entries) {
             let (Some(permit), Some(svc)) = (held.pop(), ready.pop()) else { break };
-            let cancel = ctx.own(&entry.id);
             tasks.spawn(handle::<T, S>(ctx.clone(), entry, svc, permit, cancel, acks.clone()), config.concurrency);
         }
     }
