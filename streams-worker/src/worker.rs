@@ -252,6 +252,15 @@ impl Tasks {
     }
 }
 
+/// Dropped with the worker's future (its task aborted): the handlers stop too, as a `JoinSet`'s
+/// would. Left running, they would work on entries no heartbeat keeps, beside whoever takes
+/// them over.
+impl Drop for Tasks {
+    fn drop(&mut self) {
+        self.abort_all();
+    }
+}
+
 fn take_ready<S: Clone>(svc: &mut S) -> S {
     let clone = svc.clone();
     std::mem::replace(svc, clone)
