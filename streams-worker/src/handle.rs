@@ -49,13 +49,7 @@ pub(crate) async fn handle<T, S>(
     // A retry or a requeued dead letter of another group: not ours to run (each group sees every
     // entry of the stream).
     if for_group(&entry.fields).is_some_and(|g| g != &*ctx.group) {
-        to_acker(&ctx, permit, &acks, |slot| Ack::Skipped {
-            id: entry.id,
-            task: status_task(),
-            attempt,
-            _permit: slot,
-        })
-        .await;
+        skip(&ctx, permit, &acks, entry.id, status_task(), attempt).await;
         return;
     }
     let delivery = match decode::<T>(&entry.id, &entry.fields, attempt) {
@@ -82,13 +76,7 @@ pub(crate) async fn handle<T, S>(
         let done: Result<bool, _> = redis::cmd("EXISTS").arg(key).query_async(&mut ctx.con()).await;
         if done.unwrap_or(false) {
             ctx.counters.duplicates_skipped.fetch_add(1, Ordering::Relaxed);
-            to_acker(&ctx, permit, &acks, |slot| Ack::Skipped {
-                id: entry.id,
-                task: status_task(),
-                attempt,
-                _permit: slot,
-            })
-            .await;
+            skip(&ctx, permit, &acks, entry.id, status_task(), attempt).await;
             return;
         }
     }
@@ -160,6 +148,18 @@ pub(crate) async fn handle<T, S>(
             drop(permit);
         }
     }
+}
+
+/// Acknowledges an entry without running it (another group's, or a duplicate).
+async fn skip(
+    ctx: &Ctx,
+    permit: OwnedSemaphorePermit,
+    acks: &mpsc::UnboundedSender<Ack>,
+    id: String,
+    task: Option<String>,
+    attempt: u64,
+) {
+    to_acker(ctx, permit, acks, |slot| Ack::Skipped { id, task, attempt, _permit: slot }).await;
 }
 
 /// Hands a finished entry to the acker: it takes an acknowledgement slot and gives its run

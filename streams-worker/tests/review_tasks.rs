@@ -58,6 +58,23 @@ impl Drop for Alive {
     }
 }
 
+/// A handler that sleeps two minutes; `alive` counts its running futures, `started` its calls.
+fn sleeping_handler(
+    alive: &Arc<AtomicUsize>,
+    started: &Arc<AtomicUsize>,
+) -> impl tower::Service<Delivery<Value>, Response = (), Error = Infallible, Future: Send> + Clone + Send + 'static {
+    let (alive, started) = (alive.clone(), started.clone());
+    service_fn(move |_task: Delivery<Value>| {
+        let guard = Alive::enter(&alive);
+        started.fetch_add(1, Ordering::SeqCst);
+        async move {
+            let _guard = guard;
+            tokio::time::sleep(Duration::from_secs(120)).await;
+            Ok::<_, Infallible>(())
+        }
+    })
+}
+
 // ---------------------------------------------------------------------------------------------
 // The worker's task aborted (its `run` future dropped)
 // ---------------------------------------------------------------------------------------------
@@ -73,20 +90,8 @@ async fn aborting_the_worker_task_stops_its_handlers() {
     let server = RedisServer::start().unwrap();
     let redis = Redis::url(&server.url()).unwrap();
     let producer = Producer::connect(&redis, "abort").await.unwrap();
-    let alive = Arc::new(AtomicUsize::new(0));
-    let started = Arc::new(AtomicUsize::new(0));
-    let handler = {
-        let (alive, started) = (alive.clone(), started.clone());
-        service_fn(move |_task: Delivery<Value>| {
-            let guard = Alive::enter(&alive);
-            started.fetch_add(1, Ordering::SeqCst);
-            async move {
-                let _guard = guard;
-                tokio::time::sleep(Duration::from_secs(120)).await;
-                Ok::<_, Infallible>(())
-            }
-        })
-    };
+    let (alive, started) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let handler = sleeping_handler(&alive, &started);
     let (handle, _stop, _worker) = spawn_worker(&redis, "abort", config(), handler);
     for i in 0..4 {
         producer.send_kind("t", &json!({ "i": i })).await.unwrap();
@@ -639,20 +644,8 @@ async fn dropping_the_run_future_stops_its_handlers() {
     let server = RedisServer::start().unwrap();
     let redis = Redis::url(&server.url()).unwrap();
     let producer = Producer::connect(&redis, "dropped").await.unwrap();
-    let alive = Arc::new(AtomicUsize::new(0));
-    let started = Arc::new(AtomicUsize::new(0));
-    let handler = {
-        let (alive, started) = (alive.clone(), started.clone());
-        service_fn(move |_task: Delivery<Value>| {
-            let guard = Alive::enter(&alive);
-            started.fetch_add(1, Ordering::SeqCst);
-            async move {
-                let _guard = guard;
-                tokio::time::sleep(Duration::from_secs(120)).await;
-                Ok::<_, Infallible>(())
-            }
-        })
-    };
+    let (alive, started) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let handler = sleeping_handler(&alive, &started);
     let worker = streams_worker::Worker::new(redis.clone(), "dropped", "workers", config()).unwrap();
     for i in 0..4 {
         producer.send_kind("t", &json!({ "i": i })).await.unwrap();
