@@ -145,7 +145,20 @@ fn the_whole_system_through_the_balancer() {
 /// instances: of 40 requests alternating between them exactly 20 are admitted, and the 429 is a
 /// `rate_limited` problem. Half of them carry a forged `X-Forwarded-For`, which must not give
 /// them keys of their own (the instances trust that header from the balancer's address only).
+///
+/// Exact only while Redis answers each check within the store's budget (50 ms): a check that
+/// misses it is decided by the instance alone (`on_redis_failure = local`, its own 20 in 10 s),
+/// which a loaded 2-core machine can cause. The instances count those (`/metrics`); when any
+/// happened, the run checks what the policy still promises: no fewer than 20 admitted, every
+/// refusal a `rate_limited` problem.
 async fn shared_rate_limit(cluster: &Cluster, http: &reqwest::Client) {
+    // Both instances' connections to Redis and its rate-limit script in place before counting:
+    // a route under the global limit only (also in Redis), twice per instance.
+    for _ in 0..4 {
+        let res = http.get(cluster.url("/tasks/stats")).send().await.unwrap();
+        assert_eq!(res.status(), 200);
+    }
+    let errors_before = users_store_errors(cluster, http).await;
     let mut admitted: BTreeMap<String, usize> = BTreeMap::new();
     let mut refused: BTreeMap<String, usize> = BTreeMap::new();
     for i in 0..2 * USERS_LIMIT {
@@ -165,6 +178,14 @@ async fn shared_rate_limit(cluster: &Cluster, http: &reqwest::Client) {
             other => panic!("GET /users/{}: {other}", i + 1),
         }
     }
+    let local = users_store_errors(cluster, http).await - errors_before;
+    if local > 0 {
+        eprintln!(
+            "{local} check(s) of the users limit missed Redis' 50 ms budget and were decided locally; admitted {admitted:?}, refused {refused:?}"
+        );
+        assert!(admitted.values().sum::<usize>() >= USERS_LIMIT, "admitted per instance {admitted:?}");
+        return;
+    }
     assert_eq!(admitted.values().sum::<usize>(), USERS_LIMIT, "admitted per instance {admitted:?}");
     assert_eq!(admitted.keys().cloned().collect::<BTreeSet<_>>(), both(), "both admitted: {admitted:?}");
     assert_eq!(refused.keys().cloned().collect::<BTreeSet<_>>(), both(), "both refused: {refused:?}");
@@ -172,6 +193,24 @@ async fn shared_rate_limit(cluster: &Cluster, http: &reqwest::Client) {
     // the balancer (127.0.0.2): the same client straight at an instance finds the quota spent.
     let direct = http.get(format!("http://{}/users/1", cluster.get("DEMO1_HTTP"))).send().await.unwrap();
     assert_eq!(direct.status(), 429, "the client's own quota, spent through the balancer");
+}
+
+/// Checks of the users limit both instances decided without Redis so far (their
+/// `rampart_ratelimit_store_errors_total`).
+async fn users_store_errors(cluster: &Cluster, http: &reqwest::Client) -> u64 {
+    let mut total = 0;
+    for instance in ["DEMO1_HTTP", "DEMO2_HTTP"] {
+        let metrics = http.get(format!("http://{}/metrics", cluster.get(instance))).send().await.unwrap();
+        let text = metrics.text().await.unwrap();
+        total += text
+            .lines()
+            .filter(|line| {
+                line.starts_with("rampart_ratelimit_store_errors_total") && line.contains("limiter=\"users\"")
+            })
+            .filter_map(|line| line.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum::<f64>() as u64;
+    }
+    total
 }
 
 /// (b) Two WebSocket clients connect through the balancer and land on different instances (the
