@@ -46,13 +46,17 @@ pub(crate) async fn acker(ctx: Arc<Ctx>, mut rx: mpsc::UnboundedReceiver<Ack>) {
                 let mut missed = missed.into_iter().peekable();
                 let (mut position, mut processed) = (0, 0);
                 for op in &backlog {
-                    let (Ack::Processed { id, .. } | Ack::Skipped { id, .. }) = op else { continue };
+                    let (counts, id) = match op {
+                        Ack::Processed { id, .. } => (true, id),
+                        Ack::Skipped { id, .. } => (false, id),
+                        Ack::Count(_) => continue,
+                    };
                     position += 1;
                     let acked = missed.next_if_eq(&position).is_none();
-                    match op {
-                        Ack::Processed { .. } if acked => processed += 1,
-                        Ack::Processed { .. } => lost(&ctx, id),
-                        _ => {}
+                    match (counts, acked) {
+                        (true, true) => processed += 1,
+                        (true, false) => lost(&ctx, id),
+                        (false, _) => {}
                     }
                 }
                 ctx.counters.processed.fetch_add(processed, Ordering::Relaxed);

@@ -275,7 +275,7 @@ impl Ctx {
         }
         let entries = parse_read(reply)
             .ok_or_else(|| redis::RedisError::from((redis::ErrorKind::Parse, "unexpected reply of XREADGROUP")))?;
-        // Entries already ours (delivered again) are skipped when they are owned.
+        // An entry delivered again while it is ours is skipped where entries are owned (`own`).
         Ok(entries)
     }
 

@@ -58,21 +58,52 @@ impl Drop for Alive {
     }
 }
 
-/// A handler that sleeps two minutes; `alive` counts its running futures, `started` its calls.
-fn sleeping_handler(
-    alive: &Arc<AtomicUsize>,
-    started: &Arc<AtomicUsize>,
-) -> impl tower::Service<Delivery<Value>, Response = (), Error = Infallible, Future: Send> + Clone + Send + 'static {
-    let (alive, started) = (alive.clone(), started.clone());
-    service_fn(move |_task: Delivery<Value>| {
-        let guard = Alive::enter(&alive);
-        started.fetch_add(1, Ordering::SeqCst);
-        async move {
-            let _guard = guard;
-            tokio::time::sleep(Duration::from_secs(120)).await;
-            Ok::<_, Infallible>(())
+/// The two drop tests' setup: a Redis, 4 tasks on `stream`, and a handler that sleeps two
+/// minutes; `alive` counts its running futures, `started` its calls.
+struct Sleepers {
+    _server: RedisServer,
+    redis: Redis,
+    alive: Arc<AtomicUsize>,
+    started: Arc<AtomicUsize>,
+}
+
+impl Sleepers {
+    async fn start(stream: &str) -> Self {
+        let server = RedisServer::start().unwrap();
+        let redis = Redis::url(&server.url()).unwrap();
+        let producer = Producer::connect(&redis, stream).await.unwrap();
+        for i in 0..4 {
+            producer.send_kind("t", &json!({ "i": i })).await.unwrap();
         }
-    })
+        Self { _server: server, redis, alive: Arc::default(), started: Arc::default() }
+    }
+
+    fn handler(
+        &self,
+    ) -> impl tower::Service<Delivery<Value>, Response = (), Error = Infallible, Future: Send> + Clone + Send + 'static
+    {
+        let (alive, started) = (self.alive.clone(), self.started.clone());
+        service_fn(move |_task: Delivery<Value>| {
+            let guard = Alive::enter(&alive);
+            started.fetch_add(1, Ordering::SeqCst);
+            async move {
+                let _guard = guard;
+                tokio::time::sleep(Duration::from_secs(120)).await;
+                Ok::<_, Infallible>(())
+            }
+        })
+    }
+
+    async fn all_started(started: &AtomicUsize) {
+        wait_for("4 handlers started", Duration::from_secs(20), async || started.load(Ordering::SeqCst) == 4).await;
+    }
+
+    async fn all_stopped(&self) {
+        wait_for("the dropped worker's handlers to stop", Duration::from_secs(20), async || {
+            self.alive.load(Ordering::SeqCst) == 0
+        })
+        .await;
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -87,22 +118,12 @@ fn sleeping_handler(
 /// `JoinHandle` only detaches its task.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn aborting_the_worker_task_stops_its_handlers() {
-    let server = RedisServer::start().unwrap();
-    let redis = Redis::url(&server.url()).unwrap();
-    let producer = Producer::connect(&redis, "abort").await.unwrap();
-    let (alive, started) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
-    let handler = sleeping_handler(&alive, &started);
-    let (handle, _stop, _worker) = spawn_worker(&redis, "abort", config(), handler);
-    for i in 0..4 {
-        producer.send_kind("t", &json!({ "i": i })).await.unwrap();
-    }
-    wait_for("4 handlers started", Duration::from_secs(20), async || started.load(Ordering::SeqCst) == 4).await;
+    let sleepers = Sleepers::start("abort").await;
+    let (handle, _stop, _worker) = spawn_worker(&sleepers.redis, "abort", config(), sleepers.handler());
+    Sleepers::all_started(&sleepers.started).await;
     handle.abort();
     let _ = handle.await;
-    wait_for("the aborted worker's handlers to stop", Duration::from_secs(20), async || {
-        alive.load(Ordering::SeqCst) == 0
-    })
-    .await;
+    sleepers.all_stopped().await;
 }
 
 /// The consequence for the crate's first guarantee ("never one task on two live workers at
@@ -641,31 +662,15 @@ fn ack_script_without_status_ttl_reads_counters_after_the_ids() {
 /// own `select!` (say, a supervisor that gives up on it), no task aborted anywhere.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dropping_the_run_future_stops_its_handlers() {
-    let server = RedisServer::start().unwrap();
-    let redis = Redis::url(&server.url()).unwrap();
-    let producer = Producer::connect(&redis, "dropped").await.unwrap();
-    let (alive, started) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
-    let handler = sleeping_handler(&alive, &started);
-    let worker = streams_worker::Worker::new(redis.clone(), "dropped", "workers", config()).unwrap();
-    for i in 0..4 {
-        producer.send_kind("t", &json!({ "i": i })).await.unwrap();
-    }
-    let give_up = tokio_util::sync::CancellationToken::new();
-    let run = worker.run(handler, tokio_util::sync::CancellationToken::new());
-    let watcher = {
-        let (started, give_up) = (started.clone(), give_up.clone());
-        async move {
-            wait_for("4 handlers started", Duration::from_secs(20), async || started.load(Ordering::SeqCst) == 4).await;
-            give_up.cancel();
-        }
-    };
+    let sleepers = Sleepers::start("dropped").await;
+    let worker = streams_worker::Worker::new(sleepers.redis.clone(), "dropped", "workers", config()).unwrap();
+    let run = worker.run(sleepers.handler(), tokio_util::sync::CancellationToken::new());
     tokio::select! {
         _ = run => panic!("run returned without shutdown"),
-        () = async { tokio::join!(watcher, give_up.cancelled()); } => {}
+        () = Sleepers::all_started(&sleepers.started) => {}
     }
     // `run` is dropped here.
-    wait_for("the dropped run's handlers to stop", Duration::from_secs(20), async || alive.load(Ordering::SeqCst) == 0)
-        .await;
+    sleepers.all_stopped().await;
 }
 
 // ---------------------------------------------------------------------------------------------
