@@ -15,7 +15,7 @@ use crate::{
 
 /// A RedLock client over N independent Redis masters (or the in-memory backend).
 ///
-/// * **Acquire** runs one transaction per node, **in parallel**, all bounded by
+/// * **Acquire** sends one pipeline per node, **in parallel**, all bounded by
 ///   [`LockConfig::node_timeout`]: `SET key token NX PX ttl` and `INCR` of the node's fencing
 ///   counter (whose value is a token only where the `SET` granted). The lock is held iff a
 ///   majority (N/2 + 1) granted it, a majority confirmed the fencing token (see

@@ -25,9 +25,12 @@
 //! **Fencing tokens.** For any two holders of one key, the later acquisition's token is
 //! strictly greater — under any crash and restart of a minority of the nodes, provided the
 //! nodes run with AOF `appendfsync always`. How: each node keeps one fencing counter (one key,
-//! `<prefix>fence`, for all lock keys, so it never grows with the keys). An acquisition runs one
-//! `MULTI`/`EXEC` transaction per node: `SET key value NX PX ttl` and `INCR` of the counter,
-//! atomically — so where the `SET` granted, the count was taken while the key was ours. Every
+//! `<prefix>fence`, for all lock keys, so it never grows with the keys). An acquisition sends each
+//! node `SET key value NX PX ttl` and `INCR` of the counter in one pipeline (one write; the
+//! node runs them in order), so where the `SET` granted, the count was taken while the key was
+//! ours: between the two, only the key's expiry or this acquisition's own release could remove
+//! it, and neither leaves a token (an expiry that early leaves no validity; a release there
+//! means the acquisition was dropped). Every
 //! attempt counts, granted or not: counting only raises a counter, and raising never helps an
 //! earlier holder past a later one (it also keeps the nodes' counters alike under contention).
 //! The token is the largest counter among the granting nodes; nodes that counted less are raised

@@ -47,18 +47,20 @@ impl RedisNode {
         T::from_redis_value(value).map_err(|e| e.to_string())
     }
 
-    /// A `MULTI`/`EXEC` transaction: the `EXEC` reply. If the caller goes away after it was
-    /// sent on a connection of this node's own, `cleanup` follows it there.
-    async fn transaction<T: FromRedisValue>(
+    /// A pipeline: its replies, in order. If the caller goes away after it was sent on a
+    /// connection of this node's own, `cleanup` follows it there.
+    async fn pipeline<T: FromRedisValue>(
         &self,
         pipe: &redis::Pipeline,
         cleanup: impl FnOnce() -> Option<Cleanup>,
     ) -> Result<T, String> {
         if let Some(direct) = &self.direct
-            // `MULTI`'s reply, one `QUEUED` per command, then `EXEC`'s.
-            && let Some(reply) = direct.request(&pipe.get_packed_pipeline(), pipe.len() + 2, cleanup).await
+            && let Some(reply) = direct.request(&pipe.get_packed_pipeline(), pipe.len(), cleanup).await
         {
-            return last_reply(reply);
+            let values = reply.map_err(|e| e.to_string())?;
+            let values = values.into_iter().map(redis::Value::extract_error).collect::<Result<Vec<_>, _>>();
+            return T::from_redis_value(redis::Value::Array(values.map_err(|e| e.to_string())?))
+                .map_err(|e| e.to_string());
         }
         pipe.query_async(&mut self.managed.get()?).await.map_err(|e| e.to_string())
     }
@@ -96,12 +98,6 @@ impl RedisNode {
         let mut con = self.managed.get().map_err(std::io::Error::other)?;
         cmd.query_async(&mut con).await
     }
-}
-
-/// The last of a direct request's replies (the one that answers it: `EXEC`'s), as `T`.
-fn last_reply<T: FromRedisValue>(reply: redis::RedisResult<Vec<redis::Value>>) -> Result<T, String> {
-    let value = reply.map_err(|e| e.to_string())?.pop().unwrap_or(redis::Value::Nil);
-    T::from_redis_value(value.extract_error().map_err(|e| e.to_string())?).map_err(|e| e.to_string())
 }
 
 /// A node's connection manager, made on first use: making one needs a tokio runtime, and
@@ -158,17 +154,17 @@ impl Node {
     }
 
     /// `SET key token NX PX ttl`, `INCR` of the node's fencing counter and `PTTL key`, in one
-    /// `MULTI`/`EXEC` transaction: atomic on the node, and a fraction of a script's cost to it.
-    /// Every attempt counts; the counter's value is a token only where the `SET` granted (see
-    /// the crate docs for why counting on a refusal is harmless). The `PTTL` is for a refusal
+    /// pipeline: run in order on the node, three commands (a `MULTI`/`EXEC` transaction would be
+    /// five, with three more replies, for an atomicity the crate docs show the token does not
+    /// need). Every attempt counts; the counter's value is a token only where the `SET` granted
+    /// (see the crate docs for why counting on a refusal is harmless). The `PTTL` is for a refusal
     /// (when the key frees up); asking it in a second round trip would keep an attempt's keys on
     /// the nodes that granted it longer, and under contention that splits the votes.
     pub(crate) async fn acquire(&self, key: &str, fence: &str, token: &str, ttl: Duration) -> Result<Grant, String> {
         match self {
             Node::Redis { con, .. } => {
-                let mut transaction = redis::pipe();
-                transaction
-                    .atomic()
+                let mut pipeline = redis::pipe();
+                pipeline
                     .cmd("SET")
                     .arg(key)
                     .arg(token)
@@ -179,7 +175,7 @@ impl Node {
                     .arg(fence)
                     .cmd("PTTL")
                     .arg(key);
-                // Cut after it was sent (a timeout, a dropped acquisition), the transaction may
+                // Cut after it was sent (a timeout, a dropped acquisition), the pipeline may
                 // still run on the node after the release of the attempt: the compare-and-delete
                 // follows it on its connection.
                 let cleanup = || {
@@ -187,7 +183,7 @@ impl Node {
                     Some(Cleanup { packed: release, replies: 1 })
                 };
                 let (granted, counter, pttl): (Option<redis::Value>, i64, i64) =
-                    con.transaction(&transaction, cleanup).await?;
+                    con.pipeline(&pipeline, cleanup).await?;
                 Ok(if granted.is_some() {
                     Grant::Granted(u64::try_from(counter).unwrap_or(0))
                 } else {

@@ -117,12 +117,10 @@ fn open_clients_of(port: u16) -> usize {
     sockets().iter().filter(|s| s.client_open && s.rem_port == port).count()
 }
 
-/// The size of the acquisition request node.rs sends (`MULTI`, `SET NX PX`, `INCR`, `PTTL`,
-/// `EXEC`) for `key` (without prefix) and `ttl`: the token is always 32 hex digits.
+/// The size of the acquisition request node.rs sends (`SET NX PX`, `INCR`, `PTTL`) for `key` (without prefix) and `ttl`: the token is always 32 hex digits.
 fn acquire_request_len(key: &str, ttl: Duration) -> u64 {
     let mut pipe = redis::pipe();
-    pipe.atomic()
-        .cmd("SET")
+    pipe.cmd("SET")
         .arg(format!("lock:{{{key}}}"))
         .arg("0".repeat(32))
         .arg("NX")
@@ -252,9 +250,9 @@ fn raw_client(server: &RedisServer) -> std::net::TcpStream {
 // ---------------------------------------------------------------------------------------------
 // 1. A request that ran, whose reply was lost before its first byte, is sent again.
 
-/// The node runs our acquisition's `MULTI`/`SET NX`/`INCR`/`PTTL`/`EXEC`, then our connection is killed
+/// The node runs our acquisition's `SET NX`/`INCR`/`PTTL`, then our connection is killed
 /// (`CLIENT KILL` from another client, processed in the same event-loop turn, before the reply
-/// is written). No byte of the reply arrived, so direct.rs resends the transaction on a new
+/// is written). No byte of the reply arrived, so direct.rs resends the pipeline on a new
 /// connection: the node now refuses our own key. A free key comes back `Busy` for a full TTL.
 /// (Passes before the change: the request fails, `Unavailable`.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
