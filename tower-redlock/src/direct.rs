@@ -13,9 +13,9 @@
 //! RESP3), the request goes through the multiplexed connection as before.
 //!
 //! Order on a connection is what keeps a cancelled acquisition from leaving a lock behind: a
-//! request whose caller went away after it was written is not abandoned (the node may still run
-//! it, later than a release sent on another connection). A task of its own reads its replies,
-//! then sends the request's clean-up, if it has one (an acquisition's compare-and-delete), on
+//! request whose caller went away once any of it was written is not abandoned (the node may still
+//! run it, or its first commands, later than a release sent on another connection). A task of its
+//! own writes the rest of it, reads its replies, then sends the request's clean-up, if it has one (an acquisition's compare-and-delete), on
 //! the same connection, and puts the connection back. That task waits as long as the node takes
 //! (a paused node runs the request when it resumes); only a closed connection ends it. A
 //! request is never sent twice: a pooled connection is checked before it is written on (one the
@@ -72,8 +72,13 @@ pub(crate) struct Cleanup {
     pub(crate) replies: usize,
 }
 
-/// A request written and not answered yet.
+/// A request being written, or written and not answered yet.
 struct InFlight {
+    /// The request, and how much of it the node has: a request cut part-way through its write
+    /// is finished (its complete commands may run on the node: a pipeline's first ones would run
+    /// alone, without what follows them), never left half-sent.
+    packed: Vec<u8>,
+    written: usize,
     replies: usize,
     cleanup: Option<Cleanup>,
 }
@@ -107,24 +112,31 @@ impl Drop for Lease {
         if self.handed_on {
             return;
         }
-        if let (Some(conn), Some(in_flight)) = (self.conn.take(), self.in_flight.take())
-            && let Ok(runtime) = tokio::runtime::Handle::try_current()
-            && runtime.id() == conn.runtime
-        {
-            self.handed_on = true;
-            let lease = Lease { pool: self.pool.clone(), conn: Some(conn), in_flight: None, handed_on: false };
-            runtime.spawn(finish(lease, in_flight));
-            return;
+        if let (Some(conn), Some(in_flight)) = (self.conn.take(), self.in_flight.take()) {
+            if in_flight.written == 0 {
+                // Cut before its first byte: the node has nothing of it, the connection is as
+                // good as idle (and keeps its count).
+                self.pool.idle.lock().unwrap_or_else(PoisonError::into_inner).push(conn);
+                return;
+            }
+            if let Ok(runtime) = tokio::runtime::Handle::try_current()
+                && runtime.id() == conn.runtime
+            {
+                let lease = Lease { pool: self.pool.clone(), conn: Some(conn), in_flight: None, handed_on: false };
+                runtime.spawn(finish(lease, in_flight));
+                return;
+            }
         }
         self.pool.open.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
-/// A cut request's end: its replies read, its clean-up sent and answered, the connection back in
-/// the pool. Closed (and uncounted) if the node closes it first.
+/// A cut request's end: the rest of it written, its replies read, its clean-up sent and
+/// answered, the connection back in the pool. Closed (and uncounted) if the node closes it first.
 async fn finish(mut lease: Lease, in_flight: InFlight) {
     let Some(conn) = lease.conn.as_mut() else { return };
-    if read_replies(conn, in_flight.replies).await.is_err() {
+    let rest = in_flight.packed.get(in_flight.written..).unwrap_or_default();
+    if conn.stream.write_all(rest).await.is_err() || read_replies(conn, in_flight.replies).await.is_err() {
         return;
     }
     if let Some(cleanup) = in_flight.cleanup
@@ -172,11 +184,11 @@ impl Direct {
 
     /// Sends `packed` and reads `replies` replies on a connection of its own. `None`: every
     /// connection is busy (or there is no runtime), use the multiplexed one. If this future is
-    /// dropped once the request is written, the request is still finished, then `cleanup` sent
-    /// after it on the same connection.
+    /// dropped once a byte of the request is written, the request is still finished (written
+    /// whole, its replies read), then `cleanup` sent after it on the same connection.
     pub(crate) async fn request(
         &self,
-        packed: &[u8],
+        packed: Vec<u8>,
         replies: usize,
         cleanup: impl FnOnce() -> Option<Cleanup>,
     ) -> Option<RedisResult<Vec<Value>>> {
@@ -188,18 +200,25 @@ impl Direct {
                 Err(error) => return Some(Err(error)),
             },
         };
-        let Some(conn) = lease.conn.as_mut() else {
+        lease.in_flight = Some(InFlight { packed, written: 0, replies, cleanup: cleanup() });
+        let (Some(conn), Some(in_flight)) = (lease.conn.as_mut(), lease.in_flight.as_mut()) else {
             return Some(Err(std::io::Error::other("no connection").into()));
         };
-        // Cut while writing: the node got part of a command at most, and drops it with the
-        // connection.
-        if let Err(error) = conn.stream.write_all(packed).await {
-            return Some(Err(error.into()));
+        // Counted as it goes: cut here, the lease's drop finishes what the node has a part of.
+        while let Some(rest) = in_flight.packed.get(in_flight.written..).filter(|rest| !rest.is_empty()) {
+            match conn.stream.write(rest).await {
+                Ok(0) => {
+                    lease.in_flight = None;
+                    return Some(Err(std::io::Error::from(std::io::ErrorKind::WriteZero).into()));
+                }
+                Ok(n) => in_flight.written += n,
+                Err(error) => {
+                    // Nothing more goes on this connection: closed, not finished.
+                    lease.in_flight = None;
+                    return Some(Err(error.into()));
+                }
+            }
         }
-        lease.in_flight = Some(InFlight { replies, cleanup: cleanup() });
-        let Some(conn) = lease.conn.as_mut() else {
-            return Some(Err(std::io::Error::other("no connection").into()));
-        };
         let values = match read_replies(conn, replies).await {
             Ok(values) => values,
             Err(error) => {

@@ -47,22 +47,30 @@ impl RedisNode {
         T::from_redis_value(value).map_err(|e| e.to_string())
     }
 
-    /// A pipeline: its replies, in order. If the caller goes away after it was sent on a
-    /// connection of this node's own, `cleanup` follows it there.
-    async fn pipeline<T: FromRedisValue>(
-        &self,
-        pipe: &redis::Pipeline,
-        cleanup: impl FnOnce() -> Option<Cleanup>,
-    ) -> Result<T, String> {
+    /// A pipeline: its replies, in order. If the caller goes away once any of it was sent, or
+    /// it fails, `cleanup` follows it on the same connection (only there is it sure to run after
+    /// it: the node may still run the pipeline later, and a command on another connection may
+    /// overtake it).
+    async fn pipeline<T: FromRedisValue>(&self, pipe: &redis::Pipeline, cleanup: &redis::Cmd) -> Result<T, String> {
         if let Some(direct) = &self.direct
-            && let Some(reply) = direct.request(&pipe.get_packed_pipeline(), pipe.len(), cleanup).await
+            && let Some(reply) = direct
+                .request(pipe.get_packed_pipeline(), pipe.len(), || {
+                    Some(Cleanup { packed: cleanup.get_packed_command(), replies: 1 })
+                })
+                .await
         {
             let values = reply.map_err(|e| e.to_string())?;
             let values = values.into_iter().map(redis::Value::extract_error).collect::<Result<Vec<_>, _>>();
             return T::from_redis_value(redis::Value::Array(values.map_err(|e| e.to_string())?))
                 .map_err(|e| e.to_string());
         }
-        pipe.query_async(&mut self.managed.get()?).await.map_err(|e| e.to_string())
+        let mut con = self.managed.get()?;
+        let mut follow_up = FollowUp { con: Some(con.clone()), cmd: Some(cleanup.clone()) };
+        let result = pipe.query_async(&mut con).await;
+        if result.is_ok() {
+            follow_up.con = None;
+        }
+        result.map_err(|e| e.to_string())
     }
 
     /// `EVALSHA`, or `EVAL` when the node does not have the script (`NOSCRIPT`); `call` adds
@@ -91,12 +99,33 @@ impl RedisNode {
     /// One command, its error as redis-rs gives it (to tell `NOSCRIPT`).
     async fn query_raw(&self, cmd: &redis::Cmd) -> Result<redis::Value, redis::RedisError> {
         if let Some(direct) = &self.direct
-            && let Some(reply) = direct.request(&cmd.get_packed_command(), 1, || None).await
+            && let Some(reply) = direct.request(cmd.get_packed_command(), 1, || None).await
         {
             return reply?.pop().unwrap_or(redis::Value::Nil).extract_error();
         }
         let mut con = self.managed.get().map_err(std::io::Error::other)?;
         cmd.query_async(&mut con).await
+    }
+}
+
+/// A command to send on a multiplexed connection after a request there that was cut or failed:
+/// sent (by a task of its own) when this is dropped with its connection still set. The
+/// connection writes requests in the order they are handed to it, so the command lands after
+/// the request on the node.
+struct FollowUp {
+    con: Option<redis::aio::ConnectionManager>,
+    cmd: Option<redis::Cmd>,
+}
+
+impl Drop for FollowUp {
+    fn drop(&mut self) {
+        if let (Some(mut con), Some(cmd)) = (self.con.take(), self.cmd.take())
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            runtime.spawn(async move {
+                let _: redis::RedisResult<redis::Value> = cmd.query_async(&mut con).await;
+            });
+        }
     }
 }
 
@@ -178,17 +207,20 @@ impl Node {
                 // Cut after it was sent (a timeout, a dropped acquisition), the pipeline may
                 // still run on the node after the release of the attempt: the compare-and-delete
                 // follows it on its connection.
-                let cleanup = || {
-                    let release = redis::cmd("EVAL").arg(RELEASE_LUA).arg(1).arg(key).arg(token).get_packed_command();
-                    Some(Cleanup { packed: release, replies: 1 })
-                };
+                let mut release = redis::cmd("EVAL");
+                release.arg(RELEASE_LUA).arg(1).arg(key).arg(token);
                 let (granted, counter, pttl): (Option<redis::Value>, i64, i64) =
-                    con.pipeline(&pipeline, cleanup).await?;
-                Ok(if granted.is_some() {
-                    Grant::Granted(u64::try_from(counter).unwrap_or(0))
-                } else {
-                    Grant::Held(u64::try_from(pttl).ok().map(Duration::from_millis))
-                })
+                    con.pipeline(&pipeline, &release).await?;
+                if granted.is_none() {
+                    return Ok(Grant::Held(u64::try_from(pttl).ok().map(Duration::from_millis)));
+                }
+                // Counting from a value set by hand (or restored) below 1 would hand out the same
+                // token again: no vote from this node (its key goes with the attempt's release,
+                // or the guard's).
+                match u64::try_from(counter) {
+                    Ok(counter) if counter > 0 => Ok(Grant::Granted(counter)),
+                    _ => Err(format!("the fencing counter {fence} counted to {counter}: not a positive count")),
+                }
             }
             Node::Memory(m) => Ok(m.acquire(key, token, ttl)),
         }
