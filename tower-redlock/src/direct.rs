@@ -15,11 +15,12 @@
 //! Order on a connection is what keeps a cancelled acquisition from leaving a lock behind: a
 //! request whose caller went away once any of it was written is not abandoned (the node may still
 //! run it, or its first commands, later than a release sent on another connection). A task of its
-//! own writes the rest of it, reads its replies, then sends the request's clean-up, if it has one (an acquisition's compare-and-delete), on
-//! the same connection, and puts the connection back. That task waits as long as the node takes
-//! (a paused node runs the request when it resumes); only a closed connection ends it. A
-//! request is never sent twice: a pooled connection is checked before it is written on (one the
-//! node closed, say at a restart, is replaced), never after.
+//! own, on the connection's runtime, writes the rest of it, reads its replies, then sends the
+//! request's clean-up, if it has one (an acquisition's compare-and-delete), on the same
+//! connection, and puts the connection back. That task waits as long as the node takes (a paused
+//! node runs the request when it resumes); only a closed connection, a reply it cannot parse or
+//! the runtime's shutdown ends it. A request is never sent twice: a pooled connection is checked
+//! before it is written on (one the node closed, say at a restart, is replaced), never after.
 
 use std::{
     sync::{
@@ -59,8 +60,9 @@ struct Pool {
 }
 
 struct Conn {
-    /// The runtime whose reactor the socket is registered with: only its tasks reuse it.
-    runtime: tokio::runtime::Id,
+    /// The runtime whose reactor the socket is registered with: only its tasks reuse it, and a
+    /// cut request on it is finished there, wherever the cut happened.
+    runtime: tokio::runtime::Handle,
     stream: TcpStream,
     buf: Vec<u8>,
 }
@@ -119,13 +121,12 @@ impl Drop for Lease {
                 self.pool.idle.lock().unwrap_or_else(PoisonError::into_inner).push(conn);
                 return;
             }
-            if let Ok(runtime) = tokio::runtime::Handle::try_current()
-                && runtime.id() == conn.runtime
-            {
-                let lease = Lease { pool: self.pool.clone(), conn: Some(conn), in_flight: None, handed_on: false };
-                runtime.spawn(finish(lease, in_flight));
-                return;
-            }
+            // On the connection's runtime, from any thread (a runtime shut down drops the task,
+            // and with it the lease, which gives the count back).
+            let runtime = conn.runtime.clone();
+            let lease = Lease { pool: self.pool.clone(), conn: Some(conn), in_flight: None, handed_on: false };
+            runtime.spawn(finish(lease, in_flight));
+            return;
         }
         self.pool.open.fetch_sub(1, Ordering::AcqRel);
     }
@@ -192,8 +193,8 @@ impl Direct {
         replies: usize,
         cleanup: impl FnOnce() -> Option<Cleanup>,
     ) -> Option<RedisResult<Vec<Value>>> {
-        let runtime = tokio::runtime::Handle::try_current().ok()?.id();
-        let mut lease = match self.pooled(runtime) {
+        let runtime = tokio::runtime::Handle::try_current().ok()?;
+        let mut lease = match self.pooled(runtime.id()) {
             Some(lease) => lease,
             None => match self.connect(runtime).await? {
                 Ok(lease) => lease,
@@ -239,7 +240,7 @@ impl Direct {
         while let Some(conn) = idle.pop() {
             // Nothing to read on an idle connection: an end of stream, an error or stray bytes
             // all mean it is no use.
-            let alive = conn.runtime == runtime
+            let alive = conn.runtime.id() == runtime
                 && matches!(conn.stream.try_read(&mut [0u8; 1]), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock);
             if alive {
                 return Some(Lease::new(&self.pool, Some(conn)));
@@ -250,7 +251,7 @@ impl Direct {
     }
 
     /// A new connection, if fewer than [`PER_NODE`] are open.
-    async fn connect(&self, runtime: tokio::runtime::Id) -> Option<RedisResult<Lease>> {
+    async fn connect(&self, runtime: tokio::runtime::Handle) -> Option<RedisResult<Lease>> {
         if self.pool.open.fetch_add(1, Ordering::AcqRel) >= PER_NODE {
             self.pool.open.fetch_sub(1, Ordering::AcqRel);
             return None;

@@ -63,7 +63,8 @@
 //! client, `select!`) releases, in the background, whatever nodes granted; dropping a
 //! [`LockGuard`] releases its lock the same way. A request cut or unanswered in time may still
 //! run on its node later (a slow or paused node): its release is also sent after it on the same
-//! connection, where nothing can overtake it.
+//! connection, where no other command of the client can overtake it (as long as the connection
+//! and its runtime live; if either ends first, the key expires by its TTL).
 //!
 //! **What it does not guarantee.** Martin Kleppmann's critique of RedLock ("How to do
 //! distributed locking", 2016) holds here too: a process pause (GC, swap, SIGSTOP) or a clock

@@ -47,10 +47,12 @@ impl RedisNode {
         T::from_redis_value(value).map_err(|e| e.to_string())
     }
 
-    /// A pipeline: its replies, in order. If the caller goes away once any of it was sent, or
-    /// it fails, `cleanup` follows it on the same connection (only there is it sure to run after
-    /// it: the node may still run the pipeline later, and a command on another connection may
-    /// overtake it).
+    /// A pipeline: its replies, in order. If the caller goes away once any of it was sent,
+    /// `cleanup` follows it on the same connection (only there is it sure to run after it: the
+    /// node may still run the pipeline later, and a command on another connection may overtake
+    /// it); on the multiplexed connection also when it fails (its answer may be late, not lost).
+    /// On a connection of this node's own a failure closes the connection, and the node runs
+    /// nothing after what it had read.
     async fn pipeline<T: FromRedisValue>(&self, pipe: &redis::Pipeline, cleanup: &redis::Cmd) -> Result<T, String> {
         if let Some(direct) = &self.direct
             && let Some(reply) = direct
@@ -110,8 +112,12 @@ impl RedisNode {
 
 /// A command to send on a multiplexed connection after a request there that was cut or failed:
 /// sent (by a task of its own) when this is dropped with its connection still set. The
-/// connection writes requests in the order they are handed to it, so the command lands after
-/// the request on the node.
+/// connection's driver writes requests in the order they are handed to it, so the command lands
+/// after the request on the node, or alone if the cut request was never written (a no-op: a
+/// compare-and-delete of a token unique to the attempt). It is sent without waiting for a reply:
+/// a request whose reply nobody waits for any more may be skipped by the driver. (The manager's
+/// current connection: after a reconnect in between, a new one, the old one gone with what it
+/// had.)
 struct FollowUp {
     con: Option<redis::aio::ConnectionManager>,
     cmd: Option<redis::Cmd>,
@@ -122,6 +128,8 @@ impl Drop for FollowUp {
         if let (Some(mut con), Some(cmd)) = (self.con.take(), self.cmd.take())
             && let Ok(runtime) = tokio::runtime::Handle::try_current()
         {
+            let mut cmd = cmd;
+            cmd.set_no_response(true);
             runtime.spawn(async move {
                 let _: redis::RedisResult<redis::Value> = cmd.query_async(&mut con).await;
             });

@@ -992,3 +992,31 @@ async fn a_release_never_overtakes_a_held_back_multiplexed_acquisition() {
         server.cmd::<i64>(&["PTTL", &lock_key("late")]).unwrap()
     );
 }
+
+/// An acquisition polled on one runtime until its request is written (the node paused), then
+/// dropped on a thread outside any runtime (a future moved between runtimes, or dropped by a
+/// runtime's shutdown of another). No background release can start there (no runtime); the
+/// request's own connection must still be finished on its runtime, with the compare-and-delete
+/// after it. Before, a drop off the connection's runtime closed the connection: the node ran the
+/// `SET` it had read and kept the key for its whole TTL (found by review).
+#[test]
+fn an_acquisition_dropped_off_its_runtime_is_finished_and_released_on_it() {
+    let mut server = RedisServer::start().unwrap();
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
+    let lock = RedLock::connect(&[server.url()], config(Duration::from_secs(60), Duration::from_secs(5))).unwrap();
+    runtime.block_on(async { lock.acquire("warm").await.unwrap().release().await.unwrap() });
+    server.pause().unwrap();
+    let mut acquisition = Box::pin(lock.acquire_within("off-runtime", None));
+    let written =
+        runtime.block_on(async { tokio::time::timeout(Duration::from_millis(300), &mut acquisition).await.is_err() });
+    assert!(written, "the acquisition is waiting for the paused node");
+    // Dropped here, outside the runtime (which keeps running on its worker).
+    drop(acquisition);
+    server.resume().unwrap();
+    let gone = runtime.block_on(eventually(Duration::from_secs(10), || !exists(&server, "off-runtime")));
+    assert!(
+        gone,
+        "the acquisition dropped off its runtime left its key (PTTL {} ms)",
+        server.cmd::<i64>(&["PTTL", &lock_key("off-runtime")]).unwrap()
+    );
+}
