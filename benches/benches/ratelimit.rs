@@ -235,6 +235,20 @@ fn layer(c: &mut Criterion) {
     g.bench_function("tower_governor GovernorLayer", |b| {
         b.to_async(&rt).iter_custom(|iters| drive(theirs.clone(), iters))
     });
+
+    let config = Arc::new(
+        tower_governor::governor::GovernorConfigBuilder::default()
+            .key_extractor(tower_governor::key_extractor::GlobalKeyExtractor)
+            .per_nanosecond(1)
+            .burst_size(u32::MAX)
+            .use_headers()
+            .finish()
+            .unwrap(),
+    );
+    let theirs_headers = tower_governor::GovernorLayer::new(config).layer(handler());
+    g.bench_function("tower_governor GovernorLayer (x-ratelimit headers)", |b| {
+        b.to_async(&rt).iter_custom(|iters| drive(theirs_headers.clone(), iters))
+    });
     g.finish();
 }
 

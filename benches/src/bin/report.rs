@@ -364,7 +364,7 @@ const GROUP_NOTES: &[(&str, &str)] = &[
     ),
     (
         "layer overhead",
-        "The layer's own cost: key extraction, the check, one pre-registered metrics counter, the named response future (no box), and wrapping the body (`ResponseBody`, as large as a boxed inner body since 2026-12-02: a 152-byte response had its every move go through `memmove`, perf showed 18-26% of the layer's time there; 106.5 ns before, against tower_governor's 83.2 in the same run). With headers: the `RateLimit` value formatted on the stack and one `HeaderValue` allocation at the decision, then two `HeaderMap` inserts (the bench's response has no headers, so the first insert allocates the map; a real response has a content type).",
+        "The layer's own cost: key extraction, the check, one pre-registered metrics counter, the named response future (no box), and wrapping the body (`ResponseBody`, as large as a boxed inner body since 2026-12-02: a 152-byte response had its every move go through `memmove`, perf showed 18-26% of the layer's time there; 106.5 ns before, against tower_governor's 83.2 in the same run). With headers: the `RateLimit` value formatted on the stack and one `HeaderValue` allocation at the decision, then two `HeaderMap` inserts (the bench's response has no headers, so the first insert allocates the map; a real response has a content type). The like-for-like row for it is tower_governor with `use_headers()` (`x-ratelimit-limit` and `x-ratelimit-remaining`, added 2026-12-03); the goal of issue 21 compares it with tower_governor without headers.",
     ),
     (
         "layer answer",
