@@ -38,6 +38,9 @@ use tokio::{
 };
 use tower_redlock::{LockConfig, LockError, RedLock};
 
+mod common;
+use common::{Fault, inject_faults};
+
 fn seed() -> u64 {
     let seed = std::env::var("REVIEW_DIRECT_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(rand::random);
     eprintln!("seed {seed} (replay with REVIEW_DIRECT_SEED={seed})");
@@ -1066,34 +1069,8 @@ async fn fenced_writes_of_live_holders_are_never_refused() {
         })
         .collect();
     let mut rng = StdRng::seed_from_u64(seed);
-    let started = Instant::now();
-    while started.elapsed() < Duration::from_secs(12) {
-        tokio::time::sleep(Duration::from_millis(rng.random_range(200..600))).await;
-        let i = rng.random_range(0..3);
-        let roll = rng.random_range(0..4);
-        let nodes = nodes.clone();
-        tokio::task::spawn_blocking(move || {
-            let mut nodes = nodes.lock().unwrap();
-            match roll {
-                0 => {
-                    let _: redis::Value = nodes[i].cmd(&["CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes"]).unwrap();
-                }
-                1 => {
-                    for n in nodes.iter() {
-                        let _: () = n.cmd(&["SCRIPT", "FLUSH"]).unwrap();
-                    }
-                }
-                2 => {
-                    nodes[i].pause().unwrap();
-                    std::thread::sleep(Duration::from_millis(400));
-                    nodes[i].resume().unwrap();
-                }
-                _ => nodes[i].restart().unwrap(),
-            }
-        })
-        .await
-        .unwrap();
-    }
+    let faults = [Fault::KillClients, Fault::FlushScripts, Fault::Pause(Duration::from_millis(400)), Fault::Restart];
+    inject_faults(&nodes, &mut rng, Duration::from_secs(12), &faults).await;
     stop.store(true, Ordering::Relaxed);
     for c in callers {
         c.await.unwrap();

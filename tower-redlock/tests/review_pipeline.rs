@@ -31,6 +31,9 @@ use testkit::{RedisConfig, RedisNodes, RedisServer};
 use tokio::time::Instant;
 use tower_redlock::{FencingToken, LockConfig, LockError, LockGuard, RedLock};
 
+mod common;
+use common::{Fault, inject_faults};
+
 fn seed() -> u64 {
     let seed = std::env::var("REVIEW_PIPELINE_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(rand::random);
     eprintln!("seed {seed} (replay with REVIEW_PIPELINE_SEED={seed})");
@@ -623,29 +626,8 @@ async fn tokens_increase_across_restarts_of_a_minority() {
         })
         .collect();
     let mut rng = StdRng::seed_from_u64(seed);
-    let started = Instant::now();
-    while started.elapsed() < Duration::from_secs(10) {
-        tokio::time::sleep(Duration::from_millis(rng.random_range(200..600))).await;
-        let i = rng.random_range(0..3);
-        let roll = rng.random_range(0..3);
-        let nodes = nodes.clone();
-        tokio::task::spawn_blocking(move || {
-            let mut nodes = nodes.lock().unwrap();
-            match roll {
-                0 => {
-                    let _: redis::Value = nodes[i].cmd(&["CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes"]).unwrap();
-                }
-                1 => {
-                    nodes[i].pause().unwrap();
-                    std::thread::sleep(Duration::from_millis(300));
-                    nodes[i].resume().unwrap();
-                }
-                _ => nodes[i].restart().unwrap(),
-            }
-        })
-        .await
-        .unwrap();
-    }
+    let faults = [Fault::KillClients, Fault::Pause(Duration::from_millis(300)), Fault::Restart];
+    inject_faults(&nodes, &mut rng, Duration::from_secs(10), &faults).await;
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     for c in callers {
         c.await.unwrap();

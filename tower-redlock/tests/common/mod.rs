@@ -13,3 +13,56 @@ pub(crate) fn rss() -> isize {
         .unwrap();
     kb * 1024
 }
+
+/// One fault on one node of a test's set (see [`inject_faults`]).
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Fault {
+    /// `CLIENT KILL TYPE normal`: every client connection of the node cut.
+    KillClients,
+    /// `SCRIPT FLUSH` on every node: the next `EVALSHA` meets `NOSCRIPT`.
+    FlushScripts,
+    /// SIGSTOP, then SIGCONT this much later.
+    Pause(std::time::Duration),
+    /// Killed and started again on its port.
+    Restart,
+}
+
+/// Until `run_for` has passed: every 200–600 ms, one of `faults` on one of `nodes`, each drawn
+/// from `rng` (so a seed replays the schedule).
+pub(crate) async fn inject_faults(
+    nodes: &std::sync::Arc<std::sync::Mutex<testkit::RedisNodes>>,
+    rng: &mut rand::rngs::StdRng,
+    run_for: std::time::Duration,
+    faults: &[Fault],
+) {
+    use rand::Rng;
+    let count = nodes.lock().unwrap().urls().len();
+    let started = std::time::Instant::now();
+    while started.elapsed() < run_for {
+        tokio::time::sleep(std::time::Duration::from_millis(rng.random_range(200..600))).await;
+        let i = rng.random_range(0..count);
+        let fault = faults[rng.random_range(0..faults.len())];
+        let nodes = nodes.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut nodes = nodes.lock().unwrap();
+            match fault {
+                Fault::KillClients => {
+                    let _: redis::Value = nodes[i].cmd(&["CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes"]).unwrap();
+                }
+                Fault::FlushScripts => {
+                    for node in nodes.iter() {
+                        let _: () = node.cmd(&["SCRIPT", "FLUSH"]).unwrap();
+                    }
+                }
+                Fault::Pause(pause) => {
+                    nodes[i].pause().unwrap();
+                    std::thread::sleep(pause);
+                    nodes[i].resume().unwrap();
+                }
+                Fault::Restart => nodes[i].restart().unwrap(),
+            }
+        })
+        .await
+        .unwrap();
+    }
+}
