@@ -21,12 +21,10 @@
 use std::{
     future::Future,
     io::{Read, Write},
-    pin::Pin,
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
     },
-    task::Poll,
     time::{Duration, Instant},
 };
 
@@ -39,7 +37,7 @@ use tokio::{
 use tower_redlock::{LockConfig, LockError, RedLock};
 
 mod common;
-use common::{Fault, inject_faults};
+use common::{Fault, busy_pooled_connection, inject_faults};
 
 fn seed() -> u64 {
     let seed = std::env::var("REVIEW_DIRECT_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(rand::random);
@@ -212,17 +210,6 @@ async fn probe(server: &mut RedisServer, lock: &RedLock, n: usize, tag: char, he
     Probe { direct, other, open }
 }
 
-/// Polls `fut` once (so it writes its request); its output if it already finished.
-async fn poll_once<F: Future>(fut: &mut Pin<Box<F>>) -> Option<F::Output> {
-    std::future::poll_fn(|cx| {
-        Poll::Ready(match fut.as_mut().poll(cx) {
-            Poll::Ready(out) => Some(out),
-            Poll::Pending => None,
-        })
-    })
-    .await
-}
-
 /// Waits (at most `within`) until `port` has at least `n` sockets with unread requests.
 async fn wait_queued(port: u16, n: usize, within: Duration) -> bool {
     let started = Instant::now();
@@ -339,19 +326,8 @@ async fn the_release_of_a_cancelled_acquisition_does_not_overtake_it() {
     let lock = RedLock::connect(&[server.url()], config()).unwrap();
     lock.acquire("warm").await.unwrap().release().await.unwrap();
 
-    // Another caller takes the pooled connection (left waiting for its reply after one poll;
-    // again if the reply was already there); its reply comes back before the pause.
-    let mut attempt = 0;
-    let other = loop {
-        attempt += 1;
-        let mut other = Box::pin(lock.acquire_within("other", None));
-        match poll_once(&mut other).await {
-            None => break other,
-            Some(done) => done.unwrap().release().await.unwrap(),
-        }
-        assert!(attempt < 100, "the request never waited for its reply");
-    };
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Another caller holds the pooled connection; its reply comes back before the pause.
+    let other = busy_pooled_connection(&lock).await;
 
     server.pause().unwrap();
     let cancelled = {

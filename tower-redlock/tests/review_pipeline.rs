@@ -32,7 +32,7 @@ use tokio::time::Instant;
 use tower_redlock::{FencingToken, LockConfig, LockError, LockGuard, RedLock};
 
 mod common;
-use common::{Fault, inject_faults};
+use common::{Fault, busy_pooled_connection, inject_faults};
 
 fn seed() -> u64 {
     let seed = std::env::var("REVIEW_PIPELINE_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(rand::random);
@@ -203,17 +203,6 @@ fn outline<T>(answer: &Result<T, LockError>) -> String {
     }
 }
 
-/// Polls `fut` once (so it writes its request); its output if it already finished.
-async fn poll_once<F: Future>(fut: &mut std::pin::Pin<Box<F>>) -> Option<F::Output> {
-    std::future::poll_fn(|cx| {
-        std::task::Poll::Ready(match fut.as_mut().poll(cx) {
-            std::task::Poll::Ready(out) => Some(out),
-            std::task::Poll::Pending => None,
-        })
-    })
-    .await
-}
-
 /// One node, paused (a node that reads slowly: a long command, a stall, a slow link). An
 /// acquisition of a large key is cut by `node_timeout` while its request is still being written:
 /// `direct.rs` counts on the node having "got part of a command at most", dropped with the
@@ -281,19 +270,8 @@ async fn an_acquisition_cut_while_written_leaves_no_key_behind() {
 
     let mut orphans = Vec::new();
     for (i, fraction) in [0.6, 0.75, 0.9].into_iter().enumerate() {
-        // Another caller takes the pooled connection (left waiting for its reply after one poll;
-        // again if the reply was already there); its reply comes back before the pause.
-        let mut attempt = 0;
-        let other = loop {
-            attempt += 1;
-            let mut other = Box::pin(lock.acquire_within("other", None));
-            match poll_once(&mut other).await {
-                None => break other,
-                Some(done) => done.unwrap().release().await.unwrap(),
-            }
-            assert!(attempt < 100, "the request never waited for its reply");
-        };
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        // Another caller holds the pooled connection; its reply comes back before the pause.
+        let other = busy_pooled_connection(&lock).await;
 
         let len = (capacity as f64 * fraction) as usize;
         let key = format!("orphan{i}:{}", "k".repeat(len));

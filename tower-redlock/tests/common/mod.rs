@@ -66,3 +66,36 @@ pub(crate) async fn inject_faults(
         .unwrap();
     }
 }
+
+/// Polls `fut` once (so it writes its request); its output if it already finished.
+pub(crate) async fn poll_once<F: std::future::Future>(fut: &mut std::pin::Pin<Box<F>>) -> Option<F::Output> {
+    std::future::poll_fn(|cx| {
+        std::task::Poll::Ready(match fut.as_mut().poll(cx) {
+            std::task::Poll::Ready(out) => Some(out),
+            std::task::Poll::Pending => None,
+        })
+    })
+    .await
+}
+
+/// An acquisition of `other` by `lock` that holds the client's pooled connection, written and
+/// waiting for its reply (polled once; taken again if the reply was already there), its reply
+/// in by the time this returns: the node's next request from `lock` goes on a new connection.
+pub(crate) async fn busy_pooled_connection(
+    lock: &tower_redlock::RedLock,
+) -> std::pin::Pin<
+    Box<impl std::future::Future<Output = Result<tower_redlock::LockGuard, tower_redlock::LockError>> + use<'_>>,
+> {
+    let mut attempt = 0;
+    let other = loop {
+        attempt += 1;
+        let mut other = Box::pin(lock.acquire_within("other", None));
+        match poll_once(&mut other).await {
+            None => break other,
+            Some(done) => done.unwrap().release().await.unwrap(),
+        }
+        assert!(attempt < 100, "the request never waited for its reply");
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    other
+}
