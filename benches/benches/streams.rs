@@ -28,6 +28,9 @@ const ROUNDS: usize = 3;
 const PER_READ: usize = 500;
 
 static EPOCH: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+/// For `STREAMS_ONLY`: Redis' pid, and the CPU seconds (this process, Redis) of the last drain.
+static REDIS_PID: AtomicU64 = AtomicU64::new(0);
+static DRAIN_CPU: Mutex<(f64, f64)> = Mutex::new((0.0, 0.0));
 
 fn now_ns() -> u64 {
     EPOCH.get_or_init(Instant::now).elapsed().as_nanos() as u64
@@ -116,6 +119,8 @@ async fn rampart_load(url: &str, workers: usize, n: u64, rate: Option<u64>, load
         handles.push(tokio::spawn(async move { worker.run(handler, shutdown).await.unwrap() }));
     }
     let started = Instant::now();
+    let redis_pid = REDIS_PID.load(Ordering::Relaxed) as u32;
+    let cpu = (benches::cpu_secs(std::process::id()), benches::cpu_secs(redis_pid));
     if rate.is_some() {
         tokio::time::sleep(Duration::from_millis(100)).await;
         produce(&producer, n, rate).await;
@@ -142,6 +147,7 @@ async fn rampart_load(url: &str, workers: usize, n: u64, rate: Option<u64>, load
     }
     wait_count(&count, n).await;
     let rate = n as f64 / started.elapsed().as_secs_f64();
+    *DRAIN_CPU.lock().unwrap() = (benches::cpu_secs(std::process::id()) - cpu.0, benches::cpu_secs(redis_pid) - cpu.1);
     shutdown.cancel();
     for h in handles {
         h.await.unwrap();
@@ -171,6 +177,8 @@ async fn bare(url: &str, consumers: usize, n: u64, rate: Option<u64>) -> (f64, V
         produce(&producer, n, None).await;
     }
     let started = Instant::now();
+    let redis_pid = REDIS_PID.load(Ordering::Relaxed) as u32;
+    let cpu = (benches::cpu_secs(std::process::id()), benches::cpu_secs(redis_pid));
     let mut handles = Vec::new();
     for c in 0..consumers {
         let mut read = client.get_multiplexed_async_connection().await.unwrap();
@@ -218,6 +226,7 @@ async fn bare(url: &str, consumers: usize, n: u64, rate: Option<u64>) -> (f64, V
     }
     wait_count(&count, n).await;
     let rate = n as f64 / started.elapsed().as_secs_f64();
+    *DRAIN_CPU.lock().unwrap() = (benches::cpu_secs(std::process::id()) - cpu.0, benches::cpu_secs(redis_pid) - cpu.1);
     for h in handles {
         h.await.unwrap();
     }
@@ -283,6 +292,35 @@ fn main() {
     let server = testkit::RedisServer::start().unwrap();
     let url = server.url();
     let mut rows = Vec::new();
+    // For profiling: `STREAMS_ONLY=<workers>` drains with that many Rampart workers and bare
+    // consumers, round after round, prints each rate and records nothing (`<workers>r`: Rampart
+    // only).
+    if let Ok(only) = std::env::var("STREAMS_ONLY") {
+        let workers: usize = only.trim_end_matches('r').parse().unwrap();
+        REDIS_PID.store(u64::from(server.pid().unwrap_or(0)), Ordering::Relaxed);
+        runtime.block_on(async {
+            for _ in 0..ROUNDS * 3 {
+                let floor = if only.ends_with('r') { f64::NAN } else { bare(&url, workers, TASKS, None).await.0 };
+                let (process, redis) = std::mem::take(&mut *DRAIN_CPU.lock().unwrap());
+                let us = |secs: f64| secs * 1e6 / TASKS as f64;
+                println!("  bare: drain CPU per task: process {:.1} us, Redis {:.1} us", us(process), us(redis));
+                let ours = rampart(&url, workers, TASKS, None).await.0;
+                let (process, redis) = std::mem::take(&mut *DRAIN_CPU.lock().unwrap());
+                let us = |secs: f64| secs * 1e6 / TASKS as f64;
+                println!(
+                    "{workers} worker(s): rampart {ours:.0} tasks/s, bare {floor:.0} ({:.2}x); drain CPU per task: process {:.1} us, Redis {:.1} us",
+                    ours / floor,
+                    us(process),
+                    us(redis),
+                );
+            }
+            // Where Redis spent its time over all the rounds above.
+            let mut con = redis::Client::open(url.as_str()).unwrap().get_multiplexed_async_connection().await.unwrap();
+            let stats: String = redis::cmd("INFO").arg("commandstats").query_async(&mut con).await.unwrap();
+            println!("{stats}");
+        });
+        return;
+    }
     runtime.block_on(async {
         let mut r = [Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new()];
         for _ in 0..ROUNDS {

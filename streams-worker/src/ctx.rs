@@ -14,7 +14,9 @@ use tokio_util::sync::CancellationToken;
 use crate::{
     Conn, WorkerConfig,
     envelope::{Fields, raw_fields},
-    keys, scripts,
+    keys,
+    reader::Reader,
+    scripts,
     stats::Counters,
 };
 
@@ -251,13 +253,13 @@ impl Ctx {
     /// New entries for this consumer, blocking up to `block`.
     pub(crate) async fn read_new(
         &self,
-        con: &mut Conn,
+        reader: &mut Reader,
         want: usize,
         block: Duration,
     ) -> Result<Vec<Fetched>, redis::RedisError> {
         let started = Instant::now();
-        let reply: Value = redis::cmd("XREADGROUP")
-            .arg("GROUP")
+        let mut read = redis::cmd("XREADGROUP");
+        read.arg("GROUP")
             .arg(&*self.group)
             .arg(&*self.consumer)
             .arg("COUNT")
@@ -266,9 +268,8 @@ impl Ctx {
             .arg(millis(block).max(1))
             .arg("STREAMS")
             .arg(&*self.stream)
-            .arg(">")
-            .query_async(con)
-            .await?;
+            .arg(">");
+        let reply = reader.query(&read).await?;
         // A read that came back much later than its block: the server stalled.
         if started.elapsed() > block + self.config.claim_idle / 4 {
             self.redis_trouble();

@@ -58,8 +58,8 @@
 //! twice `concurrency` entries at once.
 //!
 //! **Failures of Redis** never end the worker: reads, acks and scans wait and retry with a capped
-//! backoff, and connections reconnect by themselves (the blocking read's response timeout is a
-//! second longer than its `BLOCK`). **Shutdown** (the cancellation token) stops reading, lets
+//! backoff, and connections reconnect by themselves (the blocking read's response timeout is
+//! two seconds longer than its `BLOCK`). **Shutdown** (the cancellation token) stops reading, lets
 //! in-flight calls finish up to [`WorkerConfig::shutdown_deadline`], flushes acknowledgements, and
 //! makes what it did not finish claimable by other workers at once.
 //!
@@ -160,6 +160,7 @@ mod handle;
 mod heartbeat;
 mod keys;
 mod producer;
+mod reader;
 mod scheduler;
 mod scripts;
 mod stats;

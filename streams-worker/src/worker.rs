@@ -21,6 +21,7 @@ use crate::{
     error::{BoxError, QueueError},
     handle::handle,
     heartbeat::heartbeat,
+    reader::{Plain, Reader},
     scheduler::scheduler,
     stats::{Counters, LocalStats},
 };
@@ -141,7 +142,17 @@ impl Worker {
             response_timeout: self.config.block + Duration::from_secs(1).max(tuning.response_timeout),
             ..tuning
         };
-        let Some(mut read_con) = self.connect(read_tuning, &shutdown).await else { return Ok(()) };
+        let plain = match &self.redis {
+            Redis::Single(info) => Plain::new(info, read_tuning.connect_timeout, read_tuning.response_timeout),
+            Redis::Cluster(_) => None,
+        };
+        let mut reader = match plain {
+            Some(plain) => Reader::Plain(plain),
+            None => match self.connect(read_tuning, &shutdown).await {
+                Some(con) => Reader::Conn(con),
+                None => return Ok(()),
+            },
+        };
         let ctx = Arc::new(Ctx::new(
             con,
             self.stream.clone(),
@@ -169,7 +180,7 @@ impl Worker {
         let scheduler = AbortOnDropHandle::new(tokio::spawn(scheduler(ctx.clone(), background.clone())));
 
         let mut tasks = Tasks::default();
-        fetch_loop(&ctx, &mut read_con, service, &acks, &mut tasks, &shutdown).await;
+        fetch_loop(&ctx, &mut reader, service, &acks, &mut tasks, &shutdown).await;
         // Nothing more is read: a finished entry waiting for an acknowledgement slot goes to the
         // acker at once (with its permit), rather than be cut at the deadline as unfinished.
         ctx.ack_slots.close();
@@ -270,7 +281,7 @@ fn take_ready<S: Clone>(svc: &mut S) -> S {
 /// task per entry, until `shutdown`.
 async fn fetch_loop<T, S>(
     ctx: &Arc<Ctx>,
-    read_con: &mut Conn,
+    reader: &mut Reader,
     mut svc: S,
     acks: &mpsc::UnboundedSender<crate::acker::Ack>,
     tasks: &mut Tasks,
@@ -349,7 +360,7 @@ async fn fetch_loop<T, S>(
             let block =
                 config.block.min(next_reclaim.saturating_duration_since(Instant::now())).max(Duration::from_millis(1));
             let read = tokio::select! {
-                read = ctx.read_new(read_con, ready.len(), block) => read,
+                read = ctx.read_new(reader, ready.len(), block) => read,
                 // Entries a cut-short read delivered stay ours; shutdown hands them on at once.
                 () = shutdown.cancelled() => return,
             };
