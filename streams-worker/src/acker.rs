@@ -40,6 +40,22 @@ pub(crate) async fn acker(ctx: Arc<Ctx>, mut rx: mpsc::UnboundedReceiver<Ack>) {
             }
         }
         match write(&ctx, &backlog).await {
+            Ok(missed) if missed.first() == Some(&-1) => {
+                // Some were no longer pending at all; the script knows how many, not which.
+                let total = backlog.iter().filter(|op| matches!(op, Ack::Processed { .. })).count() as u64;
+                let not_acked = missed.get(1).map_or(0, |&n| u64::try_from(n).unwrap_or(0)).min(total);
+                ctx.counters.processed.fetch_add(total - not_acked, Ordering::Relaxed);
+                ctx.metrics.processed.increment(total - not_acked);
+                if not_acked > 0 {
+                    ctx.counters.lost.fetch_add(not_acked, Ordering::Relaxed);
+                    ctx.metrics.lost.increment(not_acked);
+                    tracing::warn!(
+                        count = not_acked,
+                        "finished entries were no longer pending in the group (made again, or changed by hand); not counted here"
+                    );
+                }
+                written(&ctx, &mut backlog);
+            }
             Ok(missed) => {
                 // The script lists what it did not acknowledge (by position among the entries):
                 // taken by another consumer, or listed before in this batch.
@@ -61,13 +77,7 @@ pub(crate) async fn acker(ctx: Arc<Ctx>, mut rx: mpsc::UnboundedReceiver<Ack>) {
                 }
                 ctx.counters.processed.fetch_add(processed, Ordering::Relaxed);
                 ctx.metrics.processed.increment(processed);
-                // Let go of them all at once; their permits are freed after (as the backlog
-                // is cleared), so a worker never owns more than its concurrency.
-                ctx.disown_all(backlog.iter().filter_map(|op| match op {
-                    Ack::Processed { id, .. } | Ack::Skipped { id, .. } => Some(id.as_str()),
-                    Ack::Count(_) => None,
-                }));
-                free(&mut backlog);
+                written(&ctx, &mut backlog);
             }
             Err(error) if crate::ctx::is_nogroup(&error) => {
                 // The group is gone, and with it what we owned: nothing left to acknowledge.
@@ -96,6 +106,16 @@ pub(crate) async fn acker(ctx: Arc<Ctx>, mut rx: mpsc::UnboundedReceiver<Ack>) {
     }
 }
 
+/// After a written batch: lets go of its entries all at once, then frees their permits (as the
+/// backlog is cleared), so a worker never owns more than its concurrency.
+fn written(ctx: &Ctx, backlog: &mut Vec<Ack>) {
+    ctx.disown_all(backlog.iter().filter_map(|op| match op {
+        Ack::Processed { id, .. } | Ack::Skipped { id, .. } => Some(id.as_str()),
+        Ack::Count(_) => None,
+    }));
+    free(backlog);
+}
+
 /// Empties the backlog, its permits released together: one release per semaphore rather than
 /// one per entry (each release takes the semaphore's lock).
 fn free(backlog: &mut Vec<Ack>) {
@@ -117,8 +137,9 @@ fn lost(ctx: &Ctx, id: &str) {
 }
 
 /// One round trip: the ack script for the finished entries and counters. Returns the positions
-/// (1-based, ascending, among the entries) of those it did not acknowledge.
-async fn write(ctx: &Ctx, ops: &[Ack]) -> Result<Vec<u64>, redis::RedisError> {
+/// (1-based, ascending, among the entries) of those it did not acknowledge, or `[-1, processed
+/// ones not acknowledged, skipped ones not acknowledged]` (see `ack.lua`).
+async fn write(ctx: &Ctx, ops: &[Ack]) -> Result<Vec<i64>, redis::RedisError> {
     let status_ttl = ctx.status_ttl_ms();
     let mut finished: Vec<(&str, &str, u64)> = Vec::with_capacity(ops.len());
     let mut kinds = String::with_capacity(ops.len());
@@ -139,7 +160,7 @@ async fn write(ctx: &Ctx, ops: &[Ack]) -> Result<Vec<u64>, redis::RedisError> {
         return Ok(Vec::new());
     }
     let mut invocation = scripts::ACK.key(&*ctx.stream);
-    invocation.key(&ctx.stats);
+    invocation.key(&ctx.stats).key(&ctx.takeovers);
     if status_ttl > 0 {
         for (_, task, _) in &finished {
             invocation.key(crate::keys::status(&ctx.stream, task));
@@ -151,7 +172,22 @@ async fn write(ctx: &Ctx, ops: &[Ack]) -> Result<Vec<u64>, redis::RedisError> {
         Some((Some(first), Some(last))) => (format!("{}-{}", first.0, first.1), format!("{}-{}", last.0, last.1)),
         _ => ("-".to_owned(), "+".to_owned()),
     };
-    invocation.arg(&*ctx.group).arg(&*ctx.consumer).arg(status_ttl).arg(finished.len()).arg(first).arg(last).arg(kinds);
+    // The fast path of the script needs each entry listed once (as the worker does; checked).
+    let mut seen = std::collections::HashSet::with_capacity(finished.len());
+    let once = finished.iter().all(|&(id, ..)| seen.insert(id));
+    let epoch = match ctx.oldest_epoch(finished.iter().map(|&(id, ..)| id)) {
+        Some(epoch) if once && !finished.is_empty() => i128::from(epoch),
+        _ => -1,
+    };
+    invocation
+        .arg(&*ctx.group)
+        .arg(&*ctx.consumer)
+        .arg(status_ttl)
+        .arg(finished.len())
+        .arg(first)
+        .arg(last)
+        .arg(kinds)
+        .arg(epoch.to_string());
     for (id, ..) in &finished {
         invocation.arg(*id);
     }

@@ -26,12 +26,19 @@ pub(crate) struct Fetched {
     pub(crate) id: String,
     pub(crate) fields: Fields,
     pub(crate) times: u64,
+    /// The group's takeover count read before this entry was delivered (see `Owned::epoch`).
+    pub(crate) epoch: u64,
 }
 
 /// An entry this worker owns.
 struct Owned {
     /// Cancelled when another consumer took the entry: its handler stops.
     cancel: CancellationToken,
+    /// The group's takeover count (`keys::takeovers`) read before the entry was delivered to
+    /// this consumer. Every script that moves entries from one consumer to another counts, and
+    /// so does every creation of the group: while the count is still this, the entry is still
+    /// ours, and its acknowledgement needs no check of the pending list.
+    epoch: u64,
     /// Its handler started (the others were fetched and not run yet).
     started: bool,
 }
@@ -46,6 +53,7 @@ pub(crate) struct Ctx {
     pub(crate) delayed: String,
     clock: String,
     released: String,
+    pub(crate) takeovers: String,
     pub(crate) config: Arc<WorkerConfig>,
     pub(crate) counters: Arc<Counters>,
     /// The entries this worker owns and has not acknowledged: fetched, running, or waiting for
@@ -106,6 +114,7 @@ impl Ctx {
             delayed: keys::delayed(&stream),
             clock: keys::clock(&stream, &group),
             released: keys::released(&stream, &group),
+            takeovers: keys::takeovers(&stream, &group),
             stream,
             group,
             consumer,
@@ -154,7 +163,7 @@ impl Ctx {
                 continue;
             }
             let token = CancellationToken::new();
-            owned.insert(entry.id.clone(), Owned { cancel: token.clone(), started: false });
+            owned.insert(entry.id.clone(), Owned { cancel: token.clone(), started: false, epoch: entry.epoch });
             out.push((entry, token));
         }
         drop(owned);
@@ -168,6 +177,13 @@ impl Ctx {
         if let Some(owned) = self.owned.lock().unwrap_or_else(PoisonError::into_inner).get_mut(id) {
             owned.started = true;
         }
+    }
+
+    /// The oldest takeover count among `ids` when each was delivered; `None` if one is not
+    /// owned any more.
+    pub(crate) fn oldest_epoch<'a>(&self, ids: impl IntoIterator<Item = &'a str>) -> Option<u64> {
+        let owned = self.owned.lock().unwrap_or_else(PoisonError::into_inner);
+        ids.into_iter().map(|id| owned.get(id).map(|o| o.epoch)).try_fold(u64::MAX, |min, e| Some(min.min(e?)))
     }
 
     /// Lets go of an entry: acknowledged, handed on, or no longer ours.
@@ -223,6 +239,9 @@ impl Ctx {
 
     /// `XGROUP CREATE ... MKSTREAM`; an existing group (`BUSYGROUP`) is success.
     pub(crate) async fn ensure_group(&self) -> Result<(), redis::RedisError> {
+        // Counted before the group exists again: what a worker read of the group before (it may
+        // still own entries of a group that was lost) is no longer taken for its own.
+        let _: i64 = redis::cmd("INCR").arg(&self.takeovers).query_async(&mut self.con()).await?;
         let created: Result<(), redis::RedisError> = redis::cmd("XGROUP")
             .arg("CREATE")
             .arg(&*self.stream)
@@ -258,8 +277,12 @@ impl Ctx {
         block: Duration,
     ) -> Result<Vec<Fetched>, redis::RedisError> {
         let started = Instant::now();
-        let mut read = redis::cmd("XREADGROUP");
-        read.arg("GROUP")
+        let mut read = redis::pipe();
+        // The takeover count first: it is read before anything of this read is delivered (see
+        // `Owned::epoch`).
+        read.cmd("GET").arg(&self.takeovers);
+        read.cmd("XREADGROUP")
+            .arg("GROUP")
             .arg(&*self.group)
             .arg(&*self.consumer)
             .arg("COUNT")
@@ -269,12 +292,16 @@ impl Ctx {
             .arg("STREAMS")
             .arg(&*self.stream)
             .arg(">");
-        let reply = reader.query(&read).await?;
+        let mut replies = reader.query(&read).await?.into_iter();
+        let (Some(epoch), Some(reply)) = (replies.next(), replies.next()) else {
+            return Err(redis::RedisError::from((redis::ErrorKind::Parse, "unexpected reply of XREADGROUP")));
+        };
+        let epoch = epoch_of(&epoch)?;
         // A read that came back much later than its block: the server stalled.
         if started.elapsed() > block + self.config.claim_idle / 4 {
             self.redis_trouble();
         }
-        let entries = parse_read(reply)
+        let entries = parse_read(reply, epoch)
             .ok_or_else(|| redis::RedisError::from((redis::ErrorKind::Parse, "unexpected reply of XREADGROUP")))?;
         // An entry delivered again while it is ours is skipped where entries are owned (`own`).
         Ok(entries)
@@ -292,7 +319,13 @@ impl Ctx {
             return Ok(Vec::new());
         }
         let mut invocation = scripts::CLAIM.key(&*self.stream);
-        invocation.key(&self.clock).key(&self.released).arg(&*self.group).arg(&*self.consumer).arg(want);
+        invocation
+            .key(&self.clock)
+            .key(&self.released)
+            .key(&self.takeovers)
+            .arg(&*self.group)
+            .arg(&*self.consumer)
+            .arg(want);
         if own {
             invocation.arg("own");
         } else {
@@ -487,7 +520,17 @@ fn fields(value: Value) -> Option<Fields> {
 }
 
 /// `XREADGROUP`'s reply: `nil`, or `[[stream, [[id, [field, value, ...]], ...]]]` (RESP3: a map).
-fn parse_read(reply: Value) -> Option<Vec<Fetched>> {
+/// A takeover count as read (`nil` before the first one).
+fn epoch_of(value: &Value) -> Result<u64, redis::RedisError> {
+    match value {
+        Value::Nil => Ok(0),
+        other => text(other)
+            .and_then(|t| t.parse().ok())
+            .ok_or_else(|| redis::RedisError::from((redis::ErrorKind::Parse, "unexpected takeover count"))),
+    }
+}
+
+fn parse_read(reply: Value, epoch: u64) -> Option<Vec<Fetched>> {
     let streams = match reply {
         Value::Nil => return Some(Vec::new()),
         Value::Array(streams) => streams
@@ -508,15 +551,16 @@ fn parse_read(reply: Value) -> Option<Vec<Fetched>> {
             let [id, values] = <[Value; 2]>::try_from(entry).ok()?;
             // A deleted entry still pending reads as `[id, nil]`: no fields.
             let map = if matches!(values, Value::Nil) { Fields::default() } else { fields(values)? };
-            out.push(Fetched { id: into_text(id)?, fields: map, times: 1 });
+            out.push(Fetched { id: into_text(id)?, fields: map, times: 1, epoch });
         }
     }
     Some(out)
 }
 
-/// `{cursor, {{id, {field, value, ...}, deliveries}, ...}}` from the claim script.
+/// `{cursor, {{id, {field, value, ...}, deliveries}, ...}, takeovers}` from the claim script.
 fn parse_claimed(reply: Value) -> Option<(String, Vec<Fetched>)> {
     let Value::Array(mut parts) = reply else { return None };
+    let epoch = epoch_of(&parts.pop()?).ok()?;
     let entries = parts.pop()?;
     let cursor = text(parts.first()?)?;
     let Value::Array(entries) = entries else { return None };
@@ -529,7 +573,7 @@ fn parse_claimed(reply: Value) -> Option<(String, Vec<Fetched>)> {
             Value::Int(n) => u64::try_from(n).unwrap_or(1),
             other => text(&other)?.parse().ok()?,
         };
-        out.push(Fetched { id: into_text(id)?, fields: map, times });
+        out.push(Fetched { id: into_text(id)?, fields: map, times, epoch });
     }
     Some((cursor, out))
 }

@@ -32,3 +32,10 @@ pub(crate) fn clock(stream: &str, group: &str) -> String {
 pub(crate) fn released(stream: &str, group: &str) -> String {
     format!("{stream}:released:{group}")
 }
+
+/// How many times entries of `group` moved from one consumer to another (or the group was
+/// created): see `Owned::epoch` in `ctx.rs`. Never expires: a count that started over could
+/// reach a value a worker read before.
+pub(crate) fn takeovers(stream: &str, group: &str) -> String {
+    format!("{stream}:takeovers:{group}")
+}

@@ -32,11 +32,11 @@ pub(crate) enum Reader {
 }
 
 impl Reader {
-    /// Sends `cmd` and returns its reply as redis-rs would (a server error as `Err`).
-    pub(crate) async fn query(&mut self, cmd: &redis::Cmd) -> RedisResult<Value> {
+    /// Sends `pipe` and returns its replies as redis-rs would (a server error as `Err`).
+    pub(crate) async fn query(&mut self, pipe: &redis::Pipeline) -> RedisResult<Vec<Value>> {
         match self {
-            Self::Plain(plain) => plain.query(cmd).await,
-            Self::Conn(con) => cmd.query_async(con).await,
+            Self::Plain(plain) => plain.query(pipe).await,
+            Self::Conn(con) => pipe.query_async(con).await,
         }
     }
 }
@@ -93,18 +93,19 @@ impl Plain {
         })
     }
 
-    async fn query(&mut self, cmd: &redis::Cmd) -> RedisResult<Value> {
-        // Taken for the request: put back only once its reply is read whole.
+    async fn query(&mut self, pipe: &redis::Pipeline) -> RedisResult<Vec<Value>> {
+        // Taken for the request: put back only once its replies are read whole.
         let stream = match self.stream.take() {
             Some(stream) => stream,
             None => self.connect().await?,
         };
-        let packed = cmd.get_packed_command();
-        let (stream, value) = tokio::time::timeout(self.response_timeout, async {
+        let packed = pipe.get_packed_pipeline();
+        let replies = pipe.len();
+        let (stream, values) = tokio::time::timeout(self.response_timeout, async {
             let mut stream = stream;
             stream.write_all(&packed).await?;
-            let value = read_value(&mut stream, &mut self.buf).await?;
-            Ok::<_, RedisError>((stream, value))
+            let values = read_values(&mut stream, &mut self.buf, replies).await?;
+            Ok::<_, RedisError>((stream, values))
         })
         .await
         .map_err(|_| RedisError::from(std::io::Error::from(std::io::ErrorKind::TimedOut)))??;
@@ -113,7 +114,7 @@ impl Plain {
             // One huge reply does not keep its buffer.
             self.buf = Vec::new();
         }
-        value.extract_error()
+        values.into_iter().map(Value::extract_error).collect()
     }
 
     async fn connect(&mut self) -> RedisResult<TcpStream> {
@@ -122,8 +123,8 @@ impl Plain {
             stream.set_nodelay(true)?;
             if !self.hello.is_empty() {
                 stream.write_all(&self.hello).await?;
-                for _ in 0..self.hello_replies {
-                    read_value(&mut stream, &mut self.buf).await?.extract_error()?;
+                for value in read_values(&mut stream, &mut self.buf, self.hello_replies).await? {
+                    value.extract_error()?;
                 }
             }
             Ok::<_, RedisError>(stream)
@@ -134,11 +135,14 @@ impl Plain {
     }
 }
 
-/// Reads one whole reply into `buf` (emptied first) and converts it. Data after it is an error:
-/// the socket carries one request at a time.
-async fn read_value(stream: &mut TcpStream, buf: &mut Vec<u8>) -> RedisResult<Value> {
+/// Reads `replies` whole replies into `buf` (emptied first) and converts them. Data after them
+/// is an error: the socket carries one request at a time.
+async fn read_values(stream: &mut TcpStream, buf: &mut Vec<u8>, replies: usize) -> RedisResult<Vec<Value>> {
     buf.clear();
-    loop {
+    let mut values = Vec::with_capacity(replies);
+    // Where the next reply starts in `buf`.
+    let mut at = 0;
+    while values.len() < replies {
         if buf.capacity() - buf.len() < BUF / 4 {
             buf.reserve(BUF.max(buf.len()));
         }
@@ -158,13 +162,22 @@ async fn read_value(stream: &mut TcpStream, buf: &mut Vec<u8>) -> RedisResult<Va
                 Err(e) => return Err(e.into()),
             }
         }
-        match decode_range(buf) {
-            Ok(None) => {}
-            Ok(Some((frame, used))) if used == buf.len() => return Ok(value(buf, frame)),
-            Ok(Some(_)) => return Err((ErrorKind::Parse, "data after a reply").into()),
-            Err(error) => return Err((ErrorKind::Parse, "unreadable reply", error.to_string()).into()),
+        while values.len() < replies {
+            let rest = buf.get(at..).unwrap_or_default();
+            match decode_range(rest) {
+                Ok(None) => break,
+                Ok(Some((frame, used))) => {
+                    values.push(value(rest, frame));
+                    at += used;
+                }
+                Err(error) => return Err((ErrorKind::Parse, "unreadable reply", error.to_string()).into()),
+            }
         }
     }
+    if at != buf.len() {
+        return Err((ErrorKind::Parse, "data after the replies").into());
+    }
+    Ok(values)
 }
 
 /// A framed reply as the `Value` redis-rs would have parsed from the same bytes (RESP2).
@@ -252,7 +265,8 @@ mod tests {
     }
 
     /// A reply split over many writes (random sizes from a seed), read whole; a null array
-    /// (`XREADGROUP`'s time-out) too; the socket's end mid-reply is an error.
+    /// (`XREADGROUP`'s time-out) and another reply in one segment too; the socket's end mid-reply
+    /// is an error.
     #[tokio::test]
     async fn reads_a_reply_split_over_many_segments() {
         let seed: u64 = rand::random();
@@ -286,7 +300,7 @@ mod tests {
                 // Each next reply once the client asks (one request at a time).
                 let mut ask = [0u8; 1];
                 socket.read_exact(&mut ask).await.unwrap();
-                socket.write_all(b"*-1\r\n").await.unwrap();
+                socket.write_all(b"*-1\r\n:7\r\n").await.unwrap();
                 socket.read_exact(&mut ask).await.unwrap();
                 // Half a reply, then the end.
                 socket.write_all(b"*2\r\n$3\r\nabc\r\n").await.unwrap();
@@ -294,11 +308,11 @@ mod tests {
         });
         let mut stream = TcpStream::connect(addr).await.unwrap();
         let mut buf = Vec::new();
-        assert_eq!(read_value(&mut stream, &mut buf).await.unwrap(), expected, "seed {seed}");
+        assert_eq!(read_values(&mut stream, &mut buf, 1).await.unwrap(), [expected], "seed {seed}");
         stream.write_all(b"?").await.unwrap();
-        assert_eq!(read_value(&mut stream, &mut buf).await.unwrap(), Value::Nil, "seed {seed}");
+        assert_eq!(read_values(&mut stream, &mut buf, 2).await.unwrap(), [Value::Nil, Value::Int(7)], "seed {seed}");
         stream.write_all(b"?").await.unwrap();
         server.await.unwrap();
-        assert!(read_value(&mut stream, &mut buf).await.is_err(), "seed {seed}");
+        assert!(read_values(&mut stream, &mut buf, 1).await.is_err(), "seed {seed}");
     }
 }

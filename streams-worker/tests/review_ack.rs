@@ -35,8 +35,10 @@ fn range(ids: &[String]) -> (String, String) {
     }
 }
 
-/// Runs the ack script as the acker does (status TTL 0); `batch` is (id, 'p' | 's'). Returns the
-/// ids acknowledged: the listing without the positions the script says it did not acknowledge.
+/// Runs the ack script as the acker does (status TTL 0) on its checked path (no takeover count
+/// known: each entry's ownership is read from the pending list); `batch` is (id, 'p' | 's').
+/// Returns the ids acknowledged: the listing without the positions the script says it did not
+/// acknowledge.
 fn ack(
     con: &mut redis::Connection,
     stream: &str,
@@ -48,8 +50,8 @@ fn ack(
     let kinds: String = batch.iter().map(|(_, kind)| *kind).collect();
     let script = redis::Script::new(ACK_LUA);
     let mut inv = script.key(stream);
-    inv.key(format!("{stream}:stats"));
-    inv.arg("g").arg(consumer).arg(0).arg(batch.len()).arg(first).arg(last).arg(kinds);
+    inv.key(format!("{stream}:stats")).key(format!("{stream}:takeovers:g"));
+    inv.arg("g").arg(consumer).arg(0).arg(batch.len()).arg(first).arg(last).arg(kinds).arg(-1);
     for (id, _) in batch {
         inv.arg(id);
     }
@@ -534,4 +536,100 @@ mod big_pending_list {
         stop.cancel();
         handle.await.unwrap();
     }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The fast path: no pending-list check while the group's takeover count has not moved
+// ---------------------------------------------------------------------------------------------
+
+const CLAIM_LUA: &str = include_str!("../src/scripts/claim.lua");
+
+/// The takeover count as the worker reads it before a delivery (`nil` is 0).
+fn takeovers(con: &mut redis::Connection, stream: &str) -> i64 {
+    let n: Option<i64> = redis::cmd("GET").arg(format!("{stream}:takeovers:g")).query(con).unwrap();
+    n.unwrap_or(0)
+}
+
+/// The ack script as the acker runs it for entries delivered when the takeover count read
+/// `epoch` (each listed once, all processed). Returns the script's reply.
+fn ack_fast(con: &mut redis::Connection, stream: &str, consumer: &str, ids: &[String], epoch: i64) -> Vec<i64> {
+    let (first, last) = range(ids);
+    let script = redis::Script::new(ACK_LUA);
+    let mut inv = script.key(stream);
+    inv.key(format!("{stream}:stats")).key(format!("{stream}:takeovers:g"));
+    inv.arg("g").arg(consumer).arg(0).arg(ids.len()).arg(first).arg(last).arg("p".repeat(ids.len())).arg(epoch);
+    for id in ids {
+        inv.arg(id);
+    }
+    inv.invoke(con).unwrap()
+}
+
+/// Entries `c` read are taken over by `d` through the claim script (their idle time past the
+/// claim threshold, the group's clock fresh); `c` then acknowledges them with the takeover count
+/// it read before its read. The count moved: the checked path runs, and nothing of `d`'s is
+/// acknowledged or counted. Then `d`'s acknowledgement, with the count it got from the claim,
+/// takes the fast path and acknowledges them all; and entries read after the takeover by `c`
+/// are acknowledged on the fast path too.
+#[test]
+fn a_takeover_by_the_claim_script_sends_older_acknowledgements_to_the_checked_path() {
+    let server = RedisServer::start().unwrap();
+    let mut con = server.connection().unwrap();
+    let _: () = redis::cmd("XGROUP").arg("CREATE").arg("s").arg("g").arg("0").arg("MKSTREAM").query(&mut con).unwrap();
+    let ids: Vec<String> = (1..=5).map(|i| format!("{i}-0")).collect();
+    for id in &ids {
+        xadd(&mut con, "s", id);
+    }
+    let epoch = takeovers(&mut con, "s");
+    read_all(&mut con, "s", "c");
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    // The group's clock says a live worker spoke just now: taking over is not on hold.
+    let now: (u64, u64) = redis::cmd("TIME").query(&mut con).unwrap();
+    let now_ms = now.0 * 1000 + now.1 / 1000;
+    let _: () = redis::cmd("HSET").arg("s:clock:g").arg("seen").arg(now_ms).query(&mut con).unwrap();
+    let claimed: redis::Value = redis::Script::new(CLAIM_LUA)
+        .key("s")
+        .key("s:clock:g")
+        .key("s:released:g")
+        .key("s:takeovers:g")
+        .arg("g")
+        .arg("d")
+        .arg(100)
+        .arg("idle")
+        .arg(10)
+        .arg("0-0")
+        .invoke(&mut con)
+        .unwrap();
+    let redis::Value::Array(parts) = claimed else { panic!("claim reply: {claimed:?}") };
+    let claim_epoch = match parts.get(2) {
+        Some(redis::Value::Int(n)) => *n,
+        other => panic!("claim reply without a takeover count: {other:?}"),
+    };
+    assert_eq!(pending_of(&mut con, "s", "d").len(), 5, "the claim took them all");
+    assert!(claim_epoch > epoch, "the claim counted: {epoch} -> {claim_epoch}");
+
+    // c's acknowledgement, from before the takeover: checked, none acknowledged.
+    let missed = ack_fast(&mut con, "s", "c", &ids, epoch);
+    assert_eq!(missed, vec![1, 2, 3, 4, 5]);
+    assert_eq!(pending_of(&mut con, "s", "d").len(), 5, "d's entries are still pending");
+    assert_eq!(processed(&mut con, "s"), 0);
+
+    // d's, from the claim's count: the fast path, all acknowledged and counted.
+    let missed = ack_fast(&mut con, "s", "d", &ids, claim_epoch);
+    assert!(missed.is_empty(), "{missed:?}");
+    assert!(pending_of(&mut con, "s", "d").is_empty());
+    assert_eq!(processed(&mut con, "s"), 5);
+
+    // Entries read after the takeover, and a group made again by hand in between (its pending
+    // list emptied): the fast path says how many it could not acknowledge.
+    let more: Vec<String> = (6..=8).map(|i| format!("{i}-0")).collect();
+    for id in &more {
+        xadd(&mut con, "s", id);
+    }
+    let epoch = takeovers(&mut con, "s");
+    read_all(&mut con, "s", "c");
+    let _: () = redis::cmd("XGROUP").arg("DESTROY").arg("s").arg("g").query(&mut con).unwrap();
+    let _: () = redis::cmd("XGROUP").arg("CREATE").arg("s").arg("g").arg("$").query(&mut con).unwrap();
+    let missed = ack_fast(&mut con, "s", "c", &more, epoch);
+    assert_eq!(missed, vec![-1, 3, 0]);
+    assert_eq!(processed(&mut con, "s"), 5);
 }

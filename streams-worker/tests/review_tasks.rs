@@ -558,12 +558,13 @@ fn ack_script_with_status_ttl_mixed_batch() {
     let ttl_ms = 60_000u64;
     let script = redis::Script::new(ACK_LUA);
     let mut inv = script.key("s");
-    inv.key("s:stats");
+    inv.key("s:stats").key("s:takeovers:g");
     for (_, _, task, _) in &batch {
         inv.key(format!("s:status:{task}"));
     }
     let kinds: String = batch.iter().map(|b| b.1).collect();
-    inv.arg("g").arg("c").arg(ttl_ms).arg(batch.len()).arg("1-0").arg("9-0").arg(kinds);
+    // Takeover count unknown (-1): the checked path, ownership read from the pending list.
+    inv.arg("g").arg("c").arg(ttl_ms).arg(batch.len()).arg("1-0").arg("9-0").arg(kinds).arg(-1);
     for (id, ..) in &batch {
         inv.arg(*id);
     }
@@ -613,6 +614,7 @@ fn ack_script_without_status_ttl_reads_counters_after_the_ids() {
     let missed: Vec<u64> = script
         .key("s")
         .key("s:stats")
+        .key("s:takeovers:g")
         .arg("g")
         .arg("c")
         .arg(0)
@@ -620,6 +622,8 @@ fn ack_script_without_status_ttl_reads_counters_after_the_ids() {
         .arg("1-0")
         .arg("3-0")
         .arg("psp")
+        // No takeover yet (the count is nil): the fast path.
+        .arg(0)
         .arg("1-0")
         .arg("2-0")
         .arg("3-0")
@@ -631,6 +635,7 @@ fn ack_script_without_status_ttl_reads_counters_after_the_ids() {
     let missed: Vec<u64> = script
         .key("s")
         .key("s:stats")
+        .key("s:takeovers:g")
         .arg("g")
         .arg("c")
         .arg(0)
@@ -638,6 +643,7 @@ fn ack_script_without_status_ttl_reads_counters_after_the_ids() {
         .arg("-")
         .arg("+")
         .arg("")
+        .arg(-1)
         .arg("failed")
         .arg(2)
         .invoke(&mut c)

@@ -1,16 +1,76 @@
 -- Acknowledges finished entries that this consumer still owns, and counts them.
--- KEYS[1] the stream, KEYS[2] the stats hash, KEYS[3..] status keys (one per entry, or none).
+-- KEYS[1] the stream, KEYS[2] the stats hash, KEYS[3] the group's takeover count, KEYS[4..]
+-- status keys (one per entry, or none).
 -- ARGV[1] group, ARGV[2] consumer, ARGV[3] status TTL in ms (0: no status), ARGV[4] number of
 -- entries n, ARGV[5] and ARGV[6] the lowest and highest of their ids (or '-' and '+'), ARGV[7]
--- one letter per entry: 'p' (processed) or 's' (skipped duplicate), then the n entry ids, then
+-- one letter per entry: 'p' (processed) or 's' (skipped duplicate), ARGV[8] the oldest takeover
+-- count read before one of the entries was delivered (-1: unknown), then the n entry ids, then
 -- (with a status TTL only) the n attempts. Then pairs of counter field and increment until the
 -- end.
 -- Returns the positions (1-based, in the listing) of the entries not acknowledged: another
 -- consumer took them meanwhile, or they were listed before. Usually none: the reply stays short.
+-- Or, from the fast path below only when some of its entries were no longer pending at all (the
+-- group was made again, or changed by hand): {-1, processed ones not acknowledged, skipped
+-- ones not acknowledged}.
 local group, consumer = ARGV[1], ARGV[2]
 local ttl = tonumber(ARGV[3])
 local n = tonumber(ARGV[4])
 local kinds = ARGV[7]
+local P = string.byte('p')
+local ID = 8
+-- Counters after the acknowledgements, best effort: a stats key of another type must not fail
+-- the script once its XACKs are written (they would then read as lost).
+local function count(processed)
+  if processed > 0 then
+    redis.pcall('HINCRBY', KEYS[2], group .. ':processed', processed)
+  end
+  local at = ID + 1 + n
+  if ttl > 0 then
+    at = at + n
+  end
+  while ARGV[at] do
+    redis.pcall('HINCRBY', KEYS[2], group .. ':' .. ARGV[at], ARGV[at + 1])
+    at = at + 2
+  end
+end
+-- Best effort: a status key of another type must not fail the acknowledgements (and is not ours
+-- to expire).
+local function done(i)
+  if ttl > 0 and KEYS[3 + i] then
+    if type(redis.pcall('HSET', KEYS[3 + i], 'state', 'done', 'attempt', ARGV[ID + n + i], 'error', '')) == 'number' then
+      redis.call('PEXPIRE', KEYS[3 + i], ttl)
+    end
+  end
+end
+local function ack(ids)
+  local acked = 0
+  for i = 1, #ids, 512 do
+    acked = acked + redis.call('XACK', KEYS[1], group, unpack(ids, i, math.min(i + 511, #ids)))
+  end
+  return acked
+end
+-- The fast path. Entries change hands only through the claim script, which counts each time it
+-- moves any, and the group is only made (again) after a count: if the count has not moved since
+-- before the oldest of these entries was delivered here, every one of them is still ours if it
+-- is pending at all (the worker lists each once).
+if tonumber(ARGV[8]) == (tonumber(redis.call('GET', KEYS[3])) or 0) then
+  local processed, skipped = {}, {}
+  for i = 1, n do
+    if string.byte(kinds, i) == P then
+      processed[#processed + 1] = ARGV[ID + i]
+      done(i)
+    else
+      skipped[#skipped + 1] = ARGV[ID + i]
+    end
+  end
+  local p = ack(processed)
+  local s = ack(skipped)
+  count(p)
+  if p == #processed and s == #skipped then
+    return {}
+  end
+  return {-1, #processed - p, #skipped - s}
+end
 -- What this consumer still owns in the batch's id range: XPENDING with a consumer reads only
 -- that consumer's own pending list, a page at a time.
 local ours = {}
@@ -28,9 +88,8 @@ while n > 0 do
   from = '(' .. last
 end
 local acked, missed, processed = {}, {}, 0
-local P = string.byte('p')
 for i = 1, n do
-  local id = ARGV[7 + i]
+  local id = ARGV[ID + i]
   if ours[id] then
     -- Once: an id listed twice is acknowledged (and counted) for its first listing only.
     ours[id] = nil
@@ -39,31 +98,13 @@ for i = 1, n do
     if kind == P then
       processed = processed + 1
     end
-    if kind == P and ttl > 0 and KEYS[2 + i] then
-      -- Best effort: a status key of another type must not fail the acknowledgements (and is
-      -- not ours to expire).
-      if type(redis.pcall('HSET', KEYS[2 + i], 'state', 'done', 'attempt', ARGV[7 + n + i], 'error', '')) == 'number' then
-        redis.call('PEXPIRE', KEYS[2 + i], ttl)
-      end
+    if kind == P then
+      done(i)
     end
   else
     missed[#missed + 1] = i
   end
 end
-for i = 1, #acked, 512 do
-  redis.call('XACK', KEYS[1], group, unpack(acked, i, math.min(i + 511, #acked)))
-end
--- Counters after the acknowledgements, best effort: a stats key of another type must not fail
--- the script once its XACKs are written (they would then read as lost).
-if processed > 0 then
-  redis.pcall('HINCRBY', KEYS[2], group .. ':processed', processed)
-end
-local at = 8 + n
-if ttl > 0 then
-  at = at + n
-end
-while ARGV[at] do
-  redis.pcall('HINCRBY', KEYS[2], group .. ':' .. ARGV[at], ARGV[at + 1])
-  at = at + 2
-end
+ack(acked)
+count(processed)
 return missed

@@ -1,14 +1,18 @@
 -- Takes entries over, with their delivery counts, in one atomic step.
 -- KEYS[1] the stream, KEYS[2] the group's clock (when a live worker last spoke: every heartbeat
--- sets it), KEYS[3] the entries released by workers that shut down (taken first, hold or not).
+-- sets it), KEYS[3] the entries released by workers that shut down (taken first, hold or not),
+-- KEYS[4] the group's takeover count (raised whenever entries change hands here; see ack.lua).
 -- ARGV[1] group, ARGV[2] consumer, ARGV[3] count, ARGV[4] mode:
 --   'idle': entries idle at least ARGV[5] ms in any consumer (a dead one), from cursor ARGV[6]
 --           (XAUTOCLAIM); 'own': this consumer's own pending entries (a restart under one name).
--- Returns {next cursor, {{id, {field, value, ...}, deliveries}, ...}}; an entry whose stream
--- record was deleted (trimmed) is dropped from the group by XAUTOCLAIM and not returned.
+-- Returns {next cursor, {{id, {field, value, ...}, deliveries}, ...}, takeover count}; an entry
+-- whose stream record was deleted (trimmed) is dropped from the group by XAUTOCLAIM and not
+-- returned.
 local stream, group, consumer, count = KEYS[1], ARGV[1], ARGV[2], tonumber(ARGV[3])
 local entries, cursor = {}, '0-0'
 local released = {}
+-- Whether any entry changed hands (or left the group) here.
+local moved = false
 if ARGV[4] == 'idle' then
   -- Released entries were set idle past claim_idle; one that another worker took meanwhile is
   -- fresh again and not taken from it.
@@ -16,6 +20,7 @@ if ARGV[4] == 'idle' then
   if #ids > 0 then
     released = redis.call('XCLAIM', stream, group, consumer, ARGV[5], unpack(ids))
     count = count - #released
+    moved = moved or #released > 0
   end
 end
 if ARGV[4] == 'idle' and count <= 0 then
@@ -43,6 +48,7 @@ elseif ARGV[4] == 'idle' then
     local reply = redis.call('XAUTOCLAIM', stream, group, consumer, ARGV[5], ARGV[6], 'COUNT', count)
     cursor = reply[1]
     entries = reply[2]
+    moved = moved or #entries > 0 or (reply[3] ~= nil and #reply[3] > 0)
   end
   for _, e in ipairs(released) do
     entries[#entries + 1] = e
@@ -55,6 +61,7 @@ else
   end
   if #ids > 0 then
     entries = redis.call('XCLAIM', stream, group, consumer, 0, unpack(ids))
+    moved = true
   end
 end
 local out = {}
@@ -68,4 +75,7 @@ for _, e in ipairs(entries) do
     out[#out + 1] = {e[1], e[2], deliveries}
   end
 end
-return {cursor, out}
+if moved then
+  redis.call('INCR', KEYS[4])
+end
+return {cursor, out, tonumber(redis.call('GET', KEYS[4])) or 0}
