@@ -8,6 +8,7 @@ use std::{
 };
 
 use redis::Value;
+use redis_protocol::resp2::types::RangeFrame;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -21,7 +22,7 @@ use crate::{
 };
 
 /// One entry handed to this worker: its id, fields and Redis' delivery count of it.
-#[derive(Debug)]
+#[derive(Debug, PartialEq)]
 pub(crate) struct Fetched {
     pub(crate) id: String,
     pub(crate) fields: Fields,
@@ -58,7 +59,9 @@ pub(crate) struct Ctx {
     pub(crate) counters: Arc<Counters>,
     /// The entries this worker owns and has not acknowledged: fetched, running, or waiting for
     /// their acknowledgement. The heartbeat keeps them; cancelling a token stops its handler.
-    owned: Mutex<HashMap<String, Owned>>,
+    /// Hashed with foldhash: ids come from the server, and the map is read or written about
+    /// four times per task (SipHash was a few percent of the worker's time).
+    owned: Mutex<HashMap<String, Owned, foldhash::fast::RandomState>>,
     /// While a claim is in flight: the entries let go since it was sent. Its reply, read on the
     /// server before they left the pending list (acknowledged, moved on, taken), may still list
     /// them; they must not run again. Taken after `owned` where both are held.
@@ -120,7 +123,7 @@ impl Ctx {
             consumer,
             config,
             counters,
-            owned: Mutex::new(HashMap::new()),
+            owned: Mutex::new(HashMap::default()),
             let_go: Mutex::new(None),
             claim_after: Mutex::new(Instant::now()),
             ack_slots,
@@ -292,17 +295,17 @@ impl Ctx {
             .arg("STREAMS")
             .arg(&*self.stream)
             .arg(">");
-        let mut replies = reader.query(&read).await?.into_iter();
-        let (Some(epoch), Some(reply)) = (replies.next(), replies.next()) else {
-            return Err(redis::RedisError::from((redis::ErrorKind::Parse, "unexpected reply of XREADGROUP")));
-        };
-        let epoch = epoch_of(&epoch)?;
+        let (replies, entries) = reader.read_group(&read).await?;
+        let unexpected = || redis::RedisError::from((redis::ErrorKind::Parse, "unexpected reply of XREADGROUP"));
+        let epoch = epoch_of(replies.first().ok_or_else(unexpected)?)?;
         // A read that came back much later than its block: the server stalled.
         if started.elapsed() > block + self.config.claim_idle / 4 {
             self.redis_trouble();
         }
-        let entries = parse_read(reply, epoch)
-            .ok_or_else(|| redis::RedisError::from((redis::ErrorKind::Parse, "unexpected reply of XREADGROUP")))?;
+        let mut entries = entries.ok_or_else(unexpected)?;
+        for entry in &mut entries {
+            entry.epoch = epoch;
+        }
         // An entry delivered again while it is ours is skipped where entries are owned (`own`).
         Ok(entries)
     }
@@ -520,6 +523,51 @@ fn fields(value: Value) -> Option<Fields> {
 }
 
 /// `XREADGROUP`'s reply: `nil`, or `[[stream, [[id, [field, value, ...]], ...]]]` (RESP3: a map).
+/// `XREADGROUP`'s reply as framed by [`crate::reader`] (ranges into `buf`): the same entries
+/// [`parse_read`] builds from its `Value`, without the tree in between (RESP2 only).
+pub(crate) fn frame_entries(buf: &[u8], frame: RangeFrame) -> Option<Vec<Fetched>> {
+    let bytes = |(start, end): (usize, usize)| buf.get(start..end).unwrap_or_default();
+    let streams = match frame {
+        RangeFrame::Null => return Some(Vec::new()),
+        RangeFrame::Array(streams) => streams,
+        _ => return None,
+    };
+    let mut out = Vec::new();
+    for pair in streams {
+        let RangeFrame::Array(mut pair) = pair else { continue };
+        if pair.len() != 2 {
+            continue;
+        }
+        let Some(RangeFrame::Array(entries)) = pair.pop() else { return None };
+        out.reserve(entries.len());
+        for entry in entries {
+            let RangeFrame::Array(entry) = entry else { return None };
+            let [id, values] = <[RangeFrame; 2]>::try_from(entry).ok()?;
+            let id = match id {
+                RangeFrame::BulkString(range) | RangeFrame::SimpleString(range) => {
+                    String::from_utf8(bytes(range).to_vec()).ok()?
+                }
+                other => into_text(crate::reader::value(buf, other))?,
+            };
+            // A deleted entry still pending reads as `[id, nil]`: no fields.
+            let fields = match values {
+                RangeFrame::Null => Fields::default(),
+                RangeFrame::Array(values) => {
+                    let mut map = Fields::with_capacity(values.len() / 2);
+                    let mut it = values.into_iter();
+                    while let (Some(n), Some(v)) = (it.next(), it.next()) {
+                        map.insert(name(crate::reader::value(buf, n))?, crate::reader::value(buf, v));
+                    }
+                    map
+                }
+                _ => return None,
+            };
+            out.push(Fetched { id, fields, times: 1, epoch: 0 });
+        }
+    }
+    Some(out)
+}
+
 /// A takeover count as read (`nil` before the first one).
 fn epoch_of(value: &Value) -> Result<u64, redis::RedisError> {
     match value {
@@ -530,7 +578,7 @@ fn epoch_of(value: &Value) -> Result<u64, redis::RedisError> {
     }
 }
 
-fn parse_read(reply: Value, epoch: u64) -> Option<Vec<Fetched>> {
+pub(crate) fn parse_read(reply: Value) -> Option<Vec<Fetched>> {
     let streams = match reply {
         Value::Nil => return Some(Vec::new()),
         Value::Array(streams) => streams
@@ -551,7 +599,7 @@ fn parse_read(reply: Value, epoch: u64) -> Option<Vec<Fetched>> {
             let [id, values] = <[Value; 2]>::try_from(entry).ok()?;
             // A deleted entry still pending reads as `[id, nil]`: no fields.
             let map = if matches!(values, Value::Nil) { Fields::default() } else { fields(values)? };
-            out.push(Fetched { id: into_text(id)?, fields: map, times: 1, epoch });
+            out.push(Fetched { id: into_text(id)?, fields: map, times: 1, epoch: 0 });
         }
     }
     Some(out)
@@ -597,5 +645,73 @@ impl<'a> LetGoWatch<'a> {
 impl Drop for LetGoWatch<'_> {
     fn drop(&mut self) {
         *self.0.lock().unwrap_or_else(PoisonError::into_inner) = None;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Replies shaped like `XREADGROUP`'s, and some not quite (odd field counts, names that are
+    /// not UTF-8, deleted entries, entries that are not arrays, a stream without its pair).
+    fn read_reply() -> impl Strategy<Value = Vec<u8>> {
+        let bulk =
+            || prop_oneof![proptest::collection::vec(any::<u8>(), 0..12), "[a-z_]{1,10}".prop_map(String::into_bytes)];
+        let fields = prop_oneof![
+            1 => Just(None),
+            6 => proptest::collection::vec(bulk(), 0..9).prop_map(Some),
+        ];
+        let entry = prop_oneof![
+            12 => ("[0-9]{1,4}-[0-9]{1,3}", fields).prop_map(|(id, fields)| {
+                let mut out = format!("*2\r\n${}\r\n{id}\r\n", id.len()).into_bytes();
+                match fields {
+                    None => out.extend_from_slice(b"*-1\r\n"),
+                    Some(items) => {
+                        out.extend_from_slice(format!("*{}\r\n", items.len()).as_bytes());
+                        for item in items {
+                            out.extend_from_slice(format!("${}\r\n", item.len()).as_bytes());
+                            out.extend_from_slice(&item);
+                            out.extend_from_slice(b"\r\n");
+                        }
+                    }
+                }
+                out
+            }),
+            1 => Just(b":5\r\n".to_vec()),
+        ];
+        let stream = prop_oneof![
+            12 => proptest::collection::vec(entry, 0..6).prop_map(|entries| {
+                let mut out = format!("*2\r\n$5\r\ntasks\r\n*{}\r\n", entries.len()).into_bytes();
+                for e in entries {
+                    out.extend_from_slice(&e);
+                }
+                out
+            }),
+            1 => Just(b"*1\r\n$5\r\ntasks\r\n".to_vec()),
+        ];
+        prop_oneof![
+            1 => Just(b"*-1\r\n".to_vec()),
+            8 => proptest::collection::vec(stream, 0..3).prop_map(|streams| {
+                let mut out = format!("*{}\r\n", streams.len()).into_bytes();
+                for s in streams {
+                    out.extend_from_slice(&s);
+                }
+                out
+            }),
+        ]
+    }
+
+    proptest! {
+        /// The entries built from the framed reply are those `parse_read` builds from the
+        /// `Value` redis-rs parses out of the same bytes (or neither is a reply of XREADGROUP).
+        #[test]
+        fn frame_entries_match_parse_read(bytes in read_reply()) {
+            let (frame, used) = redis_protocol::resp2::decode::decode_range(&bytes).unwrap().unwrap();
+            prop_assert_eq!(used, bytes.len());
+            let ours = frame_entries(&bytes, frame);
+            let theirs = parse_read(redis::parse_redis_value(&bytes).unwrap());
+            prop_assert_eq!(ours, theirs);
+        }
     }
 }

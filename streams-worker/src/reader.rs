@@ -21,7 +21,10 @@ use tokio::{
     net::TcpStream,
 };
 
-use crate::Conn;
+use crate::{
+    Conn,
+    ctx::{Fetched, frame_entries, parse_read},
+};
 
 /// Where the blocking read goes.
 pub(crate) enum Reader {
@@ -32,11 +35,39 @@ pub(crate) enum Reader {
 }
 
 impl Reader {
-    /// Sends `pipe` and returns its replies as redis-rs would (a server error as `Err`).
-    pub(crate) async fn query(&mut self, pipe: &redis::Pipeline) -> RedisResult<Vec<Value>> {
+    /// Sends `pipe` (ending with an `XREADGROUP`); returns the replies before the last as
+    /// redis-rs would (a server error as `Err`) and the entries the last one delivered (`None`:
+    /// not a reply of `XREADGROUP`). On a socket of our own the entries are built from the
+    /// framed reply directly, without a `Value` tree in between.
+    pub(crate) async fn read_group(
+        &mut self,
+        pipe: &redis::Pipeline,
+    ) -> RedisResult<(Vec<Value>, Option<Vec<Fetched>>)> {
         match self {
-            Self::Plain(plain) => plain.query(pipe).await,
-            Self::Conn(con) => pipe.query_async(con).await,
+            Self::Plain(plain) => {
+                let (mut frames, buf) = plain.query(pipe).await?;
+                let (at, last) = frames.pop().ok_or((ErrorKind::Parse, "no reply"))?;
+                let rest = buf.get(at..).unwrap_or_default();
+                let values = frames
+                    .into_iter()
+                    .map(|(at, frame)| value(buf.get(at..).unwrap_or_default(), frame).extract_error())
+                    .collect::<RedisResult<Vec<Value>>>()?;
+                let entries = match last {
+                    RangeFrame::Error(_) => {
+                        return Err(value(rest, last)
+                            .extract_error()
+                            .err()
+                            .unwrap_or_else(|| (ErrorKind::Parse, "unreadable error reply").into()));
+                    }
+                    last => frame_entries(rest, last),
+                };
+                Ok((values, entries))
+            }
+            Self::Conn(con) => {
+                let mut values: Vec<Value> = pipe.query_async(con).await?;
+                let last = values.pop().ok_or((ErrorKind::Parse, "no reply"))?;
+                Ok((values, parse_read(last)))
+            }
         }
     }
 }
@@ -93,7 +124,8 @@ impl Plain {
         })
     }
 
-    async fn query(&mut self, pipe: &redis::Pipeline) -> RedisResult<Vec<Value>> {
+    /// Sends `pipe`; its replies' frames, each with where it starts in the returned buffer.
+    async fn query(&mut self, pipe: &redis::Pipeline) -> RedisResult<(Vec<(usize, RangeFrame)>, &[u8])> {
         // Taken for the request: put back only once its replies are read whole.
         let stream = match self.stream.take() {
             Some(stream) => stream,
@@ -101,20 +133,20 @@ impl Plain {
         };
         let packed = pipe.get_packed_pipeline();
         let replies = pipe.len();
-        let (stream, values) = tokio::time::timeout(self.response_timeout, async {
-            let mut stream = stream;
-            stream.write_all(&packed).await?;
-            let values = read_values(&mut stream, &mut self.buf, replies).await?;
-            Ok::<_, RedisError>((stream, values))
-        })
-        .await
-        .map_err(|_| RedisError::from(std::io::Error::from(std::io::ErrorKind::TimedOut)))??;
-        self.stream = Some(stream);
         if self.buf.capacity() > 16 * BUF {
             // One huge reply does not keep its buffer.
             self.buf = Vec::new();
         }
-        values.into_iter().map(Value::extract_error).collect()
+        let (stream, frames) = tokio::time::timeout(self.response_timeout, async {
+            let mut stream = stream;
+            stream.write_all(&packed).await?;
+            let frames = read_frames(&mut stream, &mut self.buf, replies).await?;
+            Ok::<_, RedisError>((stream, frames))
+        })
+        .await
+        .map_err(|_| RedisError::from(std::io::Error::from(std::io::ErrorKind::TimedOut)))??;
+        self.stream = Some(stream);
+        Ok((frames, &self.buf))
     }
 
     async fn connect(&mut self) -> RedisResult<TcpStream> {
@@ -123,8 +155,8 @@ impl Plain {
             stream.set_nodelay(true)?;
             if !self.hello.is_empty() {
                 stream.write_all(&self.hello).await?;
-                for value in read_values(&mut stream, &mut self.buf, self.hello_replies).await? {
-                    value.extract_error()?;
+                for (at, frame) in read_frames(&mut stream, &mut self.buf, self.hello_replies).await? {
+                    value(self.buf.get(at..).unwrap_or_default(), frame).extract_error()?;
                 }
             }
             Ok::<_, RedisError>(stream)
@@ -135,9 +167,14 @@ impl Plain {
     }
 }
 
-/// Reads `replies` whole replies into `buf` (emptied first) and converts them. Data after them
-/// is an error: the socket carries one request at a time.
-async fn read_values(stream: &mut TcpStream, buf: &mut Vec<u8>, replies: usize) -> RedisResult<Vec<Value>> {
+/// Reads `replies` whole replies into `buf` (emptied first) and frames them: each frame's ranges
+/// are relative to where it starts in `buf`, given with it. Data after them is an error: the
+/// socket carries one request at a time.
+async fn read_frames(
+    stream: &mut TcpStream,
+    buf: &mut Vec<u8>,
+    replies: usize,
+) -> RedisResult<Vec<(usize, RangeFrame)>> {
     buf.clear();
     let mut values = Vec::with_capacity(replies);
     // Where the next reply starts in `buf`.
@@ -167,7 +204,7 @@ async fn read_values(stream: &mut TcpStream, buf: &mut Vec<u8>, replies: usize) 
             match decode_range(rest) {
                 Ok(None) => break,
                 Ok(Some((frame, used))) => {
-                    values.push(value(rest, frame));
+                    values.push((at, frame));
                     at += used;
                 }
                 Err(error) => return Err((ErrorKind::Parse, "unreadable reply", error.to_string()).into()),
@@ -308,11 +345,16 @@ mod tests {
         });
         let mut stream = TcpStream::connect(addr).await.unwrap();
         let mut buf = Vec::new();
-        assert_eq!(read_values(&mut stream, &mut buf, 1).await.unwrap(), [expected], "seed {seed}");
+        let values = |buf: &[u8], frames: Vec<(usize, RangeFrame)>| -> Vec<Value> {
+            frames.into_iter().map(|(at, frame)| value(&buf[at..], frame)).collect()
+        };
+        let frames = read_frames(&mut stream, &mut buf, 1).await.unwrap();
+        assert_eq!(values(&buf, frames), [expected], "seed {seed}");
         stream.write_all(b"?").await.unwrap();
-        assert_eq!(read_values(&mut stream, &mut buf, 2).await.unwrap(), [Value::Nil, Value::Int(7)], "seed {seed}");
+        let frames = read_frames(&mut stream, &mut buf, 2).await.unwrap();
+        assert_eq!(values(&buf, frames), [Value::Nil, Value::Int(7)], "seed {seed}");
         stream.write_all(b"?").await.unwrap();
         server.await.unwrap();
-        assert!(read_values(&mut stream, &mut buf, 1).await.is_err(), "seed {seed}");
+        assert!(read_frames(&mut stream, &mut buf, 1).await.is_err(), "seed {seed}");
     }
 }

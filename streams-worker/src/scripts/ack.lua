@@ -54,6 +54,18 @@ end
 -- before the oldest of these entries was delivered here, every one of them is still ours if it
 -- is pending at all (the worker lists each once).
 if tonumber(ARGV[8]) == (tonumber(redis.call('GET', KEYS[3])) or 0) then
+  if ttl == 0 and not string.find(kinds, 's', 1, true) then
+    -- All processed, no statuses (the usual batch): the ids straight from the arguments.
+    local p = 0
+    for i = ID + 1, ID + n, 512 do
+      p = p + redis.call('XACK', KEYS[1], group, unpack(ARGV, i, math.min(i + 511, ID + n)))
+    end
+    count(p)
+    if p == n then
+      return {}
+    end
+    return {-1, n - p, 0}
+  end
   local processed, skipped = {}, {}
   for i = 1, n do
     if string.byte(kinds, i) == P then
