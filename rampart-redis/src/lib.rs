@@ -22,6 +22,8 @@
 //! ```
 #![cfg_attr(docsrs, feature(doc_cfg))] // docs.rs: each item shows the features it needs
 
+pub mod resp;
+
 use std::time::Duration;
 
 use redis::{

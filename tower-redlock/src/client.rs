@@ -8,7 +8,7 @@ use crate::{
     config::LockConfig,
     error::{ConfigError, LockError},
     guard::LockGuard,
-    node::{Grant, MemoryNode, Node, each_node},
+    node::{Acquire, Grant, MemoryNode, Node, each_node},
     queue::Queues,
     schedule::Watchdogs,
 };
@@ -316,11 +316,8 @@ impl RedLock {
         // before it either hands the lock to a guard or releases it, release it in the background.
         let mut pending = PendingRelease { client: self, key, lock_key: &lock_key, token: &token, armed: true };
         let started = Instant::now();
-        let replies = each_node(
-            config.node_timeout,
-            inner.nodes.iter().map(|node| node.acquire(&lock_key, &fence_key, &token, config.ttl)),
-        )
-        .await;
+        let request = Acquire::new(&lock_key, &fence_key, &token, config.ttl);
+        let replies = each_node(config.node_timeout, inner.nodes.iter().map(|node| node.acquire(&request))).await;
 
         let mut granted = Vec::new();
         let mut held = Vec::new();

@@ -2,7 +2,7 @@
 
 use std::{
     collections::HashMap,
-    sync::{LazyLock, Mutex, PoisonError},
+    sync::{Arc, LazyLock, Mutex, PoisonError},
     time::Duration,
 };
 
@@ -18,6 +18,57 @@ static EXTEND: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(EXT
 const CONFIRM_LUA: &str = include_str!("scripts/confirm.lua");
 const RELEASE_LUA: &str = include_str!("scripts/release.lua");
 const EXTEND_LUA: &str = include_str!("scripts/extend.lua");
+
+/// One acquisition attempt's request, the same for every node, built and packed once: `SET key
+/// token NX PX ttl`, `INCR` of the node's fencing counter and `PTTL key`, in one pipeline: run
+/// in order on the node, three commands (a `MULTI`/`EXEC` transaction would be five, with three
+/// more replies, for an atomicity the crate docs show the token does not need). Every attempt
+/// counts; the counter's value is a token only where the `SET` granted (see the crate docs for
+/// why counting on a refusal is harmless). The `PTTL` is for a refusal (when the key frees up);
+/// asking it in a second round trip would keep an attempt's keys on the nodes that granted it
+/// longer, and under contention that splits the votes. With it, the attempt's compare-and-delete:
+/// cut after it was sent (a timeout, a dropped acquisition), the pipeline may still run on the
+/// node after the release of the attempt, so the compare-and-delete follows it on its
+/// connection.
+pub(crate) struct Acquire<'a> {
+    key: &'a str,
+    fence: &'a str,
+    token: &'a str,
+    ttl: Duration,
+    pipeline: redis::Pipeline,
+    packed: Arc<[u8]>,
+    release: redis::Cmd,
+    release_packed: Arc<[u8]>,
+}
+
+impl<'a> Acquire<'a> {
+    pub(crate) fn new(key: &'a str, fence: &'a str, token: &'a str, ttl: Duration) -> Self {
+        let mut pipeline = redis::pipe();
+        pipeline
+            .cmd("SET")
+            .arg(key)
+            .arg(token)
+            .arg("NX")
+            .arg("PX")
+            .arg(ms(ttl))
+            .cmd("INCR")
+            .arg(fence)
+            .cmd("PTTL")
+            .arg(key);
+        let mut release = redis::cmd("EVAL");
+        release.arg(RELEASE_LUA).arg(1).arg(key).arg(token);
+        Self {
+            key,
+            fence,
+            token,
+            ttl,
+            packed: pipeline.get_packed_pipeline().into(),
+            pipeline,
+            release_packed: release.get_packed_command().into(),
+            release,
+        }
+    }
+}
 
 /// A node's answer to an acquisition.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -47,18 +98,20 @@ impl RedisNode {
         T::from_redis_value(value).map_err(|e| e.to_string())
     }
 
-    /// A pipeline: its replies, in order. If the caller goes away once any of it was sent,
-    /// `cleanup` follows it on the same connection (only there is it sure to run after it: the
-    /// node may still run the pipeline later, and a command on another connection may overtake
-    /// it); on the multiplexed connection also when it fails (its answer may be late, not lost).
-    /// On a connection of this node's own a failure closes the connection, and the node runs
-    /// nothing after what it had read.
-    async fn pipeline<T: FromRedisValue>(&self, pipe: &redis::Pipeline, cleanup: &redis::Cmd) -> Result<T, String> {
+    /// An acquisition's pipeline: its replies, in order. If the caller goes away once any of it
+    /// was sent, its release follows it on the same connection (only there is it sure to run
+    /// after it: the node may still run the pipeline later, and a command on another connection
+    /// may overtake it); on the multiplexed connection also when it fails (its answer may be
+    /// late, not lost). On a connection of this node's own a failure closes the connection, and
+    /// the node runs nothing after what it had read.
+    async fn pipeline<T: FromRedisValue>(&self, request: &Acquire<'_>) -> Result<T, String> {
         if let Some(direct) = &self.direct
             && let Some(reply) = direct
-                .request(pipe.get_packed_pipeline(), pipe.len(), || {
-                    Some(Cleanup { packed: cleanup.get_packed_command(), replies: 1 })
-                })
+                .request(
+                    request.packed.clone(),
+                    request.pipeline.len(),
+                    Some(Cleanup { packed: request.release_packed.clone(), replies: 1 }),
+                )
                 .await
         {
             let values = reply.map_err(|e| e.to_string())?;
@@ -67,8 +120,8 @@ impl RedisNode {
                 .map_err(|e| e.to_string());
         }
         let mut con = self.managed.get()?;
-        let mut follow_up = FollowUp { con: Some(con.clone()), cmd: Some(cleanup.clone()) };
-        let result = pipe.query_async(&mut con).await;
+        let mut follow_up = FollowUp { con: Some(con.clone()), cmd: Some(request.release.clone()) };
+        let result = request.pipeline.query_async(&mut con).await;
         if result.is_ok() {
             follow_up.con = None;
         }
@@ -101,7 +154,7 @@ impl RedisNode {
     /// One command, its error as redis-rs gives it (to tell `NOSCRIPT`).
     async fn query_raw(&self, cmd: &redis::Cmd) -> Result<redis::Value, redis::RedisError> {
         if let Some(direct) = &self.direct
-            && let Some(reply) = direct.request(cmd.get_packed_command(), 1, || None).await
+            && let Some(reply) = direct.request(cmd.get_packed_command().into(), 1, None).await
         {
             return reply?.pop().unwrap_or(redis::Value::Nil).extract_error();
         }
@@ -190,35 +243,11 @@ impl Node {
         })
     }
 
-    /// `SET key token NX PX ttl`, `INCR` of the node's fencing counter and `PTTL key`, in one
-    /// pipeline: run in order on the node, three commands (a `MULTI`/`EXEC` transaction would be
-    /// five, with three more replies, for an atomicity the crate docs show the token does not
-    /// need). Every attempt counts; the counter's value is a token only where the `SET` granted
-    /// (see the crate docs for why counting on a refusal is harmless). The `PTTL` is for a refusal
-    /// (when the key frees up); asking it in a second round trip would keep an attempt's keys on
-    /// the nodes that granted it longer, and under contention that splits the votes.
-    pub(crate) async fn acquire(&self, key: &str, fence: &str, token: &str, ttl: Duration) -> Result<Grant, String> {
+    /// The node's answer to `request` (see [`Acquire`]).
+    pub(crate) async fn acquire(&self, request: &Acquire<'_>) -> Result<Grant, String> {
         match self {
             Node::Redis { con, .. } => {
-                let mut pipeline = redis::pipe();
-                pipeline
-                    .cmd("SET")
-                    .arg(key)
-                    .arg(token)
-                    .arg("NX")
-                    .arg("PX")
-                    .arg(ms(ttl))
-                    .cmd("INCR")
-                    .arg(fence)
-                    .cmd("PTTL")
-                    .arg(key);
-                // Cut after it was sent (a timeout, a dropped acquisition), the pipeline may
-                // still run on the node after the release of the attempt: the compare-and-delete
-                // follows it on its connection.
-                let mut release = redis::cmd("EVAL");
-                release.arg(RELEASE_LUA).arg(1).arg(key).arg(token);
-                let (granted, counter, pttl): (Option<redis::Value>, i64, i64) =
-                    con.pipeline(&pipeline, &release).await?;
+                let (granted, counter, pttl): (Option<redis::Value>, i64, i64) = con.pipeline(request).await?;
                 if granted.is_none() {
                     return Ok(Grant::Held(u64::try_from(pttl).ok().map(Duration::from_millis)));
                 }
@@ -227,10 +256,12 @@ impl Node {
                 // or the guard's).
                 match u64::try_from(counter) {
                     Ok(counter) if counter > 0 => Ok(Grant::Granted(counter)),
-                    _ => Err(format!("the fencing counter {fence} counted to {counter}: not a positive count")),
+                    _ => {
+                        Err(format!("the fencing counter {} counted to {counter}: not a positive count", request.fence))
+                    }
                 }
             }
-            Node::Memory(m) => Ok(m.acquire(key, token, ttl)),
+            Node::Memory(m) => Ok(m.acquire(request.key, request.token, request.ttl)),
         }
     }
 
