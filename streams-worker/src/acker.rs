@@ -175,10 +175,8 @@ async fn write(ctx: &Ctx, ops: &[Ack]) -> Result<Vec<i64>, redis::RedisError> {
     // The fast path of the script needs each entry listed once (as the worker does; checked).
     let mut seen = std::collections::HashSet::with_capacity(finished.len());
     let once = finished.iter().all(|&(id, ..)| seen.insert(id));
-    let epoch = match ctx.oldest_epoch(finished.iter().map(|&(id, ..)| id)) {
-        Some(epoch) if once && !finished.is_empty() => i128::from(epoch),
-        _ => -1,
-    };
+    // '-' is no token: the checked path.
+    let epoch = ctx.common_epoch(finished.iter().map(|&(id, ..)| id)).filter(|_| once);
     invocation
         .arg(&*ctx.group)
         .arg(&*ctx.consumer)
@@ -187,7 +185,7 @@ async fn write(ctx: &Ctx, ops: &[Ack]) -> Result<Vec<i64>, redis::RedisError> {
         .arg(first)
         .arg(last)
         .arg(kinds)
-        .arg(epoch.to_string());
+        .arg(epoch.as_ref().map_or("-", |e| e.as_str()));
     for (id, ..) in &finished {
         invocation.arg(*id);
     }

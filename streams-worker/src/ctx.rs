@@ -7,8 +7,8 @@ use std::{
     time::Duration,
 };
 
+use rampart_redis::resp::{RangeFrame, value};
 use redis::Value;
-use redis_protocol::resp2::types::RangeFrame;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -21,25 +21,49 @@ use crate::{
     stats::Counters,
 };
 
+/// A group's takeover token as read (see [`Owned::epoch`]); `"0"` before the first one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Epoch(Arc<str>);
+
+impl Default for Epoch {
+    fn default() -> Self {
+        Self(Arc::from("0"))
+    }
+}
+
+impl From<String> for Epoch {
+    fn from(token: String) -> Self {
+        Self(token.into())
+    }
+}
+
+impl Epoch {
+    pub(crate) fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
 /// One entry handed to this worker: its id, fields and Redis' delivery count of it.
 #[derive(Debug, PartialEq)]
 pub(crate) struct Fetched {
     pub(crate) id: String,
     pub(crate) fields: Fields,
     pub(crate) times: u64,
-    /// The group's takeover count read before this entry was delivered (see `Owned::epoch`).
-    pub(crate) epoch: u64,
+    /// The group's takeover token read before this entry was delivered (see `Owned::epoch`).
+    pub(crate) epoch: Epoch,
 }
 
 /// An entry this worker owns.
 struct Owned {
     /// Cancelled when another consumer took the entry: its handler stops.
     cancel: CancellationToken,
-    /// The group's takeover count (`keys::takeovers`) read before the entry was delivered to
-    /// this consumer. Every script that moves entries from one consumer to another counts, and
-    /// so does every creation of the group: while the count is still this, the entry is still
-    /// ours, and its acknowledgement needs no check of the pending list.
-    epoch: u64,
+    /// The group's takeover token (`keys::takeovers`) read before the entry was delivered to
+    /// this consumer. Every script that moves entries from one consumer to another sets a new
+    /// one, and so does the creation of the group; a token is never set twice (a count and the
+    /// server's time, so a restart or failover that lost the last one does not make it again).
+    /// While the token is still this, the entry is still ours, and its acknowledgement needs no
+    /// check of the pending list.
+    epoch: Epoch,
     /// Its handler started (the others were fetched and not run yet).
     started: bool,
 }
@@ -166,7 +190,7 @@ impl Ctx {
                 continue;
             }
             let token = CancellationToken::new();
-            owned.insert(entry.id.clone(), Owned { cancel: token.clone(), started: false, epoch: entry.epoch });
+            owned.insert(entry.id.clone(), Owned { cancel: token.clone(), started: false, epoch: entry.epoch.clone() });
             out.push((entry, token));
         }
         drop(owned);
@@ -182,11 +206,19 @@ impl Ctx {
         }
     }
 
-    /// The oldest takeover count among `ids` when each was delivered; `None` if one is not
-    /// owned any more.
-    pub(crate) fn oldest_epoch<'a>(&self, ids: impl IntoIterator<Item = &'a str>) -> Option<u64> {
+    /// The takeover token read before each of `ids` was delivered, if it is one for all (and
+    /// there is at least one); `None` if they differ or one is not owned any more.
+    pub(crate) fn common_epoch<'a>(&self, ids: impl IntoIterator<Item = &'a str>) -> Option<Epoch> {
         let owned = self.owned.lock().unwrap_or_else(PoisonError::into_inner);
-        ids.into_iter().map(|id| owned.get(id).map(|o| o.epoch)).try_fold(u64::MAX, |min, e| Some(min.min(e?)))
+        let mut common: Option<&Epoch> = None;
+        for id in ids {
+            let epoch = &owned.get(id)?.epoch;
+            match common {
+                Some(c) if c != epoch => return None,
+                _ => common = Some(epoch),
+            }
+        }
+        common.cloned()
     }
 
     /// Lets go of an entry: acknowledged, handed on, or no longer ours.
@@ -242,21 +274,14 @@ impl Ctx {
 
     /// `XGROUP CREATE ... MKSTREAM`; an existing group (`BUSYGROUP`) is success.
     pub(crate) async fn ensure_group(&self) -> Result<(), redis::RedisError> {
-        // Counted before the group exists again: what a worker read of the group before (it may
-        // still own entries of a group that was lost) is no longer taken for its own.
-        let _: i64 = redis::cmd("INCR").arg(&self.takeovers).query_async(&mut self.con()).await?;
-        let created: Result<(), redis::RedisError> = redis::cmd("XGROUP")
-            .arg("CREATE")
-            .arg(&*self.stream)
+        // One step: a group made again gets a new takeover token with it (see `Owned::epoch`).
+        let _: i64 = scripts::GROUP
+            .key(&*self.stream)
+            .key(&self.takeovers)
             .arg(&*self.group)
-            .arg("0")
-            .arg("MKSTREAM")
-            .query_async(&mut self.con())
-            .await;
-        match created {
-            Err(e) if e.code() != Some("BUSYGROUP") => Err(e),
-            _ => Ok(()),
-        }
+            .invoke_async(&mut self.con())
+            .await?;
+        Ok(())
     }
 
     /// After `NOGROUP`: the stream was deleted or Redis lost its data. Create the group again
@@ -304,7 +329,7 @@ impl Ctx {
         }
         let mut entries = entries.ok_or_else(unexpected)?;
         for entry in &mut entries {
-            entry.epoch = epoch;
+            entry.epoch = epoch.clone();
         }
         // An entry delivered again while it is ours is skipped where entries are owned (`own`).
         Ok(entries)
@@ -547,7 +572,7 @@ pub(crate) fn frame_entries(buf: &[u8], frame: RangeFrame) -> Option<Vec<Fetched
                 RangeFrame::BulkString(range) | RangeFrame::SimpleString(range) => {
                     String::from_utf8(bytes(range).to_vec()).ok()?
                 }
-                other => into_text(crate::reader::value(buf, other))?,
+                other => into_text(value(buf, other))?,
             };
             // A deleted entry still pending reads as `[id, nil]`: no fields.
             let fields = match values {
@@ -556,25 +581,25 @@ pub(crate) fn frame_entries(buf: &[u8], frame: RangeFrame) -> Option<Vec<Fetched
                     let mut map = Fields::with_capacity(values.len() / 2);
                     let mut it = values.into_iter();
                     while let (Some(n), Some(v)) = (it.next(), it.next()) {
-                        map.insert(name(crate::reader::value(buf, n))?, crate::reader::value(buf, v));
+                        map.insert(name(value(buf, n))?, value(buf, v));
                     }
                     map
                 }
                 _ => return None,
             };
-            out.push(Fetched { id, fields, times: 1, epoch: 0 });
+            out.push(Fetched { id, fields, times: 1, epoch: Epoch::default() });
         }
     }
     Some(out)
 }
 
-/// A takeover count as read (`nil` before the first one).
-fn epoch_of(value: &Value) -> Result<u64, redis::RedisError> {
+/// A takeover token as read (`nil` before the first one reads as `0`).
+fn epoch_of(value: &Value) -> Result<Epoch, redis::RedisError> {
     match value {
-        Value::Nil => Ok(0),
+        Value::Nil => Ok(Epoch::default()),
         other => text(other)
-            .and_then(|t| t.parse().ok())
-            .ok_or_else(|| redis::RedisError::from((redis::ErrorKind::Parse, "unexpected takeover count"))),
+            .map(Epoch::from)
+            .ok_or_else(|| redis::RedisError::from((redis::ErrorKind::Parse, "unexpected takeover token"))),
     }
 }
 
@@ -599,7 +624,7 @@ pub(crate) fn parse_read(reply: Value) -> Option<Vec<Fetched>> {
             let [id, values] = <[Value; 2]>::try_from(entry).ok()?;
             // A deleted entry still pending reads as `[id, nil]`: no fields.
             let map = if matches!(values, Value::Nil) { Fields::default() } else { fields(values)? };
-            out.push(Fetched { id: into_text(id)?, fields: map, times: 1, epoch: 0 });
+            out.push(Fetched { id: into_text(id)?, fields: map, times: 1, epoch: Epoch::default() });
         }
     }
     Some(out)
@@ -621,7 +646,7 @@ fn parse_claimed(reply: Value) -> Option<(String, Vec<Fetched>)> {
             Value::Int(n) => u64::try_from(n).unwrap_or(1),
             other => text(&other)?.parse().ok()?,
         };
-        out.push(Fetched { id: into_text(id)?, fields: map, times, epoch });
+        out.push(Fetched { id: into_text(id)?, fields: map, times, epoch: epoch.clone() });
     }
     Some((cursor, out))
 }
@@ -707,7 +732,7 @@ mod tests {
         /// `Value` redis-rs parses out of the same bytes (or neither is a reply of XREADGROUP).
         #[test]
         fn frame_entries_match_parse_read(bytes in read_reply()) {
-            let (frame, used) = redis_protocol::resp2::decode::decode_range(&bytes).unwrap().unwrap();
+            let (frame, used) = rampart_redis::resp::decode_frame(&bytes).unwrap().unwrap();
             prop_assert_eq!(used, bytes.len());
             let ours = frame_entries(&bytes, frame);
             let theirs = parse_read(redis::parse_redis_value(&bytes).unwrap());

@@ -33,9 +33,8 @@ pub(crate) fn released(stream: &str, group: &str) -> String {
     format!("{stream}:released:{group}")
 }
 
-/// How many times entries of `group` moved from one consumer to another (or the group was
-/// created): see `Owned::epoch` in `ctx.rs`. Never expires: a count that started over could
-/// reach a value a worker read before.
+/// The takeover token of `group`: a new one whenever entries of the group move from one
+/// consumer to another, or the group is made (see `Owned::epoch` in `ctx.rs`). Never expires.
 pub(crate) fn takeovers(stream: &str, group: &str) -> String {
     format!("{stream}:takeovers:{group}")
 }

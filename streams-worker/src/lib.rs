@@ -23,7 +23,17 @@
 //! over at shutdown are taken at once, hold or not. If a worker that lost its entries comes
 //! back, the heartbeat tells it:
 //! the handler is stopped, and whatever it finishes is neither acknowledged nor counted there
-//! (every acknowledgement checks ownership).
+//! (every acknowledgement checks ownership). The check costs nothing while no entry of the group
+//! has changed hands: every takeover, and the creation of the group, sets a new *takeover
+//! token* (a count and the server's time, so never the same one twice, even after a restart or
+//! failover that lost the last one); each entry remembers the token read before it was
+//! delivered, and an acknowledgement whose entries' token is still the current one needs no
+//! look at the pending list. Two things move entries outside these scripts and are not covered:
+//! a group changed by hand while workers run (`XGROUP SETID` back, or destroyed and made again:
+//! entries already delivered are delivered again, to whoever reads), and workers of release
+//! 0.1.0 in the same group, whose takeovers set no token: stop those before starting these.
+//! Either way a task may run twice, as at-least-once allows; what is lost is the attribution (the
+//! first finisher acknowledges and counts it).
 //!
 //! **Nothing stuck, nothing looping.** A handler error or panic is a failure. A failed entry is
 //! acknowledged and scheduled again after a pause that doubles with each delivery

@@ -4,9 +4,9 @@
 //! a reply into a tree of `Value`s with a parser-combinator, measured on this project's bench
 //! machine at ~2.4 µs an entry of four fields, most of a worker's time with a no-op handler.
 //! For one server over plain TCP speaking RESP2, the worker reads on a socket of its own instead:
-//! the reply is framed by `redis-protocol` (ranges into the read buffer, ~0.4 µs an entry) and
-//! turned into the same `Value`s (~0.9 µs an entry in all). Anything else (a cluster, TLS, a Unix
-//! socket, RESP3) reads through a [`Conn`] as before.
+//! the reply is framed by [`rampart_redis::resp`] (redis-protocol: ranges into the read buffer,
+//! ~0.4 µs an entry) and the entries are built from the frame directly. Anything else (a
+//! cluster, TLS, a Unix socket, RESP3) reads through a [`Conn`] as before.
 //!
 //! The socket carries one request at a time. A request cut short (its future dropped, a
 //! timeout, an error) closes it: what the server still sends for it can never be taken for the
@@ -14,8 +14,8 @@
 
 use std::time::Duration;
 
-use redis::{ConnectionAddr, ConnectionInfo, ErrorKind, ProtocolVersion, RedisError, RedisResult, Value};
-use redis_protocol::resp2::{decode::decode_range, types::RangeFrame};
+use rampart_redis::resp::{self, RangeFrame, value};
+use redis::{ConnectionInfo, ErrorKind, RedisError, RedisResult, Value};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::TcpStream,
@@ -74,11 +74,7 @@ impl Reader {
 
 /// One server over plain TCP, RESP2: a socket opened on first use and after any failure.
 pub(crate) struct Plain {
-    host: String,
-    port: u16,
-    /// `AUTH` and `SELECT`, packed, sent on each new socket; how many replies they make.
-    hello: Vec<u8>,
-    hello_replies: usize,
+    server: resp::Plain,
     connect_timeout: Duration,
     /// Allowed for one request, from its write to its whole reply (longer than the block time).
     response_timeout: Duration,
@@ -92,36 +88,7 @@ const BUF: usize = 64 * 1024;
 impl Plain {
     /// For one server at a TCP address speaking RESP2; `None` otherwise.
     pub(crate) fn new(info: &ConnectionInfo, connect_timeout: Duration, response_timeout: Duration) -> Option<Self> {
-        let ConnectionAddr::Tcp(host, port) = info.addr() else { return None };
-        let settings = info.redis_settings();
-        if settings.protocol() != ProtocolVersion::RESP2 {
-            return None;
-        }
-        let mut hello = Vec::new();
-        let mut hello_replies = 0;
-        if let Some(password) = settings.password() {
-            let mut auth = redis::cmd("AUTH");
-            if let Some(username) = settings.username() {
-                auth.arg(username);
-            }
-            auth.arg(password);
-            hello.extend(auth.get_packed_command());
-            hello_replies += 1;
-        }
-        if settings.db() != 0 {
-            hello.extend(redis::cmd("SELECT").arg(settings.db()).get_packed_command());
-            hello_replies += 1;
-        }
-        Some(Self {
-            host: host.clone(),
-            port: *port,
-            hello,
-            hello_replies,
-            connect_timeout,
-            response_timeout,
-            stream: None,
-            buf: Vec::new(),
-        })
+        Some(Self { server: resp::Plain::new(info)?, connect_timeout, response_timeout, stream: None, buf: Vec::new() })
     }
 
     /// Sends `pipe`; its replies' frames, each with where it starts in the returned buffer.
@@ -151,11 +118,12 @@ impl Plain {
 
     async fn connect(&mut self) -> RedisResult<TcpStream> {
         let hello = async {
-            let mut stream = TcpStream::connect((self.host.as_str(), self.port)).await?;
+            let server = &self.server;
+            let mut stream = TcpStream::connect((server.host.as_str(), server.port)).await?;
             stream.set_nodelay(true)?;
-            if !self.hello.is_empty() {
-                stream.write_all(&self.hello).await?;
-                for (at, frame) in read_frames(&mut stream, &mut self.buf, self.hello_replies).await? {
+            if !server.hello.is_empty() {
+                stream.write_all(&server.hello).await?;
+                for (at, frame) in read_frames(&mut stream, &mut self.buf, server.hello_replies).await? {
                     value(self.buf.get(at..).unwrap_or_default(), frame).extract_error()?;
                 }
             }
@@ -201,14 +169,9 @@ async fn read_frames(
         }
         while values.len() < replies {
             let rest = buf.get(at..).unwrap_or_default();
-            match decode_range(rest) {
-                Ok(None) => break,
-                Ok(Some((frame, used))) => {
-                    values.push((at, frame));
-                    at += used;
-                }
-                Err(error) => return Err((ErrorKind::Parse, "unreadable reply", error.to_string()).into()),
-            }
+            let Some((frame, used)) = resp::decode_frame(rest)? else { break };
+            values.push((at, frame));
+            at += used;
         }
     }
     if at != buf.len() {
@@ -217,89 +180,9 @@ async fn read_frames(
     Ok(values)
 }
 
-/// A framed reply as the `Value` redis-rs would have parsed from the same bytes (RESP2).
-pub(crate) fn value(buf: &[u8], frame: RangeFrame) -> Value {
-    let bytes = |(start, end): (usize, usize)| buf.get(start..end).unwrap_or_default();
-    match frame {
-        RangeFrame::Array(frames) => Value::Array(frames.into_iter().map(|f| value(buf, f)).collect()),
-        RangeFrame::BulkString(range) => Value::BulkString(bytes(range).to_vec()),
-        RangeFrame::SimpleString(range) => Value::SimpleString(String::from_utf8_lossy(bytes(range)).into_owned()),
-        RangeFrame::Integer(i) => Value::Int(i),
-        RangeFrame::Null => Value::Nil,
-        RangeFrame::Error(range) => {
-            // Rare: redis-rs's own parse of the error line gives its code and kind.
-            let mut line = Vec::with_capacity(range.1.saturating_sub(range.0) + 3);
-            line.push(b'-');
-            line.extend_from_slice(bytes(range));
-            line.extend_from_slice(b"\r\n");
-            redis::parse_redis_value(&line).unwrap_or_else(|_| Value::SimpleString("ERR".into()))
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use proptest::prelude::*;
-
-    /// RESP2 replies: every kind, nested.
-    fn reply() -> impl Strategy<Value = Value> {
-        let line = "[a-zA-Z0-9 :_-]{0,20}";
-        let leaf = prop_oneof![
-            Just(Value::Nil),
-            any::<i64>().prop_map(Value::Int),
-            proptest::collection::vec(any::<u8>(), 0..40).prop_map(Value::BulkString),
-            line.prop_map(Value::SimpleString),
-            "[A-Z]{1,8}( [a-z ]{0,20})?"
-                .prop_map(|e| redis::parse_redis_value(format!("-{e}\r\n").as_bytes()).unwrap()),
-        ];
-        leaf.prop_recursive(4, 64, 8, |inner| proptest::collection::vec(inner, 0..8).prop_map(Value::Array))
-    }
-
-    /// Encodes a reply as a server would (independent of both parsers).
-    fn encode(value: &Value, out: &mut Vec<u8>) {
-        match value {
-            Value::Nil => out.extend_from_slice(b"$-1\r\n"),
-            Value::Int(i) => out.extend_from_slice(format!(":{i}\r\n").as_bytes()),
-            Value::BulkString(b) => {
-                out.extend_from_slice(format!("${}\r\n", b.len()).as_bytes());
-                out.extend_from_slice(b);
-                out.extend_from_slice(b"\r\n");
-            }
-            Value::SimpleString(s) => out.extend_from_slice(format!("+{s}\r\n").as_bytes()),
-            Value::Array(items) => {
-                out.extend_from_slice(format!("*{}\r\n", items.len()).as_bytes());
-                for item in items {
-                    encode(item, out);
-                }
-            }
-            Value::ServerError(e) => {
-                let text = match e.details() {
-                    Some(details) => format!("{} {details}", e.code()),
-                    None => e.code().to_owned(),
-                };
-                out.extend_from_slice(format!("-{text}\r\n").as_bytes());
-            }
-            other => panic!("not a RESP2 reply: {other:?}"),
-        }
-    }
-
-    proptest! {
-        /// The framed reply converts to what redis-rs parses from the same bytes.
-        #[test]
-        fn converts_as_redis_rs_parses(reply in reply()) {
-            let mut bytes = Vec::new();
-            encode(&reply, &mut bytes);
-            let (frame, used) = decode_range(&bytes).unwrap().unwrap();
-            prop_assert_eq!(used, bytes.len());
-            let ours = value(&bytes, frame);
-            prop_assert_eq!(&ours, &redis::parse_redis_value(&bytes).unwrap());
-            // Any strict prefix is not a reply yet.
-            if let Some(cut) = bytes.len().checked_sub(1) {
-                prop_assert!(decode_range(&bytes[..cut]).unwrap().is_none());
-            }
-        }
-    }
 
     /// A reply split over many writes (random sizes from a seed), read whole; a null array
     /// (`XREADGROUP`'s time-out) and another reply in one segment too; the socket's end mid-reply

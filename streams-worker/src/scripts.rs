@@ -19,3 +19,4 @@ script!(PROMOTE, "scripts/promote.lua");
 script!(REQUEUE, "scripts/requeue.lua");
 script!(RELEASE, "scripts/release.lua");
 script!(STATUS, "scripts/status.lua");
+script!(GROUP, "scripts/group.lua");

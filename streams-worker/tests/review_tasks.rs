@@ -563,8 +563,8 @@ fn ack_script_with_status_ttl_mixed_batch() {
         inv.key(format!("s:status:{task}"));
     }
     let kinds: String = batch.iter().map(|b| b.1).collect();
-    // Takeover count unknown (-1): the checked path, ownership read from the pending list.
-    inv.arg("g").arg("c").arg(ttl_ms).arg(batch.len()).arg("1-0").arg("9-0").arg(kinds).arg(-1);
+    // Takeover token unknown ('-'): the checked path, ownership read from the pending list.
+    inv.arg("g").arg("c").arg(ttl_ms).arg(batch.len()).arg("1-0").arg("9-0").arg(kinds).arg("-");
     for (id, ..) in &batch {
         inv.arg(*id);
     }
@@ -622,8 +622,8 @@ fn ack_script_without_status_ttl_reads_counters_after_the_ids() {
         .arg("1-0")
         .arg("3-0")
         .arg("psp")
-        // No takeover yet (the count is nil): the fast path.
-        .arg(0)
+        // No takeover yet (the token is nil, read as '0'): the fast path.
+        .arg("0")
         .arg("1-0")
         .arg("2-0")
         .arg("3-0")
@@ -643,7 +643,7 @@ fn ack_script_without_status_ttl_reads_counters_after_the_ids() {
         .arg("-")
         .arg("+")
         .arg("")
-        .arg(-1)
+        .arg("-")
         .arg("failed")
         .arg(2)
         .invoke(&mut c)

@@ -1,11 +1,12 @@
 -- Takes entries over, with their delivery counts, in one atomic step.
 -- KEYS[1] the stream, KEYS[2] the group's clock (when a live worker last spoke: every heartbeat
 -- sets it), KEYS[3] the entries released by workers that shut down (taken first, hold or not),
--- KEYS[4] the group's takeover count (raised whenever entries change hands here; see ack.lua).
+-- KEYS[4] the group's takeover token (a new one whenever entries change hands here; see
+-- ack.lua).
 -- ARGV[1] group, ARGV[2] consumer, ARGV[3] count, ARGV[4] mode:
 --   'idle': entries idle at least ARGV[5] ms in any consumer (a dead one), from cursor ARGV[6]
 --           (XAUTOCLAIM); 'own': this consumer's own pending entries (a restart under one name).
--- Returns {next cursor, {{id, {field, value, ...}, deliveries}, ...}, takeover count}; an entry
+-- Returns {next cursor, {{id, {field, value, ...}, deliveries}, ...}, takeover token}; an entry
 -- whose stream record was deleted (trimmed) is dropped from the group by XAUTOCLAIM and not
 -- returned.
 local stream, group, consumer, count = KEYS[1], ARGV[1], ARGV[2], tonumber(ARGV[3])
@@ -76,6 +77,10 @@ for _, e in ipairs(entries) do
   end
 end
 if moved then
-  redis.call('INCR', KEYS[4])
+  -- A new token: a count (for order) and the server's time (unique even after a restart that
+  -- lost the last count, or a failover to a replica that never had it).
+  local t = redis.call('TIME')
+  local n = (tonumber(string.match(redis.call('GET', KEYS[4]) or '', '^%d+')) or 0) + 1
+  redis.call('SET', KEYS[4], n .. '-' .. t[1] .. '.' .. t[2])
 end
-return {cursor, out, tonumber(redis.call('GET', KEYS[4])) or 0}
+return {cursor, out, redis.call('GET', KEYS[4]) or '0'}
