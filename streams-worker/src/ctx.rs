@@ -21,13 +21,14 @@ use crate::{
     stats::Counters,
 };
 
-/// A group's takeover token as read (see [`Owned::epoch`]); `"0"` before the first one.
+/// A server's run id and a group's takeover token as read (see [`Owned::epoch`]); `"-"` when
+/// not known (never the current one).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Epoch(Arc<str>);
 
 impl Default for Epoch {
     fn default() -> Self {
-        Self(Arc::from("0"))
+        Self(Arc::from("-"))
     }
 }
 
@@ -49,7 +50,8 @@ pub(crate) struct Fetched {
     pub(crate) id: String,
     pub(crate) fields: Fields,
     pub(crate) times: u64,
-    /// The group's takeover token read before this entry was delivered (see `Owned::epoch`).
+    /// The server's run id and the group's takeover token read before this entry was delivered
+    /// (see `Owned::epoch`).
     pub(crate) epoch: Epoch,
 }
 
@@ -57,12 +59,13 @@ pub(crate) struct Fetched {
 struct Owned {
     /// Cancelled when another consumer took the entry: its handler stops.
     cancel: CancellationToken,
-    /// The group's takeover token (`keys::takeovers`) read before the entry was delivered to
-    /// this consumer. Every script that moves entries from one consumer to another sets a new
-    /// one, and so does the creation of the group; a token is never set twice (a count and the
-    /// server's time, so a restart or failover that lost the last one does not make it again).
-    /// While the token is still this, the entry is still ours, and its acknowledgement needs no
-    /// check of the pending list.
+    /// What the entry was delivered under, read before it was delivered to this consumer: the
+    /// server's run id and the group's takeover token (`keys::takeovers`). Every script that
+    /// moves entries from one consumer to another sets a new token, and so does the creation of
+    /// the group; a token is never set twice (a count and the server's time). A server that
+    /// restarted (from a snapshot that lost deliveries, say) or another one after a failover
+    /// has another run id. While both are still these, the entry is still ours if it is pending
+    /// at all, and its acknowledgement needs no check of the pending list.
     epoch: Epoch,
     /// Its handler started (the others were fetched and not run yet).
     started: bool,
@@ -272,7 +275,8 @@ impl Ctx {
         Instant::now() >= *self.claim_after.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// `XGROUP CREATE ... MKSTREAM`; an existing group (`BUSYGROUP`) is success.
+    /// `XGROUP CREATE ... MKSTREAM` with a new takeover token, in one script; an existing group
+    /// is success (and changes nothing).
     pub(crate) async fn ensure_group(&self) -> Result<(), redis::RedisError> {
         // One step: a group made again gets a new takeover token with it (see `Owned::epoch`).
         let _: i64 = scripts::GROUP
@@ -306,9 +310,9 @@ impl Ctx {
     ) -> Result<Vec<Fetched>, redis::RedisError> {
         let started = Instant::now();
         let mut read = redis::pipe();
-        // The takeover count first: it is read before anything of this read is delivered (see
-        // `Owned::epoch`).
-        read.cmd("GET").arg(&self.takeovers);
+        // The epoch first: it is read before anything of this read is delivered, on the same
+        // server (see `Owned::epoch`).
+        read.cmd("EVAL").arg(scripts::EPOCH_LUA).arg(1).arg(&self.takeovers);
         read.cmd("XREADGROUP")
             .arg("GROUP")
             .arg(&*self.group)
@@ -593,14 +597,9 @@ pub(crate) fn frame_entries(buf: &[u8], frame: RangeFrame) -> Option<Vec<Fetched
     Some(out)
 }
 
-/// A takeover token as read (`nil` before the first one reads as `0`).
+/// An epoch as the epoch script (or the claim script) gives it.
 fn epoch_of(value: &Value) -> Result<Epoch, redis::RedisError> {
-    match value {
-        Value::Nil => Ok(Epoch::default()),
-        other => text(other)
-            .map(Epoch::from)
-            .ok_or_else(|| redis::RedisError::from((redis::ErrorKind::Parse, "unexpected takeover token"))),
-    }
+    text(value).map(Epoch::from).ok_or_else(|| redis::RedisError::from((redis::ErrorKind::Parse, "unexpected epoch")))
 }
 
 pub(crate) fn parse_read(reply: Value) -> Option<Vec<Fetched>> {

@@ -25,10 +25,10 @@
 //! the handler is stopped, and whatever it finishes is neither acknowledged nor counted there
 //! (every acknowledgement checks ownership). The check costs nothing while no entry of the group
 //! has changed hands: every takeover, and the creation of the group, sets a new *takeover
-//! token* (a count and the server's time, so never the same one twice, even after a restart or
-//! failover that lost the last one); each entry remembers the token read before it was
-//! delivered, and an acknowledgement whose entries' token is still the current one needs no
-//! look at the pending list. Two things move entries outside these scripts and are not covered:
+//! token* (a count and the server's time: never the same one twice); each entry remembers the
+//! server's run id and the token read before it was delivered, and an acknowledgement whose
+//! entries' run id and token are still the current ones needs no look at the pending list (a
+//! restart, which may lose deliveries, or a failover gives another run id). Two things move entries outside these scripts and are not covered:
 //! a group changed by hand while workers run (`XGROUP SETID` back, or destroyed and made again:
 //! entries already delivered are delivered again, to whoever reads), and workers of release
 //! 0.1.0 in the same group, whose takeovers set no token: stop those before starting these.

@@ -20,3 +20,7 @@ script!(REQUEUE, "scripts/requeue.lua");
 script!(RELEASE, "scripts/release.lua");
 script!(STATUS, "scripts/status.lua");
 script!(GROUP, "scripts/group.lua");
+
+/// The epoch script's source: sent with `EVAL` in the read's pipeline (`NOSCRIPT` cannot be
+/// retried there).
+pub(crate) const EPOCH_LUA: &str = include_str!("scripts/epoch.lua");

@@ -544,10 +544,13 @@ mod big_pending_list {
 
 const CLAIM_LUA: &str = include_str!("../src/scripts/claim.lua");
 
-/// The takeover token as the worker reads it before a delivery (`nil` is `0`).
+/// The epoch (the server's run id and the takeover token) as the worker reads it before a
+/// delivery.
 fn takeovers(con: &mut redis::Connection, stream: &str) -> String {
-    let token: Option<String> = redis::cmd("GET").arg(format!("{stream}:takeovers:g")).query(con).unwrap();
-    token.unwrap_or_else(|| "0".to_owned())
+    redis::Script::new(include_str!("../src/scripts/epoch.lua"))
+        .key(format!("{stream}:takeovers:g"))
+        .invoke(con)
+        .unwrap()
 }
 
 /// The ack script as the acker runs it for entries delivered when the takeover count read
@@ -602,7 +605,7 @@ fn a_takeover_by_the_claim_script_sends_older_acknowledgements_to_the_checked_pa
     let redis::Value::Array(parts) = claimed else { panic!("claim reply: {claimed:?}") };
     let claim_epoch = match parts.get(2) {
         Some(redis::Value::BulkString(token)) => String::from_utf8(token.clone()).unwrap(),
-        other => panic!("claim reply without a takeover token: {other:?}"),
+        other => panic!("claim reply without an epoch: {other:?}"),
     };
     assert_eq!(pending_of(&mut con, "s", "d").len(), 5, "the claim took them all");
     assert_ne!(claim_epoch, epoch, "the claim set a new token");

@@ -1,9 +1,9 @@
 //! Review tests for 165c704 (acknowledgement slots) and 2f7cbb9 (best-effort status writes).
 //!
-//! Levers used to make the acker fail while reads still work: `ACL SETUSER default -eval
-//! -evalsha` (every script, the ack script among them, is refused with NOPERM; `XREADGROUP` is
-//! not a script, so the fetch loop still reads). `CLIENT PAUSE <ms> WRITE` holds every script
-//! (and write) for a while and lifts itself.
+//! Levers used to make the acker fail while reads still work: `ACL SETUSER default -evalsha`
+//! (every script run by its hash, the ack script among them, is refused with NOPERM; the read's
+//! epoch script goes with `EVAL` in its pipeline, so the fetch loop still reads). `CLIENT PAUSE
+//! <ms> WRITE` holds every script (and write) for a while and lifts itself.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failure report
 
@@ -110,13 +110,14 @@ async fn con(redis: &Redis) -> Conn {
 }
 
 fn deny_scripts(server: &RedisServer) {
-    let _: () = server.cmd(&["ACL", "SETUSER", "default", "-eval", "-evalsha"]).unwrap();
-    let refused: Result<i64, _> = server.cmd(&["EVAL", "return 1", "0"]);
-    assert!(refused.is_err(), "scripts still allowed");
+    let sha: String = server.cmd(&["SCRIPT", "LOAD", "return 1"]).unwrap();
+    let _: () = server.cmd(&["ACL", "SETUSER", "default", "-evalsha"]).unwrap();
+    let refused: Result<i64, _> = server.cmd(&["EVALSHA", &sha, "0"]);
+    assert!(refused.is_err(), "scripts by hash still allowed");
 }
 
 fn allow_scripts(server: &RedisServer) {
-    let _: () = server.cmd(&["ACL", "SETUSER", "default", "+eval", "+evalsha"]).unwrap();
+    let _: () = server.cmd(&["ACL", "SETUSER", "default", "+evalsha"]).unwrap();
 }
 
 fn pending_of(server: &RedisServer, stream: &str, consumer: &str) -> usize {
@@ -188,7 +189,6 @@ async fn shutdown_acknowledges_finished_entries_waiting_for_a_slot() {
         .cmd("ACL")
         .arg("SETUSER")
         .arg("default")
-        .arg("+eval")
         .arg("+evalsha")
         .ignore()
         .cmd("CLIENT")

@@ -611,6 +611,8 @@ fn ack_script_without_status_ttl_reads_counters_after_the_ids() {
     let _: redis::Value =
         redis::cmd("XREADGROUP").arg("GROUP").arg("g").arg("c").arg("STREAMS").arg("s").arg(">").query(&mut c).unwrap();
     let script = redis::Script::new(ACK_LUA);
+    let epoch: String =
+        redis::Script::new(include_str!("../src/scripts/epoch.lua")).key("s:takeovers:g").invoke(&mut c).unwrap();
     let missed: Vec<u64> = script
         .key("s")
         .key("s:stats")
@@ -623,7 +625,7 @@ fn ack_script_without_status_ttl_reads_counters_after_the_ids() {
         .arg("3-0")
         .arg("psp")
         // No takeover yet (the token is nil, read as '0'): the fast path.
-        .arg("0")
+        .arg(&epoch)
         .arg("1-0")
         .arg("2-0")
         .arg("3-0")
@@ -725,7 +727,7 @@ async fn shutdown_with_full_slots_acknowledges_a_batch_of_mixed_permits() {
     producer.send_kind("t", &json!({ "warm": true })).await.unwrap();
     gate.add_permits(1);
     wait_for("warm-up acknowledged", Duration::from_secs(20), async || worker_a.local_stats().processed == 1).await;
-    let _: () = server.cmd(&["ACL", "SETUSER", "default", "-eval", "-evalsha"]).unwrap();
+    let _: () = server.cmd(&["ACL", "SETUSER", "default", "-evalsha"]).unwrap();
     let ids = producer.send_batch("t", &(0..40).map(|i| json!({ "i": i })).collect::<Vec<_>>()).await.unwrap();
     wait_for("8 started", Duration::from_secs(20), async || started.load(Ordering::SeqCst) == 9).await;
     gate.add_permits(8);
@@ -743,7 +745,7 @@ async fn shutdown_with_full_slots_acknowledges_a_batch_of_mixed_permits() {
     assert_eq!(started.load(Ordering::SeqCst), 17, "read more with every slot and permit taken");
     stop_a.cancel();
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let _: () = server.cmd(&["ACL", "SETUSER", "default", "+eval", "+evalsha"]).unwrap();
+    let _: () = server.cmd(&["ACL", "SETUSER", "default", "+evalsha"]).unwrap();
     gate.add_permits(2);
     tokio::time::timeout(Duration::from_secs(30), a).await.expect("A did not shut down").unwrap();
     assert_eq!(alive.load(Ordering::SeqCst), 0, "handlers of A alive after its run returned");

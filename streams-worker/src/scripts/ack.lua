@@ -3,9 +3,9 @@
 -- status keys (one per entry, or none).
 -- ARGV[1] group, ARGV[2] consumer, ARGV[3] status TTL in ms (0: no status), ARGV[4] number of
 -- entries n, ARGV[5] and ARGV[6] the lowest and highest of their ids (or '-' and '+'), ARGV[7]
--- one letter per entry: 'p' (processed) or 's' (skipped duplicate), ARGV[8] the takeover token
--- read before each of the entries was delivered ('0' if there was none; '-' if they differ or
--- are unknown), then the n entry ids, then
+-- one letter per entry: 'p' (processed) or 's' (skipped duplicate), ARGV[8] the epoch (see
+-- epoch.lua) read before each of the entries was delivered ('-' if they differ or are unknown),
+-- then the n entry ids, then
 -- (with a status TTL only) the n attempts. Then pairs of counter field and increment until the
 -- end.
 -- Returns the positions (1-based, in the listing) of the entries not acknowledged: another
@@ -52,11 +52,13 @@ local function ack(ids)
 end
 -- The fast path. Entries change hands only through the claim script, which sets a new token
 -- each time it moves any, and the group script sets one when it makes the group; tokens are
--- never set twice (a count and the server's time). If the token is the one read before these
--- entries were delivered here, every one of them is still ours if it is pending at all (the
--- worker lists each once). Not covered: a group changed by hand (XGROUP SETID back, or made
--- again) while workers run, and workers of earlier releases in the same group (README).
-if ARGV[8] == (redis.call('GET', KEYS[3]) or '0') then
+-- never set twice (a count and the server's time). A restart (which may lose deliveries: from a
+-- snapshot, or AOF everysec) or a failover gives another run id. If both are the ones read
+-- before these entries were delivered here, every one of them is still ours if it is pending
+-- at all (the worker lists each once). Not covered: a group changed by hand (XGROUP SETID back,
+-- or made again) while workers run, and workers of earlier releases in the same group (README).
+local run = string.match(redis.call('INFO', 'server'), 'run_id:(%x+)') or '?'
+if ARGV[8] == run .. '/' .. (redis.call('GET', KEYS[3]) or '0') then
   if ttl == 0 and not string.find(kinds, 's', 1, true) then
     -- All processed, no statuses (the usual batch): the ids straight from the arguments.
     local p = 0

@@ -6,7 +6,8 @@
 -- ARGV[1] group, ARGV[2] consumer, ARGV[3] count, ARGV[4] mode:
 --   'idle': entries idle at least ARGV[5] ms in any consumer (a dead one), from cursor ARGV[6]
 --           (XAUTOCLAIM); 'own': this consumer's own pending entries (a restart under one name).
--- Returns {next cursor, {{id, {field, value, ...}, deliveries}, ...}, takeover token}; an entry
+-- Returns {next cursor, {{id, {field, value, ...}, deliveries}, ...}, epoch} (the epoch as
+-- epoch.lua gives it, read after any takeover here); an entry
 -- whose stream record was deleted (trimmed) is dropped from the group by XAUTOCLAIM and not
 -- returned.
 local stream, group, consumer, count = KEYS[1], ARGV[1], ARGV[2], tonumber(ARGV[3])
@@ -83,4 +84,5 @@ if moved then
   local n = (tonumber(string.match(redis.call('GET', KEYS[4]) or '', '^%d+')) or 0) + 1
   redis.call('SET', KEYS[4], n .. '-' .. t[1] .. '.' .. t[2])
 end
-return {cursor, out, redis.call('GET', KEYS[4]) or '0'}
+local run = string.match(redis.call('INFO', 'server'), 'run_id:(%x+)')
+return {cursor, out, run and (run .. '/' .. (redis.call('GET', KEYS[4]) or '0')) or '-'}
