@@ -47,9 +47,12 @@ use rand::{Rng, SeedableRng, rngs::StdRng};
 use serde_json::{Value, json};
 use streams_worker::{Delivery, Producer, Redis, Worker, WorkerConfig, stats};
 use testkit::RedisServer;
-use tokio::{sync::Notify, task::JoinHandle};
-use tokio_util::sync::CancellationToken;
+use tokio::sync::Notify;
 use tower::service_fn;
+
+mod common;
+
+use common::{spawn_worker as spawn, wait_for};
 
 const ACK_LUA: &str = include_str!("../src/scripts/ack.lua");
 const CLAIM_LUA: &str = include_str!("../src/scripts/claim.lua");
@@ -639,30 +642,6 @@ fn config(consumer: &str) -> WorkerConfig {
     }
 }
 
-fn spawn<S>(
-    redis: &Redis,
-    stream: &str,
-    config: WorkerConfig,
-    svc: S,
-) -> (JoinHandle<()>, CancellationToken, Arc<Worker>)
-where
-    S: tower::Service<Delivery<Value>, Error = Infallible> + Clone + Send + 'static,
-    S::Future: Send,
-{
-    let worker = Arc::new(Worker::new(redis.clone(), stream, "workers", config).unwrap());
-    let stop = CancellationToken::new();
-    let (w, s) = (worker.clone(), stop.clone());
-    (tokio::spawn(async move { w.run(svc, s).await.unwrap() }), stop, worker)
-}
-
-async fn wait_for(what: &str, limit: Duration, mut done: impl FnMut() -> bool) {
-    let started = tokio::time::Instant::now();
-    while !done() {
-        assert!(started.elapsed() < limit, "timed out after {limit:?} waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
 fn started(log: &Log, who: &str) -> bool {
     log.lock().unwrap().iter().any(|(w, _, what)| *w == who && *what == "start")
 }
@@ -695,7 +674,7 @@ mod moved_outside_the_claim_script {
             let gate = Arc::new(Gate::default());
             let (handle, stop, a) = spawn(&redis, stream, config("a"), gated("a", &log, &gate));
             producer.send_kind("t", &json!({})).await.unwrap();
-            wait_for("a runs T", Duration::from_secs(10), || started(&log, "a")).await;
+            wait_for("a runs T", Duration::from_secs(10), async || started(&log, "a")).await;
             let entry = pending_of(&mut con, stream, "workers", "a").into_iter().next().unwrap();
             let _: () = server.cmd(&["XGROUP", "SETID", stream, "workers", "0"]).unwrap();
             // b's read as a worker's: the token, then XREADGROUP. (`a`, concurrency 1 and busy
@@ -714,7 +693,7 @@ mod moved_outside_the_claim_script {
                 b_done = Some(b_ack(&mut con));
             }
             gate.open();
-            wait_for("a's acknowledgement", Duration::from_secs(10), || {
+            wait_for("a's acknowledgement", Duration::from_secs(10), async || {
                 let s = a.local_stats();
                 s.processed + s.lost == 1
             })
@@ -766,7 +745,7 @@ mod moved_outside_the_claim_script {
         // w0 makes the group (and its first token) and stops.
         let (handle, stop, _) = spawn(&redis, "snap", config("w0"), gated("w0", &log, &Arc::new(Gate::default())));
         let mut con = server.connection().unwrap();
-        wait_for("the group", Duration::from_secs(10), || {
+        wait_for("the group", Duration::from_secs(10), async || {
             server.cmd::<redis::Value>(&["XINFO", "GROUPS", "snap"]).is_ok_and(|v| v != redis::Value::Array(vec![]))
         })
         .await;
@@ -778,7 +757,7 @@ mod moved_outside_the_claim_script {
         let saved = raw_token(&mut con, "snap", "workers");
 
         let (handle_a, stop_a, a) = spawn(&redis, "snap", config("a"), gated("a", &log, &gate_a));
-        wait_for("a runs T", Duration::from_secs(10), || started(&log, "a")).await;
+        wait_for("a runs T", Duration::from_secs(10), async || started(&log, "a")).await;
         let entry = pending_of(&mut con, "snap", "workers", "a").into_iter().next().unwrap();
         let a_token = token(&mut con, "snap", "workers");
         drop(con);
@@ -788,11 +767,11 @@ mod moved_outside_the_claim_script {
         assert_ne!(token(&mut con, "snap", "workers"), a_token, "the epoch did not: the server's run id is new");
 
         let (handle_b, stop_b, b) = spawn(&redis, "snap", config("b"), gated("b", &log, &gate_b));
-        wait_for("b runs T", Duration::from_secs(10), || started(&log, "b")).await;
+        wait_for("b runs T", Duration::from_secs(10), async || started(&log, "b")).await;
         assert_eq!(pending_of(&mut con, "snap", "workers", "b"), BTreeSet::from([entry.clone()]), "b holds T now");
         let token_now = token(&mut con, "snap", "workers");
         gate_a.open();
-        wait_for("a's acknowledgement", Duration::from_secs(15), || {
+        wait_for("a's acknowledgement", Duration::from_secs(15), async || {
             let s = a.local_stats();
             s.processed + s.lost == 1
         })
@@ -1340,7 +1319,7 @@ mod reader {
             }
         });
         // All five run by a and accounted (b's as lost, the others as processed).
-        wait_for("a's acknowledgements", Duration::from_secs(10), || {
+        wait_for("a's acknowledgements", Duration::from_secs(10), async || {
             let s = a.local_stats();
             s.lost >= k && s.processed + s.lost >= 5 && s.in_flight == 0
         })
@@ -1381,7 +1360,7 @@ mod reader {
             let runs: Runs = Arc::default();
             let (handle, stop, worker) = spawn(&redis, &stream, fast("u"), counting(&runs));
             producer.send_batch("t", &(0..20).map(|i| json!({ "i": i })).collect::<Vec<_>>()).await.unwrap();
-            wait_for("20 processed", Duration::from_secs(10), || worker.local_stats().processed == 20).await;
+            wait_for("20 processed", Duration::from_secs(10), async || worker.local_stats().processed == 20).await;
             // The reader's socket: blocked in XREADGROUP, in the URL's database, as its user.
             let mut con = redis.connect().await.unwrap();
             let mut list = String::new();
@@ -1406,77 +1385,74 @@ mod reader {
         }
     }
 
-    /// RESP3 in the URL: the read goes through a redis-rs connection (the fallback path), the
-    /// token read by its pipeline too; a takeover by the claim script sends the old owner's
-    /// acknowledgements to the checked path there as well.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn the_resp3_fallback_reads_and_counts() {
-        let server = RedisServer::start().unwrap();
-        let redis = Redis::url(&format!("{}/?protocol=resp3", server.url())).unwrap();
-        let producer = Producer::connect(&redis, "r3").await.unwrap();
+    /// The fallback paths' scenario: worker `a` runs task T; `connect` then gives a connection
+    /// to the stream's node (and may check it); `b` takes T over through the claim script (idle
+    /// past 20 ms, the clock fresh): `a`'s acknowledgement takes the checked path (b's entry
+    /// stays, `a` counts nothing), and `more` tasks sent after it are acknowledged and counted.
+    async fn taken_over_then_counted(
+        redis: &Redis,
+        stream: &str,
+        more: u64,
+        connect: impl FnOnce() -> redis::Connection,
+    ) -> redis::Connection {
+        let producer = Producer::connect(redis, stream).await.unwrap();
         let log: Log = Arc::default();
         let gate = Arc::new(Gate::default());
-        let (handle, stop, a) = spawn(&redis, "r3", config("a"), gated("a", &log, &gate));
+        let (handle, stop, a) = spawn(redis, stream, config("a"), gated("a", &log, &gate));
         producer.send_kind("t", &json!({})).await.unwrap();
-        wait_for("a runs T", Duration::from_secs(10), || started(&log, "a")).await;
-        let mut con = server.connection().unwrap();
-        let list: String = server.cmd(&["CLIENT", "LIST"]).unwrap();
-        assert!(list.lines().any(|l| l.contains("resp=3") && l.contains("cmd=")), "a RESP3 connection: {list}");
-        // b takes T over (idle past 20 ms, the clock fresh).
+        wait_for("a runs T", Duration::from_secs(15), async || started(&log, "a")).await;
+        let mut con = connect();
         std::thread::sleep(Duration::from_millis(30));
-        clock_fresh(&mut con, "r3", "workers");
-        let (taken, _) = invoke_claim(CLAIM_LUA, &mut con, "r3", "workers", "b", 10, Some(20));
+        clock_fresh(&mut con, stream, "workers");
+        let (taken, _) = invoke_claim(CLAIM_LUA, &mut con, stream, "workers", "b", 10, Some(20));
         assert_eq!(taken.len(), 1);
         gate.open();
-        wait_for("a's acknowledgement", Duration::from_secs(10), || {
+        wait_for("a's acknowledgement", Duration::from_secs(10), async || {
             let s = a.local_stats();
             s.processed + s.lost == 1
         })
         .await;
         let local = a.local_stats();
-        assert_eq!(pending_of(&mut con, "r3", "workers", "b").len(), 1, "b's entry stays: {local:?}");
+        assert_eq!(pending_of(&mut con, stream, "workers", "b").len(), 1, "b's entry stays: {local:?}");
         assert_eq!(local.processed, 0, "{local:?}");
         // New tasks after the takeover are acknowledged normally.
-        producer.send_batch("t", &(0..10).map(|i| json!({ "i": i })).collect::<Vec<_>>()).await.unwrap();
-        wait_for("10 more processed", Duration::from_secs(10), || a.local_stats().processed == 10).await;
+        producer.send_batch("t", &(0..more).map(|i| json!({ "i": i })).collect::<Vec<_>>()).await.unwrap();
+        wait_for("the tasks after it processed", Duration::from_secs(15), async || a.local_stats().processed == more)
+            .await;
         stop.cancel();
         handle.await.unwrap();
+        con
+    }
+
+    /// RESP3 in the URL: the read goes through a redis-rs connection (the fallback path), the
+    /// epoch read by its pipeline too; a takeover by the claim script sends the old owner's
+    /// acknowledgements to the checked path there as well.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_resp3_fallback_reads_and_counts() {
+        let server = RedisServer::start().unwrap();
+        let redis = Redis::url(&format!("{}/?protocol=resp3", server.url())).unwrap();
+        taken_over_then_counted(&redis, "r3", 10, || {
+            let list: String = server.cmd(&["CLIENT", "LIST"]).unwrap();
+            assert!(list.lines().any(|l| l.contains("resp=3") && l.contains("cmd=")), "a RESP3 connection: {list}");
+            server.connection().unwrap()
+        })
+        .await;
     }
 
     /// A Redis Cluster (three masters): the read goes through the cluster connection (the
-    /// fallback path), its pipeline's GET of the token and XREADGROUP on the stream's node.
+    /// fallback path), its pipeline's epoch script and XREADGROUP on the stream's node.
     /// A takeover through the claim script sends the old owner's acknowledgement to the checked
     /// path; tasks read after it are acknowledged and counted normally.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn the_cluster_fallback_reads_and_counts() {
         let mut cluster = tokio::task::block_in_place(|| testkit::RedisCluster::start(3).unwrap());
         let redis = Redis::cluster(&cluster.urls()).unwrap();
-        let producer = Producer::connect(&redis, "{cq}").await.unwrap();
-        let log: Log = Arc::default();
-        let gate = Arc::new(Gate::default());
-        let (handle, stop, a) = spawn(&redis, "{cq}", config("a"), gated("a", &log, &gate));
-        producer.send_kind("t", &json!({})).await.unwrap();
-        wait_for("a runs T", Duration::from_secs(15), || started(&log, "a")).await;
-        let node = cluster.node_for_key("{cq}").unwrap();
-        let mut con = cluster.node(node).unwrap().connection().unwrap();
-        std::thread::sleep(Duration::from_millis(30));
-        clock_fresh(&mut con, "{cq}", "workers");
-        let (taken, _) = invoke_claim(CLAIM_LUA, &mut con, "{cq}", "workers", "b", 10, Some(20));
-        assert_eq!(taken.len(), 1);
-        gate.open();
-        wait_for("a's acknowledgement", Duration::from_secs(10), || {
-            let s = a.local_stats();
-            s.processed + s.lost == 1
+        let mut con = taken_over_then_counted(&redis, "{cq}", 20, || {
+            let node = cluster.node_for_key("{cq}").unwrap();
+            cluster.node(node).unwrap().connection().unwrap()
         })
         .await;
-        let local = a.local_stats();
-        assert_eq!(pending_of(&mut con, "{cq}", "workers", "b").len(), 1, "b's entry stays: {local:?}");
-        assert_eq!(local.processed, 0, "{local:?}");
-        producer.send_batch("t", &(0..20).map(|i| json!({ "i": i })).collect::<Vec<_>>()).await.unwrap();
-        wait_for("20 more processed", Duration::from_secs(15), || a.local_stats().processed == 20).await;
         assert_eq!(processed_shared(&mut con, "{cq}", "workers"), 20);
-        stop.cancel();
-        handle.await.unwrap();
     }
 
     /// Seeded faults on three workers, each behind its own proxy (some dribbling every reply):
