@@ -173,7 +173,8 @@ async fn write(ctx: &Ctx, ops: &[Ack]) -> Result<Vec<i64>, redis::RedisError> {
         _ => ("-".to_owned(), "+".to_owned()),
     };
     // The fast path of the script needs each entry listed once (as the worker does; checked).
-    let mut seen = std::collections::HashSet::with_capacity(finished.len());
+    let mut seen =
+        std::collections::HashSet::with_capacity_and_hasher(finished.len(), foldhash::fast::RandomState::default());
     let once = finished.iter().all(|&(id, ..)| seen.insert(id));
     // '-' is no token: the checked path.
     let epoch = ctx.common_epoch(finished.iter().map(|&(id, ..)| id)).filter(|_| once);

@@ -23,24 +23,19 @@ use crate::{
 
 /// A server's run id and a group's takeover token as read (see [`Owned::epoch`]); `"-"` when
 /// not known (never the current one).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct Epoch(Arc<str>);
-
-impl Default for Epoch {
-    fn default() -> Self {
-        Self(Arc::from("-"))
-    }
-}
+/// (The unknown one allocates nothing: every entry of a read starts with it.)
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub(crate) struct Epoch(Option<Arc<str>>);
 
 impl From<String> for Epoch {
     fn from(token: String) -> Self {
-        Self(token.into())
+        Self(Some(token.into()))
     }
 }
 
 impl Epoch {
     pub(crate) fn as_str(&self) -> &str {
-        &self.0
+        self.0.as_deref().unwrap_or("-")
     }
 }
 
