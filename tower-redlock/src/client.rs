@@ -8,7 +8,7 @@ use crate::{
     config::LockConfig,
     error::{ConfigError, LockError},
     guard::LockGuard,
-    node::{Acquire, Grant, MemoryNode, Node, each_node},
+    node::{Acquire, Grant, MemoryNode, Node, each_node, each_node_until},
     queue::Queues,
     schedule::Watchdogs,
 };
@@ -300,11 +300,12 @@ impl RedLock {
         .build()
     }
 
-    /// One attempt: every node in parallel; then either a guard, or a release everywhere.
+    /// One attempt: every node in parallel, until a majority granted (or all answered); then
+    /// either a guard, or a release everywhere.
     ///
-    /// The fencing token is the largest counter among the granting nodes. Each granting node
-    /// counted while it held our key; nodes that counted less are raised to the token, again
-    /// only where our key is still there. The token is issued only once a majority holds our key
+    /// The fencing token is the largest counter among the nodes that granted by then. Each
+    /// granting node counted while it held our key; nodes that counted less are raised to the
+    /// token, again only where our key is still there. The token is issued only once a majority holds our key
     /// with a counter at or above it, so every later majority (which shares a node with this
     /// one, and is granted there only after our key is gone) counts past it.
     async fn attempt(&self, key: &str) -> Result<LockGuard, LockError> {
@@ -314,10 +315,21 @@ impl RedLock {
         let token = format!("{:032x}", rand::random::<u128>());
         // From the first request on, some node may hold our key: if this future is dropped
         // before it either hands the lock to a guard or releases it, release it in the background.
-        let mut pending = PendingRelease { client: self, key, lock_key: &lock_key, token: &token, armed: true };
-        let started = Instant::now();
         let request = Acquire::new(&lock_key, &fence_key, &token, config.ttl);
-        let replies = each_node(config.node_timeout, inner.nodes.iter().map(|node| node.acquire(&request))).await;
+        let mut pending =
+            PendingRelease { client: self, key, lock_key: &lock_key, token: &token, request: &request, armed: true };
+        let started = Instant::now();
+        // Once a majority granted, the others are not waited for (a slow or paused minority
+        // does not slow the lock down): the token is counted on that majority, and what the
+        // others grant later is the guard's, released with the rest.
+        let replies =
+            each_node_until(config.node_timeout, inner.nodes.iter().map(|node| node.acquire(&request)), |answers| {
+                let granted = answers.iter().filter(|a| matches!(a, Some(Ok(Grant::Granted(_))))).count();
+                let settled = granted >= inner.quorum;
+                request.keep_late_grants(settled);
+                settled
+            })
+            .await;
 
         let mut granted = Vec::new();
         let mut held = Vec::new();
@@ -353,7 +365,9 @@ impl RedLock {
             Verdict::Held { validity } => {
                 pending.armed = false;
                 drop(pending);
-                return Ok(LockGuard::new(self.clone(), key, lock_key, token, fence, started + validity));
+                let late = request.late.clone();
+                drop(request);
+                return Ok(LockGuard::new(self.clone(), key, lock_key, token, fence, started + validity, late));
             }
             Verdict::Unconfirmed => LockError::Unavailable {
                 key: key.to_owned(),
@@ -372,7 +386,9 @@ impl RedLock {
             },
             Verdict::Busy { retry_after } => LockError::Busy { key: key.to_owned(), retry_after },
         };
-        // Missed: undo the partial lock everywhere, so neither we nor others trip over it.
+        // Missed: undo the partial lock everywhere, so neither we nor others trip over it (a
+        // node's request still under way is released after it on its connection).
+        request.keep_late_grants(false);
         self.release_everywhere(&lock_key, &token).await;
         pending.armed = false;
         Err(error)
@@ -463,12 +479,14 @@ struct PendingRelease<'a> {
     key: &'a str,
     lock_key: &'a str,
     token: &'a str,
+    request: &'a Acquire<'a>,
     armed: bool,
 }
 
 impl Drop for PendingRelease<'_> {
     fn drop(&mut self) {
         if self.armed {
+            self.request.keep_late_grants(false);
             self.client.inner.metrics.cancelled.increment(1);
             self.client.release_in_background(self.key.to_owned(), self.lock_key.to_owned(), self.token.to_owned());
         }

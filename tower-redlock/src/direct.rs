@@ -27,7 +27,7 @@
 use std::{
     sync::{
         Arc, Mutex, PoisonError,
-        atomic::{AtomicUsize, Ordering},
+        atomic::{AtomicBool, AtomicUsize, Ordering},
     },
     time::Duration,
 };
@@ -68,10 +68,11 @@ struct Conn {
 }
 
 /// A request to send after another on the same connection if the caller goes away before its
-/// replies are in: packed, and how many replies it makes.
+/// replies are in: packed, and how many replies it makes; not sent if `skip` is set by then.
 pub(crate) struct Cleanup {
     pub(crate) packed: Arc<[u8]>,
     pub(crate) replies: usize,
+    pub(crate) skip: Arc<AtomicBool>,
 }
 
 /// A request being written, or written and not answered yet.
@@ -132,8 +133,8 @@ impl Drop for Lease {
     }
 }
 
-/// A cut request's end: the rest of it written, its replies read, its clean-up sent and
-/// answered, the connection back in the pool. Closed (and uncounted) if the node closes it first.
+/// A cut request's end: the rest of it written, its replies read, its clean-up (unless skipped
+/// by then) sent and answered, the connection back in the pool. Closed (and uncounted) if the node closes it first.
 async fn finish(mut lease: Lease, in_flight: InFlight) {
     let Some(conn) = lease.conn.as_mut() else { return };
     let rest = in_flight.packed.get(in_flight.written..).unwrap_or_default();
@@ -141,6 +142,7 @@ async fn finish(mut lease: Lease, in_flight: InFlight) {
         return;
     }
     if let Some(cleanup) = in_flight.cleanup
+        && !cleanup.skip.load(Ordering::Acquire)
         && roundtrip(conn, &cleanup.packed, cleanup.replies).await.is_err()
     {
         return;

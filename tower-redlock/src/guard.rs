@@ -137,6 +137,9 @@ pub(crate) struct Shared {
     extensions: AtomicU32,
     /// Released or dropped by its owner: losing it now is no news.
     gone: AtomicBool,
+    /// Set while a node's acquisition request left behind may keep what it grants: cleared
+    /// before the release (see `node::Acquire`).
+    late: Arc<AtomicBool>,
 }
 
 impl Shared {
@@ -164,6 +167,7 @@ impl LockGuard {
         token: String,
         fence: u64,
         deadline: Instant,
+        late: Arc<AtomicBool>,
     ) -> Self {
         let shared = Arc::new(Shared {
             key: key.to_owned(),
@@ -174,6 +178,7 @@ impl LockGuard {
             lost: CancellationToken::new(),
             extensions: AtomicU32::new(0),
             gone: AtomicBool::new(false),
+            late,
             client,
         });
         let start = next_look(&shared, Instant::now());
@@ -280,6 +285,8 @@ impl LockGuard {
     fn stop(&mut self) {
         self.released = true;
         self.shared.gone.store(true, Ordering::Release);
+        // Before the release: a node's request still under way releases behind itself.
+        self.shared.late.store(false, Ordering::Release);
         if let Some(watchdog) = self.watchdog.take() {
             watchdog.cancel();
         }

@@ -33,8 +33,10 @@
 //! means the acquisition was dropped). Every
 //! attempt counts, granted or not: counting only raises a counter, and raising never helps an
 //! earlier holder past a later one (it also keeps the nodes' counters alike under contention).
-//! The token is the largest counter among the granting nodes; nodes that counted less are raised
-//! to it by a script that again checks the key is still ours. The token is issued only
+//! The acquisition waits for the nodes only until a majority granted (a slow or paused minority
+//! does not slow it down; what the others grant later is the guard's, released with the rest).
+//! The token is the largest counter among the nodes that granted by then; those that counted
+//! less are raised to it by a script that again checks the key is still ours. The token is issued only
 //! when a majority holds our key with a counter at or above it, and before the validity check.
 //! Any later acquisition needs a majority too, which shares a node with ours; there it is granted
 //! only after our key is gone (expired or released), so after that node counted to our token:
@@ -64,7 +66,10 @@
 //! [`LockGuard`] releases its lock the same way. A request cut or unanswered in time may still
 //! run on its node later (a slow or paused node): its release is also sent after it on the same
 //! connection, where no other command of the client can overtake it (as long as the connection
-//! and its runtime live; if either ends first, the key expires by its TTL).
+//! and its runtime live; if either ends first, the key expires by its TTL). A node's request left
+//! behind because a majority granted first keeps what it grants while the acquisition, then its
+//! guard, holds the lock: whichever lets go first has the request's release sent behind it
+//! (or, if it was answered by then, its own release lands after it anyway).
 //!
 //! **What it does not guarantee.** Martin Kleppmann's critique of RedLock ("How to do
 //! distributed locking", 2016) holds here too: a process pause (GC, swap, SIGSTOP) or a clock

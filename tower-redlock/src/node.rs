@@ -2,7 +2,10 @@
 
 use std::{
     collections::HashMap,
-    sync::{Arc, LazyLock, Mutex, PoisonError},
+    sync::{
+        Arc, LazyLock, Mutex, PoisonError,
+        atomic::{AtomicBool, Ordering},
+    },
     time::Duration,
 };
 
@@ -29,7 +32,13 @@ const EXTEND_LUA: &str = include_str!("scripts/extend.lua");
 /// longer, and under contention that splits the votes. With it, the attempt's compare-and-delete:
 /// cut after it was sent (a timeout, a dropped acquisition), the pipeline may still run on the
 /// node after the release of the attempt, so the compare-and-delete follows it on its
-/// connection.
+/// connection. An attempt that has a majority does not wait for the other nodes (see
+/// [`each_node_until`]): on a connection of the node's own, a request left behind then keeps
+/// what it grants while the attempt, then its guard, holds the lock (its release is skipped if
+/// [`late`](Self::late) is set once its replies are in); whichever lets go first clears the
+/// flag before its own release, so either the request was answered before that release was
+/// sent, or its release follows it. (On the multiplexed connection the release always follows
+/// a request left behind: another connection's release could overtake it there.)
 pub(crate) struct Acquire<'a> {
     key: &'a str,
     fence: &'a str,
@@ -39,6 +48,8 @@ pub(crate) struct Acquire<'a> {
     packed: Arc<[u8]>,
     release: redis::Cmd,
     release_packed: Arc<[u8]>,
+    /// Set while the attempt, then its guard, holds a majority (see above).
+    pub(crate) late: Arc<AtomicBool>,
 }
 
 impl<'a> Acquire<'a> {
@@ -66,7 +77,13 @@ impl<'a> Acquire<'a> {
             pipeline,
             release_packed: release.get_packed_command().into(),
             release,
+            late: Arc::new(AtomicBool::new(false)),
         }
+    }
+
+    /// Whether a node's request left behind keeps what it grants (see above).
+    pub(crate) fn keep_late_grants(&self, keep: bool) {
+        self.late.store(keep, Ordering::Release);
     }
 }
 
@@ -110,7 +127,7 @@ impl RedisNode {
                 .request(
                     request.packed.clone(),
                     request.pipeline.len(),
-                    Some(Cleanup { packed: request.release_packed.clone(), replies: 1 }),
+                    Some(Cleanup { packed: request.release_packed.clone(), replies: 1, skip: request.late.clone() }),
                 )
                 .await
         {
@@ -397,15 +414,35 @@ impl MemoryNode {
 pub(crate) async fn each_node<T, F>(limit: Duration, futures: impl IntoIterator<Item = F>) -> Vec<Option<T>>
 where
     F: std::future::Future<Output = T>,
-    T: Send + Sync,
 {
-    let futures: Vec<F> = futures.into_iter().collect();
-    let answers: Vec<std::sync::OnceLock<T>> = futures.iter().map(|_| std::sync::OnceLock::new()).collect();
-    let all = futures_util::future::join_all(futures.into_iter().zip(&answers).map(|(future, answer)| async move {
-        // Each slot is set once, by its own future.
-        let _ = answer.set(future.await);
-    }));
-    // On the timeout, the nodes that answered have their slot set; the others stay empty.
-    let _ = tokio::time::timeout(limit, all).await;
-    answers.into_iter().map(std::sync::OnceLock::into_inner).collect()
+    each_node_until(limit, futures, |_| false).await
+}
+
+/// [`each_node`], returning as soon as `settled` says the answers so far decide the round (the
+/// nodes still to answer are `None`): the futures still running are dropped then, which
+/// finishes their requests on their own (see [`RedisNode::pipeline`]).
+pub(crate) async fn each_node_until<T, F>(
+    limit: Duration,
+    futures: impl IntoIterator<Item = F>,
+    mut settled: impl FnMut(&[Option<T>]) -> bool,
+) -> Vec<Option<T>>
+where
+    F: std::future::Future<Output = T>,
+{
+    use futures_util::StreamExt as _;
+    let mut running: futures_util::stream::FuturesUnordered<_> =
+        futures.into_iter().enumerate().map(|(i, future)| async move { (i, future.await) }).collect();
+    let mut answers: Vec<Option<T>> = (0..running.len()).map(|_| None).collect();
+    let collect = async {
+        while let Some((i, answer)) = running.next().await {
+            if let Some(slot) = answers.get_mut(i) {
+                *slot = Some(answer);
+            }
+            if settled(&answers) {
+                break;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(limit, collect).await;
+    answers
 }

@@ -59,11 +59,20 @@ async fn a_cancelled_request_never_leaves_its_reply_for_the_next() {
         let held_on: usize = (0..3)
             .filter(|&i| nodes[i].cmd::<Option<String>>(&["GET", &format!("lock:{{{checked}}}")]).unwrap().is_some())
             .count();
-        assert_eq!(held_on, 3, "seed {seed}, round {round}: the key is on every node");
+        // A majority at least: the acquisition does not wait for the last node.
+        assert!(held_on >= 2, "seed {seed}, round {round}: the key is on a majority ({held_on})");
         guard.release().await.unwrap();
         for i in 0..3 {
-            let left: Option<String> = nodes[i].cmd(&["GET", &format!("lock:{{{checked}}}")]).unwrap();
-            assert_eq!(left, None, "seed {seed}, round {round}: released on node {i}");
+            // At once, or right behind a late acquisition still under way on its connection.
+            let deadline = std::time::Instant::now() + Duration::from_secs(2); // the TTL is 5 s
+            loop {
+                let left: Option<String> = nodes[i].cmd(&["GET", &format!("lock:{{{checked}}}")]).unwrap();
+                if left.is_none() {
+                    break;
+                }
+                assert!(std::time::Instant::now() < deadline, "seed {seed}, round {round}: released on node {i}");
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
         }
     }
 }

@@ -173,6 +173,47 @@ async fn a_paused_node_costs_one_timeout_and_a_missed_quorum_leaves_no_key() {
     }
 }
 
+/// An acquisition ends once a majority granted: a paused minority node, with a node timeout
+/// longer than the test's wait, does not hold it up; what that node grants once it runs again is the
+/// guard's (kept, not released behind the acquisition) and goes with the guard's release.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_majority_ends_the_acquisition_and_a_late_grant_is_the_guards() {
+    let mut nodes = RedisNodes::start(3).unwrap();
+    let patient = LockConfig {
+        ttl: Duration::from_secs(300),
+        node_timeout: Duration::from_secs(30),
+        auto_extend: false,
+        ..config()
+    };
+    let lock = RedLock::connect(&nodes.urls(), patient).unwrap();
+    lock.acquire("warm").await.unwrap().release().await.unwrap();
+    let counted = |node: &RedisServer| node.cmd::<Option<u64>>(&["GET", "lock:fence"]).unwrap().unwrap_or(0);
+    let before = counted(&nodes[2]);
+
+    nodes[2].pause().unwrap();
+    // Waiting for node 2 would take its 30 s timeout.
+    let guard = tokio::time::timeout(Duration::from_secs(10), lock.acquire("job")).await.expect("not held up").unwrap();
+    let token = guard.fencing_token().unwrap();
+    assert!(token.0 > before, "{token}");
+    nodes[2].resume().unwrap();
+    // Node 2 runs the acquisition it had queued (its counter moves), and keeps the key: no
+    // release follows it.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while counted(&nodes[2]) == before {
+        assert!(Instant::now() < deadline, "node 2 never ran the queued acquisition");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let exists: i64 = nodes[2].cmd(&["EXISTS", "lock:{job}"]).unwrap();
+    assert_eq!(exists, 1, "the late grant was released behind the acquisition");
+    // The guard's release takes it with the rest.
+    guard.release().await.unwrap();
+    for node in nodes.iter() {
+        let exists: i64 = node.cmd(&["EXISTS", "lock:{job}"]).unwrap();
+        assert_eq!(exists, 0, "the lock stayed on {}", node.url());
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pausing_a_majority_fires_lost_at_the_deadline() {
     let mut nodes = RedisNodes::start(3).unwrap();
