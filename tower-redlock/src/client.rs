@@ -319,27 +319,40 @@ impl RedLock {
         let mut pending =
             PendingRelease { client: self, key, lock_key: &lock_key, token: &token, request: &request, armed: true };
         let started = Instant::now();
-        // Once a majority granted, the others are not waited for (a slow or paused minority
-        // does not slow the lock down): the token is counted on that majority, and what the
-        // others grant later is the guard's, released with the rest.
+        // The others are not waited for once a majority granted, or holds another's key (a
+        // slow or paused minority does not slow the round down): the token is counted on that
+        // majority, and what the others grant later is the guard's, released with the rest; or,
+        // on a miss, released behind their requests. (Nodes that fail are waited for: the error
+        // then says how many answered.)
+        let nodes = inner.nodes.len();
         let replies =
-            each_node_until(config.node_timeout, inner.nodes.iter().map(|node| node.acquire(&request)), |answers| {
-                let granted = answers.iter().filter(|a| matches!(a, Some(Ok(Grant::Granted(_))))).count();
-                let settled = granted >= inner.quorum;
-                request.keep_late_grants(settled);
-                settled
+            each_node_until(config.node_timeout, inner.nodes.iter().map(|node| node.acquire(&request)), |a| {
+                let granted = a.iter().filter(|a| matches!(a, Some(Ok(Grant::Granted(_))))).count();
+                let held = a.iter().filter(|a| matches!(a, Some(Ok(Grant::Held(_))))).count();
+                request.keep_late_grants(granted >= inner.quorum);
+                granted >= inner.quorum || held > nodes - inner.quorum
             })
             .await;
 
         let mut granted = Vec::new();
         let mut held = Vec::new();
+        // The nodes that may hold our key among those that answered: the ones that granted, and
+        // the ones whose answer was an error (it may have come after the `SET` ran).
+        let mut ours = Vec::new();
         let mut last_error = String::new();
         for (i, reply) in replies.into_iter().enumerate() {
             match reply {
-                Some(Ok(Grant::Granted(counter))) => granted.push((i, counter)),
+                Some(Ok(Grant::Granted(counter))) => {
+                    granted.push((i, counter));
+                    ours.push(i);
+                }
                 Some(Ok(Grant::Held(ttl))) => held.push(ttl),
-                Some(Err(e)) => last_error = e,
-                None => last_error = format!("no answer within {:?}", config.node_timeout),
+                Some(Err(e)) => {
+                    last_error = e;
+                    ours.push(i);
+                }
+                None if last_error.is_empty() => last_error = format!("no answer within {:?}", config.node_timeout),
+                None => {}
             }
         }
         let (mut fence, mut confirmed) = (0, 0);
@@ -386,10 +399,11 @@ impl RedLock {
             },
             Verdict::Busy { retry_after } => LockError::Busy { key: key.to_owned(), retry_after },
         };
-        // Missed: undo the partial lock everywhere, so neither we nor others trip over it (a
-        // node's request still under way is released after it on its connection).
+        // Missed: undo the partial lock, so neither we nor others trip over it: on the nodes
+        // that may hold it; a node's request still under way is released behind it on its
+        // connection (and one that refused has nothing of ours).
         request.keep_late_grants(false);
-        self.release_everywhere(&lock_key, &token).await;
+        self.release_on(&ours, &lock_key, &token).await;
         pending.armed = false;
         Err(error)
     }
@@ -406,6 +420,12 @@ impl RedLock {
             .into_iter()
             .filter(|reply| matches!(reply, Some(Ok(true))))
             .count()
+    }
+
+    /// [`release_everywhere`](Self::release_everywhere) on the nodes of index `on` only.
+    async fn release_on(&self, on: &[usize], lock_key: &str, token: &str) {
+        let nodes = on.iter().filter_map(|&i| self.inner.nodes.get(i));
+        each_node(self.inner.config.node_timeout, nodes.map(|node| node.release(lock_key, token))).await;
     }
 
     /// [`release_everywhere`](Self::release_everywhere) on a spawned task, for `Drop`s; then

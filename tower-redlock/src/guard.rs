@@ -266,8 +266,9 @@ impl LockGuard {
         }
     }
 
-    /// Releases the lock on every node in parallel now. Errors only if no node confirmed (the
-    /// lock then expires by its TTL).
+    /// Releases the lock on every node in parallel now, waiting for each node's answer up to
+    /// [`node_timeout`](crate::LockConfig::node_timeout) (dropping the guard releases in the
+    /// background instead). Errors only if no node confirmed (the lock then expires by its TTL).
     pub async fn release(mut self) -> Result<(), LockError> {
         let was_lost = self.is_lost();
         self.stop();

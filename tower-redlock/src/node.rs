@@ -420,7 +420,9 @@ where
 
 /// [`each_node`], returning as soon as `settled` says the answers so far decide the round (the
 /// nodes still to answer are `None`): the futures still running are dropped then, which
-/// finishes their requests on their own (see [`RedisNode::pipeline`]).
+/// finishes their requests on their own (see [`RedisNode::pipeline`]). Every future is polled
+/// on every wake-up until it answers (as `join_all` does), so every node has been sent its
+/// request before the round can end.
 pub(crate) async fn each_node_until<T, F>(
     limit: Duration,
     futures: impl IntoIterator<Item = F>,
@@ -429,20 +431,22 @@ pub(crate) async fn each_node_until<T, F>(
 where
     F: std::future::Future<Output = T>,
 {
-    use futures_util::StreamExt as _;
-    let mut running: futures_util::stream::FuturesUnordered<_> =
-        futures.into_iter().enumerate().map(|(i, future)| async move { (i, future.await) }).collect();
-    let mut answers: Vec<Option<T>> = (0..running.len()).map(|_| None).collect();
-    let collect = async {
-        while let Some((i, answer)) = running.next().await {
-            if let Some(slot) = answers.get_mut(i) {
-                *slot = Some(answer);
+    let mut running: Vec<std::pin::Pin<Box<F>>> = futures.into_iter().map(Box::pin).collect();
+    let mut answers: Vec<Option<T>> = running.iter().map(|_| None).collect();
+    {
+        let round = std::future::poll_fn(|cx| {
+            let mut waiting = false;
+            for (future, answer) in running.iter_mut().zip(answers.iter_mut()) {
+                if answer.is_none() {
+                    match future.as_mut().poll(cx) {
+                        std::task::Poll::Ready(value) => *answer = Some(value),
+                        std::task::Poll::Pending => waiting = true,
+                    }
+                }
             }
-            if settled(&answers) {
-                break;
-            }
-        }
-    };
-    let _ = tokio::time::timeout(limit, collect).await;
+            if waiting && !settled(&answers) { std::task::Poll::Pending } else { std::task::Poll::Ready(()) }
+        });
+        let _ = tokio::time::timeout(limit, round).await;
+    }
     answers
 }

@@ -81,6 +81,12 @@ mod restart_release {
         let mut nodes = RedisNodes::start_with(3, RedisConfig::new().aof(true)).unwrap();
         let lock = RedLock::connect(&nodes.urls(), config()).unwrap();
         let guard = lock.acquire("job").await.unwrap();
+        // The acquisition ends at a majority: node 2's grant may land a moment later.
+        let granted_everywhere = std::time::Instant::now() + Duration::from_secs(5);
+        while nodes[2].cmd::<i64>(&["EXISTS", "lock:{job}"]).unwrap() == 0 {
+            assert!(std::time::Instant::now() < granted_everywhere, "node 2 never ran the acquisition");
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
         // Node 2 crashes and comes back at once; with AOF (appendfsync always) our key is still there.
         nodes[2].restart().unwrap();
         let exists: i64 = nodes[2].cmd(&["EXISTS", "lock:{job}"]).unwrap();
