@@ -158,6 +158,7 @@ impl Key {
     }
 
     /// Whether this is [`Key::GLOBAL`].
+    #[inline]
     pub fn is_global(&self) -> bool {
         matches!(self.0, Repr::Global)
     }

@@ -203,7 +203,7 @@ impl TokenBucket {
         let new_tat = tat.saturating_add(cost.saturating_mul(self.interval));
         let bound = now.saturating_add(self.tau);
         if new_tat <= bound && new_tat != u64::MAX {
-            let remaining = (bound - new_tat) / self.interval;
+            let remaining = self.units_in(bound - new_tat);
             let decision = Decision {
                 allowed: true,
                 limit: self.burst,
@@ -213,7 +213,7 @@ impl TokenBucket {
             };
             (decision, new_tat)
         } else {
-            let remaining = bound.saturating_sub(tat) / self.interval;
+            let remaining = self.units_in(bound.saturating_sub(tat));
             let decision = Decision {
                 allowed: false,
                 limit: self.burst,
@@ -223,6 +223,13 @@ impl TokenBucket {
             };
             (decision, tat)
         }
+    }
+
+    /// Whole tokens in `span` nanoseconds (no division for less than one: a spent bucket's
+    /// refusals, the common case under a flood).
+    #[inline]
+    fn units_in(&self, span: u64) -> u64 {
+        if span < self.interval { 0 } else { span / self.interval }
     }
 
     /// With the TAT `ahead` of now and `remaining` tokens: the time until one more token (the

@@ -522,6 +522,7 @@ impl Verdict {
     /// assert!(verdict.allowed());
     /// assert_eq!(verdict.decisions(), &[decision]);
     /// ```
+    #[inline]
     pub fn single(decision: Decision) -> Self {
         Self::single_with(decision, Receipt::default())
     }
@@ -540,22 +541,26 @@ impl Verdict {
     }
 
     /// Whether every quota admitted the request.
+    #[inline]
     pub fn allowed(&self) -> bool {
         self.decisions.iter().all(|d| d.allowed)
     }
 
     /// Per-quota decisions, in the policy's order (empty for [`unlimited`](Self::unlimited)).
+    #[inline]
     pub fn decisions(&self) -> &[Decision] {
         &self.decisions
     }
 
     /// When denied, how long until the request could pass every denying quota.
+    #[inline]
     pub fn retry_after(&self) -> Duration {
         self.decisions.iter().filter(|d| !d.allowed).map(|d| d.retry_after).max().unwrap_or_default()
     }
 
     /// The most restrictive decision: the longest-waiting denial, or the allowance with the
     /// fewest units left.
+    #[inline]
     pub fn binding(&self) -> Option<&Decision> {
         if self.allowed() {
             self.decisions.iter().min_by_key(|d| d.remaining)
@@ -566,11 +571,13 @@ impl Verdict {
 
     /// What the check consumed, and where (empty unless a store's check allowed it and spent
     /// something): give it to [`Store::refund`](crate::Store::refund) to undo the check.
+    #[inline]
     pub fn receipt(&self) -> &Receipt {
         &self.receipt
     }
 
     /// Takes the [`receipt`](Self::receipt) out, leaving an empty one.
+    #[inline]
     pub fn take_receipt(&mut self) -> Receipt {
         std::mem::take(&mut self.receipt)
     }

@@ -279,16 +279,24 @@ impl<C: Clock> MemoryStore<C> {
     }
 
     /// The synchronous check (also what [`Store::check`] resolves to at once).
+    #[inline(always)]
     pub fn check_sync(&self, key: &Key, cost: u64) -> Result<Verdict, CheckError> {
         let inner = &*self.inner;
-        let now = inner.clock.now();
         if key.is_global() {
-            inner.global.check(&inner.policy, now, cost, inner.id, GLOBAL_HASH)
+            // Inlined into the caller: its verdict is built in place, and what it does not read
+            // of it need not be computed.
+            inner.global.check(&inner.policy, inner.clock.now(), cost, inner.id, GLOBAL_HASH)
         } else {
-            let hash = inner.keys.hash(key);
-            let create = || Cell::new(&inner.policy, inner.generations.fetch_add(1, Ordering::Relaxed));
-            inner.keys.with_hash(hash, key, now, create, |cell| cell.check(&inner.policy, now, cost, inner.id, hash))
+            self.check_keyed(key, cost)
         }
+    }
+
+    fn check_keyed(&self, key: &Key, cost: u64) -> Result<Verdict, CheckError> {
+        let inner = &*self.inner;
+        let now = inner.clock.now();
+        let hash = inner.keys.hash(key);
+        let create = || Cell::new(&inner.policy, inner.generations.fetch_add(1, Ordering::Relaxed));
+        inner.keys.with_hash(hash, key, now, create, |cell| cell.check(&inner.policy, now, cost, inner.id, hash))
     }
 
     /// [`Store::refund`], synchronously: gives back what the check that issued `receipt` took
