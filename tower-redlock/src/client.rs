@@ -8,7 +8,7 @@ use crate::{
     config::LockConfig,
     error::{ConfigError, LockError},
     guard::LockGuard,
-    node::{Acquire, Grant, MemoryNode, Node, each_node, each_node_until},
+    node::{Acquire, Grant, MemoryNode, Node, each_node, each_node_until, poll_until},
     queue::Queues,
     schedule::Watchdogs,
 };
@@ -420,6 +420,40 @@ impl RedLock {
             .into_iter()
             .filter(|reply| matches!(reply, Some(Ok(true))))
             .count()
+    }
+
+    /// [`release_everywhere`](Self::release_everywhere), done once a majority deleted it: the
+    /// nodes still to answer then finish on a task of their own (within the node timeout), so a
+    /// slow or paused minority does not hold the caller up; returns how many deleted it by then.
+    pub(crate) async fn release_by_majority(&self, lock_key: &str, token: &str) -> usize {
+        type Release = std::pin::Pin<Box<dyn std::future::Future<Output = Result<bool, String>> + Send>>;
+        let inner = &self.inner;
+        let (lock_key, token): (Arc<str>, Arc<str>) = (lock_key.into(), token.into());
+        let mut running: Vec<Option<Release>> = (0..inner.nodes.len())
+            .map(|i| {
+                let (client, lock_key, token) = (self.clone(), lock_key.clone(), token.clone());
+                let release: Release = Box::pin(async move {
+                    match client.inner.nodes.get(i) {
+                        Some(node) => node.release(&lock_key, &token).await,
+                        None => Ok(false),
+                    }
+                });
+                Some(release)
+            })
+            .collect();
+        let deleted = |answers: &[Option<Result<bool, String>>]| {
+            answers.iter().filter(|answer| matches!(answer, Some(Ok(true)))).count()
+        };
+        let answers =
+            poll_until(inner.config.node_timeout, &mut running, |answers| deleted(answers) >= inner.quorum).await;
+        let rest: Vec<Release> = running.into_iter().flatten().collect();
+        if !rest.is_empty()
+            && deleted(&answers) >= inner.quorum
+            && let Ok(runtime) = tokio::runtime::Handle::try_current()
+        {
+            runtime.spawn(tokio::time::timeout(inner.config.node_timeout, futures_util::future::join_all(rest)));
+        }
+        deleted(&answers)
     }
 
     /// [`release_everywhere`](Self::release_everywhere) on the nodes of index `on` only.

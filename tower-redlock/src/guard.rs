@@ -266,14 +266,17 @@ impl LockGuard {
         }
     }
 
-    /// Releases the lock on every node in parallel now, waiting for each node's answer up to
-    /// [`node_timeout`](crate::LockConfig::node_timeout) (dropping the guard releases in the
-    /// background instead). Errors only if no node confirmed (the lock then expires by its TTL).
+    /// Releases the lock on every node in parallel now; returns once a majority confirmed (the
+    /// other nodes' releases finish in the background, so a slow or paused minority does not
+    /// hold the caller up), or once every node answered or the
+    /// [`node_timeout`](crate::LockConfig::node_timeout) passed. Dropping the guard releases in
+    /// the background instead. Errors only if no node confirmed (the lock then expires by its
+    /// TTL).
     pub async fn release(mut self) -> Result<(), LockError> {
         let was_lost = self.is_lost();
         self.stop();
         let s = &self.shared;
-        let released = s.client.release_everywhere(&s.lock_key, &s.token).await;
+        let released = s.client.release_by_majority(&s.lock_key, &s.token).await;
         s.client.released(&s.key);
         if released == 0 && !was_lost {
             return Err(LockError::Lost { key: s.key.clone() });

@@ -33,9 +33,11 @@
 //! means the acquisition was dropped). Every
 //! attempt counts, granted or not: counting only raises a counter, and raising never helps an
 //! earlier holder past a later one (it also keeps the nodes' counters alike under contention).
-//! An acquisition round waits for the nodes only until a majority granted, or refused or failed
-//! (a slow or paused minority does not slow it down; what the others grant later is the guard's,
-//! released with the rest, or on a miss released behind their requests).
+//! An acquisition round waits for the nodes only until a majority granted, or holds another's
+//! key (a slow or paused minority does not slow it down; what the others grant later is the
+//! guard's, released with the rest, or on a miss released behind their requests); likewise
+//! [`LockGuard::release`] returns once a majority let go, the others finishing in the
+//! background.
 //! The token is the largest counter among the nodes that granted by then; those that counted
 //! less are raised to it by a script that again checks the key is still ours. The token is issued only
 //! when a majority holds our key with a counter at or above it, and before the validity check.

@@ -420,26 +420,42 @@ where
 
 /// [`each_node`], returning as soon as `settled` says the answers so far decide the round (the
 /// nodes still to answer are `None`): the futures still running are dropped then, which
-/// finishes their requests on their own (see [`RedisNode::pipeline`]). Every future is polled
-/// on every wake-up until it answers (as `join_all` does), so every node has been sent its
-/// request before the round can end.
+/// finishes their requests on their own (see [`RedisNode::pipeline`]).
 pub(crate) async fn each_node_until<T, F>(
     limit: Duration,
     futures: impl IntoIterator<Item = F>,
-    mut settled: impl FnMut(&[Option<T>]) -> bool,
+    settled: impl FnMut(&[Option<T>]) -> bool,
 ) -> Vec<Option<T>>
 where
     F: std::future::Future<Output = T>,
 {
-    let mut running: Vec<std::pin::Pin<Box<F>>> = futures.into_iter().map(Box::pin).collect();
+    let mut running: Vec<Option<std::pin::Pin<Box<F>>>> = futures.into_iter().map(|f| Some(Box::pin(f))).collect();
+    poll_until(limit, &mut running, settled).await
+}
+
+/// Polls the `running` futures concurrently, each slot emptied when its future answers, until
+/// `settled` says the answers so far decide the round or all answered, within `limit`. Every
+/// future is polled on every wake-up until it answers (as `join_all` does), so every node has
+/// been sent its request before the round can end.
+pub(crate) async fn poll_until<T, F>(
+    limit: Duration,
+    running: &mut [Option<std::pin::Pin<Box<F>>>],
+    mut settled: impl FnMut(&[Option<T>]) -> bool,
+) -> Vec<Option<T>>
+where
+    F: std::future::Future<Output = T> + ?Sized,
+{
     let mut answers: Vec<Option<T>> = running.iter().map(|_| None).collect();
     {
         let round = std::future::poll_fn(|cx| {
             let mut waiting = false;
-            for (future, answer) in running.iter_mut().zip(answers.iter_mut()) {
-                if answer.is_none() {
+            for (slot, answer) in running.iter_mut().zip(answers.iter_mut()) {
+                if let Some(future) = slot {
                     match future.as_mut().poll(cx) {
-                        std::task::Poll::Ready(value) => *answer = Some(value),
+                        std::task::Poll::Ready(value) => {
+                            *answer = Some(value);
+                            *slot = None;
+                        }
                         std::task::Poll::Pending => waiting = true,
                     }
                 }

@@ -214,6 +214,41 @@ async fn a_majority_ends_the_acquisition_and_a_late_grant_is_the_guards() {
     }
 }
 
+/// A release returns once a majority deleted the key: a node paused after the acquisition does
+/// not hold it up (its node timeout is longer than the test's bound), and its copy of the key
+/// goes once it runs again, long before the TTL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_minority_does_not_hold_up_a_release() {
+    let mut nodes = RedisNodes::start(3).unwrap();
+    let patient = LockConfig {
+        ttl: Duration::from_secs(300),
+        node_timeout: Duration::from_secs(30),
+        auto_extend: false,
+        ..config()
+    };
+    let lock = RedLock::connect(&nodes.urls(), patient).unwrap();
+    let guard = lock.acquire("job").await.unwrap();
+    // Every node has the key (the acquisition may end before the last one answered).
+    let everywhere = Instant::now() + Duration::from_secs(10);
+    while nodes.iter().any(|node| node.cmd::<i64>(&["EXISTS", "lock:{job}"]).unwrap() == 0) {
+        assert!(Instant::now() < everywhere, "the key never reached every node");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    nodes[2].pause().unwrap();
+    // Waiting for node 2 would take its 30 s timeout.
+    tokio::time::timeout(Duration::from_secs(10), guard.release()).await.expect("not held up").unwrap();
+    for node in nodes[..2].iter() {
+        let exists: i64 = node.cmd(&["EXISTS", "lock:{job}"]).unwrap();
+        assert_eq!(exists, 0, "released on {}", node.url());
+    }
+    nodes[2].resume().unwrap();
+    let released = Instant::now() + Duration::from_secs(10);
+    while nodes[2].cmd::<i64>(&["EXISTS", "lock:{job}"]).unwrap() == 1 {
+        assert!(Instant::now() < released, "node 2 kept the key after it ran again (TTL 300 s)");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pausing_a_majority_fires_lost_at_the_deadline() {
     let mut nodes = RedisNodes::start(3).unwrap();
