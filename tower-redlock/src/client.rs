@@ -399,11 +399,17 @@ impl RedLock {
             },
             Verdict::Busy { retry_after } => LockError::Busy { key: key.to_owned(), retry_after },
         };
-        // Missed: undo the partial lock, so neither we nor others trip over it: on the nodes
-        // that may hold it; a node's request still under way is released behind it on its
-        // connection (and one that refused has nothing of ours).
+        // Missed: undo the partial lock, so neither we nor others trip over it. A node's request
+        // still under way is released behind it on its connection (and one that refused has
+        // nothing of ours): below a majority, only the nodes that may hold the key need a
+        // release. After a majority granted (the verdict failed later), a node may also have
+        // granted late while the grant was still to be kept: every node then.
         request.keep_late_grants(false);
-        self.release_on(&ours, &lock_key, &token).await;
+        if granted.len() >= inner.quorum {
+            self.release_everywhere(&lock_key, &token).await;
+        } else {
+            self.release_on(&ours, &lock_key, &token).await;
+        }
         pending.armed = false;
         Err(error)
     }
@@ -423,7 +429,7 @@ impl RedLock {
     }
 
     /// [`release_everywhere`](Self::release_everywhere), done once a majority deleted it: the
-    /// nodes still to answer then finish on a task of their own (within the node timeout), so a
+    /// nodes still to answer then finish on a task of their own (within the TTL), so a
     /// slow or paused minority does not hold the caller up; returns how many deleted it by then.
     pub(crate) async fn release_by_majority(&self, lock_key: &str, token: &str) -> usize {
         type Release = std::pin::Pin<Box<dyn std::future::Future<Output = Result<bool, String>> + Send>>;
@@ -451,7 +457,9 @@ impl RedLock {
             && deleted(&answers) >= inner.quorum
             && let Ok(runtime) = tokio::runtime::Handle::try_current()
         {
-            runtime.spawn(tokio::time::timeout(inner.config.node_timeout, futures_util::future::join_all(rest)));
+            // Bounded by the TTL, after which the key is gone anyway: a node paused past the
+            // node timeout still gets its release (and a `NOSCRIPT` its `EVAL`) when it resumes.
+            runtime.spawn(tokio::time::timeout(inner.config.ttl, futures_util::future::join_all(rest)));
         }
         deleted(&answers)
     }
