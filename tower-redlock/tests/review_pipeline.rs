@@ -32,24 +32,7 @@ use tokio::time::Instant;
 use tower_redlock::{FencingToken, LockConfig, LockError, LockGuard, RedLock};
 
 mod common;
-use common::{Fault, busy_pooled_connection, inject_faults};
-
-fn seed() -> u64 {
-    let seed = std::env::var("REVIEW_PIPELINE_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(rand::random);
-    eprintln!("seed {seed} (replay with REVIEW_PIPELINE_SEED={seed})");
-    seed
-}
-
-fn config(ttl: Duration, node_timeout: Duration) -> LockConfig {
-    LockConfig {
-        ttl,
-        node_timeout,
-        retries: 0,
-        retry_delay: Duration::from_millis(5),
-        auto_extend: false,
-        ..LockConfig::default()
-    }
-}
+use common::{Fault, busy_pooled_connection, config, eventually, inject_faults, lock_keys, seed};
 
 fn lock_key(key: &str) -> String {
     format!("lock:{{{key}}}")
@@ -57,27 +40,6 @@ fn lock_key(key: &str) -> String {
 
 fn exists(server: &RedisServer, key: &str) -> bool {
     server.cmd::<i64>(&["EXISTS", &lock_key(key)]).unwrap() == 1
-}
-
-/// Every lock key on the node (not the fencing counter), in database 0.
-fn lock_keys(server: &RedisServer) -> Vec<String> {
-    let mut keys: Vec<String> = server.cmd(&["KEYS", "lock:{*"]).unwrap();
-    keys.sort();
-    keys
-}
-
-/// Polls `check` every 50 ms until it holds or `within` has passed; whether it held.
-async fn eventually(within: Duration, mut check: impl FnMut() -> bool) -> bool {
-    let started = Instant::now();
-    loop {
-        if check() {
-            return true;
-        }
-        if started.elapsed() > within {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 /// `lock.acquire_within(key, None)` owning its key (the configured retries only: no local
@@ -421,7 +383,7 @@ impl Holders {
 /// `Busy` answers carrying the holder's remaining TTL (never more than the TTL).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn contention_beyond_the_pool_gives_increasing_tokens() {
-    let seed = seed();
+    let seed = seed("REVIEW_PIPELINE_SEED");
     let nodes = RedisNodes::start(3).unwrap();
     let ttl = Duration::from_secs(10);
     let cfg = LockConfig { auto_extend: true, ..config(ttl, Duration::from_millis(500)) };
@@ -498,7 +460,7 @@ async fn contention_beyond_the_pool_gives_increasing_tokens() {
 /// between `SET` and `INCR` must cost the holder its validity, never the order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn short_ttls_never_hand_out_an_older_token() {
-    let seed = seed();
+    let seed = seed("REVIEW_PIPELINE_SEED");
     let nodes = RedisNodes::start(3).unwrap();
     let fast = RedLock::connect(&nodes.urls(), config(Duration::from_millis(10), Duration::from_millis(1))).unwrap();
     let slow = RedLock::connect(&nodes.urls(), config(Duration::from_millis(40), Duration::from_millis(4))).unwrap();
@@ -565,7 +527,7 @@ async fn short_ttls_never_hand_out_an_older_token() {
 /// acquisition order).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tokens_increase_across_restarts_of_a_minority() {
-    let seed = seed();
+    let seed = seed("REVIEW_PIPELINE_SEED");
     let nodes = Arc::new(Mutex::new(RedisNodes::start_with(3, RedisConfig::new().aof(true)).unwrap()));
     let urls = nodes.lock().unwrap().urls();
     let cfg = config(Duration::from_millis(1500), Duration::from_millis(100));
@@ -765,7 +727,7 @@ async fn a_lost_or_expired_guard_gives_no_token() {
 /// the `MULTI`/`EXEC` transaction (before the change) fails the same way.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acquisitions_dropped_beyond_the_pool_leave_no_key() {
-    let seed = seed();
+    let seed = seed("REVIEW_PIPELINE_SEED");
     let nodes = RedisNodes::start(3).unwrap();
     for node in nodes.iter() {
         log_every_command(node);

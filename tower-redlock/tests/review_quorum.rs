@@ -28,29 +28,8 @@ use testkit::{RedisNodes, RedisServer};
 use tokio::time::Instant;
 use tower_redlock::{FencingToken, LockConfig, LockError, LockGuard, RedLock, fenced_set};
 
-fn seed() -> u64 {
-    let seed = std::env::var("REVIEW_QUORUM_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(rand::random);
-    eprintln!("seed {seed} (replay with REVIEW_QUORUM_SEED={seed})");
-    seed
-}
-
-fn config(ttl: Duration, node_timeout: Duration) -> LockConfig {
-    LockConfig {
-        ttl,
-        node_timeout,
-        retries: 0,
-        retry_delay: Duration::from_millis(5),
-        auto_extend: false,
-        ..LockConfig::default()
-    }
-}
-
-/// Every lock key on the node (not the fencing counter).
-fn lock_keys(server: &RedisServer) -> Vec<String> {
-    let mut keys: Vec<String> = server.cmd(&["KEYS", "lock:{*"]).unwrap();
-    keys.sort();
-    keys
-}
+mod common;
+use common::{config, eventually, lock_keys, seed};
 
 /// Lock keys left on any node, as "node i: key (PTTL ms)".
 fn leftovers(nodes: &RedisNodes) -> Vec<String> {
@@ -62,20 +41,6 @@ fn leftovers(nodes: &RedisNodes) -> Vec<String> {
         }
     }
     left
-}
-
-/// Polls `check` every 20 ms until it holds or `within` has passed; whether it held.
-async fn eventually(within: Duration, mut check: impl FnMut() -> bool) -> bool {
-    let started = Instant::now();
-    loop {
-        if check() {
-            return true;
-        }
-        if started.elapsed() > within {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 fn counter(node: &RedisServer) -> u64 {
@@ -365,7 +330,7 @@ struct Hold {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn random_drops_releases_and_paused_minorities_leave_no_key_and_keep_order() {
-    let seed = seed();
+    let seed = seed("REVIEW_QUORUM_SEED");
     let rounds: usize = std::env::var("REVIEW_QUORUM_ROUNDS").ok().and_then(|s| s.parse().ok()).unwrap_or(24);
     let mut rng = StdRng::seed_from_u64(seed);
     let resource = RedisServer::start().unwrap();
@@ -500,7 +465,7 @@ async fn random_drops_releases_and_paused_minorities_leave_no_key_and_keep_order
 /// ones behind their requests since the flag is cleared on the drop).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drops_during_the_confirm_round_leave_no_late_grant() {
-    let seed = seed();
+    let seed = seed("REVIEW_QUORUM_SEED");
     let mut rng = StdRng::seed_from_u64(seed);
     let mut nodes = RedisNodes::start(3).unwrap();
     let lock = RedLock::connect(&nodes.urls(), config(Duration::from_secs(30), Duration::from_secs(1))).unwrap();
@@ -561,7 +526,7 @@ async fn drops_during_the_confirm_round_leave_no_late_grant() {
 /// in acquisition order, and no holder with validity left is refused by the resource.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tokens_increase_with_a_minority_paused_and_restarted() {
-    let seed = seed();
+    let seed = seed("REVIEW_QUORUM_SEED");
     let run_for =
         Duration::from_secs(std::env::var("REVIEW_QUORUM_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(10));
     let mut rng = StdRng::seed_from_u64(seed);

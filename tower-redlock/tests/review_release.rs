@@ -37,29 +37,8 @@ use testkit::{RedisConfig, RedisNodes, RedisServer};
 use tokio::time::Instant;
 use tower_redlock::{LockConfig, LockError, LockGuard, RedLock, fenced_set};
 
-fn seed() -> u64 {
-    let seed = std::env::var("REVIEW_RELEASE_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(rand::random);
-    eprintln!("seed {seed} (replay with REVIEW_RELEASE_SEED={seed})");
-    seed
-}
-
-fn config(ttl: Duration, node_timeout: Duration) -> LockConfig {
-    LockConfig {
-        ttl,
-        node_timeout,
-        retries: 0,
-        retry_delay: Duration::from_millis(5),
-        auto_extend: false,
-        ..LockConfig::default()
-    }
-}
-
-/// Every lock key on the node (not the fencing counter).
-fn lock_keys(server: &RedisServer) -> Vec<String> {
-    let mut keys: Vec<String> = server.cmd(&["KEYS", "lock:{*"]).unwrap();
-    keys.sort();
-    keys
-}
+mod common;
+use common::{config, eventually, lock_keys, seed};
 
 /// Lock keys left on the node, with their PTTL.
 fn left_on(server: &RedisServer) -> Vec<String> {
@@ -70,20 +49,6 @@ fn left_on(server: &RedisServer) -> Vec<String> {
             format!("{key} (PTTL {pttl} ms)")
         })
         .collect()
-}
-
-/// Polls `check` every 20 ms until it holds or `within` has passed; whether it held.
-async fn eventually(within: Duration, mut check: impl FnMut() -> bool) -> bool {
-    let started = Instant::now();
-    loop {
-        if check() {
-            return true;
-        }
-        if started.elapsed() > within {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 fn has(server: &RedisServer, key: &str) -> bool {
@@ -436,7 +401,7 @@ struct Hold {
 /// refused to a second attempt (a stale reply would grant it); at the end no node keeps a key.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn holders_waiters_and_background_releases_keep_exclusion_and_order() {
-    let seed = seed();
+    let seed = seed("REVIEW_RELEASE_SEED");
     let run_for =
         Duration::from_secs(std::env::var("REVIEW_RELEASE_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(6));
     let mut rng = StdRng::seed_from_u64(seed);
@@ -658,7 +623,7 @@ fn shutdown_client_dropped_mid_background_release() {
 /// everywhere soon after its release.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn background_releases_and_new_acquisitions_never_swap_replies() {
-    let seed = seed();
+    let seed = seed("REVIEW_RELEASE_SEED");
     let mut rng = StdRng::seed_from_u64(seed ^ 0x5eed);
     let mut nodes = RedisNodes::start(3).unwrap();
     let lock = RedLock::connect(&nodes.urls(), config(Duration::from_secs(30), NODE_TIMEOUT)).unwrap();

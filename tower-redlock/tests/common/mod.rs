@@ -99,3 +99,43 @@ pub(crate) async fn busy_pooled_connection(
     tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     other
 }
+
+/// The seed of a randomized run: `$var` when set, else a random one; printed with how to replay it.
+pub(crate) fn seed(var: &str) -> u64 {
+    let seed = std::env::var(var).ok().and_then(|s| s.parse().ok()).unwrap_or_else(rand::random);
+    eprintln!("seed {seed} (replay with {var}={seed})");
+    seed
+}
+
+/// The review tests' lock configuration: no retries, no watchdog, a 5 ms retry pause.
+pub(crate) fn config(ttl: std::time::Duration, node_timeout: std::time::Duration) -> tower_redlock::LockConfig {
+    tower_redlock::LockConfig {
+        ttl,
+        node_timeout,
+        retries: 0,
+        retry_delay: std::time::Duration::from_millis(5),
+        auto_extend: false,
+        ..tower_redlock::LockConfig::default()
+    }
+}
+
+/// Every lock key on the node (not the fencing counter), in database 0.
+pub(crate) fn lock_keys(server: &testkit::RedisServer) -> Vec<String> {
+    let mut keys: Vec<String> = server.cmd(&["KEYS", "lock:{*"]).unwrap();
+    keys.sort();
+    keys
+}
+
+/// Polls `check` every 20 ms until it holds or `within` has passed; whether it held.
+pub(crate) async fn eventually(within: std::time::Duration, mut check: impl FnMut() -> bool) -> bool {
+    let started = std::time::Instant::now();
+    loop {
+        if check() {
+            return true;
+        }
+        if started.elapsed() > within {
+            return false;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
