@@ -300,14 +300,14 @@ impl RedLock {
         .build()
     }
 
-    /// One attempt: every node in parallel, until a majority granted (or all answered); then
-    /// either a guard, or a release everywhere.
+    /// One attempt: every node in parallel, until a majority granted or holds another's key (or
+    /// all answered); then either a guard, or a release.
     ///
     /// The fencing token is the largest counter among the nodes that granted by then. Each
     /// granting node counted while it held our key; nodes that counted less are raised to the
-    /// token, again only where our key is still there. The token is issued only once a majority holds our key
-    /// with a counter at or above it, so every later majority (which shares a node with this
-    /// one, and is granted there only after our key is gone) counts past it.
+    /// token, again only where our key is still there. The token is issued only once a majority
+    /// holds our key with a counter at or above it, so every later majority (which shares a
+    /// node with this one, and is granted there only after our key is gone) counts past it.
     async fn attempt(&self, key: &str) -> Result<LockGuard, LockError> {
         let inner = &self.inner;
         let config = &inner.config;
