@@ -24,6 +24,12 @@ fn config() -> LockConfig {
     }
 }
 
+/// A node timeout of 30 s (and a TTL of 300 s): a test that waits for a paused node would take
+/// far longer than its bound.
+fn patient() -> LockConfig {
+    LockConfig { ttl: Duration::from_secs(300), node_timeout: Duration::from_secs(30), auto_extend: false, ..config() }
+}
+
 async fn con(server: &RedisServer) -> redis::aio::MultiplexedConnection {
     redis::Client::open(server.url()).unwrap().get_multiplexed_async_connection().await.unwrap()
 }
@@ -179,13 +185,7 @@ async fn a_paused_node_costs_one_timeout_and_a_missed_quorum_leaves_no_key() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_majority_ends_the_acquisition_and_a_late_grant_is_the_guards() {
     let mut nodes = RedisNodes::start(3).unwrap();
-    let patient = LockConfig {
-        ttl: Duration::from_secs(300),
-        node_timeout: Duration::from_secs(30),
-        auto_extend: false,
-        ..config()
-    };
-    let lock = RedLock::connect(&nodes.urls(), patient).unwrap();
+    let lock = RedLock::connect(&nodes.urls(), patient()).unwrap();
     lock.acquire("warm").await.unwrap().release().await.unwrap();
     let counted = |node: &RedisServer| node.cmd::<Option<u64>>(&["GET", "lock:fence"]).unwrap().unwrap_or(0);
     let before = counted(&nodes[2]);
@@ -220,13 +220,7 @@ async fn a_majority_ends_the_acquisition_and_a_late_grant_is_the_guards() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_paused_minority_does_not_hold_up_a_release() {
     let mut nodes = RedisNodes::start(3).unwrap();
-    let patient = LockConfig {
-        ttl: Duration::from_secs(300),
-        node_timeout: Duration::from_secs(30),
-        auto_extend: false,
-        ..config()
-    };
-    let lock = RedLock::connect(&nodes.urls(), patient).unwrap();
+    let lock = RedLock::connect(&nodes.urls(), patient()).unwrap();
     let guard = lock.acquire("job").await.unwrap();
     // Every node has the key (the acquisition may end before the last one answered).
     let everywhere = Instant::now() + Duration::from_secs(10);

@@ -29,7 +29,7 @@ use tokio::time::Instant;
 use tower_redlock::{FencingToken, LockConfig, LockError, LockGuard, RedLock, fenced_set};
 
 mod common;
-use common::{config, eventually, lock_keys, seed};
+use common::{Hold, config, eventually, lock_keys, seed};
 
 /// Lock keys left on any node, as "node i: key (PTTL ms)".
 fn leftovers(nodes: &RedisNodes) -> Vec<String> {
@@ -321,13 +321,6 @@ enum Fate {
     Drop(Duration),
 }
 
-#[derive(Debug, Clone, Copy)]
-struct Hold {
-    token: u64,
-    start: Instant,
-    end: Instant,
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn random_drops_releases_and_paused_minorities_leave_no_key_and_keep_order() {
     let seed = seed("REVIEW_QUORUM_SEED");
@@ -604,12 +597,5 @@ async fn tokens_increase_with_a_minority_paused_and_restarted() {
     for task in tasks {
         task.await.unwrap_or_else(|e| panic!("seed {seed}: {e}"));
     }
-    let mut holds = std::mem::take(&mut *holds.lock().unwrap());
-    holds.sort_by_key(|h| h.start);
-    eprintln!("{} holds", holds.len());
-    assert!(holds.len() > 50, "seed {seed}: little progress with a minority out: {} holds", holds.len());
-    for pair in holds.windows(2) {
-        assert!(pair[0].end <= pair[1].start, "seed {seed}: holds overlap: {:?} / {:?}", pair[0], pair[1]);
-        assert!(pair[0].token < pair[1].token, "seed {seed}: tokens out of order: {:?} then {:?}", pair[0], pair[1]);
-    }
+    common::assert_exclusive(std::mem::take(&mut *holds.lock().unwrap()), seed, 50);
 }

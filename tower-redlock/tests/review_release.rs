@@ -38,7 +38,7 @@ use tokio::time::Instant;
 use tower_redlock::{LockConfig, LockError, LockGuard, RedLock, fenced_set};
 
 mod common;
-use common::{config, eventually, lock_keys, seed};
+use common::{Hold, config, eventually, lock_keys, seed};
 
 /// Lock keys left on the node, with their PTTL.
 fn left_on(server: &RedisServer) -> Vec<String> {
@@ -383,13 +383,6 @@ fn node_counter(node: &RedisServer) -> u64 {
     node.cmd::<Option<u64>>(&["GET", "lock:fence"]).unwrap().unwrap_or(0)
 }
 
-#[derive(Debug, Clone, Copy)]
-struct Hold {
-    token: u64,
-    start: Instant,
-    end: Instant,
-}
-
 /// Two clients, six tasks each (three contend for `shared`, queueing locally; three cycle keys
 /// of their own, so more than eight requests per node are under way and some go over the
 /// multiplexed connection). Every guard is released with `release()` (one in ten dropped).
@@ -492,14 +485,7 @@ async fn holders_waiters_and_background_releases_keep_exclusion_and_order() {
     for task in tasks {
         task.await.unwrap_or_else(|e| panic!("seed {seed}: {e}"));
     }
-    let mut holds = std::mem::take(&mut *holds.lock().unwrap());
-    holds.sort_by_key(|h| h.start);
-    eprintln!("seed {seed}: {} holds of the shared key", holds.len());
-    assert!(holds.len() > 30, "seed {seed}: little progress: {} holds", holds.len());
-    for pair in holds.windows(2) {
-        assert!(pair[0].end <= pair[1].start, "seed {seed}: holds overlap: {:?} / {:?}", pair[0], pair[1]);
-        assert!(pair[0].token < pair[1].token, "seed {seed}: tokens out of order: {:?} then {:?}", pair[0], pair[1]);
-    }
+    common::assert_exclusive(std::mem::take(&mut *holds.lock().unwrap()), seed, 30);
     let count = nodes.lock().unwrap().len();
     for i in 0..count {
         // TTL 10 s: a key still there 4 s after the end was orphaned.

@@ -139,3 +139,23 @@ pub(crate) async fn eventually(within: std::time::Duration, mut check: impl FnMu
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
 }
+
+/// One hold of a lock, for [`assert_exclusive`].
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Hold {
+    pub(crate) token: u64,
+    pub(crate) start: tokio::time::Instant,
+    pub(crate) end: tokio::time::Instant,
+}
+
+/// The holds of one key, in the order they began: at least `min` of them, none overlapping the
+/// next, tokens strictly increasing.
+pub(crate) fn assert_exclusive(mut holds: Vec<Hold>, seed: u64, min: usize) {
+    holds.sort_by_key(|h| h.start);
+    eprintln!("seed {seed}: {} holds of the shared key", holds.len());
+    assert!(holds.len() > min, "seed {seed}: little progress: {} holds", holds.len());
+    for pair in holds.windows(2) {
+        assert!(pair[0].end <= pair[1].start, "seed {seed}: holds overlap: {:?} / {:?}", pair[0], pair[1]);
+        assert!(pair[0].token < pair[1].token, "seed {seed}: tokens out of order: {:?} then {:?}", pair[0], pair[1]);
+    }
+}
