@@ -408,7 +408,7 @@ impl RedLock {
         if granted.len() >= inner.quorum {
             self.release_everywhere(&lock_key, &token).await;
         } else {
-            self.release_on(&ours, &lock_key, &token).await;
+            self.release_nodes(&ours, ours.len(), &lock_key, &token).await;
         }
         pending.armed = false;
         Err(error)
@@ -419,55 +419,76 @@ impl RedLock {
         (format!("{prefix}{{{key}}}"), format!("{prefix}fence"))
     }
 
-    /// Compare-and-delete on every node in parallel; returns how many deleted it.
+    /// Compare-and-delete on every node (see [`release_nodes`](Self::release_nodes)), waiting
+    /// for all of them within the node timeout; returns how many deleted it by then.
     pub(crate) async fn release_everywhere(&self, lock_key: &str, token: &str) -> usize {
-        each_node(self.inner.config.node_timeout, self.inner.nodes.iter().map(|node| node.release(lock_key, token)))
-            .await
-            .into_iter()
-            .filter(|reply| matches!(reply, Some(Ok(true))))
-            .count()
+        let all: Vec<usize> = (0..self.inner.nodes.len()).collect();
+        self.release_nodes(&all, all.len(), lock_key, token).await
     }
 
-    /// [`release_everywhere`](Self::release_everywhere), done once a majority deleted it: the
-    /// nodes still to answer then finish on a task of their own (within the TTL), so a
-    /// slow or paused minority does not hold the caller up; returns how many deleted it by then.
+    /// Compare-and-delete on every node, done once a majority deleted it (see
+    /// [`release_nodes`](Self::release_nodes)): a slow or paused minority does not hold the
+    /// caller up. Returns how many deleted it by then.
     pub(crate) async fn release_by_majority(&self, lock_key: &str, token: &str) -> usize {
+        let all: Vec<usize> = (0..self.inner.nodes.len()).collect();
+        self.release_nodes(&all, self.inner.quorum, lock_key, token).await
+    }
+
+    /// Compare-and-delete on the nodes of index `on` in parallel, until `enough` of them deleted
+    /// it, or all answered, or the node timeout passed; returns how many deleted it by then.
+    ///
+    /// The nodes still to answer finish on a task of their own, and a node whose release fails
+    /// (a connection cut or timed out, a node paused or restarting) is tried again, with growing
+    /// pauses, while the TTL lasts: after it the key is gone anyway. So a minority that was slow,
+    /// paused or unreachable for a while drops the key once it answers again, instead of keeping
+    /// it for its whole TTL. Trying again is harmless: the key is deleted only where it still
+    /// holds this acquisition's token, unique to it.
+    async fn release_nodes(&self, on: &[usize], enough: usize, lock_key: &str, token: &str) -> usize {
         type Release = std::pin::Pin<Box<dyn std::future::Future<Output = Result<bool, String>> + Send>>;
-        let inner = &self.inner;
+        let config = &self.inner.config;
         let (lock_key, token): (Arc<str>, Arc<str>) = (lock_key.into(), token.into());
-        let mut running: Vec<Option<Release>> = (0..inner.nodes.len())
-            .map(|i| {
-                let (client, lock_key, token) = (self.clone(), lock_key.clone(), token.clone());
-                let release: Release = Box::pin(async move {
-                    match client.inner.nodes.get(i) {
-                        Some(node) => node.release(&lock_key, &token).await,
-                        None => Ok(false),
-                    }
-                });
+        let mut running: Vec<Option<Release>> = on
+            .iter()
+            .map(|&i| {
+                let release: Release = Box::pin(self.clone().release_node(i, lock_key.clone(), token.clone()));
                 Some(release)
             })
             .collect();
         let deleted = |answers: &[Option<Result<bool, String>>]| {
             answers.iter().filter(|answer| matches!(answer, Some(Ok(true)))).count()
         };
-        let answers =
-            poll_until(inner.config.node_timeout, &mut running, |answers| deleted(answers) >= inner.quorum).await;
+        let answers = poll_until(config.node_timeout, &mut running, |answers| deleted(answers) >= enough).await;
         let rest: Vec<Release> = running.into_iter().flatten().collect();
         if !rest.is_empty()
-            && deleted(&answers) >= inner.quorum
             && let Ok(runtime) = tokio::runtime::Handle::try_current()
         {
-            // Bounded by the TTL, after which the key is gone anyway: a node paused past the
-            // node timeout still gets its release (and a `NOSCRIPT` its `EVAL`) when it resumes.
-            runtime.spawn(tokio::time::timeout(inner.config.ttl, futures_util::future::join_all(rest)));
+            runtime.spawn(tokio::time::timeout(config.ttl, futures_util::future::join_all(rest)));
         }
         deleted(&answers)
     }
 
-    /// [`release_everywhere`](Self::release_everywhere) on the nodes of index `on` only.
-    async fn release_on(&self, on: &[usize], lock_key: &str, token: &str) {
-        let nodes = on.iter().filter_map(|&i| self.inner.nodes.get(i));
-        each_node(self.inner.config.node_timeout, nodes.map(|node| node.release(lock_key, token))).await;
+    /// One node's release, tried again on failure while the TTL lasts (see
+    /// [`release_nodes`](Self::release_nodes)). After a failure, a later answer that finds no
+    /// key counts as deleted: the failed try may have run with its answer lost (a key of
+    /// another token's still says it was not ours).
+    async fn release_node(self, i: usize, lock_key: Arc<str>, token: Arc<str>) -> Result<bool, String> {
+        use backon::{BackoffBuilder, Retryable};
+        let Some(node) = self.inner.nodes.get(i) else { return Ok(false) };
+        let ttl = self.inner.config.ttl;
+        let pauses = backon::ExponentialBuilder::new()
+            .with_min_delay(RELEASE_RETRY_FIRST.min(ttl))
+            .with_max_delay((ttl / 4).max(RELEASE_RETRY_FIRST))
+            .with_jitter()
+            .with_total_delay(Some(ttl))
+            .without_max_times()
+            .build();
+        let mut failed = false;
+        let answer = (|| node.release(&lock_key, &token))
+            .retry(pauses)
+            .sleep(tokio::time::sleep)
+            .notify(|_, _| failed = true)
+            .await?;
+        Ok(answer == 1 || (failed && answer == 0))
     }
 
     /// [`release_everywhere`](Self::release_everywhere) on a spawned task, for `Drop`s; then
@@ -487,6 +508,10 @@ impl RedLock {
         self.inner.queues.released(key);
     }
 }
+
+/// The pause before a failed release is tried again; each next one doubles, up to a quarter of
+/// the TTL, all of them within it.
+const RELEASE_RETRY_FIRST: Duration = Duration::from_millis(20);
 
 /// What one acquisition round amounts to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -268,10 +268,10 @@ impl LockGuard {
 
     /// Releases the lock on every node in parallel now; returns once a majority confirmed (the
     /// other nodes' releases finish in the background, so a slow or paused minority does not
-    /// hold the caller up), or once every node answered or the
-    /// [`node_timeout`](crate::LockConfig::node_timeout) passed. Dropping the guard releases in
-    /// the background instead. Errors only if no node confirmed (the lock then expires by its
-    /// TTL).
+    /// hold the caller up, and a node whose release fails is tried again while the TTL lasts),
+    /// or once every node answered or the [`node_timeout`](crate::LockConfig::node_timeout)
+    /// passed. Dropping the guard releases in the background instead. Errors only if no node
+    /// confirmed by then (the lock then expires by its TTL at the latest).
     pub async fn release(mut self) -> Result<(), LockError> {
         let was_lost = self.is_lost();
         self.stop();

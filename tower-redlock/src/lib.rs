@@ -74,6 +74,12 @@
 //! guard, holds the lock: whichever lets go first has the request's release sent behind it
 //! (or, if it was answered by then, its own release lands after it anyway).
 //!
+//! **Releases reach a minority that was away.** A release that fails on a node (a connection
+//! cut or timed out, a paused or restarting node) is tried again with growing pauses, in the
+//! background, while the TTL lasts, so that node drops the key once it answers again instead of
+//! keeping it for the whole TTL (a compare-and-delete of a token unique to the acquisition:
+//! trying it again cannot delete anyone else's key).
+//!
 //! **What it does not guarantee.** Martin Kleppmann's critique of RedLock ("How to do
 //! distributed locking", 2016) holds here too: a process pause (GC, swap, SIGSTOP) or a clock
 //! jump can outlast the lock, so **a lock alone cannot protect a resource**; only the resource

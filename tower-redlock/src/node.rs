@@ -319,25 +319,17 @@ impl Node {
         }
     }
 
-    pub(crate) async fn release(&self, key: &str, token: &str) -> Result<bool, String> {
+    /// Compare-and-delete: 1 if it deleted our key, 0 if there was no key, -1 if another
+    /// token holds it. Tried again by the caller if it fails (see `RedLock::release_nodes`).
+    pub(crate) async fn release(&self, key: &str, token: &str) -> Result<i64, String> {
         match self {
             Node::Redis { con, .. } => {
-                let release = || {
-                    con.script::<i64>(&RELEASE, RELEASE_LUA, |c| {
-                        c.arg(1).arg(key).arg(token);
-                    })
-                };
-                // A node restarted since our last command: the first one on a stale
-                // connection may fail (the connection is made again). A release must not be
-                // lost to that (the key would block others for its whole TTL): once more. The
-                // first may also have run with its answer lost: then the second finds no key,
-                // and ours is gone all the same (a key of another holder still says lost).
-                match release().await {
-                    Ok(deleted) => Ok(deleted == 1),
-                    Err(_) => Ok(release().await? >= 0),
-                }
+                con.script(&RELEASE, RELEASE_LUA, |c| {
+                    c.arg(1).arg(key).arg(token);
+                })
+                .await
             }
-            Node::Memory(m) => Ok(m.release(key, token)),
+            Node::Memory(m) => Ok(i64::from(m.release(key, token))),
         }
     }
 }

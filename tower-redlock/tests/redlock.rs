@@ -243,6 +243,43 @@ async fn a_paused_minority_does_not_hold_up_a_release() {
     }
 }
 
+/// A node's release that fails is tried again while the TTL lasts. Here node 2 is paused with
+/// its eight connections of this client's own busy (each with a request left behind there by an
+/// acquisition that ended at a majority), so the release goes over the multiplexed connection and
+/// times out, again and again, for 2 s; once the node runs again the key goes, long before its
+/// TTL (20 s). Before, two failed tries gave up and the node kept the key for its whole TTL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_that_fails_on_a_paused_node_is_tried_again_within_the_ttl() {
+    let mut nodes = RedisNodes::start(3).unwrap();
+    let config = LockConfig {
+        ttl: Duration::from_secs(20),
+        node_timeout: Duration::from_millis(200),
+        auto_extend: false,
+        ..config()
+    };
+    let lock = RedLock::connect(&nodes.urls(), config).unwrap();
+    let guard = lock.acquire("job").await.unwrap();
+    let everywhere = Instant::now() + Duration::from_secs(10);
+    while nodes.iter().any(|node| node.cmd::<i64>(&["EXISTS", "lock:{job}"]).unwrap() == 0) {
+        assert!(Instant::now() < everywhere, "the key never reached every node");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    nodes[2].pause().unwrap();
+    let mut fillers = Vec::new();
+    for i in 0..10 {
+        fillers.push(lock.acquire(&format!("filler:{i}")).await.unwrap());
+    }
+    guard.release().await.unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    nodes[2].resume().unwrap();
+    let released = Instant::now() + Duration::from_secs(8);
+    while nodes[2].cmd::<i64>(&["EXISTS", "lock:{job}"]).unwrap() == 1 {
+        assert!(Instant::now() < released, "node 2 kept the key after it ran again (TTL 20 s)");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    drop(fillers);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pausing_a_majority_fires_lost_at_the_deadline() {
     let mut nodes = RedisNodes::start(3).unwrap();
