@@ -1,6 +1,13 @@
 //! The RedLock client: acquisition on N independent masters in parallel.
 
-use std::{fmt, sync::Arc, time::Duration};
+use std::{
+    fmt,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    time::Duration,
+};
 
 use tokio::time::Instant;
 
@@ -435,29 +442,41 @@ impl RedLock {
     }
 
     /// Compare-and-delete on the nodes of index `on` in parallel, until `enough` of them deleted
-    /// it, or all answered, or the node timeout passed; returns how many deleted it by then.
+    /// it, or each answered or failed for good (refused, or failed twice), or the node timeout
+    /// passed; returns how many deleted
+    /// it by then.
     ///
     /// The nodes still to answer finish on a task of their own, and a node whose release fails
-    /// (a connection cut or timed out, a node paused or restarting) is tried again, with growing
-    /// pauses, while the TTL lasts: after it the key is gone anyway. So a minority that was slow,
-    /// paused or unreachable for a while drops the key once it answers again, instead of keeping
-    /// it for its whole TTL. Trying again is harmless: the key is deleted only where it still
-    /// holds this acquisition's token, unique to it.
+    /// (a connection refused, cut or timed out, a node paused or restarting) is tried again,
+    /// with pauses growing to about a second, while the TTL lasts: after it the key is gone
+    /// anyway. So a minority that was slow, paused or unreachable for a while drops the key
+    /// soon after it answers again, instead of keeping it for its whole TTL; the caller waits
+    /// for no node's second try. Trying again is harmless: the key is deleted only where it
+    /// still holds this acquisition's token, unique to it.
     async fn release_nodes(&self, on: &[usize], enough: usize, lock_key: &str, token: &str) -> usize {
         type Release = std::pin::Pin<Box<dyn std::future::Future<Output = Result<bool, String>> + Send>>;
         let config = &self.inner.config;
         let (lock_key, token): (Arc<str>, Arc<str>) = (lock_key.into(), token.into());
+        let failed: Vec<Arc<AtomicBool>> = on.iter().map(|_| Arc::default()).collect();
         let mut running: Vec<Option<Release>> = on
             .iter()
-            .map(|&i| {
-                let release: Release = Box::pin(self.clone().release_node(i, lock_key.clone(), token.clone()));
-                Some(release)
+            .zip(&failed)
+            .map(|(&i, failed)| {
+                let release = self.clone().release_node(i, lock_key.clone(), token.clone(), failed.clone());
+                Some(Box::pin(release) as Release)
             })
             .collect();
         let deleted = |answers: &[Option<Result<bool, String>>]| {
             answers.iter().filter(|answer| matches!(answer, Some(Ok(true)))).count()
         };
-        let answers = poll_until(config.node_timeout, &mut running, |answers| deleted(answers) >= enough).await;
+        let answers = poll_until(config.node_timeout, &mut running, |answers| {
+            deleted(answers) >= enough
+                || answers
+                    .iter()
+                    .zip(&failed)
+                    .all(|(answer, failed)| answer.is_some() || failed.load(Ordering::Acquire))
+        })
+        .await;
         let rest: Vec<Release> = running.into_iter().flatten().collect();
         if !rest.is_empty()
             && let Ok(runtime) = tokio::runtime::Handle::try_current()
@@ -468,27 +487,53 @@ impl RedLock {
     }
 
     /// One node's release, tried again on failure while the TTL lasts (see
-    /// [`release_nodes`](Self::release_nodes)). After a failure, a later answer that finds no
-    /// key counts as deleted: the failed try may have run with its answer lost (a key of
-    /// another token's still says it was not ours).
-    async fn release_node(self, i: usize, lock_key: Arc<str>, token: Arc<str>) -> Result<bool, String> {
-        use backon::{BackoffBuilder, Retryable};
+    /// [`release_nodes`](Self::release_nodes)): a failure that may have run on the node is tried
+    /// again at once, then with pauses; `failed` is set once the caller need not wait for it
+    /// (refused, or failing again). After a
+    /// failure that may have run on the node (its answer lost; not a refused connection), a
+    /// later answer that finds no key counts as deleted (a key of another token's still says it
+    /// was not ours).
+    async fn release_node(
+        self,
+        i: usize,
+        lock_key: Arc<str>,
+        token: Arc<str>,
+        failed: Arc<AtomicBool>,
+    ) -> Result<bool, String> {
+        use backon::BackoffBuilder;
         let Some(node) = self.inner.nodes.get(i) else { return Ok(false) };
-        let ttl = self.inner.config.ttl;
-        let pauses = backon::ExponentialBuilder::new()
-            .with_min_delay(RELEASE_RETRY_FIRST.min(ttl))
-            .with_max_delay((ttl / 4).max(RELEASE_RETRY_FIRST))
-            .with_jitter()
-            .with_total_delay(Some(ttl))
+        let give_up = Instant::now() + self.inner.config.ttl;
+        let mut pauses = backon::ExponentialBuilder::new()
+            .with_min_delay(RELEASE_PAUSE_FIRST)
+            .with_max_delay(RELEASE_PAUSE_MAX)
             .without_max_times()
             .build();
-        let mut failed = false;
-        let answer = (|| node.release(&lock_key, &token))
-            .retry(pauses)
-            .sleep(tokio::time::sleep)
-            .notify(|_, _| failed = true)
-            .await?;
-        Ok(answer == 1 || (failed && answer == 0))
+        let (mut may_have_run, mut tries) = (false, 0u32);
+        loop {
+            tries = tries.saturating_add(1);
+            match node.release(&lock_key, &token).await {
+                Ok(answer) => return Ok(answer == 1 || (may_have_run && answer == 0)),
+                Err(e) => {
+                    may_have_run |= e.may_have_run;
+                    let left = give_up.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        return Err(e.error);
+                    }
+                    if tries == 1 && e.may_have_run {
+                        // At once: a connection the node closed (a restart, `CLIENT KILL`) is
+                        // made again, and the caller gets this node's answer.
+                        continue;
+                    }
+                    // The caller does not wait for this node any longer: refused (down), or
+                    // failing again.
+                    failed.store(true, Ordering::Release);
+                    // Jittered within the pause (so releases that failed together do not come
+                    // back together), and the last one shortened to what is left of the TTL.
+                    let pause = pauses.next().unwrap_or(RELEASE_PAUSE_MAX).mul_f64(0.5 + rand::random::<f64>() / 2.0);
+                    tokio::time::sleep(pause.min(left)).await;
+                }
+            }
+        }
     }
 
     /// [`release_everywhere`](Self::release_everywhere) on a spawned task, for `Drop`s; then
@@ -509,9 +554,10 @@ impl RedLock {
     }
 }
 
-/// The pause before a failed release is tried again; each next one doubles, up to a quarter of
-/// the TTL, all of them within it.
-const RELEASE_RETRY_FIRST: Duration = Duration::from_millis(20);
+/// The pause before a failed release is tried again; each next one doubles, up to
+/// [`RELEASE_PAUSE_MAX`] (each jittered down by up to half), all of them within the TTL.
+const RELEASE_PAUSE_FIRST: Duration = Duration::from_millis(20);
+const RELEASE_PAUSE_MAX: Duration = Duration::from_secs(1);
 
 /// What one acquisition round amounts to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -87,6 +87,15 @@ impl<'a> Acquire<'a> {
     }
 }
 
+/// A release that failed on a node.
+#[derive(Debug)]
+pub(crate) struct ReleaseFailed {
+    /// Whether the node may have run it all the same (its answer lost): not if the connection
+    /// was refused, as nothing was sent.
+    pub(crate) may_have_run: bool,
+    pub(crate) error: String,
+}
+
 /// A node's answer to an acquisition.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Grant {
@@ -153,10 +162,21 @@ impl RedisNode {
         source: &str,
         call: impl Fn(&mut redis::Cmd),
     ) -> Result<T, String> {
+        T::from_redis_value(self.script_raw(script, source, call).await.map_err(|e| e.to_string())?)
+            .map_err(|e| e.to_string())
+    }
+
+    /// [`script`](Self::script)'s reply, its error as redis-rs gives it.
+    async fn script_raw(
+        &self,
+        script: &redis::Script,
+        source: &str,
+        call: impl Fn(&mut redis::Cmd),
+    ) -> Result<redis::Value, redis::RedisError> {
         let mut evalsha = redis::cmd("EVALSHA");
         evalsha.arg(script.get_hash());
         call(&mut evalsha);
-        let value = match self.query_raw(&evalsha).await {
+        match self.query_raw(&evalsha).await {
             Err(e) if e.code() == Some("NOSCRIPT") => {
                 let mut eval = redis::cmd("EVAL");
                 eval.arg(source);
@@ -164,8 +184,7 @@ impl RedisNode {
                 self.query_raw(&eval).await
             }
             other => other,
-        };
-        T::from_redis_value(value.map_err(|e| e.to_string())?).map_err(|e| e.to_string())
+        }
     }
 
     /// One command, its error as redis-rs gives it (to tell `NOSCRIPT`).
@@ -321,13 +340,16 @@ impl Node {
 
     /// Compare-and-delete: 1 if it deleted our key, 0 if there was no key, -1 if another
     /// token holds it. Tried again by the caller if it fails (see `RedLock::release_nodes`).
-    pub(crate) async fn release(&self, key: &str, token: &str) -> Result<i64, String> {
+    pub(crate) async fn release(&self, key: &str, token: &str) -> Result<i64, ReleaseFailed> {
         match self {
             Node::Redis { con, .. } => {
-                con.script(&RELEASE, RELEASE_LUA, |c| {
-                    c.arg(1).arg(key).arg(token);
-                })
-                .await
+                let reply = con
+                    .script_raw(&RELEASE, RELEASE_LUA, |c| {
+                        c.arg(1).arg(key).arg(token);
+                    })
+                    .await
+                    .map_err(|e| ReleaseFailed { may_have_run: !e.is_connection_refusal(), error: e.to_string() })?;
+                i64::from_redis_value(reply).map_err(|e| ReleaseFailed { may_have_run: true, error: e.to_string() })
             }
             Node::Memory(m) => Ok(i64::from(m.release(key, token))),
         }
