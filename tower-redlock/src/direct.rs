@@ -21,7 +21,9 @@
 //! request's clean-up, if it has one (an acquisition's compare-and-delete), on the same
 //! connection, and puts the connection back. That task waits as long as the node takes (a paused
 //! node runs the request when it resumes); only a closed connection, a reply it cannot parse or
-//! the runtime's shutdown ends it. A request is never sent twice: a pooled connection is checked
+//! the runtime's shutdown ends it. A connection the node closed (a restart, `CLIENT KILL`) ran
+//! what the node had read of it, and runs nothing more: the clean-up then goes on another
+//! connection, tried again until what it cleans up would have expired anyway. A request is never sent twice: a pooled connection is checked
 //! before it is written on (one the node closed, say at a restart, is replaced), never after.
 
 use std::{
@@ -46,14 +48,13 @@ pub(crate) const PER_NODE: usize = 8;
 const MAX_REPLY: usize = 1 << 20;
 
 pub(crate) struct Direct {
-    /// The node's address and the handshake (`AUTH`, `SELECT`) each new connection sends.
-    server: resp::Plain,
-    connect_timeout: Duration,
     pool: Arc<Pool>,
 }
 
-#[derive(Default)]
 struct Pool {
+    /// The node's address and the handshake (`AUTH`, `SELECT`) each new connection sends.
+    server: resp::Plain,
+    connect_timeout: Duration,
     idle: Mutex<Vec<Conn>>,
     /// Connections open: idle, in use, or finishing a cut request.
     open: AtomicUsize,
@@ -69,10 +70,13 @@ struct Conn {
 
 /// A request to send after another on the same connection if the caller goes away before its
 /// replies are in: packed, and how many replies it makes; not sent if `skip` is set by then.
+/// If that connection closes first, it is sent on another one, tried again until `until` (when
+/// what it cleans up is gone anyway).
 pub(crate) struct Cleanup {
     pub(crate) packed: Arc<[u8]>,
     pub(crate) replies: usize,
     pub(crate) skip: Arc<AtomicBool>,
+    pub(crate) until: tokio::time::Instant,
 }
 
 /// A request being written, or written and not answered yet.
@@ -134,20 +138,51 @@ impl Drop for Lease {
 }
 
 /// A cut request's end: the rest of it written, its replies read, its clean-up (unless skipped
-/// by then) sent and answered, the connection back in the pool. Closed (and uncounted) if the node closes it first.
+/// by then) sent and answered, the connection back in the pool. If the node closes the
+/// connection first (the connection is then closed and uncounted), the node ran what it had
+/// read of the request and runs nothing more of it: the clean-up goes on another connection.
 async fn finish(mut lease: Lease, in_flight: InFlight) {
     let Some(conn) = lease.conn.as_mut() else { return };
     let rest = in_flight.packed.get(in_flight.written..).unwrap_or_default();
-    if conn.stream.write_all(rest).await.is_err() || read_replies(conn, in_flight.replies).await.is_err() {
+    let ran = conn.stream.write_all(rest).await.is_ok() && read_replies(conn, in_flight.replies).await.is_ok();
+    let Some(cleanup) = in_flight.cleanup.filter(|cleanup| !cleanup.skip.load(Ordering::Acquire)) else {
+        if ran {
+            lease.done();
+        }
+        return;
+    };
+    if ran && roundtrip(conn, &cleanup.packed, cleanup.replies).await.is_ok() {
+        lease.done();
         return;
     }
-    if let Some(cleanup) = in_flight.cleanup
-        && !cleanup.skip.load(Ordering::Acquire)
-        && roundtrip(conn, &cleanup.packed, cleanup.replies).await.is_err()
-    {
-        return;
+    let (pool, runtime) = (lease.pool.clone(), conn.runtime.clone());
+    drop(lease);
+    clean_up_elsewhere(pool, runtime, cleanup).await;
+}
+
+/// Sends `cleanup` on a connection of the pool (idle, or new), tried again with pauses growing
+/// to a second until it is answered or its `until` has passed.
+async fn clean_up_elsewhere(pool: Arc<Pool>, runtime: tokio::runtime::Handle, cleanup: Cleanup) {
+    let mut pause = Duration::from_millis(10);
+    loop {
+        let lease = match pooled(&pool, runtime.id()) {
+            Some(lease) => Some(lease),
+            None => connect(&pool, runtime.clone()).await.and_then(Result::ok),
+        };
+        if let Some(mut lease) = lease
+            && let Some(conn) = lease.conn.as_mut()
+            && roundtrip(conn, &cleanup.packed, cleanup.replies).await.is_ok()
+        {
+            lease.done();
+            return;
+        }
+        let left = cleanup.until.saturating_duration_since(tokio::time::Instant::now());
+        if left.is_zero() {
+            return;
+        }
+        tokio::time::sleep(pause.min(left)).await;
+        pause = (pause * 2).min(Duration::from_secs(1));
     }
-    lease.done();
 }
 
 impl Direct {
@@ -155,7 +190,9 @@ impl Direct {
     /// connection serves it alone).
     pub(crate) fn for_url(url: &str, connect_timeout: Duration) -> Option<Self> {
         let info = url.into_connection_info().ok()?;
-        Some(Self { server: resp::Plain::new(&info)?, connect_timeout, pool: Arc::new(Pool::default()) })
+        let server = resp::Plain::new(&info)?;
+        let pool = Pool { server, connect_timeout, idle: Mutex::default(), open: AtomicUsize::new(0) };
+        Some(Self { pool: Arc::new(pool) })
     }
 
     /// Sends `packed` and reads `replies` replies on a connection of its own. `None`: every
@@ -169,9 +206,9 @@ impl Direct {
         cleanup: Option<Cleanup>,
     ) -> Option<RedisResult<Vec<Value>>> {
         let runtime = tokio::runtime::Handle::try_current().ok()?;
-        let mut lease = match self.pooled(runtime.id()) {
+        let mut lease = match pooled(&self.pool, runtime.id()) {
             Some(lease) => lease,
-            None => match self.connect(runtime).await? {
+            None => match connect(&self.pool, runtime).await? {
                 Ok(lease) => lease,
                 Err(error) => return Some(Err(error)),
             },
@@ -207,59 +244,57 @@ impl Direct {
         lease.done();
         Some(Ok(values))
     }
+}
 
-    /// An idle connection of this runtime that the node has not closed meanwhile (a restart, an
-    /// idle timeout, `CLIENT KILL`): checked before anything is written on it.
-    fn pooled(&self, runtime: tokio::runtime::Id) -> Option<Lease> {
-        let mut idle = self.pool.idle.lock().unwrap_or_else(PoisonError::into_inner);
-        while let Some(conn) = idle.pop() {
-            // Nothing to read on an idle connection: an end of stream, an error or stray bytes
-            // all mean it is no use.
-            let alive = conn.runtime.id() == runtime
-                && matches!(conn.stream.try_read(&mut [0u8; 1]), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock);
-            if alive {
-                return Some(Lease::new(&self.pool, Some(conn)));
-            }
-            self.pool.open.fetch_sub(1, Ordering::AcqRel);
+/// An idle connection of this runtime that the node has not closed meanwhile (a restart, an
+/// idle timeout, `CLIENT KILL`): checked before anything is written on it.
+fn pooled(pool: &Arc<Pool>, runtime: tokio::runtime::Id) -> Option<Lease> {
+    let mut idle = pool.idle.lock().unwrap_or_else(PoisonError::into_inner);
+    while let Some(conn) = idle.pop() {
+        // Nothing to read on an idle connection: an end of stream, an error or stray bytes
+        // all mean it is no use.
+        let alive = conn.runtime.id() == runtime
+            && matches!(conn.stream.try_read(&mut [0u8; 1]), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock);
+        if alive {
+            return Some(Lease::new(pool, Some(conn)));
         }
-        None
+        pool.open.fetch_sub(1, Ordering::AcqRel);
     }
+    None
+}
 
-    /// A new connection, if fewer than [`PER_NODE`] are open.
-    async fn connect(&self, runtime: tokio::runtime::Handle) -> Option<RedisResult<Lease>> {
-        if self.pool.open.fetch_add(1, Ordering::AcqRel) >= PER_NODE {
-            self.pool.open.fetch_sub(1, Ordering::AcqRel);
-            return None;
+/// A new connection, if fewer than [`PER_NODE`] are open.
+async fn connect(pool: &Arc<Pool>, runtime: tokio::runtime::Handle) -> Option<RedisResult<Lease>> {
+    if pool.open.fetch_add(1, Ordering::AcqRel) >= PER_NODE {
+        pool.open.fetch_sub(1, Ordering::AcqRel);
+        return None;
+    }
+    // Counted from here: the lease gives the count back however this ends.
+    let mut lease = Lease::new(pool, None);
+    let connected =
+        tokio::time::timeout(pool.connect_timeout, TcpStream::connect((pool.server.host.as_str(), pool.server.port)));
+    let stream = match connected.await {
+        Ok(Ok(stream)) => stream,
+        Ok(Err(error)) => return Some(Err(error.into())),
+        Err(_) => {
+            let timeout = std::io::Error::new(std::io::ErrorKind::TimedOut, "connection timed out");
+            return Some(Err(timeout.into()));
         }
-        // Counted from here: the lease gives the count back however this ends.
-        let mut lease = Lease::new(&self.pool, None);
-        let connected = tokio::time::timeout(
-            self.connect_timeout,
-            TcpStream::connect((self.server.host.as_str(), self.server.port)),
-        );
-        let stream = match connected.await {
-            Ok(Ok(stream)) => stream,
-            Ok(Err(error)) => return Some(Err(error.into())),
-            Err(_) => {
-                let timeout = std::io::Error::new(std::io::ErrorKind::TimedOut, "connection timed out");
-                return Some(Err(timeout.into()));
-            }
-        };
-        let _ = stream.set_nodelay(true);
-        let mut conn = Conn { runtime, stream, buf: Vec::with_capacity(256) };
-        if self.server.hello_replies > 0 {
-            match roundtrip(&mut conn, &self.server.hello, self.server.hello_replies).await {
-                Ok(values) => {
-                    if let Some(error) = values.into_iter().find_map(|v| v.extract_error().err()) {
-                        return Some(Err(error));
-                    }
+    };
+    let _ = stream.set_nodelay(true);
+    let mut conn = Conn { runtime, stream, buf: Vec::with_capacity(256) };
+    if pool.server.hello_replies > 0 {
+        match roundtrip(&mut conn, &pool.server.hello, pool.server.hello_replies).await {
+            Ok(values) => {
+                if let Some(error) = values.into_iter().find_map(|v| v.extract_error().err()) {
+                    return Some(Err(error));
                 }
-                Err(error) => return Some(Err(error)),
             }
+            Err(error) => return Some(Err(error)),
         }
-        lease.conn = Some(conn);
-        Some(Ok(lease))
     }
+    lease.conn = Some(conn);
+    Some(Ok(lease))
 }
 
 /// Writes `packed`, then reads its `replies` replies.

@@ -68,8 +68,9 @@
 //! client, `select!`) releases, in the background, whatever nodes granted; dropping a
 //! [`LockGuard`] releases its lock the same way. A request cut or unanswered in time may still
 //! run on its node later (a slow or paused node): its release is also sent after it on the same
-//! connection, where no other command of the client can overtake it (as long as the connection
-//! and its runtime live; if either ends first, the key expires by its TTL). A node's request left
+//! connection, where no other command of the client can overtake it (if the node closes that
+//! connection first, it ran all it will of the request, and the release goes on another one; if
+//! the runtime ends first, the key expires by its TTL). A node's request left
 //! behind because a majority granted first keeps what it grants while the acquisition, then its
 //! guard, holds the lock: whichever lets go first has the request's release sent behind it
 //! (or, if it was answered by then, its own release lands after it anyway).

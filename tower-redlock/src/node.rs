@@ -136,7 +136,12 @@ impl RedisNode {
                 .request(
                     request.packed.clone(),
                     request.pipeline.len(),
-                    Some(Cleanup { packed: request.release_packed.clone(), replies: 1, skip: request.late.clone() }),
+                    Some(Cleanup {
+                        packed: request.release_packed.clone(),
+                        replies: 1,
+                        skip: request.late.clone(),
+                        until: Instant::now() + request.ttl,
+                    }),
                 )
                 .await
         {

@@ -309,6 +309,44 @@ async fn an_executed_release_whose_reply_was_lost_is_not_reported_lost() {
     assert!(outcome.is_ok(), "a release that deleted the key was reported {outcome:?} (its resend found nothing)");
 }
 
+/// An acquisition cut by its node timeout (node paused) is finished by a task of its own, which
+/// sends its clean-up after it. Here the node runs the request, then our connection is killed
+/// before its reply is written: the clean-up must still be sent, on another connection (the node
+/// runs nothing more of the closed one, so nothing of the request can follow it). Before, the
+/// task gave up on the closed connection and the key stayed for its whole TTL (30 s). (CI found
+/// the same with a kill just after the reply, before the clean-up.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cut_acquisition_whose_connection_is_killed_is_still_cleaned_up() {
+    let mut server = RedisServer::start().unwrap();
+    let cfg = LockConfig { node_timeout: Duration::from_millis(200), ..config() };
+    let lock = RedLock::connect(&[server.url()], cfg).unwrap();
+    lock.acquire("warm").await.unwrap().release().await.unwrap();
+    let mut killer = raw_client(&server);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    server.pause().unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let acquisition = {
+        let lock = lock.clone();
+        tokio::spawn(async move { lock.acquire("cut").await.map(|_| ()) })
+    };
+    assert!(wait_queued(server.port(), 1, Duration::from_secs(3)).await, "the acquisition was written");
+    // No answer within the node timeout: the attempt fails and its request is cut.
+    assert!(acquisition.await.unwrap().is_err(), "no node answered");
+    killer.write_all(b"CLIENT KILL TYPE normal SKIPME yes\r\n").unwrap();
+    assert!(wait_queued(server.port(), 2, Duration::from_secs(3)).await, "the kill was written");
+    server.resume().unwrap();
+    let mut killed = [0u8; 16];
+    let n = killer.read(&mut killed).unwrap();
+    eprintln!("CLIENT KILL answered {:?}", String::from_utf8_lossy(&killed[..n]));
+
+    let cleaned = Instant::now() + Duration::from_secs(5);
+    while exists(&server, "cut") {
+        assert!(Instant::now() < cleaned, "the cut acquisition's key stayed 5 s after the kill (TTL 30 s)");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // 2. The release of a cancelled acquisition overtakes the acquisition.
 
