@@ -23,8 +23,9 @@
 //! node runs the request when it resumes); only a closed connection, a reply it cannot parse or
 //! the runtime's shutdown ends it. A connection the node closed (a restart, `CLIENT KILL`) ran
 //! what the node had read of it, and runs nothing more: the clean-up then goes on another
-//! connection, tried again until what it cleans up would have expired anyway. A request is never sent twice: a pooled connection is checked
-//! before it is written on (one the node closed, say at a restart, is replaced), never after.
+//! connection, tried again until what it cleans up would have expired anyway. A request is
+//! never sent twice: a pooled connection is checked before it is written on (one the node
+//! closed, say at a restart, is replaced), never after.
 
 use std::{
     sync::{
@@ -165,15 +166,21 @@ async fn finish(mut lease: Lease, in_flight: InFlight) {
 async fn clean_up_elsewhere(pool: Arc<Pool>, runtime: tokio::runtime::Handle, cleanup: Cleanup) {
     let mut pause = Duration::from_millis(10);
     loop {
-        let lease = match pooled(&pool, runtime.id()) {
-            Some(lease) => Some(lease),
-            None => connect(&pool, runtime.clone()).await.and_then(Result::ok),
-        };
-        if let Some(mut lease) = lease
-            && let Some(conn) = lease.conn.as_mut()
-            && roundtrip(conn, &cleanup.packed, cleanup.replies).await.is_ok()
-        {
-            lease.done();
+        let sent = tokio::time::timeout_at(cleanup.until, async {
+            let lease = match pooled(&pool, runtime.id()) {
+                Some(lease) => Some(lease),
+                None => connect(&pool, runtime.clone()).await.and_then(Result::ok),
+            };
+            if let Some(mut lease) = lease
+                && let Some(conn) = lease.conn.as_mut()
+                && roundtrip(conn, &cleanup.packed, cleanup.replies).await.is_ok()
+            {
+                lease.done();
+                return true;
+            }
+            false
+        });
+        if sent.await.unwrap_or(false) {
             return;
         }
         let left = cleanup.until.saturating_duration_since(tokio::time::Instant::now());
