@@ -214,6 +214,15 @@ async fn a_majority_ends_the_acquisition_and_a_late_grant_is_the_guards() {
     }
 }
 
+/// Waits until every node has `key` (an acquisition may end before the last one answered).
+async fn key_everywhere(nodes: &RedisNodes, key: &str) {
+    let everywhere = Instant::now() + Duration::from_secs(10);
+    while nodes.iter().any(|node| node.cmd::<i64>(&["EXISTS", key]).unwrap() == 0) {
+        assert!(Instant::now() < everywhere, "{key} never reached every node");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+}
+
 /// A release returns once a majority deleted the key: a node paused after the acquisition does
 /// not hold it up (its node timeout is longer than the test's bound), and its copy of the key
 /// goes once it runs again, long before the TTL.
@@ -223,11 +232,7 @@ async fn a_paused_minority_does_not_hold_up_a_release() {
     let lock = RedLock::connect(&nodes.urls(), patient()).unwrap();
     let guard = lock.acquire("job").await.unwrap();
     // Every node has the key (the acquisition may end before the last one answered).
-    let everywhere = Instant::now() + Duration::from_secs(10);
-    while nodes.iter().any(|node| node.cmd::<i64>(&["EXISTS", "lock:{job}"]).unwrap() == 0) {
-        assert!(Instant::now() < everywhere, "the key never reached every node");
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
+    key_everywhere(&nodes, "lock:{job}").await;
     nodes[2].pause().unwrap();
     // Waiting for node 2 would take its 30 s timeout.
     tokio::time::timeout(Duration::from_secs(10), guard.release()).await.expect("not held up").unwrap();
@@ -259,11 +264,7 @@ async fn a_release_that_fails_on_a_paused_node_is_tried_again_within_the_ttl() {
     };
     let lock = RedLock::connect(&nodes.urls(), config).unwrap();
     let guard = lock.acquire("job").await.unwrap();
-    let everywhere = Instant::now() + Duration::from_secs(10);
-    while nodes.iter().any(|node| node.cmd::<i64>(&["EXISTS", "lock:{job}"]).unwrap() == 0) {
-        assert!(Instant::now() < everywhere, "the key never reached every node");
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
+    key_everywhere(&nodes, "lock:{job}").await;
     nodes[2].pause().unwrap();
     let mut fillers = Vec::new();
     for i in 0..10 {

@@ -38,7 +38,7 @@ use std::{
 use rand::{Rng, SeedableRng, rngs::StdRng};
 use testkit::{RedisConfig, RedisNodes, RedisServer};
 use tokio::time::Instant;
-use tower_redlock::{LockConfig, LockError, LockGuard, RedLock, fenced_set};
+use tower_redlock::{LockConfig, LockError, LockGuard, RedLock};
 
 mod common;
 use common::{Hold, config, eventually, lock_keys, seed};
@@ -585,20 +585,8 @@ async fn exclusion_and_fencing_hold_while_releases_are_retried_under_faults() {
                     }
                     let Ok(guard) = lock.acquire_within(&key, Some(Duration::from_secs(3))).await else { continue };
                     let Ok(token) = guard.fencing_token() else { continue };
-                    if shared {
-                        let start = Instant::now();
-                        let written = fenced_set(&mut con, "{res}", c, token).await.unwrap();
-                        tokio::time::sleep(Duration::from_millis(task_rng.random_range(0..4))).await;
-                        let valid = guard.fencing_token().is_ok();
-                        let end = Instant::now();
-                        assert!(written || !valid, "seed {seed}: a holder with validity left was refused ({token})");
-                        holds.lock().unwrap().push(Hold { token: token.0, start, end });
-                    } else {
-                        match lock.acquire_within(&key, None).await {
-                            Err(LockError::Busy { .. } | LockError::Unavailable { .. }) => {}
-                            other => panic!("seed {seed}: {key} held, yet: {:?}", other.map(|g| g.fencing_token())),
-                        }
-                    }
+                    common::check_held(&lock, &guard, &key, token, shared, &mut con, c, seed, &mut task_rng, &holds)
+                        .await;
                     if task_rng.random_bool(0.2) {
                         drop(guard);
                         continue;

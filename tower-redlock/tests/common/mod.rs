@@ -159,3 +159,38 @@ pub(crate) fn assert_exclusive(mut holds: Vec<Hold>, seed: u64, min: usize) {
         assert!(pair[0].token < pair[1].token, "seed {seed}: tokens out of order: {:?} then {:?}", pair[0], pair[1]);
     }
 }
+
+/// What a fault run's task checks while `guard` holds `key` with `token`. The shared key: a
+/// fenced write to the resource (`con`, as client `client`) must be accepted while the guard is
+/// valid, then a short hold, recorded in `holds` for [`assert_exclusive`]. A key of the task's
+/// own: a second attempt (another token) must be refused.
+#[allow(clippy::too_many_arguments)]
+pub(crate) async fn check_held(
+    lock: &tower_redlock::RedLock,
+    guard: &tower_redlock::LockGuard,
+    key: &str,
+    token: tower_redlock::FencingToken,
+    shared: bool,
+    con: &mut redis::aio::MultiplexedConnection,
+    client: u64,
+    seed: u64,
+    rng: &mut rand::rngs::StdRng,
+    holds: &std::sync::Mutex<Vec<Hold>>,
+) {
+    use rand::Rng;
+    use tower_redlock::LockError;
+    if shared {
+        let start = tokio::time::Instant::now();
+        let written = tower_redlock::fenced_set(con, "{res}", client, token).await.unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(rng.random_range(0..4))).await;
+        let valid = guard.fencing_token().is_ok();
+        let end = tokio::time::Instant::now();
+        assert!(written || !valid, "seed {seed}: a holder with validity left was refused ({token})");
+        holds.lock().unwrap().push(Hold { token: token.0, start, end });
+    } else {
+        match lock.acquire_within(key, None).await {
+            Err(LockError::Busy { .. } | LockError::Unavailable { .. }) => {}
+            other => panic!("seed {seed}: {key} held, yet: {:?}", other.map(|g| g.fencing_token())),
+        }
+    }
+}
