@@ -237,6 +237,18 @@ fn raw_client(server: &RedisServer) -> std::net::TcpStream {
     s
 }
 
+/// Queues `CLIENT KILL` of every normal client behind the request already queued on the paused
+/// `server`, then resumes it: the node runs the request, then kills our connection (in the same
+/// event-loop turn, before the reply is written).
+async fn kill_behind_queued(server: &mut RedisServer, killer: &mut std::net::TcpStream) {
+    killer.write_all(b"CLIENT KILL TYPE normal SKIPME yes\r\n").unwrap();
+    assert!(wait_queued(server.port(), 2, Duration::from_secs(3)).await, "the kill was written");
+    server.resume().unwrap();
+    let mut killed = [0u8; 16];
+    let n = killer.read(&mut killed).unwrap();
+    eprintln!("CLIENT KILL answered {:?}", String::from_utf8_lossy(&killed[..n]));
+}
+
 // ---------------------------------------------------------------------------------------------
 // 1. A request that ran, whose reply was lost before its first byte, is sent again.
 
@@ -263,12 +275,7 @@ async fn an_executed_acquisition_whose_reply_was_lost_is_not_refused_by_itself()
         tokio::spawn(async move { lock.acquire("free").await.map(|guard| guard.fencing_token().unwrap()) })
     };
     assert!(wait_queued(server.port(), 1, Duration::from_secs(3)).await, "the acquisition was written");
-    killer.write_all(b"CLIENT KILL TYPE normal SKIPME yes\r\n").unwrap();
-    assert!(wait_queued(server.port(), 2, Duration::from_secs(3)).await, "the kill was written");
-    server.resume().unwrap();
-    let mut killed = [0u8; 16];
-    let n = killer.read(&mut killed).unwrap();
-    eprintln!("CLIENT KILL answered {:?}", String::from_utf8_lossy(&killed[..n]));
+    kill_behind_queued(&mut server, &mut killer).await;
 
     let outcome = acquisition.await.unwrap();
     let fence: i64 = server.cmd(&["GET", "lock:fence"]).unwrap();
@@ -300,9 +307,7 @@ async fn an_executed_release_whose_reply_was_lost_is_not_reported_lost() {
     tokio::time::sleep(Duration::from_millis(50)).await;
     let release = tokio::spawn(guard.release());
     assert!(wait_queued(server.port(), 1, Duration::from_secs(3)).await, "the release was written");
-    killer.write_all(b"CLIENT KILL TYPE normal SKIPME yes\r\n").unwrap();
-    assert!(wait_queued(server.port(), 2, Duration::from_secs(3)).await, "the kill was written");
-    server.resume().unwrap();
+    kill_behind_queued(&mut server, &mut killer).await;
 
     let outcome = release.await.unwrap();
     assert!(!exists(&server, "held"), "the key is gone");
@@ -333,12 +338,7 @@ async fn a_cut_acquisition_whose_connection_is_killed_is_still_cleaned_up() {
     assert!(wait_queued(server.port(), 1, Duration::from_secs(3)).await, "the acquisition was written");
     // No answer within the node timeout: the attempt fails and its request is cut.
     assert!(acquisition.await.unwrap().is_err(), "no node answered");
-    killer.write_all(b"CLIENT KILL TYPE normal SKIPME yes\r\n").unwrap();
-    assert!(wait_queued(server.port(), 2, Duration::from_secs(3)).await, "the kill was written");
-    server.resume().unwrap();
-    let mut killed = [0u8; 16];
-    let n = killer.read(&mut killed).unwrap();
-    eprintln!("CLIENT KILL answered {:?}", String::from_utf8_lossy(&killed[..n]));
+    kill_behind_queued(&mut server, &mut killer).await;
 
     let cleaned = Instant::now() + Duration::from_secs(5);
     while exists(&server, "cut") {

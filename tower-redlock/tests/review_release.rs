@@ -401,14 +401,7 @@ async fn holders_waiters_and_background_releases_keep_exclusion_and_order() {
     let nodes = Arc::new(Mutex::new(RedisNodes::start(3).unwrap()));
     let urls = nodes.lock().unwrap().urls();
     let resource = RedisServer::start().unwrap();
-    let cfg = LockConfig {
-        ttl: Duration::from_secs(10),
-        node_timeout: NODE_TIMEOUT,
-        retries: 0,
-        retry_delay: Duration::from_millis(5),
-        auto_extend: false,
-        ..LockConfig::default()
-    };
+    let cfg = config(Duration::from_secs(10), NODE_TIMEOUT);
     let holds: Arc<Mutex<Vec<Hold>>> = Arc::default();
     let stop = Arc::new(AtomicBool::new(false));
     let mut tasks = Vec::new();

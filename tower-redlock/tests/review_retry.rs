@@ -38,7 +38,7 @@ use std::{
 use rand::{Rng, SeedableRng, rngs::StdRng};
 use testkit::{RedisConfig, RedisNodes, RedisServer};
 use tokio::time::Instant;
-use tower_redlock::{LockConfig, LockError, LockGuard, RedLock};
+use tower_redlock::{LockError, LockGuard, RedLock};
 
 mod common;
 use common::{Hold, config, eventually, lock_keys, seed};
@@ -552,14 +552,7 @@ async fn exclusion_and_fencing_hold_while_releases_are_retried_under_faults() {
     let nodes = Arc::new(Mutex::new(aof_nodes()));
     let urls = nodes.lock().unwrap().urls();
     let resource = RedisServer::start().unwrap();
-    let cfg = LockConfig {
-        ttl: Duration::from_secs(10),
-        node_timeout: NODE_TIMEOUT_P4,
-        retries: 0,
-        retry_delay: Duration::from_millis(5),
-        auto_extend: false,
-        ..LockConfig::default()
-    };
+    let cfg = config(Duration::from_secs(10), NODE_TIMEOUT_P4);
     let holds: Arc<Mutex<Vec<Hold>>> = Arc::default();
     let stop = Arc::new(AtomicBool::new(false));
     let mut tasks = Vec::new();
