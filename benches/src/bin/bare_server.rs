@@ -17,6 +17,10 @@ use proto::{
 use serde_json::{Value, json};
 use tonic::{Request, Response, Status};
 
+/// The demo server's allocator, so that the comparison with it measures its layers alone.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn user(id: i64) -> Value {
     json!({"user_id": id, "username": format!("user_{id}"), "email": format!("user_{id}@example.com")})
 }

@@ -12,6 +12,10 @@ use std::net::SocketAddr;
 
 use rampart_gateway::{Gateway, GatewayConfig, Proxy, Upstream, UpstreamConfig};
 
+/// The demo server's allocator (see its `main.rs`): Rampart's gateway as shipped.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 fn router(args: &[String]) -> Result<axum::Router, BoxError> {
