@@ -92,13 +92,17 @@ pub(crate) fn ensure_request_id(headers: &mut HeaderMap) -> HeaderValue {
     if let Some(id) = headers.get(X_REQUEST_ID) {
         return id.clone();
     }
-    // A v4 UUID from the thread's generator: `Uuid::new_v4` asks the operating system for
-    // randomness on every call, a system call per request.
-    let uuid = uuid::Builder::from_random_bytes(rand::random()).into_uuid();
-    let mut buf = [0u8; uuid::fmt::Hyphenated::LENGTH];
-    let id = HeaderValue::from_str(uuid.hyphenated().encode_lower(&mut buf)).unwrap_or(HeaderValue::from_static("-"));
+    let id = new_request_id();
     headers.insert(X_REQUEST_ID, id.clone());
     id
+}
+
+/// A new request id: a v4 UUID from the thread's generator (`Uuid::new_v4` asks the operating
+/// system for randomness on every call, a system call per request).
+fn new_request_id() -> HeaderValue {
+    let uuid = uuid::Builder::from_random_bytes(rand::random()).into_uuid();
+    let mut buf = [0u8; uuid::fmt::Hyphenated::LENGTH];
+    HeaderValue::from_str(uuid.hyphenated().encode_lower(&mut buf)).unwrap_or(HeaderValue::from_static("-"))
 }
 
 impl<B> Service<Request<B>> for Proxy
@@ -122,10 +126,8 @@ where
         // gateway sets below (its request id, the forwarding headers).
         let incoming_id = req.headers().get(X_REQUEST_ID).cloned();
         strip_hop_by_hop(req.headers_mut(), upgrade);
-        if let Some(id) = incoming_id {
-            req.headers_mut().insert(X_REQUEST_ID, id);
-        }
-        let request_id = ensure_request_id(req.headers_mut());
+        let request_id = incoming_id.unwrap_or_else(new_request_id);
+        req.headers_mut().insert(X_REQUEST_ID, request_id.clone());
         let peer = peer_addr(&req).map(|addr| addr.ip());
         let trusted = match (&self.trusted, peer) {
             (Some(client_ip), Some(peer)) => client_ip.trusts(peer),
