@@ -141,17 +141,20 @@ pub(crate) fn set_forwarded<B>(req: &mut Request<B>, peer: Option<IpAddr>, trust
     let kept = |present: bool| trusted_peer && present;
     let forwarded_for = peer.and_then(|peer| {
         let peer = peer.to_canonical();
-        if !kept(present.forwarded_for) {
+        let mut chain = Vec::new();
+        if kept(present.forwarded_for) {
+            chain.extend(
+                headers
+                    .get_all(X_FORWARDED_FOR)
+                    .iter()
+                    .map(|v| String::from_utf8_lossy(v.as_bytes()).trim().to_owned())
+                    .filter(|v| !v.is_empty()),
+            );
+        }
+        if chain.is_empty() {
             return ip_value(peer);
         }
-        let chain = headers
-            .get_all(X_FORWARDED_FOR)
-            .iter()
-            .map(|v| String::from_utf8_lossy(v.as_bytes()).trim().to_owned())
-            .filter(|v| !v.is_empty())
-            .collect::<Vec<_>>();
-        let value = if chain.is_empty() { peer.to_string() } else { format!("{}, {peer}", chain.join(", ")) };
-        HeaderValue::from_str(&value).ok()
+        HeaderValue::from_str(&format!("{}, {peer}", chain.join(", "))).ok()
     });
     if !trusted_peer {
         // Anyone can write these: from an untrusted peer none of them reaches the upstream
