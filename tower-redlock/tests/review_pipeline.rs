@@ -294,19 +294,23 @@ async fn three_replies_are_framed_right_on_direct_multiplexed_and_resp3_connecti
         assert!(low > last, "round {round}: a token {low} not above the previous rounds' ({last})");
         last = a.iter().chain(&b).map(|t| t.0).max().unwrap();
     }
+    let mut counted = 0;
     for (i, node) in nodes.iter().enumerate() {
         let list: String = node.cmd(&["CLIENT", "LIST"]).unwrap();
         let clients = list.lines().count();
         eprintln!("node {i}: {clients} connections:\n{list}");
         // 8 direct and 1 multiplexed of the plain client, 1 of the RESP3 client, this one.
         assert!(clients >= 11, "node {i}: the burst never reached the multiplexed fallback ({clients} connections)");
-        let fence: i64 = node.cmd(&["GET", "lock:fence"]).unwrap();
-        // Every attempt counted (3 rounds, 4 bursts of 24); raises to another node's count add.
-        assert!(fence >= 3 * 4 * 24, "node {i}: {fence} counted, for 288 attempts");
+        counted += node.cmd::<i64>(&["GET", "lock:fence"]).unwrap();
         // A release ends at a majority: the others' copies go right after.
         let clean = eventually(Duration::from_secs(5), || lock_keys(node).is_empty()).await;
         assert!(clean, "node {i}: keys left after every release: {:?}", lock_keys(node));
     }
+    // Every attempt (3 rounds, 4 bursts of 24) counted on the majority that decided it, granted
+    // or held; raises to another node's count add. The third node's request is not sent if it
+    // was still waiting for a connection when the round was decided (CI saw a node count 287 of
+    // 288), so only the sum over the nodes is bounded.
+    assert!(counted >= 2 * 3 * 4 * 24, "{counted} counted over the nodes, for 288 attempts on a majority of 3");
 }
 
 /// An ACL user with a password and a database, RESP3 with a database, and both: the direct
