@@ -71,13 +71,15 @@ struct Conn {
 
 /// A request to send after another on the same connection if the caller goes away before its
 /// replies are in: packed, and how many replies it makes; not sent if `skip` is set by then.
-/// If that connection closes first, it is sent on another one, tried again until `until` (when
-/// what it cleans up is gone anyway).
+/// If that connection closes first, it is sent on another one, tried again for `lasts` (how
+/// long what it cleans up can outlive the request: a key's TTL) from when that connection
+/// failed: the node ran the request, if at all, before then (a node paused past the TTL runs it
+/// late, and its key lasts from then).
 pub(crate) struct Cleanup {
     pub(crate) packed: Arc<[u8]>,
     pub(crate) replies: usize,
     pub(crate) skip: Arc<AtomicBool>,
-    pub(crate) until: tokio::time::Instant,
+    pub(crate) lasts: Duration,
 }
 
 /// A request being written, or written and not answered yet.
@@ -162,11 +164,13 @@ async fn finish(mut lease: Lease, in_flight: InFlight) {
 }
 
 /// Sends `cleanup` on a connection of the pool (idle, or new), tried again with pauses growing
-/// to a second until it is answered or its `until` has passed.
+/// to a second until it is answered or its `lasts` from now has passed (called once the
+/// request's own connection failed: the node ran it, if at all, before now).
 async fn clean_up_elsewhere(pool: Arc<Pool>, runtime: tokio::runtime::Handle, cleanup: Cleanup) {
+    let until = tokio::time::Instant::now() + cleanup.lasts;
     let mut pause = Duration::from_millis(10);
     loop {
-        let sent = tokio::time::timeout_at(cleanup.until, async {
+        let sent = tokio::time::timeout_at(until, async {
             let lease = match pooled(&pool, runtime.id()) {
                 Some(lease) => Some(lease),
                 None => connect(&pool, runtime.clone()).await.and_then(Result::ok),
@@ -183,7 +187,7 @@ async fn clean_up_elsewhere(pool: Arc<Pool>, runtime: tokio::runtime::Handle, cl
         if sent.await.unwrap_or(false) {
             return;
         }
-        let left = cleanup.until.saturating_duration_since(tokio::time::Instant::now());
+        let left = until.saturating_duration_since(tokio::time::Instant::now());
         if left.is_zero() {
             return;
         }

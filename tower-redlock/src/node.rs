@@ -140,7 +140,7 @@ impl RedisNode {
                         packed: request.release_packed.clone(),
                         replies: 1,
                         skip: request.late.clone(),
-                        until: Instant::now() + request.ttl,
+                        lasts: request.ttl,
                     }),
                 )
                 .await
