@@ -37,7 +37,10 @@
 //! key (a slow or paused minority does not slow it down; what the others grant later is the
 //! guard's, released with the rest, or on a miss released behind their requests); likewise
 //! [`LockGuard::release`] returns once a majority let go, the others finishing in the
-//! background.
+//! background. So a key may be held on the deciding majority alone (a node whose request was
+//! still waiting for a connection when the round was decided is not sent it): a node of that
+//! majority that turns slow then holds up extensions (the lock is lost at its deadline if no
+//! other node has the key) and makes [`LockGuard::release`] wait up to the node timeout.
 //! The token is the largest counter among the nodes that granted by then; those that counted
 //! less are raised to it by a script that again checks the key is still ours. The token is issued only
 //! when a majority holds our key with a counter at or above it, and before the validity check.

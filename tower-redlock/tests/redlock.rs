@@ -15,6 +15,9 @@ use testkit::{RedisNodes, RedisServer};
 use tokio::time::Instant;
 use tower_redlock::{FencingToken, LockConfig, LockError, RedLock, fenced_set};
 
+mod common;
+use common::eventually;
+
 fn config() -> LockConfig {
     LockConfig {
         ttl: Duration::from_secs(2),
@@ -141,7 +144,8 @@ async fn five_nodes_survive_two_dead_and_fail_cleanly_with_three() {
     let started = Instant::now();
     let err = lock.acquire("counter").await.unwrap_err();
     assert!(
-        matches!(err, LockError::Unavailable { reachable: 2, nodes: 5, quorum: 3, .. }),
+        // 2 live nodes; 1 if one of them missed its timeout on the last attempt (a loaded machine).
+        matches!(err, LockError::Unavailable { reachable: 1..=2, nodes: 5, quorum: 3, .. }),
         "a clear error, not a hang: {err}"
     );
     assert!(started.elapsed() < Duration::from_secs(5), "gave up within the retries ({:?})", started.elapsed());
@@ -168,12 +172,12 @@ async fn a_paused_node_costs_one_timeout_and_a_missed_quorum_leaves_no_key() {
 
     nodes[1].pause().unwrap();
     let err = lock.acquire("job2").await.unwrap_err();
-    assert!(matches!(err, LockError::Unavailable { reachable: 1, .. }), "{err}");
+    assert!(matches!(err, LockError::Unavailable { reachable: 0..=1, .. }), "{err}");
     nodes[1].resume().unwrap();
     nodes[2].resume().unwrap();
     // The paused nodes run the queued acquisition, then the queued release right behind it.
-    tokio::time::sleep(Duration::from_millis(200)).await;
     for node in nodes.iter() {
+        eventually(Duration::from_secs(2), || node.cmd::<i64>(&["EXISTS", "lock:{job2}"]).unwrap() == 0).await;
         let exists: i64 = node.cmd(&["EXISTS", "lock:{job2}"]).unwrap();
         assert_eq!(exists, 0, "a partial lock stayed on {}", node.url());
     }
@@ -196,19 +200,22 @@ async fn a_majority_ends_the_acquisition_and_a_late_grant_is_the_guards() {
     let token = guard.fencing_token().unwrap();
     assert!(token.0 > before, "{token}");
     nodes[2].resume().unwrap();
-    // Node 2 runs the acquisition it had queued (its counter moves), and keeps the key: no
-    // release follows it.
+    // Node 2 runs the acquisition it had queued (the key appears), and keeps the key: no
+    // release follows it. (Its counter is no sign: the warm-up's request to it may have landed
+    // after `before` was read.)
     let deadline = Instant::now() + Duration::from_secs(10);
-    while counted(&nodes[2]) == before {
+    while nodes[2].cmd::<i64>(&["EXISTS", "lock:{job}"]).unwrap() == 0 {
         assert!(Instant::now() < deadline, "node 2 never ran the queued acquisition");
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
+    assert!(counted(&nodes[2]) > before);
     tokio::time::sleep(Duration::from_millis(200)).await;
     let exists: i64 = nodes[2].cmd(&["EXISTS", "lock:{job}"]).unwrap();
     assert_eq!(exists, 1, "the late grant was released behind the acquisition");
-    // The guard's release takes it with the rest.
+    // The guard's release takes it with the rest (the last node's right after a majority's).
     guard.release().await.unwrap();
     for node in nodes.iter() {
+        eventually(Duration::from_secs(2), || node.cmd::<i64>(&["EXISTS", "lock:{job}"]).unwrap() == 0).await;
         let exists: i64 = node.cmd(&["EXISTS", "lock:{job}"]).unwrap();
         assert_eq!(exists, 0, "the lock stayed on {}", node.url());
     }
@@ -319,7 +326,8 @@ async fn a_stale_holder_write_is_refused_by_the_fence() {
     let token_a = a.fencing_token().unwrap();
     // A "pauses" past its TTL; B takes the lock.
     tokio::time::timeout(Duration::from_secs(2), a.lost()).await.unwrap();
-    let b = lock.acquire("doc").await.unwrap();
+    // `lost` fires at A's deadline, a little before its keys expire on the nodes.
+    let b = lock.acquire_within("doc", Some(Duration::from_secs(1))).await.unwrap();
     let token_b = b.fencing_token().unwrap();
     assert!(token_b > token_a, "{token_b} after {token_a}");
     let mut con = con(&resource).await;
@@ -339,12 +347,14 @@ async fn tokens_stay_monotonic_when_node_counters_diverge() {
     nodes[2].pause().unwrap();
     let first = lock.acquire("k").await.unwrap();
     let t1 = first.fencing_token().unwrap();
-    assert_eq!(t1, FencingToken(101));
+    // 101, or more if the first attempt missed and a retry counted on node 0 again.
+    assert!(t1 > FencingToken(100), "{t1}");
     nodes[2].resume().unwrap();
     first.release().await.unwrap();
     // Without node 0, the next majority still counts past 101: the acquisition raised node 1.
     nodes[0].kill().unwrap();
-    let second = lock.acquire("k").await.unwrap();
+    // Node 2's copy of the first key may still be on its way out (released behind its request).
+    let second = lock.acquire_within("k", Some(Duration::from_secs(2))).await.unwrap();
     assert!(second.fencing_token().unwrap() > t1);
 }
 

@@ -1,5 +1,5 @@
 //! Review of "a guard's release returns once a majority let go" (`RedLock::release_by_majority`:
-//! the nodes still to answer finish on a spawned task bounded by `node_timeout`), against real
+//! the nodes still to answer finish on a spawned task, tried again while the TTL lasts), against real
 //! redis-server processes only (testkit).
 //!
 //! What is attacked:
@@ -432,10 +432,15 @@ async fn holders_waiters_and_background_releases_keep_exclusion_and_order() {
                         continue;
                     }
                     let valid_before = guard.validity() > Duration::from_millis(500);
+                    let releasing = std::time::Instant::now();
                     let released = guard.release().await;
+                    // Lost with validity left: only once a node of the key's majority missed its
+                    // timeout (the key may be on the two nodes that decided the round alone, one
+                    // of them paused); never sooner.
+                    let took = releasing.elapsed();
                     assert!(
-                        released.is_ok() || !valid_before,
-                        "seed {seed}: release of {key} with validity left said {released:?}"
+                        released.is_ok() || !valid_before || took >= NODE_TIMEOUT,
+                        "seed {seed}: release of {key} with validity left said {released:?} after {took:?}"
                     );
                 }
             }));

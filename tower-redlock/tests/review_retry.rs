@@ -262,10 +262,10 @@ async fn a_release_over_the_multiplexed_connection_reaches_a_paused_then_restart
 
 /// The pace of the tries: node 2 killed for half the TTL (4 s of 8 s) while ten guards are
 /// released at once, then started again (AOF). Each key there must go within a quarter of the
-/// TTL (2 s) of node 2's return, while it still has about half its TTL left. The pauses between
-/// tries double up to TTL/4 and each is jittered up to twice that (TTL/2), and a pause that
-/// would overrun the TTL ends the tries: a try may come up to TTL/2 after the node is back, or
-/// never (simulated: for a return at TTL/2 half the keys wait more than TTL/4; for one at 0.6
+/// TTL (2 s) of node 2's return, while it still has about half its TTL left. Before the fix the
+/// pauses between tries doubled up to TTL/4, each jittered up to twice that (TTL/2), and a
+/// pause that would overrun the TTL ended the tries: a try could come up to TTL/2 after the node
+/// was back, or never (simulated: for a return at TTL/2 half the keys wait more than TTL/4; for one at 0.6
 /// TTL, 5% are never tried again).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keys_go_soon_after_a_node_down_for_half_the_ttl_is_back() {
