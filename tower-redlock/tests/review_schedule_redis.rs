@@ -17,6 +17,9 @@ use testkit::{RedisConfig, RedisNodes, RedisServer};
 use tokio::time::Instant;
 use tower_redlock::{LockConfig, RedLock};
 
+mod common;
+use common::eventually;
+
 fn seed() -> u64 {
     let seed = std::env::var("REVIEW_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(rand::random);
     println!("seed {seed} (replay with REVIEW_SEED={seed})");
@@ -146,8 +149,10 @@ async fn dropped_acquisitions_leave_no_key_behind() {
             Ok(Err(e)) => panic!("seed {seed}: {key}: {e}"),
             Err(_) => {}
         }
-        tokio::time::sleep(Duration::from_millis(150)).await;
         let up = if paused { 2 } else { 3 };
+        // The background releases of a dropped acquisition: given up to 2 s (a loaded machine).
+        let key_on = |node: &RedisServer| node.cmd::<i64>(&["EXISTS", &format!("lock:{{{key}}}")]).unwrap() != 0;
+        eventually(Duration::from_secs(2), || !nodes[..up].iter().any(key_on)).await;
         for node in nodes[..up].iter() {
             let exists: i64 = node.cmd(&["EXISTS", &format!("lock:{{{key}}}")]).unwrap();
             if exists != 0 {
