@@ -23,7 +23,10 @@
 //! node runs the request when it resumes); only a closed connection, a reply it cannot parse or
 //! the runtime's shutdown ends it. A connection the node closed (a restart, `CLIENT KILL`) ran
 //! what the node had read of it, and runs nothing more: the clean-up then goes on another
-//! connection, tried again until what it cleans up would have expired anyway. A request is
+//! connection, tried again until what it cleans up would have expired anyway; so does a
+//! clean-up the node answered with an error (`-LOADING`, `-BUSY`). (Through a TCP proxy, or
+//! after a connection that only timed out here, the node may still be handed the request later:
+//! a key it then sets lasts its TTL.) A request is
 //! never sent twice: a pooled connection is checked before it is written on (one the node
 //! closed, say at a restart, is replaced), never after.
 
@@ -71,10 +74,10 @@ struct Conn {
 
 /// A request to send after another on the same connection if the caller goes away before its
 /// replies are in: packed, and how many replies it makes; not sent if `skip` is set by then.
-/// If that connection closes first, it is sent on another one, tried again for `lasts` (how
-/// long what it cleans up can outlive the request: a key's TTL) from when that connection
-/// failed: the node ran the request, if at all, before then (a node paused past the TTL runs it
-/// late, and its key lasts from then).
+/// If that connection closes first (or the node answers it with an error), it is sent on
+/// another one, tried again for `lasts` (how long what it cleans up can outlive the request: a
+/// key's TTL) from when that connection failed: a node that closed it ran the request, if at
+/// all, before then (a node paused past the TTL runs it late, and its key lasts from then).
 pub(crate) struct Cleanup {
     pub(crate) packed: Arc<[u8]>,
     pub(crate) replies: usize,
@@ -144,6 +147,8 @@ impl Drop for Lease {
 /// by then) sent and answered, the connection back in the pool. If the node closes the
 /// connection first (the connection is then closed and uncounted), the node ran what it had
 /// read of the request and runs nothing more of it: the clean-up goes on another connection.
+/// So does a clean-up the node answered with an error (`-LOADING` while it reloads its AOF,
+/// `-BUSY` behind a long script): it did not run, and is tried again.
 async fn finish(mut lease: Lease, in_flight: InFlight) {
     let Some(conn) = lease.conn.as_mut() else { return };
     let rest = in_flight.packed.get(in_flight.written..).unwrap_or_default();
@@ -154,20 +159,39 @@ async fn finish(mut lease: Lease, in_flight: InFlight) {
         }
         return;
     };
-    if ran && roundtrip(conn, &cleanup.packed, cleanup.replies).await.is_ok() {
-        lease.done();
-        return;
-    }
     let (pool, runtime) = (lease.pool.clone(), conn.runtime.clone());
-    drop(lease);
+    if ran {
+        match roundtrip(conn, &cleanup.packed, cleanup.replies).await {
+            Ok(values) => {
+                // The connection is sound either way.
+                lease.done();
+                if !refused(&values) {
+                    return;
+                }
+            }
+            Err(_) => drop(lease),
+        }
+    } else {
+        drop(lease);
+    }
     clean_up_elsewhere(pool, runtime, cleanup).await;
 }
 
+/// Whether a clean-up's replies hold an error: the node refused to run it (loading, busy, out
+/// of memory...), so it must be sent again.
+fn refused(values: &[Value]) -> bool {
+    values.iter().any(|value| matches!(value, Value::ServerError(_)))
+}
+
 /// Sends `cleanup` on a connection of the pool (idle, or new), tried again with pauses growing
-/// to a second until it is answered or its `lasts` from now has passed (called once the
-/// request's own connection failed: the node ran it, if at all, before now).
+/// to a second until the node runs it or its `lasts` from now has passed (called once the
+/// request's own connection failed, or the node refused the clean-up: when the node itself
+/// closed the connection, it ran the request, if at all, before now; a proxy between us and
+/// the node, or a connection that only timed out here, may still hand it the request later).
 async fn clean_up_elsewhere(pool: Arc<Pool>, runtime: tokio::runtime::Handle, cleanup: Cleanup) {
-    let until = tokio::time::Instant::now() + cleanup.lasts;
+    let now = tokio::time::Instant::now();
+    // A TTL too large to add (none a lock would use) leaves the key to expire on its own terms.
+    let until = now.checked_add(cleanup.lasts).unwrap_or(now);
     let mut pause = Duration::from_millis(10);
     loop {
         let sent = tokio::time::timeout_at(until, async {
@@ -177,10 +201,10 @@ async fn clean_up_elsewhere(pool: Arc<Pool>, runtime: tokio::runtime::Handle, cl
             };
             if let Some(mut lease) = lease
                 && let Some(conn) = lease.conn.as_mut()
-                && roundtrip(conn, &cleanup.packed, cleanup.replies).await.is_ok()
+                && let Ok(values) = roundtrip(conn, &cleanup.packed, cleanup.replies).await
             {
                 lease.done();
-                return true;
+                return !refused(&values);
             }
             false
         });

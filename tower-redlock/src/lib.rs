@@ -72,7 +72,8 @@
 //! [`LockGuard`] releases its lock the same way. A request cut or unanswered in time may still
 //! run on its node later (a slow or paused node): its release is also sent after it on the same
 //! connection, where no other command of the client can overtake it (if the node closes that
-//! connection first, it ran all it will of the request, and the release goes on another one; if
+//! connection first, it ran all it will of the request, and the release goes on another one, as
+//! it does when the node answers it with an error such as `-LOADING`; if
 //! the runtime ends first, the key expires by its TTL). A node's request left
 //! behind because a majority granted first keeps what it grants while the acquisition, then its
 //! guard, holds the lock: whichever lets go first has the request's release sent behind it
