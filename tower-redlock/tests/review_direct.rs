@@ -384,6 +384,64 @@ async fn a_cut_acquisition_run_after_its_ttl_and_killed_is_still_cleaned_up() {
     }
 }
 
+/// As above, with the node busy once it resumes: a script behind the kill runs for 1.5 s, and
+/// the node answers the clean-up on another connection `-BUSY` meanwhile (as a node reloading
+/// its AOF answers `-LOADING`). Before, any answer counted as done and the key stayed its whole
+/// TTL; now a clean-up answered with an error is sent again (found by review).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cut_acquisitions_clean_up_answered_with_an_error_is_sent_again() {
+    let mut server = RedisServer::start().unwrap();
+    let _: () = server.cmd(&["CONFIG", "SET", "busy-reply-threshold", "50"]).unwrap();
+    let ttl = Duration::from_secs(6);
+    let cfg = LockConfig { ttl, node_timeout: Duration::from_millis(200), ..config() };
+    let lock = RedLock::connect(&[server.url()], cfg).unwrap();
+    lock.acquire("warm").await.unwrap().release().await.unwrap();
+    let mut killer = raw_client(&server);
+    let counted = |server: &RedisServer| server.cmd::<i64>(&["GET", "lock:fence"]).unwrap();
+    let before = counted(&server);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    server.pause().unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let acquisition = {
+        let lock = lock.clone();
+        tokio::spawn(async move { lock.acquire("refused").await.map(|_| ()) })
+    };
+    assert!(wait_queued(server.port(), 1, Duration::from_secs(3)).await, "the acquisition was written");
+    assert!(acquisition.await.unwrap().is_err(), "no node answered");
+    // Queued in this order: the acquisition, then on one other connection the kill of every
+    // other client (ours) and a script that keeps the node busy for 1.5 s.
+    let script = "local t = redis.call('TIME') local t0 = t[1] * 1000000 + t[2] \
+                  while true do local n = redis.call('TIME') \
+                  if n[1] * 1000000 + n[2] - t0 > 1500000 then return 1 end end";
+    let script = format!("*3\r\n$4\r\nEVAL\r\n${}\r\n{script}\r\n$1\r\n0\r\n", script.len());
+    killer.write_all(format!("CLIENT KILL TYPE normal SKIPME yes\r\n{script}").as_bytes()).unwrap();
+    assert!(wait_queued(server.port(), 2, Duration::from_secs(3)).await, "the kill and the script were written");
+    let resumed = Instant::now();
+    server.resume().unwrap();
+    // The kill's answer (how many it killed), then the script's once it is done.
+    let mut answers = Vec::new();
+    while answers.iter().filter(|&&b| b == b'\n').count() < 2 {
+        let mut chunk = [0u8; 64];
+        let n = killer.read(&mut chunk).unwrap();
+        assert!(n > 0, "the node closed the connection");
+        answers.extend_from_slice(&chunk[..n]);
+    }
+    let answers = String::from_utf8_lossy(&answers).into_owned();
+    assert!(answers.ends_with(":1\r\n"), "the script ran: {answers:?}");
+    eprintln!("the script ended {:?} after the resume", resumed.elapsed());
+    assert!(counted(&server) > before, "the node ran the acquisition before the kill");
+
+    while exists(&server, "refused") {
+        assert!(
+            resumed.elapsed() < ttl * 2 / 3,
+            "the cut acquisition's key stayed {:?} after the resume (TTL {ttl:?}, the node busy for 1.5 s)",
+            resumed.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // 2. The release of a cancelled acquisition overtakes the acquisition.
 
