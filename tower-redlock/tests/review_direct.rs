@@ -323,26 +323,39 @@ async fn an_executed_release_whose_reply_was_lost_is_not_reported_lost() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cut_acquisition_whose_connection_is_killed_is_still_cleaned_up() {
     let mut server = RedisServer::start().unwrap();
-    let cfg = LockConfig { node_timeout: Duration::from_millis(200), ..config() };
+    let (_lock, mut killer) = cut_on_paused_node(&mut server, config().ttl, "cut").await;
+    kill_behind_queued(&mut server, &mut killer).await;
+    assert_gone_within(&server, "cut", Instant::now(), Duration::from_secs(5), "after the kill (TTL 30 s)").await;
+}
+
+/// A client of `ttl` on `server` (one warm pooled connection) and a raw connection to kill it
+/// from; then `key` acquired with the node paused, cut by the node timeout (200 ms) while
+/// queued on the node, which stays paused.
+async fn cut_on_paused_node(server: &mut RedisServer, ttl: Duration, key: &str) -> (RedLock, std::net::TcpStream) {
+    let cfg = LockConfig { ttl, node_timeout: Duration::from_millis(200), ..config() };
     let lock = RedLock::connect(&[server.url()], cfg).unwrap();
     lock.acquire("warm").await.unwrap().release().await.unwrap();
-    let mut killer = raw_client(&server);
+    let killer = raw_client(server);
+    // Idle a while: the node's event loop has polled again since our last commands.
     tokio::time::sleep(Duration::from_millis(300)).await;
 
     server.pause().unwrap();
     tokio::time::sleep(Duration::from_millis(50)).await;
     let acquisition = {
-        let lock = lock.clone();
-        tokio::spawn(async move { lock.acquire("cut").await.map(|_| ()) })
+        let (lock, key) = (lock.clone(), key.to_owned());
+        tokio::spawn(async move { lock.acquire(&key).await.map(|_| ()) })
     };
     assert!(wait_queued(server.port(), 1, Duration::from_secs(3)).await, "the acquisition was written");
     // No answer within the node timeout: the attempt fails and its request is cut.
     assert!(acquisition.await.unwrap().is_err(), "no node answered");
-    kill_behind_queued(&mut server, &mut killer).await;
+    (lock, killer)
+}
 
-    let cleaned = Instant::now() + Duration::from_secs(5);
-    while exists(&server, "cut") {
-        assert!(Instant::now() < cleaned, "the cut acquisition's key stayed 5 s after the kill (TTL 30 s)");
+/// Waits for `key` to leave `server`, failing once `within` has passed since `since`.
+async fn assert_gone_within(server: &RedisServer, key: &str, since: Instant, within: Duration, context: &str) {
+    while exists(server, key) {
+        let stayed = since.elapsed();
+        assert!(stayed < within, "the cut acquisition's key stayed {stayed:?} {context}");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 }
@@ -355,33 +368,11 @@ async fn a_cut_acquisition_whose_connection_is_killed_is_still_cleaned_up() {
 async fn a_cut_acquisition_run_after_its_ttl_and_killed_is_still_cleaned_up() {
     let mut server = RedisServer::start().unwrap();
     let ttl = Duration::from_secs(3);
-    let cfg = LockConfig { ttl, node_timeout: Duration::from_millis(200), ..config() };
-    let lock = RedLock::connect(&[server.url()], cfg).unwrap();
-    lock.acquire("warm").await.unwrap().release().await.unwrap();
-    let mut killer = raw_client(&server);
-    tokio::time::sleep(Duration::from_millis(300)).await;
-
-    server.pause().unwrap();
-    tokio::time::sleep(Duration::from_millis(50)).await;
-    let acquisition = {
-        let lock = lock.clone();
-        tokio::spawn(async move { lock.acquire("late").await.map(|_| ()) })
-    };
-    assert!(wait_queued(server.port(), 1, Duration::from_secs(3)).await, "the acquisition was written");
-    assert!(acquisition.await.unwrap().is_err(), "no node answered");
+    let (_lock, mut killer) = cut_on_paused_node(&mut server, ttl, "late").await;
     // Past the TTL counted from the send.
     tokio::time::sleep(ttl + Duration::from_millis(500)).await;
     kill_behind_queued(&mut server, &mut killer).await;
-
-    let killed = Instant::now();
-    while exists(&server, "late") {
-        assert!(
-            killed.elapsed() < ttl / 2,
-            "the cut acquisition's key stayed {:?} after the kill (TTL {ttl:?})",
-            killed.elapsed()
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    assert_gone_within(&server, "late", Instant::now(), ttl / 2, &format!("after the kill (TTL {ttl:?})")).await;
 }
 
 /// As above, with the node busy once it resumes: a script behind the kill runs for 1.5 s, and
@@ -393,22 +384,9 @@ async fn a_cut_acquisitions_clean_up_answered_with_an_error_is_sent_again() {
     let mut server = RedisServer::start().unwrap();
     let _: () = server.cmd(&["CONFIG", "SET", "busy-reply-threshold", "50"]).unwrap();
     let ttl = Duration::from_secs(6);
-    let cfg = LockConfig { ttl, node_timeout: Duration::from_millis(200), ..config() };
-    let lock = RedLock::connect(&[server.url()], cfg).unwrap();
-    lock.acquire("warm").await.unwrap().release().await.unwrap();
-    let mut killer = raw_client(&server);
+    let (_lock, mut killer) = cut_on_paused_node(&mut server, ttl, "refused").await;
+    // The warm-up counted once: the cut acquisition, if the node runs it, counts again.
     let counted = |server: &RedisServer| server.cmd::<i64>(&["GET", "lock:fence"]).unwrap();
-    let before = counted(&server);
-    tokio::time::sleep(Duration::from_millis(300)).await;
-
-    server.pause().unwrap();
-    tokio::time::sleep(Duration::from_millis(50)).await;
-    let acquisition = {
-        let lock = lock.clone();
-        tokio::spawn(async move { lock.acquire("refused").await.map(|_| ()) })
-    };
-    assert!(wait_queued(server.port(), 1, Duration::from_secs(3)).await, "the acquisition was written");
-    assert!(acquisition.await.unwrap().is_err(), "no node answered");
     // Queued in this order: the acquisition, then on one other connection the kill of every
     // other client (ours) and a script that keeps the node busy for 1.5 s.
     let script = "local t = redis.call('TIME') local t0 = t[1] * 1000000 + t[2] \
@@ -430,16 +408,9 @@ async fn a_cut_acquisitions_clean_up_answered_with_an_error_is_sent_again() {
     let answers = String::from_utf8_lossy(&answers).into_owned();
     assert!(answers.ends_with(":1\r\n"), "the script ran: {answers:?}");
     eprintln!("the script ended {:?} after the resume", resumed.elapsed());
-    assert!(counted(&server) > before, "the node ran the acquisition before the kill");
-
-    while exists(&server, "refused") {
-        assert!(
-            resumed.elapsed() < ttl * 2 / 3,
-            "the cut acquisition's key stayed {:?} after the resume (TTL {ttl:?}, the node busy for 1.5 s)",
-            resumed.elapsed()
-        );
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    assert_eq!(counted(&server), 2, "the node ran the acquisition before the kill");
+    let context = format!("after the resume (TTL {ttl:?}, the node busy for 1.5 s)");
+    assert_gone_within(&server, "refused", resumed, ttl * 2 / 3, &context).await;
 }
 
 // ---------------------------------------------------------------------------------------------
