@@ -202,7 +202,8 @@ mod service;
 mod store;
 
 pub use algorithm::{
-    Decision, Quota, QuotaConfig, QuotaReceipt, SlidingLog, SlidingWindow, TokenBucket, Verdict, WarmUp, WarmUpConfig,
+    Decision, Decisions, DecisionsIter, Quota, QuotaConfig, QuotaReceipt, SlidingLog, SlidingWindow, TokenBucket,
+    Verdict, WarmUp, WarmUpConfig,
 };
 pub use all::{AllOf, AllOfFuture, AllOfService};
 pub use error::{CheckError, ConfigError, MissingRateLimitKey, RateLimited, StoreUnavailable};

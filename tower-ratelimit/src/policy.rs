@@ -178,7 +178,7 @@ impl Policy {
             // Nothing is consumed: the quotas that would have allowed it report what they hold
             // now, not what they would hold after spending.
             verdict =
-                Verdict::new(self.inner.quotas.iter().zip(states.iter_mut()).zip(verdict.decisions()).map(
+                Verdict::new(self.inner.quotas.iter().zip(states.iter_mut()).zip(verdict.decisions().iter()).map(
                     |((q, s), d)| if d.allowed { Decision { allowed: true, ..q.evaluate(s, now, 0) } } else { *d },
                 ));
         }

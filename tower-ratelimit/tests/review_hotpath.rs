@@ -95,6 +95,16 @@ fn first_difference(kind: usize, steps: &[Step]) -> Option<String> {
                     if got.decisions().len() != policy.quotas().len() {
                         return Some(format!("{}: {} decisions", at(), got.decisions().len()));
                     }
+                    // A plain bucket's verdict computes its decision when read: what it says
+                    // of itself agrees with the verdict listing the same decisions.
+                    let listed = Verdict::new(got.decisions());
+                    let (got_says, listed_says) = (
+                        (got.allowed(), got.retry_after(), got.binding()),
+                        (listed.allowed(), listed.retry_after(), listed.binding()),
+                    );
+                    if got_says != listed_says || *got != listed.clone().with_receipt(got.receipt().clone()) {
+                        return Some(format!("{}: verdict says {got_says:?}, its decisions {listed_says:?}", at()));
+                    }
                     // (Cost 0: see `regression_a_zero_cost_check_of_a_token_bucket_gets_a_receipt`.)
                     if cost > 0 && got.receipt().is_empty() != want.receipt().is_empty() {
                         return Some(format!("{}: receipt empty {}", at(), got.receipt().is_empty()));

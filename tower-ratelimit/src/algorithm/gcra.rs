@@ -194,52 +194,30 @@ impl TokenBucket {
     }
 
     /// The decision for `cost` tokens at `now`, and the TAT to store if it is allowed.
+    #[inline]
+    pub(crate) fn evaluate(&self, tat: Nanos, now: Nanos, cost: u64) -> (Decision, Nanos) {
+        let (outcome, tat) = self.outcome(tat, now, cost);
+        (outcome.decision(), tat)
+    }
+
+    /// [`evaluate`](Self::evaluate) as the few numbers its decision is computed from: what the
+    /// memory store's check of a plain bucket keeps, so that a caller that only asks whether it
+    /// was allowed pays a few subtractions, not a division and two `Duration`s.
     ///
     /// In `u64` nanoseconds: `tau` is capped at 100 years at construction and `now` counts from
     /// the store's start, so sums only overflow for absurd costs, which saturate (and refuse).
     #[inline]
-    pub(crate) fn evaluate(&self, tat: Nanos, now: Nanos, cost: u64) -> (Decision, Nanos) {
+    pub(crate) fn outcome(&self, tat: Nanos, now: Nanos, cost: u64) -> (BucketOutcome, Nanos) {
         let tat = tat.max(now);
         let new_tat = tat.saturating_add(cost.saturating_mul(self.interval));
         let bound = now.saturating_add(self.tau);
+        let (interval, tau) = (self.interval, self.tau);
         if new_tat <= bound && new_tat != u64::MAX {
-            let remaining = self.units_in(bound - new_tat);
-            let decision = Decision {
-                allowed: true,
-                limit: self.burst,
-                remaining,
-                reset_after: self.next_unit(new_tat - now, remaining),
-                retry_after: Duration::ZERO,
-            };
-            (decision, new_tat)
+            (BucketOutcome::new(true, bound - new_tat, new_tat - now, 0, interval, tau), new_tat)
         } else {
-            let remaining = self.units_in(bound.saturating_sub(tat));
-            let decision = Decision {
-                allowed: false,
-                limit: self.burst,
-                remaining,
-                reset_after: self.next_unit(tat - now, remaining),
-                retry_after: duration(new_tat.saturating_sub(bound)),
-            };
-            (decision, tat)
+            let over = new_tat.saturating_sub(bound);
+            (BucketOutcome::new(false, bound.saturating_sub(tat), tat - now, over, interval, tau), tat)
         }
-    }
-
-    /// Whole tokens in `span` nanoseconds (no division for less than one: a spent bucket's
-    /// refusals, the common case under a flood).
-    #[inline]
-    fn units_in(&self, span: u64) -> u64 {
-        if span < self.interval { 0 } else { span / self.interval }
-    }
-
-    /// With the TAT `ahead` of now and `remaining` tokens: the time until one more token (the
-    /// TAT falls to where `remaining + 1` fit).
-    fn next_unit(&self, ahead: u64, remaining: u64) -> Duration {
-        if remaining >= self.burst || ahead == 0 {
-            return Duration::ZERO;
-        }
-        let fits = remaining.saturating_add(1).saturating_mul(self.interval);
-        duration(ahead.saturating_add(fits).saturating_sub(self.tau))
     }
 
     pub(crate) fn consume(&self, tat: Nanos, now: Nanos, cost: u64) -> Nanos {
@@ -343,6 +321,92 @@ impl TokenBucket {
 
 /// Spans (refill times, windows) are capped at 100 years so every sum of times fits a `u64`.
 pub(crate) const MAX_SPAN: u64 = 100 * 365 * 24 * 3600 * 1_000_000_000;
+
+/// A plain token bucket's decision, kept as the numbers it is computed from (see
+/// [`TokenBucket::outcome`]): [`decision`](Self::decision) computes the [`Decision`] when read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct BucketOutcome {
+    /// Nanoseconds of the bucket left free after the decision (`now + tau − TAT`, the TAT after
+    /// the consume when allowed, the current one when refused).
+    free: u64,
+    /// How far that TAT runs ahead of now.
+    ahead: u64,
+    /// When refused: how far past `now + tau` the request would have taken the TAT.
+    over: u64,
+    interval: u64,
+    /// `tau` (at most [`MAX_SPAN`], under 2⁶²) with [`ALLOWED`] set when the request was
+    /// allowed. With the burst left out too (`tau / interval`, exact: worked out when read),
+    /// 40 bytes in all: a verdict holds them in a `Decision`'s room beside its niche, where a
+    /// flag or a burst of their own would make every verdict 8 bytes longer, past what is
+    /// copied inline.
+    tau_allowed: u64,
+}
+
+/// The bit of [`BucketOutcome::tau_allowed`] that says the request was allowed.
+const ALLOWED: u64 = 1 << 63;
+
+impl BucketOutcome {
+    #[inline(always)]
+    fn new(allowed: bool, free: u64, ahead: u64, over: u64, interval: u64, tau: u64) -> Self {
+        debug_assert!(tau <= MAX_SPAN);
+        let tau_allowed = if allowed { tau | ALLOWED } else { tau };
+        Self { free, ahead, over, interval, tau_allowed }
+    }
+
+    /// Whether the request was allowed.
+    #[inline(always)]
+    pub(crate) fn allowed(&self) -> bool {
+        self.tau_allowed & ALLOWED != 0
+    }
+
+    #[inline(always)]
+    fn tau(&self) -> u64 {
+        self.tau_allowed & !ALLOWED
+    }
+
+    /// [`Decision::retry_after`].
+    #[inline]
+    pub(crate) fn retry_after(&self) -> Duration {
+        duration(self.over)
+    }
+
+    /// [`Decision::remaining`]: whole tokens free (no division for less than one: a spent
+    /// bucket's refusals, the common case under a flood).
+    #[inline]
+    pub(crate) fn remaining(&self) -> u64 {
+        if self.free < self.interval { 0 } else { self.free / self.interval }
+    }
+
+    /// The bucket's capacity: `tau` is `burst × interval` exactly.
+    #[inline]
+    fn burst(&self) -> u64 {
+        self.tau() / self.interval
+    }
+
+    /// The decision.
+    #[inline]
+    pub(crate) fn decision(&self) -> Decision {
+        let remaining = self.remaining();
+        Decision {
+            allowed: self.allowed(),
+            limit: self.burst(),
+            remaining,
+            reset_after: self.next_unit(remaining),
+            retry_after: self.retry_after(),
+        }
+    }
+
+    /// With `remaining` tokens: the time until one more token (the TAT falls to where
+    /// `remaining + 1` fit).
+    fn next_unit(&self, remaining: u64) -> Duration {
+        // `remaining >= burst`, without the division: `tau` is `burst × interval`.
+        if remaining.saturating_mul(self.interval) >= self.tau() || self.ahead == 0 {
+            return Duration::ZERO;
+        }
+        let fits = remaining.saturating_add(1).saturating_mul(self.interval);
+        duration(self.ahead.saturating_add(fits).saturating_sub(self.tau()))
+    }
+}
 
 #[cfg(test)]
 mod tests {

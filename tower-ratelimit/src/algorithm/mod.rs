@@ -8,10 +8,11 @@ mod gcra;
 mod log;
 mod window;
 
-use std::time::Duration;
+use std::{fmt, ops::Deref, time::Duration};
 
 use serde::{Deserialize, Serialize};
 
+pub(crate) use gcra::BucketOutcome;
 pub use gcra::{TokenBucket, WarmUp};
 pub use log::SlidingLog;
 pub use window::SlidingWindow;
@@ -468,10 +469,27 @@ pub enum QuotaState {
 
 /// The decisions of every quota of a policy on one request: allowed only if all allow; and, for
 /// an allowed check of a store, the [`Receipt`] of what it consumed.
-#[derive(Debug, Clone, PartialEq, Eq, Default)]
+///
+/// Two verdicts are equal when their decisions and receipts are.
+#[derive(Clone, Default)]
 pub struct Verdict {
-    decisions: OneOrMany<Decision>,
+    decisions: Decided,
     receipt: Receipt,
+}
+
+/// A verdict's decisions: listed, or (a plain token bucket of the memory store) kept as the
+/// numbers they are computed from, so that a check whose caller only asks
+/// [`allowed`](Verdict::allowed) computes nothing more.
+#[derive(Clone)]
+enum Decided {
+    Listed(OneOrMany<Decision>),
+    Bucket(BucketOutcome),
+}
+
+impl Default for Decided {
+    fn default() -> Self {
+        Self::Listed(OneOrMany::default())
+    }
 }
 
 impl Verdict {
@@ -499,10 +517,10 @@ impl Verdict {
     /// let verdict = Verdict::new([burst, daily]);
     /// assert!(!verdict.allowed());
     /// assert_eq!(verdict.retry_after(), Duration::from_secs(60));
-    /// assert_eq!(verdict.binding(), Some(&daily));
+    /// assert_eq!(verdict.binding(), Some(daily));
     /// ```
     pub fn new(decisions: impl IntoIterator<Item = Decision>) -> Self {
-        Self { decisions: decisions.into_iter().collect(), receipt: Receipt::default() }
+        Self { decisions: Decided::Listed(decisions.into_iter().collect()), receipt: Receipt::default() }
     }
 
     /// The verdict of a single-quota policy.
@@ -520,11 +538,11 @@ impl Verdict {
     /// };
     /// let verdict = Verdict::single(decision);
     /// assert!(verdict.allowed());
-    /// assert_eq!(verdict.decisions(), &[decision]);
+    /// assert_eq!(verdict.decisions(), [decision]);
     /// ```
     #[inline]
     pub fn single(decision: Decision) -> Self {
-        Self::single_with(decision, Receipt::default())
+        Self { decisions: Decided::Listed(OneOrMany::One(decision)), receipt: Receipt::default() }
     }
 
     /// An admission without decisions (a fail-open store answering while its backend is down).
@@ -543,29 +561,57 @@ impl Verdict {
     /// Whether every quota admitted the request.
     #[inline]
     pub fn allowed(&self) -> bool {
-        self.decisions.iter().all(|d| d.allowed)
+        match &self.decisions {
+            Decided::Bucket(outcome) => outcome.allowed(),
+            Decided::Listed(decisions) => decisions.iter().all(|d| d.allowed),
+        }
     }
 
-    /// Per-quota decisions, in the policy's order (empty for [`unlimited`](Self::unlimited)).
+    /// Per-quota decisions, in the policy's order (empty for [`unlimited`](Self::unlimited)): a
+    /// slice of [`Decision`] ([`Decisions`] dereferences to one), computed here where the store
+    /// kept only the numbers they come from.
+    ///
+    /// ```
+    /// use tower_ratelimit::{Key, MemoryStore, Policy, Quota};
+    ///
+    /// let store = MemoryStore::new(Policy::new("api", Quota::per_second(10)?)?);
+    /// let verdict = store.check_sync(&Key::GLOBAL, 3)?;
+    /// let decisions = verdict.decisions();
+    /// assert_eq!(decisions.len(), 1);
+    /// assert_eq!((decisions[0].limit, decisions[0].remaining), (10, 7));
+    /// # Ok::<(), Box<dyn std::error::Error>>(())
+    /// ```
     #[inline]
-    pub fn decisions(&self) -> &[Decision] {
-        &self.decisions
+    pub fn decisions(&self) -> Decisions<'_> {
+        Decisions(match &self.decisions {
+            Decided::Bucket(outcome) => DecisionsRepr::Computed(outcome.decision()),
+            Decided::Listed(decisions) => DecisionsRepr::Listed(decisions),
+        })
     }
 
     /// When denied, how long until the request could pass every denying quota.
     #[inline]
     pub fn retry_after(&self) -> Duration {
-        self.decisions.iter().filter(|d| !d.allowed).map(|d| d.retry_after).max().unwrap_or_default()
+        match &self.decisions {
+            Decided::Bucket(outcome) => outcome.retry_after(),
+            Decided::Listed(decisions) => {
+                decisions.iter().filter(|d| !d.allowed).map(|d| d.retry_after).max().unwrap_or_default()
+            }
+        }
     }
 
     /// The most restrictive decision: the longest-waiting denial, or the allowance with the
     /// fewest units left.
     #[inline]
-    pub fn binding(&self) -> Option<&Decision> {
+    pub fn binding(&self) -> Option<Decision> {
+        let decisions = match &self.decisions {
+            Decided::Bucket(outcome) => return Some(outcome.decision()),
+            Decided::Listed(decisions) => decisions,
+        };
         if self.allowed() {
-            self.decisions.iter().min_by_key(|d| d.remaining)
+            decisions.iter().min_by_key(|d| d.remaining).copied()
         } else {
-            self.decisions.iter().filter(|d| !d.allowed).max_by_key(|d| d.retry_after)
+            decisions.iter().filter(|d| !d.allowed).max_by_key(|d| d.retry_after).copied()
         }
     }
 
@@ -589,15 +635,148 @@ impl Verdict {
         self
     }
 
-    /// A single-quota verdict with its receipt, built in one step (the hot path of the memory
-    /// store: a verdict is a few hundred bytes, and every intermediate value is a copy).
+    /// A plain token bucket's verdict with its receipt, built in one step (the hot path of the
+    /// memory store: every intermediate value is a copy).
     #[inline(always)]
-    pub(crate) fn single_with(decision: Decision, receipt: Receipt) -> Self {
-        Self { decisions: OneOrMany::One(decision), receipt }
+    pub(crate) fn bucket(outcome: BucketOutcome, receipt: Receipt) -> Self {
+        Self { decisions: Decided::Bucket(outcome), receipt }
     }
 
     pub(crate) fn receipt_mut(&mut self) -> &mut Receipt {
         &mut self.receipt
+    }
+}
+
+impl PartialEq for Verdict {
+    fn eq(&self, other: &Self) -> bool {
+        self.decisions() == other.decisions() && self.receipt == other.receipt
+    }
+}
+
+impl Eq for Verdict {}
+
+impl fmt::Debug for Verdict {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Verdict").field("decisions", &self.decisions()).field("receipt", &self.receipt).finish()
+    }
+}
+
+/// A [`Verdict`]'s per-quota decisions ([`Verdict::decisions`]): dereferences to a slice of
+/// [`Decision`], in the policy's order.
+#[derive(Clone, Copy)]
+pub struct Decisions<'a>(DecisionsRepr<'a>);
+
+#[derive(Clone, Copy)]
+enum DecisionsRepr<'a> {
+    Computed(Decision),
+    Listed(&'a [Decision]),
+}
+
+impl Deref for Decisions<'_> {
+    type Target = [Decision];
+
+    #[inline]
+    fn deref(&self) -> &[Decision] {
+        match &self.0 {
+            DecisionsRepr::Computed(decision) => std::slice::from_ref(decision),
+            DecisionsRepr::Listed(decisions) => decisions,
+        }
+    }
+}
+
+impl<'b> IntoIterator for &'b Decisions<'_> {
+    type Item = &'b Decision;
+    type IntoIter = std::slice::Iter<'b, Decision>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.iter()
+    }
+}
+
+impl<'a> IntoIterator for Decisions<'a> {
+    type Item = Decision;
+    type IntoIter = DecisionsIter<'a>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        DecisionsIter(match self.0 {
+            DecisionsRepr::Computed(decision) => IterRepr::One(Some(decision)),
+            DecisionsRepr::Listed(decisions) => IterRepr::Listed(decisions.iter()),
+        })
+    }
+}
+
+/// The decisions of a [`Decisions`], by value.
+#[derive(Debug, Clone)]
+pub struct DecisionsIter<'a>(IterRepr<'a>);
+
+#[derive(Debug, Clone)]
+enum IterRepr<'a> {
+    One(Option<Decision>),
+    Listed(std::slice::Iter<'a, Decision>),
+}
+
+impl Iterator for DecisionsIter<'_> {
+    type Item = Decision;
+
+    fn next(&mut self) -> Option<Decision> {
+        match &mut self.0 {
+            IterRepr::One(decision) => decision.take(),
+            IterRepr::Listed(decisions) => decisions.next().copied(),
+        }
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        let n = match &self.0 {
+            IterRepr::One(decision) => usize::from(decision.is_some()),
+            IterRepr::Listed(decisions) => decisions.len(),
+        };
+        (n, Some(n))
+    }
+}
+
+impl ExactSizeIterator for DecisionsIter<'_> {}
+
+impl fmt::Debug for Decisions<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_list().entries(self.iter()).finish()
+    }
+}
+
+impl PartialEq for Decisions<'_> {
+    fn eq(&self, other: &Self) -> bool {
+        **self == **other
+    }
+}
+
+impl Eq for Decisions<'_> {}
+
+impl PartialEq<[Decision]> for Decisions<'_> {
+    fn eq(&self, other: &[Decision]) -> bool {
+        **self == *other
+    }
+}
+
+impl PartialEq<&[Decision]> for Decisions<'_> {
+    fn eq(&self, other: &&[Decision]) -> bool {
+        **self == **other
+    }
+}
+
+impl<const N: usize> PartialEq<[Decision; N]> for Decisions<'_> {
+    fn eq(&self, other: &[Decision; N]) -> bool {
+        **self == other[..]
+    }
+}
+
+impl<const N: usize> PartialEq<&[Decision; N]> for Decisions<'_> {
+    fn eq(&self, other: &&[Decision; N]) -> bool {
+        **self == other[..]
+    }
+}
+
+impl PartialEq<Vec<Decision>> for Decisions<'_> {
+    fn eq(&self, other: &Vec<Decision>) -> bool {
+        **self == other[..]
     }
 }
 

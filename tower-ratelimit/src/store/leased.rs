@@ -170,7 +170,7 @@ impl Local {
     fn try_spend(&mut self, now: Nanos, cost: u64, deny_floor: Nanos, store: u64) -> Option<Verdict> {
         if now < self.expires_at && self.units >= cost {
             self.units -= cost;
-            return Some(self.spent(self.last.decisions(), cost, store));
+            return Some(self.spent(&self.last.decisions(), cost, store));
         }
         // After a refusal, or a lease that emptied the shared quota, let units accumulate in
         // Redis before asking again.
@@ -314,7 +314,7 @@ impl<C: RedisConnection> LeasedStore<C> {
             local.units = taken - cost;
             local.expires_at = now.saturating_add(inner.ttl);
             local.denied_until = 0;
-            let spent = local.spent(verdict.decisions(), cost, inner.id);
+            let spent = local.spent(&verdict.decisions(), cost, inner.id);
             local.last = verdict;
             Ok(spent)
         } else {

@@ -178,17 +178,18 @@ impl Cell {
                 let refunded = cell.refunded.load(Ordering::Acquire);
                 let mut tat = cell.tat.load(Ordering::Acquire);
                 loop {
-                    let (decision, new_tat) = bucket.evaluate(tat, now, cost);
+                    // The decision's numbers only: its fields are computed if the caller reads them.
+                    let (outcome, new_tat) = bucket.outcome(tat, now, cost);
                     // A cost of 0 takes nothing: no CAS (a TAT raised to `now` means the same)
                     // and no receipt, as `Policy::check` gives.
-                    if !decision.allowed || new_tat == tat || cost == 0 {
-                        return Ok(Verdict::single(decision));
+                    if !outcome.allowed() || new_tat == tat || cost == 0 {
+                        return Ok(Verdict::bucket(outcome, Receipt::default()));
                     }
                     match cell.tat.compare_exchange_weak(tat, new_tat, Ordering::AcqRel, Ordering::Acquire) {
                         Ok(_) => {
                             let taken = QuotaReceipt(Consumed::Bucket { tat: new_tat, units: cost, refunded, at: now });
                             let receipt = Receipt::memory_one(store, key, self.generation, taken);
-                            return Ok(Verdict::single_with(decision, receipt));
+                            return Ok(Verdict::bucket(outcome, receipt));
                         }
                         Err(current) => tat = current,
                     }
