@@ -69,6 +69,16 @@ impl<V: Idle> ShardedMap<V> {
         self.hasher.hash_one(key)
     }
 
+    /// The shard of the key of hash `hash`, picked by bits 32..56 of it: hashbrown uses the
+    /// low bits (and the top 7) inside the shard. A multiply and a shift map them onto the
+    /// shards, any number of them, where a `%` would be a division on every check.
+    #[inline]
+    fn shard(&self, hash: u64) -> &RwLock<Shard<V>> {
+        let bits = (hash >> 32) & 0xff_ffff;
+        // `bits < 2^24`: the product is below `len << 24`, so the index is below `len`.
+        &self.shards[((bits * self.shards.len() as u64) >> 24) as usize]
+    }
+
     /// Runs `f` on the entry of `key`, creating it with `create` if absent.
     #[cfg(feature = "redis")]
     pub(crate) fn with<R>(&self, key: &Key, now: Nanos, create: impl FnOnce() -> V, f: impl FnOnce(&V) -> R) -> R {
@@ -84,8 +94,7 @@ impl<V: Idle> ShardedMap<V> {
         create: impl FnOnce() -> V,
         f: impl FnOnce(&V) -> R,
     ) -> R {
-        // High bits pick the shard; hashbrown uses the low ones (and the top 7) inside it.
-        let shard = &self.shards[(hash >> 40) as usize % self.shards.len()];
+        let shard = self.shard(hash);
         {
             let read = shard.read().unwrap_or_else(PoisonError::into_inner);
             if let Some((_, entry)) = read.table.find(hash, |(k, _)| k == key) {
@@ -110,8 +119,7 @@ impl<V: Idle> ShardedMap<V> {
 
     /// [`get`](Self::get), `hash` being [`hash(key)`](Self::hash).
     pub(crate) fn get_hash<R>(&self, hash: u64, key: &Key, f: impl FnOnce(&V) -> R) -> Option<R> {
-        let shard = &self.shards[(hash >> 40) as usize % self.shards.len()];
-        let read = shard.read().unwrap_or_else(PoisonError::into_inner);
+        let read = self.shard(hash).read().unwrap_or_else(PoisonError::into_inner);
         read.table.find(hash, |(k, _)| k == key).map(|(_, entry)| f(entry))
     }
 
@@ -163,5 +171,35 @@ impl<V: Idle> ShardedMap<V> {
 
     pub(crate) fn evictions(&self) -> usize {
         self.evictions.load(Ordering::Relaxed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    impl Idle for u64 {
+        fn idle_at(&self) -> Nanos {
+            *self
+        }
+    }
+
+    /// Whatever the number of shards (a power of two or not), keys spread over every shard and
+    /// evenly: no shard takes more than twice its share.
+    #[test]
+    fn keys_spread_over_every_shard() {
+        for max_keys in [64, 3 * 64, 15 * 64, 1_000_000] {
+            let map = ShardedMap::<u64>::new(max_keys, metrics::Counter::noop());
+            let mut counts = vec![0usize; map.shards.len()];
+            let keys = 200 * map.shards.len();
+            for i in 0..keys {
+                let hash = map.hash(&Key::from(format!("k{i}")));
+                let shard = map.shard(hash);
+                let index = map.shards.iter().position(|s| std::ptr::eq(&**s, shard)).unwrap_or(usize::MAX);
+                counts[index] += 1;
+            }
+            let share = keys / map.shards.len();
+            assert!(counts.iter().all(|&n| n > 0 && n < 2 * share), "{} shards: {counts:?}", map.shards.len());
+        }
     }
 }
