@@ -8,6 +8,7 @@ use smallvec::SmallVec;
 use crate::{
     algorithm::{Decision, Nanos, Quota, QuotaConfig, QuotaKind, QuotaState, Verdict},
     error::{CheckError, ConfigError},
+    one_or_many::OneOrMany,
     receipt::Receipt,
 };
 
@@ -171,6 +172,18 @@ impl Policy {
         self.ensure_shape(states);
         if cost > self.inner.capacity {
             return Err(CheckError::CostExceedsCapacity { cost, capacity: self.inner.capacity });
+        }
+        if let ([quota], [state]) = (&*self.inner.quotas, &mut **states) {
+            // One quota (the common case): what the general path below does, without collecting
+            // the decision and the receipt through iterators.
+            let decision = quota.evaluate(state, now, cost);
+            let mut verdict = Verdict::single(decision);
+            if decision.allowed {
+                *verdict.receipt_mut() = Receipt::memory(OneOrMany::One(quota.consume(state, now, cost)));
+            } else {
+                quota.touch(state, now);
+            }
+            return Ok(verdict);
         }
         let mut verdict =
             Verdict::new(self.inner.quotas.iter().zip(states.iter_mut()).map(|(q, s)| q.evaluate(s, now, cost)));

@@ -266,3 +266,71 @@ fn regression_a_zero_cost_check_of_a_token_bucket_gets_a_receipt() {
     let verdict = store.check_sync(&Key::from("idle"), 0).unwrap();
     assert!(verdict.receipt().is_empty(), "cost 0, nothing consumed, yet {:?}", verdict.receipt());
 }
+
+/// `Policy::check` of a one-quota policy (its own path since 2026-12-04, without collecting
+/// through iterators) against the quota's own steps, as the general path takes them: evaluate,
+/// then consume if allowed or touch if not; refunds of the receipts given back both ways. The
+/// decisions and the states after every step must be the same.
+fn one_quota_difference(kind: usize, steps: &[Step]) -> Option<String> {
+    let policy = policy(kind);
+    let [quota] = policy.quotas() else { return None };
+    let mut state = policy.new_state();
+    let mut reference = quota.new_state();
+    let mut held: Vec<(Receipt, tower_ratelimit::QuotaReceipt)> = Vec::new();
+    let mut now = 1_000_000_000;
+    for (i, &(gap_us, _, cost, action, pick)) in steps.iter().enumerate() {
+        now += gap_us * 1_000;
+        let at = format!("{}: step {i} at {now} ns, cost {cost}", policy.name());
+        if action < 3 || held.is_empty() {
+            let got = policy.check(&mut state, now, cost);
+            let want = if cost > quota.capacity() {
+                Err(format!("{cost} > {}", quota.capacity()))
+            } else {
+                let decision = quota.evaluate(&mut reference, now, cost);
+                if decision.allowed {
+                    let taken = quota.consume(&mut reference, now, cost);
+                    Ok((decision, Some(taken)))
+                } else {
+                    quota.touch(&mut reference, now);
+                    Ok((decision, None))
+                }
+            };
+            match (got, want) {
+                (Ok(got), Ok((decision, taken))) => {
+                    if got.decisions() != [decision] || got.allowed() != decision.allowed {
+                        return Some(format!("{at}: {:?} vs {decision:?}", got.decisions()));
+                    }
+                    if let Some(taken) = taken {
+                        if got.receipt().is_empty() != taken.is_empty() {
+                            return Some(format!("{at}: receipt empty {}", got.receipt().is_empty()));
+                        }
+                        held.push((got.receipt().clone(), taken));
+                    } else if !got.receipt().is_empty() {
+                        return Some(format!("{at}: a refusal carries a receipt"));
+                    }
+                }
+                (Err(_), Err(_)) => {}
+                (got, want) => return Some(format!("{at}: {got:?} vs {want:?}")),
+            }
+        } else {
+            let (receipt, taken) = held.swap_remove(pick % held.len());
+            policy.refund(&mut state, now, &receipt);
+            quota.refund(&mut reference, now, &taken);
+        }
+        if state[0] != reference {
+            return Some(format!("{at}: state {:?} vs {reference:?}", state[0]));
+        }
+    }
+    None
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(200))]
+
+    #[test]
+    fn holds_a_one_quota_policy_checks_as_its_quota_steps(kind in 0..4usize, steps in steps()) {
+        if let Some(diff) = one_quota_difference(kind, &steps) {
+            prop_assert!(false, "{}", diff);
+        }
+    }
+}

@@ -135,9 +135,13 @@ impl SlidingWindow {
         let allowed = count.saturating_add(cost) <= self.limit;
         // Sub-window cur - S + j + 1 leaves the counted range when sub-window cur + j + 1 starts;
         // `extra` units are (about to be) added to the current one.
+        // The ring's slots from `cur`'s on, by adding and wrapping (a `%` is a division).
+        let (cur_slot, slots) = (self.slot(cur), self.slots() as usize);
         let leaving = |j: u64, extra: u64| {
-            let slot = self.slot(cur + j + 1);
-            let extra = if slot == self.slot(cur) { extra } else { 0 };
+            // Lossless: `j < slots`, at most MAX_PRECISION + 1.
+            let slot = cur_slot + 1 + j as usize;
+            let slot = if slot >= slots { slot - slots } else { slot };
+            let extra = if slot == cur_slot { extra } else { 0 };
             u64::from(state.counts[slot]).saturating_add(extra)
         };
         let starts = |index: u64| index.saturating_mul(self.width).saturating_sub(now);
