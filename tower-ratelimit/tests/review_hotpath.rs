@@ -144,6 +144,14 @@ proptest! {
             prop_assert!(false, "{}", diff);
         }
     }
+
+    /// See [`one_quota_difference`].
+    #[test]
+    fn holds_a_one_quota_policy_checks_as_its_quota_steps(kind in 0..4usize, steps in steps()) {
+        if let Some(diff) = one_quota_difference(kind, &steps) {
+            prop_assert!(false, "{}", diff);
+        }
+    }
 }
 
 /// Remaining units of each quota of `key`.
@@ -322,15 +330,4 @@ fn one_quota_difference(kind: usize, steps: &[Step]) -> Option<String> {
         }
     }
     None
-}
-
-proptest! {
-    #![proptest_config(ProptestConfig::with_cases(200))]
-
-    #[test]
-    fn holds_a_one_quota_policy_checks_as_its_quota_steps(kind in 0..4usize, steps in steps()) {
-        if let Some(diff) = one_quota_difference(kind, &steps) {
-            prop_assert!(false, "{}", diff);
-        }
-    }
 }
