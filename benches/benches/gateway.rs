@@ -6,7 +6,7 @@
 //!   `GET /upstream/orders` (plus the per-upstream breaker) at 64 connections, limits high
 //!   enough to admit everything.
 //! - gRPC: `GetUser` with 100 concurrent calls over one HTTP/2 connection (the seed's client)
-//!   and over 8.
+//!   and over 8 (tonic's client; the rejection path also with a raw h2 client that decodes nothing).
 //! - Rejection path: the same floods against a demo whose global limits admit 1 request per
 //!   second: how many 429 / `RESOURCE_EXHAUSTED` answers per second it can give.
 //!
@@ -24,7 +24,7 @@ use std::{
 
 use benches::{
     Row, Scenario, cpu_secs,
-    load::{Load, Window, grpc_load, http_load, medians},
+    load::{Load, Window, grpc_load, grpc_raw_load, http_load, medians},
     median, record,
 };
 
@@ -139,12 +139,17 @@ fn demo(config: &str) -> Server {
 enum Workload {
     Http(&'static str, u16),
     Grpc(usize, tonic::Code),
+    /// The same calls from a client on raw h2 that reads only `grpc-status`.
+    GrpcRaw(usize, tonic::Code),
 }
 
 async fn load(server: &Server, workload: Workload) -> Load {
     match workload {
         Workload::Http(path, expect) => http_load(server.http, path, HTTP_CONNECTIONS, expect, WINDOW).await,
         Workload::Grpc(connections, expect) => grpc_load(server.grpc, connections, GRPC_CALLS, expect, WINDOW).await,
+        Workload::GrpcRaw(connections, expect) => {
+            grpc_raw_load(server.grpc, connections, GRPC_CALLS, expect, WINDOW).await
+        }
     }
 }
 
@@ -288,6 +293,11 @@ fn main() {
                 Workload::Grpc(8, tonic::Code::Ok),
                 Workload::Grpc(8, tonic::Code::ResourceExhausted),
             ),
+            (
+                "GetUser, 100 concurrent over 8 connections, raw h2 client",
+                Workload::GrpcRaw(8, tonic::Code::Ok),
+                Workload::GrpcRaw(8, tonic::Code::ResourceExhausted),
+            ),
         ] {
             let (mut b, mut s, mut r) = (Vec::new(), Vec::new(), Vec::new());
             let (mut s_cpu, mut r_cpu) = (Vec::new(), Vec::new());
@@ -316,6 +326,7 @@ fn main() {
             ));
         }
         reject_notes.push("Server CPU per answer: the server process's user + system time over the measured 4 s (from /proc, 10 ms ticks) divided by the answers in them: what an answer costs the server alone. The answers/s rows also carry the in-process client's cost, which is not the same for both answers: measured on 2026-12-02, tonic's client spent 14-19 µs of CPU per rejected call against 11 per OK one (it turns a trailers-only status into an error: `grpc-message` percent-decoded, `grpc-status-details-bin` base64-decoded, the headers copied into the status' metadata). (Rows added 2026-12-03.)".into());
+        reject_notes.push("The raw h2 client's rows (added 2026-12-04): the same 100 callers over 8 connections, on the `h2` crate with a prebuilt request frame, reading only `grpc-status` (from a trailers-only answer's headers, or the trailers after the message) and decoding nothing, so that served and rejected calls cost the client the same and the answers/s compare the server's two paths. A rejection is decided on the request's headers: the demo answers it, trailers-only, before the message arrives.".into());
         reject_notes.push("The closed demo's global limits admit 1 request per second. A rejection is a full answer: RFC 9457 problem body, Retry-After and RateLimit headers (gRPC: trailers-only with RetryInfo), through the request-id and trace layers.".into());
         record(
             "gateway_3_reject",

@@ -1,4 +1,5 @@
-//! Closed-loop load clients (HTTP/1.1 on hyper, gRPC on tonic) shared by the load scenarios.
+//! Closed-loop load clients (HTTP/1.1 on hyper, gRPC on tonic or on raw h2) shared by the load
+//! scenarios.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -126,6 +127,91 @@ pub async fn grpc_load(
                     let code = match client.get_user(GetUserRequest { user_id: 1 }).await {
                         Ok(_) => tonic::Code::Ok,
                         Err(status) => status.code(),
+                    };
+                    let elapsed = start.elapsed();
+                    if elapsed >= warmup + measure {
+                        break;
+                    }
+                    if elapsed >= warmup {
+                        mine.push((t.elapsed().as_micros() as u32, code == expect));
+                    }
+                }
+                samples.lock().unwrap().extend(mine);
+            })
+        })
+        .collect();
+    for t in tasks {
+        t.await.unwrap();
+    }
+    summarize(std::mem::take(&mut *samples.lock().unwrap()), measure)
+}
+
+/// [`grpc_load`] with a client that only reads the answer's `grpc-status` (from the headers of
+/// a trailers-only answer, or from the trailers after the message): GetUser calls on raw `h2`
+/// streams, a prebuilt request frame, nothing decoded. tonic's client turns every non-OK
+/// answer into a `Status` (percent-decoding `grpc-message`, base64-decoding
+/// `grpc-status-details-bin`, copying the headers into its metadata), which costs it more per
+/// rejection than per OK call: on a machine the client shares with the server, that cost would
+/// be counted against the server's rejections.
+pub async fn grpc_raw_load(
+    addr: SocketAddr,
+    connections: usize,
+    calls: usize,
+    expect: tonic::Code,
+    window: Window,
+) -> Load {
+    use prost::Message;
+    let Window { warmup, measure } = window;
+    let message = GetUserRequest { user_id: 1 }.encode_to_vec();
+    let mut frame = Vec::with_capacity(5 + message.len());
+    frame.push(0); // not compressed
+    frame.extend_from_slice(&u32::try_from(message.len()).unwrap().to_be_bytes());
+    frame.extend_from_slice(&message);
+    let frame = Bytes::from(frame);
+    let uri: http::Uri = format!("http://{addr}/example.UserService/GetUser").parse().unwrap();
+    let mut senders = Vec::new();
+    for _ in 0..connections {
+        let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        stream.set_nodelay(true).unwrap();
+        let (sender, conn) = h2::client::handshake(stream).await.unwrap();
+        tokio::spawn(conn);
+        senders.push(sender);
+    }
+    let expect = expect as i32;
+    let samples = Arc::new(Mutex::new(Vec::new()));
+    let start = Instant::now();
+    let tasks: Vec<_> = (0..calls)
+        .map(|i| {
+            let (samples, sender, frame, uri) =
+                (samples.clone(), senders[i % connections].clone(), frame.clone(), uri.clone());
+            tokio::spawn(async move {
+                let mut sender = sender;
+                let mut mine = Vec::with_capacity(100_000);
+                loop {
+                    let request = http::Request::post(uri.clone())
+                        .header("content-type", "application/grpc")
+                        .header("te", "trailers")
+                        .body(())
+                        .unwrap();
+                    let t = Instant::now();
+                    sender = sender.ready().await.unwrap();
+                    let (response, mut send) = sender.send_request(request, false).unwrap();
+                    // A rejection can be answered (and the stream closed) from the headers alone,
+                    // before the message is sent: the answer is read all the same.
+                    let _ = send.send_data(frame.clone(), true);
+                    let (head, mut body) = response.await.unwrap().into_parts();
+                    let status = |headers: &http::HeaderMap| {
+                        headers.get("grpc-status").and_then(|v| v.to_str().ok()?.parse::<i32>().ok())
+                    };
+                    let code = match status(&head.headers) {
+                        Some(code) => code,
+                        None => {
+                            while let Some(data) = body.data().await {
+                                let data = data.unwrap();
+                                let _ = body.flow_control().release_capacity(data.len());
+                            }
+                            body.trailers().await.unwrap().as_ref().and_then(status).unwrap_or(-1)
+                        }
                     };
                     let elapsed = start.elapsed();
                     if elapsed >= warmup + measure {
