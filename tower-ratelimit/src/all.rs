@@ -5,7 +5,10 @@ use std::{
     future::Future,
     marker::PhantomData,
     pin::Pin,
-    sync::Arc,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
     task::{Context, Poll, Waker, ready},
 };
 
@@ -82,7 +85,10 @@ where
 /// where no stacking order is right (a per-client limit and a per-route limit: whichever is
 /// outside would spend a unit for a request the inside one then refuses).
 ///
-/// The limits are checked in order; when one refuses, what the earlier ones took is given back
+/// The limits are checked one after another, starting with the one that refused the latest
+/// refused request, then in order, wrapping around: a flood against one spent limit costs each
+/// request one check and nothing to give back, whichever position that limit has. When one
+/// refuses, what the limits checked before it took is given back
 /// ([`Store::refund`], with each check's [`Receipt`]: what of that check's units still counts,
 /// to the backend and key that consumed them, never more than it took — a token bucket counts
 /// conservatively, so after other refunds it may get back less) and the refusal is answered as
@@ -96,7 +102,7 @@ where
 /// Between the check and the refund another request may find those units taken, and a refund
 /// may give back less than its check took: under contention an `AllOf` can be briefly stricter
 /// than its parts, never looser. Allowed responses
-/// carry every limit's `RateLimit` items.
+/// carry every limit's `RateLimit` items, in the limits' order whatever the order of the checks.
 ///
 /// ```
 /// use axum::{Router, routing::get};
@@ -171,7 +177,7 @@ impl<S, B> Layer<S> for AllOf<B> {
         // Every limit's `RateLimit-Policy` in one value, for when all of them admit with
         // headers (the common case): built once, cloned per response.
         let policy_all = join(self.limits.iter().map(|limit| limit.headers().policy()));
-        let limits = Limits { limits: self.limits.clone().into(), policy_all };
+        let limits = Limits { limits: self.limits.clone().into(), policy_all, first: AtomicUsize::new(0) };
         AllOfService { inner, limits: Arc::new(limits), _body: PhantomData }
     }
 }
@@ -181,6 +187,25 @@ struct Limits<B> {
     limits: Box<[Arc<dyn Limit<B>>]>,
     /// Every limit's `RateLimit-Policy` value, joined.
     policy_all: Option<HeaderValue>,
+    /// The limit checked first: the one that refused the latest refused request (always an
+    /// index of `limits`).
+    first: AtomicUsize,
+}
+
+impl<B> Limits<B> {
+    /// The limit checked at step `step` (from 0) of a request whose checks start at `first`.
+    fn at(&self, first: usize, step: usize) -> usize {
+        let i = first + step;
+        if i < self.limits.len() { i } else { i - self.limits.len() }
+    }
+
+    /// Limit `i` refused a request: the next requests check it first. Written only when it
+    /// changes, so that a steady flood does not bounce the line between cores.
+    fn refused_by(&self, i: usize) {
+        if self.first.load(Ordering::Relaxed) != i {
+            self.first.store(i, Ordering::Relaxed);
+        }
+    }
 }
 
 /// The service made by [`AllOf`].
@@ -228,9 +253,12 @@ where
         };
         // Stores that answer at once (in-process) are decided here, in order, with no future
         // per check; the first that needs I/O hands the rest to the async path.
-        let limits = &self.limits.limits;
-        for (next, limit) in limits.iter().enumerate() {
-            let step = match limit.key(&req) {
+        let limits = &self.limits;
+        let (first, count) = (limits.first.load(Ordering::Relaxed), limits.limits.len());
+        for step in 0..count {
+            let next = limits.at(first, step);
+            let limit = &limits.limits[next];
+            let step_result = match limit.key(&req) {
                 Ok(None) => Ok(()),
                 Ok(Some((key, cost))) => match limit.check_now(&key, cost) {
                     Some(result) => progress.settle(next, key, result),
@@ -245,7 +273,9 @@ where
                                 return Ok(progress.refuse(next, refusal, grpc).await);
                             }
                             let limits = progress.taken.limits.clone();
-                            for (i, limit) in limits.limits.iter().enumerate().skip(next + 1) {
+                            for step in step + 1..count {
+                                let i = limits.at(first, step);
+                                let limit = &limits.limits[i];
                                 let step = match limit.key(&req) {
                                     Ok(None) => Ok(()),
                                     Ok(Some((key, cost))) => {
@@ -268,7 +298,7 @@ where
                 },
                 Err(rejection) => Err(rejection),
             };
-            if let Err(refusal) = step {
+            if let Err(refusal) = step_result {
                 // Given back now, not at the first poll: a request refused here must not hold
                 // the earlier limits' units while its future waits (or is never polled).
                 let response = progress.refuse_now(next, refusal, grpc);
@@ -348,10 +378,11 @@ fn with_headers<ResB>(
 /// those that admitted it.
 struct Progress<B> {
     taken: Refunds<B>,
-    /// The `RateLimit` items of the limits that admitted it, in order, as one list.
+    /// The `RateLimit` items of the limits that admitted it, in the order of the checks, as one
+    /// list.
     items: Items,
-    /// Which limits those are.
-    admitted: SmallVec<[usize; 4]>,
+    /// Which limits those are, in the same order, each with where its items end in `items`.
+    admitted: SmallVec<[(usize, usize); 4]>,
 }
 
 impl<B> Progress<B> {
@@ -368,7 +399,7 @@ impl<B> Progress<B> {
         let before = self.items.len();
         self.taken.limits.limits[i].decide_into(result, &mut self.items)?;
         if self.items.len() > before {
-            self.admitted.push(i);
+            self.admitted.push((i, self.items.len()));
         }
         Ok(())
     }
@@ -377,6 +408,7 @@ impl<B> Progress<B> {
     /// is answered as that limit's.
     async fn refuse<ResB>(self, i: usize, refusal: Rejection, grpc: bool) -> Response<ResponseBody<ResB>> {
         let limit = self.taken.limits.limits[i].clone();
+        self.taken.limits.refused_by(i);
         self.taken.refund().await;
         refusal.into_response(limit.name(), limit.headers(), grpc)
     }
@@ -385,6 +417,7 @@ impl<B> Progress<B> {
     /// that needs I/O is spawned (as when a request is dropped).
     fn refuse_now<ResB>(self, i: usize, refusal: Rejection, grpc: bool) -> Response<ResponseBody<ResB>> {
         let limit = self.taken.limits.limits[i].clone();
+        self.taken.limits.refused_by(i);
         drop(self.taken);
         refusal.into_response(limit.name(), limit.headers(), grpc)
     }
@@ -397,13 +430,39 @@ impl<B> Progress<B> {
         if self.admitted.is_empty() {
             return None;
         }
+        if !self.admitted.is_sorted_by_key(|&(i, _)| i) {
+            self.items_in_order();
+        }
         let limits = &self.taken.limits;
         let policy = if self.admitted.len() == limits.limits.len() {
             limits.policy_all.clone()?
         } else {
-            join(self.admitted.iter().map(|&i| limits.limits[i].headers().policy()))?
+            join(self.admitted.iter().map(|&(i, _)| limits.limits[i].headers().policy()))?
         };
         Some((policy, HeaderValue::from_bytes(&self.items).ok()?))
+    }
+
+    /// Puts the items of the limits that admitted in the limits' order (the checks started
+    /// after the first limit).
+    fn items_in_order(&mut self) {
+        let mut start = 0;
+        let mut pieces: SmallVec<[(usize, std::ops::Range<usize>); 4]> = SmallVec::new();
+        for &(i, end) in &self.admitted {
+            // Every limit's items but the first checked's follow a `, `.
+            let from = if start == 0 { 0 } else { start + 2 };
+            pieces.push((i, from..end));
+            start = end;
+        }
+        pieces.sort_unstable_by_key(|(i, _)| *i);
+        let mut items = Items::new();
+        for (_, range) in &pieces {
+            if !items.is_empty() {
+                items.extend_from_slice(b", ");
+            }
+            items.extend_from_slice(&self.items[range.clone()]);
+        }
+        self.items = items;
+        self.admitted.sort_unstable_by_key(|&(i, _)| i);
     }
 }
 
