@@ -17,7 +17,7 @@ use crate::{
     receipt::{Receipt, next_store_id},
     store::{
         Store,
-        shards::{Idle, ShardedMap},
+        shards::{Idle, Line, ShardedMap},
     },
 };
 
@@ -71,8 +71,12 @@ struct Inner<C> {
     generations: AtomicU64,
     // Padded: its CAS must not invalidate the line holding `policy` and `clock` for readers.
     global: CachePadded<Cell>,
-    keys: ShardedMap<Cell>,
+    /// A key and its cell fill one cache line: one miss per check of a cold key.
+    keys: ShardedMap<Cell, Line<Cell>>,
 }
+
+// A key and its cell fill one line exactly: more would make every slot two lines.
+const _: () = assert!(std::mem::size_of::<Line<Cell>>() == 64);
 
 /// The receipts' key hash of [`Key::GLOBAL`] (which bypasses the map and its hasher).
 const GLOBAL_HASH: u64 = u64::MAX;
@@ -294,10 +298,10 @@ impl<C: Clock> MemoryStore<C> {
 
     fn check_keyed(&self, key: &Key, cost: u64) -> Result<Verdict, CheckError> {
         let inner = &*self.inner;
-        let now = inner.clock.now();
         let hash = inner.keys.hash(key);
         let create = || Cell::new(&inner.policy, inner.generations.fetch_add(1, Ordering::Relaxed));
-        inner.keys.with_hash(hash, key, now, create, |cell| cell.check(&inner.policy, now, cost, inner.id, hash))
+        let check = |cell: &Cell, now| cell.check(&inner.policy, now, cost, inner.id, hash);
+        inner.keys.with_hash(hash, key, || inner.clock.now(), create, check)
     }
 
     /// [`Store::refund`], synchronously: gives back what the check that issued `receipt` took
