@@ -13,6 +13,10 @@ use std::{
 pub type Nanos = u64;
 
 /// A monotonic clock in nanoseconds since an arbitrary epoch.
+///
+/// The layers may read it while they hold a lock of their own (the memory store reads it under
+/// the lock of the key's shard, after finding the key): `now` must not block, take a lock its
+/// callers may hold, or call back into the layer that reads it.
 pub trait Clock: Send + Sync + fmt::Debug + 'static {
     /// Now.
     fn now(&self) -> Nanos;

@@ -39,9 +39,15 @@ pub const DEFAULT_MAX_BYTES: usize = 256 << 20;
 ///   At most [`max_keys`] keys are resident:
 ///   when the store is full even after a sweep of the inserting key's shard, the eighth of that
 ///   shard's keys closest to idle is forgotten (idle keys of other shards may still be resident
-///   then: they go at those shards' next sweeps). A forgotten key starts again with a full quota, so at the cap the store can
-///   over-admit (never under-admit); the `rampart_ratelimit_evictions_total` counter shows it.
-///   (A receipt of the forgotten entry gives nothing back to the key's new one.)
+///   then: they go at those shards' next sweeps). A forgotten key starts again as a new key,
+///   with a full quota, so at the cap the store can over-admit; the
+///   `rampart_ratelimit_evictions_total` counter shows it. (A receipt of the forgotten entry gives
+///   nothing back to the key's new one.) One exception can under-admit: a
+///   [warm-up](crate::Quota::warm_up) bucket starts cold, as a new key's does, so a key
+///   forgotten while warm is held to the cold rate again until it warms up.
+///   Racing inserts into different shards can each find the store one key short of full, so
+///   while they race the count can pass the cap by about as many keys as there are inserting
+///   threads; the next inserts evict back under it.
 ///   The key cap also keeps the bytes under [`max_bytes`]: a policy whose state can grow (a
 ///   sliding log holds one entry per admission) gets fewer keys, its worst case counted.
 ///
