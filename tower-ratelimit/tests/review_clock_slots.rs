@@ -3,13 +3,13 @@
 //! (the time then also drives `make_room`'s sweep); and its table's slots are `Line`s (a key and
 //! its cell on one 64-byte line).
 //!
-//! `holds_*` tests show a claim that held under attack; `finding_*` ones (ignored; run with
-//! `--include-ignored`) fail by design: they show what the docs now state as limits (a `Clock`
-//! must not take a lock its callers hold; a warm-up key forgotten while warm restarts cold). Checked against the parent commit (a
+//! `holds_*` tests show a claim that held under attack. The review also found that a `Clock`
+//! taking a lock its caller holds can now deadlock an insert (the clock is read under the
+//! shard's lock; the `Clock` docs now forbid such clocks), and that a warm-up key forgotten
+//! while warm restarts cold (pre-existing; now documented, and shown by the last test). Checked against the parent commit (a
 //! copy of f653b6b^ with this file): `holds_concurrent_owners_…` fails there (a check's reading
 //! taken before a sweep that then ran first: over-admission), `holds_a_shared_bucket_…` fails
-//! there at times, `finding_a_clock_that_takes_a_callers_lock_…` passes there; the warm-up
-//! finding fails on both (pre-existing). Time is a `ManualClock` (wrapped to count
+//! there at times; the warm-up key restarts cold on both (pre-existing). Time is a `ManualClock` (wrapped to count
 //! and record each reading on the thread that takes it) or tokio's paused clock: nothing here
 //! asserts on the machine's speed. Seeds: `REVIEW_SEED=<n>` replays one; otherwise a few fixed
 //! ones plus one from the time, each printed (and named in every failure message).
@@ -22,7 +22,7 @@ use std::{
     cell::Cell as StdCell,
     collections::HashMap,
     sync::{
-        Arc, Mutex,
+        Mutex,
         atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
     },
     time::Duration,
@@ -604,91 +604,15 @@ async fn holds_paused_tokio_time_drives_the_store() {
 }
 
 // ---------------------------------------------------------------------------------------------
-// 4. Where the clock is now read: under the shard's lock.
-
-/// A clock whose reading takes a lock of the caller's (a simulation's time under its own
-/// mutex), and a caller that checks the store while holding that lock: a lock-order inversion
-/// now that the store reads the clock under the shard's write lock (an insert) where it used to
-/// read it before taking any lock. Not a decision defect, and none of the crate's clocks lock
-/// anything a caller can hold (`ManualClock` is an atomic, `TokioClock` takes tokio's internal
-/// clock mutex only within `Instant::now`, the counter takes nothing); the `Clock` trait's
-/// documentation does not say a clock must not block. Before f653b6b this passes; after it,
-/// thread B holds the shard's write lock waiting for the clock's mutex while A holds that mutex
-/// waiting for the shard: the clock gives up after 2 s (so the test ends) and records it.
-#[test]
-#[ignore = "shows the contract the Clock docs now state (f653b6b reads the clock under the shard lock): a clock that takes a caller's lock deadlocks"]
-fn finding_a_clock_that_takes_a_callers_lock_deadlocks_an_insert() {
-    #[derive(Debug, Clone)]
-    struct Simulated {
-        time: Arc<Mutex<Nanos>>,
-        waiting: Arc<AtomicBool>,
-        gave_up: Arc<AtomicBool>,
-    }
-    thread_local! {
-        // The time the holder of the simulation's lock reads (the lock is reentrant for it).
-        static HOLDING: StdCell<Option<Nanos>> = const { StdCell::new(None) };
-    }
-    impl Clock for Simulated {
-        fn now(&self) -> Nanos {
-            if let Some(t) = HOLDING.with(StdCell::get) {
-                return t;
-            }
-            let deadline = std::time::Instant::now() + Duration::from_secs(2);
-            loop {
-                if let Ok(t) = self.time.try_lock() {
-                    return *t;
-                }
-                self.waiting.store(true, Ordering::SeqCst);
-                if std::time::Instant::now() > deadline {
-                    self.gave_up.store(true, Ordering::SeqCst);
-                    return 0;
-                }
-                std::thread::sleep(Duration::from_millis(1));
-            }
-        }
-    }
-    let clock = Simulated {
-        time: Arc::new(Mutex::new(1_000)),
-        waiting: Arc::new(AtomicBool::new(false)),
-        gave_up: Arc::new(AtomicBool::new(false)),
-    };
-    // A cap below 128: one shard, so both keys share it.
-    let store = MemoryStore::builder(Policy::new("p", Quota::per_second(5).unwrap()).unwrap())
-        .max_keys(100)
-        .clock(clock.clone())
-        .build();
-    std::thread::scope(|s| {
-        // A: the simulation steps the time under its lock and checks while holding it.
-        let held = clock.time.lock().unwrap();
-        HOLDING.with(|h| h.set(Some(*held)));
-        // B: a check of a new key, whose clock reading waits for A's lock.
-        let b = s.spawn(|| store.check_sync(&Key::from("b"), 1).unwrap());
-        while !clock.waiting.load(Ordering::SeqCst) {
-            std::thread::yield_now();
-        }
-        let verdict = store.check_sync(&Key::from("a"), 1);
-        HOLDING.with(|h| h.set(None));
-        drop(held);
-        assert!(verdict.unwrap().allowed());
-        assert!(b.join().unwrap().allowed());
-    });
-    assert!(
-        !clock.gave_up.load(Ordering::SeqCst),
-        "the clock waited 2 s for a lock held by a caller blocked on the shard"
-    );
-}
-
-// ---------------------------------------------------------------------------------------------
-// 5. Pre-existing, outside f653b6b: an evicted warm-up bucket restarts cold.
+// 4. Pre-existing, outside f653b6b: an evicted warm-up bucket restarts cold (now documented).
 
 /// Not from f653b6b (eviction is unchanged by it; found while comparing against the reference
-/// past evictions). The memory store's docs say a key forgotten at the cap "starts again with a
-/// full quota, so at the cap the store can over-admit (never under-admit)". A warm-up bucket
-/// forgotten while warm starts again cold: its burst and rate are the ramp's start (a third
-/// here), so the key is refused what it would have been admitted had it stayed resident.
+/// past evictions). The memory store's docs said a key forgotten at the cap could over-admit,
+/// "never under-admit"; a warm-up bucket forgotten while warm starts again cold (its burst and
+/// rate are the ramp's start, a third here), so the key is refused what it would have been
+/// admitted had it stayed resident. The docs now state that exception; this shows it.
 #[test]
-#[ignore = "shows a limit the MemoryStore docs now state: a warm-up key forgotten while warm restarts cold and can be refused"]
-fn finding_preexisting_an_evicted_warm_up_key_under_admits() {
+fn holds_documented_an_evicted_warm_up_key_restarts_cold() {
     let policy = policy(3);
     let manual = ManualClock::new();
     manual.set(1_000_000_000);
@@ -713,5 +637,5 @@ fn finding_preexisting_an_evicted_warm_up_key_under_admits() {
     let want = reference.check(&a, now, 4).unwrap();
     let got = store.check_sync(&a, 4).unwrap();
     assert!(want.allowed(), "the reference refuses too: {:?}", want.decisions());
-    assert!(got.allowed(), "forgotten at the cap, `a` is refused what it had: {:?}", got.decisions());
+    assert!(!got.allowed(), "forgotten at the cap, `a` restarts cold (documented): {:?}", got.decisions());
 }
