@@ -4,6 +4,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::{
+    future::Future,
     net::SocketAddr,
     sync::{Arc, Mutex},
     time::{Duration, Instant},
@@ -61,27 +62,30 @@ fn summarize(samples: Vec<(u32, bool)>, measure: Duration) -> Load {
     }
 }
 
-/// `connections` closed-loop HTTP/1.1 clients on `path` for warmup + measure.
-pub async fn http_load(addr: SocketAddr, path: &'static str, connections: usize, expect: u16, window: Window) -> Load {
+/// `callers` closed-loop callers for warmup + measure, each a task: caller `i` sets itself up
+/// with `setup(i)` (inside its task, so a connection made there counts in the warm-up), then
+/// makes one call at a time with `call`, which hands the caller's state back with whether the
+/// answer was the expected one. Only the measured window's calls are sampled.
+async fn closed_loop<S, SF, C, CF>(callers: usize, window: Window, setup: impl Fn(usize) -> SF, call: C) -> Load
+where
+    S: Send + 'static,
+    SF: Future<Output = S> + Send + 'static,
+    C: Fn(S) -> CF + Clone + Send + 'static,
+    CF: Future<Output = (S, bool)> + Send,
+{
     let Window { warmup, measure } = window;
     let samples = Arc::new(Mutex::new(Vec::new()));
     let start = Instant::now();
-    let tasks: Vec<_> = (0..connections)
-        .map(|_| {
-            let samples = samples.clone();
+    let tasks: Vec<_> = (0..callers)
+        .map(|i| {
+            let (samples, setup, call) = (samples.clone(), setup(i), call.clone());
             tokio::spawn(async move {
-                let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-                stream.set_nodelay(true).unwrap();
-                let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.unwrap();
-                tokio::spawn(conn);
+                let mut state = setup.await;
                 let mut mine = Vec::with_capacity(100_000);
                 loop {
-                    let request =
-                        http::Request::get(path).header("host", "127.0.0.1").body(Empty::<Bytes>::new()).unwrap();
                     let t = Instant::now();
-                    let response = sender.send_request(request).await.unwrap();
-                    let ok = response.status().as_u16() == expect;
-                    response.into_body().collect().await.unwrap();
+                    let (next, ok) = call(state).await;
+                    state = next;
                     let elapsed = start.elapsed();
                     if elapsed >= warmup + measure {
                         break;
@@ -100,6 +104,25 @@ pub async fn http_load(addr: SocketAddr, path: &'static str, connections: usize,
     summarize(std::mem::take(&mut *samples.lock().unwrap()), measure)
 }
 
+/// `connections` closed-loop HTTP/1.1 clients on `path` for warmup + measure.
+pub async fn http_load(addr: SocketAddr, path: &'static str, connections: usize, expect: u16, window: Window) -> Load {
+    let setup = |_| async move {
+        let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+        stream.set_nodelay(true).unwrap();
+        let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await.unwrap();
+        tokio::spawn(conn);
+        sender
+    };
+    let call = move |mut sender: hyper::client::conn::http1::SendRequest<Empty<Bytes>>| async move {
+        let request = http::Request::get(path).header("host", "127.0.0.1").body(Empty::<Bytes>::new()).unwrap();
+        let response = sender.send_request(request).await.unwrap();
+        let ok = response.status().as_u16() == expect;
+        response.into_body().collect().await.unwrap();
+        (sender, ok)
+    };
+    closed_loop(connections, window, setup, call).await
+}
+
 /// `calls` concurrent closed-loop GetUser callers spread over `connections` HTTP/2 connections.
 pub async fn grpc_load(
     addr: SocketAddr,
@@ -108,42 +131,20 @@ pub async fn grpc_load(
     expect: tonic::Code,
     window: Window,
 ) -> Load {
-    let Window { warmup, measure } = window;
     let mut channels = Vec::new();
     for _ in 0..connections {
         let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{addr}")).unwrap().tcp_nodelay(true);
         channels.push(endpoint.connect().await.unwrap());
     }
-    let samples = Arc::new(Mutex::new(Vec::new()));
-    let start = Instant::now();
-    let tasks: Vec<_> = (0..calls)
-        .map(|i| {
-            let (samples, channel) = (samples.clone(), channels[i % connections].clone());
-            tokio::spawn(async move {
-                let mut client = UserServiceClient::new(channel);
-                let mut mine = Vec::with_capacity(100_000);
-                loop {
-                    let t = Instant::now();
-                    let code = match client.get_user(GetUserRequest { user_id: 1 }).await {
-                        Ok(_) => tonic::Code::Ok,
-                        Err(status) => status.code(),
-                    };
-                    let elapsed = start.elapsed();
-                    if elapsed >= warmup + measure {
-                        break;
-                    }
-                    if elapsed >= warmup {
-                        mine.push((t.elapsed().as_micros() as u32, code == expect));
-                    }
-                }
-                samples.lock().unwrap().extend(mine);
-            })
-        })
-        .collect();
-    for t in tasks {
-        t.await.unwrap();
-    }
-    summarize(std::mem::take(&mut *samples.lock().unwrap()), measure)
+    let setup = |i: usize| std::future::ready(UserServiceClient::new(channels[i % connections].clone()));
+    let call = move |mut client: UserServiceClient<tonic::transport::Channel>| async move {
+        let code = match client.get_user(GetUserRequest { user_id: 1 }).await {
+            Ok(_) => tonic::Code::Ok,
+            Err(status) => status.code(),
+        };
+        (client, code == expect)
+    };
+    closed_loop(calls, window, setup, call).await
 }
 
 /// [`grpc_load`] with a client that only reads the answer's `grpc-status` (from the headers of
@@ -161,7 +162,6 @@ pub async fn grpc_raw_load(
     window: Window,
 ) -> Load {
     use prost::Message;
-    let Window { warmup, measure } = window;
     let message = GetUserRequest { user_id: 1 }.encode_to_vec();
     let mut frame = Vec::with_capacity(5 + message.len());
     frame.push(0); // not compressed
@@ -178,57 +178,38 @@ pub async fn grpc_raw_load(
         senders.push(sender);
     }
     let expect = expect as i32;
-    let samples = Arc::new(Mutex::new(Vec::new()));
-    let start = Instant::now();
-    let tasks: Vec<_> = (0..calls)
-        .map(|i| {
-            let (samples, sender, frame, uri) =
-                (samples.clone(), senders[i % connections].clone(), frame.clone(), uri.clone());
-            tokio::spawn(async move {
-                let mut sender = sender;
-                let mut mine = Vec::with_capacity(100_000);
-                loop {
-                    let request = http::Request::post(uri.clone())
-                        .header("content-type", "application/grpc")
-                        .header("te", "trailers")
-                        .body(())
-                        .unwrap();
-                    let t = Instant::now();
-                    sender = sender.ready().await.unwrap();
-                    let (response, mut send) = sender.send_request(request, false).unwrap();
-                    // A rejection can be answered (and the stream closed) from the headers alone,
-                    // before the message is sent: the answer is read all the same.
-                    let _ = send.send_data(frame.clone(), true);
-                    let (head, mut body) = response.await.unwrap().into_parts();
-                    let status = |headers: &http::HeaderMap| {
-                        headers.get("grpc-status").and_then(|v| v.to_str().ok()?.parse::<i32>().ok())
-                    };
-                    let code = match status(&head.headers) {
-                        Some(code) => code,
-                        None => {
-                            while let Some(data) = body.data().await {
-                                let data = data.unwrap();
-                                let _ = body.flow_control().release_capacity(data.len());
-                            }
-                            body.trailers().await.unwrap().as_ref().and_then(status).unwrap_or(-1)
-                        }
-                    };
-                    let elapsed = start.elapsed();
-                    if elapsed >= warmup + measure {
-                        break;
+    let setup = |i: usize| std::future::ready(senders[i % connections].clone());
+    let call = move |sender: h2::client::SendRequest<Bytes>| {
+        let (frame, uri) = (frame.clone(), uri.clone());
+        async move {
+            let request = http::Request::post(uri)
+                .header("content-type", "application/grpc")
+                .header("te", "trailers")
+                .body(())
+                .unwrap();
+            let mut sender = sender.ready().await.unwrap();
+            let (response, mut send) = sender.send_request(request, false).unwrap();
+            // A rejection can be answered (and the stream closed) from the headers alone,
+            // before the message is sent: the answer is read all the same.
+            let _ = send.send_data(frame, true);
+            let (head, mut body) = response.await.unwrap().into_parts();
+            let status = |headers: &http::HeaderMap| {
+                headers.get("grpc-status").and_then(|v| v.to_str().ok()?.parse::<i32>().ok())
+            };
+            let code = match status(&head.headers) {
+                Some(code) => code,
+                None => {
+                    while let Some(data) = body.data().await {
+                        let data = data.unwrap();
+                        let _ = body.flow_control().release_capacity(data.len());
                     }
-                    if elapsed >= warmup {
-                        mine.push((t.elapsed().as_micros() as u32, code == expect));
-                    }
+                    body.trailers().await.unwrap().as_ref().and_then(status).unwrap_or(-1)
                 }
-                samples.lock().unwrap().extend(mine);
-            })
-        })
-        .collect();
-    for t in tasks {
-        t.await.unwrap();
-    }
-    summarize(std::mem::take(&mut *samples.lock().unwrap()), measure)
+            };
+            (sender, code == expect)
+        }
+    };
+    closed_loop(calls, window, setup, call).await
 }
 
 /// Medians over rounds of each field.
