@@ -118,8 +118,37 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .initial_stream_window_size(64 * 1024)
         .add_service(UserServiceServer::new(Users))
         .serve_with_incoming(tonic::transport::server::TcpIncoming::from(grpc));
-    tokio::try_join!(async { axum::serve(http, app).await.map_err(Box::<dyn std::error::Error>::from) }, async {
+    tokio::try_join!(async { serve_http(http, app).await.map_err(Box::<dyn std::error::Error>::from) }, async {
         grpc_server.await.map_err(Box::<dyn std::error::Error>::from)
     })?;
     Ok(())
+}
+
+/// The demo's own request head limit (`server.header_read_timeout`'s default).
+const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Serves `app` with the demo's connection settings: hyper-util's auto builder, `TCP_NODELAY`,
+/// a request head within [`HEADER_READ_TIMEOUT`] (a timer armed per request head) and the
+/// HTTP/2 keep-alive pings. None of them is a Rampart layer, so the baseline has them too.
+async fn serve_http(listener: tokio::net::TcpListener, app: Router) -> std::io::Result<()> {
+    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+    use tower::ServiceExt;
+    loop {
+        let Ok((stream, _)) = listener.accept().await else { continue };
+        let _ = stream.set_nodelay(true);
+        let app = app.clone();
+        tokio::spawn(async move {
+            let service = hyper::service::service_fn(move |request: hyper::Request<hyper::body::Incoming>| {
+                app.clone().oneshot(request.map(axum::body::Body::new))
+            });
+            let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            builder.http1().timer(TokioTimer::new()).header_read_timeout(HEADER_READ_TIMEOUT);
+            builder
+                .http2()
+                .timer(TokioTimer::new())
+                .keep_alive_interval(HEADER_READ_TIMEOUT)
+                .keep_alive_timeout(HEADER_READ_TIMEOUT);
+            let _ = builder.serve_connection_with_upgrades(TokioIo::new(stream), service).await;
+        });
+    }
 }
