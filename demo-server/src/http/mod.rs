@@ -20,9 +20,10 @@ use axum::{
     Router,
     error_handling::HandleErrorLayer,
     extract::{ConnectInfo, DefaultBodyLimit},
+    handler::Handler,
     http::HeaderValue,
     middleware,
-    routing::{get, post, put},
+    routing::{get, get_service, post, put},
 };
 use hyper_util::{
     rt::{TokioExecutor, TokioIo, TokioTimer},
@@ -122,8 +123,10 @@ pub(crate) fn router(app: Arc<App>) -> anyhow::Result<Router> {
     // The per-client and the global limit as one decision: all consume or none does (a refusal
     // by either gives back what the other took).
     let users_limits = AllOf::new().with(per_client).with(global.clone());
-    // One `route_layer` for both: each one is a boxed route of its own, cloned on every call.
-    let users = get(get_user).route_layer(ServiceBuilder::new().layer(shed.clone()).layer(users_limits));
+    // Both layers around the handler's own service, as one boxed route: a `route_layer` would
+    // box the handler again, and axum clones each box on every call.
+    let users =
+        get_service(ServiceBuilder::new().layer(shed.clone()).layer(users_limits).service(get_user.with_state(())));
     let limited = Router::new()
         .route("/inventory/{sku}", put(put_stock).get(get_stock))
         .route("/inventory/{sku}/reserve", post(reserve).route_layer(reserve_lock))
@@ -147,8 +150,7 @@ pub(crate) fn router(app: Arc<App>) -> anyhow::Result<Router> {
         // What no built-in route takes goes to the gateway's route table (its own 404
         // `not_found` when no route takes it either), behind the same shedding and global limit.
         .fallback_service(ServiceBuilder::new().layer(shed_all).layer(global_all).service(app.gateway.clone()))
-        .method_not_allowed_fallback(method_not_allowed)
-        .layer(DefaultBodyLimit::max(config.server.max_body_bytes));
+        .method_not_allowed_fallback(method_not_allowed);
 
     Ok(api.layer(
         ServiceBuilder::new()
@@ -163,7 +165,10 @@ pub(crate) fn router(app: Arc<App>) -> anyhow::Result<Router> {
             )
             .layer(PropagateRequestIdLayer::x_request_id())
             .layer(HandleErrorLayer::new(timed_out))
-            .timeout(config.timeouts.http),
+            .timeout(config.timeouts.http)
+            // In the same `Router::layer` as the rest: each one wraps every route in a boxed
+            // service of its own, cloned on every request.
+            .layer(DefaultBodyLimit::max(config.server.max_body_bytes)),
     ))
 }
 
