@@ -1,6 +1,7 @@
 //! The gateway benchmark's baseline: the demo's handlers with no Rampart layer — plain axum
 //! (`GET /users/{id}`, `GET /upstream/{name}`) and plain tonic (`example.UserService/GetUser`),
-//! with the demo's HTTP/2 settings so only the layers differ. Listens on free loopback ports and
+//! with the demo's connection settings (HTTP: hyper-util's auto builder, `TCP_NODELAY`, the request
+//! head timeout; gRPC: the HTTP/2 settings) so only the layers differ. Listens on free loopback ports and
 //! prints `bare listening http=<addr> grpc=<addr>` (the demo's line, so the benchmark reads both
 //! the same way).
 //!
