@@ -12,9 +12,9 @@ use std::{
 };
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use http::{Request, Response};
+use http::{HeaderValue, Request, Response};
 use tower::{Layer, Service, ServiceExt, service_fn};
-use tower_ratelimit::{Key, MemoryStore, Policy, Quota, RateLimitLayer, TokioClock};
+use tower_ratelimit::{Key, MemoryStore, Policy, Quota, RATELIMIT, RATELIMIT_POLICY, RateLimitLayer, TokioClock};
 
 const KEYS: usize = 100_000;
 
@@ -212,6 +212,19 @@ fn layer(c: &mut Criterion) {
 
     let bare = handler();
     g.bench_function("no layer", |b| b.to_async(&rt).iter_custom(|iters| drive(bare, iters)));
+
+    // The floor of any layer that sends the two draft-10 fields: no layer, the handler inserts
+    // them itself with constant values (nothing formatted, nothing checked).
+    let floor = service_fn(|_req: Request<()>| async {
+        let mut response = Response::new(axum::body::Body::empty());
+        let headers = response.headers_mut();
+        headers.insert(&RATELIMIT_POLICY, HeaderValue::from_static("\"bench\";q=1000000000;w=1"));
+        headers.insert(&RATELIMIT, HeaderValue::from_static("\"bench\";r=999999999;t=1"));
+        Ok::<_, std::convert::Infallible>(response)
+    });
+    g.bench_function("no layer, the handler inserts constant RateLimit-Policy and RateLimit", |b| {
+        b.to_async(&rt).iter_custom(|iters| drive(floor, iters))
+    });
 
     let ours = RateLimitLayer::new(rampart_store()).layer(handler());
     g.bench_function("rampart RateLimitLayer (RateLimit headers)", |b| {
