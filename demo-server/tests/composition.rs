@@ -12,30 +12,13 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{TOKEN, start};
+use common::{TOKEN, limits_toml, start};
 use serde_json::{Value, json};
 
-/// A global limit of 5 per hour, a per-client one of 2 per second, 1 KiB bodies.
-const TIGHT: &str = r#"
-[limits.global]
-name = "global"
-[[limits.global.quotas]]
-algorithm = "token_bucket"
-rate = 5
-period = "1h"
-burst = 5
-
-[limits.users]
-name = "users"
-[[limits.users.quotas]]
-algorithm = "sliding_window"
-limit = 2
-window = "1h"
-
-[server]
-max_body_bytes = 1024
-header_read_timeout = "1s"
-"#;
+/// A global limit of 5 per hour, a per-client one of 2 per hour, 1 KiB bodies.
+fn tight() -> String {
+    format!("{}\n[server]\nmax_body_bytes = 1024\nheader_read_timeout = \"1s\"\n", limits_toml(5, "1h", 2))
+}
 
 /// Every error the API can answer, from outside: status, problem content type and stable code.
 #[tokio::test]
@@ -90,7 +73,7 @@ async fn every_error_path_is_a_problem_body() {
 /// refused had spent a global unit: one client drained the global quota for everyone.
 #[tokio::test]
 async fn a_request_refused_for_its_client_spends_nothing_of_the_global_quota() {
-    let (server, _dir) = start(TIGHT, &[]);
+    let (server, _dir) = start(&tight(), &[]);
     let http = reqwest::Client::new();
     let mut statuses = Vec::new();
     for _ in 0..10 {
@@ -109,7 +92,7 @@ async fn a_request_refused_for_its_client_spends_nothing_of_the_global_quota() {
 /// flood the orchestrator's probes and the scrapes got 429.
 #[tokio::test]
 async fn probes_and_scrapes_are_outside_the_limits() {
-    let (server, _dir) = start(TIGHT, &[]);
+    let (server, _dir) = start(&tight(), &[]);
     let http = reqwest::Client::new();
     for _ in 0..20 {
         http.get(server.url("/inventory/none")).send().await.unwrap();
@@ -161,7 +144,7 @@ async fn only_configured_upstreams_exist() {
 /// are served meanwhile.
 #[tokio::test]
 async fn slow_clients_are_closed_while_others_are_served() {
-    let (server, _dir) = start(TIGHT, &[]);
+    let (server, _dir) = start(&tight(), &[]);
     let mut slow = Vec::new();
     for i in 0..40 {
         let mut socket = TcpStream::connect(server.http).unwrap();

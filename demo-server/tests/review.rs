@@ -13,7 +13,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{TOKEN, config_file, start};
+use common::{TOKEN, config_file, limits_toml, start};
 use futures_util::SinkExt;
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::{Message, client::IntoClientRequest};
@@ -529,23 +529,8 @@ async fn holds_per_upstream_adaptive_limit_and_its_429s_are_not_breaker_calls() 
 /// not use it.
 #[tokio::test]
 async fn regression_a_global_refusal_spends_the_clients_own_quota() {
-    let config = r#"
-[limits.global]
-name = "global"
-[[limits.global.quotas]]
-algorithm = "token_bucket"
-rate = 1
-period = "3s"
-burst = 1
-
-[limits.users]
-name = "users"
-[[limits.users.quotas]]
-algorithm = "sliding_window"
-limit = 2
-window = "1h"
-"#;
-    let (server, _dir) = start(config, &[]);
+    let config = limits_toml(1, "3s", 2);
+    let (server, _dir) = start(&config, &[]);
     let http = reqwest::Client::new();
     // Another client (here: another route) takes the one global token.
     assert_eq!(http.get(server.url("/inventory/none")).send().await.unwrap().status(), 404);

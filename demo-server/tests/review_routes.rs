@@ -13,54 +13,21 @@ use std::{
     time::Duration,
 };
 
-use common::{TOKEN, start};
+use common::{TOKEN, limits_toml, start};
 use serde_json::Value;
 
-/// Clients told apart by `X-Forwarded-For` (the test's loopback peer is a trusted proxy), a
-/// per-client limit of 2 per hour on `/users/{id}`, a roomy global one, 1 KiB bodies.
-const PER_CLIENT: &str = r#"
-[limits]
-trusted_proxies = ["127.0.0.1/32"]
+/// Clients told apart by `X-Forwarded-For` (the test's loopback peer is a trusted proxy).
+const TRUSTED: &str = "[limits]\ntrusted_proxies = [\"127.0.0.1/32\"]\n";
 
-[limits.global]
-name = "global"
-[[limits.global.quotas]]
-algorithm = "token_bucket"
-rate = 100
-period = "1h"
-burst = 100
-
-[limits.users]
-name = "users"
-[[limits.users.quotas]]
-algorithm = "sliding_window"
-limit = 2
-window = "1h"
-
-[server]
-max_body_bytes = 1024
-"#;
+/// A per-client limit of 2 per hour on `/users/{id}`, a roomy global one, 1 KiB bodies.
+fn per_client() -> String {
+    format!("{TRUSTED}{}\n[server]\nmax_body_bytes = 1024\n", limits_toml(100, "1h", 2))
+}
 
 /// A per-client limit of 1 and a global one of 2, per hour: three clients exhaust both.
-const BOTH_TIGHT: &str = r#"
-[limits]
-trusted_proxies = ["127.0.0.1/32"]
-
-[limits.global]
-name = "global"
-[[limits.global.quotas]]
-algorithm = "token_bucket"
-rate = 2
-period = "1h"
-burst = 2
-
-[limits.users]
-name = "users"
-[[limits.users.quotas]]
-algorithm = "sliding_window"
-limit = 1
-window = "1h"
-"#;
+fn both_tight() -> String {
+    format!("{TRUSTED}{}", limits_toml(2, "1h", 1))
+}
 
 fn header(response: &reqwest::Response, name: &str) -> Option<String> {
     response.headers().get(name).map(|v| v.to_str().unwrap().to_owned())
@@ -88,7 +55,7 @@ fn raw(addr: SocketAddr, head: &str, body: &[u8]) -> String {
 /// `/users/2` and `/users/1` share them).
 #[tokio::test]
 async fn head_users_goes_through_the_limits_and_has_no_body() {
-    let (server, _dir) = start(PER_CLIENT, &[]);
+    let (server, _dir) = start(&per_client(), &[]);
     let http = reqwest::Client::new();
 
     let get = from(http.get(server.url("/users/1")), "10.0.0.1").send().await.unwrap();
@@ -142,7 +109,7 @@ async fn head_users_goes_through_the_limits_and_has_no_body() {
 /// the limits (no RateLimit headers, no unit spent), and its body is never read (no 413).
 #[tokio::test]
 async fn other_methods_on_users_are_the_405_problem_and_spend_nothing() {
-    let (server, _dir) = start(PER_CLIENT, &[]);
+    let (server, _dir) = start(&per_client(), &[]);
     let http = reqwest::Client::new();
     let big = "x".repeat(4096);
     let methods = ["POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "PURGE"];
@@ -178,7 +145,7 @@ async fn other_methods_on_users_are_the_405_problem_and_spend_nothing() {
 /// back, and which limit answers once both are spent is unchanged.
 #[tokio::test]
 async fn users_429s_name_the_limit_that_refused() {
-    let (server, _dir) = start(BOTH_TIGHT, &[]);
+    let (server, _dir) = start(&both_tight(), &[]);
     let http = reqwest::Client::new();
     let get = |ip: &'static str| from(http.get(server.url("/users/1")), ip).send();
     assert_eq!(get("10.0.0.1").await.unwrap().status(), 200);
@@ -201,7 +168,7 @@ async fn users_429s_name_the_limit_that_refused() {
 /// the 413 problem (declared or chunked), with the request id still echoed.
 #[tokio::test]
 async fn the_body_limit_holds_on_every_built_in_body_route() {
-    let (server, _dir) = start(PER_CLIENT, &[]);
+    let (server, _dir) = start(&per_client(), &[]);
     let http = reqwest::Client::new();
     let over = "x".repeat(1025);
     let cases: Vec<(&str, reqwest::RequestBuilder)> = vec![

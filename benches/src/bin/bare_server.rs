@@ -1,9 +1,9 @@
 //! The gateway benchmark's baseline: the demo's handlers with no Rampart layer — plain axum
 //! (`GET /users/{id}`, `GET /upstream/{name}`) and plain tonic (`example.UserService/GetUser`),
-//! with the demo's connection settings (HTTP: hyper-util's auto builder, `TCP_NODELAY`, the request
-//! head timeout; gRPC: the HTTP/2 settings) so only the layers differ. Listens on free loopback ports and
-//! prints `bare listening http=<addr> grpc=<addr>` (the demo's line, so the benchmark reads both
-//! the same way).
+//! with the demo's connection settings (HTTP: hyper-util's auto builder, `TCP_NODELAY`, the
+//! request head timeout; gRPC: the HTTP/2 settings) so only the layers differ. Listens on free
+//! loopback ports and prints `bare listening http=<addr> grpc=<addr>` (the demo's line, so the
+//! benchmark reads both the same way).
 //!
 //! `bare_server tower-http` adds the demo's generic HTTP layers — tower-http's request id and
 //! trace, tower's timeout — and nothing of Rampart's, so the benchmark can tell their cost from

@@ -105,6 +105,30 @@ pub(crate) fn config_file(toml: &str) -> (tempfile::TempDir, String) {
     (dir, path)
 }
 
+/// The demo's two limits on `/users/{id}` as a config: `[limits.global]`, a token bucket of
+/// `rate` per `period` (burst `rate`), and `[limits.users]`, a sliding window of `per_client`
+/// requests per hour for each client.
+pub(crate) fn limits_toml(rate: u64, period: &str, per_client: u64) -> String {
+    format!(
+        r#"
+[limits.global]
+name = "global"
+[[limits.global.quotas]]
+algorithm = "token_bucket"
+rate = {rate}
+period = "{period}"
+burst = {rate}
+
+[limits.users]
+name = "users"
+[[limits.users.quotas]]
+algorithm = "sliding_window"
+limit = {per_client}
+window = "1h"
+"#
+    )
+}
+
 /// One instance with `toml` as its config file and [`TOKEN`] as its admin token.
 pub(crate) fn start(toml: &str, env: &[(&str, &str)]) -> (DemoServer, tempfile::TempDir) {
     let (dir, path) = config_file(toml);
