@@ -698,9 +698,9 @@ async fn let_go_thirty(lock: &RedLock) -> (usize, usize) {
     (before, peak.max(metrics.num_alive_tasks()))
 }
 
-/// Node 2 killed for good. Its releases are retried (live tasks rise) but stop within the TTL:
-/// 2 s after it, no more live tasks than before the releases; node 2, started again then (empty),
-/// gets no release at all in the next 2 s.
+/// Node 2 killed for good. Its releases are retried (live tasks rise) but stop: live tasks fall
+/// back to the count before the releases (within the TTL plus a slack for a loaded machine), and
+/// node 2, started again then (empty), gets no release at all in the next 2 s.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn releases_to_a_node_down_for_good_stop_within_the_ttl() {
     let ttl = Duration::from_secs(3);
@@ -715,13 +715,13 @@ async fn releases_to_a_node_down_for_good_stop_within_the_ttl() {
     let ended = Instant::now();
     eprintln!("live tasks: baseline {baseline}, before {before}, peak {peak}");
     assert!(peak > before, "no background retries seen (peak {peak}, before {before})");
-    tokio::time::sleep(ttl + Duration::from_secs(2)).await;
+    // Polled rather than read once at TTL + 2 s: on a loaded machine a task's last wake-up (a
+    // timeout that ends the retries, a clean-up sent on the way out) can run late. Retries that
+    // never stopped still fail here, and the restarted node below still sees none.
+    let settled = eventually(ttl + Duration::from_secs(10), || metrics.num_alive_tasks() <= baseline).await;
     let after = metrics.num_alive_tasks();
-    assert!(
-        after <= baseline,
-        "tasks left {:?} after the last release: {after} (baseline {baseline})",
-        ended.elapsed()
-    );
+    eprintln!("live tasks back to the baseline {:?} after the last release", ended.elapsed());
+    assert!(settled, "tasks left {:?} after the last release: {after} (baseline {baseline})", ended.elapsed());
     blocking(|| nodes[2].restart()).unwrap();
     let calls = script_calls(&nodes[2]);
     tokio::time::sleep(Duration::from_secs(2)).await;
