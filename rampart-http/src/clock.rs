@@ -137,7 +137,7 @@ impl Clock for DefaultClock {
 /// unpaused (never paused, or resumed) its `Instant` is the OS monotonic clock plus a constant,
 /// so readings of the two interleaved as `s0 t1 s1 … s2 t2 s3` must fit it: `t2 - t1` between
 /// `s2 - s1` (at least a microsecond, spun) and `s3 - s0`, and every reading's offset from the OS
-/// clock in one interval. Paused time does not fit: frozen, `t2 - t1` is zero; moved by an
+/// clock, over several such rounds, in one interval. Paused time does not fit: frozen, `t2 - t1` is zero; moved by an
 /// `advance` or auto-advance on another thread (a blocking task, or a thread that entered the
 /// runtime, can build a clock while the runtime thread advances), it would have to move by the
 /// real elapsed time to within tens of nanoseconds, twice, at the same offset. Answering
@@ -171,11 +171,24 @@ fn tokio_time_is_paused() -> bool {
         let rate_fits = s2 - s1 <= t2 - t1 && t2 - t1 <= s3 - s0;
         rate_fits.then(|| ((t1 - s1).max(t2 - s3), (t1 - s0).min(t2 - s2)))
     };
-    match (round(), round()) {
-        (Some((lo1, hi1)), Some((lo2, hi2))) => lo1.max(lo2) > hi1.min(hi2),
-        _ => true,
+    // Real time must fit every round at one offset. Two rounds were not enough: a task calling
+    // `advance` in a loop on the runtime thread kept pace with the OS clock through both about
+    // once in 300,000 constructions (tests/review_clock.rs); each more round it must match too.
+    let (mut lo, mut hi) = (i128::MIN, i128::MAX);
+    for _ in 0..ROUNDS {
+        let Some((round_lo, round_hi)) = round() else { return true };
+        (lo, hi) = (lo.max(round_lo), hi.min(round_hi));
+        if lo > hi {
+            return true;
+        }
     }
+    false
 }
+
+/// How many rounds of readings [`tokio_time_is_paused`] takes (a few microseconds each, once per
+/// clock built).
+#[cfg(feature = "quanta")]
+const ROUNDS: usize = 6;
 
 /// The CPU's time-stamp counter through [`quanta`](https://docs.rs/quanta) (feature `quanta`):
 /// about half the cost of reading `tokio::time::Instant`, which matters only for in-process
