@@ -442,16 +442,15 @@ impl RedLock {
     }
 
     /// Compare-and-delete on the nodes of index `on` in parallel, until `enough` of them deleted
-    /// it, or each answered or failed for good (refused, or failed twice), or the node timeout
-    /// passed; returns how many deleted
-    /// it by then.
+    /// it, or each answered or failed [`RELEASE_TRIES_WAITED`] times, or the node timeout
+    /// passed; returns how many deleted it by then.
     ///
     /// The nodes still to answer finish on a task of their own, and a node whose release fails
     /// (a connection refused, cut or timed out, a node paused or restarting) is tried again,
     /// with pauses growing to about a second, while the TTL lasts: after it the key is gone
     /// anyway. So a minority that was slow, paused or unreachable for a while drops the key
     /// soon after it answers again, instead of keeping it for its whole TTL; the caller waits
-    /// for no node's second try. Trying again is harmless: the key is deleted only where it
+    /// for a node's first tries only. Trying again is harmless: the key is deleted only where it
     /// still holds this acquisition's token, unique to it.
     async fn release_nodes(&self, on: &[usize], enough: usize, lock_key: &str, token: &str) -> usize {
         type Release = std::pin::Pin<Box<dyn std::future::Future<Output = Result<bool, String>> + Send>>;
@@ -489,10 +488,9 @@ impl RedLock {
     /// One node's release, tried again on failure while the TTL lasts (see
     /// [`release_nodes`](Self::release_nodes)): a failure that may have run on the node is tried
     /// again at once, then with pauses; `failed` is set once the caller need not wait for it
-    /// (refused, or failing again). After a
-    /// failure that may have run on the node (its answer lost; not a refused connection), a
-    /// later answer that finds no key counts as deleted (a key of another token's still says it
-    /// was not ours).
+    /// (its [`RELEASE_TRIES_WAITED`]th failure). After a failure that may have run on the node
+    /// (its answer lost; not a refused connection), a later answer that finds no key counts as
+    /// deleted (a key of another token's still says it was not ours).
     async fn release_node(
         self,
         i: usize,
@@ -524,9 +522,10 @@ impl RedLock {
                         // made again, and the caller gets this node's answer.
                         continue;
                     }
-                    // The caller does not wait for this node any longer: refused (down), or
-                    // failing again.
-                    failed.store(true, Ordering::Release);
+                    if tries >= RELEASE_TRIES_WAITED {
+                        // The caller does not wait for this node any longer.
+                        failed.store(true, Ordering::Release);
+                    }
                     // Jittered within the pause (so releases that failed together do not come
                     // back together), and the last one shortened to what is left of the TTL.
                     let pause = pauses.next().unwrap_or(RELEASE_PAUSE_MAX).mul_f64(0.5 + rand::random::<f64>() / 2.0);
@@ -553,6 +552,11 @@ impl RedLock {
         self.inner.queues.released(key);
     }
 }
+
+/// How many tries of a node's release the caller waits for (within the node timeout) before
+/// it stops waiting for that node: one refused connection is no proof the node is down (a
+/// connection opened just after the node closed ours was seen refused, on loopback, under load).
+const RELEASE_TRIES_WAITED: u32 = 3;
 
 /// The pause before a failed release is tried again; each next one doubles, up to
 /// [`RELEASE_PAUSE_MAX`] (each jittered down by up to half), all of them within the TTL.

@@ -287,9 +287,14 @@ fn pooled(pool: &Arc<Pool>, runtime: tokio::runtime::Id) -> Option<Lease> {
     let mut idle = pool.idle.lock().unwrap_or_else(PoisonError::into_inner);
     while let Some(conn) = idle.pop() {
         // Nothing to read on an idle connection: an end of stream, an error or stray bytes
-        // all mean it is no use.
+        // all mean it is no use. Asked of the socket itself (a non-blocking peek): tokio's
+        // `try_read` answers from the readiness its reactor last saw, and a node's close that
+        // the reactor has not seen yet would pass for a quiet connection.
         let alive = conn.runtime.id() == runtime
-            && matches!(conn.stream.try_read(&mut [0u8; 1]), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock);
+            && matches!(
+                socket2::SockRef::from(&conn.stream).peek(&mut [std::mem::MaybeUninit::uninit()]),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock
+            );
         if alive {
             return Some(Lease::new(pool, Some(conn)));
         }

@@ -1069,6 +1069,34 @@ async fn connections_closed_by_the_node_are_replaced() {
     }
 }
 
+/// `CLIENT KILL` of every pooled connection, then at once (on a current-thread runtime the
+/// reactor has not run since, so tokio still has every killed socket as quiet) an acquisition
+/// without retries, then its release: each must take a live connection. The check before a
+/// pooled connection is written on must ask the socket, not tokio's cached readiness.
+/// Regression: that check used `try_read`, answered from the cache; the acquisition was written
+/// on a dead connection and failed (and a release's two tries could both fail the same way:
+/// CI, `connections_closed_by_the_node_are_replaced`).
+#[tokio::test(flavor = "current_thread")]
+async fn killed_connections_are_seen_without_the_reactor() {
+    let server = RedisServer::start().unwrap();
+    let lock = RedLock::connect(&[server.url()], config()).unwrap();
+    for round in 0..20 {
+        // Eight connections in the pool, idle once released.
+        let guards = all_at_once(8, |i| acquire(&lock, format!("k:{round}:{i}"))).await;
+        for g in guards {
+            g.unwrap().release().await.unwrap();
+        }
+        // A blocking call: nothing else runs on this thread until it returns.
+        let killed: i64 = server.cmd(&["CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes"]).unwrap();
+        assert!(killed >= 8, "round {round}: {killed} killed");
+        let key = format!("after:{round}");
+        let guard = lock.acquire(&key).await.unwrap_or_else(|e| panic!("round {round}: {e}"));
+        assert!(exists(&server, &key), "round {round}");
+        guard.release().await.unwrap_or_else(|e| panic!("round {round}: release: {e}"));
+        assert!(!exists(&server, &key), "round {round}");
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // 6. URL forms.
 
