@@ -39,6 +39,10 @@ pub struct LockConfig {
     #[serde(with = "humantime_serde")]
     pub node_timeout: Duration,
     /// Attempts after the first when the lock is busy or too few nodes answer (default 3).
+    /// Keep at least one: besides busy locks and nodes away, it covers the one request that
+    /// fails after a node closed an idle connection the client still held (a restart, Redis's
+    /// `timeout`, `CLIENT KILL`) when more than eight requests per node are in flight, so that the
+    /// ninth went over redis-rs's multiplexed connection, which notices the close only then.
     pub retries: u32,
     /// Base pause between attempts (default 100 ms); each pause adds a random jitter of up to
     /// the same amount so contenders do not retry in lockstep.

@@ -120,7 +120,7 @@ pub(crate) struct RedisNode {
 impl RedisNode {
     /// One command.
     async fn query<T: FromRedisValue>(&self, cmd: &redis::Cmd) -> Result<T, String> {
-        let value = self.query_raw(cmd).await.map_err(|e| e.to_string())?;
+        let value = self.query_raw(cmd, Route::Any).await.map_err(|e| e.to_string())?;
         T::from_redis_value(value).map_err(|e| e.to_string())
     }
 
@@ -167,7 +167,7 @@ impl RedisNode {
         source: &str,
         call: impl Fn(&mut redis::Cmd),
     ) -> Result<T, String> {
-        T::from_redis_value(self.script_raw(script, source, call).await.map_err(|e| e.to_string())?)
+        T::from_redis_value(self.script_raw(script, source, call, Route::Any).await.map_err(|e| e.to_string())?)
             .map_err(|e| e.to_string())
     }
 
@@ -177,31 +177,46 @@ impl RedisNode {
         script: &redis::Script,
         source: &str,
         call: impl Fn(&mut redis::Cmd),
+        route: Route,
     ) -> Result<redis::Value, redis::RedisError> {
         let mut evalsha = redis::cmd("EVALSHA");
         evalsha.arg(script.get_hash());
         call(&mut evalsha);
-        match self.query_raw(&evalsha).await {
+        match self.query_raw(&evalsha, route).await {
             Err(e) if e.code() == Some("NOSCRIPT") => {
                 let mut eval = redis::cmd("EVAL");
                 eval.arg(source);
                 call(&mut eval);
-                self.query_raw(&eval).await
+                self.query_raw(&eval, route).await
             }
             other => other,
         }
     }
 
     /// One command, its error as redis-rs gives it (to tell `NOSCRIPT`).
-    async fn query_raw(&self, cmd: &redis::Cmd) -> Result<redis::Value, redis::RedisError> {
-        if let Some(direct) = &self.direct
-            && let Some(reply) = direct.request(cmd.get_packed_command().into(), 1, None).await
-        {
+    async fn query_raw(&self, cmd: &redis::Cmd, route: Route) -> Result<redis::Value, redis::RedisError> {
+        let packed: Arc<[u8]> = cmd.get_packed_command().into();
+        let reply = match (&self.direct, route) {
+            (None, _) => None,
+            (Some(direct), Route::Any) => direct.request(packed, 1, None).await,
+            (Some(direct), Route::Own) => direct.request_own(packed, 1).await,
+        };
+        if let Some(reply) = reply {
             return reply?.pop().unwrap_or(redis::Value::Nil).extract_error();
         }
         let mut con = self.managed.get().map_err(std::io::Error::other)?;
         cmd.query_async(&mut con).await
     }
+}
+
+/// Which connections a command may take.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Route {
+    /// One of the node's own, or the multiplexed one when they are all busy.
+    Any,
+    /// One of the node's own, waited for if they are all busy (the multiplexed one only for a
+    /// URL they do not speak): see `Direct::request_own`.
+    Own,
 }
 
 /// A command to send on a multiplexed connection after a request there that was cut or failed:
@@ -349,9 +364,16 @@ impl Node {
         match self {
             Node::Redis { con, .. } => {
                 let reply = con
-                    .script_raw(&RELEASE, RELEASE_LUA, |c| {
-                        c.arg(1).arg(key).arg(token);
-                    })
+                    .script_raw(
+                        &RELEASE,
+                        RELEASE_LUA,
+                        |c| {
+                            c.arg(1).arg(key).arg(token);
+                        },
+                        // Whether a failed try was sent at all decides what a later "no key"
+                        // means (see `RedLock::release_node`).
+                        Route::Own,
+                    )
                     .await
                     .map_err(|e| ReleaseFailed { may_have_run: !e.is_connection_refusal(), error: e.to_string() })?;
                 i64::from_redis_value(reply).map_err(|e| ReleaseFailed { may_have_run: true, error: e.to_string() })

@@ -257,9 +257,9 @@ async fn a_paused_minority_does_not_hold_up_a_release() {
 
 /// A node's release that fails is tried again while the TTL lasts. Here node 2 is paused with
 /// its eight connections of this client's own busy (each with a request left behind there by an
-/// acquisition that ended at a majority), so the release goes over the multiplexed connection and
-/// times out, again and again, for 2 s; once the node runs again the key goes, long before its
-/// TTL (20 s). Before, two failed tries gave up and the node kept the key for its whole TTL.
+/// acquisition that ended at a majority), so the release waits for one of them (it does not go
+/// over the multiplexed connection), past the node timeout, for 2 s; once the node runs again
+/// the key goes, long before its TTL (20 s). Before, two failed tries gave up and the node kept the key for its whole TTL.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_release_that_fails_on_a_paused_node_is_tried_again_within_the_ttl() {
     let mut nodes = RedisNodes::start(3).unwrap();
