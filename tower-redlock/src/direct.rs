@@ -63,12 +63,10 @@ struct Pool {
     idle: Mutex<Vec<Conn>>,
     /// Connections open: idle, in use, or finishing a cut request.
     open: AtomicUsize,
-    /// Told when a connection goes back idle or closes: a caller waiting for one of its own
-    /// ([`Direct::request_own`]) looks again.
+    /// Told when a connection goes back idle or closes: every caller waiting for one of its
+    /// own ([`Direct::request_own`]) looks again. All of them: a waiter's task may be on a
+    /// runtime nobody drives any more, and a wake-up given to it alone would be lost.
     freed: tokio::sync::Notify,
-    /// Callers waiting for a connection of their own: while there are any, other requests
-    /// leave the free ones to them (and go over the multiplexed connection).
-    waiting: AtomicUsize,
 }
 
 struct Conn {
@@ -123,7 +121,7 @@ impl Lease {
         if let Some(conn) = self.conn.take() {
             self.pool.idle.lock().unwrap_or_else(PoisonError::into_inner).push(conn);
             self.handed_on = true;
-            self.pool.freed.notify_one();
+            self.pool.freed.notify_waiters();
         }
     }
 }
@@ -138,7 +136,7 @@ impl Drop for Lease {
                 // Cut before its first byte: the node has nothing of it, the connection is as
                 // good as idle (and keeps its count).
                 self.pool.idle.lock().unwrap_or_else(PoisonError::into_inner).push(conn);
-                self.pool.freed.notify_one();
+                self.pool.freed.notify_waiters();
                 return;
             }
             // On the connection's runtime, from any thread (a runtime shut down drops the task,
@@ -149,7 +147,7 @@ impl Drop for Lease {
             return;
         }
         self.pool.open.fetch_sub(1, Ordering::AcqRel);
-        self.pool.freed.notify_one();
+        self.pool.freed.notify_waiters();
     }
 }
 
@@ -242,7 +240,6 @@ impl Direct {
             idle: Mutex::default(),
             open: AtomicUsize::new(0),
             freed: tokio::sync::Notify::new(),
-            waiting: AtomicUsize::new(0),
         };
         Some(Self { pool: Arc::new(pool) })
     }
@@ -252,19 +249,6 @@ impl Direct {
     /// dropped once a byte of the request is written, the request is still finished (written
     /// whole, its replies read), then `cleanup` sent after it on the same connection.
     pub(crate) async fn request(
-        &self,
-        packed: Arc<[u8]>,
-        replies: usize,
-        cleanup: Option<Cleanup>,
-    ) -> Option<RedisResult<Vec<Value>>> {
-        if self.pool.waiting.load(Ordering::Acquire) > 0 {
-            return None;
-        }
-        self.send(packed, replies, cleanup).await
-    }
-
-    /// [`request`](Self::request), whoever waits for a connection.
-    async fn send(
         &self,
         packed: Arc<[u8]>,
         replies: usize,
@@ -311,43 +295,28 @@ impl Direct {
     }
 
     /// [`request`](Self::request) on a connection of its own, waiting for one to be free if
-    /// all are busy, ahead of the requests that need not wait (cancel-safe: a waiter dropped
-    /// has sent nothing). `None` only without a runtime. For requests whose failure must tell whether they were sent (a release: a "no
+    /// all are busy (cancel-safe: a waiter dropped has sent nothing). `None` only without a
+    /// runtime. For requests whose failure must tell whether they were sent (a release: a "no
     /// key" answer after a try that may have run counts as deleted), which the multiplexed
     /// connection cannot tell: redis-rs answers "broken pipe" both for a request it never sent
     /// (its connection already closed by the node) and for one whose reply was lost.
+    ///
+    /// It competes for a freed connection with the requests that need not wait (they take the
+    /// multiplexed connection only when none is free): giving waiters priority would send every
+    /// acquisition over the multiplexed connection while any release waits, which under
+    /// sustained load is nearly always.
     pub(crate) async fn request_own(&self, packed: Arc<[u8]>, replies: usize) -> Option<RedisResult<Vec<Value>>> {
         tokio::runtime::Handle::try_current().ok()?;
-        if let Some(reply) = self.request(packed.clone(), replies, None).await {
-            return Some(reply);
-        }
-        let _waiting = Waiting::new(&self.pool);
         loop {
             // Registered before looking, so a connection freed in between is not missed.
             let freed = self.pool.freed.notified();
             tokio::pin!(freed);
             freed.as_mut().enable();
-            if let Some(reply) = self.send(packed.clone(), replies, None).await {
+            if let Some(reply) = self.request(packed.clone(), replies, None).await {
                 return Some(reply);
             }
             freed.await;
         }
-    }
-}
-
-/// One caller counted in [`Pool::waiting`] while it lives.
-struct Waiting<'a>(&'a Pool);
-
-impl<'a> Waiting<'a> {
-    fn new(pool: &'a Pool) -> Self {
-        pool.waiting.fetch_add(1, Ordering::AcqRel);
-        Self(pool)
-    }
-}
-
-impl Drop for Waiting<'_> {
-    fn drop(&mut self) {
-        self.0.waiting.fetch_sub(1, Ordering::AcqRel);
     }
 }
 

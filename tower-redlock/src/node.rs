@@ -375,7 +375,13 @@ impl Node {
                         Route::Own,
                     )
                     .await
-                    .map_err(|e| ReleaseFailed { may_have_run: !e.is_connection_refusal(), error: e.to_string() })?;
+                    // Not run: a refused connection, or the node answering with an error
+                    // (`-BUSY`, `-LOADING`, `-READONLY`...: the script's one write, its final
+                    // `DEL`, did not happen).
+                    .map_err(|e| ReleaseFailed {
+                        may_have_run: !e.is_connection_refusal() && e.code().is_none(),
+                        error: e.to_string(),
+                    })?;
                 i64::from_redis_value(reply).map_err(|e| ReleaseFailed { may_have_run: true, error: e.to_string() })
             }
             Node::Memory(m) => Ok(i64::from(m.release(key, token))),

@@ -494,6 +494,8 @@ struct Proxy {
     conns: Arc<Mutex<Vec<Conn>>>,
     sets: Arc<Mutex<HashMap<String, usize>>>,
     listening: Option<(tokio::sync::oneshot::Sender<()>, std::sync::mpsc::Receiver<()>)>,
+    /// See [`Proxy::answer_next`].
+    answer: Arc<Mutex<Option<Vec<u8>>>>,
 }
 
 impl Proxy {
@@ -506,7 +508,15 @@ impl Proxy {
         });
         let handle = rx.recv().unwrap();
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let mut proxy = Self { handle, port, upstream, conns: Arc::default(), sets: Arc::default(), listening: None };
+        let mut proxy = Self {
+            handle,
+            port,
+            upstream,
+            conns: Arc::default(),
+            sets: Arc::default(),
+            listening: None,
+            answer: Arc::default(),
+        };
         proxy.listen();
         proxy
     }
@@ -522,6 +532,7 @@ impl Proxy {
         let (stopped_tx, stopped_rx) = std::sync::mpsc::channel();
         let (bound_tx, bound_rx) = std::sync::mpsc::channel();
         let (port, upstream, conns, sets) = (self.port, self.upstream.clone(), self.conns.clone(), self.sets.clone());
+        let answer = self.answer.clone();
         self.handle.spawn(async move {
             let listener = TcpListener::bind(("127.0.0.1", port)).await.unwrap();
             bound_tx.send(()).unwrap();
@@ -533,7 +544,7 @@ impl Proxy {
                         let (ctl, rx) = tokio::sync::mpsc::unbounded_channel();
                         let multiplexed = Arc::new(AtomicBool::new(false));
                         conns.lock().unwrap().push(Conn { ctl, multiplexed: multiplexed.clone() });
-                        tokio::spawn(forward(client, upstream.clone(), rx, sets.clone(), multiplexed));
+                        tokio::spawn(forward(client, upstream.clone(), rx, sets.clone(), multiplexed, answer.clone()));
                     }
                 }
             }
@@ -573,6 +584,12 @@ impl Proxy {
         std::thread::sleep(Duration::from_millis(5));
     }
 
+    /// The next request any of the client's own connections sends is not forwarded: the proxy
+    /// answers it with `reply` itself (once).
+    fn answer_next(&self, reply: &[u8]) {
+        *self.answer.lock().unwrap() = Some(reply.to_vec());
+    }
+
     /// How many multiplexed connections it forwards now.
     fn multiplexed(&self) -> usize {
         let conns = self.conns.lock().unwrap();
@@ -597,6 +614,7 @@ async fn forward(
     mut ctl: tokio::sync::mpsc::UnboundedReceiver<Ctl>,
     sets: Arc<Mutex<HashMap<String, usize>>>,
     multiplexed: Arc<AtomicBool>,
+    answer: Arc<Mutex<Option<Vec<u8>>>>,
 ) {
     let Ok(node) = TcpStream::connect(upstream).await else { return };
     let _ = node.set_nodelay(true);
@@ -613,6 +631,13 @@ async fn forward(
                 let n = match read { Ok(0) | Err(_) => return, Ok(n) => n };
                 if std::mem::take(&mut first) && up[..n].windows(7).any(|w| w == b"SETINFO") {
                     multiplexed.store(true, Ordering::Release);
+                }
+                let reply = if multiplexed.load(Ordering::Acquire) { None } else { answer.lock().unwrap().take() };
+                if let Some(reply) = reply {
+                    if client_tx.write_all(&reply).await.is_err() {
+                        return;
+                    }
+                    continue;
                 }
                 parsed.extend_from_slice(&up[..n]);
                 count_sets(&mut parsed, &sets, multiplexed.load(Ordering::Acquire));
@@ -1119,9 +1144,8 @@ fn a_release_over_the_multiplexed_connection_closed_before_it() {
 
 /// Twenty-four tasks take and release locks of their own on one node without pause, three
 /// times the client's own connections: releases never go over the multiplexed connection (they
-/// wait for one of the client's own), and none waits long enough to be answered `Lost`
-/// (node timeout 2 s): a release waiting is served ahead of the acquisitions, which go over
-/// the multiplexed connection meanwhile.
+/// wait for one of the client's own, competing with acquisitions for each one freed), and none
+/// waits long enough to be answered `Lost` (node timeout 2 s).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn releases_under_a_saturated_pool_get_a_connection() {
     let server = RedisServer::start().unwrap();
@@ -1156,4 +1180,42 @@ async fn releases_under_a_saturated_pool_get_a_connection() {
     assert_eq!(proxy.multiplexed_scripts(), 0, "a release went over the multiplexed connection");
     let keys: Vec<String> = server.cmd(&["KEYS", "lock:{sat:*"]).unwrap();
     assert!(keys.is_empty(), "left behind: {keys:?}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// 10. A release the node answers with an error.
+
+/// The node answers a release with an error (`-BUSY` behind a long script, `-LOADING` while it
+/// reloads, `-READONLY` once it became a replica): the script did not run. Its key still there,
+/// the release tried again deletes it: `Ok`. Its key gone meanwhile (an expiry, a restart
+/// without persistence), the try again finds no key, which must not count as deleted: `Lost`.
+///
+/// Regression (helper's review of 819d51e): an error answer counted as a failure that may have
+/// run, so the retry's "no key" counted as deleted and `release()` answered `Ok` for a lock no
+/// node held.
+#[test]
+fn a_release_answered_with_an_error_did_not_run() {
+    let server = RedisServer::start().unwrap();
+    let proxy = Proxy::start(server.addr());
+    let lock = RedLock::connect(&[proxy.url()], config(Duration::from_secs(2))).unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let errors: [&[u8]; 3] = [
+        b"-BUSY Redis is busy running a script. You can only call SCRIPT KILL or SHUTDOWN NOSAVE.\r\n",
+        b"-LOADING Redis is loading the dataset in memory\r\n",
+        b"-READONLY You can't write against a read only replica.\r\n",
+    ];
+    for error in errors {
+        let what = String::from_utf8_lossy(&error[1..error.len() - 2]).into_owned();
+        let guard = rt.block_on(lock.acquire("held")).unwrap();
+        proxy.answer_next(error);
+        let released = rt.block_on(guard.release());
+        assert!(released.is_ok(), "{what}, key held: {released:?}");
+        assert_eq!(value(&server, &lock_key("held")), None, "{what}: the key was released");
+
+        let guard = rt.block_on(lock.acquire("gone")).unwrap();
+        let _: i64 = server.cmd(&["DEL", &lock_key("gone")]).unwrap();
+        proxy.answer_next(error);
+        let released = rt.block_on(guard.release());
+        assert!(matches!(released, Err(LockError::Lost { .. })), "{what}, key gone: {released:?}");
+    }
 }
