@@ -195,11 +195,10 @@ impl RedisNode {
 
     /// One command, its error as redis-rs gives it (to tell `NOSCRIPT`).
     async fn query_raw(&self, cmd: &redis::Cmd, route: Route) -> Result<redis::Value, redis::RedisError> {
-        let packed: Arc<[u8]> = cmd.get_packed_command().into();
         let reply = match (&self.direct, route) {
             (None, _) => None,
-            (Some(direct), Route::Any) => direct.request(packed, 1, None).await,
-            (Some(direct), Route::Own) => direct.request_own(packed, 1).await,
+            (Some(direct), Route::Any) => direct.request(cmd.get_packed_command().into(), 1, None).await,
+            (Some(direct), Route::Own) => direct.request_own(cmd.get_packed_command().into(), 1).await,
         };
         if let Some(reply) = reply {
             return reply?.pop().unwrap_or(redis::Value::Nil).extract_error();
