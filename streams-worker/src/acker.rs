@@ -2,7 +2,7 @@
 //! this consumer still owns them; an entry stays owned (and kept by the heartbeat) until its
 //! acknowledgement is written.
 
-use std::{sync::Arc, sync::atomic::Ordering, time::Duration};
+use std::{collections::VecDeque, sync::Arc, sync::atomic::Ordering, time::Duration};
 
 use tokio::sync::{OwnedSemaphorePermit, mpsc};
 
@@ -24,86 +24,125 @@ pub(crate) enum Ack {
 /// Writes everything that finished since the last round trip; keeps what failed and tries
 /// again, so a Redis blip loses no acknowledgement. Ends when every sender is gone and the
 /// backlog is written (or, with Redis still down, after a last try).
+///
+/// A try whose reply was lost may have run (the script is atomic: all of it or nothing). Until
+/// the backlog is written the next tries then carry the same batch, marked so: its counters are
+/// added only by the run that acknowledges its entries, and entries found not pending at all
+/// by a run that acknowledged none were this worker's, acknowledged by the earlier try.
 pub(crate) async fn acker(ctx: Arc<Ctx>, mut rx: mpsc::UnboundedReceiver<Ack>) {
     let mut backlog: Vec<Ack> = Vec::new();
+    // An earlier try of the backlog may have been written (its reply was lost); meanwhile what
+    // comes in waits in `held`.
+    let mut unsure = false;
+    let mut held: VecDeque<Ack> = VecDeque::new();
+    let mut last_try = false;
     loop {
+        if unsure {
+            while let Ok(op) = rx.try_recv() {
+                held.push_back(op);
+            }
+        } else {
+            while backlog.len() < 512 {
+                match held.pop_front().map_or_else(|| rx.try_recv().ok(), Some) {
+                    Some(op) => backlog.push(op),
+                    None => break,
+                }
+            }
+        }
         if backlog.is_empty() {
             match rx.recv().await {
                 Some(op) => backlog.push(op),
                 None => return,
             }
+            continue;
         }
-        while backlog.len() < 512 {
-            match rx.try_recv() {
-                Ok(op) => backlog.push(op),
-                Err(_) => break,
-            }
-        }
-        match write(&ctx, &backlog).await {
-            Ok(missed) if missed.first() == Some(&-1) => {
-                // Some were no longer pending at all; the script knows how many, not which.
-                let total = backlog.iter().filter(|op| matches!(op, Ack::Processed { .. })).count() as u64;
-                let not_acked = missed.get(1).map_or(0, |&n| u64::try_from(n).unwrap_or(0)).min(total);
-                ctx.counters.processed.fetch_add(total - not_acked, Ordering::Relaxed);
-                ctx.metrics.processed.increment(total - not_acked);
-                if not_acked > 0 {
-                    ctx.counters.lost.fetch_add(not_acked, Ordering::Relaxed);
-                    ctx.metrics.lost.increment(not_acked);
-                    tracing::warn!(
-                        count = not_acked,
-                        "finished entries were no longer pending in the group (made again, or changed by hand); not counted here"
-                    );
-                }
-                written(&ctx, &mut backlog);
-            }
+        match write(&ctx, &backlog, unsure).await {
             Ok(missed) => {
-                // The script lists what it did not acknowledge (by position among the entries):
-                // taken by another consumer, or listed before in this batch.
-                let mut missed = missed.into_iter().peekable();
-                let (mut position, mut processed) = (0, 0);
-                for op in &backlog {
-                    let (counts, id) = match op {
-                        Ack::Processed { id, .. } => (true, id),
-                        Ack::Skipped { id, .. } => (false, id),
-                        Ack::Count(_) => continue,
-                    };
-                    position += 1;
-                    let acked = missed.next_if_eq(&position).is_none();
-                    match (counts, acked) {
-                        (true, true) => processed += 1,
-                        (true, false) => lost(&ctx, id),
-                        (false, _) => {}
-                    }
-                }
-                ctx.counters.processed.fetch_add(processed, Ordering::Relaxed);
-                ctx.metrics.processed.increment(processed);
+                settle(&ctx, &backlog, &missed, unsure);
                 written(&ctx, &mut backlog);
+                unsure = false;
             }
             Err(error) if crate::ctx::is_nogroup(&error) => {
                 // The group is gone, and with it what we owned: nothing left to acknowledge.
                 ctx.recreate_group().await;
-                for op in backlog.drain(..) {
-                    if let Ack::Processed { id, .. } | Ack::Skipped { id, .. } = op {
-                        ctx.disown(&id);
-                    }
-                }
+                disown(&ctx, backlog.drain(..));
+                unsure = false;
             }
             Err(error) => {
                 ctx.redis_trouble();
-                tracing::warn!(%error, pending = backlog.len(), "acknowledgements failed; retrying");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-                if rx.is_closed() && rx.is_empty() && write(&ctx, &backlog).await.is_err() {
+                unsure |= crate::ctx::may_have_run(&error);
+                if last_try {
                     // Shutting down with Redis away: the entries stay pending and are handed on.
-                    for op in backlog.drain(..) {
-                        if let Ack::Processed { id, .. } | Ack::Skipped { id, .. } = op {
-                            ctx.disown(&id);
-                        }
-                    }
+                    disown(
+                        &ctx,
+                        backlog.drain(..).chain(held.drain(..)).chain(std::iter::from_fn(|| rx.try_recv().ok())),
+                    );
                     return;
                 }
+                tracing::warn!(%error, pending = backlog.len(), "acknowledgements failed; retrying");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                // Every sender gone: one more try.
+                last_try = rx.is_closed();
             }
         }
     }
+}
+
+/// Lets go of entries whose acknowledgement will not be written: they stay pending.
+fn disown(ctx: &Ctx, ops: impl Iterator<Item = Ack>) {
+    for op in ops {
+        if let Ack::Processed { id, .. } | Ack::Skipped { id, .. } = op {
+            ctx.disown(&id);
+        }
+    }
+}
+
+/// Counts what the script answered for a written batch (see `ack.lua`): each processed entry
+/// as processed here, or lost to another consumer.
+fn settle(ctx: &Ctx, backlog: &[Ack], missed: &[i64], unsure: bool) {
+    let total = backlog.iter().filter(|op| matches!(op, Ack::Processed { .. })).count() as u64;
+    if missed.first() == Some(&0) {
+        // From the fast path (never taken by a marked retry): some were no longer pending at
+        // all; the script knows how many, not which.
+        let not_acked = missed.get(1).map_or(0, |&n| u64::try_from(n).unwrap_or(0)).min(total);
+        ctx.counters.processed.fetch_add(total - not_acked, Ordering::Relaxed);
+        ctx.metrics.processed.increment(total - not_acked);
+        if not_acked > 0 {
+            ctx.counters.lost.fetch_add(not_acked, Ordering::Relaxed);
+            ctx.metrics.lost.increment(not_acked);
+            tracing::warn!(
+                count = not_acked,
+                "finished entries were no longer pending in the group (made again, or changed by hand); not counted here"
+            );
+        }
+        return;
+    }
+    // Listed by position among the entries, ascending by position; negated if not pending at all.
+    let entries = backlog.iter().filter(|op| !matches!(op, Ack::Count(_))).count();
+    // A marked retry that acknowledged none of the batch: an earlier try did (else another
+    // consumer took every one of them over meanwhile).
+    let earlier_try_wrote = unsure && missed.len() == entries && missed.iter().any(|&p| p < 0);
+    let mut missed = missed.iter().map(|p| (p.unsigned_abs(), *p < 0)).peekable();
+    let (mut position, mut processed) = (0, 0);
+    for op in backlog {
+        let (counts, id) = match op {
+            Ack::Processed { id, .. } => (true, id),
+            Ack::Skipped { id, .. } => (false, id),
+            Ack::Count(_) => continue,
+        };
+        position += 1;
+        let acked = match missed.next_if(|&(p, _)| p == position) {
+            None => true,
+            Some((_, gone)) => gone && earlier_try_wrote,
+        };
+        match (counts, acked) {
+            (true, true) => processed += 1,
+            (true, false) => lost(ctx, id),
+            (false, _) => {}
+        }
+    }
+    ctx.counters.processed.fetch_add(processed, Ordering::Relaxed);
+    ctx.metrics.processed.increment(processed);
 }
 
 /// After a written batch: lets go of its entries all at once, then frees their permits (as the
@@ -137,9 +176,10 @@ fn lost(ctx: &Ctx, id: &str) {
 }
 
 /// One round trip: the ack script for the finished entries and counters. Returns the positions
-/// (1-based, ascending, among the entries) of those it did not acknowledge, or `[-1, processed
-/// ones not acknowledged, skipped ones not acknowledged]` (see `ack.lua`).
-async fn write(ctx: &Ctx, ops: &[Ack]) -> Result<Vec<i64>, redis::RedisError> {
+/// (1-based, ascending, among the entries) of those it did not acknowledge, negated for those
+/// not pending at all, or `[0, processed ones not acknowledged, skipped ones not acknowledged]`
+/// (see `ack.lua`). `unsure`: an earlier try of this batch may have been written.
+async fn write(ctx: &Ctx, ops: &[Ack], unsure: bool) -> Result<Vec<i64>, redis::RedisError> {
     let status_ttl = ctx.status_ttl_ms();
     let mut finished: Vec<(&str, &str, u64)> = Vec::with_capacity(ops.len());
     let mut kinds = String::with_capacity(ops.len());
@@ -176,8 +216,8 @@ async fn write(ctx: &Ctx, ops: &[Ack]) -> Result<Vec<i64>, redis::RedisError> {
     let mut seen =
         std::collections::HashSet::with_capacity_and_hasher(finished.len(), foldhash::fast::RandomState::default());
     let once = finished.iter().all(|&(id, ..)| seen.insert(id));
-    // '-' is no token: the checked path.
-    let epoch = ctx.common_epoch(finished.iter().map(|&(id, ..)| id)).filter(|_| once);
+    // '-' is no token: the checked path; '?' the checked path for a batch that may be written.
+    let epoch = if unsure { None } else { ctx.common_epoch(finished.iter().map(|&(id, ..)| id)).filter(|_| once) };
     invocation
         .arg(&*ctx.group)
         .arg(&*ctx.consumer)
@@ -186,7 +226,7 @@ async fn write(ctx: &Ctx, ops: &[Ack]) -> Result<Vec<i64>, redis::RedisError> {
         .arg(first)
         .arg(last)
         .arg(kinds)
-        .arg(epoch.as_ref().map_or("-", |e| e.as_str()));
+        .arg(epoch.as_ref().map_or(if unsure { "?" } else { "-" }, |e| e.as_str()));
     for (id, ..) in &finished {
         invocation.arg(*id);
     }

@@ -121,6 +121,35 @@ pub(crate) fn is_nogroup(error: &redis::RedisError) -> bool {
     error.code() == Some("NOGROUP") || error.to_string().contains("NOGROUP")
 }
 
+/// Whether a command that failed with `error` may have run all the same: anything but an error
+/// reply from the server or a refused connection (a timeout, a connection lost after the
+/// request was sent, an answer that could not be read) leaves it unknown.
+pub(crate) fn may_have_run(error: &redis::RedisError) -> bool {
+    error.code().is_none() && !error.is_connection_refusal()
+}
+
+/// What the retry and dead-letter scripts did with an entry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Moved {
+    /// Moved on and acknowledged.
+    Done,
+    /// Another consumer owns the entry now: nothing written.
+    Elsewhere,
+    /// Not pending at all: acknowledged already, by an earlier try of this write whose reply was
+    /// lost, or by another consumer that took it over.
+    Gone,
+}
+
+impl Moved {
+    fn from_reply(reply: i64) -> Self {
+        match reply {
+            1 => Self::Done,
+            -1 => Self::Gone,
+            _ => Self::Elsewhere,
+        }
+    }
+}
+
 impl Ctx {
     pub(crate) fn new(
         con: Conn,
@@ -413,7 +442,7 @@ impl Ctx {
         delay: Duration,
         attempt: u64,
         error: &str,
-    ) -> Result<bool, redis::RedisError> {
+    ) -> Result<Moved, redis::RedisError> {
         let task = crate::envelope::task_id(&entry.fields).unwrap_or_default();
         let mut invocation = scripts::RETRY.key(&*self.stream);
         invocation.key(&self.delayed).key(&self.stats);
@@ -429,8 +458,7 @@ impl Ctx {
             .arg(self.status_ttl_ms())
             .arg(attempt)
             .arg(error);
-        let scheduled: i64 = invocation.invoke_async(&mut self.con()).await?;
-        Ok(scheduled == 1)
+        Ok(Moved::from_reply(invocation.invoke_async(&mut self.con()).await?))
     }
 
     /// To the dead-letter stream with `reason`, acknowledged, if still ours.
@@ -440,7 +468,7 @@ impl Ctx {
         reason: &str,
         deliveries: u64,
         failed_run: bool,
-    ) -> Result<bool, redis::RedisError> {
+    ) -> Result<Moved, redis::RedisError> {
         let task = crate::envelope::task_id(&entry.fields).unwrap_or_default();
         let mut invocation = scripts::DEAD.key(&*self.stream);
         invocation.key(&self.dead_letter).key(&self.stats);
@@ -469,13 +497,7 @@ impl Ctx {
             .arg(&*self.group)
             .arg("consumer")
             .arg(&*self.consumer);
-        let moved: i64 = invocation.invoke_async(&mut self.con()).await?;
-        if moved == 1 {
-            self.counters.dead_lettered.fetch_add(1, Ordering::Relaxed);
-            self.metrics.dead_lettered.increment(1);
-            tracing::warn!(id = %entry.id, deliveries, reason, "moved to the dead-letter stream");
-        }
-        Ok(moved == 1)
+        Ok(Moved::from_reply(invocation.invoke_async(&mut self.con()).await?))
     }
 
     /// Hands this consumer's unfinished entries to others at once (shutdown); those it never

@@ -15,7 +15,7 @@ use tower::Service;
 
 use crate::{
     acker::Ack,
-    ctx::{Ctx, Fetched},
+    ctx::{Ctx, Fetched, Moved},
     envelope::{Delivery, attempts_before, decode, for_group, retry_member, task_id},
     error::BoxError,
     keys,
@@ -241,7 +241,11 @@ async fn finish_dead(
 ) -> bool {
     let ours =
         until_written(entry, cancel, "dead-letter", || ctx.dead_letter(entry, reason, attempt, failed_run)).await;
-    if !ours {
+    if ours {
+        ctx.counters.dead_lettered.fetch_add(1, Ordering::Relaxed);
+        ctx.metrics.dead_lettered.increment(1);
+        tracing::warn!(id = %entry.id, deliveries = attempt, reason, "moved to the dead-letter stream");
+    } else {
         tracing::warn!(id = %entry.id, "entry was taken over by another consumer; left to it");
     }
     ctx.disown(&entry.id);
@@ -251,21 +255,28 @@ async fn finish_dead(
 /// Runs `write` (a script that moves the entry on and acknowledges it, if it is still ours)
 /// until Redis answers. Meanwhile the entry stays owned (the heartbeat keeps it) and its permit
 /// held, so reading waits too; a failed write never leaves an entry pending that nobody keeps.
-/// Returns whether the entry was still ours; `false` as well if it was taken over meanwhile
-/// (`cancel`), and then left to its new owner.
+/// Returns whether the entry was still ours (and is now moved on); `false` as well if it was
+/// taken over meanwhile (`cancel`), and then left to its new owner.
+///
+/// A try whose reply was lost may have run: the next one then finds the entry not pending at
+/// all, which is this write done, not a takeover (the script is atomic and the entry was ours
+/// until one of the tries ran, unless another consumer took it over and finished it between
+/// the tries: counted here then as well).
 async fn until_written<F, Fut>(entry: &Fetched, cancel: &CancellationToken, what: &str, mut write: F) -> bool
 where
     F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<bool, redis::RedisError>>,
+    Fut: std::future::Future<Output = Result<Moved, redis::RedisError>>,
 {
     let mut pause = std::time::Duration::from_millis(50);
+    let mut unsure = false;
     loop {
         match write().await {
-            Ok(ours) => return ours,
+            Ok(moved) => return moved == Moved::Done || (unsure && moved == Moved::Gone),
             // The group is gone, and with it what it had pending: nothing left to move on (the
             // fetch loop and the acker make the group again).
             Err(error) if crate::ctx::is_nogroup(&error) => return false,
             Err(error) => {
+                unsure |= crate::ctx::may_have_run(&error);
                 tracing::warn!(%error, id = %entry.id, ?pause, "could not {what}; the entry stays ours, trying again");
             }
         }

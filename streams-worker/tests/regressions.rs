@@ -279,3 +279,70 @@ async fn acknowledgements_spanning_more_than_a_page_of_pending_entries_are_all_w
     stop.cancel();
     handle.await.unwrap();
 }
+
+/// Writes whose reply was lost: `CLIENT PAUSE WRITE` holds the worker's acknowledgement, retry
+/// and dead-letter scripts past the client's 2 s response timeout, then lets them all run. The
+/// first try of each ran (its reply was dropped), so its retry found the entry no longer
+/// pending. Before: the retry read that as "taken over by another consumer": the worker counted
+/// the entry `lost`, not `processed`, `failed` or `dead_lettered` (found by
+/// `review_slots::seeded_outages_with_every_slot_taken_finish_everything`, which lost a reply
+/// to a kill of Redis).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_whose_reply_was_lost_are_counted_once_as_this_workers() {
+    let server = RedisServer::start().unwrap();
+    let redis = Redis::url(&server.url()).unwrap();
+    let producer = Producer::connect(&redis, "unsure").await.unwrap();
+    // Loaded already, as after any earlier run: a first use would be held by the pause too and
+    // then answered NOSCRIPT (not run), which the worker's retry of it would then load and run.
+    for source in [
+        include_str!("../src/scripts/ack.lua"),
+        include_str!("../src/scripts/retry.lua"),
+        include_str!("../src/scripts/dead.lua"),
+    ] {
+        let _: String = server.cmd(&["SCRIPT", "LOAD", source]).unwrap();
+    }
+    // Delivery n of a task waits until the gate is at n or more.
+    let (gate, gate_rx) = tokio::sync::watch::channel(0u64);
+    let waiting = Arc::new(AtomicUsize::new(0));
+    let handler = {
+        let waiting = waiting.clone();
+        service_fn(move |task: Delivery<Value>| {
+            let (mut gate, waiting) = (gate_rx.clone(), waiting.clone());
+            async move {
+                waiting.fetch_add(1, Ordering::SeqCst);
+                let _ = gate.wait_for(|&g| g >= task.deliveries).await;
+                waiting.fetch_sub(1, Ordering::SeqCst);
+                match task.payload["fail_until"].as_u64() {
+                    Some(n) if task.deliveries <= n => Err("planned failure"),
+                    _ => Ok(()),
+                }
+            }
+        })
+    };
+    let cfg = WorkerConfig { concurrency: 3, max_deliveries: 2, claim_idle: Duration::from_secs(60), ..config() };
+    let (handle, stop, worker) = spawn(&redis, "unsure", cfg, handler);
+    producer.send_kind("t", &json!({})).await.unwrap(); // processed at once
+    producer.send_kind("t", &json!({ "fail_until": 1 })).await.unwrap(); // retried, then processed
+    producer.send_kind("t", &json!({ "fail_until": 9 })).await.unwrap(); // retried, then dead
+    // Round 1: one acknowledgement and two retries; round 2: one acknowledgement and one dead
+    // letter. Each round's writes are held 3.5 s by the pause, longer than the response timeout.
+    for (round, running) in [(1, 3), (2, 2)] {
+        wait_for("the round's runs", Duration::from_secs(20), async || waiting.load(Ordering::SeqCst) == running).await;
+        let _: () = server.cmd(&["CLIENT", "PAUSE", "3500", "WRITE"]).unwrap();
+        gate.send_replace(round);
+        wait_for("the round's writes", Duration::from_secs(30), async || {
+            let s = worker.local_stats();
+            s.in_flight == 0 && s.processed + s.failed + s.lost == if round == 1 { 3 } else { 5 }
+        })
+        .await;
+    }
+    let local = worker.local_stats();
+    let s = stats(&mut redis.connect().await.unwrap(), "unsure", "workers").await.unwrap();
+    let seen = format!("local {local:?}; shared {s:?}");
+    assert_eq!(local.lost, 0, "{seen}");
+    assert_eq!((local.processed, local.failed, local.dead_lettered, local.retried), (2, 3, 1, 2), "{seen}");
+    assert_eq!((s.processed, s.failed, s.dead_lettered, s.retried, s.pending), (2, 3, 1, 2, 0), "{seen}");
+    assert_eq!(server.cmd::<u64>(&["XLEN", "unsure:dead"]).unwrap(), 1, "{seen}");
+    stop.cancel();
+    handle.await.unwrap();
+}

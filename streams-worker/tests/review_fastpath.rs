@@ -153,8 +153,8 @@ impl<'a> Ack<'a> {
         Self { stream, group, consumer, entries, token, status_ttl: 0, counts: &[] }
     }
 
-    /// The script's reply: positions not acknowledged, or `[-1, processed not acknowledged,
-    /// skipped not acknowledged]`.
+    /// The script's reply: positions not acknowledged (negated if not pending at all), or
+    /// `[0, processed not acknowledged, skipped not acknowledged]`.
     fn invoke(&self, con: &mut redis::Connection) -> Vec<i64> {
         let Self { stream, group, consumer, entries, token, status_ttl, counts } = *self;
         let script = redis::Script::new(ACK_LUA);
@@ -190,10 +190,11 @@ impl<'a> Ack<'a> {
 /// What the acker counts as processed locally from the script's reply (`acker::run`).
 fn local_processed(entries: &[(String, char)], reply: &[i64]) -> u64 {
     let total = entries.iter().filter(|(_, k)| *k == 'p').count() as u64;
-    if reply.first() == Some(&-1) {
+    if reply.first() == Some(&0) {
         total - reply.get(1).map_or(0, |&n| u64::try_from(n).unwrap_or(0)).min(total)
     } else {
-        entries.iter().enumerate().filter(|(i, (_, k))| *k == 'p' && !reply.contains(&(*i as i64 + 1))).count() as u64
+        let missed: Vec<u64> = reply.iter().map(|p| p.unsigned_abs()).collect();
+        entries.iter().enumerate().filter(|(i, (_, k))| *k == 'p' && !missed.contains(&(*i as u64 + 1))).count() as u64
     }
 }
 

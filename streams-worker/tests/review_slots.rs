@@ -404,18 +404,39 @@ async fn seeded_outages_with_every_slot_taken_finish_everything() {
     }
     let dead = DeadLetters::new(con(&redis).await, "mix");
     let max_in_flight: Vec<AtomicUsize> = workers.iter().map(|_| AtomicUsize::new(0)).collect();
-    wait_for("every task done or dead", Duration::from_secs(120), async || {
-        for (((_, _, w), _), m) in workers.iter().zip(&max_in_flight) {
-            m.fetch_max(w.local_stats().in_flight as usize, Ordering::SeqCst);
+    // What was seen last, printed if the wait times out.
+    let last = Mutex::new(String::from("nothing read yet"));
+    let waited = tokio::time::timeout(Duration::from_secs(120), async {
+        loop {
+            for (((_, _, w), _), m) in workers.iter().zip(&max_in_flight) {
+                m.fetch_max(w.local_stats().in_flight as usize, Ordering::SeqCst);
+            }
+            if let (Ok(s), Ok(d)) = (stats(&mut con(&redis).await, "mix", "workers").await, dead.len().await) {
+                let not_ok: Vec<&String> = {
+                    let ok = log.ok.lock().unwrap();
+                    expect_ok.iter().filter(|id| !ok.contains_key(*id)).collect()
+                };
+                let delayed: Result<u64, _> = server.cmd(&["ZCARD", "mix:delayed"]);
+                let pending: Result<redis::Value, _> = server.cmd(&["XPENDING", "mix", "workers", "-", "+", "20"]);
+                *last.lock().unwrap() = format!(
+                    "not yet succeeded {not_ok:?}; dead {d} of {expect_dead}; {s:?}; delayed {delayed:?}; \
+                     pending {pending:?}; workers {:?}",
+                    workers.iter().map(|((_, _, w), _)| w.local_stats()).collect::<Vec<_>>()
+                );
+                if not_ok.is_empty()
+                    && d == expect_dead
+                    && s.pending == 0
+                    && s.lag == Some(0)
+                    && matches!(delayed, Ok(0))
+                {
+                    return;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        let Ok(s) = stats(&mut con(&redis).await, "mix", "workers").await else { return false };
-        let Ok(d) = dead.len().await else { return false };
-        let ok = log.ok.lock().unwrap();
-        let all_ok = expect_ok.iter().all(|id| ok.contains_key(id));
-        let delayed: u64 = server.cmd(&["ZCARD", "mix:delayed"]).unwrap_or(1);
-        all_ok && d == expect_dead && s.pending == 0 && s.lag == Some(0) && delayed == 0
     })
     .await;
+    assert!(waited.is_ok(), "every task not done or dead after 120 s (seed {seed}): {}", last.lock().unwrap());
     sampling.store(false, Ordering::SeqCst);
     sampler.join().unwrap();
     eprintln!("max in_flight per worker (its own view): {max_in_flight:?}");
@@ -450,7 +471,6 @@ async fn seeded_outages_with_every_slot_taken_finish_everything() {
     assert_eq!(s.processed, distinct_ok, "processed != distinct tasks succeeded (seed {seed})");
     assert_eq!(local_processed, distinct_ok, "local processed != distinct tasks succeeded (seed {seed})");
     assert_eq!(s.pending, 0);
-    let _ = ids;
 }
 
 /// Concurrency 1, a long run of entries that never reach a handler or reach it in every way:

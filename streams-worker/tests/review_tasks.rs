@@ -552,7 +552,7 @@ fn ack_script_with_status_ttl_mixed_batch() {
         ("4-0", 'p', "t4", 3),
         ("4-0", 'p', "t4", 9), // listed twice: missed
         ("6-0", 'p', "t6", 1),
-        ("9-0", 'p', "t9", 1), // never delivered: missed
+        ("9-0", 'p', "t9", 1), // never delivered: missed, not pending at all (negated)
         ("5-0", 'p', "t5", 7),
     ];
     let ttl_ms = 60_000u64;
@@ -572,8 +572,8 @@ fn ack_script_with_status_ttl_mixed_batch() {
         inv.arg(*attempt);
     }
     inv.arg("retried").arg(3).arg("failed").arg(2).arg("retried").arg(1);
-    let missed: Vec<u64> = inv.invoke(&mut c).unwrap();
-    assert_eq!(missed, vec![3, 5, 7, 9]);
+    let missed: Vec<i64> = inv.invoke(&mut c).unwrap();
+    assert_eq!(missed, vec![3, 5, 7, -9]);
     let pending: Vec<(String, String, u64, u64)> =
         redis::cmd("XPENDING").arg("s").arg("g").arg("-").arg("+").arg(100).query(&mut c).unwrap();
     let pending: Vec<(String, String)> = pending.into_iter().map(|p| (p.0, p.1)).collect();
@@ -598,6 +598,52 @@ fn ack_script_with_status_ttl_mixed_batch() {
     assert_eq!(counts.len(), 3, "{counts:?}");
 }
 
+/// A batch retried after a try whose reply was lost, marked `?` (checked path): entries the
+/// earlier try acknowledged come back negated (not pending at all), and its counters are added
+/// only by a run that acknowledges one of its entries, so never twice; a batch of counters
+/// alone has nothing to tell by and is added again (documented).
+#[test]
+fn ack_script_marked_retry_adds_counters_once() {
+    let server = RedisServer::start().unwrap();
+    let mut c = server.connection().unwrap();
+    let _: () = redis::cmd("XGROUP").arg("CREATE").arg("s").arg("g").arg("0").arg("MKSTREAM").query(&mut c).unwrap();
+    for i in 1..=3 {
+        let _: String = redis::cmd("XADD").arg("s").arg(format!("{i}-0")).arg("f").arg("v").query(&mut c).unwrap();
+    }
+    let _: redis::Value =
+        redis::cmd("XREADGROUP").arg("GROUP").arg("g").arg("c").arg("STREAMS").arg("s").arg(">").query(&mut c).unwrap();
+    let script = redis::Script::new(ACK_LUA);
+    let ack = |c: &mut redis::Connection, ids: &[&str], epoch: &str, retried: u64| -> Vec<i64> {
+        let mut inv = script.key("s");
+        inv.key("s:stats").key("s:takeovers:g");
+        let (first, last) = (ids.first().copied().unwrap_or("-"), ids.last().copied().unwrap_or("+"));
+        inv.arg("g").arg("c").arg(0).arg(ids.len()).arg(first).arg(last).arg("p".repeat(ids.len())).arg(epoch);
+        for id in ids {
+            inv.arg(*id);
+        }
+        inv.arg("retried").arg(retried).invoke(c).unwrap()
+    };
+    let counted = |c: &mut redis::Connection| -> (u64, u64) {
+        let counts: HashMap<String, u64> = redis::cmd("HGETALL").arg("s:stats").query(c).unwrap();
+        (counts.get("g:processed").copied().unwrap_or(0), counts.get("g:retried").copied().unwrap_or(0))
+    };
+    // The first try runs; its reply is lost.
+    assert!(ack(&mut c, &["1-0", "2-0"], "-", 2).is_empty());
+    assert_eq!(counted(&mut c), (2, 2));
+    // The marked retry: both acknowledged already, nothing added.
+    assert_eq!(ack(&mut c, &["1-0", "2-0"], "?", 2), vec![-1, -2]);
+    assert_eq!(counted(&mut c), (2, 2));
+    // A marked retry whose first try did not run: acknowledged and counted now.
+    assert!(ack(&mut c, &["3-0"], "?", 1).is_empty());
+    assert_eq!(counted(&mut c), (3, 3));
+    // Counters alone, marked: added (again, if an earlier try ran).
+    assert!(ack(&mut c, &[], "?", 4).is_empty());
+    assert_eq!(counted(&mut c), (3, 7));
+    // Unmarked, a missing entry is still told apart from one another consumer owns: none here.
+    assert_eq!(ack(&mut c, &["2-0"], "-", 1), vec![-1]);
+    assert_eq!(counted(&mut c), (3, 8));
+}
+
 /// Without a status TTL the script gets no status keys and no attempts: the counter pairs come
 /// straight after the ids. Only counters (no entry at all) too.
 #[test]
@@ -613,7 +659,7 @@ fn ack_script_without_status_ttl_reads_counters_after_the_ids() {
     let script = redis::Script::new(ACK_LUA);
     let epoch: String =
         redis::Script::new(include_str!("../src/scripts/epoch.lua")).key("s:takeovers:g").invoke(&mut c).unwrap();
-    let missed: Vec<u64> = script
+    let missed: Vec<i64> = script
         .key("s")
         .key("s:stats")
         .key("s:takeovers:g")
@@ -634,7 +680,7 @@ fn ack_script_without_status_ttl_reads_counters_after_the_ids() {
         .invoke(&mut c)
         .unwrap();
     assert!(missed.is_empty(), "{missed:?}");
-    let missed: Vec<u64> = script
+    let missed: Vec<i64> = script
         .key("s")
         .key("s:stats")
         .key("s:takeovers:g")

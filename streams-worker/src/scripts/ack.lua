@@ -4,14 +4,17 @@
 -- ARGV[1] group, ARGV[2] consumer, ARGV[3] status TTL in ms (0: no status), ARGV[4] number of
 -- entries n, ARGV[5] and ARGV[6] the lowest and highest of their ids (or '-' and '+'), ARGV[7]
 -- one letter per entry: 'p' (processed) or 's' (skipped duplicate), ARGV[8] the epoch (see
--- epoch.lua) read before each of the entries was delivered ('-' if they differ or are unknown),
--- then the n entry ids, then
+-- epoch.lua) read before each of the entries was delivered ('-' if they differ or are unknown;
+-- '?' for a batch an earlier try may have written already, its reply lost: its counters are
+-- then added only if this run acknowledges one of its entries, or it has none), then the n
+-- entry ids, then
 -- (with a status TTL only) the n attempts. Then pairs of counter field and increment until the
 -- end.
 -- Returns the positions (1-based, in the listing) of the entries not acknowledged: another
--- consumer took them meanwhile, or they were listed before. Usually none: the reply stays short.
+-- consumer took them meanwhile, or they were listed before; negated for those not pending at
+-- all (acknowledged already). Usually none: the reply stays short.
 -- Or, from the fast path below only when some of its entries were no longer pending at all (the
--- group was made again, or changed by hand): {-1, processed ones not acknowledged, skipped
+-- group was made again, or changed by hand): {0, processed ones not acknowledged, skipped
 -- ones not acknowledged}.
 local group, consumer = ARGV[1], ARGV[2]
 local ttl = tonumber(ARGV[3])
@@ -69,7 +72,7 @@ if ARGV[8] == run .. '/' .. (redis.call('GET', KEYS[3]) or '0') then
     if p == n then
       return {}
     end
-    return {-1, n - p, 0}
+    return {0, n - p, 0}
   end
   local processed, skipped = {}, {}
   for i = 1, n do
@@ -86,7 +89,7 @@ if ARGV[8] == run .. '/' .. (redis.call('GET', KEYS[3]) or '0') then
   if p == #processed and s == #skipped then
     return {}
   end
-  return {-1, #processed - p, #skipped - s}
+  return {0, #processed - p, #skipped - s}
 end
 -- What this consumer still owns in the batch's id range: XPENDING with a consumer reads only
 -- that consumer's own pending list, a page at a time.
@@ -118,10 +121,14 @@ for i = 1, n do
     if kind == P then
       done(i)
     end
-  else
+  elseif redis.call('XPENDING', KEYS[1], group, id, id, 1)[1] then
     missed[#missed + 1] = i
+  else
+    missed[#missed + 1] = -i
   end
 end
 ack(acked)
-count(processed)
+if ARGV[8] ~= '?' or #acked > 0 or n == 0 then
+  count(processed)
+end
 return missed

@@ -4,9 +4,13 @@
 -- key (optional). ARGV[1] group, ARGV[2] consumer, ARGV[3] entry id, ARGV[4] dead-letter
 -- MAXLEN, ARGV[5] status TTL ms (0: none), ARGV[6] failed (1 if a handler run failed, to count),
 -- ARGV[7] reason, then the dead-letter record's field/value pairs.
--- Returns 1 when moved, 0 when the entry is no longer ours.
+-- Returns 1 when moved, 0 when another consumer owns the entry, -1 when it is not pending at all
+-- (acknowledged already: by an earlier try whose reply was lost, or by another consumer).
 local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[3], ARGV[3], 1)
-if not (p[1] and p[1][2] == ARGV[2]) then
+if not p[1] then
+  return -1
+end
+if p[1][2] ~= ARGV[2] then
   return 0
 end
 local record = {}

@@ -3,9 +3,13 @@
 -- KEYS[1] the stream, KEYS[2] the delayed set, KEYS[3] the stats hash, KEYS[4] status key (opt.).
 -- ARGV[1] group, ARGV[2] consumer, ARGV[3] entry id, ARGV[4] delay ms, ARGV[5] the new entry
 -- (JSON object of fields), ARGV[6] status TTL ms (0: none), ARGV[7] attempt, ARGV[8] error.
--- Returns 1 when scheduled, 0 when the entry is no longer ours.
+-- Returns 1 when scheduled, 0 when another consumer owns the entry, -1 when it is not pending at
+-- all (acknowledged already: by an earlier try whose reply was lost, or by another consumer).
 local p = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[3], ARGV[3], 1)
-if not (p[1] and p[1][2] == ARGV[2]) then
+if not p[1] then
+  return -1
+end
+if p[1][2] ~= ARGV[2] then
   return 0
 end
 local t = redis.call('TIME')
