@@ -12,13 +12,19 @@ use crate::{ctx::Ctx, producer::parse_id, scripts};
 /// [`Ctx::ack_slots`]): it is freed once the acknowledgement is written, so a worker never holds
 /// more finished-but-unacknowledged entries than it has permits.
 pub(crate) enum Ack {
-    /// Acknowledge this entry; it was processed (counted, status `done`).
-    /// `task` is the task id where statuses are kept (else `None`).
+    /// Acknowledge this entry; it was processed (counted, in `retried` too if `attempt` is
+    /// above 1; status `done`). `task` is the task id where statuses are kept (else `None`).
     Processed { id: String, task: Option<String>, attempt: u64, _permit: OwnedSemaphorePermit },
     /// Acknowledge without counting (a duplicate skipped by the idempotency marker).
     Skipped { id: String, task: Option<String>, attempt: u64, _permit: OwnedSemaphorePermit },
-    /// Count a stats field.
-    Count(&'static str),
+}
+
+impl Ack {
+    fn id(&self) -> &str {
+        match self {
+            Self::Processed { id, .. } | Self::Skipped { id, .. } => id,
+        }
+    }
 }
 
 /// Writes everything that finished since the last round trip; keeps what failed and tries
@@ -26,9 +32,11 @@ pub(crate) enum Ack {
 /// backlog is written (or, with Redis still down, after a last try).
 ///
 /// A try whose reply was lost may have run (the script is atomic: all of it or nothing). Until
-/// the backlog is written the next tries then carry the same batch, marked so: its counters are
-/// added only by the run that acknowledges its entries, and entries found not pending at all
-/// by a run that acknowledged none were this worker's, acknowledged by the earlier try.
+/// the backlog is written the next tries then carry the same batch, by the checked path: an
+/// entry is counted by the run that acknowledges it, so never twice, and entries found not
+/// pending at all by a run that acknowledged none were this worker's, acknowledged by the
+/// earlier try (or, if this worker was cut off for `claim_idle`, by another consumer that took
+/// them over: counted here as well then).
 pub(crate) async fn acker(ctx: Arc<Ctx>, mut rx: mpsc::UnboundedReceiver<Ack>) {
     let mut backlog: Vec<Ack> = Vec::new();
     // An earlier try of the backlog may have been written (its reply was lost); meanwhile what
@@ -91,9 +99,7 @@ pub(crate) async fn acker(ctx: Arc<Ctx>, mut rx: mpsc::UnboundedReceiver<Ack>) {
 /// Lets go of entries whose acknowledgement will not be written: they stay pending.
 fn disown(ctx: &Ctx, ops: impl Iterator<Item = Ack>) {
     for op in ops {
-        if let Ack::Processed { id, .. } | Ack::Skipped { id, .. } = op {
-            ctx.disown(&id);
-        }
+        ctx.disown(op.id());
     }
 }
 
@@ -102,7 +108,7 @@ fn disown(ctx: &Ctx, ops: impl Iterator<Item = Ack>) {
 fn settle(ctx: &Ctx, backlog: &[Ack], missed: &[i64], unsure: bool) {
     let total = backlog.iter().filter(|op| matches!(op, Ack::Processed { .. })).count() as u64;
     if missed.first() == Some(&0) {
-        // From the fast path (never taken by a marked retry): some were no longer pending at
+        // From the fast path (never taken after a lost reply): some were no longer pending at
         // all; the script knows how many, not which.
         let not_acked = missed.get(1).map_or(0, |&n| u64::try_from(n).unwrap_or(0)).min(total);
         ctx.counters.processed.fetch_add(total - not_acked, Ordering::Relaxed);
@@ -118,17 +124,15 @@ fn settle(ctx: &Ctx, backlog: &[Ack], missed: &[i64], unsure: bool) {
         return;
     }
     // Listed by position among the entries, ascending by position; negated if not pending at all.
-    let entries = backlog.iter().filter(|op| !matches!(op, Ack::Count(_))).count();
-    // A marked retry that acknowledged none of the batch: an earlier try did (else another
-    // consumer took every one of them over meanwhile).
-    let earlier_try_wrote = unsure && missed.len() == entries && missed.iter().any(|&p| p < 0);
+    // A try after a lost reply that acknowledged none of the batch: an earlier try did (else
+    // another consumer took every one of them over meanwhile).
+    let earlier_try_wrote = unsure && missed.len() == backlog.len() && missed.iter().any(|&p| p < 0);
     let mut missed = missed.iter().map(|p| (p.unsigned_abs(), *p < 0)).peekable();
     let (mut position, mut processed) = (0, 0);
     for op in backlog {
         let (counts, id) = match op {
             Ack::Processed { id, .. } => (true, id),
             Ack::Skipped { id, .. } => (false, id),
-            Ack::Count(_) => continue,
         };
         position += 1;
         let acked = match missed.next_if(|&(p, _)| p == position) {
@@ -148,10 +152,7 @@ fn settle(ctx: &Ctx, backlog: &[Ack], missed: &[i64], unsure: bool) {
 /// After a written batch: lets go of its entries all at once, then frees their permits (as the
 /// backlog is cleared), so a worker never owns more than its concurrency.
 fn written(ctx: &Ctx, backlog: &mut Vec<Ack>) {
-    ctx.disown_all(backlog.iter().filter_map(|op| match op {
-        Ack::Processed { id, .. } | Ack::Skipped { id, .. } => Some(id.as_str()),
-        Ack::Count(_) => None,
-    }));
+    ctx.disown_all(backlog.iter().map(Ack::id));
     free(backlog);
 }
 
@@ -160,7 +161,7 @@ fn written(ctx: &Ctx, backlog: &mut Vec<Ack>) {
 fn free(backlog: &mut Vec<Ack>) {
     let mut merged: Option<OwnedSemaphorePermit> = None;
     for op in backlog.drain(..) {
-        let (Ack::Processed { _permit: permit, .. } | Ack::Skipped { _permit: permit, .. }) = op else { continue };
+        let (Ack::Processed { _permit: permit, .. } | Ack::Skipped { _permit: permit, .. }) = op;
         match &mut merged {
             Some(all) if Arc::ptr_eq(all.semaphore(), permit.semaphore()) => all.merge(permit),
             // An entry that could not take an acknowledgement slot holds its run permit.
@@ -175,7 +176,7 @@ fn lost(ctx: &Ctx, id: &str) {
     tracing::warn!(%id, "finished an entry another consumer had taken over; not acknowledged or counted here");
 }
 
-/// One round trip: the ack script for the finished entries and counters. Returns the positions
+/// One round trip: the ack script for the finished entries. Returns the positions
 /// (1-based, ascending, among the entries) of those it did not acknowledge, negated for those
 /// not pending at all, or `[0, processed ones not acknowledged, skipped ones not acknowledged]`
 /// (see `ack.lua`). `unsure`: an earlier try of this batch may have been written.
@@ -183,21 +184,14 @@ async fn write(ctx: &Ctx, ops: &[Ack], unsure: bool) -> Result<Vec<i64>, redis::
     let status_ttl = ctx.status_ttl_ms();
     let mut finished: Vec<(&str, &str, u64)> = Vec::with_capacity(ops.len());
     let mut kinds = String::with_capacity(ops.len());
-    let mut counts: Vec<(&'static str, u64)> = Vec::new();
     for op in ops {
-        match op {
-            Ack::Processed { id, task, attempt, .. } | Ack::Skipped { id, task, attempt, .. } => {
-                finished.push((id, task.as_deref().unwrap_or_default(), *attempt));
-                kinds.push(if matches!(op, Ack::Processed { .. }) { 'p' } else { 's' });
-            }
-            Ack::Count(field) => match counts.iter_mut().find(|(f, _)| f == field) {
-                Some((_, n)) => *n += 1,
-                None => counts.push((field, 1)),
-            },
-        }
-    }
-    if finished.is_empty() && counts.is_empty() {
-        return Ok(Vec::new());
+        let (Ack::Processed { id, task, attempt, .. } | Ack::Skipped { id, task, attempt, .. }) = op;
+        finished.push((id, task.as_deref().unwrap_or_default(), *attempt));
+        kinds.push(match op {
+            Ack::Processed { attempt: 0 | 1, .. } => 'p',
+            Ack::Processed { .. } => 'r',
+            Ack::Skipped { .. } => 's',
+        });
     }
     let mut invocation = scripts::ACK.key(&*ctx.stream);
     invocation.key(&ctx.stats).key(&ctx.takeovers);
@@ -216,7 +210,8 @@ async fn write(ctx: &Ctx, ops: &[Ack], unsure: bool) -> Result<Vec<i64>, redis::
     let mut seen =
         std::collections::HashSet::with_capacity_and_hasher(finished.len(), foldhash::fast::RandomState::default());
     let once = finished.iter().all(|&(id, ..)| seen.insert(id));
-    // '-' is no token: the checked path; '?' the checked path for a batch that may be written.
+    // '-' is no token: the checked path, which says which entries were not pending at all (after
+    // a lost reply, those an earlier try acknowledged).
     let epoch = if unsure { None } else { ctx.common_epoch(finished.iter().map(|&(id, ..)| id)).filter(|_| once) };
     invocation
         .arg(&*ctx.group)
@@ -226,7 +221,7 @@ async fn write(ctx: &Ctx, ops: &[Ack], unsure: bool) -> Result<Vec<i64>, redis::
         .arg(first)
         .arg(last)
         .arg(kinds)
-        .arg(epoch.as_ref().map_or(if unsure { "?" } else { "-" }, |e| e.as_str()));
+        .arg(epoch.as_ref().map_or("-", |e| e.as_str()));
     for (id, ..) in &finished {
         invocation.arg(*id);
     }
@@ -234,9 +229,6 @@ async fn write(ctx: &Ctx, ops: &[Ack], unsure: bool) -> Result<Vec<i64>, redis::
         for (.., attempt) in &finished {
             invocation.arg(*attempt);
         }
-    }
-    for (field, n) in &counts {
-        invocation.arg(*field).arg(*n);
     }
     invocation.invoke_async(&mut ctx.con()).await
 }

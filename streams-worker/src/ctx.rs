@@ -481,7 +481,12 @@ impl Ctx {
             .arg(&entry.id)
             .arg(self.config.dead_letter_max)
             .arg(self.status_ttl_ms())
-            .arg(if failed_run { "1" } else { "0" })
+            // The run: none, a first delivery's, or a retry's (see dead.lua).
+            .arg(match (failed_run, deliveries) {
+                (false, _) => "0",
+                (true, 0 | 1) => "1",
+                (true, _) => "2",
+            })
             .arg(reason);
         for (field, value) in raw_fields(&entry.fields) {
             invocation.arg(field).arg(value);

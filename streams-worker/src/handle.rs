@@ -80,10 +80,11 @@ pub(crate) async fn handle<T, S>(
             return;
         }
     }
+    // Here when it starts; in the shared stats with the entry's last step (its acknowledgement,
+    // retry or dead letter), once.
     if attempt > 1 {
         ctx.counters.retried.fetch_add(1, Ordering::Relaxed);
         ctx.metrics.retried.increment(1);
-        let _ = acks.send(Ack::Count("retried"));
     }
     // Written before the run, not batched: a later `retrying` or `dead` must not be overwritten.
     if let Some(key) = ctx.status_key(task) {
@@ -261,7 +262,8 @@ async fn finish_dead(
 /// A try whose reply was lost may have run: the next one then finds the entry not pending at
 /// all, which is this write done, not a takeover (the script is atomic and the entry was ours
 /// until one of the tries ran, unless another consumer took it over and finished it between
-/// the tries: counted here then as well).
+/// the tries, possible only if this worker was cut off for `claim_idle`: counted here then as
+/// well). Meanwhile a cancel (the heartbeat also finds the entry gone) does not end the tries.
 async fn until_written<F, Fut>(entry: &Fetched, cancel: &CancellationToken, what: &str, mut write: F) -> bool
 where
     F: FnMut() -> Fut,
@@ -282,7 +284,9 @@ where
         }
         tokio::select! {
             () = tokio::time::sleep(pause) => {}
-            () = cancel.cancelled() => return false,
+            // After a try that may have run, the heartbeat finds the entry not pending at all
+            // and cancels it as taken over: the next try's answer tells which it is.
+            () = cancel.cancelled(), if !unsure => return false,
         }
         pause = (pause * 2).min(std::time::Duration::from_secs(2));
     }

@@ -203,7 +203,7 @@ pub fn describe_metrics() {
     metrics::describe_counter!(
         "rampart_worker_retried_total",
         metrics::Unit::Count,
-        "Failed tasks scheduled for a retry."
+        "Runs of a task that were retries (delivery count above one), counted as they start."
     );
     metrics::describe_counter!(
         "rampart_worker_dead_lettered_total",

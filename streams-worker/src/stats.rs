@@ -19,7 +19,9 @@ pub struct Stats {
     pub processed: u64,
     /// Deliveries whose handler failed (an error or a panic).
     pub failed: u64,
-    /// Deliveries that were retries (delivery count above one).
+    /// Deliveries that were retries (delivery count above one), counted with the step that
+    /// finished them (acknowledged, scheduled again, or dead-lettered after a run): once each,
+    /// by the consumer that wrote it.
     pub retried: u64,
     /// Dead letters put back on the stream.
     pub requeued: u64,

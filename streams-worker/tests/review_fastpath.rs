@@ -122,8 +122,12 @@ fn read_new(con: &mut redis::Connection, stream: &str, group: &str, consumer: &s
 }
 
 fn processed_shared(con: &mut redis::Connection, stream: &str, group: &str) -> u64 {
+    counted_shared(con, stream, group, "processed")
+}
+
+fn counted_shared(con: &mut redis::Connection, stream: &str, group: &str, field: &str) -> u64 {
     let n: Option<u64> =
-        redis::cmd("HGET").arg(format!("{stream}:stats")).arg(format!("{group}:processed")).query(con).unwrap();
+        redis::cmd("HGET").arg(format!("{stream}:stats")).arg(format!("{group}:{field}")).query(con).unwrap();
     n.unwrap_or(0)
 }
 
@@ -137,26 +141,24 @@ struct Ack<'a> {
     stream: &'a str,
     group: &'a str,
     consumer: &'a str,
-    /// `(id, 'p' | 's')` in the listing's order.
+    /// `(id, 'p' | 'r' | 's')` in the listing's order.
     entries: &'a [(String, char)],
     /// The takeover token read before each of the entries was delivered, if it is one for all
     /// (and each is listed once); `"-"` otherwise (the checked path).
     token: &'a str,
     /// More than 0: a status key and an attempt per entry.
     status_ttl: u64,
-    /// Counter increments after the ids.
-    counts: &'a [(&'a str, u64)],
 }
 
 impl<'a> Ack<'a> {
     fn new(stream: &'a str, group: &'a str, consumer: &'a str, entries: &'a [(String, char)], token: &'a str) -> Self {
-        Self { stream, group, consumer, entries, token, status_ttl: 0, counts: &[] }
+        Self { stream, group, consumer, entries, token, status_ttl: 0 }
     }
 
     /// The script's reply: positions not acknowledged (negated if not pending at all), or
     /// `[0, processed not acknowledged, skipped not acknowledged]`.
     fn invoke(&self, con: &mut redis::Connection) -> Vec<i64> {
-        let Self { stream, group, consumer, entries, token, status_ttl, counts } = *self;
+        let Self { stream, group, consumer, entries, token, status_ttl } = *self;
         let script = redis::Script::new(ACK_LUA);
         let mut inv = script.key(stream);
         inv.key(format!("{stream}:stats")).key(takeovers(stream, group));
@@ -180,21 +182,18 @@ impl<'a> Ack<'a> {
                 inv.arg(1);
             }
         }
-        for (field, n) in counts {
-            inv.arg(*field).arg(*n);
-        }
         inv.invoke(con).unwrap()
     }
 }
 
 /// What the acker counts as processed locally from the script's reply (`acker::run`).
 fn local_processed(entries: &[(String, char)], reply: &[i64]) -> u64 {
-    let total = entries.iter().filter(|(_, k)| *k == 'p').count() as u64;
+    let total = entries.iter().filter(|(_, k)| *k != 's').count() as u64;
     if reply.first() == Some(&0) {
         total - reply.get(1).map_or(0, |&n| u64::try_from(n).unwrap_or(0)).min(total)
     } else {
         let missed: Vec<u64> = reply.iter().map(|p| p.unsigned_abs()).collect();
-        entries.iter().enumerate().filter(|(i, (_, k))| *k == 'p' && !missed.contains(&(*i as u64 + 1))).count() as u64
+        entries.iter().enumerate().filter(|(i, (_, k))| *k != 's' && !missed.contains(&(*i as u64 + 1))).count() as u64
     }
 }
 
@@ -472,11 +471,11 @@ mod model {
                     let mut batch: Vec<(String, char)> = Vec::new();
                     for _ in 0..n {
                         let id = ids.swap_remove(rng.random_range(0..ids.len()));
-                        batch.push((id, if rng.random_bool(0.2) { 's' } else { 'p' }));
+                        batch.push((id, ['s', 'r', 'p', 'p', 'p'][rng.random_range(0..5)]));
                     }
                     if rng.random_bool(0.1) {
                         let dup = batch[rng.random_range(0..batch.len())].0.clone();
-                        batch.push((dup, if rng.random_bool(0.5) { 's' } else { 'p' }));
+                        batch.push((dup, ['s', 'r', 'p'][rng.random_range(0..3)]));
                     }
                     // `Ctx::common_epoch`, kept only if each id is listed once.
                     let once = batch.iter().map(|(id, _)| id).collect::<BTreeSet<_>>().len() == batch.len();
@@ -487,9 +486,8 @@ mod model {
                     };
                     let ttl = if rng.random_bool(0.3) { 60_000 } else { 0 };
                     let shared_before = processed_shared(&mut con, S, G);
-                    let counts: Vec<(&str, u64)> = if rng.random_bool(0.2) { vec![("retried", 1)] } else { vec![] };
-                    let reply = Ack { status_ttl: ttl, counts: &counts, ..Ack::new(S, G, name, &batch, &batch_token) }
-                        .invoke(&mut con);
+                    let retried_before = counted_shared(&mut con, S, G, "retried");
+                    let reply = Ack { status_ttl: ttl, ..Ack::new(S, G, name, &batch, &batch_token) }.invoke(&mut con);
                     let fast = batch_token == token_before;
                     if fast {
                         stats.0 += 1;
@@ -500,12 +498,15 @@ mod model {
                     let gone: BTreeSet<String> = before.keys().filter(|id| !after.contains_key(*id)).cloned().collect();
                     let mut seen = BTreeSet::new();
                     let mut want_gone = BTreeSet::new();
-                    let mut want_processed = 0;
+                    let (mut want_processed, mut want_retried) = (0, 0);
                     for (id, kind) in &batch {
                         if before.get(id).map(String::as_str) == Some(name) && seen.insert(id.clone()) {
                             want_gone.insert(id.clone());
-                            if *kind == 'p' {
+                            if *kind != 's' {
                                 want_processed += 1;
+                            }
+                            if *kind == 'r' {
+                                want_retried += 1;
                             }
                         }
                     }
@@ -519,6 +520,8 @@ mod model {
                     assert_eq!(gone, want_gone, "seed {seed} step {step}: {name} batch {batch:?} reply {reply:?}");
                     let shared = processed_shared(&mut con, S, G) - shared_before;
                     assert_eq!(shared, want_processed, "seed {seed} step {step}: shared processed");
+                    let retried = counted_shared(&mut con, S, G, "retried") - retried_before;
+                    assert_eq!(retried, want_retried, "seed {seed} step {step}: shared retried, batch {batch:?}");
                     let local = local_processed(&batch, &reply);
                     assert_eq!(
                         local, shared,

@@ -521,12 +521,12 @@ async fn seeded_mixed_outcomes_statuses_and_duplicates() {
 
 const ACK_LUA: &str = include_str!("../src/scripts/ack.lua");
 
-/// The ack script as the acker calls it with a status TTL: kinds, ids, attempts, then counter
-/// pairs. A batch mixing processed and skipped entries, one taken by another consumer, one listed
-/// twice (first 's' then 'p', and first 'p' then 'p'), one deleted from the stream while pending.
-/// Checked: the positions not acknowledged, what is left pending, each status hash (done with its
-/// own attempt for the acknowledged 'p' ones only, with a TTL), the processed count and the
-/// counter pairs read after the attempts.
+/// The ack script as the acker calls it with a status TTL: kinds, ids, attempts. A batch mixing
+/// processed entries (first deliveries 'p', retries 'r') and skipped ones, one taken by another
+/// consumer, one listed twice (first 's' then 'r', and first 'r' then 'r'), one deleted from
+/// the stream while pending. Checked: the positions not acknowledged, what is left pending, each
+/// status hash (done with its own attempt for the acknowledged 'p' and 'r' ones only, with a
+/// TTL), the processed and retried counts (an 'r' counted once, with its acknowledgement).
 #[test]
 fn ack_script_with_status_ttl_mixed_batch() {
     let server = RedisServer::start().unwrap();
@@ -544,16 +544,16 @@ fn ack_script_with_status_ttl_mixed_batch() {
     let _: u64 = redis::cmd("XDEL").arg("s").arg("6-0").query(&mut c).unwrap();
     // (entry, kind, task, attempt)
     let batch: Vec<(&str, char, &str, u64)> = vec![
-        ("3-0", 'p', "t3", 2),
+        ("3-0", 'r', "t3", 2),
         ("1-0", 's', "t1", 1),
         ("7-0", 'p', "t7", 1), // another consumer's: missed
         ("2-0", 's', "t2", 4),
-        ("2-0", 'p', "t2", 5), // listed twice: missed
-        ("4-0", 'p', "t4", 3),
-        ("4-0", 'p', "t4", 9), // listed twice: missed
+        ("2-0", 'r', "t2", 5), // listed twice: missed
+        ("4-0", 'r', "t4", 3),
+        ("4-0", 'r', "t4", 9), // listed twice: missed
         ("6-0", 'p', "t6", 1),
         ("9-0", 'p', "t9", 1), // never delivered: missed, not pending at all (negated)
-        ("5-0", 'p', "t5", 7),
+        ("5-0", 'r', "t5", 7),
     ];
     let ttl_ms = 60_000u64;
     let script = redis::Script::new(ACK_LUA);
@@ -571,7 +571,6 @@ fn ack_script_with_status_ttl_mixed_batch() {
     for (.., attempt) in &batch {
         inv.arg(*attempt);
     }
-    inv.arg("retried").arg(3).arg("failed").arg(2).arg("retried").arg(1);
     let missed: Vec<i64> = inv.invoke(&mut c).unwrap();
     assert_eq!(missed, vec![3, 5, 7, -9]);
     let pending: Vec<(String, String, u64, u64)> =
@@ -593,17 +592,16 @@ fn ack_script_with_status_ttl_mixed_batch() {
     }
     let counts: HashMap<String, u64> = redis::cmd("HGETALL").arg("s:stats").query(&mut c).unwrap();
     assert_eq!(counts.get("g:processed"), Some(&4), "{counts:?}");
-    assert_eq!(counts.get("g:retried"), Some(&4), "{counts:?}");
-    assert_eq!(counts.get("g:failed"), Some(&2), "{counts:?}");
-    assert_eq!(counts.len(), 3, "{counts:?}");
+    assert_eq!(counts.get("g:retried"), Some(&3), "{counts:?}");
+    assert_eq!(counts.len(), 2, "{counts:?}");
 }
 
-/// A batch retried after a try whose reply was lost, marked `?` (checked path): entries the
-/// earlier try acknowledged come back negated (not pending at all), and its counters are added
-/// only by a run that acknowledges one of its entries, so never twice; a batch of counters
-/// alone has nothing to tell by and is added again (documented).
+/// A batch tried again after a try whose reply was lost (the acker sends it by the checked
+/// path): entries the earlier try acknowledged come back negated (not pending at all) and are
+/// counted no second time, since each entry is counted with its own acknowledgement; an entry
+/// the earlier try never reached is acknowledged and counted now.
 #[test]
-fn ack_script_marked_retry_adds_counters_once() {
+fn ack_script_counts_each_entry_with_its_acknowledgement_once() {
     let server = RedisServer::start().unwrap();
     let mut c = server.connection().unwrap();
     let _: () = redis::cmd("XGROUP").arg("CREATE").arg("s").arg("g").arg("0").arg("MKSTREAM").query(&mut c).unwrap();
@@ -613,41 +611,42 @@ fn ack_script_marked_retry_adds_counters_once() {
     let _: redis::Value =
         redis::cmd("XREADGROUP").arg("GROUP").arg("g").arg("c").arg("STREAMS").arg("s").arg(">").query(&mut c).unwrap();
     let script = redis::Script::new(ACK_LUA);
-    let ack = |c: &mut redis::Connection, ids: &[&str], epoch: &str, retried: u64| -> Vec<i64> {
+    let ack = |c: &mut redis::Connection, ids: &[&str], kinds: &str, epoch: &str| -> Vec<i64> {
         let mut inv = script.key("s");
         inv.key("s:stats").key("s:takeovers:g");
         let (first, last) = (ids.first().copied().unwrap_or("-"), ids.last().copied().unwrap_or("+"));
-        inv.arg("g").arg("c").arg(0).arg(ids.len()).arg(first).arg(last).arg("p".repeat(ids.len())).arg(epoch);
+        inv.arg("g").arg("c").arg(0).arg(ids.len()).arg(first).arg(last).arg(kinds).arg(epoch);
         for id in ids {
             inv.arg(*id);
         }
-        inv.arg("retried").arg(retried).invoke(c).unwrap()
+        inv.invoke(c).unwrap()
     };
     let counted = |c: &mut redis::Connection| -> (u64, u64) {
         let counts: HashMap<String, u64> = redis::cmd("HGETALL").arg("s:stats").query(c).unwrap();
         (counts.get("g:processed").copied().unwrap_or(0), counts.get("g:retried").copied().unwrap_or(0))
     };
-    // The first try runs; its reply is lost.
-    assert!(ack(&mut c, &["1-0", "2-0"], "-", 2).is_empty());
-    assert_eq!(counted(&mut c), (2, 2));
-    // The marked retry: both acknowledged already, nothing added.
-    assert_eq!(ack(&mut c, &["1-0", "2-0"], "?", 2), vec![-1, -2]);
-    assert_eq!(counted(&mut c), (2, 2));
-    // A marked retry whose first try did not run: acknowledged and counted now.
-    assert!(ack(&mut c, &["3-0"], "?", 1).is_empty());
-    assert_eq!(counted(&mut c), (3, 3));
-    // Counters alone, marked: added (again, if an earlier try ran).
-    assert!(ack(&mut c, &[], "?", 4).is_empty());
-    assert_eq!(counted(&mut c), (3, 7));
-    // Unmarked, a missing entry is still told apart from one another consumer owns: none here.
-    assert_eq!(ack(&mut c, &["2-0"], "-", 1), vec![-1]);
-    assert_eq!(counted(&mut c), (3, 8));
+    let epoch: String =
+        redis::Script::new(include_str!("../src/scripts/epoch.lua")).key("s:takeovers:g").invoke(&mut c).unwrap();
+    // The first try runs (by the fast path: a retry among them); its reply is lost.
+    assert!(ack(&mut c, &["1-0", "2-0"], "pr", &epoch).is_empty());
+    assert_eq!(counted(&mut c), (2, 1));
+    // The next try: both acknowledged already, nothing counted again.
+    assert_eq!(ack(&mut c, &["1-0", "2-0"], "pr", "-"), vec![-1, -2]);
+    assert_eq!(counted(&mut c), (2, 1));
+    // A try whose earlier one never ran: acknowledged and counted now.
+    assert!(ack(&mut c, &["3-0"], "r", "-").is_empty());
+    assert_eq!(counted(&mut c), (3, 2));
+    // The fast path with some not pending at all says how many, and counts the others only.
+    let _: () = redis::cmd("XADD").arg("s").arg("4-0").arg("f").arg("v").query(&mut c).unwrap();
+    let _: redis::Value =
+        redis::cmd("XREADGROUP").arg("GROUP").arg("g").arg("c").arg("STREAMS").arg("s").arg(">").query(&mut c).unwrap();
+    assert_eq!(ack(&mut c, &["3-0", "4-0"], "rr", &epoch), vec![0, 1, 0]);
+    assert_eq!(counted(&mut c), (4, 3));
 }
 
-/// Without a status TTL the script gets no status keys and no attempts: the counter pairs come
-/// straight after the ids. Only counters (no entry at all) too.
+/// Without a status TTL the script gets no status keys and no attempts; nothing after the ids.
 #[test]
-fn ack_script_without_status_ttl_reads_counters_after_the_ids() {
+fn ack_script_without_status_ttl_takes_the_ids_last() {
     let server = RedisServer::start().unwrap();
     let mut c = server.connection().unwrap();
     let _: () = redis::cmd("XGROUP").arg("CREATE").arg("s").arg("g").arg("0").arg("MKSTREAM").query(&mut c).unwrap();
@@ -669,38 +668,19 @@ fn ack_script_without_status_ttl_reads_counters_after_the_ids() {
         .arg(3)
         .arg("1-0")
         .arg("3-0")
-        .arg("psp")
+        .arg("psr")
         // No takeover yet (the token is nil, read as '0'): the fast path.
         .arg(&epoch)
         .arg("1-0")
         .arg("2-0")
         .arg("3-0")
-        .arg("retried")
-        .arg(5)
         .invoke(&mut c)
         .unwrap();
     assert!(missed.is_empty(), "{missed:?}");
-    let missed: Vec<i64> = script
-        .key("s")
-        .key("s:stats")
-        .key("s:takeovers:g")
-        .arg("g")
-        .arg("c")
-        .arg(0)
-        .arg(0)
-        .arg("-")
-        .arg("+")
-        .arg("")
-        .arg("-")
-        .arg("failed")
-        .arg(2)
-        .invoke(&mut c)
-        .unwrap();
-    assert!(missed.is_empty());
     let counts: HashMap<String, u64> = redis::cmd("HGETALL").arg("s:stats").query(&mut c).unwrap();
     assert_eq!(counts.get("g:processed"), Some(&2), "{counts:?}");
-    assert_eq!(counts.get("g:retried"), Some(&5), "{counts:?}");
-    assert_eq!(counts.get("g:failed"), Some(&2), "{counts:?}");
+    assert_eq!(counts.get("g:retried"), Some(&1), "{counts:?}");
+    assert_eq!(counts.len(), 2, "{counts:?}");
     let pending: u64 = redis::cmd("XLEN").arg("s").query(&mut c).unwrap();
     assert_eq!(pending, 3);
     let info: Vec<redis::Value> =

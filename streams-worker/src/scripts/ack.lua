@@ -1,15 +1,13 @@
--- Acknowledges finished entries that this consumer still owns, and counts them.
+-- Acknowledges finished entries that this consumer still owns, and counts them (each with its
+-- own acknowledgement: a batch tried again after a lost reply counts nothing twice).
 -- KEYS[1] the stream, KEYS[2] the stats hash, KEYS[3] the group's takeover token, KEYS[4..]
 -- status keys (one per entry, or none).
 -- ARGV[1] group, ARGV[2] consumer, ARGV[3] status TTL in ms (0: no status), ARGV[4] number of
 -- entries n, ARGV[5] and ARGV[6] the lowest and highest of their ids (or '-' and '+'), ARGV[7]
--- one letter per entry: 'p' (processed) or 's' (skipped duplicate), ARGV[8] the epoch (see
--- epoch.lua) read before each of the entries was delivered ('-' if they differ or are unknown;
--- '?' for a batch an earlier try may have written already, its reply lost: its counters are
--- then added only if this run acknowledges one of its entries, or it has none), then the n
--- entry ids, then
--- (with a status TTL only) the n attempts. Then pairs of counter field and increment until the
--- end.
+-- one letter per entry: 'p' (processed), 'r' (processed on a retry delivery: counted in
+-- `retried` too) or 's' (skipped duplicate), ARGV[8] the epoch (see epoch.lua) read before each
+-- of the entries was delivered ('-' if they differ or are unknown), then the n entry ids, then
+-- (with a status TTL only) the n attempts.
 -- Returns the positions (1-based, in the listing) of the entries not acknowledged: another
 -- consumer took them meanwhile, or they were listed before; negated for those not pending at
 -- all (acknowledged already). Usually none: the reply stays short.
@@ -20,21 +18,16 @@ local group, consumer = ARGV[1], ARGV[2]
 local ttl = tonumber(ARGV[3])
 local n = tonumber(ARGV[4])
 local kinds = ARGV[7]
-local P = string.byte('p')
+local P, R = string.byte('p'), string.byte('r')
 local ID = 8
 -- Counters after the acknowledgements, best effort: a stats key of another type must not fail
 -- the script once its XACKs are written (they would then read as lost).
-local function count(processed)
+local function count(processed, retried)
   if processed > 0 then
     redis.pcall('HINCRBY', KEYS[2], group .. ':processed', processed)
   end
-  local at = ID + 1 + n
-  if ttl > 0 then
-    at = at + n
-  end
-  while ARGV[at] do
-    redis.pcall('HINCRBY', KEYS[2], group .. ':' .. ARGV[at], ARGV[at + 1])
-    at = at + 2
+  if retried > 0 then
+    redis.pcall('HINCRBY', KEYS[2], group .. ':retried', retried)
   end
 end
 -- Best effort: a status key of another type must not fail the acknowledgements (and is not ours
@@ -62,34 +55,36 @@ end
 -- or made again) while workers run, and workers of earlier releases in the same group (README).
 local run = string.match(redis.call('INFO', 'server'), 'run_id:(%x+)') or '?'
 if ARGV[8] == run .. '/' .. (redis.call('GET', KEYS[3]) or '0') then
-  if ttl == 0 and not string.find(kinds, 's', 1, true) then
-    -- All processed, no statuses (the usual batch): the ids straight from the arguments.
+  if ttl == 0 and not string.find(kinds, '[rs]') then
+    -- All processed on a first delivery, no statuses (the usual batch): the ids straight from
+    -- the arguments.
     local p = 0
     for i = ID + 1, ID + n, 512 do
       p = p + redis.call('XACK', KEYS[1], group, unpack(ARGV, i, math.min(i + 511, ID + n)))
     end
-    count(p)
+    count(p, 0)
     if p == n then
       return {}
     end
     return {0, n - p, 0}
   end
-  local processed, skipped = {}, {}
+  local first, retries, skipped = {}, {}, {}
   for i = 1, n do
-    if string.byte(kinds, i) == P then
-      processed[#processed + 1] = ARGV[ID + i]
+    local kind = string.byte(kinds, i)
+    if kind == P or kind == R then
+      local list = kind == P and first or retries
+      list[#list + 1] = ARGV[ID + i]
       done(i)
     else
       skipped[#skipped + 1] = ARGV[ID + i]
     end
   end
-  local p = ack(processed)
-  local s = ack(skipped)
-  count(p)
-  if p == #processed and s == #skipped then
+  local f, r, s = ack(first), ack(retries), ack(skipped)
+  count(f + r, r)
+  if f == #first and r == #retries and s == #skipped then
     return {}
   end
-  return {0, #processed - p, #skipped - s}
+  return {0, #first + #retries - f - r, #skipped - s}
 end
 -- What this consumer still owns in the batch's id range: XPENDING with a consumer reads only
 -- that consumer's own pending list, a page at a time.
@@ -107,7 +102,7 @@ while n > 0 do
   end
   from = '(' .. last
 end
-local acked, missed, processed = {}, {}, 0
+local acked, missed, processed, retried = {}, {}, 0, 0
 for i = 1, n do
   local id = ARGV[ID + i]
   if ours[id] then
@@ -115,11 +110,12 @@ for i = 1, n do
     ours[id] = nil
     acked[#acked + 1] = id
     local kind = string.byte(kinds, i)
-    if kind == P then
+    if kind == P or kind == R then
       processed = processed + 1
-    end
-    if kind == P then
       done(i)
+    end
+    if kind == R then
+      retried = retried + 1
     end
   elseif redis.call('XPENDING', KEYS[1], group, id, id, 1)[1] then
     missed[#missed + 1] = i
@@ -128,7 +124,5 @@ for i = 1, n do
   end
 end
 ack(acked)
-if ARGV[8] ~= '?' or #acked > 0 or n == 0 then
-  count(processed)
-end
+count(processed, retried)
 return missed
