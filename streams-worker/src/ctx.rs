@@ -96,6 +96,9 @@ pub(crate) struct Ctx {
     /// a finished entry gives its permit back at once, so the next read does not wait for the
     /// acker's round trip, and what waits for the acker stays bounded all the same.
     pub(crate) ack_slots: Arc<tokio::sync::Semaphore>,
+    /// The worker's shutdown: from then on a write that fails for want of Redis is not tried
+    /// again (its entry is handed over instead).
+    pub(crate) shutdown: CancellationToken,
     pub(crate) metrics: Metrics,
 }
 
@@ -158,6 +161,7 @@ impl Ctx {
         consumer: Arc<str>,
         config: Arc<WorkerConfig>,
         counters: Arc<Counters>,
+        shutdown: CancellationToken,
     ) -> Self {
         let labels = [("stream", stream.to_string()), ("group", group.to_string())];
         let ack_slots = Arc::new(tokio::sync::Semaphore::new(config.concurrency));
@@ -178,6 +182,7 @@ impl Ctx {
             let_go: Mutex::new(None),
             claim_after: Mutex::new(Instant::now()),
             ack_slots,
+            shutdown,
             metrics: Metrics {
                 processed: metrics::counter!("rampart_worker_processed_total", &labels),
                 failed: metrics::counter!("rampart_worker_failed_total", &labels),

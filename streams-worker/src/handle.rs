@@ -133,18 +133,23 @@ pub(crate) async fn handle<T, S>(
             ctx.disown(&entry.id);
         }
         Outcome::Failed(error) => {
-            let ours = if attempt >= ctx.config.max_deliveries {
+            let ended = if attempt >= ctx.config.max_deliveries {
                 finish_dead(&ctx, &entry, &error, attempt, true, &cancel).await
             } else {
                 finish_retry(&ctx, &entry, attempt, &error, &cancel).await
             };
-            // Counted here only if the entry was still ours (else another worker has it now).
-            if ours {
-                ctx.counters.failed.fetch_add(1, Ordering::Relaxed);
-                ctx.metrics.failed.increment(1);
-            } else {
-                ctx.counters.lost.fetch_add(1, Ordering::Relaxed);
-                ctx.metrics.lost.increment(1);
+            // Counted here only if the entry was still ours (else another worker has it now);
+            // not at all if it is handed over unwritten.
+            match ended {
+                Written::Ours => {
+                    ctx.counters.failed.fetch_add(1, Ordering::Relaxed);
+                    ctx.metrics.failed.increment(1);
+                }
+                Written::Elsewhere => {
+                    ctx.counters.lost.fetch_add(1, Ordering::Relaxed);
+                    ctx.metrics.lost.increment(1);
+                }
+                Written::HandedOver => {}
             }
             drop(permit);
         }
@@ -213,25 +218,44 @@ fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
     }
 }
 
+/// How a write that moves an entry on (its retry or dead letter) ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Written {
+    /// Written: the entry was still ours.
+    Ours,
+    /// Another consumer has the entry (or had it, and finished it): left to it.
+    Elsewhere,
+    /// Not written: the worker is shutting down with Redis away. The entry stays ours, and
+    /// the shutdown hands it over (or, with Redis still away, others take it after
+    /// `claim_idle`): it runs again elsewhere.
+    HandedOver,
+}
+
 /// Scheduled again after its backoff, as a new entry (for this group) carrying the attempts so
-/// far. Returns whether the entry was still ours.
-async fn finish_retry(ctx: &Ctx, entry: &Fetched, attempt: u64, error: &str, cancel: &CancellationToken) -> bool {
+/// far.
+async fn finish_retry(ctx: &Ctx, entry: &Fetched, attempt: u64, error: &str, cancel: &CancellationToken) -> Written {
     let member = match retry_member(&entry.fields, attempt, &ctx.group) {
         Ok(member) => member,
         Err(undecodable) => return finish_dead(ctx, entry, &undecodable.to_string(), attempt, true, cancel).await,
     };
     let delay = ctx.config.backoff(attempt);
-    let ours =
-        until_written(entry, cancel, "schedule the retry", || ctx.retry(entry, &member, delay, attempt, error)).await;
-    match ours {
-        true => tracing::debug!(id = %entry.id, attempt, error, retry_in = ?delay, "handler failed; scheduled again"),
-        false => tracing::warn!(id = %entry.id, "failed entry was taken over by another consumer; left to it"),
+    let ended =
+        until_written(ctx, entry, cancel, "schedule the retry", || ctx.retry(entry, &member, delay, attempt, error))
+            .await;
+    match ended {
+        Written::Ours => {
+            tracing::debug!(id = %entry.id, attempt, error, retry_in = ?delay, "handler failed; scheduled again");
+        }
+        Written::Elsewhere => {
+            tracing::warn!(id = %entry.id, "failed entry was taken over by another consumer; left to it");
+        }
+        Written::HandedOver => return ended,
     }
     ctx.disown(&entry.id);
-    ours
+    ended
 }
 
-/// To the dead letters. Returns whether the entry was still ours.
+/// To the dead letters.
 async fn finish_dead(
     ctx: &Ctx,
     entry: &Fetched,
@@ -239,46 +263,64 @@ async fn finish_dead(
     attempt: u64,
     failed_run: bool,
     cancel: &CancellationToken,
-) -> bool {
-    let ours =
-        until_written(entry, cancel, "dead-letter", || ctx.dead_letter(entry, reason, attempt, failed_run)).await;
-    if ours {
-        ctx.counters.dead_lettered.fetch_add(1, Ordering::Relaxed);
-        ctx.metrics.dead_lettered.increment(1);
-        tracing::warn!(id = %entry.id, deliveries = attempt, reason, "moved to the dead-letter stream");
-    } else {
-        tracing::warn!(id = %entry.id, "entry was taken over by another consumer; left to it");
+) -> Written {
+    let ended =
+        until_written(ctx, entry, cancel, "dead-letter", || ctx.dead_letter(entry, reason, attempt, failed_run)).await;
+    match ended {
+        Written::Ours => {
+            ctx.counters.dead_lettered.fetch_add(1, Ordering::Relaxed);
+            ctx.metrics.dead_lettered.increment(1);
+            tracing::warn!(id = %entry.id, deliveries = attempt, reason, "moved to the dead-letter stream");
+        }
+        Written::Elsewhere => tracing::warn!(id = %entry.id, "entry was taken over by another consumer; left to it"),
+        Written::HandedOver => return ended,
     }
     ctx.disown(&entry.id);
-    ours
+    ended
 }
 
 /// Runs `write` (a script that moves the entry on and acknowledges it, if it is still ours)
 /// until Redis answers. Meanwhile the entry stays owned (the heartbeat keeps it) and its permit
 /// held, so reading waits too; a failed write never leaves an entry pending that nobody keeps.
-/// Returns whether the entry was still ours (and is now moved on); `false` as well if it was
-/// taken over meanwhile (`cancel`), and then left to its new owner.
+/// Returns whether the entry was still ours (and is now moved on), or another consumer's (also
+/// if it was taken over meanwhile: `cancel`), then left to it. Once the worker is shutting
+/// down, a second failed try ends the tries: the entry is handed over unwritten.
 ///
 /// A try whose reply was lost may have run: the next one then finds the entry not pending at
 /// all, which is this write done, not a takeover (the script is atomic and the entry was ours
 /// until one of the tries ran, unless another consumer took it over and finished it between
 /// the tries, possible only if this worker was cut off for `claim_idle`: counted here then as
 /// well). Meanwhile a cancel (the heartbeat also finds the entry gone) does not end the tries.
-async fn until_written<F, Fut>(entry: &Fetched, cancel: &CancellationToken, what: &str, mut write: F) -> bool
+async fn until_written<F, Fut>(
+    ctx: &Ctx,
+    entry: &Fetched,
+    cancel: &CancellationToken,
+    what: &str,
+    mut write: F,
+) -> Written
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<Moved, redis::RedisError>>,
 {
     let mut pause = std::time::Duration::from_millis(50);
-    let mut unsure = false;
+    let (mut unsure, mut failed_in_shutdown) = (false, 0);
     loop {
         match write().await {
-            Ok(moved) => return moved == Moved::Done || (unsure && moved == Moved::Gone),
+            Ok(Moved::Done) => return Written::Ours,
+            Ok(Moved::Gone) if unsure => return Written::Ours,
+            Ok(Moved::Gone | Moved::Elsewhere) => return Written::Elsewhere,
             // The group is gone, and with it what it had pending: nothing left to move on (the
             // fetch loop and the acker make the group again).
-            Err(error) if crate::ctx::is_nogroup(&error) => return false,
+            Err(error) if crate::ctx::is_nogroup(&error) => return Written::Elsewhere,
             Err(error) => {
                 unsure |= crate::ctx::may_have_run(&error);
+                if ctx.shutdown.is_cancelled() {
+                    failed_in_shutdown += 1;
+                    if failed_in_shutdown == 2 {
+                        tracing::warn!(%error, id = %entry.id, "could not {what} while shutting down; handing the entry over");
+                        return Written::HandedOver;
+                    }
+                }
                 tracing::warn!(%error, id = %entry.id, ?pause, "could not {what}; the entry stays ours, trying again");
             }
         }
@@ -286,7 +328,7 @@ where
             () = tokio::time::sleep(pause) => {}
             // After a try that may have run, the heartbeat finds the entry not pending at all
             // and cancels it as taken over: the next try's answer tells which it is.
-            () = cancel.cancelled(), if !unsure => return false,
+            () = cancel.cancelled(), if !unsure => return Written::Elsewhere,
         }
         pause = (pause * 2).min(std::time::Duration::from_secs(2));
     }

@@ -160,6 +160,7 @@ impl Worker {
             self.consumer.clone(),
             self.config.clone(),
             self.counters.clone(),
+            shutdown.clone(),
         ));
         let mut pause = Duration::from_millis(50);
         while let Err(error) = ctx.ensure_group().await {

@@ -346,3 +346,44 @@ async fn writes_whose_reply_was_lost_are_counted_once_as_this_workers() {
     stop.cancel();
     handle.await.unwrap();
 }
+
+/// A retry whose delayed set is a key of another type (`<stream>:delayed` written by something
+/// else): before, retry.lua acknowledged the entry and then failed on `ZADD`, so the task was
+/// never scheduled again and the next try, finding the entry gone, counted it lost (found by a
+/// helper's review). Now the `ZADD` goes first: nothing is written, the entry stays pending and
+/// the worker tries again until the key is fixed, then the task runs again and succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delayed_set_of_another_type_loses_no_retry() {
+    let server = RedisServer::start().unwrap();
+    let redis = Redis::url(&server.url()).unwrap();
+    let producer = Producer::connect(&redis, "wrongtype").await.unwrap();
+    let _: () = server.cmd(&["SET", "wrongtype:delayed", "not a sorted set"]).unwrap();
+    let runs: Runs = Arc::default();
+    let handler = {
+        let runs = runs.clone();
+        service_fn(move |task: Delivery<Value>| {
+            *runs.lock().unwrap().entry(task.task_id.clone()).or_default() += 1;
+            async move { if task.deliveries == 1 { Err("planned failure") } else { Ok(()) } }
+        })
+    };
+    let cfg = WorkerConfig { claim_idle: Duration::from_secs(30), ..config() };
+    let (handle, stop, worker) = spawn(&redis, "wrongtype", cfg, handler);
+    producer.send_kind("t", &json!({})).await.unwrap();
+    wait_for("the first run", Duration::from_secs(10), async || runs.lock().unwrap().values().sum::<usize>() == 1)
+        .await;
+    // The retry cannot be written: the entry stays pending, this worker's.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let pending: Vec<(String, String, u64, u64)> = {
+        let mut c = server.connection().unwrap();
+        redis::cmd("XPENDING").arg("wrongtype").arg("workers").arg("-").arg("+").arg(10).query(&mut c).unwrap()
+    };
+    assert_eq!(pending.len(), 1, "the failed entry was let go: {pending:?}");
+    let _: () = server.cmd(&["DEL", "wrongtype:delayed"]).unwrap();
+    wait_for("the retry's run", Duration::from_secs(20), async || worker.local_stats().processed == 1).await;
+    let local = worker.local_stats();
+    assert_eq!((local.failed, local.lost), (1, 0), "{local:?}");
+    let s = stats(&mut redis.connect().await.unwrap(), "wrongtype", "workers").await.unwrap();
+    assert_eq!((s.processed, s.failed, s.retried, s.pending), (1, 1, 1, 0), "{s:?}");
+    stop.cancel();
+    handle.await.unwrap();
+}

@@ -15,8 +15,10 @@ if p[1][2] ~= ARGV[2] then
 end
 local t = redis.call('TIME')
 local due = t[1] * 1000 + math.floor(t[2] / 1000) + tonumber(ARGV[4])
-redis.call('XACK', KEYS[1], ARGV[1], ARGV[3])
+-- Scheduled first: if that fails (a key of another type), nothing is written and the entry
+-- stays ours, pending.
 redis.call('ZADD', KEYS[2], due, ARGV[5])
+redis.call('XACK', KEYS[1], ARGV[1], ARGV[3])
 redis.pcall('HINCRBY', KEYS[3], ARGV[1] .. ':failed', 1)
 if tonumber(ARGV[7]) > 1 then
   redis.pcall('HINCRBY', KEYS[3], ARGV[1] .. ':retried', 1)
