@@ -4,7 +4,7 @@
 //! independent log the handler keeps (one row per run: task, delivery count, outcome), and the
 //! workers' `LocalStats` (nothing `lost`). Real redis-server processes only.
 
-#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failure report
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::too_many_arguments)] // test code: a panic is a failure report
 
 mod common;
 
