@@ -69,9 +69,14 @@
 //!
 //! **Failures of Redis** never end the worker: reads, acks and scans wait and retry with a capped
 //! backoff, and connections reconnect by themselves (the blocking read's response timeout is
-//! two seconds longer than its `BLOCK`). **Shutdown** (the cancellation token) stops reading, lets
-//! in-flight calls finish up to [`WorkerConfig::shutdown_deadline`], flushes acknowledgements, and
-//! makes what it did not finish claimable by other workers at once.
+//! two seconds longer than its `BLOCK`). A write whose reply was lost may have run: its next
+//! try tells an entry it already moved on (not pending at all) from one another consumer holds,
+//! and the shared processed, failed, retried and dead-lettered counts go with the step they
+//! count, in the same script, so none is counted twice. **Shutdown** (the cancellation token)
+//! stops reading, lets in-flight calls finish up to [`WorkerConfig::shutdown_deadline`],
+//! flushes acknowledgements, and makes what it did not finish claimable by other workers at
+//! once; with Redis away, an acknowledgement, retry or dead letter that fails twice during the
+//! shutdown is not waited for: its entry is handed over unwritten.
 //!
 //! **Trimming.** Workers trim acknowledged entries every [`WorkerConfig::trim_every`], never
 //! below the oldest entry any group still has pending or has not read yet (`XTRIM MINID`).
