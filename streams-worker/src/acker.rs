@@ -25,6 +25,11 @@ impl Ack {
             Self::Processed { id, .. } | Self::Skipped { id, .. } => id,
         }
     }
+
+    /// Processed on a retry delivery (counted in `retried` too).
+    fn is_retry(&self) -> bool {
+        matches!(self, Self::Processed { attempt: 2.., .. })
+    }
 }
 
 /// Writes everything that finished since the last round trip; keeps what failed and tries
@@ -109,10 +114,10 @@ fn settle(ctx: &Ctx, backlog: &[Ack], missed: &[i64], unsure: bool) {
     let total = backlog.iter().filter(|op| matches!(op, Ack::Processed { .. })).count() as u64;
     if missed.first() == Some(&0) {
         // From the fast path (never taken after a lost reply): some were no longer pending at
-        // all; the script knows how many, not which.
+        // all; the script knows how many, not which (retries counted at the least).
         let not_acked = missed.get(1).map_or(0, |&n| u64::try_from(n).unwrap_or(0)).min(total);
-        ctx.counters.processed.fetch_add(total - not_acked, Ordering::Relaxed);
-        ctx.metrics.processed.increment(total - not_acked);
+        let retries = backlog.iter().filter(|op| op.is_retry()).count() as u64;
+        counted(ctx, total - not_acked, retries.saturating_sub(not_acked));
         if not_acked > 0 {
             ctx.counters.lost.fetch_add(not_acked, Ordering::Relaxed);
             ctx.metrics.lost.increment(not_acked);
@@ -128,7 +133,7 @@ fn settle(ctx: &Ctx, backlog: &[Ack], missed: &[i64], unsure: bool) {
     // another consumer took every one of them over meanwhile).
     let earlier_try_wrote = unsure && missed.len() == backlog.len() && missed.iter().any(|&p| p < 0);
     let mut missed = missed.iter().map(|p| (p.unsigned_abs(), *p < 0)).peekable();
-    let (mut position, mut processed) = (0, 0);
+    let (mut position, mut processed, mut retried) = (0, 0, 0);
     for op in backlog {
         let (counts, id) = match op {
             Ack::Processed { id, .. } => (true, id),
@@ -140,13 +145,23 @@ fn settle(ctx: &Ctx, backlog: &[Ack], missed: &[i64], unsure: bool) {
             Some((_, gone)) => gone && earlier_try_wrote,
         };
         match (counts, acked) {
-            (true, true) => processed += 1,
+            (true, true) => {
+                processed += 1;
+                retried += u64::from(op.is_retry());
+            }
             (true, false) => lost(ctx, id),
             (false, _) => {}
         }
     }
+    counted(ctx, processed, retried);
+}
+
+/// Processed entries acknowledged, `retried` of them on a retry delivery.
+fn counted(ctx: &Ctx, processed: u64, retried: u64) {
     ctx.counters.processed.fetch_add(processed, Ordering::Relaxed);
     ctx.metrics.processed.increment(processed);
+    ctx.counters.retried.fetch_add(retried, Ordering::Relaxed);
+    ctx.metrics.retried.increment(retried);
 }
 
 /// After a written batch: lets go of its entries all at once, then frees their permits (as the
@@ -188,8 +203,8 @@ async fn write(ctx: &Ctx, ops: &[Ack], unsure: bool) -> Result<Vec<i64>, redis::
         let (Ack::Processed { id, task, attempt, .. } | Ack::Skipped { id, task, attempt, .. }) = op;
         finished.push((id, task.as_deref().unwrap_or_default(), *attempt));
         kinds.push(match op {
-            Ack::Processed { attempt: 0 | 1, .. } => 'p',
-            Ack::Processed { .. } => 'r',
+            Ack::Processed { .. } if op.is_retry() => 'r',
+            Ack::Processed { .. } => 'p',
             Ack::Skipped { .. } => 's',
         });
     }

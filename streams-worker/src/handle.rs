@@ -80,12 +80,6 @@ pub(crate) async fn handle<T, S>(
             return;
         }
     }
-    // Here when it starts; in the shared stats with the entry's last step (its acknowledgement,
-    // retry or dead letter), once.
-    if attempt > 1 {
-        ctx.counters.retried.fetch_add(1, Ordering::Relaxed);
-        ctx.metrics.retried.increment(1);
-    }
     // Written before the run, not batched: a later `retrying` or `dead` must not be overwritten.
     if let Some(key) = ctx.status_key(task) {
         let _: Result<i64, _> = crate::scripts::STATUS
@@ -144,6 +138,11 @@ pub(crate) async fn handle<T, S>(
                 Written::Ours => {
                     ctx.counters.failed.fetch_add(1, Ordering::Relaxed);
                     ctx.metrics.failed.increment(1);
+                    // A retry is counted with its entry's last step, as in the shared stats.
+                    if attempt > 1 {
+                        ctx.counters.retried.fetch_add(1, Ordering::Relaxed);
+                        ctx.metrics.retried.increment(1);
+                    }
                 }
                 Written::Elsewhere => {
                     ctx.counters.lost.fetch_add(1, Ordering::Relaxed);

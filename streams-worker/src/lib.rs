@@ -208,7 +208,7 @@ pub fn describe_metrics() {
     metrics::describe_counter!(
         "rampart_worker_retried_total",
         metrics::Unit::Count,
-        "Runs of a task that were retries (delivery count above one), counted as they start."
+        "Retry deliveries (delivery count above one) finished here: acknowledged, scheduled again or dead-lettered."
     );
     metrics::describe_counter!(
         "rampart_worker_dead_lettered_total",

@@ -74,9 +74,13 @@ pub(crate) struct Counters {
 pub struct LocalStats {
     /// Handled successfully.
     pub processed: u64,
-    /// Handler failures.
+    /// Handler failures whose retry or dead letter this worker wrote. One handed over
+    /// unwritten at shutdown (Redis away) is not counted, nor, if a try of it whose reply was
+    /// lost ran after all, anywhere but in the shared [`Stats::failed`].
     pub failed: u64,
-    /// Retries handled.
+    /// Retries handled: deliveries after a task's first (delivery count above one) that this
+    /// worker finished (acknowledged, scheduled again or dead-lettered after a run), as the
+    /// shared [`Stats::retried`] counts them.
     pub retried: u64,
     /// Sent to the dead-letter stream.
     pub dead_lettered: u64,

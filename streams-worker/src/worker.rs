@@ -206,6 +206,8 @@ impl Worker {
             Ok(n) => tracing::info!(count = n, "handed unfinished entries to other workers"),
             Err(error) => tracing::warn!(%error, "could not hand entries over; others take them after claim_idle"),
         }
+        // Handed over either way: none is this worker's any more (`in_flight` back to 0).
+        ctx.disown_everything();
         Ok(())
     }
 
