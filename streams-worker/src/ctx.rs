@@ -510,14 +510,14 @@ impl Ctx {
         Ok(Moved::from_reply(invocation.invoke_async(&mut self.con()).await?))
     }
 
-    /// Hands this consumer's unfinished entries to others at once (shutdown); those it never
-    /// started give their delivery back.
     /// Lets go of every entry still owned (after the shutdown's hand-over).
     pub(crate) fn disown_everything(&self) {
         let ids: Vec<String> = self.owned.lock().unwrap_or_else(PoisonError::into_inner).keys().cloned().collect();
         self.disown_all(ids.iter().map(String::as_str));
     }
 
+    /// Hands this consumer's unfinished entries to others at once (shutdown); those it never
+    /// started give their delivery back.
     pub(crate) async fn release(&self) -> Result<u64, redis::RedisError> {
         let started: Vec<String> = self
             .owned
