@@ -292,15 +292,8 @@ async fn writes_whose_reply_was_lost_are_counted_once_as_this_workers() {
     let server = RedisServer::start().unwrap();
     let redis = Redis::url(&server.url()).unwrap();
     let producer = Producer::connect(&redis, "unsure").await.unwrap();
-    // Loaded already, as after any earlier run: a first use would be held by the pause too and
-    // then answered NOSCRIPT (not run), which the worker's retry of it would then load and run.
-    for source in [
-        include_str!("../src/scripts/ack.lua"),
-        include_str!("../src/scripts/retry.lua"),
-        include_str!("../src/scripts/dead.lua"),
-    ] {
-        let _: String = server.cmd(&["SCRIPT", "LOAD", source]).unwrap();
-    }
+    // Loaded already, as after any earlier run (else the first use is held and not run).
+    common::preload(&server);
     // Delivery n of a task waits until the gate is at n or more.
     let (gate, gate_rx) = tokio::sync::watch::channel(0u64);
     let waiting = Arc::new(AtomicUsize::new(0));

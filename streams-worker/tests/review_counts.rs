@@ -9,57 +9,18 @@
 mod common;
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::HashMap,
     sync::{Arc, Mutex},
-    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+    time::{Duration, Instant},
 };
 
-use common::{spawn_worker as spawn, wait_for};
+use common::{Log, Run, preload, seed, spawn_worker as spawn, sum, wait_for, xadd};
 use serde_json::{Value, json};
 use streams_worker::{Delivery, LocalStats, Producer, Redis, Stats, WorkerConfig, stats};
 use testkit::{RedisConfig, RedisServer};
 use tower::service_fn;
 
 const GROUP: &str = "workers";
-
-fn seed() -> u64 {
-    let seed: u64 = std::env::var("SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(rand::random);
-    eprintln!("SEED={seed}");
-    seed
-}
-
-fn preload(server: &RedisServer) {
-    for source in [
-        include_str!("../src/scripts/ack.lua"),
-        include_str!("../src/scripts/retry.lua"),
-        include_str!("../src/scripts/dead.lua"),
-        include_str!("../src/scripts/heartbeat.lua"),
-        include_str!("../src/scripts/claim.lua"),
-        include_str!("../src/scripts/promote.lua"),
-        include_str!("../src/scripts/status.lua"),
-        include_str!("../src/scripts/release.lua"),
-    ] {
-        let _: String = server.cmd(&["SCRIPT", "LOAD", source]).unwrap();
-    }
-}
-
-/// One handler run.
-#[derive(Debug, Clone)]
-struct Run {
-    task: String,
-    deliveries: u64,
-    worker: &'static str,
-    /// `None` while it runs (or if it never finished: its worker was aborted).
-    ok: Option<bool>,
-}
-
-#[derive(Default)]
-struct Log {
-    runs: Mutex<Vec<Run>>,
-    /// Entries (stream ids) whose handler runs now: one entry never runs twice at once.
-    running: Mutex<HashSet<String>>,
-    concurrent: Mutex<Vec<String>>,
-}
 
 impl Log {
     fn finished(&self) -> Vec<Run> {
@@ -147,36 +108,6 @@ fn expected(runs: &[Run], max_deliveries: u64) -> Expected {
         }
     }
     e
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as u64
-}
-
-/// An entry written by hand, as the producer (or a retry) would, with optional extras.
-fn xadd(c: &mut redis::Connection, stream: &str, task: &str, payload: &str, extra: &[(&str, &str)]) -> String {
-    let mut cmd = redis::cmd("XADD");
-    cmd.arg(stream).arg("*").arg("id").arg(task).arg("type").arg("t").arg("payload").arg(payload);
-    cmd.arg("enqueued_at").arg(now_ms());
-    for (k, v) in extra {
-        cmd.arg(*k).arg(*v);
-    }
-    cmd.query(c).unwrap()
-}
-
-fn sum(locals: &[LocalStats]) -> LocalStats {
-    let mut s = LocalStats::default();
-    for l in locals {
-        s.processed += l.processed;
-        s.failed += l.failed;
-        s.retried += l.retried;
-        s.dead_lettered += l.dead_lettered;
-        s.reclaimed += l.reclaimed;
-        s.duplicates_skipped += l.duplicates_skipped;
-        s.lost += l.lost;
-        s.in_flight += l.in_flight;
-    }
-    s
 }
 
 fn dead_reasons(c: &mut redis::Connection, stream: &str) -> Vec<String> {

@@ -12,42 +12,16 @@ use std::{
     collections::{HashMap, HashSet},
     fmt::Write as _,
     sync::{Arc, Mutex, Once},
-    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
+    time::{Duration, Instant},
 };
 
-use common::{spawn_worker as spawn, wait_for};
+use common::{Log, Run, preload, seed, spawn_worker as spawn, sum, wait_for, xadd};
 use serde_json::{Value, json};
-use streams_worker::{Delivery, LocalStats, Producer, Redis, Stats, WorkerConfig, stats};
+use streams_worker::{Delivery, Producer, Redis, Stats, WorkerConfig, stats};
 use testkit::{RedisConfig, RedisServer};
 use tower::service_fn;
 
 const GROUP: &str = "workers";
-
-fn seed() -> u64 {
-    let seed: u64 = std::env::var("SEED").ok().and_then(|s| s.parse().ok()).unwrap_or_else(rand::random);
-    eprintln!("SEED={seed}");
-    seed
-}
-
-fn preload(server: &RedisServer) {
-    for source in [
-        include_str!("../src/scripts/ack.lua"),
-        include_str!("../src/scripts/retry.lua"),
-        include_str!("../src/scripts/dead.lua"),
-        include_str!("../src/scripts/heartbeat.lua"),
-        include_str!("../src/scripts/claim.lua"),
-        include_str!("../src/scripts/promote.lua"),
-        include_str!("../src/scripts/status.lua"),
-        include_str!("../src/scripts/release.lua"),
-    ] {
-        let _: String = server.cmd(&["SCRIPT", "LOAD", source]).unwrap();
-    }
-}
-
-// ---------------------------------------------------------------------------------------------
-// The worker's warnings, captured (a minimal global subscriber): the test learns the moment an
-// entry is handed over without guessing at timings.
-// ---------------------------------------------------------------------------------------------
 
 static EVENTS: Mutex<Vec<String>> = Mutex::new(Vec::new());
 
@@ -92,21 +66,6 @@ fn handed_over(id: &str) -> bool {
 // An independent log of handler runs.
 // ---------------------------------------------------------------------------------------------
 
-#[derive(Debug, Clone)]
-struct Run {
-    task: String,
-    deliveries: u64,
-    worker: &'static str,
-    ok: Option<bool>,
-}
-
-#[derive(Default)]
-struct Log {
-    runs: Mutex<Vec<Run>>,
-    running: Mutex<HashSet<String>>,
-    concurrent: Mutex<Vec<String>>,
-}
-
 /// Logs every run; the payload's `plan` gives the outcome of the task's runs in order (missing:
 /// success). First deliveries wait for `gate` (if any) before they end.
 fn handler(
@@ -146,35 +105,6 @@ fn handler(
             if ok { Ok(()) } else { Err("planned failure".to_owned()) }
         }
     })
-}
-
-fn sum(locals: &[LocalStats]) -> LocalStats {
-    let mut s = LocalStats::default();
-    for l in locals {
-        s.processed += l.processed;
-        s.failed += l.failed;
-        s.retried += l.retried;
-        s.dead_lettered += l.dead_lettered;
-        s.reclaimed += l.reclaimed;
-        s.duplicates_skipped += l.duplicates_skipped;
-        s.lost += l.lost;
-        s.in_flight += l.in_flight;
-    }
-    s
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_millis() as u64
-}
-
-fn xadd(c: &mut redis::Connection, stream: &str, task: &str, payload: &str, extra: &[(&str, &str)]) -> String {
-    let mut cmd = redis::cmd("XADD");
-    cmd.arg(stream).arg("*").arg("id").arg(task).arg("type").arg("t").arg("payload").arg(payload);
-    cmd.arg("enqueued_at").arg(now_ms());
-    for (k, v) in extra {
-        cmd.arg(*k).arg(*v);
-    }
-    cmd.query(c).unwrap()
 }
 
 /// Dead letters: (task id, error).

@@ -596,6 +596,16 @@ fn ack_script_with_status_ttl_mixed_batch() {
     assert_eq!(counts.len(), 2, "{counts:?}");
 }
 
+/// Stream `s` with entries `1-0`..`3-0`, all delivered to consumer `c` of group `g`.
+fn three_read_by_c(c: &mut redis::Connection) {
+    let _: () = redis::cmd("XGROUP").arg("CREATE").arg("s").arg("g").arg("0").arg("MKSTREAM").query(c).unwrap();
+    for i in 1..=3 {
+        let _: String = redis::cmd("XADD").arg("s").arg(format!("{i}-0")).arg("f").arg("v").query(c).unwrap();
+    }
+    let _: redis::Value =
+        redis::cmd("XREADGROUP").arg("GROUP").arg("g").arg("c").arg("STREAMS").arg("s").arg(">").query(c).unwrap();
+}
+
 /// A batch tried again after a try whose reply was lost (the acker sends it by the checked
 /// path): entries the earlier try acknowledged come back negated (not pending at all) and are
 /// counted no second time, since each entry is counted with its own acknowledgement; an entry
@@ -604,12 +614,7 @@ fn ack_script_with_status_ttl_mixed_batch() {
 fn ack_script_counts_each_entry_with_its_acknowledgement_once() {
     let server = RedisServer::start().unwrap();
     let mut c = server.connection().unwrap();
-    let _: () = redis::cmd("XGROUP").arg("CREATE").arg("s").arg("g").arg("0").arg("MKSTREAM").query(&mut c).unwrap();
-    for i in 1..=3 {
-        let _: String = redis::cmd("XADD").arg("s").arg(format!("{i}-0")).arg("f").arg("v").query(&mut c).unwrap();
-    }
-    let _: redis::Value =
-        redis::cmd("XREADGROUP").arg("GROUP").arg("g").arg("c").arg("STREAMS").arg("s").arg(">").query(&mut c).unwrap();
+    three_read_by_c(&mut c);
     let script = redis::Script::new(ACK_LUA);
     let ack = |c: &mut redis::Connection, ids: &[&str], kinds: &str, epoch: &str| -> Vec<i64> {
         let mut inv = script.key("s");
@@ -649,12 +654,7 @@ fn ack_script_counts_each_entry_with_its_acknowledgement_once() {
 fn ack_script_without_status_ttl_takes_the_ids_last() {
     let server = RedisServer::start().unwrap();
     let mut c = server.connection().unwrap();
-    let _: () = redis::cmd("XGROUP").arg("CREATE").arg("s").arg("g").arg("0").arg("MKSTREAM").query(&mut c).unwrap();
-    for i in 1..=3 {
-        let _: String = redis::cmd("XADD").arg("s").arg(format!("{i}-0")).arg("f").arg("v").query(&mut c).unwrap();
-    }
-    let _: redis::Value =
-        redis::cmd("XREADGROUP").arg("GROUP").arg("g").arg("c").arg("STREAMS").arg("s").arg(">").query(&mut c).unwrap();
+    three_read_by_c(&mut c);
     let script = redis::Script::new(ACK_LUA);
     let epoch: String =
         redis::Script::new(include_str!("../src/scripts/epoch.lua")).key("s:takeovers:g").invoke(&mut c).unwrap();

@@ -16,22 +16,11 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{spawn_worker as spawn, wait_for};
+use common::{preload, spawn_worker as spawn, wait_for};
 use serde_json::{Value, json};
 use streams_worker::{Delivery, Producer, Redis, WorkerConfig, stats};
 use testkit::RedisServer;
 use tower::service_fn;
-
-fn preload(server: &RedisServer) {
-    for source in [
-        include_str!("../src/scripts/ack.lua"),
-        include_str!("../src/scripts/retry.lua"),
-        include_str!("../src/scripts/dead.lua"),
-        include_str!("../src/scripts/heartbeat.lua"),
-    ] {
-        let _: String = server.cmd(&["SCRIPT", "LOAD", source]).unwrap();
-    }
-}
 
 /// When `until_written` (handle.rs) retries a write whose reply was lost, it sleeps between
 /// tries (50 ms doubling to 2 s) and returns `false` ("taken over") if the entry's token is
