@@ -18,7 +18,6 @@
 
 use std::{
     collections::HashMap,
-    future::Future,
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, AtomicUsize, Ordering},
@@ -31,9 +30,12 @@ use testkit::{RedisNodes, RedisServer};
 use tower_redlock::{LockConfig, LockError, LockGuard, RedLock};
 
 mod common;
+#[path = "common/lock.rs"]
+mod lock;
 #[path = "common/proxy.rs"]
 mod proxy;
 
+use lock::{acquire, all_at_once, config, value, warm};
 use proxy::{Act, Proxy};
 
 fn seed() -> u64 {
@@ -45,58 +47,12 @@ fn rounds(default: usize) -> usize {
     std::env::var("REVIEW_OWN_ROUNDS").ok().and_then(|s| s.parse().ok()).unwrap_or(default)
 }
 
-/// No retries, no watchdog, a long TTL (no key expires during a test).
-fn config(node_timeout: Duration) -> LockConfig {
-    LockConfig {
-        ttl: Duration::from_secs(30),
-        node_timeout,
-        retries: 0,
-        retry_delay: Duration::from_millis(5),
-        auto_extend: false,
-        ..LockConfig::default()
-    }
-}
-
-fn lock_key(key: &str) -> String {
-    format!("lock:{{{key}}}")
-}
-
-/// The value of `key`'s lock on `server` (its token), if any.
-fn value(server: &RedisServer, key: &str) -> Option<String> {
-    server.cmd(&["GET", &lock_key(key)]).unwrap()
-}
-
 fn multi_thread() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap()
 }
 
 fn current_thread() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap()
-}
-
-/// Run `f` as `n` concurrent callers.
-async fn all_at_once<T, F, Fut>(n: usize, f: F) -> Vec<T>
-where
-    F: Fn(usize) -> Fut,
-    Fut: Future<Output = T>,
-{
-    futures_util::future::join_all((0..n).map(f)).await
-}
-
-/// `lock.acquire(key)` owning its key.
-fn acquire(lock: &RedLock, key: String) -> impl Future<Output = Result<LockGuard, LockError>> + use<> {
-    let lock = lock.clone();
-    async move { lock.acquire(&key).await }
-}
-
-/// Eight acquisitions at once, then their releases: eight idle connections per node in the pool
-/// (of the runtime this runs on).
-async fn warm(lock: &RedLock, tag: &str) {
-    let guards = all_at_once(8, |i| acquire(lock, format!("warm:{tag}:{i}"))).await;
-    for (i, g) in guards.into_iter().enumerate() {
-        let g = g.unwrap_or_else(|e| panic!("{tag}: warm-up {i}: {e}"));
-        g.release().await.unwrap_or_else(|e| panic!("{tag}: warm-up {i} release: {e}"));
-    }
 }
 
 /// Eight acquisitions spawned on `rt` whose replies the proxy holds back: all eight

@@ -21,7 +21,6 @@
 
 use std::{
     collections::HashMap,
-    future::Future,
     io::{BufRead, BufReader, Write},
     sync::{
         Arc, Mutex,
@@ -32,12 +31,15 @@ use std::{
 
 use rand::{Rng, SeedableRng, rngs::StdRng};
 use testkit::{RedisNodes, RedisServer};
-use tower_redlock::{LockConfig, LockError, LockGuard, RedLock};
+use tower_redlock::{LockConfig, LockError, RedLock};
 
 mod common;
+#[path = "common/lock.rs"]
+mod lock;
 #[path = "common/proxy.rs"]
 mod proxy;
 
+use lock::{acquire, all_at_once, config, lock_key, value, warm};
 use proxy::{Act, Proxy};
 
 fn seed() -> u64 {
@@ -49,55 +51,9 @@ fn rounds(default: usize) -> usize {
     std::env::var("REVIEW_PEEK_ROUNDS").ok().and_then(|s| s.parse().ok()).unwrap_or(default)
 }
 
-/// No retries, no watchdog, a long TTL (no key expires during a test).
-fn config(node_timeout: Duration) -> LockConfig {
-    LockConfig {
-        ttl: Duration::from_secs(30),
-        node_timeout,
-        retries: 0,
-        retry_delay: Duration::from_millis(5),
-        auto_extend: false,
-        ..LockConfig::default()
-    }
-}
-
-fn lock_key(key: &str) -> String {
-    format!("lock:{{{key}}}")
-}
-
-/// The value of `key`'s lock on `server` (its token), if any.
-fn value(server: &RedisServer, key: &str) -> Option<String> {
-    server.cmd(&["GET", &lock_key(key)]).unwrap()
-}
-
 /// `CLIENT KILL` of every normal client but the caller's; how many were killed.
 fn kill_clients(server: &RedisServer) -> i64 {
     server.cmd(&["CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes"]).unwrap()
-}
-
-/// Run `f` as `n` concurrent callers.
-async fn all_at_once<T, F, Fut>(n: usize, f: F) -> Vec<T>
-where
-    F: Fn(usize) -> Fut,
-    Fut: Future<Output = T>,
-{
-    futures_util::future::join_all((0..n).map(f)).await
-}
-
-/// `lock.acquire(key)` owning its key.
-fn acquire(lock: &RedLock, key: String) -> impl Future<Output = Result<LockGuard, LockError>> + use<> {
-    let lock = lock.clone();
-    async move { lock.acquire(&key).await }
-}
-
-/// Eight acquisitions at once, then their releases: eight idle connections per node in the pool
-/// (of the runtime this runs on).
-async fn warm(lock: &RedLock, tag: &str) {
-    let guards = all_at_once(8, |i| acquire(lock, format!("warm:{tag}:{i}"))).await;
-    for (i, g) in guards.into_iter().enumerate() {
-        let g = g.unwrap_or_else(|e| panic!("{tag}: warm-up {i}: {e}"));
-        g.release().await.unwrap_or_else(|e| panic!("{tag}: warm-up {i} release: {e}"));
-    }
 }
 
 /// What one node holds of a lock key when its release is sent.
